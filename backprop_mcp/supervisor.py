@@ -1,0 +1,289 @@
+"""Starting workers, following them, and deciding each job's state.
+
+A job's state is derived, never guessed: ``result.json`` (or a ``finished`` event) says how a job
+ended; otherwise a live worker (pid *and* start time match) is ``running`` once it has emitted
+``started`` and ``queued`` before that (it waits for its GPU lock); a worker that is gone
+without finishing is ``failed`` with the reason found in its event log or its stderr, or
+``cancelled`` when a cancel had been asked for. Any server process sharing the state folder
+derives the same answer, and the store's compare-and-set keeps final states final.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from backprop_mcp import procs
+from backprop_mcp.store import TERMINAL_STATES, JobRecord, JobStore
+from backprop_mcp.tail import JobTail, describe_error
+from engine.files import atomic_write_text
+from engine.jobs import new_job_id
+from engine.spec import CANCEL_FILE, EVENTS_FILE, WORKER_LOG, JobResult, JobState, read_result, write_spec
+
+log = logging.getLogger(__name__)
+
+# A freshly created job has no pid for the instant between its row and its spawn; another server
+# reading the store then must not call it dead.
+_SPAWN_GRACE_S = 30.0
+DEFAULT_CANCEL_GRACE_S = 90.0
+
+
+def default_worker_command() -> list[str]:
+    """The argv prefix that starts a worker; the job folder is appended.
+
+    ``BACKPROP_WORKER_COMMAND`` (a JSON list) overrides it, e.g. to train with another Python
+    environment than the server's: ``["/opt/train/bin/python", "-m", "engine", "run"]``.
+    """
+    raw = os.environ.get("BACKPROP_WORKER_COMMAND")
+    if raw:
+        try:
+            argv = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"BACKPROP_WORKER_COMMAND must be a JSON list of strings: {exc}") from exc
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise ValueError(
+                'BACKPROP_WORKER_COMMAND must be a JSON list of strings, e.g. ["python", "-m", "engine", "run"]'
+            )
+        return argv
+    return [sys.executable, "-m", "engine", "run"]
+
+
+def worker_env(home: Path | None = None) -> dict[str, str]:
+    """The environment of an engine subprocess: the server's, plus what the engine must share.
+
+    The worker must import the same ``engine`` package as this server (even from a source
+    checkout), and use the same state folder (its GPU locks live there).
+    """
+    import engine
+
+    env = dict(os.environ)
+    if home is not None:
+        env["BACKPROP_HOME"] = str(home)
+    root = str(Path(engine.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    )
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class Refresh:
+    record: JobRecord
+    new_events: int
+    state_changed: bool
+
+
+class Supervisor:
+    def __init__(
+        self,
+        home: Path,
+        store: JobStore,
+        *,
+        worker_command: list[str] | None = None,
+        cancel_grace_s: float | None = None,
+    ):
+        self.home = home
+        self.jobs_dir = home / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.worker_command = worker_command or default_worker_command()
+        env_grace = os.environ.get("BACKPROP_CANCEL_GRACE_S")
+        self.cancel_grace_s = (
+            cancel_grace_s if cancel_grace_s is not None else float(env_grace or DEFAULT_CANCEL_GRACE_S)
+        )
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._tails: dict[str, JobTail] = {}
+        self._lock = threading.RLock()  # tails and children are touched from several threads
+
+    # -- creating jobs -------------------------------------------------------------------------
+
+    def create_job(self, spec: BaseModel, *, label: str) -> JobRecord:
+        """Write the job folder, index it, and start its worker detached."""
+        kind = str(getattr(spec, "kind"))  # noqa: B009 - every JobSpec has a kind
+        job_id = new_job_id(kind)
+        job_dir = self.jobs_dir / job_id
+        job_dir.mkdir(parents=True)
+        write_spec(job_dir, spec)
+        self.store.create(job_id, kind, job_dir, label)
+        try:
+            proc, identity = procs.spawn_detached(
+                [*self.worker_command, str(job_dir)],
+                cwd=job_dir,
+                stderr_path=job_dir / WORKER_LOG,
+                env=worker_env(self.home),
+            )
+        except OSError as exc:
+            self.store.transition(
+                job_id, "failed", error=f"could not start the worker: {exc}", finished_at=time.time()
+            )
+            raise
+        with self._lock:
+            self._children[job_id] = proc
+        self.store.set_process(job_id, identity.pid, identity.start_time)
+        log.info("started job %s (pid %d)", job_id, identity.pid)
+        record = self.store.get(job_id)
+        assert record is not None
+        return record
+
+    # -- following jobs -----------------------------------------------------------------------
+
+    def tail(self, record: JobRecord) -> JobTail:
+        with self._lock:
+            tail = self._tails.get(record.id)
+            if tail is None:
+                tail = self._tails[record.id] = JobTail(record.job_dir / EVENTS_FILE)
+            return tail
+
+    def _reap(self, job_id: str) -> int | None:
+        """Collect our own child's exit status (so it is no zombie); None while it runs."""
+        with self._lock:
+            proc = self._children.get(job_id)
+            if proc is None:
+                return None
+            code = proc.poll()
+            if code is not None:
+                del self._children[job_id]
+            return code
+
+    def refresh(self, record: JobRecord) -> Refresh:
+        """Read a job's new events and bring its stored state up to date."""
+        with self._lock:
+            tail = self.tail(record)
+            fresh = tail.poll()
+        if record.is_terminal:
+            return Refresh(record, len(fresh), False)
+        exit_code = self._reap(record.id)
+        state, error = self._derive_state(record, tail, exit_code)
+        now = time.time()
+        changed = self.store.transition(
+            record.id,
+            state,
+            error=error,
+            started_at=(tail.started or {}).get("time") if tail.started else None,
+            finished_at=now if state in TERMINAL_STATES else None,
+        )
+        if changed:
+            log.info("job %s is now %s%s", record.id, state, f" ({error})" if error else "")
+            # A final state may have raced with another server: read back what the store holds.
+        updated = self.store.get(record.id) if changed or fresh else record
+        return Refresh(updated or record, len(fresh), changed)
+
+    def _derive_state(
+        self, record: JobRecord, tail: JobTail, exit_code: int | None
+    ) -> tuple[JobState, str | None]:
+        result = self._result(record)
+        if result is not None:
+            return result.status, _result_error(result)
+        if tail.finished is not None and tail.finished.get("status") in TERMINAL_STATES:
+            status: JobState = tail.finished["status"]
+            return status, tail.error_message() if status == "failed" else None
+        if record.pid is not None and procs.is_alive(
+            procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0)
+        ):
+            return ("running" if tail.started is not None else "queued"), None
+        if record.pid is None and time.time() - record.created_at < _SPAWN_GRACE_S:
+            return record.state, None
+        # The worker is gone. It may have written its result just before exiting: look once more.
+        with self._lock:
+            tail.poll()
+        result = self._result(record)
+        if result is not None:
+            return result.status, _result_error(result)
+        if record.cancel_requested_at is not None:
+            return "cancelled", None
+        return "failed", self.death_reason(record, tail, exit_code)
+
+    @staticmethod
+    def _result(record: JobRecord) -> JobResult | None:
+        try:
+            return read_result(record.job_dir)
+        except (ValueError, OSError) as exc:
+            log.warning("job %s: unreadable result.json (%s)", record.id, exc)
+            return None
+
+    def death_reason(self, record: JobRecord, tail: JobTail, exit_code: int | None) -> str:
+        """Why a worker that vanished without a result failed, in words an agent can act on."""
+        how = f"the worker process (pid {record.pid}) ended without finishing the job"
+        if exit_code is not None:
+            how += (
+                f" (exit code {exit_code}"
+                + (f", killed by signal {-exit_code}" if exit_code < 0 else "")
+                + ")"
+            )
+        if tail.error is not None:
+            return f"{tail.error_message()} — {how}"
+        stderr_tail = _last_lines(record.job_dir / WORKER_LOG, 3)
+        if stderr_tail:
+            return f"{how}; its last stderr lines: {stderr_tail}"
+        last = tail.warnings[-1] if tail.warnings else tail.last_log
+        if last:
+            return f"{how}; its last event said: {last}"
+        return f"{how} and left no error message (killed from outside, e.g. out of host memory or SIGKILL)"
+
+    # -- cancelling -----------------------------------------------------------------------------
+
+    def request_cancel(self, record: JobRecord) -> None:
+        """Ask the worker to checkpoint and stop (a file, so no signals are needed)."""
+        atomic_write_text(record.job_dir / CANCEL_FILE, json.dumps({"requested_at": time.time()}))
+        self.store.mark_cancel_requested(record.id)
+
+    def force_stop(self, record: JobRecord, why: str) -> None:
+        if record.pid is not None:
+            procs.kill_tree(procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0))
+        self._reap(record.id)
+        latest = self.store.get(record.id) or record
+        # A result written in the meantime wins: the job really finished.
+        result = self._result(latest)
+        if result is not None:
+            self.store.transition(
+                record.id, result.status, error=_result_error(result), finished_at=time.time()
+            )
+        else:
+            self.store.transition(record.id, "cancelled", error=why, finished_at=time.time())
+
+    def enforce_cancel_deadlines(self) -> list[str]:
+        """Kill workers that ignored a cancel request for longer than the grace period."""
+        killed = []
+        now = time.time()
+        for record in self.store.list(states={"queued", "running"}):
+            if (
+                record.cancel_requested_at is not None
+                and now - record.cancel_requested_at > self.cancel_grace_s
+            ):
+                self.force_stop(
+                    record, f"cancelled by force: the worker did not stop within {self.cancel_grace_s:.0f} s"
+                )
+                killed.append(record.id)
+        return killed
+
+
+def _result_error(result: JobResult) -> str | None:
+    return describe_error(result.error) if result.error is not None else None
+
+
+def _last_lines(path: Path, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-n:])[-600:]
+
+
+def read_job_result(record: JobRecord) -> dict[str, Any] | None:
+    result = Supervisor._result(record)
+    return result.model_dump() if result is not None else None

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""QLoRA training speed and memory: the engine's real job path vs the plain baseline, same card, same run.
+
+For each architecture asked for, this script
+  1. runs the baseline script (a lean transformers+peft+bitsandbytes loop, ``--baseline PATH``) as a
+     subprocess, plain and (``--liger-baseline``) with Liger kernels;
+  2. writes a random-weight model of the same architecture to disk (bf16 safetensors, seeded) and
+     a pre-tokenized dataset of random tokens: fixed length (``seq_len`` tokens a row, as the
+     baseline trains on) and, with ``--variable``, log-normal lengths (median ~300, capped at seq_len);
+  3. runs the engine exactly as a job runs (``python -m engine run <job_dir>``: from_pretrained with
+     NF4, LoRA r=16 on all linear layers, the engine's loop, loss, packing and speed-ups), and reads
+     tokens/s (non-padding tokens, timed steps only) and peak GPU memory from its events;
+  4. prints one table with the ratios to the plain baseline.
+
+Usage (GPU machine):
+  python benchmarks/train_speed.py --baseline .device/qlora_baseline.py --arch qwen2.5-7b --variable
+  python benchmarks/train_speed.py --baseline ... --arch qwen2.5-0.5b
+CPU smoke test (tiny shapes, seconds):
+  python benchmarks/train_speed.py --arch qwen2.5-0.5b --tiny --seq-len 64 --batch 2 --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARCHS = {
+    "qwen2.5-7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def log(*msg: object) -> None:
+    print("[train_speed]", *msg, file=sys.stderr, flush=True)
+
+
+def write_random_model(arch: str, tiny: bool, out: Path) -> Path:
+    """A seeded random-weight model folder (config, bf16 safetensors, the tiny preset's tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from engine.tiny import ensure_tiny_model
+
+    if (out / "config.json").exists():
+        return out
+    cfg_dict = dict(ARCHS[arch], hidden_act="silu", use_cache=False)
+    if tiny:
+        cfg_dict.update(TINY)
+    cfg = Qwen2Config(**cfg_dict)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp), max_shard_size="4GB")
+    AutoTokenizer.from_pretrained(str(ensure_tiny_model())).save_pretrained(str(tmp))
+    tmp.rename(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"wrote random {arch}{' (tiny)' if tiny else ''} to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def write_tokens(path: Path, vocab: int, rows: int, seq_len: int, variable: bool, seed: int = 0) -> dict:
+    """Pre-tokenized rows (``{"input_ids": [...]}``): loss on every token, like the baseline."""
+    rng = random.Random(seed)
+    lengths = []
+    with open(path, "w") as f:
+        for _ in range(rows):
+            n = seq_len
+            if variable:  # log-normal, median ~300 tokens, capped at seq_len
+                n = max(16, min(seq_len, int(rng.lognormvariate(math.log(300), 0.9))))
+            lengths.append(n)
+            f.write(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(n)]}) + "\n")
+    return {"rows": rows, "tokens": sum(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)}
+
+
+def run_baseline(script: Path, arch: str, args: argparse.Namespace, liger: bool) -> dict:
+    cmd = [
+        sys.executable, str(script), "--model-config", arch, "--quant", "4bit", "--seq-len", str(args.seq_len),
+        "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    if args.tiny:
+        cmd.append("--tiny")
+    if liger:
+        cmd.append("--liger")
+    log("baseline:", " ".join(cmd[1:]))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"error": f"baseline printed no result (rc {out.returncode}): {out.stderr[-800:]}"}
+    return json.loads(lines[-1])
+
+
+def run_engine(model_dir: Path, data: Path, args: argparse.Namespace, *, packing: bool, label: str, extra: dict | None = None) -> dict:
+    from engine.events import read_events
+    from engine.jobs import create_job
+    from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+
+    train = dict(
+        steps=args.warmup + args.steps, micro_batch_size=args.batch, gradient_accumulation=1,
+        max_seq_length=args.seq_len, packing=packing, learning_rate=1e-4, warmup_steps=0,
+        lr_scheduler="constant", seed=0,
+    )  # fmt: skip
+    train.update(extra or {})
+    spec = FinetuneSpec(
+        model=str(model_dir), quantization="4bit", lora=LoraSettings(rank=16, alpha=32),
+        train=TrainSettings(**train), dataset=DatasetSettings(path=str(data)),
+    )  # fmt: skip
+    job_dir = create_job(spec, root=Path(args.workdir))
+    log(f"engine [{label}]: python -m engine run {job_dir}")
+    t0 = time.perf_counter()
+    with open(job_dir / "worker.log", "wb") as err:
+        rc = subprocess.run([sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT).returncode
+    wall = time.perf_counter() - t0
+    events, _ = read_events(job_dir / "events.jsonl")
+    result = read_result(job_dir)
+    rec: dict = {"variant": f"engine {label}", "rc": rc, "wall_s": round(wall, 1), "job_dir": str(job_dir)}
+    if result is None or result.status != "succeeded":
+        rec["error"] = (result.error if result else None) or (job_dir / "worker.log").read_text()[-800:]
+        return rec
+    progress = [e.data for e in events if e.type == "progress"]
+    timed = progress[args.warmup :]
+    # the events' tokens_per_s is cumulative from the first step; time only the steps after warm-up
+    tok = [p.get("tokens") for p in timed]
+    secs = [p["step_s"] for p in timed]
+    rec.update(
+        tokens_per_s=round(sum(tok) / sum(secs), 1) if all(t is not None for t in tok) and secs else None,
+        step_time_s=round(sum(secs) / len(secs), 4) if secs else None,
+        peak_mem_gib=result.metrics.get("peak_gpu_memory_gib"),
+        micro_batch=result.metrics.get("micro_batch_size"),
+        final_loss=result.metrics.get("final_loss"),
+        losses=[round(p["loss"], 4) for p in progress],
+        speedups=[e.data.get("speedups") for e in events if e.type == "log" and e.data.get("speedups")],
+        path=result.metrics.get("model_path"),
+    )
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="qwen2.5-7b")
+    p.add_argument("--tiny", action="store_true", help="shrink to 2 layers / hidden 64 (CPU smoke test)")
+    p.add_argument("--baseline", type=Path, default=None, help="path to qlora_baseline.py (skipped if absent)")
+    p.add_argument("--liger-baseline", action="store_true", help="also run the baseline with Liger kernels")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variable", action="store_true", help="also train on log-normal lengths with packing")
+    p.add_argument("--batches", type=str, default="", help="extra engine micro-batch sizes to try, e.g. 8,16")
+    p.add_argument("--workdir", type=str, default=None)
+    p.add_argument("--jsonl", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="train_speed-")
+    os.environ.setdefault("BACKPROP_HOME", str(Path(args.workdir) / "home"))
+
+    records: list[dict] = []
+    if args.baseline and args.baseline.exists():
+        records.append(run_baseline(args.baseline, args.arch, args, liger=False))
+        if args.liger_baseline:
+            records.append(run_baseline(args.baseline, args.arch, args, liger=True))
+    model_dir = write_random_model(args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}")
+    vocab = ARCHS[args.arch]["vocab_size"]
+    rows = args.batch * (args.steps + args.warmup)
+    fixed = Path(args.workdir) / "fixed.jsonl"
+    info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
+    records.append(run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info})
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
+        info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)
+        saved = args.batch
+        args.batch = b
+        records.append(run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}") | {"data": info_b})
+        args.batch = saved
+    if args.variable:
+        var = Path(args.workdir) / "variable.jsonl"
+        # enough rows that packing fills every step of seq_len-token rows
+        info_v = write_tokens(var, vocab, rows * args.seq_len // 250, args.seq_len, variable=True, seed=1)
+        records.append(run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v})
+
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    base = next((r for r in records if r.get("variant", "").startswith("qlora") and not r.get("liger") and r.get("tokens_per_s")), None)
+    print(f"\n{'variant':<34} {'tokens/s':>10} {'peak GiB':>9} {'x speed':>8} {'x mem':>7}")
+    for r in records:
+        tps, mem = r.get("tokens_per_s"), r.get("peak_mem_gib")
+        name = r.get("variant", "?") + (" +liger" if r.get("liger") and "liger" not in r.get("variant", "") else "")
+        sx = f"{tps / base['tokens_per_s']:.2f}" if base and tps else "-"
+        mx = f"{mem / base['peak_mem_gib']:.2f}" if base and mem and base.get("peak_mem_gib") else "-"
+        print(f"{name:<34} {tps or r.get('error', '-')!s:>10.10} {mem or '-'!s:>9.9} {sx:>8} {mx:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

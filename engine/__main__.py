@@ -1,0 +1,31 @@
+"""``python -m engine``: the worker entry point and the one-shot commands the server runs.
+
+    python -m engine run <job_dir>            run a job (the server and ``backprop`` start this)
+    python -m engine check-data '<json>'      dataset report + token statistics + defaults, as JSON
+    python -m engine generate '<json>'        generate from a base model / adapter, as JSON
+
+The one-shot commands print exactly one JSON object on stdout (``{"ok": false, "error": ...}`` on
+failure) so that the torch-free server can call them as subprocesses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "run":
+        from engine.worker import run_job
+
+        return run_job(args[1])
+    if len(args) == 2 and args[0] in ("check-data", "generate"):
+        from engine.oneshot import run_oneshot
+
+        return run_oneshot(args[0], args[1])
+    print(__doc__, file=sys.stderr)
+    return 64
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Optional accelerators and precision choices, in one place.
+
+Nothing here is required: each speed-up is used only when its library imports and a CUDA GPU is
+present, and the run reports which ones it took (``apply_speedups`` returns their names).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from engine.spec import LoraSettings
+
+# Liger's per-family patch functions (RMSNorm, RoPE, SwiGLU kernels); the loss is ours (engine.loss).
+_LIGER_PATCHES = {
+    "qwen2": "apply_liger_kernel_to_qwen2",
+    "llama": "apply_liger_kernel_to_llama",
+    "mistral": "apply_liger_kernel_to_mistral",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+}
+
+
+def autocast_dtype(model: Any, device: str) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it (fp16 otherwise); none on the CPU, which trains in fp32."""
+    if not device.startswith("cuda"):
+        return None
+    index = torch.device(device).index or 0
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_speedups(model: Any, device: str, info: dict[str, Any]) -> list[str]:
+    """Patch the loaded model's modules with fused kernels where that is safe. Returns what was applied."""
+    applied: list[str] = []
+    if not device.startswith("cuda") or info.get("path") == "unsloth" or not liger_available():
+        return applied
+    family = getattr(model.config, "model_type", "")
+    name = _LIGER_PATCHES.get(family)
+    if name is None:
+        return applied
+    from liger_kernel import transformers as liger
+
+    patch = getattr(liger, name, None)
+    if patch is None:
+        return applied
+    # Patch the instance (model=...) so other models in this process are untouched. The loss stays ours.
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    applied.append(f"liger-kernel ({family}: RoPE, RMSNorm, SwiGLU)")
+    return applied
+
+
+def unsloth_add_lora(model: Any, lora: LoraSettings, *, gradient_checkpointing: bool) -> Any:
+    """LoRA through Unsloth's own wrapper, which installs its fused LoRA kernels."""
+    from unsloth import FastLanguageModel
+
+    targets = (
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        if lora.target_modules == "all-linear"
+        else lora.target_modules
+    )
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+    )

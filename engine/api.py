@@ -1,0 +1,194 @@
+"""The Python API: the same jobs the server and the CLI run, in three lines.
+
+    from engine import Trainer
+    result = Trainer("tiny").train("examples/data/chat.jsonl", steps=30)
+    result.save("my-adapter")
+
+Each call creates a job folder (under ``$BACKPROP_HOME/jobs`` or ``workdir``) and runs it in a
+child process (``python -m engine run``), exactly as a server job runs: a crash in a CUDA kernel
+cannot take the caller down, and the job folder keeps the events, checkpoints and artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.jobs import create_job, run_and_follow
+from engine.progress import ProgressPrinter
+from engine.spec import (
+    DatasetSettings,
+    ExportSpec,
+    FinetuneSpec,
+    JobResult,
+    LoraSettings,
+    SeriesSpec,
+    TrainSettings,
+)
+
+
+class JobFailed(RuntimeError):
+    def __init__(self, result: JobResult, job_dir: Path):
+        err = result.error or {}
+        super().__init__(f"{err.get('type', 'Error')}: {err.get('message', result.status)} (job folder: {job_dir})")
+        self.result = result
+        self.job_dir = job_dir
+
+
+@dataclass
+class TrainResult:
+    job_dir: Path
+    adapter_path: Path | None
+    metrics: dict[str, Any]
+    loss_history: list[dict[str, float]]
+    artifacts: dict[str, str] = field(default_factory=dict)
+    raw: JobResult | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.loss_history]
+
+    def save(self, path: str | Path) -> Path:
+        """Copy the adapter (a standard PEFT adapter folder) to ``path``."""
+        if self.adapter_path is None:
+            raise ValueError("this job produced no adapter")
+        dest = Path(path)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(self.adapter_path, dest)
+        return dest
+
+
+_TRAIN_FIELDS = set(TrainSettings.model_fields)
+
+
+class Trainer:
+    """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name)."""
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        *,
+        quantization: str = "auto",
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        device: str = "auto",
+        workdir: str | Path | None = None,
+        verbose: bool = True,
+    ):
+        self.model = model
+        self.quantization = quantization
+        self.lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
+        self.device = device
+        self.workdir = Path(workdir) if workdir else None
+        self.verbose = verbose
+        self.last: TrainResult | None = None
+
+    def _run(self, spec: Any) -> JobResult:
+        job_dir = create_job(spec, root=self.workdir)
+        printer = ProgressPrinter(enabled=self.verbose)
+        try:
+            result = run_and_follow(job_dir, printer)
+        finally:
+            printer.close()
+        if result.status != "succeeded":
+            raise JobFailed(result, job_dir)
+        self._job_dir = job_dir
+        return result
+
+    def _train_settings(self, settings: dict[str, Any]) -> TrainSettings:
+        unknown = set(settings) - _TRAIN_FIELDS
+        if unknown:
+            raise TypeError(f"unknown training settings {sorted(unknown)}; known: {sorted(_TRAIN_FIELDS)}")
+        return TrainSettings(**settings)
+
+    def _wrap(self, result: JobResult) -> TrainResult:
+        adapter = result.artifacts.get("adapter")
+        self.last = TrainResult(
+            job_dir=self._job_dir,
+            adapter_path=Path(adapter) if adapter else None,
+            metrics=result.metrics,
+            loss_history=result.loss_history,
+            artifacts=result.artifacts,
+            raw=result,
+        )
+        return self.last
+
+    def train(self, data: str | Path, *, skip_bad_rows: bool = False, **settings: Any) -> TrainResult:
+        """One LoRA/QLoRA fine-tune. ``settings`` are TrainSettings fields (steps, learning_rate, ...)."""
+        spec = FinetuneSpec(
+            model=self.model,
+            quantization=self.quantization,  # type: ignore[arg-type]
+            device=self.device,  # type: ignore[arg-type]
+            lora=self.lora,
+            train=self._train_settings(settings),
+            dataset=DatasetSettings(path=str(Path(data).resolve()) if Path(data).exists() else str(data), skip_bad_rows=skip_bad_rows),
+        )
+        return self._wrap(self._run(spec))
+
+    def multi_run(
+        self,
+        dataset: str | Path | list[str | Path],
+        *,
+        num_runs: int | None = None,
+        steps_per_run: int | None = None,
+        samples_per_run: int | None = None,
+        merge_mode: str = "slao",
+        **settings: Any,
+    ) -> TrainResult:
+        """A SLAO series: one dataset cut into ``num_runs`` slices, or a list of datasets (one per task).
+
+        The result's adapter is the merged adapter; ``metrics`` holds the evaluation matrix and
+        average accuracy / backward transfer / forgetting / plasticity.
+        """
+        paths = dataset if isinstance(dataset, list) else [dataset]
+        spec = SeriesSpec(
+            model=self.model,
+            quantization=self.quantization,  # type: ignore[arg-type]
+            device=self.device,  # type: ignore[arg-type]
+            lora=self.lora,
+            train=self._train_settings(settings),
+            datasets=[DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths],
+            num_runs=num_runs,
+            steps_per_run=steps_per_run,
+            samples_per_run=samples_per_run,
+            merge_mode=merge_mode,  # type: ignore[arg-type]
+        )
+        return self._wrap(self._run(spec))
+
+    def export(
+        self,
+        format: str = "gguf",
+        *,
+        quantization: str | list[str] = "q4_k_m",
+        register_ollama: bool = False,
+        model_name: str | None = None,
+        source: str | Path | None = None,
+        adapter_gguf: bool = False,
+    ) -> TrainResult:
+        """Merge the last trained adapter (or ``source``) into its base and write verified GGUF files."""
+        if format != "gguf":
+            raise ValueError(f"unknown export format {format!r}; only 'gguf' is supported")
+        if source is None:
+            if self.last is None:
+                raise ValueError("nothing to export yet: call train() or multi_run() first, or pass source=")
+            source = self.last.job_dir
+        quants = [quantization] if isinstance(quantization, str) else list(quantization)
+        spec = ExportSpec(
+            source=str(Path(source).resolve()),
+            quantizations=quants,  # type: ignore[arg-type]
+            register_ollama=register_ollama,
+            ollama_name=model_name,
+            adapter_gguf=adapter_gguf,
+        )
+        result = self._run(spec)
+        return TrainResult(
+            job_dir=self._job_dir, adapter_path=None, metrics=result.metrics, loss_history=[], artifacts=result.artifacts, raw=result
+        )
+
+    def save(self, path: str | Path) -> Path:
+        if self.last is None:
+            raise ValueError("nothing to save yet: call train() first")
+        return self.last.save(path)

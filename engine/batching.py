@@ -1,0 +1,145 @@
+"""Turning tokenized examples into micro-batches.
+
+One code path for packed and unpacked training: a *row* is a list of examples laid end to end
+(one example when packing is off, as many as fit in ``max_seq_length`` when it is on); a
+micro-batch is a few rows, right-padded to the longest. Position ids restart at 0 for every
+example, and no attention mask is passed: transformers then derives a block-causal mask from the
+position ids, so packed examples never attend to each other, and right padding needs no mask at
+all under causal attention (nothing real comes after it). Targets are shifted here, so the loss
+never predicts an example's first token from the end of the previous one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [rows, length]
+    position_ids: torch.Tensor  # [rows, length]
+    targets: torch.Tensor  # [rows, length], already shifted; IGNORE where no loss
+    real_tokens: int  # tokens that are not padding
+    target_tokens: int  # tokens that carry loss
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            self.input_ids.to(device, non_blocking=True),
+            self.position_ids.to(device, non_blocking=True),
+            self.targets.to(device, non_blocking=True),
+            self.real_tokens,
+            self.target_tokens,
+        )
+
+
+def pack_rows(lengths: list[int], max_seq_length: int, packing: bool) -> list[list[int]]:
+    """Group example indices into rows of at most ``max_seq_length`` tokens (first-fit decreasing)."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_seq_length - lengths[i])
+    return rows
+
+
+@dataclass
+class StepPlan:
+    """Which rows each optimizer step trains on, fixed up front so a resumed run sees the same data."""
+
+    steps: list[list[list[int]]]  # steps[s] = rows; a row = example indices
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
+
+
+def plan_steps(
+    lengths: list[int],
+    *,
+    max_seq_length: int,
+    packing: bool,
+    rows_per_step: int,
+    total_steps: int,
+    seed: int,
+) -> StepPlan:
+    """Epoch after epoch of shuffled rows, cut into steps of ``rows_per_step`` rows."""
+    base_rows = pack_rows(lengths, max_seq_length, packing)
+    if not base_rows:
+        raise ValueError("no training examples left after tokenization")
+    steps: list[list[list[int]]] = []
+    pending: list[list[int]] = []
+    epoch = 0
+    while len(steps) < total_steps:
+        rows = list(base_rows)
+        random.Random(seed + epoch).shuffle(rows)
+        epoch += 1
+        for row in rows:
+            pending.append(row)
+            if len(pending) == rows_per_step:
+                steps.append(pending)
+                pending = []
+                if len(steps) == total_steps:
+                    break
+    return StepPlan(steps)
+
+
+def collate(
+    rows: list[list[int]],
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    *,
+    pad_id: int,
+    pad_to_multiple: int = 8,
+) -> MicroBatch:
+    """Lay each row's examples end to end, shift targets inside each example, right-pad."""
+    flat_ids: list[list[int]] = []
+    flat_pos: list[list[int]] = []
+    flat_tgt: list[list[int]] = []
+    target_tokens = 0
+    for row in rows:
+        ids: list[int] = []
+        pos: list[int] = []
+        tgt: list[int] = []
+        for i in row:
+            x, y = input_ids[i], labels[i]
+            ids.extend(x)
+            pos.extend(range(len(x)))
+            # target[t] = label[t+1] within the example; the last token predicts nothing
+            shifted = y[1:] + [IGNORE]
+            tgt.extend(shifted)
+            target_tokens += sum(1 for v in shifted if v != IGNORE)
+        flat_ids.append(ids)
+        flat_pos.append(pos)
+        flat_tgt.append(tgt)
+    real = sum(len(r) for r in flat_ids)
+    longest = max(len(r) for r in flat_ids)
+    length = -(-longest // pad_to_multiple) * pad_to_multiple
+    for ids, pos, tgt in zip(flat_ids, flat_pos, flat_tgt):
+        pad = length - len(ids)
+        ids.extend([pad_id] * pad)
+        # Padding continues the last example's positions, so an unpacked batch stays one plain
+        # causal sequence per row (the fast is_causal attention path); nothing attends to it.
+        start = pos[-1] + 1 if pos else 0
+        pos.extend(range(start, start + pad))
+        tgt.extend([IGNORE] * pad)
+    return MicroBatch(
+        input_ids=torch.tensor(flat_ids, dtype=torch.long),
+        position_ids=torch.tensor(flat_pos, dtype=torch.long),
+        targets=torch.tensor(flat_tgt, dtype=torch.long),
+        real_tokens=real,
+        target_tokens=target_tokens,
+    )

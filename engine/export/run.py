@@ -1,0 +1,299 @@
+"""The export job: merge -> convert -> quantize -> verify -> register, with a stage event for each.
+
+Files go to ``<job_dir>/gguf/``: ``<name>-<quant>.gguf`` per quantization, ``<name>-lora.gguf``
+when asked, and a ``Modelfile``. An export that fails verification is renamed ``*.gguf.rejected``
+(kept for inspection, never listed as an artifact) and the job fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.events import EventWriter
+from engine.spec import CANCEL_FILE, ExportSpec, JobResult
+
+GGUF_DIR = "gguf"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _progress(events: EventWriter, stage: str) -> Callable[[int, int, str], None]:
+    last = [0.0]
+
+    def report(i: int, n: int, name: str) -> None:
+        now = time.monotonic()
+        if i == n or now - last[0] >= 1.0:
+            last[0] = now
+            events.emit("progress", stage=stage, step=i, total=n, item=name)
+
+    return report
+
+
+def run_export(spec: ExportSpec, job_dir: Path, events: EventWriter) -> JobResult:
+    """Run an export job (the worker calls this for kind "export")."""
+    job_dir = Path(job_dir)
+
+    def check_cancel() -> None:
+        if (job_dir / CANCEL_FILE).exists():
+            raise _Cancelled("export cancelled between stages")
+
+    metrics: dict[str, Any] = {"stage_seconds": {}}
+    artifacts: dict[str, str] = {}
+    try:
+        return _run(spec, job_dir, events, metrics, artifacts, check_cancel)
+    except _Cancelled as e:
+        return JobResult(
+            status="cancelled",
+            kind="export",
+            metrics=metrics,
+            artifacts=artifacts,
+            error={"type": "Cancelled", "message": str(e)},
+        )
+
+
+_STAGE_TEXT = {
+    "merge": "reading the adapter and the base model",
+    "convert": "merging the LoRA and converting to GGUF",
+    "quantize": "quantizing",
+    "verify": "comparing llama.cpp with transformers",
+    "register": "writing the Modelfile / registering with Ollama",
+}
+
+
+def _stage(events: EventWriter, metrics: dict[str, Any], name: str, **data: Any) -> Callable[[], None]:
+    events.emit("stage", stage=name, name=name, message=f"{name}: {_STAGE_TEXT[name]}", **data)
+    t0 = time.monotonic()
+
+    def done() -> None:
+        metrics["stage_seconds"][name] = round(time.monotonic() - t0, 2)
+
+    return done
+
+
+def _run(
+    spec: ExportSpec,
+    job_dir: Path,
+    events: EventWriter,
+    metrics: dict[str, Any],
+    artifacts: dict[str, str],
+    check_cancel: Callable[[], None],
+) -> JobResult:
+    from engine.export.adapter_gguf import convert_adapter_to_gguf
+    from engine.export.convert import convert_to_gguf, default_outtype, read_config
+    from engine.export.merge import load_lora
+    from engine.export.ollama import default_model_name
+    from engine.export.quantize import FLOAT_TYPES, copy_or_link, quantize_gguf
+    from engine.export.source import resolve_source
+
+    out_dir = job_dir / GGUF_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    done = _stage(events, metrics, "merge", source=spec.source)
+    source = resolve_source(spec)
+    merger = load_lora(source.adapter_dir) if source.adapter_dir is not None else None
+    model_name = default_model_name(spec.ollama_name or source.name)
+    file_stem = model_name.replace(":", "-").replace("/", "-")
+    metrics["base_model"] = source.base_name
+    metrics["adapter"] = str(source.adapter_dir) if source.adapter_dir else None
+    if merger is not None:
+        events.log(
+            f"merging {len(merger.pairs)} LoRA weight(s) into {source.base_name} while converting (fp32 add)"
+        )
+    done()
+    check_cancel()
+
+    config = read_config(source.base_dir)
+    outtype = default_outtype(config)
+    done = _stage(events, metrics, "convert", outtype=outtype)
+    intermediate = out_dir / f"{file_stem}-{outtype}.intermediate.gguf"
+    conv = convert_to_gguf(
+        source.base_dir,
+        intermediate,
+        outtype=outtype,
+        merger=merger,
+        tokenizer_dir=source.tokenizer_dir,
+        name=model_name,
+        on_tensor=_progress(events, "convert"),
+    )
+    metrics["convert"] = {
+        "arch": conv.arch,
+        "outtype": conv.outtype,
+        "tensors": conv.n_tensors,
+        "params": conv.n_params,
+        "merged_tensors": conv.merged_tensors,
+        "tokenizer": conv.vocab.model,
+        "pre_tokenizer": conv.vocab.pre,
+    }
+    done()
+    check_cancel()
+
+    done = _stage(events, metrics, "quantize", quantizations=list(spec.quantizations))
+    files: dict[str, Path] = {}
+    sizes: dict[str, dict[str, Any]] = {}
+    for i, quant in enumerate(spec.quantizations):
+        target = out_dir / f"{file_stem}-{quant}.gguf"
+        if quant == outtype:
+            copy_or_link(intermediate, target)
+        else:
+            quantize_gguf(intermediate, target, quant)
+        files[quant] = target
+        size = target.stat().st_size
+        sizes[quant] = {"path": str(target), "bytes": size, "human": human_size(size)}
+        events.emit(
+            "progress", stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant, bytes=size
+        )
+        check_cancel()
+    intermediate.unlink(missing_ok=True)
+    metrics["files"] = sizes
+    if spec.adapter_gguf:
+        if merger is None:
+            raise ValueError(
+                "adapter_gguf needs a LoRA source (a job or an adapter folder), not a full model"
+            )
+        adapter_path = convert_adapter_to_gguf(merger, source.base_dir, out_dir / f"{file_stem}-lora.gguf")
+        artifacts["adapter_gguf"] = str(adapter_path)
+        metrics["files"]["adapter"] = {
+            "path": str(adapter_path),
+            "bytes": adapter_path.stat().st_size,
+            "human": human_size(adapter_path.stat().st_size),
+        }
+    done()
+    check_cancel()
+
+    failed: list[str] = []
+    if spec.verify:
+        done = _stage(events, metrics, "verify", quantizations=list(files))
+        failed = _verify(spec, source, files, events, metrics, check_cancel)
+        done()
+    else:
+        events.warning(
+            "verification skipped (verify=false): the GGUF files were not compared with transformers"
+        )
+    for quant, path in files.items():
+        if quant in failed:
+            path.replace(path.with_name(path.name + ".rejected"))
+        else:
+            artifacts[f"gguf_{quant}"] = str(path)
+    if failed:
+        reports = metrics.get("parity", {})
+        msg = "; ".join(reports[q]["message"] for q in failed if q in reports)
+        return JobResult(
+            status="failed",
+            kind="export",
+            metrics=metrics,
+            artifacts=artifacts,
+            error={
+                "type": "VerificationFailed",
+                "message": f"the GGUF export does not reproduce the model ({msg}); "
+                "the file(s) were renamed *.rejected. Try a higher-precision quantization (q8_0 or f16).",
+            },
+        )
+    check_cancel()
+
+    shipped = [q for q in spec.quantizations if q in files]
+    main_quant = next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
+    return _ollama_stage(spec, source, files[main_quant], model_name, events, metrics, artifacts)
+
+
+def _verify(
+    spec: ExportSpec,
+    source: Any,
+    files: dict[str, Path],
+    events: EventWriter,
+    metrics: dict[str, Any],
+    check_cancel: Callable[[], None],
+) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from engine.export.verify import check_parity, load_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source.tokenizer_dir), trust_remote_code=spec.trust_remote_code
+    )
+    model = load_reference(source.base_dir, source.adapter_dir, trust_remote_code=spec.trust_remote_code)
+    failed: list[str] = []
+    metrics["parity"] = {}
+    try:
+        for i, (quant, path) in enumerate(files.items()):
+            report = check_parity(path, quant, model, tokenizer)
+            metrics["parity"][quant] = report.to_dict()
+            events.emit(
+                "progress", stage="verify", step=i + 1, total=len(files), item=quant, passed=report.passed
+            )
+            events.log(report.message)
+            if not report.tokenizer_match:
+                events.warning(
+                    f"{quant}: llama.cpp tokenizes the check prompts differently from transformers"
+                )
+            if not report.passed:
+                failed.append(quant)
+            check_cancel()
+    finally:
+        del model
+        gc.collect()
+    return failed
+
+
+def _ollama_stage(
+    spec: ExportSpec,
+    source: Any,
+    gguf_path: Path,
+    model_name: str,
+    events: EventWriter,
+    metrics: dict[str, Any],
+    artifacts: dict[str, str],
+) -> JobResult:
+    from transformers import AutoTokenizer
+
+    from engine.export.ollama import MODELFILE, OllamaError, modelfile_text, register, write_modelfile
+    from engine.export.templates import TemplateNotRecognised, ollama_template_for
+
+    done = _stage(events, metrics, "register", ollama=spec.register_ollama, model=model_name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source.tokenizer_dir), trust_remote_code=spec.trust_remote_code
+    )
+    template = None
+    try:
+        template = ollama_template_for(tokenizer)
+        metrics["chat_format"] = template.family
+    except TemplateNotRecognised as e:
+        events.warning(str(e))
+        metrics["chat_format"] = None
+    modelfile = write_modelfile(
+        gguf_path.parent / MODELFILE,
+        modelfile_text(gguf_path, template, system=spec.system_prompt, relative_to=gguf_path.parent),
+    )
+    artifacts["modelfile"] = str(modelfile)
+    metrics["ollama_model"] = model_name
+    metrics["ollama_create"] = f"ollama create {model_name} -f {modelfile}"
+    result = JobResult(status="succeeded", kind="export", metrics=metrics, artifacts=artifacts)
+    if spec.register_ollama:
+        try:
+            reg = register(
+                model_name, gguf_path, modelfile, template, system=spec.system_prompt, host=spec.ollama_host
+            )
+            metrics["ollama_run"] = reg.run_command
+            metrics["ollama_registered_via"] = reg.method
+            events.log(f"registered with Ollama: {reg.run_command}")
+        except OllamaError as e:
+            result.status = "failed"
+            result.error = {"type": "OllamaUnavailable", "message": str(e)}
+    else:
+        metrics["ollama_run"] = f"ollama run {model_name}"
+    done()
+    return result

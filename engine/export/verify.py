@@ -1,0 +1,202 @@
+"""Prove an export: llama.cpp's logits on the GGUF vs transformers' logits on the merged model.
+
+Both sides get the same token ids (from the Hugging Face tokenizer), so the logit comparison tests
+the weights and the architecture settings alone; that llama.cpp's own tokenizer produces the same
+ids is recorded separately (``tokenizer_match``). Every position of every prompt is compared, not
+only the last, which gives a few hundred argmax decisions from a handful of prompts.
+
+Thresholds (minimum argmax agreement with the reference):
+- f32, f16, q8_0: 100% (the issue's bar; 8-bit and 16-bit noise is far below logit margins of a
+  trained model, and was on the test models too);
+- bf16: 99% — bf16 keeps 8 mantissa bits, so its rounding of the *merged* weights is coarser than
+  f16's; on a trained model it does not move the argmax, but a near-tie can flip;
+- q6_k 98%, q5_k_m 97%, q5_0 96% — error grows roughly 2x per bit removed, we scale the allowed
+  disagreement with it, between q8_0's 100% and q4_k_m's issue-given 95%;
+- q4_k_m 95% (given), q4_0 92% (q4_0 has no per-sub-block scales and is visibly coarser).
+A failed check fails the export: a GGUF that changes the model's answers is not shipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.export.quantize import llama_cpp_module
+
+ARGMAX_THRESHOLDS: dict[str, float] = {
+    "f32": 1.0,
+    "f16": 1.0,
+    "bf16": 0.99,
+    "q8_0": 1.0,
+    "q6_k": 0.98,
+    "q5_k_m": 0.97,
+    "q5_0": 0.96,
+    "q4_k_m": 0.95,
+    "q4_0": 0.92,
+}
+
+DEFAULT_CHATS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Write a haiku about gradient descent."},
+    ],
+]
+DEFAULT_TEXTS: list[str] = [
+    "The quick brown fox jumps over the lazy dog. 1234567890",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+]
+
+
+@dataclass
+class ParityReport:
+    quantization: str
+    passed: bool
+    argmax_agreement: float
+    threshold: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    positions: int
+    prompts: int
+    tokenizer_match: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_prompts(tokenizer: Any) -> list[str]:
+    prompts: list[str] = []
+    if getattr(tokenizer, "chat_template", None):
+        for chat in DEFAULT_CHATS:
+            prompts.append(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    return prompts + DEFAULT_TEXTS
+
+
+def open_gguf(path: str | Path, n_ctx: int = 512, lora_path: str | Path | None = None) -> Any:
+    """A llama.cpp model for evaluation (all-position logits). Call ``.close()`` when done."""
+    llama_cpp = llama_cpp_module()
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        n_gpu_layers=-1 if gpu else 0,
+        n_threads=max(1, os.cpu_count() or 1),
+        lora_path=str(lora_path) if lora_path is not None else None,
+        verbose=False,
+    )
+
+
+def gguf_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device=device)).logits[0]
+    return out.float().cpu().numpy()
+
+
+def greedy_gguf(llm: Any, ids: list[int], n_new: int) -> list[int]:
+    """Greedy continuation by argmax of llama.cpp's logits (no sampler, no penalties)."""
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    for _ in range(n_new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def check_parity(
+    gguf_path: str | Path,
+    quantization: str,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str] | None = None,
+    *,
+    lora_path: str | Path | None = None,
+) -> ParityReport:
+    """Compare next-token logits of the GGUF with ``model`` (the merged transformers model)."""
+    prompts = prompts or default_prompts(tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    n_ctx = max(64, max(len(e) for e in encoded) + 8)
+    llm = open_gguf(gguf_path, n_ctx=n_ctx, lora_path=lora_path)
+    agree = positions = 0
+    max_diff = 0.0
+    sum_diff = 0.0
+    n_values = 0
+    tokenizer_match = True
+    try:
+        for prompt, ids in zip(prompts, encoded, strict=True):
+            ours = gguf_logits(llm, ids)
+            ref = reference_logits(model, ids)
+            if ours.shape != ref.shape:
+                raise ValueError(f"logit shapes differ: GGUF {ours.shape} vs transformers {ref.shape}")
+            diff = np.abs(ours - ref)
+            max_diff = max(max_diff, float(diff.max()))
+            sum_diff += float(diff.sum())
+            n_values += diff.size
+            agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+            positions += len(ids)
+            add_bos = bool(ids) and ids[0] == getattr(tokenizer, "bos_token_id", None)
+            native = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+            tokenizer_match = tokenizer_match and list(native) == list(ids)
+    finally:
+        llm.close()
+    agreement = agree / max(1, positions)
+    threshold = ARGMAX_THRESHOLDS.get(quantization, 0.95)
+    passed = agreement >= threshold
+    message = (
+        f"{quantization}: argmax agreement {agreement:.1%} (need {threshold:.0%}) over {positions} positions, "
+        f"max |Δlogit| {max_diff:.4f}"
+        + ("" if tokenizer_match else "; llama.cpp tokenizes the prompts differently from transformers")
+    )
+    return ParityReport(
+        quantization=quantization,
+        passed=passed,
+        argmax_agreement=agreement,
+        threshold=threshold,
+        max_abs_diff=max_diff,
+        mean_abs_diff=sum_diff / max(1, n_values),
+        positions=positions,
+        prompts=len(prompts),
+        tokenizer_match=tokenizer_match,
+        message=message,
+    )
+
+
+def load_reference(
+    base_dir: str | Path, adapter_dir: str | Path | None, *, trust_remote_code: bool = False
+) -> Any:
+    """The merged model in transformers, merged by peft (independent of our streaming merge)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    if not cuda and n_params > 4e9:
+        # fp32 of a 7B is 28 GB; bf16 halves it and still resolves argmax on a trained model.
+        model = model.to(torch.bfloat16)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if cuda:
+        model = model.to("cuda")
+    model.eval()
+    return model

@@ -1,0 +1,39 @@
+"""Small file helpers shared by the engine and the server (standard library only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def backprop_home() -> Path:
+    """The state folder: ``$BACKPROP_HOME``, else the user's data dir (platformdirs)."""
+    env = os.environ.get("BACKPROP_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("backprop-mcp", appauthor=False)).resolve()

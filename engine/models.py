@@ -1,0 +1,665 @@
+"""Model presets, resolving a model name, and loading a base model for LoRA/QLoRA training.
+
+A model is named three ways: a preset (``qwen2.5-7b``, ``tiny``, ...), a local folder holding a
+Hugging Face checkpoint (``config.json`` + weights), or a hub name (``Qwen/Qwen2.5-7B-Instruct``),
+which goes through ``from_pretrained`` and so needs the model downloaded or the hub reachable.
+
+Loading rules (``load_for_training``):
+- quantization "auto": NF4 4-bit on a GPU (bitsandbytes, double quantisation, bf16 compute, or
+  fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
+  CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
+  Embeddings and lm_head are never quantised. Attention is SDPA.
+- Unsloth's ``FastLanguageModel`` is used when ``use_unsloth`` is not "never", a CUDA GPU is the
+  device and ``import unsloth`` works; "require" without it is an error. Otherwise transformers.
+
+torch and transformers are imported inside the functions that need them, so that presets,
+``resolve_model`` and ``model_shape`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.defaults import ModelShape, StorageDtype, estimate_memory, storage_dtype
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Privacy: set before transformers / huggingface_hub / unsloth are imported.
+# --------------------------------------------------------------------------------------------
+
+# Each variable, and why. All are set only when the user has not set them already.
+PRIVACY_ENV: dict[str, tuple[str, str]] = {
+    # huggingface_hub: no telemetry pings (it also honours DO_NOT_TRACK).
+    "HF_HUB_DISABLE_TELEMETRY": ("1", "huggingface_hub sends no usage telemetry"),
+    # The cross-tool convention (https://donottrack.sh); huggingface_hub and others honour it.
+    "DO_NOT_TRACK": ("1", "tools that follow the DO_NOT_TRACK convention send no analytics"),
+    # huggingface_hub: a stored login token is sent only to gated/private repos that need it,
+    # not with every public request.
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": ("1", "the stored Hugging Face token is not sent with public requests"),
+    # Unsloth downloads small files from the hub at import/load time to count environments
+    # (unsloth/models/_utils.py get_statistics); the variable's presence turns that off.
+    "UNSLOTH_DISABLE_STATISTICS": ("1", "Unsloth does not ping the hub to count usage"),
+    # huggingface_hub's version check of the `hf` CLI.
+    "HF_HUB_DISABLE_UPDATE_CHECK": ("1", "no update check against PyPI by the hub library"),
+}
+
+
+def privacy_environment() -> dict[str, str]:
+    """Set the privacy variables (without overriding the user's own values); returns what was set.
+
+    Call before importing transformers/huggingface_hub: the hub library reads these at import.
+    ``HF_HUB_OFFLINE`` is never touched: if the user set it, models come only from local files.
+    """
+    set_now: dict[str, str] = {}
+    for name, (value, _why) in PRIVACY_ENV.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            set_now[name] = value
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        # Imported already (by the caller): update the flags it read at import time.
+        for name in (
+            "HF_HUB_DISABLE_TELEMETRY",
+            "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+            "HF_HUB_DISABLE_UPDATE_CHECK",
+        ):
+            if hasattr(hub, name) and os.environ.get(name) == "1":
+                setattr(hub, name, True)
+    return set_now
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+ChatTemplate = Literal["chatml", "llama3", "mistral"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model the project knows: where it comes from and its architecture (its config.json)."""
+
+    name: str
+    hf_id: str | None  # None for the offline tiny model
+    family: str  # model_type: qwen2, llama, mistral
+    params_b: float  # billions of parameters
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    max_context: int
+    chat_template: ChatTemplate
+    head_dim: int = 0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    gated: bool = False  # the hub asks users to accept a licence before downloading
+    description: str = ""
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            vocab_size=self.vocab_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_context=self.max_context,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            model_type=self.family,
+        )
+
+    def vram_gib(
+        self, quantization: str = "4bit", *, seq_len: int = 2048, micro_batch: int = 1, lora_rank: int = 16
+    ) -> float:
+        """GPU memory to train this model with LoRA (from ``estimate_memory``, chunked loss, checkpointing)."""
+        return estimate_memory(
+            self.shape, quantization, lora_rank, micro_batch, seq_len, device="cuda"
+        ).total_gib
+
+    @property
+    def qlora_vram_gib(self) -> float:
+        """NF4 QLoRA, rank 16, one 2048-token sequence per micro-batch."""
+        return self.vram_gib("4bit")
+
+    @property
+    def lora16_vram_gib(self) -> float:
+        """bf16 LoRA, rank 16, one 2048-token sequence per micro-batch."""
+        return self.vram_gib("16bit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hf_id": self.hf_id,
+            "family": self.family,
+            "params_b": self.params_b,
+            "max_context": self.max_context,
+            "chat_template": self.chat_template,
+            "gated": self.gated,
+            "description": self.description,
+            "vram_gib": {"qlora_4bit": self.qlora_vram_gib, "lora_16bit": self.lora16_vram_gib},
+            "vram_setting": "LoRA rank 16, micro-batch 1 x 2048 tokens, gradient checkpointing",
+        }
+
+
+def _tiny_preset() -> Preset:
+    from engine import tiny
+
+    nominal = ModelShape(
+        hidden_size=tiny.HIDDEN_SIZE,
+        num_layers=tiny.NUM_LAYERS,
+        vocab_size=tiny.MIN_MODEL_VOCAB,
+        intermediate_size=tiny.INTERMEDIATE_SIZE,
+        num_heads=tiny.NUM_HEADS,
+        num_kv_heads=tiny.NUM_KV_HEADS,
+        attention_bias=True,
+    )
+    return Preset(
+        name="tiny",
+        hf_id=None,
+        family="qwen2",
+        params_b=round(nominal.params / 1e9, 4),
+        hidden_size=tiny.HIDDEN_SIZE,
+        num_layers=tiny.NUM_LAYERS,
+        # The real vocabulary depends on the trained tokenizer (at least MIN_MODEL_VOCAB rows);
+        # model_shape("tiny") reads the built config.json.
+        vocab_size=tiny.MIN_MODEL_VOCAB,
+        intermediate_size=tiny.INTERMEDIATE_SIZE,
+        num_heads=tiny.NUM_HEADS,
+        num_kv_heads=tiny.NUM_KV_HEADS,
+        max_context=tiny.MAX_POSITIONS,
+        chat_template="chatml",
+        attention_bias=True,
+        description="random-weight Qwen2-architecture model built offline; for tests and demos on CPU",
+    )
+
+
+# Architecture numbers are those of each model's config.json on the hub.
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "qwen2", 7.62, 3584, 28, 152064, 18944, 28, 4, 32768,
+               "chatml", attention_bias=True, description="Qwen2.5 7B Instruct"),
+        Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", "qwen2", 3.09, 2048, 36, 151936, 11008, 16, 2, 32768,
+               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 3B Instruct"),
+        Preset("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", 1.54, 1536, 28, 151936, 8960, 12, 2, 32768,
+               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 1.5B Instruct"),
+        Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", 0.49, 896, 24, 151936, 4864, 14, 2, 32768,
+               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 0.5B Instruct"),
+        Preset("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama", 3.21, 3072, 28, 128256, 8192, 24, 8, 131072,
+               "llama3", tie_word_embeddings=True, gated=True, description="Llama 3.2 3B Instruct (gated on the hub)"),
+        Preset("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama", 1.24, 2048, 16, 128256, 8192, 32, 8, 131072,
+               "llama3", tie_word_embeddings=True, gated=True, description="Llama 3.2 1B Instruct (gated on the hub)"),
+        Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "mistral", 7.25, 4096, 32, 32768, 14336, 32, 8, 32768,
+               "mistral", description="Mistral 7B Instruct v0.3"),
+        _tiny_preset(),
+    )
+}  # fmt: skip
+
+
+def get_preset(name: str) -> Preset | None:
+    """The preset called ``name``, or whose hub id is ``name`` (so its shape needs no download)."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    return next((p for p in PRESETS.values() if p.hf_id and p.hf_id.lower() == key), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a name
+# --------------------------------------------------------------------------------------------
+
+ModelSource = Literal["preset", "local", "hub"]
+
+
+@dataclass
+class ResolvedModel:
+    name: str  # what the user gave
+    source: ModelSource
+    target: str  # what from_pretrained gets: a folder path or a hub id
+    preset: Preset | None = None
+    local_path: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_path is not None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~", "\\", ".\\", "..\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", name))  # a Windows drive
+        or name.count("/") > 1
+        or "\\" in name
+        or name in (".", "..")
+    )
+
+
+def _check_model_folder(path: Path, name: str) -> None:
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{name!r} is a LoRA adapter folder, not a base model. Give the base model it was trained on as "
+            "the model (its adapter_config.json names it under base_model_name_or_path)."
+        )
+    raise ModelError(
+        f"the folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder. Give a folder "
+        "saved with save_pretrained (config.json + *.safetensors + tokenizer files), a preset "
+        f"({', '.join(PRESETS)}), or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
+    )
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(
+            f"a model name is required (a preset: {', '.join(PRESETS)}; a local folder; or a hub name)"
+        )
+    name = name.strip()
+    preset = get_preset(name)
+    if preset is not None:
+        if preset.hf_id is None:
+            from engine.tiny import ensure_tiny_model
+
+            path = ensure_tiny_model()
+            return ResolvedModel(name, "preset", str(path), preset=preset, local_path=path)
+        return ResolvedModel(name, "preset", preset.hf_id, preset=preset)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            hint = (
+                " GGUF files are for inference (llama.cpp, Ollama); training needs the Hugging Face checkpoint."
+                if path.suffix.lower() == ".gguf"
+                else ""
+            )
+            raise ModelError(f"{name!r} is a file; a model is a folder with config.json and weights.{hint}")
+        _check_model_folder(path, name)
+        return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
+    if _looks_like_path(name):
+        raise ModelError(
+            f"no folder {name!r} on this machine (resolved to {str(path.resolve())!r}). Check the path, or give a "
+            f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
+        )
+    if "/" not in name:
+        close = difflib.get_close_matches(name.lower(), list(PRESETS), n=3, cutoff=0.6)
+        if close:
+            raise ModelError(f"unknown model {name!r}; did you mean {' or '.join(repr(c) for c in close)}?")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
+            raise ModelError(
+                f"{name!r} is not a preset, a folder or a hub name (hub names look like owner/model)"
+            )
+        # A bare word can still be a legacy hub name (e.g. "gpt2").
+        return ResolvedModel(name, "hub", name)
+    if not _HUB_ID.match(name):
+        raise ModelError(f"{name!r} is not a valid hub name (owner/model, letters, digits, '.', '_' and '-')")
+    return ResolvedModel(name, "hub", name)
+
+
+def _hub_error(resolved: ResolvedModel, exc: BaseException, what: str) -> ModelError:
+    """Turn a from_pretrained failure on a hub name into a message that says what to do."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    name = resolved.target
+    parts = [
+        f"could not load the {what} of {name!r} from the Hugging Face Hub ({type(exc).__name__}: {detail})."
+    ]
+    text = f"{type(exc).__name__} {exc}".lower()
+    gated = resolved.preset.gated if resolved.preset else False
+    if "gated" in text or "401" in text or "403" in text or gated:
+        parts.append(
+            "The model may be gated: accept its licence on huggingface.co and log in with `hf auth login` "
+            "(or set HF_TOKEN)."
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        parts.append("HF_HUB_OFFLINE is set, so only models already in the local cache can be used.")
+    parts.append(
+        f"Download it first (`hf download {name}` on a machine with internet; copy the cache or the folder here) "
+        "or give a local folder with config.json and *.safetensors; the `tiny` preset works offline."
+    )
+    return ModelError(" ".join(parts))
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    # transformers wraps connection/cache misses in OSError; huggingface_hub raises its own errors
+    # (subclasses of OSError or of HfHubHTTPError/ValueError depending on the version).
+    if isinstance(exc, OSError):
+        return True
+    mod = type(exc).__module__ or ""
+    return mod.startswith("huggingface_hub") or mod.startswith("requests") or mod.startswith("httpx")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes without weights
+# --------------------------------------------------------------------------------------------
+
+
+def _first(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return None
+
+
+def shape_from_config(config: dict[str, Any], where: str = "config.json") -> ModelShape:
+    """A ModelShape from a config.json dict (Llama/Qwen/Mistral names, with GPT-style fallbacks)."""
+    d = dict(config)
+    if "text_config" in d and _first(d, "hidden_size", "n_embd", "d_model") is None:
+        d = {**d, **dict(d["text_config"])}  # multimodal wrappers keep the language model here
+    hidden = _first(d, "hidden_size", "n_embd", "d_model")
+    layers = _first(d, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(d, "num_attention_heads", "n_head", "num_heads")
+    vocab = _first(d, "vocab_size", "padded_vocab_size")
+    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
+                              ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]  # fmt: skip
+    if missing:
+        raise ModelError(
+            f"{where} lacks {', '.join(missing)}: cannot size this model (is it a decoder-only LLM?)"
+        )
+    kv = _first(d, "num_key_value_heads", "n_kv_heads", "num_kv_heads") or (
+        1 if d.get("multi_query") else heads
+    )
+    inter = _first(d, "intermediate_size", "n_inner", "ffn_dim") or 4 * int(hidden)
+    model_type = str(d.get("model_type") or "unknown")
+    return ModelShape(
+        hidden_size=int(hidden),
+        num_layers=int(layers),
+        vocab_size=int(vocab),
+        intermediate_size=int(inter),
+        num_heads=int(heads),
+        num_kv_heads=int(kv),
+        head_dim=int(d.get("head_dim") or 0),
+        max_context=int(
+            _first(d, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length") or 2048
+        ),
+        # transformers' own default is "tied", but Llama/Qwen2/Mistral configs default to untied and
+        # write the key anyway; untied is also the larger (safer) memory estimate.
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
+        model_type=model_type,
+    )
+
+
+def _safetensors_param_count(folder: Path) -> int | None:
+    """Exact parameter count from the safetensors headers (no weights read); None if unusable."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100 * 1024 * 1024:
+                return None
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            if meta.get("dtype") in ("U8", "I8"):
+                return None  # already quantised: element counts are not parameter counts
+            count = 1
+            for dim in meta.get("shape", []):
+                count *= int(dim)
+            total += count
+    return total
+
+
+def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelShape:
+    """The architecture numbers of a preset, a local folder, a hub name or a config, without weights."""
+    if isinstance(name_or_config, ModelShape):
+        return name_or_config
+    if isinstance(name_or_config, Preset):
+        name_or_config = name_or_config.name
+    if isinstance(name_or_config, dict):
+        return shape_from_config(name_or_config, "the config")
+    if hasattr(name_or_config, "to_dict") and not isinstance(name_or_config, str):
+        return shape_from_config(name_or_config.to_dict(), "the config")
+    resolved = resolve_model(str(name_or_config))
+    if resolved.preset is not None and resolved.local_path is None:
+        return resolved.preset.shape
+    if resolved.local_path is not None:
+        cfg_path = resolved.local_path / "config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {cfg_path}: {exc}") from exc
+        shape = shape_from_config(cfg, str(cfg_path))
+        exact = _safetensors_param_count(resolved.local_path)
+        if exact:
+            shape = ModelShape(**{**shape.to_dict(), "params": exact})
+        return shape
+    privacy_environment()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        if _is_hub_failure(exc):
+            raise _hub_error(resolved, exc, "configuration") from exc
+        raise
+    return shape_from_config(config.to_dict(), f"the config of {resolved.target}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (preset, folder or hub name)."""
+    privacy_environment()
+    resolved = resolve_model(name_or_path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        if resolved.source != "local" and resolved.local_path is None and _is_hub_failure(exc):
+            raise _hub_error(resolved, exc, "tokenizer") from exc
+        raise
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the base model, not yet wrapped with LoRA
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _cuda_bf16(device: str) -> bool:
+    import torch
+
+    index = torch.device(device).index or 0
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
+    """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
+    if use_unsloth == "never":
+        return False, "use_unsloth is 'never'"
+    problem = None
+    if not device.startswith("cuda"):
+        problem = "Unsloth needs a CUDA GPU and the device is the CPU"
+    elif storage == "fp32":
+        problem = "Unsloth trains in 4-bit or 16-bit, and fp32 (quantization 'none') was asked for"
+    else:
+        try:
+            import unsloth  # noqa: F401  (import for its patches, as Unsloth asks)
+        except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
+            problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
+    if problem is None:
+        return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
+    if use_unsloth == "require":
+        raise ModelError(
+            f"use_unsloth is 'require' but {problem}. Install it (pip install unsloth) on a machine with an "
+            "NVIDIA GPU, or set use_unsloth to 'auto' to fall back to transformers."
+        )
+    return False, f"{problem}: using transformers"
+
+
+def _count_params(model: Any) -> int:
+    total = 0
+    for p in model.parameters():
+        # bitsandbytes packs two 4-bit weights per uint8 element.
+        total += p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+    return total
+
+
+def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
+    """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
+
+    ``max_seq_length`` only matters to Unsloth (it sizes its RoPE caches); default: the spec's or 2048.
+    """
+    privacy_environment()
+    if device == "cuda":
+        device = f"cuda:{spec.gpu_index}"
+    on_gpu = device.startswith("cuda")
+    resolved = resolve_model(spec.model)
+    bf16_ok = _cuda_bf16(device) if on_gpu else True
+    storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
+    # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
+    compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
+    use_unsloth, why = _unsloth_decision(spec.use_unsloth, device, storage)
+    info: dict[str, Any] = {
+        "model": spec.model,
+        "model_source": resolved.source,
+        "model_target": resolved.target,
+        "quantization": storage,
+        "quantization_requested": spec.quantization,
+        "compute_dtype": _DTYPE_NAMES[compute],
+        "device": device,
+        "path": "unsloth" if use_unsloth else "transformers",
+        "path_reason": why,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": bool(spec.trust_remote_code),
+    }
+    try:
+        if use_unsloth:
+            seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
+            model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
+        else:
+            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code)
+            tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
+    except ModelError:
+        raise
+    except Exception as exc:
+        if resolved.local_path is None and _is_hub_failure(exc):
+            raise _hub_error(resolved, exc, "weights") from exc
+        raise
+    info["parameters"] = _count_params(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def bnb_nf4_config(compute: str) -> Any:
+    """The QLoRA quantisation: NF4 codes, double quantisation, 16-bit (GPU) or fp32 (CPU) compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_torch_dtype(compute),
+        # transformers already leaves the output embedding (lm_head) unquantised; naming it keeps
+        # that true for architectures whose head it does not detect. Embeddings are never Linear.
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def _load_transformers(
+    resolved: ResolvedModel, storage: str, compute: str, device: str, trust_remote_code: bool
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(compute),
+        "attn_implementation": "sdpa",
+        "trust_remote_code": trust_remote_code,
+        "device_map": {"": device},
+    }
+    if storage == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:
+            raise ModelError(
+                f"4-bit loading needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
+                "Install it (pip install bitsandbytes) or use quantization '16bit' or 'none'."
+            ) from exc
+        kwargs["quantization_config"] = bnb_nf4_config(compute)
+    return AutoModelForCausalLM.from_pretrained(resolved.target, **kwargs)
+
+
+def _load_unsloth(
+    resolved: ResolvedModel,
+    storage: str,
+    compute: str,
+    device: str,
+    max_seq_length: int,
+    trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=resolved.target,
+        max_seq_length=max_seq_length,
+        dtype=_torch_dtype(compute),
+        load_in_4bit=storage == "nf4",
+        full_finetuning=False,
+        trust_remote_code=trust_remote_code,
+        device_map={"": device},
+    )
+    return model, tokenizer
+
+
+def load_for_inference(
+    name_or_path: str, *, adapter: str | None = None, device: str = "cpu", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """A model for generation: bf16 (fp16 without bf16) on a GPU, fp32 on CPU, plus an optional LoRA adapter."""
+    privacy_environment()
+    resolved = resolve_model(name_or_path)
+    on_gpu = device.startswith("cuda")
+    compute = ("bf16" if _cuda_bf16(device) else "fp16") if on_gpu else "fp32"
+    try:
+        model = _load_transformers(resolved, compute, compute, device, trust_remote_code)
+        tokenizer = load_tokenizer(resolved.target, trust_remote_code=trust_remote_code)
+    except ModelError:
+        raise
+    except Exception as exc:
+        if resolved.local_path is None and _is_hub_failure(exc):
+            raise _hub_error(resolved, exc, "weights") from exc
+        raise
+    if adapter:
+        adapter_path = Path(adapter).expanduser()
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,184 @@
+"""One-shot commands that need the ML stack: dataset check with token statistics, and generation.
+
+Each takes a JSON object of arguments and prints one JSON object. The server runs them as
+subprocesses (``python -m engine check-data|generate '<json>'``) so that it never imports torch;
+the CLI and the Python API call the same functions in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CheckDataArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    model: str = "tiny"
+    split: str | None = None
+    skip_bad_rows: bool = False
+    quantization: str = "auto"
+    lora_rank: int = Field(16, ge=1)
+    max_seq_length: int | None = Field(None, ge=16)
+    micro_batch_size: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1)
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class GenerateArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("tiny", description="base model (preset, folder or hub name)")
+    adapter: str | None = Field(None, description="a PEFT adapter folder to apply")
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    system: str | None = None
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    max_time_s: float = Field(60.0, gt=0, le=600)
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+def _percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def check_data(args: CheckDataArgs) -> dict[str, Any]:
+    from engine.data import load_examples
+    from engine.spec import DatasetSettings, TrainSettings
+    from engine.train import pick_device, tokenize_all
+
+    settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
+    examples, report = load_examples(settings)
+    out: dict[str, Any] = {"ok": True, "report": report.to_dict()}
+    if not examples:
+        return out
+    from engine.defaults import estimate_memory, resolve_training
+    from engine.models import load_tokenizer, model_shape
+
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    lengths = tokenize_all(examples, tokenizer, None).lengths
+    out["tokens"] = {
+        "examples": len(lengths),
+        "total": sum(lengths),
+        "min": min(lengths),
+        "median": _percentile(lengths, 0.5),
+        "p95": _percentile(lengths, 0.95),
+        "max": max(lengths),
+    }
+    device = pick_device(args.device)
+    free_gib = None
+    if device.startswith("cuda"):
+        from engine.hardware import probe_gpus
+
+        probe = probe_gpus()
+        if probe.gpus:
+            free_gib = probe.gpus[0].memory_free_mb / 1024
+    shape = model_shape(args.model, trust_remote_code=args.trust_remote_code)
+    train = TrainSettings(max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps)
+    try:
+        resolved = resolve_training(
+            train,
+            n_examples=len(lengths),
+            token_lengths=lengths,
+            shape=shape,
+            quantization=args.quantization,
+            lora_rank=args.lora_rank,
+            device=device,
+            free_memory_gib=free_gib,
+        )
+    except ValueError as exc:  # DoesNotFitError is a ValueError
+        out["fits"] = False
+        out["fit_error"] = str(exc)
+        return out
+    out["fits"] = True
+    out["defaults"] = {k: getattr(resolved, k) for k in resolved.reasons}
+    out["reasons"] = resolved.reasons
+    mem = estimate_memory(
+        shape,
+        quantization=args.quantization,
+        lora_rank=args.lora_rank,
+        micro_batch=resolved.micro_batch_size,
+        seq_len=resolved.max_seq_length,
+        device="cuda" if device.startswith("cuda") else "cpu",
+    )
+    out["memory_estimate_gib"] = mem.to_dict()
+    out["device"] = device
+    return out
+
+
+def generate(args: GenerateArgs) -> dict[str, Any]:
+    import torch
+
+    from engine.formatting import render_prompt
+    from engine.models import load_tokenizer
+    from engine.train import pick_device
+
+    if not args.prompt and not args.messages:
+        raise ValueError("give a prompt or a list of messages")
+    device = pick_device(args.device)
+    from engine.models import load_for_inference
+
+    model, tokenizer = load_for_inference(
+        args.model, adapter=args.adapter, device=device, trust_remote_code=args.trust_remote_code
+    )
+    messages = list(args.messages or [])
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    if args.prompt:
+        messages.append({"role": "user", "content": args.prompt})
+    if tokenizer.chat_template:
+        text = render_prompt(messages, tokenizer)
+    else:  # a base model without a chat template: plain continuation
+        text = "\n".join(m["content"] for m in messages)
+        tokenizer = tokenizer or load_tokenizer(args.model)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            max_time=args.max_time_s,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    new = out[0, inputs["input_ids"].shape[1] :]
+    seconds = time.perf_counter() - t0
+    return {
+        "ok": True,
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()),
+        "seconds": round(seconds, 3),
+        "stopped_by_time": seconds >= args.max_time_s,
+        "prompt": text,
+    }
+
+
+def run_oneshot(command: str, raw_args: str) -> int:
+    from engine.models import privacy_environment
+
+    privacy_environment()
+    try:
+        data = json.loads(raw_args)
+        if command == "check-data":
+            result = check_data(CheckDataArgs.model_validate(data))
+        else:
+            result = generate(GenerateArgs.model_validate(data))
+        print(json.dumps(result, default=str))
+        return 0
+    except Exception as exc:  # noqa: BLE001 - reported as JSON for the caller
+        print(json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}))
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,72 @@
+"""Showing a job's events to a person: a live progress bar (rich) or plain lines."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from engine.events import Event
+
+
+class ProgressPrinter:
+    """Turns events into a progress bar for training steps and one line for everything else."""
+
+    def __init__(self, enabled: bool = True, stream: Any = None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._progress: Any = None
+        self._task: Any = None
+
+    def _bar(self, total: int) -> None:
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:  # rich is optional: plain lines instead
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total, loss="-", tps="-")
+        else:
+            self._progress.update(self._task, total=total)
+
+    def _line(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        d = event.data
+        if event.type == "progress":
+            self._bar(int(d.get("total", 0)))
+            if self._progress is not None:
+                self._progress.update(
+                    self._task, completed=d.get("step", 0), loss=f"{d.get('loss', 0):.4f}", tps=f"{d.get('tokens_per_s', 0):.0f}"
+                )
+            elif d.get("step") == d.get("total") or int(d.get("step", 0)) % 10 == 0:
+                self._line(f"step {d.get('step')}/{d.get('total')}  loss {d.get('loss'):.4f}  {d.get('tokens_per_s')} tok/s")
+        elif event.type in ("log", "warning", "stage", "queued", "checkpoint", "run_finished"):
+            text = d.get("message") or d.get("name") or d.get("path") or ""
+            prefix = {"warning": "warning: ", "stage": "== ", "queued": "queued: ", "checkpoint": "checkpoint: "}.get(event.type, "")
+            if event.type == "run_finished":
+                text = f"run {d.get('run')} finished: {d.get('metrics', '')}"
+            self._line(f"{prefix}{text}")
+        elif event.type == "error":
+            self._line(f"error: {d.get('type')}: {d.get('message')}\n  {d.get('hint', '')}")
+        elif event.type == "finished":
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,657 @@
+"""A multi-run continual fine-tuning series (SLAO by default) as one job.
+
+    slices (one dataset cut into N, or one dataset per task; a held-out part of each)
+      -> for run i = 1..N:
+           initialise the adapter (run 1: fresh LoRA; later: from run i−1's fine-tuned adapter,
+             A orthogonalised by QR for SLAO) -> train on slice i (+ replay of earlier slices)
+           -> merge (engine.slao) -> evaluate the MERGED adapter on the held-out parts of
+             slices 1..i (row i of the matrix R) -> checkpoint -> ``run_finished`` event
+      -> AA, BWT, forgetting, plasticity; the merged adapter is the deliverable.
+
+Job-folder layout (besides spec.json / events.jsonl / result.json)::
+
+    series/state.json           finished runs, R so far, per-run metrics (the commit point)
+    series/finetuned/run-003/   run 3's fine-tuned adapter (next run's initialisation; the
+                                linear/ties/dare merges read them all)
+    series/merged/run-003/      the merged adapter after run 3 (only the newest is kept)
+    checkpoints/run-004/        mid-run training checkpoints of the run in progress
+    adapter/                    the final merged adapter (artifact "adapter")
+
+A run's adapters are written first and ``state.json`` last (atomically), so a series killed at
+any point resumes from the last run that ``state.json`` names, and a run killed mid-way
+resumes from its own newest training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import slao
+from engine.data import Example, load_examples
+from engine.events import EventWriter
+from engine.files import atomic_write_json
+from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
+
+SERIES_DIR = "series"
+STATE_FILE = "state.json"
+EXACT_MATCH_MAX_ROWS = 100  # per held-out slice: greedy generation is the slow part of evaluation
+EVAL_BATCH = 8
+GPU_WAIT_POLL_S = 5.0
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# slices
+
+
+@dataclass
+class RunSlice:
+    """One run's data: what it trains on and what it is evaluated on (never trained on)."""
+
+    index: int  # 1-based run number
+    name: str
+    train: list[Example]
+    heldout: list[Example]
+    replay: list[Example] = field(default_factory=list)  # rows of earlier runs mixed into training
+
+
+def _split_heldout(
+    rows: list[Example], fraction: float, seed: int, name: str
+) -> tuple[list[Example], list[Example]]:
+    if len(rows) < 2:
+        raise ValueError(
+            f"{name} has {len(rows)} usable row(s); each run needs at least 2 (one to train on, one held out). "
+            "Give more data, fewer runs, or a larger samples_per_run"
+        )
+    n_held = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    held = set(random.Random(seed).sample(range(len(rows)), n_held))
+    train = [r for i, r in enumerate(rows) if i not in held]
+    heldout = [r for i, r in enumerate(rows) if i in held]
+    return train, heldout
+
+
+def build_slices(spec: SeriesSpec, datasets: list[tuple[str, list[Example]]]) -> list[RunSlice]:
+    """Cut the data into runs, hold out part of each, and add replay of earlier runs.
+
+    One dataset: ``num_runs`` consecutive slices (in file order, which may be meaningful: a
+    curriculum, or data arriving over time) of ``samples_per_run`` rows each, or of an equal
+    share of the file. Several datasets: one run per dataset, capped at ``samples_per_run``.
+    ``heldout_fraction`` of each slice (at least one row) is held out for evaluation.
+    """
+    seed = spec.train.seed
+    chunks: list[tuple[str, list[Example]]] = []
+    if len(datasets) == 1:
+        name, rows = datasets[0]
+        runs = spec.num_runs or 1
+        per = spec.samples_per_run or len(rows) // runs
+        if per * runs > len(rows):
+            raise ValueError(
+                f"{name} has {len(rows)} usable rows but num_runs × samples_per_run = {runs} × {per} = "
+                f"{runs * per}; lower num_runs or samples_per_run, or give more data"
+            )
+        for k in range(runs):
+            chunks.append((f"{Path(name).name} [slice {k + 1}/{runs}]", rows[k * per : (k + 1) * per]))
+    else:
+        for name, rows in datasets:
+            cap = spec.samples_per_run
+            chunks.append((Path(name).name, rows[:cap] if cap else rows))
+    slices: list[RunSlice] = []
+    for k, (name, rows) in enumerate(chunks, start=1):
+        train, heldout = _split_heldout(rows, spec.heldout_fraction, seed + 7919 * k, name)
+        slices.append(RunSlice(index=k, name=name, train=train, heldout=heldout))
+    if spec.replay_fraction > 0:
+        for s in slices[1:]:
+            pool = [r for earlier in slices[: s.index - 1] for r in earlier.train]
+            n = min(len(pool), round(spec.replay_fraction * len(s.train)))
+            s.replay = random.Random(seed + 104729 * s.index).sample(pool, n)
+    return slices
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of an adapter on held-out rows
+
+
+@dataclass
+class HeldoutSet:
+    """A slice's held-out rows, tokenized once: loss inputs and, where rows have one, the answer."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    prompts: list[list[int]]  # tokens before the reference answer
+    references: list[list[int]]  # the reference answer's tokens (the last supervised span)
+
+
+def _last_supervised_span(labels: list[int]) -> tuple[int, int] | None:
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE:
+        end -= 1
+    if end == 0:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start, end
+
+
+def _has_reference(ex: Example) -> bool:
+    # A completion, or a chat whose last turn is the assistant's, has an answer to match exactly;
+    # plain text does not.
+    if ex.kind == "completion":
+        return True
+    return ex.kind == "chat" and bool(ex.messages) and ex.messages[-1].get("role") == "assistant"
+
+
+def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> HeldoutSet:
+    from engine.formatting import tokenize_example
+
+    out = HeldoutSet([], [], [], [])
+    for ex in examples:
+        t = tokenize_example(ex, tokenizer, max_seq_length)
+        if not any(v != IGNORE for v in t.labels[1:]):
+            continue
+        out.input_ids.append(list(t.input_ids))
+        out.labels.append(list(t.labels))
+        span = _last_supervised_span(list(t.labels)) if _has_reference(ex) else None
+        if span is not None and span[0] > 0 and len(out.prompts) < EXACT_MATCH_MAX_ROWS:
+            out.prompts.append(list(t.input_ids[: span[0]]))
+            out.references.append(list(t.labels[span[0] : span[1]]))
+    return out
+
+
+def _autocast(device: str) -> Any:
+    from engine import accel
+
+    dtype = accel.autocast_dtype(None, device)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, data: HeldoutSet, pad_id: int, device: str) -> float:
+    """Mean next-token loss over the supervised (assistant/completion) tokens."""
+    from engine.batching import collate
+    from engine.loss import causal_lm_loss_sum
+
+    total, targets = 0.0, 0
+    for i in range(0, len(data.input_ids), EVAL_BATCH):
+        rows = [[j] for j in range(i, min(i + EVAL_BATCH, len(data.input_ids)))]
+        batch = collate(rows, data.input_ids, data.labels, pad_id=pad_id).to(device)
+        with _autocast(device):
+            total += float(causal_lm_loss_sum(model, batch.input_ids, batch.position_ids, batch.targets))
+        targets += batch.target_tokens
+    return total / max(1, targets)
+
+
+@torch.no_grad()
+def exact_match(model: Any, tokenizer: Any, data: HeldoutSet, pad_id: int, device: str) -> float | None:
+    """Share of rows whose greedy answer equals the reference (decoded, whitespace-stripped).
+
+    The model generates exactly as many tokens as the reference has, so an answer that goes on
+    past where the reference ends (or stops early) does not match.
+    """
+    if not data.prompts:
+        return None
+    correct = 0
+    order = sorted(range(len(data.prompts)), key=lambda k: len(data.prompts[k]))  # similar lengths batch well
+    for i in range(0, len(order), EVAL_BATCH):
+        idx = order[i : i + EVAL_BATCH]
+        longest = max(len(data.prompts[k]) for k in idx)
+        ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, k in enumerate(idx):  # left padding: generation continues every row at the end
+            p = data.prompts[k]
+            ids[row, longest - len(p) :] = torch.tensor(p)
+            mask[row, longest - len(p) :] = 1
+        new_tokens = max(len(data.references[k]) for k in idx)
+        with _autocast(device):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad_id,
+            )
+        for row, k in enumerate(idx):
+            ref = data.references[k]
+            got = out[row, longest : longest + len(ref)].tolist()
+            want_text = tokenizer.decode(ref, skip_special_tokens=True).strip()
+            got_text = tokenizer.decode(got, skip_special_tokens=True).strip()
+            correct += int(got == ref or (want_text != "" and got_text == want_text))
+    return correct / len(data.prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the series state (the checkpoint between runs)
+
+
+@dataclass
+class SeriesState:
+    completed_runs: int = 0
+    num_runs: int = 0
+    merge_mode: str = "slao"
+    slice_names: list[str] = field(default_factory=list)
+    loss_matrix: list[list[float | None]] = field(default_factory=list)  # R_loss[t][i], i ≤ t
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)  # exact match, or None
+    runs: list[dict[str, Any]] = field(default_factory=list)  # per-run metrics
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> SeriesState | None:
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.__dict__)
+
+
+def series_metrics(state: SeriesState) -> dict[str, Any]:
+    """Headline numbers: accuracy-based AA/BWT/forgetting/plasticity where every task has
+    reference answers, and the loss-based ones always (``loss_*``: mean held-out loss; for
+    loss, BWT < 0 and forgetting > 0 mean the old tasks got worse)."""
+    out: dict[str, Any] = {}
+    done = state.completed_runs
+    if done == 0:
+        return out
+    lm = [row[:done] for row in state.loss_matrix[:done]]
+    for key, value in slao.forgetting_metrics(lm, higher_is_better=False).items():
+        out[f"loss_{key}"] = value
+    am = [row[:done] for row in state.accuracy_matrix[:done]]
+    if all(v is not None for t, row in enumerate(am) for v in row[: t + 1]):
+        acc = slao.forgetting_metrics(am)
+        out["average_accuracy"] = acc["average"]
+        out["backward_transfer"] = acc["backward_transfer"]
+        out["forgetting"] = acc["forgetting"]
+        out["plasticity"] = acc["plasticity"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU safety between runs
+
+
+def wait_for_safe_gpu(
+    monitor: Any,
+    guard: Any,
+    events: EventWriter,
+    *,
+    next_run: int,
+    needed_free_mb: float | None = None,
+    max_wait_s: float = 600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Delay the next run while the card is too hot (or too full); returns the seconds waited.
+
+    Between runs nothing is computing, so waiting is the whole remedy. Past ``max_wait_s`` a
+    card that is still too hot stops the job (the series is checkpointed, so running the job
+    again resumes it); a card that is still short of memory is let go, because training
+    backs off on out-of-memory by itself.
+    """
+    from engine.train import GpuOverheated
+
+    if monitor is None:
+        return 0.0
+    started = clock()
+    warned = False
+    while True:
+        sample = monitor.sample()
+        decision = guard.decide(sample)
+        free_mb = None
+        if sample and sample.get("memory_total_mb") is not None and sample.get("memory_used_mb") is not None:
+            free_mb = sample["memory_total_mb"] - sample["memory_used_mb"]
+        short_of_memory = needed_free_mb is not None and free_mb is not None and free_mb < needed_free_mb
+        if decision.action == "ok" and not short_of_memory:
+            waited = clock() - started
+            if warned:
+                events.log(
+                    f"GPU ready again after {waited:.0f} s ({decision.reason}); starting run {next_run}"
+                )
+            return waited
+        waited = clock() - started
+        if waited > max_wait_s:
+            if decision.action != "ok":
+                raise GpuOverheated(
+                    f"{decision.reason}; waited {waited:.0f} s before run {next_run}. The series is saved up to "
+                    f"run {next_run - 1}: improve cooling, then run the job again to resume"
+                )
+            events.warning(
+                f"only {free_mb} MB of GPU memory free after waiting {waited:.0f} s (the last run peaked at "
+                f"{needed_free_mb:.0f} MB); starting run {next_run} anyway, training backs off on out-of-memory"
+            )
+            return waited
+        if not warned:
+            why = decision.reason if decision.action != "ok" else f"only {free_mb} MB of GPU memory free"
+            events.warning(f"delaying run {next_run}: {why}", run=next_run, gpu=sample)
+            warned = True
+        sleep(GPU_WAIT_POLL_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# moving factors in and out of a peft model
+
+
+def read_factors(model: Any) -> tuple[slao.Adapter, dict[str, torch.Tensor]]:
+    """A detached copy of the model's LoRA factors (saved-form keys)."""
+    from peft import get_peft_model_state_dict
+
+    factors, other, _ = slao.split_lora_state(get_peft_model_state_dict(model))
+    return slao.clone_adapter(factors), {k: v.detach().clone() for k, v in other.items()}
+
+
+def write_factors(model: Any, factors: slao.Adapter, other: dict[str, torch.Tensor] | None = None) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, slao.join_lora_state(factors, other))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise RuntimeError(f"adapter weights do not fit the model (unexpected keys, e.g. {unexpected[:3]})")
+
+
+def initial_factors(spec: SeriesSpec, previous_finetuned: slao.Adapter) -> slao.Adapter:
+    """Run i ≥ 2 starts from run i−1's fine-tuned adapter; SLAO-family modes orthogonalise A.
+
+    ``sequential`` keeps training the same adapter (no QR). ``linear``/``ties``/``dare`` share
+    SLAO's initialisation (``qr_init`` applies), so the modes differ only in how they merge.
+    """
+    if spec.merge_mode == "sequential":
+        return slao.clone_adapter(previous_finetuned)
+    return slao.slao_init(previous_finetuned, qr_init=spec.qr_init)
+
+
+def merge_run(
+    spec: SeriesSpec,
+    run: int,
+    merged: slao.Adapter | None,
+    finetuned: slao.Adapter,
+    finetuned_dirs: list[Path],
+    device: str,
+) -> tuple[slao.Adapter, slao.MergeReport]:
+    """The merged adapter after ``run`` for the spec's merge mode."""
+    mode = spec.merge_mode
+    if mode == "sequential":
+        return slao.clone_adapter(finetuned), slao.MergeReport()
+    if mode == "slao":
+        return slao.slao_merge(merged, finetuned, run, spec.merge_weight), slao.MergeReport()
+    # ΔW merges over every fine-tuned adapter so far (read back from the series folder)
+    runs = []
+    for folder in finetuned_dirs:
+        factors, _, _ = slao.load_adapter(folder)
+        runs.append({k: slao.LoraFactors(A=f.A.to(device), B=f.B.to(device)) for k, f in factors.items()})
+    runs[-1] = finetuned
+    if mode == "linear":
+        return slao.linear_merge(runs)
+    if mode == "ties":
+        return slao.ties_merge(runs, density=spec.ties_density)
+    if mode == "dare":
+        return slao.dare_merge(runs, drop=spec.dare_drop, seed=spec.train.seed)
+    raise ValueError(f"unknown merge_mode {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def _copy_dir_atomically(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_spec(spec: SeriesSpec, run: int) -> SeriesSpec:
+    """The spec a run's training settings are resolved from: steps_per_run, and a seed per run."""
+    train = spec.train.model_copy(update={"seed": spec.train.seed + run - 1})
+    if spec.steps_per_run is not None:
+        train = train.model_copy(update={"steps": spec.steps_per_run})
+    return spec.model_copy(update={"train": train})
+
+
+def _load_datasets(spec: SeriesSpec, events: EventWriter) -> list[tuple[str, list[Example]]]:
+    out = []
+    for settings in spec.datasets:
+        examples, report = load_examples(settings)
+        events.log(
+            f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
+            format=report.format,
+            rows=report.rows_ok,
+            skipped=report.skipped,
+        )
+        if report.skipped:
+            events.warning(f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)")
+        out.append((settings.path, examples))
+    return out
+
+
+def run_series(
+    spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
+) -> JobResult:
+    """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
+    from engine import accel
+    from engine.hardware import GpuMonitor, ThermalGuard
+    from engine.models import load_for_training
+    from engine.train import (
+        JobCancelled,
+        add_lora,
+        pick_device,
+        prepare_training,
+        save_adapter,
+        train_adapter,
+    )
+
+    job_dir = Path(job_dir)
+    series_dir = job_dir / SERIES_DIR
+    state_path = series_dir / STATE_FILE
+    device = pick_device(spec.device, spec.gpu_index)
+
+    events.emit("stage", name="loading_data")
+    slices = build_slices(spec, _load_datasets(spec, events))
+    n_runs = len(slices)
+    state = SeriesState.load(state_path)
+    if state is None:
+        state = SeriesState(num_runs=n_runs, merge_mode=spec.merge_mode, slice_names=[s.name for s in slices])
+    elif state.num_runs != n_runs or state.merge_mode != spec.merge_mode:
+        raise ValueError(
+            f"{state_path} belongs to a series of {state.num_runs} runs ({state.merge_mode}), but this spec makes "
+            f"{n_runs} runs ({spec.merge_mode}); use a new job folder for a different series"
+        )
+    else:
+        events.log(
+            f"resuming the series after run {state.completed_runs} of {n_runs}",
+            completed=state.completed_runs,
+        )
+    for s in slices:
+        events.log(
+            f"run {s.index}: {s.name}: {len(s.train)} training rows, {len(s.replay)} replayed, {len(s.heldout)} held out",
+            run=s.index,
+        )
+
+    model = tokenizer = None
+    heldout: list[HeldoutSet] = []
+    finetuned: slao.Adapter | None = None
+    other: dict[str, torch.Tensor] = {}
+    merged: slao.Adapter | None = None
+    monitor = GpuMonitor(spec.gpu_index) if device.startswith("cuda") else None
+    guard = ThermalGuard(spec.safety)
+    peak_mb: float | None = None
+    try:
+        for run in range(state.completed_runs + 1, n_runs + 1):
+            s = slices[run - 1]
+            if cancel_check():
+                raise JobCancelled(f"cancelled before run {run}; runs 1..{run - 1} are saved")
+            if run > 1 and device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                needed = None
+                if peak_mb is not None:
+                    needed = max(0.0, peak_mb - torch.cuda.memory_allocated(device) / 2**20)
+                wait_for_safe_gpu(
+                    monitor,
+                    guard,
+                    events,
+                    next_run=run,
+                    needed_free_mb=needed,
+                    max_wait_s=spec.safety.max_pause_s,
+                )
+            events.emit("stage", name="run", run=run, runs=n_runs, slice=s.name)
+            run_spec = _run_spec(spec, run)
+            tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
+            if model is None:
+                tokenizer = tok
+                events.emit("stage", name="loading_model", model=spec.model)
+                loaded = load_for_training(spec, device)
+                accel.apply_speedups(loaded.model, device, loaded.info)
+                torch.manual_seed(spec.train.seed)  # run 1's LoRA initialisation is reproducible
+                model = add_lora(
+                    loaded.model,
+                    spec.lora,
+                    gradient_checkpointing=resolved.gradient_checkpointing,
+                    loaded_info=loaded.info,
+                )
+                heldout = [tokenize_heldout(x.heldout, tokenizer, resolved.max_seq_length) for x in slices]
+                if run > 1:  # resuming: the last finished run's adapters come back from disk
+                    finetuned, other = _load_run_adapter(
+                        series_dir / "finetuned" / f"run-{run - 1:03d}", device
+                    )
+                    merged, _ = _load_run_adapter(series_dir / "merged" / f"run-{run - 1:03d}", device)
+                else:
+                    _, other = read_factors(model)
+            if finetuned is not None:
+                write_factors(model, initial_factors(spec, finetuned), other)
+
+            outcome = train_adapter(
+                model,
+                tokenizer,
+                data,
+                resolved,
+                device=device,
+                events=events,
+                checkpoint_dir=job_dir / CHECKPOINT_DIR / f"run-{run:03d}",
+                cancel_check=cancel_check,
+                safety=spec.safety,
+                gpu_index=spec.gpu_index,
+                progress_prefix={"run": run, "runs": n_runs},
+            )
+            if outcome.peak_memory_gib is not None:
+                peak_mb = outcome.peak_memory_gib * 1024
+            finetuned, other = read_factors(model)
+
+            events.emit("stage", name="merge", run=run, merge_mode=spec.merge_mode)
+            ft_dir = save_adapter(model, tokenizer, _fresh(series_dir / "finetuned" / f"run-{run:03d}"))
+            ft_dirs = [series_dir / "finetuned" / f"run-{k:03d}" for k in range(1, run + 1)]
+            merged, report = merge_run(spec, run, merged, finetuned, ft_dirs, device)
+            write_factors(model, merged, other)
+            merged_dir = save_adapter(model, tokenizer, _fresh(series_dir / "merged" / f"run-{run:03d}"))
+
+            events.emit("stage", name="evaluate", run=run)
+            model.eval()
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            row_loss: list[float | None] = []
+            row_acc: list[float | None] = []
+            for i in range(run):
+                row_loss.append(round(heldout_loss(model, heldout[i], pad_id, device), 6))
+                acc = exact_match(model, tokenizer, heldout[i], pad_id, device)
+                row_acc.append(None if acc is None else round(acc, 6))
+            model.train()
+            pad = [None] * (n_runs - run)
+            state.loss_matrix.append(row_loss + pad)
+            state.accuracy_matrix.append(row_acc + pad)
+            losses = [h["loss"] for h in outcome.loss_history]
+            run_metrics = {
+                "run": run,
+                "slice": s.name,
+                "steps": outcome.steps_done,
+                "train_rows": len(data.input_ids),
+                "replayed_rows": len(s.replay),
+                "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None,
+                "heldout_loss": row_loss[-1],
+                "heldout_accuracy": row_acc[-1],
+                "merge_exact": report.exact,
+                "merge_relative_error": round(report.max_relative_error, 6),
+                "train_seconds": round(outcome.train_seconds, 2),
+            }
+            state.runs.append(run_metrics)
+            offset = len(state.loss_history)
+            state.loss_history.extend(
+                {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
+            )
+            state.completed_runs = run
+            state.save(state_path)  # the commit point: the run is done
+            for k in range(1, run):
+                shutil.rmtree(series_dir / "merged" / f"run-{k:03d}", ignore_errors=True)
+            if spec.merge_mode in ("slao", "sequential"):  # only the last fine-tuned adapter is needed
+                for k in range(1, run):
+                    shutil.rmtree(series_dir / "finetuned" / f"run-{k:03d}", ignore_errors=True)
+            shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
+            events.emit(
+                "run_finished",
+                run=run,
+                runs=n_runs,
+                loss_row=row_loss,
+                accuracy_row=row_acc,
+                metrics=run_metrics,
+                series=series_metrics(state),
+                merged_adapter=str(merged_dir),
+                finetuned_adapter=str(ft_dir),
+            )
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+    final = series_dir / "merged" / f"run-{n_runs:03d}"
+    adapter = job_dir / ADAPTER_DIR
+    _copy_dir_atomically(final, adapter)
+    (adapter / "series.json").write_text(
+        json.dumps({"merge_mode": spec.merge_mode, "runs": n_runs, "base_model": spec.model}, indent=2),
+        encoding="utf-8",
+    )
+    metrics: dict[str, Any] = {
+        "runs": n_runs,
+        "merge_mode": spec.merge_mode,
+        "merge_weight": spec.merge_weight,
+        "qr_init": spec.qr_init,
+        "slices": state.slice_names,
+        "loss_matrix": state.loss_matrix,
+        "accuracy_matrix": state.accuracy_matrix,
+        "per_run": state.runs,
+        "device": device,
+        **series_metrics(state),
+    }
+    if state.runs:
+        metrics["final_loss"] = state.runs[-1]["final_loss"]
+    return JobResult(
+        status="succeeded",
+        kind=spec.kind,
+        metrics=metrics,
+        artifacts={
+            "adapter": str(adapter.resolve()),
+            "last_finetuned_adapter": str((series_dir / "finetuned" / f"run-{n_runs:03d}").resolve()),
+            "evaluation": str(state_path.resolve()),
+        },
+        loss_history=state.loss_history,
+    )
+
+
+def _fresh(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_run_adapter(folder: Path, device: str) -> tuple[slao.Adapter, dict[str, torch.Tensor]]:
+    factors, other, _ = slao.load_adapter(folder)
+    moved = {k: slao.LoraFactors(A=f.A.to(device), B=f.B.to(device)) for k, f in factors.items()}
+    return moved, {k: v.to(device) for k, v in other.items()}

@@ -1,0 +1,201 @@
+"""Job specifications: the contract between the server and the worker.
+
+A job folder holds ``spec.json`` (one of the models below, validated), ``events.jsonl``
+(see ``engine.events``) and, at the end, ``result.json`` (``JobResult``). This module imports
+only pydantic and the standard library, so the server can use it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from engine.files import atomic_write_text
+
+SPEC_FILE = "spec.json"
+EVENTS_FILE = "events.jsonl"
+RESULT_FILE = "result.json"
+CANCEL_FILE = "cancel.request"  # its presence asks the worker to checkpoint and stop
+WORKER_LOG = "worker.log"  # the worker's stderr (library warnings, tracebacks)
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class _Strict(BaseModel):
+    # A typo in a setting must be an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2*rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or 'all-linear' (every projection)"
+    )
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha if self.alpha is not None else 2.0 * self.rank) / self.rank
+
+
+class DatasetSettings(_Strict):
+    path: str = Field(description="JSONL/JSON/CSV/Parquet file, a saved `datasets` folder, or a hub name")
+    split: str | None = Field(None, description="split for hub datasets / saved DatasetDicts")
+    skip_bad_rows: bool = Field(False, description="skip malformed rows (reported) instead of refusing")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="fraction held out for evaluation")
+
+
+class TrainSettings(_Strict):
+    """Every field is optional: ``None`` means 'choose a smart default and report why'."""
+
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default from dataset size")
+    epochs: float | None = Field(None, gt=0, description="used when steps is not given")
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    micro_batch_size: int | None = Field(None, ge=1, le=1024)
+    gradient_accumulation: int | None = Field(None, ge=1, le=4096)
+    max_seq_length: int | None = Field(None, ge=16, le=131072)
+    packing: bool | None = Field(None, description="pack short examples (padding-free); default: on for GPU")
+    gradient_checkpointing: bool = True
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+
+
+class SafetySettings(_Strict):
+    pause_temperature_c: float = Field(85.0, description="pause between steps above this GPU temperature")
+    resume_temperature_c: float = Field(78.0, description="resume once the card has cooled to this")
+    emergency_temperature_c: float = Field(92.0, description="checkpoint and stop above this")
+    max_pause_s: float = Field(600.0, ge=0, description="give up (checkpoint, error) after pausing this long")
+
+
+Quantization = Literal["auto", "4bit", "16bit", "none"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+class _ModelJob(_Strict):
+    model: str = Field("tiny", description="preset name, local folder, or hub name")
+    quantization: Quantization = Field(
+        "auto", description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32"
+    )
+    device: DeviceChoice = "auto"
+    gpu_index: int = Field(0, ge=0)
+    use_unsloth: Literal["auto", "never", "require"] = "auto"
+    trust_remote_code: bool = False
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+
+
+class FinetuneSpec(_ModelJob):
+    kind: Literal["finetune"] = "finetune"
+    dataset: DatasetSettings
+
+
+MergeMode = Literal["slao", "sequential", "linear", "ties", "dare"]
+
+
+class SeriesSpec(_ModelJob):
+    """A multi-run SLAO series: N runs over successive slices (or one dataset per task)."""
+
+    kind: Literal["slao_series"] = "slao_series"
+    datasets: list[DatasetSettings] = Field(min_length=1, description="one dataset split into runs, or one per task")
+    num_runs: int | None = Field(None, ge=1, le=100, description="runs when one dataset is split; default len(datasets)")
+    samples_per_run: int | None = Field(None, ge=1)
+    steps_per_run: int | None = Field(None, ge=1)
+    merge_mode: MergeMode = "slao"
+    merge_weight: Literal["inv_sqrt", "inv"] = Field("inv_sqrt", description="lambda(i) = 1/sqrt(i) or 1/i")
+    qr_init: bool = Field(True, description="orthogonal A initialisation (the ablation turns it off)")
+    replay_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    ties_density: float = Field(0.5, gt=0.0, le=1.0)
+    dare_drop: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _runs(self) -> SeriesSpec:
+        if len(self.datasets) > 1 and self.num_runs not in (None, len(self.datasets)):
+            raise ValueError(
+                f"num_runs={self.num_runs} but {len(self.datasets)} datasets were given; "
+                "with several datasets there is one run per dataset, so leave num_runs out"
+            )
+        if len(self.datasets) == 1 and self.num_runs is None:
+            raise ValueError("a series over one dataset needs num_runs (how many slices to train in turn)")
+        return self
+
+
+ExportQuant = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"]
+
+
+class ExportSpec(_Strict):
+    kind: Literal["export"] = "export"
+    source: str = Field(description="a finished job's folder, or an adapter folder")
+    base_model: str | None = Field(None, description="base model; default: the one the source job trained")
+    quantizations: list[ExportQuant] = Field(default_factory=lambda: ["q4_k_m"], min_length=1)
+    adapter_gguf: bool = Field(False, description="also write the LoRA adapter as GGUF (for Ollama ADAPTER)")
+    verify: bool = True
+    register_ollama: bool = False
+    ollama_name: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,127}$")
+    ollama_host: str | None = None
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("quantizations")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+JobSpec = Annotated[Union[FinetuneSpec, SeriesSpec, ExportSpec], Field(discriminator="kind")]
+_JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+def parse_spec(data: dict[str, Any] | str) -> FinetuneSpec | SeriesSpec | ExportSpec:
+    """Validate a spec given as a dict or JSON text (raises pydantic.ValidationError)."""
+    if isinstance(data, str):
+        return _JOB_SPEC.validate_json(data)
+    return _JOB_SPEC.validate_python(data)
+
+
+def read_spec(job_dir: str | Path) -> FinetuneSpec | SeriesSpec | ExportSpec:
+    return parse_spec((Path(job_dir) / SPEC_FILE).read_text(encoding="utf-8"))
+
+
+def write_spec(job_dir: str | Path, spec: BaseModel) -> Path:
+    path = Path(job_dir) / SPEC_FILE
+    atomic_write_text(path, spec.model_dump_json(indent=2))
+    return path
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobResult(BaseModel):
+    """``result.json``: written once, atomically, when a job ends (success, failure or cancel)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    kind: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict, description="name -> absolute path")
+    loss_history: list[dict[str, float]] = Field(default_factory=list)
+    error: dict[str, str] | None = None
+
+
+def write_result(job_dir: str | Path, result: JobResult) -> Path:
+    path = Path(job_dir) / RESULT_FILE
+    atomic_write_text(path, result.model_dump_json(indent=2))
+    return path
+
+
+def read_result(job_dir: str | Path) -> JobResult | None:
+    path = Path(job_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    return JobResult.model_validate(json.loads(path.read_text(encoding="utf-8")))

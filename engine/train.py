@@ -1,0 +1,431 @@
+"""One LoRA / QLoRA fine-tune: the recipe, top to bottom.
+
+    data -> tokenizer -> tokenized examples -> smart defaults (refuse what won't fit)
+         -> base model (NF4 / 16-bit / fp32) -> LoRA -> training loop -> adapter
+
+The loop is our own rather than trl's SFTTrainer: it is short, and owning it lets us pack
+without padding, compute the loss without full logits (engine.loss), back off on CUDA OOM,
+pause for heat, and checkpoint/resume exactly. ``train_adapter`` is also the building block of
+a SLAO series (engine.series), which trains one adapter per run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import accel
+from engine.batching import IGNORE, StepPlan, collate, plan_steps
+from engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.data import Example, load_examples
+from engine.defaults import resolve_training
+from engine.events import EventWriter
+from engine.formatting import tokenize_example
+from engine.hardware import GpuMonitor, ThermalGuard
+from engine.loss import causal_lm_loss_sum
+from engine.models import load_for_training, load_tokenizer, model_shape
+from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult, LoraSettings, SafetySettings
+
+
+class JobCancelled(Exception):
+    """The user asked the job to stop (cancel.request); raised after a checkpoint was written."""
+
+
+class GpuOverheated(RuntimeError):
+    pass
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    dropped: int  # examples with no token to learn from after truncation
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+@dataclass
+class TrainOutcome:
+    steps_done: int
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    peak_memory_gib: float | None = None
+    micro_batch_size: int = 0
+    gradient_accumulation: int = 0
+    train_seconds: float = 0.0
+
+
+def pick_device(choice: str, gpu_index: int = 0) -> str:
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{gpu_index}"
+    if choice == "cuda":
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'")
+    return "cpu"
+
+
+def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
+    ids, labels, dropped = [], [], 0
+    for ex in examples:
+        t = tokenize_example(ex, tokenizer, max_seq_length)
+        # an example needs at least one labelled token after the first position to teach anything
+        if not any(v != IGNORE for v in t.labels[1:]):
+            dropped += 1
+            continue
+        ids.append(t.input_ids)
+        labels.append(t.labels)
+    return Tokenized(ids, labels, dropped)
+
+
+def add_lora(model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]) -> Any:
+    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if loaded_info.get("path") == "unsloth":
+        return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model.config.use_cache = False
+    return get_peft_model(model, config)
+
+
+def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _gpu_memory_gib(device: str) -> float | None:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return None
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    data: Tokenized,
+    resolved: Any,
+    *,
+    device: str,
+    events: EventWriter,
+    checkpoint_dir: Path | None = None,
+    cancel_check: Callable[[], bool] = lambda: False,
+    safety: SafetySettings | None = None,
+    gpu_index: int = 0,
+    progress_prefix: dict[str, Any] | None = None,
+) -> TrainOutcome:
+    """Train the LoRA parameters of ``model`` in place for ``resolved.steps`` optimizer steps.
+
+    Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one.
+    """
+    torch.manual_seed(resolved.seed)
+    random.seed(resolved.seed)
+    micro = resolved.micro_batch_size
+    rows_per_step = micro * resolved.gradient_accumulation
+    plan: StepPlan = plan_steps(
+        data.lengths,
+        max_seq_length=resolved.max_seq_length,
+        packing=resolved.packing,
+        rows_per_step=rows_per_step,
+        total_steps=resolved.steps,
+        seed=resolved.seed,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.startswith("cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=resolved.learning_rate, weight_decay=resolved.weight_decay, betas=(0.9, 0.999), fused=fused
+    )
+    scheduler = _scheduler(optimizer, resolved.lr_scheduler, resolved.warmup_steps, plan.total_steps)
+    outcome = TrainOutcome(steps_done=0)
+    start_step = 0
+    if checkpoint_dir is not None and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step = int(state["step"])
+        outcome.loss_history = list(state.get("loss_history", []))
+        micro = int(state.get("micro_batch_size", micro))
+        events.emit("log", message=f"resumed from checkpoint at step {start_step}", step=start_step)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    autocast_dtype = accel.autocast_dtype(model, device)
+    monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
+    guard = ThermalGuard(safety or SafetySettings())
+    prefix = progress_prefix or {}
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        path = save_checkpoint(
+            checkpoint_dir, step, model, optimizer, scheduler,
+            {"loss_history": outcome.loss_history, "micro_batch_size": micro},
+        )  # fmt: skip
+        events.emit("checkpoint", step=step, path=str(path))
+
+    model.train()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t_begin = time.perf_counter()
+    tokens_seen = 0
+    step = start_step
+    while step < plan.total_steps:
+        if cancel_check():
+            checkpoint(step)
+            raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
+        _wait_for_safe_temperature(monitor, guard, events, step, lambda s=step: checkpoint(s))
+        rows = plan.steps[step]
+        t0 = time.perf_counter()
+        try:
+            loss_value, real_tokens, grad_norm = _one_step(
+                model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
+            )
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if micro == 1:
+                raise RuntimeError(
+                    "CUDA out of memory at micro-batch 1: lower max_seq_length, use quantization '4bit', "
+                    "or a smaller model"
+                ) from None
+            micro //= 2
+            events.warning(
+                f"CUDA out of memory: micro-batch halved to {micro}, gradient accumulation doubled to "
+                f"{rows_per_step // micro} (same effective batch)",
+                micro_batch_size=micro,
+                gradient_accumulation=rows_per_step // micro,
+            )
+            continue
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens_seen += real_tokens
+        elapsed = time.perf_counter() - t_begin
+        tps = tokens_seen / elapsed if elapsed > 0 else 0.0
+        lr = scheduler.get_last_lr()[0]
+        outcome.loss_history.append({"step": step, "loss": loss_value, "lr": lr})
+        remaining = plan.total_steps - step
+        sample = monitor.sample() if monitor else None
+        events.emit(
+            "progress",
+            **prefix,
+            step=step,
+            total=plan.total_steps,
+            loss=round(loss_value, 6),
+            lr=lr,
+            grad_norm=round(grad_norm, 6),
+            tokens=real_tokens,
+            tokens_per_s=round(tps, 1),
+            step_s=round(dt, 4),
+            eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
+            gpu_memory_gib=_gpu_memory_gib(device),
+            gpu=sample,
+        )
+        if resolved.checkpoint_every and step % resolved.checkpoint_every == 0 and step < plan.total_steps:
+            checkpoint(step)
+    outcome.steps_done = step
+    outcome.train_seconds = time.perf_counter() - t_begin
+    outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
+    outcome.peak_memory_gib = _gpu_memory_gib(device)
+    outcome.micro_batch_size = micro
+    outcome.gradient_accumulation = rows_per_step // micro
+    return outcome
+
+
+def _one_step(
+    model: Any,
+    optimizer: Any,
+    rows: list[list[int]],
+    data: Tokenized,
+    micro: int,
+    pad_id: int,
+    device: str,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float,
+) -> tuple[float, int, float]:
+    """Forward/backward over the step's micro-batches, then one optimizer step.
+
+    The loss is the mean over every target token of the whole step (not a mean of per-micro-batch
+    means), so the result does not depend on how the step is cut into micro-batches.
+    """
+    batches = [
+        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id) for i in range(0, len(rows), micro)
+    ]
+    n_targets = sum(b.target_tokens for b in batches)
+    total = 0.0
+    for b in batches:
+        b = b.to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
+        (loss_sum / n_targets).backward()
+        total += float(loss_sum.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm
+
+
+def _wait_for_safe_temperature(
+    monitor: GpuMonitor | None, guard: ThermalGuard, events: EventWriter, step: int, checkpoint: Callable[[], None]
+) -> None:
+    """Pause between steps while the card is too hot; checkpoint and stop at the emergency line."""
+    if monitor is None:
+        return
+    paused_since: float | None = None
+    while True:
+        sample = monitor.sample()
+        decision = guard.check(sample)
+        if decision == "ok":
+            if paused_since is not None:
+                events.log(f"GPU cooled to {sample and sample.get('temperature_c')} C; resuming", step=step)
+            return
+        if decision == "emergency" or (paused_since is not None and time.time() - paused_since > guard.settings.max_pause_s):
+            checkpoint()
+            raise GpuOverheated(
+                f"GPU temperature {sample and sample.get('temperature_c')} C is past the safe limit; a checkpoint was "
+                "saved and the job stopped. Improve cooling or lower the load, then run the job again to resume."
+            )
+        if paused_since is None:
+            paused_since = time.time()
+            events.warning(
+                f"GPU at {sample and sample.get('temperature_c')} C: pausing between steps until it cools",
+                step=step,
+                gpu=sample,
+            )
+        time.sleep(5)
+
+
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
+    """Write a standard PEFT adapter folder atomically (temporary folder, then rename)."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def prepare_training(spec: Any, examples: list[Example], device: str, events: EventWriter) -> tuple[Any, Tokenized, Any]:
+    """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
+    events.emit("stage", name="tokenizing")
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    full = tokenize_all(examples, tokenizer, None)
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
+    free_gib = None
+    if device.startswith("cuda"):
+        free_b, _ = torch.cuda.mem_get_info(torch.device(device))
+        free_gib = free_b / 1024**3
+    resolved = resolve_training(
+        spec.train,
+        n_examples=len(full.input_ids),
+        token_lengths=full.lengths,
+        shape=shape,
+        quantization=spec.quantization,
+        lora_rank=spec.lora.rank,
+        device=device,
+        free_memory_gib=free_gib,
+        lora_targets=spec.lora.target_modules,
+        context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
+    )
+    for name, reason in resolved.reasons.items():
+        events.log(f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name))
+    data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
+    if data.dropped:
+        events.warning(
+            f"{data.dropped} examples had no trainable tokens within max_seq_length={resolved.max_seq_length} "
+            "and were left out",
+            dropped=data.dropped,
+        )
+    if not data.input_ids:
+        raise ValueError(
+            "no example has any token to learn from (all were empty or cut off by max_seq_length); "
+            "raise max_seq_length or check the dataset"
+        )
+    return tokenizer, data, resolved
+
+
+def run_finetune(spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
+    device = pick_device(spec.device, spec.gpu_index)
+    events.emit("stage", name="loading_data")
+    examples, report = load_examples(spec.dataset)
+    events.log(
+        f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
+        format=report.format,
+        rows=report.rows_ok,
+        skipped=report.skipped,
+    )
+    if report.skipped:
+        events.warning(f"skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped)
+    tokenizer, data, resolved = prepare_training(spec, examples, device, events)
+
+    events.emit("stage", name="loading_model", model=spec.model)
+    loaded = load_for_training(spec, device)
+    events.log(f"model loaded: {loaded.info}", **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))})
+    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
+    if speedups:
+        events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
+    model = add_lora(loaded.model, spec.lora, gradient_checkpointing=resolved.gradient_checkpointing, loaded_info=loaded.info)
+
+    events.emit("stage", name="training", total_steps=resolved.steps)
+    outcome = train_adapter(
+        model,
+        tokenizer,
+        data,
+        resolved,
+        device=device,
+        events=events,
+        checkpoint_dir=job_dir / CHECKPOINT_DIR,
+        cancel_check=cancel_check,
+        safety=spec.safety,
+        gpu_index=spec.gpu_index,
+    )
+    events.emit("stage", name="saving")
+    adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
+    losses = [h["loss"] for h in outcome.loss_history]
+    window = max(1, min(5, len(losses) // 4 or 1))
+    metrics = {
+        "steps": outcome.steps_done,
+        "first_loss": losses[0] if losses else math.nan,
+        "final_loss": losses[-1] if losses else math.nan,
+        "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
+        "tokens_per_s": round(outcome.tokens_per_s, 1),
+        "train_seconds": round(outcome.train_seconds, 2),
+        "peak_gpu_memory_gib": outcome.peak_memory_gib,
+        "micro_batch_size": outcome.micro_batch_size,
+        "gradient_accumulation": outcome.gradient_accumulation,
+        "max_seq_length": resolved.max_seq_length,
+        "learning_rate": resolved.learning_rate,
+        "packing": resolved.packing,
+        "device": device,
+        "model_path": loaded.info.get("path"),
+        "quantization": loaded.info.get("quantization"),
+        "examples": len(data.input_ids),
+    }
+    return JobResult(
+        status="succeeded",
+        kind=spec.kind,
+        metrics=metrics,
+        artifacts={"adapter": str(adapter.resolve())},
+        loss_history=outcome.loss_history,
+    )

@@ -1,0 +1,129 @@
+"""The worker: runs the job described by ``<job_dir>/spec.json`` and records it in the job folder.
+
+It waits for its device's lock (an OS file lock, released by the kernel even if the worker is
+killed), emits ``started``, dispatches on the spec's kind, and always ends the log with a
+``finished`` event and ``result.json`` — on failure after an ``error`` event that names the
+exception type and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from engine.events import EventWriter
+from engine.files import backprop_home
+from engine.models import privacy_environment
+from engine.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
+
+
+def device_lock_path(spec: Any) -> Path | None:
+    """One lock per training device: ``gpu-N`` on a GPU machine, ``cpu`` otherwise. Export takes none."""
+    if isinstance(spec, ExportSpec):
+        return None
+    from engine.hardware import probe_gpus
+
+    wants_gpu = spec.device != "cpu" and probe_gpus().available
+    name = f"gpu-{spec.gpu_index}" if wants_gpu else "cpu"
+    path = backprop_home() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _hint(exc: BaseException) -> str:
+    """A next step for the errors users meet most."""
+    name = type(exc).__name__
+    if name == "DatasetError":
+        return "Fix the rows listed (or set skip_bad_rows) and start the job again."
+    if name == "DoesNotFitError":
+        return "Lower micro_batch_size or max_seq_length, use quantization '4bit', or pick a smaller model."
+    if name in ("OutOfMemoryError",) or "out of memory" in str(exc).lower():
+        return "Lower max_seq_length or micro_batch_size, or use quantization '4bit'."
+    if isinstance(exc, (FileNotFoundError, OSError)):
+        return "Check that the paths and model names in the job's settings exist on this machine."
+    return f"See {Path('worker.log')} in the job folder for the full traceback."
+
+
+def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
+    """Run one job to its end. Returns the process exit code (0 succeeded, 1 failed, 2 cancelled)."""
+    job_dir = Path(job_dir).resolve()
+    privacy_environment()  # before anything imports huggingface_hub
+    events = EventWriter(job_dir / EVENTS_FILE)
+    cancel_file = job_dir / CANCEL_FILE
+
+    def cancel_requested() -> bool:
+        return cancel_file.exists()
+
+    kind = "unknown"
+    lock: FileLock | None = None
+    try:
+        spec = read_spec(job_dir)
+        kind = spec.kind
+        lock_path = device_lock_path(spec)
+        if lock_path is not None:
+            lock = FileLock(str(lock_path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                events.emit("queued", message=f"waiting for {lock_path.stem} (another job is training on it)")
+                while True:
+                    if cancel_requested():
+                        raise _Cancelled("cancelled while queued") from None
+                    try:
+                        lock.acquire(timeout=lock_poll_s)
+                        break
+                    except Timeout:
+                        continue
+        events.emit("started", kind=kind, pid=os.getpid(), device_lock=lock_path.stem if lock_path else None)
+        result = _dispatch(spec, job_dir, events, cancel_requested)
+        write_result(job_dir, result)
+        events.emit("finished", status=result.status, metrics=result.metrics, artifacts=result.artifacts)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
+        cancelled = type(exc).__name__ in ("JobCancelled", "_Cancelled") or isinstance(exc, KeyboardInterrupt)
+        traceback.print_exc(file=sys.stderr)
+        if cancelled:
+            result = JobResult(status="cancelled", kind=kind, error={"type": "Cancelled", "message": str(exc)})
+        else:
+            message = str(exc) or type(exc).__name__
+            error = {"type": type(exc).__name__, "message": message, "hint": _hint(exc)}
+            events.emit("error", **error)
+            result = JobResult(status="failed", kind=kind, error=error)
+        write_result(job_dir, result)
+        events.emit("finished", status=result.status, error=result.error)
+        return 2 if cancelled else 1
+    finally:
+        if lock is not None and lock.is_locked:
+            lock.release()
+        events.close()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
+    t0 = time.time()
+    if spec.kind == "finetune":
+        from engine.train import run_finetune
+
+        result = run_finetune(spec, job_dir, events, cancel_check)
+    elif spec.kind == "slao_series":
+        from engine.series import run_series
+
+        result = run_series(spec, job_dir, events, cancel_check)
+    elif spec.kind == "export":
+        from engine.export.run import run_export
+
+        result = run_export(spec, job_dir, events)
+    else:  # pragma: no cover - the spec union rules this out
+        raise ValueError(f"unknown job kind {spec.kind!r}")
+    result.metrics.setdefault("wall_seconds", round(time.time() - t0, 2))
+    return result

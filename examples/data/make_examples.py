@@ -1,0 +1,207 @@
+"""Write the example datasets in this folder (deterministic: run it again, get the same files).
+
+    python examples/data/make_examples.py
+
+Every file holds the same three learnable tasks in a different row format, so that a short
+LoRA run on the tiny model visibly lowers the loss:
+  - reverse a word            "Reverse the word: apple"        -> "elppa"
+  - add two numbers           "What is 17 + 25?"               -> "42"
+  - name a country's capital  "What is the capital of France?" -> "Paris"
+``broken/chat_bad_rows.jsonl`` shows what the dataset checker reports for malformed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROWS = {"chat": 160, "sharegpt": 120, "alpaca": 120, "prompt_completion": 120, "text": 150}
+
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "river",
+    "stone",
+    "bread",
+    "garden",
+    "market",
+    "window",
+    "pencil",
+    "yellow",
+    "orange",
+    "purple",
+    "silver",
+    "forest",
+    "island",
+    "candle",
+    "rocket",
+    "planet",
+    "winter",
+    "summer",
+    "autumn",
+    "spring",
+    "bottle",
+    "button",
+    "castle",
+    "dragon",
+    "flower",
+    "guitar",
+    "hammer",
+    "jacket",
+    "kettle",
+    "ladder",
+    "mirror",
+    "needle",
+    "pepper",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "violin",
+    "wallet",
+    "zipper",
+    "basket",
+    "cookie",
+    "dinner",
+    "engine",
+    "farmer",
+    "ginger",
+    "helmet",
+    "insect",
+]
+
+CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Turkey": "Ankara",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Belgium": "Brussels",
+}
+
+SYSTEM = "You are a concise assistant. Answer with the result only."
+
+
+def task(rng: random.Random) -> tuple[str, str, str, str]:
+    """One task instance: (chat question, alpaca instruction, alpaca input, answer)."""
+    kind = rng.choice(("reverse", "add", "capital"))
+    if kind == "reverse":
+        word = rng.choice(WORDS)
+        return f"Reverse the word: {word}", "Reverse the word.", word, word[::-1]
+    if kind == "add":
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        return f"What is {a} + {b}?", "Add the two numbers.", f"{a} + {b}", str(a + b)
+    country = rng.choice(sorted(CAPITALS))
+    return (
+        f"What is the capital of {country}?",
+        "Name the capital city of the country.",
+        country,
+        CAPITALS[country],
+    )
+
+
+def chat_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 0.2:
+            messages.append({"role": "system", "content": SYSTEM})
+        for _turn in range(2 if rng.random() < 0.15 else 1):  # some two-exchange conversations
+            question, _, _, answer = task(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def sharegpt_rows(rng: random.Random, n: int) -> list[dict]:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [
+        {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in row["messages"]]}
+        for row in chat_rows(rng, n)
+    ]
+
+
+def alpaca_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        question, instruction, given, answer = task(rng)
+        if rng.random() < 0.3:  # Alpaca rows without an input are common: the question says it all
+            rows.append({"instruction": question, "input": "", "output": answer})
+        else:
+            rows.append({"instruction": instruction, "input": given, "output": answer})
+    return rows
+
+
+def prompt_completion_rows(rng: random.Random, n: int) -> list[dict]:
+    return [{"prompt": q, "completion": a} for q, _, _, a in (task(rng) for _ in range(n))]
+
+
+def text_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        _, _, given, answer = task(rng)
+        if given in CAPITALS:
+            text = f"The capital of {given} is {answer}."
+        elif "+" in given:
+            text = f"{given} = {answer}."
+        else:
+            text = f"The word {given} reversed is {answer}."
+        rows.append({"text": text})
+    return rows
+
+
+BAD_ROWS = [
+    '{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}',
+    '{"messages": [{"role": "user", "content": "What is 3 + 3?"}, {"role": "assistant", "content": "6"}]',
+    '{"messages": [{"role": "user", "content": "Hello"}]}',
+    '{"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
+    '{"messages": []}',
+    '{"messages": [{"role": "user", "content": "Count"}, {"role": "assistant", "content": 3}]}',
+    '{"prompt": "What is 1 + 1?", "completion": "2"}',
+    '{"messages": [{"role": "user", "content": "What is 5 + 5?"}, {"role": "assistant", "content": "10"}]}',
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def main() -> None:
+    makers = {
+        "chat": chat_rows,
+        "sharegpt": sharegpt_rows,
+        "alpaca": alpaca_rows,
+        "prompt_completion": prompt_completion_rows,
+        "text": text_rows,
+    }
+    for seed, (name, make) in enumerate(makers.items()):
+        write_jsonl(HERE / f"{name}.jsonl", make(random.Random(seed), ROWS[name]))
+    (HERE / "broken").mkdir(exist_ok=True)
+    (HERE / "broken" / "chat_bad_rows.jsonl").write_text("\n".join(BAD_ROWS) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
