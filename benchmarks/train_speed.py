@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variable", action="store_true", help="also train on log-normal lengths with packing")
     p.add_argument("--batches", type=str, default="", help="extra engine micro-batch sizes to try, e.g. 8,16")
+    p.add_argument("--default-batch", action="store_true", help="also run with the smart default micro-batch")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
@@ -195,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         args.batch = b
         records.append(run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}") | {"data": info_b})
         args.batch = saved
+    if args.default_batch:
+        # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
+        records.append(
+            run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
+                       extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
+        )  # fmt: skip
     if args.variable:
         var = Path(args.workdir) / "variable.jsonl"
         # enough rows that packing fills every step of seq_len-token rows

@@ -17,6 +17,8 @@ Row formats (one per file, detected from the rows)
     ``alpaca``      ``{"instruction": str, "input": str (optional), "output": str}``
     ``prompt_completion``  ``{"prompt": str, "completion": str}``
     ``text``        ``{"text": str}``
+    ``tokens``      ``{"input_ids": [int, ...], "labels": [int, ...] (optional, -100 = no loss)}``:
+                    already tokenized for the model being trained (no template is applied)
     Other keys are ignored. Roles ``tool``/``function``/``ipython`` are refused: tool-calling
     conversations need tool-call structure that these formats do not carry, and silently
     dropping the turns would teach the model broken conversations.
@@ -41,9 +43,9 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from engine.spec import DatasetSettings
 
-ExampleKind = Literal["chat", "completion", "text"]
-RowFormat = Literal["chat", "sharegpt", "alpaca", "prompt_completion", "text"]
-FORMATS: tuple[RowFormat, ...] = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
+ExampleKind = Literal["chat", "completion", "text", "tokens"]
+RowFormat = Literal["chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"]
+FORMATS: tuple[RowFormat, ...] = ("chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens")
 
 ROLES = ("system", "user", "assistant")
 TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
@@ -70,6 +72,8 @@ class Example:
     prompt: str | None = None  # completion
     completion: str | None = None  # completion
     text: str | None = None  # text
+    input_ids: list[int] | None = None  # tokens
+    labels: list[int] | None = None  # tokens (None: loss on every token)
     source: str = ""  # "file.jsonl:12", for error messages
 
 
@@ -253,6 +257,8 @@ def _preview(ex: Example, limit: int = 200) -> dict[str, Any]:
 def _char_length(ex: Example) -> int:
     if ex.messages is not None:
         return sum(len(m["content"]) for m in ex.messages)
+    if ex.input_ids is not None:
+        return len(ex.input_ids)
     return len(ex.prompt or "") + len(ex.completion or "") + len(ex.text or "")
 
 
@@ -271,6 +277,8 @@ def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
         return "alpaca", None
     if "text" in present:
         return "text", None
+    if "input_ids" in present:
+        return "tokens", None
     keys = ", ".join(sorted(str(k) for k in row)) or "none"
     if present & {"chosen", "rejected"}:
         hint = "preference data (chosen/rejected) is for DPO-style training, which is not supported"
@@ -282,7 +290,7 @@ def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
 def _format_help() -> str:
     return (
         "each row needs one of: messages (chat), conversations (ShareGPT), "
-        "instruction+output (Alpaca), prompt+completion, or text"
+        "instruction+output (Alpaca), prompt+completion, text, or input_ids (pre-tokenized)"
     )
 
 
@@ -433,12 +441,31 @@ def _normalise_text(row: dict[str, Any], where: str) -> Example:
     return Example(kind="text", text=_text_field(row, "text"), source=where)
 
 
+def _token_list(row: dict[str, Any], key: str, *, allow_ignore: bool) -> list[int]:
+    value = _maybe_json_cell(row.get(key), key)
+    if not isinstance(value, list) or not value:
+        raise _BadRow(f"field '{key}' must be a non-empty list of token ids, got {_type_name(value)}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not (allow_ignore and v == -100)):
+            raise _BadRow(f"field '{key}' must hold non-negative integers{' or -100' if allow_ignore else ''}, found {v!r}")
+    return value
+
+
+def _normalise_tokens(row: dict[str, Any], where: str) -> Example:
+    ids = _token_list(row, "input_ids", allow_ignore=False)
+    labels = _token_list(row, "labels", allow_ignore=True) if row.get("labels") is not None else None
+    if labels is not None and len(labels) != len(ids):
+        raise _BadRow(f"'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; they must match")
+    return Example(kind="tokens", input_ids=ids, labels=labels, source=where)
+
+
 _NORMALISERS = {
     "chat": _normalise_chat,
     "sharegpt": _normalise_sharegpt,
     "alpaca": _normalise_alpaca,
     "prompt_completion": _normalise_prompt_completion,
     "text": _normalise_text,
+    "tokens": _normalise_tokens,
 }
 
 

@@ -73,7 +73,7 @@ class EventWriter:
                         g.write(b"\n")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the job
 
-    def emit(self, type: EventType, **data: Any) -> Event:
+    def emit(self, type: EventType, /, **data: Any) -> Event:
         self._seq += 1
         event = Event(seq=self._seq, time=time.time(), type=type, data=data)
         self._file.write(event.model_dump_json() + "\n")

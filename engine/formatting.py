@@ -72,7 +72,12 @@ def render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
 
 
 def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) -> TokenizedExample:
-    if ex.kind == "text":
+    if ex.kind == "tokens":  # pre-tokenized: taken as given
+        if ex.input_ids is None:
+            raise FormattingError(f"{ex.source}: a tokens example has no input_ids")
+        ids = list(ex.input_ids)
+        labels = list(ex.labels) if ex.labels is not None else list(ids)
+    elif ex.kind == "text":
         if ex.text is None:
             raise FormattingError(f"{ex.source}: a text example has no text")
         ids = _encode(tokenizer, ex.text, add_special_tokens=True)

@@ -60,7 +60,7 @@ class TrainSettings(_Strict):
     micro_batch_size: int | None = Field(None, ge=1, le=1024)
     gradient_accumulation: int | None = Field(None, ge=1, le=4096)
     max_seq_length: int | None = Field(None, ge=16, le=131072)
-    packing: bool | None = Field(None, description="pack short examples (padding-free); default: on for GPU")
+    packing: bool | None = Field(None, description="pack short examples into full rows (padding-free, attention kept per example); default on")
     gradient_checkpointing: bool = True
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -136,7 +136,7 @@ class ExportSpec(_Strict):
     kind: Literal["export"] = "export"
     source: str = Field(description="a finished job's folder, or an adapter folder")
     base_model: str | None = Field(None, description="base model; default: the one the source job trained")
-    quantizations: list[ExportQuant] = Field(default_factory=lambda: ["q4_k_m"], min_length=1)
+    quantizations: list[ExportQuant] = Field(default_factory=lambda: list[ExportQuant](["q4_k_m"]), min_length=1)
     adapter_gguf: bool = Field(False, description="also write the LoRA adapter as GGUF (for Ollama ADAPTER)")
     verify: bool = True
     register_ollama: bool = False

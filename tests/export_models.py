@@ -95,7 +95,6 @@ def build_model(cache: Path, family: str, tokenizer_dir: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
-    # initializer_range 0.1 (not 0.02): peaked logits, so argmax comparisons are meaningful.
     common = dict(
         hidden_size=256,
         intermediate_size=512,
@@ -104,7 +103,7 @@ def build_model(cache: Path, family: str, tokenizer_dir: Path) -> Path:
         num_key_value_heads=2,
         vocab_size=len(tok),
         max_position_embeddings=1024,
-        initializer_range=0.1,
+        initializer_range=0.02,  # transformers' default
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
@@ -112,6 +111,14 @@ def build_model(cache: Path, family: str, tokenizer_dir: Path) -> Path:
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    # Random models with a 150k vocabulary have near-tied logits everywhere, so an argmax check
+    # would measure noise. Unit-variance embeddings and an output matrix equal to the embedding
+    # (stored separately for Llama) give each position a decisive next token, as trained models
+    # usually have, while the random layers and the LoRA still change every logit.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        if family == "llama":
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
     tmp = cache / f".model-{family}.{os.getpid()}"
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))

@@ -62,12 +62,8 @@ WORDS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from engine.tiny import ensure_tiny_model
-
-    cache = os.environ.get("BACKPROP_TEST_CACHE")
-    root = Path(cache) / "models" if cache else tmp_path_factory.mktemp("models")
-    return ensure_tiny_model(root)
+def tiny_model(tiny_model_dir: Path) -> Path:  # conftest builds it once per session
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +83,6 @@ def task_files(tmp_path_factory) -> list[Path]:
                 f.write(json.dumps(row) + "\n")
         paths.append(path)
     return paths
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BACKPROP_HOME", str(tmp_path / "home"))
 
 
 def _spec(tiny_model: Path, files: list[Path], **overrides) -> SeriesSpec:
