@@ -47,7 +47,9 @@ ARCHS = {
         rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
 }  # fmt: skip
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def log(*msg: object) -> None:
@@ -94,7 +96,12 @@ def write_tokens(path: Path, vocab: int, rows: int, seq_len: int, variable: bool
                 n = max(16, min(seq_len, int(rng.lognormvariate(math.log(300), 0.9))))
             lengths.append(n)
             f.write(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(n)]}) + "\n")
-    return {"rows": rows, "tokens": sum(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)}
+    return {
+        "rows": rows,
+        "tokens": sum(lengths),
+        "median": sorted(lengths)[len(lengths) // 2],
+        "max": max(lengths),
+    }
 
 
 def run_baseline(script: Path, arch: str, args: argparse.Namespace, liger: bool) -> dict:
@@ -114,7 +121,15 @@ def run_baseline(script: Path, arch: str, args: argparse.Namespace, liger: bool)
     return json.loads(lines[-1])
 
 
-def run_engine(model_dir: Path, data: Path, args: argparse.Namespace, *, packing: bool, label: str, extra: dict | None = None) -> dict:
+def run_engine(
+    model_dir: Path,
+    data: Path,
+    args: argparse.Namespace,
+    *,
+    packing: bool,
+    label: str,
+    extra: dict | None = None,
+) -> dict:
     from engine.events import read_events
     from engine.jobs import create_job
     from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
@@ -133,7 +148,9 @@ def run_engine(model_dir: Path, data: Path, args: argparse.Namespace, *, packing
     log(f"engine [{label}]: python -m engine run {job_dir}")
     t0 = time.perf_counter()
     with open(job_dir / "worker.log", "wb") as err:
-        rc = subprocess.run([sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
+        ).returncode
     wall = time.perf_counter() - t0
     events, _ = read_events(job_dir / "events.jsonl")
     result = read_result(job_dir)
@@ -163,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="qwen2.5-7b")
     p.add_argument("--tiny", action="store_true", help="shrink to 2 layers / hidden 64 (CPU smoke test)")
-    p.add_argument("--baseline", type=Path, default=None, help="path to qlora_baseline.py (skipped if absent)")
+    p.add_argument(
+        "--baseline", type=Path, default=None, help="path to qlora_baseline.py (skipped if absent)"
+    )
     p.add_argument("--liger-baseline", action="store_true", help="also run the baseline with Liger kernels")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
@@ -183,18 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         records.append(run_baseline(args.baseline, args.arch, args, liger=False))
         if args.liger_baseline:
             records.append(run_baseline(args.baseline, args.arch, args, liger=True))
-    model_dir = write_random_model(args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}")
+    model_dir = write_random_model(
+        args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}"
+    )
     vocab = ARCHS[args.arch]["vocab_size"]
     rows = args.batch * (args.steps + args.warmup)
     fixed = Path(args.workdir) / "fixed.jsonl"
     info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
-    records.append(run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info})
+    records.append(
+        run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info}
+    )
     for b in [int(x) for x in args.batches.split(",") if x]:
         data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
         info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)
         saved = args.batch
         args.batch = b
-        records.append(run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}") | {"data": info_b})
+        records.append(
+            run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}")
+            | {"data": info_b}
+        )
         args.batch = saved
     if args.default_batch:
         # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
@@ -206,17 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         var = Path(args.workdir) / "variable.jsonl"
         # enough rows that packing fills every step of seq_len-token rows
         info_v = write_tokens(var, vocab, rows * args.seq_len // 250, args.seq_len, variable=True, seed=1)
-        records.append(run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v})
+        records.append(
+            run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v}
+        )
 
     if args.jsonl:
         with open(args.jsonl, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    base = next((r for r in records if r.get("variant", "").startswith("qlora") and not r.get("liger") and r.get("tokens_per_s")), None)
+    base = next(
+        (
+            r
+            for r in records
+            if r.get("variant", "").startswith("qlora") and not r.get("liger") and r.get("tokens_per_s")
+        ),
+        None,
+    )
     print(f"\n{'variant':<34} {'tokens/s':>10} {'peak GiB':>9} {'x speed':>8} {'x mem':>7}")
     for r in records:
         tps, mem = r.get("tokens_per_s"), r.get("peak_mem_gib")
-        name = r.get("variant", "?") + (" +liger" if r.get("liger") and "liger" not in r.get("variant", "") else "")
+        name = r.get("variant", "?") + (
+            " +liger" if r.get("liger") and "liger" not in r.get("variant", "") else ""
+        )
         sx = f"{tps / base['tokens_per_s']:.2f}" if base and tps else "-"
         mx = f"{mem / base['peak_mem_gib']:.2f}" if base and mem and base.get("peak_mem_gib") else "-"
         print(f"{name:<34} {tps or r.get('error', '-')!s:>10.10} {mem or '-'!s:>9.9} {sx:>8} {mx:>7}")

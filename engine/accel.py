@@ -27,7 +27,11 @@ def autocast_dtype(model: Any, device: str) -> torch.dtype | None:
     if not device.startswith("cuda"):
         return None
     index = torch.device(device).index or 0
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+    return (
+        torch.bfloat16
+        if torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(index)[0] >= 8
+        else torch.float16
+    )
 
 
 def liger_available() -> bool:
@@ -49,7 +53,14 @@ def apply_speedups(model: Any, device: str, info: dict[str, Any]) -> list[str]:
     if patch is None:
         return applied
     # Patch the instance (model=...) so other models in this process are untouched. The loss stays ours.
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    patch(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
+    )
     applied.append(f"liger-kernel ({family}: RoPE, RMSNorm, SwiGLU)")
     return applied
 

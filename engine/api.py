@@ -32,7 +32,9 @@ from engine.spec import (
 class JobFailed(RuntimeError):
     def __init__(self, result: JobResult, job_dir: Path):
         err = result.error or {}
-        super().__init__(f"{err.get('type', 'Error')}: {err.get('message', result.status)} (job folder: {job_dir})")
+        super().__init__(
+            f"{err.get('type', 'Error')}: {err.get('message', result.status)} (job folder: {job_dir})"
+        )
         self.result = result
         self.job_dir = job_dir
 
@@ -124,7 +126,10 @@ class Trainer:
             device=self.device,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
-            dataset=DatasetSettings(path=str(Path(data).resolve()) if Path(data).exists() else str(data), skip_bad_rows=skip_bad_rows),
+            dataset=DatasetSettings(
+                path=str(Path(data).resolve()) if Path(data).exists() else str(data),
+                skip_bad_rows=skip_bad_rows,
+            ),
         )
         return self._wrap(self._run(spec))
 
@@ -150,7 +155,9 @@ class Trainer:
             device=self.device,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
-            datasets=[DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths],
+            datasets=[
+                DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths
+            ],
             num_runs=num_runs,
             steps_per_run=steps_per_run,
             samples_per_run=samples_per_run,
@@ -185,7 +192,12 @@ class Trainer:
         )
         result = self._run(spec)
         return TrainResult(
-            job_dir=self._job_dir, adapter_path=None, metrics=result.metrics, loss_history=[], artifacts=result.artifacts, raw=result
+            job_dir=self._job_dir,
+            adapter_path=None,
+            metrics=result.metrics,
+            loss_history=[],
+            artifacts=result.artifacts,
+            raw=result,
         )
 
     def save(self, path: str | Path) -> Path:

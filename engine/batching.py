@@ -128,7 +128,7 @@ def collate(
     real = sum(len(r) for r in flat_ids)
     longest = max(len(r) for r in flat_ids)
     length = -(-longest // pad_to_multiple) * pad_to_multiple
-    for ids, pos, tgt in zip(flat_ids, flat_pos, flat_tgt):
+    for ids, pos, tgt in zip(flat_ids, flat_pos, flat_tgt, strict=True):
         pad = length - len(ids)
         ids.extend([pad_id] * pad)
         # Padding continues the last example's positions, so an unpacked batch stays one plain

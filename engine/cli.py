@@ -15,7 +15,9 @@ from typing import Any
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset (tiny, qwen2.5-7b, llama3.2-1b, ...), folder or hub name")
+    p.add_argument(
+        "--model", default="tiny", help="preset (tiny, qwen2.5-7b, llama3.2-1b, ...), folder or hub name"
+    )
     p.add_argument("--quantization", default="auto", choices=["auto", "4bit", "16bit", "none"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -24,20 +26,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="max sequence length (default: from the data)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: from free memory)")
     p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack short examples")
+    p.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack short examples"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
+    )
     p.add_argument("--json", action="store_true", help="print events as JSON lines instead of a progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backprop", description="Fine-tune open LLMs on your own GPU (QLoRA, SLAO, GGUF).")
+    parser = argparse.ArgumentParser(
+        prog="backprop", description="Fine-tune open LLMs on your own GPU (QLoRA, SLAO, GGUF)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="one LoRA/QLoRA fine-tune")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet file, saved datasets folder, or hub name")
+    p.add_argument(
+        "--data", required=True, help="JSONL/JSON/CSV/Parquet file, saved datasets folder, or hub name"
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--skip-bad-rows", action="store_true")
@@ -45,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("multi-run", help="a SLAO series: learn new data without forgetting the old")
     _add_model_args(p)
-    p.add_argument("--data", required=True, action="append", help="one dataset split into runs, or repeat per task")
+    p.add_argument(
+        "--data", required=True, action="append", help="one dataset split into runs, or repeat per task"
+    )
     p.add_argument("--num-runs", type=int, default=None)
     p.add_argument("--steps-per-run", type=int, default=None)
     p.add_argument("--samples-per-run", type=int, default=None)
@@ -55,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge, convert to GGUF, quantize, verify, register with Ollama")
     p.add_argument("source", help="a finished job's folder or id, or an adapter folder")
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--quantization", action="append", default=None, help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (repeatable)")
+    p.add_argument(
+        "--quantization",
+        action="append",
+        default=None,
+        help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (repeatable)",
+    )
     p.add_argument("--adapter-gguf", action="store_true", help="also write the LoRA adapter as GGUF")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--ollama", action="store_true", help="register the result with Ollama")
@@ -118,7 +135,17 @@ def _run_job(spec: Any, args: argparse.Namespace) -> int:
         shutil.copytree(result.artifacts["adapter"], args.output, dirs_exist_ok=True)
         print(f"adapter copied to {args.output}", file=sys.stderr)
     if not args.json:
-        print(json.dumps({"status": result.status, "metrics": result.metrics, "artifacts": result.artifacts, "error": result.error}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "status": result.status,
+                    "metrics": result.metrics,
+                    "artifacts": result.artifacts,
+                    "error": result.error,
+                },
+                indent=2,
+            )
+        )
     return 0 if result.status == "succeeded" else 1
 
 
@@ -168,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
                 train=S.TrainSettings(**_train_settings(args)),
-                datasets=[S.DatasetSettings(path=str(Path(d).resolve()) if Path(d).exists() else d) for d in args.data],
+                datasets=[
+                    S.DatasetSettings(path=str(Path(d).resolve()) if Path(d).exists() else d)
+                    for d in args.data
+                ],
                 num_runs=args.num_runs,
                 steps_per_run=args.steps_per_run,
                 samples_per_run=args.samples_per_run,
@@ -196,14 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from engine.oneshot import GenerateArgs, generate
 
-        out = generate(GenerateArgs(model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens))
+        out = generate(
+            GenerateArgs(
+                model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+            )
+        )
         print(out["text"])
         return 0
     if args.command == "gpu":
         from engine.hardware import probe_gpus
 
         probe = probe_gpus()
-        print(json.dumps(probe.to_dict() if hasattr(probe, "to_dict") else probe.__dict__, indent=2, default=str))
+        print(
+            json.dumps(
+                probe.to_dict() if hasattr(probe, "to_dict") else probe.__dict__, indent=2, default=str
+            )
+        )
         return 0
     return 2  # pragma: no cover
 

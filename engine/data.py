@@ -447,7 +447,9 @@ def _token_list(row: dict[str, Any], key: str, *, allow_ignore: bool) -> list[in
         raise _BadRow(f"field '{key}' must be a non-empty list of token ids, got {_type_name(value)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not (allow_ignore and v == -100)):
-            raise _BadRow(f"field '{key}' must hold non-negative integers{' or -100' if allow_ignore else ''}, found {v!r}")
+            raise _BadRow(
+                f"field '{key}' must hold non-negative integers{' or -100' if allow_ignore else ''}, found {v!r}"
+            )
     return value
 
 

@@ -73,5 +73,7 @@ def run_and_follow(job_dir: Path, on_event: Callable[[Event], None], poll_s: flo
     result = read_result(job_dir)
     if result is None:
         tail = (job_dir / WORKER_LOG).read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the worker exited with code {proc.returncode} without a result; its log ends with:\n{tail}")
+        raise RuntimeError(
+            f"the worker exited with code {proc.returncode} without a result; its log ends with:\n{tail}"
+        )
     return result

@@ -25,7 +25,9 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def chunked_lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunked_lm_loss_sum(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Sum of token cross-entropies over positions whose target is not IGNORE."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
@@ -63,11 +65,15 @@ def supports_hidden_state_loss(model: Any) -> bool:
     return hasattr(lm, "model") and head is not None and getattr(head, "bias", None) is None
 
 
-def causal_lm_loss_sum(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss_sum(
+    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Summed next-token loss for one micro-batch (targets already shifted, see engine.batching)."""
     if supports_hidden_state_loss(model):
         lm = _causal_lm(model)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return chunked_lm_loss_sum(out.last_hidden_state, lm.get_output_embeddings().weight, targets)
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )

@@ -84,7 +84,9 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
         if probe.gpus:
             free_gib = probe.gpus[0].memory_free_mb / 1024
     shape = model_shape(args.model, trust_remote_code=args.trust_remote_code)
-    train = TrainSettings(max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps)
+    train = TrainSettings(
+        max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps
+    )
     try:
         resolved = resolve_training(
             train,
@@ -152,7 +154,9 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
             top_p=None,
             top_k=None,
             max_time=args.max_time_s,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
         )
     new = out[0, inputs["input_ids"].shape[1] :]
     seconds = time.perf_counter() - t0

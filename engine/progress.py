@@ -24,16 +24,15 @@ class ProgressPrinter:
             return
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("[bold]train"),
+                TextColumn("[bold]progress"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(),
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=total, loss="-", tps="-")
+            self._task = self._progress.add_task("train", total=total, detail="")
         else:
             self._progress.update(self._task, total=total)
 
@@ -48,16 +47,25 @@ class ProgressPrinter:
             return
         d = event.data
         if event.type == "progress":
+            # training steps carry loss and tokens/s; export stages carry only step/total/item
+            detail = (
+                f"loss {d['loss']:.4f}  {d.get('tokens_per_s', 0):.0f} tok/s"
+                if "loss" in d
+                else str(d.get("item", ""))
+            )
             self._bar(int(d.get("total", 0)))
             if self._progress is not None:
-                self._progress.update(
-                    self._task, completed=d.get("step", 0), loss=f"{d.get('loss', 0):.4f}", tps=f"{d.get('tokens_per_s', 0):.0f}"
-                )
+                self._progress.update(self._task, completed=d.get("step", 0), detail=detail)
             elif d.get("step") == d.get("total") or int(d.get("step", 0)) % 10 == 0:
-                self._line(f"step {d.get('step')}/{d.get('total')}  loss {d.get('loss'):.4f}  {d.get('tokens_per_s')} tok/s")
+                self._line(f"step {d.get('step')}/{d.get('total')}  {detail}")
         elif event.type in ("log", "warning", "stage", "queued", "checkpoint", "run_finished"):
             text = d.get("message") or d.get("name") or d.get("path") or ""
-            prefix = {"warning": "warning: ", "stage": "== ", "queued": "queued: ", "checkpoint": "checkpoint: "}.get(event.type, "")
+            prefix = {
+                "warning": "warning: ",
+                "stage": "== ",
+                "queued": "queued: ",
+                "checkpoint": "checkpoint: ",
+            }.get(event.type, "")
             if event.type == "run_finished":
                 text = f"run {d.get('run')} finished: {d.get('metrics', '')}"
             self._line(f"{prefix}{text}")

@@ -60,7 +60,10 @@ class TrainSettings(_Strict):
     micro_batch_size: int | None = Field(None, ge=1, le=1024)
     gradient_accumulation: int | None = Field(None, ge=1, le=4096)
     max_seq_length: int | None = Field(None, ge=16, le=131072)
-    packing: bool | None = Field(None, description="pack short examples into full rows (padding-free, attention kept per example); default on")
+    packing: bool | None = Field(
+        None,
+        description="pack short examples into full rows (padding-free, attention kept per example); default on",
+    )
     gradient_checkpointing: bool = True
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -82,7 +85,8 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 class _ModelJob(_Strict):
     model: str = Field("tiny", description="preset name, local folder, or hub name")
     quantization: Quantization = Field(
-        "auto", description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32"
+        "auto",
+        description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32",
     )
     device: DeviceChoice = "auto"
     gpu_index: int = Field(0, ge=0)
@@ -105,8 +109,12 @@ class SeriesSpec(_ModelJob):
     """A multi-run SLAO series: N runs over successive slices (or one dataset per task)."""
 
     kind: Literal["slao_series"] = "slao_series"
-    datasets: list[DatasetSettings] = Field(min_length=1, description="one dataset split into runs, or one per task")
-    num_runs: int | None = Field(None, ge=1, le=100, description="runs when one dataset is split; default len(datasets)")
+    datasets: list[DatasetSettings] = Field(
+        min_length=1, description="one dataset split into runs, or one per task"
+    )
+    num_runs: int | None = Field(
+        None, ge=1, le=100, description="runs when one dataset is split; default len(datasets)"
+    )
     samples_per_run: int | None = Field(None, ge=1)
     steps_per_run: int | None = Field(None, ge=1)
     merge_mode: MergeMode = "slao"
@@ -136,7 +144,9 @@ class ExportSpec(_Strict):
     kind: Literal["export"] = "export"
     source: str = Field(description="a finished job's folder, or an adapter folder")
     base_model: str | None = Field(None, description="base model; default: the one the source job trained")
-    quantizations: list[ExportQuant] = Field(default_factory=lambda: list[ExportQuant](["q4_k_m"]), min_length=1)
+    quantizations: list[ExportQuant] = Field(
+        default_factory=lambda: list[ExportQuant](["q4_k_m"]), min_length=1
+    )
     adapter_gguf: bool = Field(False, description="also write the LoRA adapter as GGUF (for Ollama ADAPTER)")
     verify: bool = True
     register_ollama: bool = False

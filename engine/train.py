@@ -25,14 +25,22 @@ import torch
 from engine import accel
 from engine.batching import IGNORE, StepPlan, collate, plan_steps
 from engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.data import Example, load_examples
+from engine.data import Example, load_examples, split_for_eval
 from engine.defaults import resolve_training
 from engine.events import EventWriter
 from engine.formatting import tokenize_example
 from engine.hardware import GpuMonitor, ThermalGuard
 from engine.loss import causal_lm_loss_sum
 from engine.models import load_for_training, load_tokenizer, model_shape
-from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult, LoraSettings, SafetySettings
+from engine.spec import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    DatasetSettings,
+    FinetuneSpec,
+    JobResult,
+    LoraSettings,
+    SafetySettings,
+)
 
 
 class JobCancelled(Exception):
@@ -71,7 +79,9 @@ def pick_device(choice: str, gpu_index: int = 0) -> str:
     if torch.cuda.is_available():
         return f"cuda:{gpu_index}"
     if choice == "cuda":
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'")
+        raise RuntimeError(
+            "device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'"
+        )
     return "cpu"
 
 
@@ -88,7 +98,9 @@ def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | 
     return Tokenized(ids, labels, dropped)
 
 
-def add_lora(model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]) -> Any:
+def add_lora(
+    model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]
+) -> Any:
     """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -267,13 +279,16 @@ def _one_step(
     means), so the result does not depend on how the step is cut into micro-batches.
     """
     batches = [
-        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id) for i in range(0, len(rows), micro)
+        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
+        for i in range(0, len(rows), micro)
     ]
     n_targets = sum(b.target_tokens for b in batches)
     total = 0.0
     for b in batches:
         b = b.to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
             loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
         (loss_sum / n_targets).backward()
         total += float(loss_sum.detach())
@@ -285,7 +300,11 @@ def _one_step(
 
 
 def _wait_for_safe_temperature(
-    monitor: GpuMonitor | None, guard: ThermalGuard, events: EventWriter, step: int, checkpoint: Callable[[], None]
+    monitor: GpuMonitor | None,
+    guard: ThermalGuard,
+    events: EventWriter,
+    step: int,
+    checkpoint: Callable[[], None],
 ) -> None:
     """Pause between steps while the card is too hot; checkpoint and stop at the emergency line."""
     if monitor is None:
@@ -298,7 +317,9 @@ def _wait_for_safe_temperature(
             if paused_since is not None:
                 events.log(f"GPU cooled to {sample and sample.get('temperature_c')} C; resuming", step=step)
             return
-        if decision == "emergency" or (paused_since is not None and time.time() - paused_since > guard.settings.max_pause_s):
+        if decision == "emergency" or (
+            paused_since is not None and time.time() - paused_since > guard.settings.max_pause_s
+        ):
             checkpoint()
             raise GpuOverheated(
                 f"GPU temperature {sample and sample.get('temperature_c')} C is past the safe limit; a checkpoint was "
@@ -326,7 +347,9 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     return out_dir
 
 
-def prepare_training(spec: Any, examples: list[Example], device: str, events: EventWriter) -> tuple[Any, Tokenized, Any]:
+def prepare_training(
+    spec: Any, examples: list[Example], device: str, events: EventWriter
+) -> tuple[Any, Tokenized, Any]:
     """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
     events.emit("stage", name="tokenizing")
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
@@ -349,7 +372,9 @@ def prepare_training(spec: Any, examples: list[Example], device: str, events: Ev
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
     )
     for name, reason in resolved.reasons.items():
-        events.log(f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name))
+        events.log(
+            f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name)
+        )
     data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
     if data.dropped:
         events.warning(
@@ -365,10 +390,29 @@ def prepare_training(spec: Any, examples: list[Example], device: str, events: Ev
     return tokenizer, data, resolved
 
 
-def run_finetune(spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
-    device = pick_device(spec.device, spec.gpu_index)
-    events.emit("stage", name="loading_data")
-    examples, report = load_examples(spec.dataset)
+def evaluate_held_out(
+    model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
+) -> dict[str, float]:
+    """Loss on the held-out split's supervised tokens, and exact match where rows have an answer."""
+    if not examples:
+        return {}
+    from engine.evaluate import exact_match, heldout_loss, tokenize_heldout
+
+    events.emit("stage", name="evaluating", examples=len(examples))
+    held = tokenize_heldout(examples, tokenizer, max_seq_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
+    accuracy = exact_match(model, tokenizer, held, pad_id, device)
+    if accuracy is not None:
+        out["eval_exact_match"] = accuracy
+    events.log(f"held-out evaluation: {out}", **out)
+    return out
+
+
+def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
+    """Load and validate a dataset, recording its format, size and any skipped rows as events."""
+    examples, report = load_examples(settings)
     events.log(
         f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
         format=report.format,
@@ -376,16 +420,38 @@ def run_finetune(spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_
         skipped=report.skipped,
     )
     if report.skipped:
-        events.warning(f"skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped)
+        events.warning(
+            f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped
+        )
+    return examples
+
+
+def run_finetune(
+    spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
+) -> JobResult:
+    device = pick_device(spec.device, spec.gpu_index)
+    events.emit("stage", name="loading_data")
+    examples = load_dataset_logged(spec.dataset, events)
+    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
+    if held_out:
+        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
     events.emit("stage", name="loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
-    events.log(f"model loaded: {loaded.info}", **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))})
+    events.log(
+        f"model loaded: {loaded.info}",
+        **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
+    )
     speedups = accel.apply_speedups(loaded.model, device, loaded.info)
     if speedups:
         events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
-    model = add_lora(loaded.model, spec.lora, gradient_checkpointing=resolved.gradient_checkpointing, loaded_info=loaded.info)
+    model = add_lora(
+        loaded.model,
+        spec.lora,
+        gradient_checkpointing=resolved.gradient_checkpointing,
+        loaded_info=loaded.info,
+    )
 
     events.emit("stage", name="training", total_steps=resolved.steps)
     outcome = train_adapter(
@@ -400,6 +466,7 @@ def run_finetune(spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_
         safety=spec.safety,
         gpu_index=spec.gpu_index,
     )
+    eval_metrics = evaluate_held_out(model, tokenizer, held_out, resolved.max_seq_length, device, events)
     events.emit("stage", name="saving")
     adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
     losses = [h["loss"] for h in outcome.loss_history]
@@ -421,6 +488,7 @@ def run_finetune(spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_
         "model_path": loaded.info.get("path"),
         "quantization": loaded.info.get("quantization"),
         "examples": len(data.input_ids),
+        **eval_metrics,
     }
     return JobResult(
         status="succeeded",

@@ -90,7 +90,9 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         cancelled = type(exc).__name__ in ("JobCancelled", "_Cancelled") or isinstance(exc, KeyboardInterrupt)
         traceback.print_exc(file=sys.stderr)
         if cancelled:
-            result = JobResult(status="cancelled", kind=kind, error={"type": "Cancelled", "message": str(exc)})
+            result = JobResult(
+                status="cancelled", kind=kind, error={"type": "Cancelled", "message": str(exc)}
+            )
         else:
             message = str(exc) or type(exc).__name__
             error = {"type": type(exc).__name__, "message": message, "hint": _hint(exc)}

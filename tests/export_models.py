@@ -268,3 +268,68 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def read_gguf(path: Path) -> tuple[dict, dict]:
+    """Metadata and tensors of a GGUF file: ``{key: value}``, ``{name: (type, shape, bytes)}``.
+
+    A minimal reader for the tests: gguf.GGUFReader builds an object per array element and takes
+    ~20 s on a 150k-token vocabulary; this takes well under a second.
+    """
+    import struct
+
+    import gguf
+
+    data = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str):  # noqa: ANN202
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        s = data[pos : pos + n].decode("utf-8", errors="surrogateescape")
+        pos += n
+        return s
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(vtype: int):  # noqa: ANN202
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            sub, n = take("I"), take("Q")
+            return [value(sub) for _ in range(n)]
+        return take(scalar[vtype])
+
+    assert data[:4] == b"GGUF"
+    pos = 4
+    _version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        key = string()
+        kv[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, dims, take("I"), take("Q")))
+    align = int(kv.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    ends = sorted(off for *_, off in infos) + [len(data) - start]
+    tensors = {}
+    for name, dims, ttype, off in infos:
+        nxt = min(e for e in ends if e > off) if any(e > off for e in ends) else len(data) - start
+        qtype = gguf.GGMLQuantizationType(ttype)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        n = 1
+        for d in dims:
+            n *= d
+        nbytes = n // block * size
+        assert nbytes <= nxt - off
+        tensors[name] = (qtype.name, dims, data[start + off : start + off + nbytes])
+    return kv, tensors

@@ -23,12 +23,21 @@ CHAT = ROOT / "examples" / "data" / "chat.jsonl"
 
 def _run_worker(job_dir: Path, timeout: float = 600) -> int:
     return subprocess.run(
-        [sys.executable, "-m", "engine", "run", str(job_dir)], cwd=ROOT, timeout=timeout, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "engine", "run", str(job_dir)],
+        cwd=ROOT,
+        timeout=timeout,
+        stderr=subprocess.DEVNULL,
     ).returncode
 
 
 def _spec(tiny_model_dir: Path, data: Path = CHAT, **train: object) -> FinetuneSpec:
-    settings = {"learning_rate": 3e-3, "micro_batch_size": 4, "gradient_accumulation": 1, "max_seq_length": 128, **train}
+    settings = {
+        "learning_rate": 3e-3,
+        "micro_batch_size": 4,
+        "gradient_accumulation": 1,
+        "max_seq_length": 128,
+        **train,
+    }
     return FinetuneSpec(
         model=str(tiny_model_dir),
         lora=LoraSettings(rank=8),
@@ -76,7 +85,9 @@ def test_chunked_loss_equals_full_cross_entropy_with_gradients():
     )
     ref.backward()
     assert torch.allclose(ours, ref, rtol=1e-5)
-    assert torch.allclose(g_ours[0], hidden.grad, atol=1e-5) and torch.allclose(g_ours[1], weight.grad, atol=1e-5)
+    assert torch.allclose(g_ours[0], hidden.grad, atol=1e-5) and torch.allclose(
+        g_ours[1], weight.grad, atol=1e-5
+    )
 
 
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):
@@ -89,7 +100,10 @@ def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):
     labels = [list(x) for x in ids]
     batch = collate([[0, 1], [2, 3]], ids, labels, pad_id=0)
     with torch.no_grad():
-        packed = causal_lm_loss_sum(model, batch.input_ids, batch.position_ids, batch.targets) / batch.target_tokens
+        packed = (
+            causal_lm_loss_sum(model, batch.input_ids, batch.position_ids, batch.targets)
+            / batch.target_tokens
+        )
         per = [model(input_ids=torch.tensor([x]), labels=torch.tensor([x])).loss * (len(x) - 1) for x in ids]
     reference = sum(per) / sum(len(x) - 1 for x in ids)
     assert abs(float(packed) - float(reference)) < 1e-4
@@ -116,7 +130,9 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
     def fresh():
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        return get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
 
     model = fresh()
     with EventWriter(tmp_path / "events.jsonl") as ev:
@@ -176,7 +192,9 @@ def test_job_trains_learns_and_writes_a_well_formed_log(tiny_model_dir, tmp_path
 
 def test_cancelled_job_resumes_from_its_checkpoint_to_the_same_step_count(tiny_model_dir, tmp_path):
     job_dir = create_job(_spec(tiny_model_dir, steps=16, checkpoint_every=4), root=tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "run", str(job_dir)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "run", str(job_dir)], cwd=ROOT, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         steps = [e.data["step"] for e in read_events(job_dir / "events.jsonl")[0] if e.type == "progress"]
@@ -186,7 +204,9 @@ def test_cancelled_job_resumes_from_its_checkpoint_to_the_same_step_count(tiny_m
         time.sleep(0.05)
     assert proc.wait(timeout=300) == 2
     assert read_result(job_dir).status == "cancelled"
-    stopped_at = max(e.data["step"] for e in read_events(job_dir / "events.jsonl")[0] if e.type == "checkpoint")
+    stopped_at = max(
+        e.data["step"] for e in read_events(job_dir / "events.jsonl")[0] if e.type == "checkpoint"
+    )
     assert 5 <= stopped_at < 16
 
     (job_dir / "cancel.request").unlink()
@@ -210,7 +230,9 @@ def test_four_bit_path_trains_a_step_on_cpu(tiny_model_dir, tmp_path):
 
 def test_bad_dataset_fails_with_an_actionable_error_event(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n')
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n'
+    )
     job_dir = create_job(_spec(tiny_model_dir, data=bad, steps=2), root=tmp_path)
     assert _run_worker(job_dir) == 1
     events, _ = read_events(job_dir / "events.jsonl")
@@ -236,5 +258,7 @@ def test_cli_help_does_not_import_the_ml_stack():
     code = "import sys, engine.cli; engine.cli.build_parser(); print(sorted(m for m in ('torch','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
-    help_text = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert "multi-run" in help_text.stdout and "export" in help_text.stdout

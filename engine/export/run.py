@@ -206,7 +206,10 @@ def _run(
     check_cancel()
 
     shipped = [q for q in spec.quantizations if q in files]
-    main_quant = next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
+    # The file Ollama gets: q4_k_m when made (Ollama's usual default), else the first quantized one.
+    main_quant = (
+        "q4_k_m" if "q4_k_m" in shipped else next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
+    )
     return _ollama_stage(spec, source, files[main_quant], model_name, events, metrics, artifacts)
 
 
@@ -281,7 +284,8 @@ def _ollama_stage(
     artifacts["modelfile"] = str(modelfile)
     metrics["ollama_model"] = model_name
     metrics["ollama_create"] = f"ollama create {model_name} -f {modelfile}"
-    result = JobResult(status="succeeded", kind="export", metrics=metrics, artifacts=artifacts)
+    status: Any = "succeeded"
+    error = None
     if spec.register_ollama:
         try:
             reg = register(
@@ -291,9 +295,10 @@ def _ollama_stage(
             metrics["ollama_registered_via"] = reg.method
             events.log(f"registered with Ollama: {reg.run_command}")
         except OllamaError as e:
-            result.status = "failed"
-            result.error = {"type": "OllamaUnavailable", "message": str(e)}
+            status = "failed"
+            error = {"type": "OllamaUnavailable", "message": str(e)}
     else:
         metrics["ollama_run"] = f"ollama run {model_name}"
     done()
-    return result
+    # built last: JobResult copies the dicts it is given
+    return JobResult(status=status, kind="export", metrics=metrics, artifacts=artifacts, error=error)
