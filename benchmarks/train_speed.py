@@ -171,7 +171,7 @@ def run_engine(
         final_loss=result.metrics.get("final_loss"),
         losses=[round(p["loss"], 4) for p in progress],
         speedups=[e.data.get("speedups") for e in events if e.type == "log" and e.data.get("speedups")],
-        path=result.metrics.get("model_path"),
+        backend=result.metrics.get("backend"),
     )
     return rec
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variable", action="store_true", help="also train on log-normal lengths with packing")
     p.add_argument("--batches", type=str, default="", help="extra engine micro-batch sizes to try, e.g. 8,16")
     p.add_argument("--default-batch", action="store_true", help="also run with the smart default micro-batch")
+    p.add_argument("--skip-fixed", action="store_true", help="skip the fixed micro-batch engine run")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
@@ -209,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.batch * (args.steps + args.warmup)
     fixed = Path(args.workdir) / "fixed.jsonl"
     info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
-    records.append(
-        run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info}
-    )
+    if not args.skip_fixed:
+        records.append(
+            run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info}
+        )
     for b in [int(x) for x in args.batches.split(",") if x]:
         data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
         info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)

@@ -485,7 +485,7 @@ def run_finetune(
         "learning_rate": resolved.learning_rate,
         "packing": resolved.packing,
         "device": device,
-        "model_path": loaded.info.get("path"),
+        "backend": loaded.info.get("path"),
         "quantization": loaded.info.get("quantization"),
         "examples": len(data.input_ids),
         **eval_metrics,

@@ -262,3 +262,43 @@ def test_cli_help_does_not_import_the_ml_stack():
         [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert "multi-run" in help_text.stdout and "export" in help_text.stdout
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """CUDA OOM cannot happen on a CPU, so the first step raises it (simulated); the rest is real."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import engine.train as train_module
+    from engine.events import EventWriter
+
+    real_step = train_module._one_step
+    seen: list[int] = []
+
+    def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest):
+        seen.append(micro)
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(model, optimizer, rows, data, micro, *rest)
+
+    monkeypatch.setattr(train_module, "_one_step", step_that_runs_out_of_memory_once)
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(10, 200, (16,), generator=g).tolist() for _ in range(8)]
+
+    class R:
+        steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
+        micro_batch_size, gradient_accumulation, max_seq_length, packing = 4, 1, 16, False
+        weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, None
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with EventWriter(tmp_path / "events.jsonl") as ev:
+        out = train_module.train_adapter(
+            model, _Tok(), train_module.Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
+        )
+    assert seen == [4, 2, 2]
+    assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2
+    warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
+    assert "micro-batch halved to 2" in warnings[0].data["message"]
