@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # Two readings of one process's start time can differ by clock rounding (psutil derives it from
 # boot time + jiffies on Linux), never by a whole second for the same process.
-_START_TIME_TOLERANCE_S = 0.5
+START_TIME_TOLERANCE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _same_process(identity: ProcessIdentity) -> psutil.Process | None:
 
     try:
         proc = psutil.Process(identity.pid)
-        if abs(proc.create_time() - identity.start_time) > _START_TIME_TOLERANCE_S:
+        if abs(proc.create_time() - identity.start_time) > START_TIME_TOLERANCE_S:
             return None  # the pid now belongs to another process
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None  # exited, waiting for its parent to reap it

@@ -128,6 +128,19 @@ class JobStore:
                 (pid, start_time, time.time(), job_id),
             )
 
+    def adopt_process(self, job_id: str, pid: int, start_time: float) -> bool:
+        """Record a worker found by its own ``started`` event, only while the job has no pid yet.
+
+        Returns whether the row was updated: a pid already stored (by the spawning server, or by
+        another server adopting first) is never overwritten.
+        """
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE jobs SET pid = ?, pid_start_time = ?, updated_at = ? WHERE id = ? AND pid IS NULL",
+                (pid, start_time, time.time(), job_id),
+            )
+            return cur.rowcount > 0
+
     def mark_cancel_requested(self, job_id: str) -> None:
         with self._connect() as db:
             db.execute(

@@ -163,6 +163,7 @@ class Supervisor:
             fresh = tail.poll()
         if record.is_terminal:
             return Refresh(record, len(fresh), False)
+        record = self._adopt_worker(record, tail)
         exit_code = self._reap(record.id)
         state, error = self._derive_state(record, tail, exit_code)
         now = time.time()
@@ -175,9 +176,33 @@ class Supervisor:
         )
         if changed:
             log.info("job %s is now %s%s", record.id, state, f" ({error})" if error else "")
-            # A final state may have raced with another server: read back what the store holds.
-        updated = self.store.get(record.id) if changed or fresh else record
+        # Always read back what the store holds, never return ``record`` as it was passed in: it
+        # may predate a transition made meanwhile by another thread of this server (the watcher
+        # polls the same tail, so this call then sees no new events and changes nothing) or by
+        # another server, and a final state may have raced with another server.
+        updated = self.store.get(record.id)
         return Refresh(updated or record, len(fresh), changed)
+
+    def _adopt_worker(self, record: JobRecord, tail: JobTail) -> JobRecord:
+        """Take the worker's pid from its ``started`` event when the store has none.
+
+        The spawning server stores the pid right after the spawn; killed in between, it leaves a
+        job whose worker runs unknown to the store. The worker names itself in ``started``; its
+        pid is adopted only if that process began between the job's creation and that event
+        (a pid reused by an unrelated process started at another time is not).
+        """
+        if record.pid is not None or tail.started is None:
+            return record
+        pid, said_at = tail.started.get("pid"), tail.started.get("time")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(said_at, (int, float)):
+            return record
+        start = procs.process_start_time(pid)
+        tolerance = procs.START_TIME_TOLERANCE_S
+        if start is None or not (record.created_at - tolerance <= start <= said_at + tolerance):
+            return record
+        if self.store.adopt_process(record.id, pid, start):
+            log.info("job %s: following its worker (pid %d) named by its started event", record.id, pid)
+        return self.store.get(record.id) or record
 
     def _derive_state(
         self, record: JobRecord, tail: JobTail, exit_code: int | None

@@ -22,7 +22,7 @@ _LIGER_PATCHES = {
 }
 
 
-def autocast_dtype(model: Any, device: str) -> torch.dtype | None:
+def autocast_dtype(device: str) -> torch.dtype | None:
     """bf16 autocast on GPUs that have it (fp16 otherwise); none on the CPU, which trains in fp32."""
     if not device.startswith("cuda"):
         return None

@@ -67,7 +67,7 @@ def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: in
 def _autocast(device: str) -> Any:
     from engine import accel
 
-    dtype = accel.autocast_dtype(None, device)
+    dtype = accel.autocast_dtype(device)
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
 
 

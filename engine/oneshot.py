@@ -122,7 +122,6 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
     import torch
 
     from engine.formatting import render_prompt
-    from engine.models import load_tokenizer
     from engine.train import pick_device
 
     if not args.prompt and not args.messages:
@@ -142,7 +141,6 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
         text = render_prompt(messages, tokenizer)
     else:  # a base model without a chat template: plain continuation
         text = "\n".join(m["content"] for m in messages)
-        tokenizer = tokenizer or load_tokenizer(args.model)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -102,10 +102,10 @@ def add_lora(
     model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]
 ) -> Any:
     """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
+    if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
+        return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if loaded_info.get("path") == "unsloth":
-        return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -179,7 +179,7 @@ def train_adapter(
         events.emit("log", message=f"resumed from checkpoint at step {start_step}", step=start_step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    autocast_dtype = accel.autocast_dtype(model, device)
+    autocast_dtype = accel.autocast_dtype(device)
     monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
     guard = ThermalGuard(safety or SafetySettings())
     prefix = progress_prefix or {}

@@ -23,8 +23,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 from mcp.types import ResourceUpdatedNotification, TextContent
 
+from backprop_mcp import procs
 from backprop_mcp.server import build_server
 from backprop_mcp.store import JobStore
+from backprop_mcp.supervisor import Supervisor, worker_env
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
 MODES = ["legacy", "auto"]
@@ -182,15 +184,17 @@ async def test_resource_updates_reach_a_legacy_subscriber(home: Path, dataset: P
         if isinstance(message, ResourceUpdatedNotification):
             updates.append(str(message.params.uri))
 
+    # The job runs for several seconds so that it still changes after the subscription is made,
+    # even on a loaded machine where the subscribe call itself can take a while.
     async with Client(
-        make_server(home, steps=5, step_s=0.1), mode="legacy", message_handler=on_message
+        make_server(home, steps=50, step_s=0.1), mode="legacy", message_handler=on_message
     ) as client:
         caps = client.server_capabilities
         assert caps.resources is not None and caps.resources.subscribe
+        await client.session.subscribe_resource("backprop://jobs")
         started = structured(await client.call_tool("start_finetune", {"dataset_path": str(dataset)}))
         uri = started["resource_uri"]
         await client.session.subscribe_resource(uri)
-        await client.session.subscribe_resource("backprop://jobs")
         await wait_until_done(client, started["job_id"])
         with anyio.fail_after(10):
             while uri not in updates or "backprop://jobs" not in updates:
@@ -546,3 +550,81 @@ async def test_two_servers_sharing_a_state_folder_agree(home: Path, dataset: Pat
         assert by_second["state"] == by_first["state"] == "succeeded"
         assert by_second["artifacts"] == by_first["artifacts"]
     assert JobStore(home / "jobs.sqlite3").integrity_ok()
+
+
+def _job_without_pid(home: Path) -> tuple[JobStore, Supervisor, Path]:
+    """A job row as a server killed between spawning its worker and storing the pid leaves it."""
+    store = JobStore(home / "jobs.sqlite3")
+    supervisor = Supervisor(home, store, worker_command=standin())
+    job_dir = home / "jobs" / "finetune-test"
+    job_dir.mkdir(parents=True)
+    (job_dir / "spec.json").write_text(json.dumps({"kind": "finetune"}))
+    store.create("finetune-test", "finetune", job_dir, "")
+    return store, supervisor, job_dir
+
+
+def _wait_for_event(job_dir: Path, kind: str) -> dict[str, Any]:
+    events = job_dir / "events.jsonl"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        for line in events.read_text().splitlines() if events.exists() else []:
+            event = json.loads(line)
+            if event["type"] == kind:
+                return event
+        time.sleep(0.05)
+    raise AssertionError(f"the worker never emitted {kind!r}")
+
+
+def test_refresh_answers_what_the_store_holds_not_the_record_it_was_given(home: Path) -> None:
+    """list_jobs reads a record, the watcher thread moves the job to running and folds its events
+    first: refreshing the older record must still answer running (it once answered queued)."""
+    store, supervisor, job_dir = _job_without_pid(home)
+    proc, identity = procs.spawn_detached(
+        [*standin(steps=1, step_s=60), str(job_dir)],
+        cwd=job_dir,
+        stderr_path=job_dir / "worker.log",
+        env=worker_env(home),
+    )
+    try:
+        store.set_process("finetune-test", identity.pid, identity.start_time)
+        _wait_for_event(job_dir, "stage")  # then nothing more for a while: its first step takes 60 s
+        stale = store.get("finetune-test")
+        assert stale is not None and stale.state == "queued"
+        assert supervisor.refresh(store.get("finetune-test")).record.state == "running"  # type: ignore[arg-type]
+        assert supervisor.refresh(stale).record.state == "running"
+    finally:
+        procs.kill_tree(identity)
+        proc.wait()
+
+
+def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: Path) -> None:
+    store, supervisor, job_dir = _job_without_pid(home)
+    proc, identity = procs.spawn_detached(
+        [*standin(steps=200, step_s=0.05), str(job_dir)],
+        cwd=job_dir,
+        stderr_path=job_dir / "worker.log",
+        env=worker_env(home),
+    )
+    try:
+        started = _wait_for_event(job_dir, "started")
+        assert started["data"]["pid"] == identity.pid
+        record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+        assert record.state == "running" and record.pid == identity.pid
+        assert record.pid_start_time is not None
+        assert abs(record.pid_start_time - identity.start_time) <= procs.START_TIME_TOLERANCE_S
+    finally:
+        procs.kill_tree(identity)
+        proc.wait()
+    # Once adopted, the worker is followed like any other: gone without a result, the job failed.
+    record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+    assert record.state == "failed" and "ended without finishing" in (record.error or "")
+
+
+def test_a_started_event_naming_an_older_process_is_not_adopted(home: Path) -> None:
+    """A pid that began before the job was created is not its worker (e.g. a reused pid)."""
+    from engine.events import EventWriter
+
+    store, supervisor, job_dir = _job_without_pid(home)
+    EventWriter(job_dir / "events.jsonl").emit("started", kind="finetune", pid=os.getpid())
+    record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+    assert record.pid is None and record.state == "queued"  # still within the spawn grace

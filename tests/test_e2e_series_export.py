@@ -1,0 +1,90 @@
+"""A SLAO series and its export, end to end with the real engine: the MCP tools start real workers
+(``python -m engine run``) on the tiny model, the series fills its evaluation matrix, and the merged
+adapter it delivers is exported to a GGUF file that llama.cpp loads and that passes the parity
+check. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from backprop_mcp.server import build_server
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+async def wait_for_end(client: Client, job_id: str) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+    for _ in range(40):  # each call waits at most 45 s
+        status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
+        if status["state"] not in ("queued", "running"):
+            break
+    return status
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_series_through_the_mcp_tool_then_its_merged_adapter_exports_to_gguf(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("llama_cpp")
+    data = tmp_path / "words.jsonl"
+    words = ["red", "green", "blue", "cyan", "pink", "gold", "teal", "gray", "navy", "lime", "rose", "sand"]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+        for w in words
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+
+    async with Client(build_server(tmp_path / "home")) as client:
+        series = structured(
+            await client.call_tool(
+                "run_slao_series",
+                {
+                    "dataset_paths": [str(data)],
+                    "model": str(tiny_model_dir),
+                    "num_runs": 3,
+                    "steps_per_run": 2,
+                    "device": "cpu",
+                    "lora_rank": 4,
+                    "heldout_fraction": 0.25,
+                },
+            )
+        )
+        status = await wait_for_end(client, series["job_id"])
+        assert status["state"] == "succeeded", status
+        result = json.loads((Path(status["job_dir"]) / "result.json").read_text())
+        loss_matrix = result["metrics"]["loss_matrix"]
+        assert len(loss_matrix) == 3
+        assert all(row[i] is not None for t, row in enumerate(loss_matrix) for i in range(t + 1))
+        assert (Path(result["artifacts"]["adapter"]) / "adapter_config.json").exists()
+
+        export = structured(
+            await client.call_tool("export_gguf", {"job_id": series["job_id"], "quantizations": ["f16"]})
+        )
+        status = await wait_for_end(client, export["job_id"])
+        assert status["state"] == "succeeded", status
+        gguf = Path(status["artifacts"]["gguf_f16"])
+        parity = json.loads((Path(status["job_dir"]) / "result.json").read_text())["metrics"]["parity"]["f16"]
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=64, verbose=False)
+    try:
+        assert llm.n_vocab() >= 1000
+    finally:
+        llm.close()
+    assert parity["passed"] is True, parity
