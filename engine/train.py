@@ -210,7 +210,7 @@ def train_adapter(
             loss_value, real_tokens, grad_norm = _one_step(
                 model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
             )
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             if micro == 1:
