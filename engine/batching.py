@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from engine.formatting import IGNORE_INDEX as IGNORE
 
 
 @dataclass

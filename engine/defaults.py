@@ -392,7 +392,8 @@ def _round_up(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-def _percentile(values: list[int], pct: float) -> float:
+def percentile(values: list[int], pct: float) -> float:
+    """Linear-interpolated percentile (pct in 0..100)."""
     ordered = sorted(values)
     k = (len(ordered) - 1) * pct / 100.0
     lo, hi = math.floor(k), math.ceil(k)
@@ -476,7 +477,7 @@ def resolve_training(
         max_seq = train.max_seq_length
         reasons["max_seq_length"] = "given"
     else:
-        p99 = _percentile(token_lengths, 99)
+        p99 = percentile(token_lengths, 99)
         max_seq = max(64, _round_up(p99, 64))
         reasons["max_seq_length"] = (
             f"99th percentile of example lengths is {p99:.0f} tokens (longest {longest}), rounded up to a multiple of 64"

@@ -20,6 +20,11 @@ from engine.events import Event, read_events
 from engine.files import backprop_home
 from engine.spec import CANCEL_FILE, EVENTS_FILE, WORKER_LOG, JobResult, read_result, write_spec
 
+
+class JobCancelled(Exception):
+    """The user asked the job to stop (``cancel.request``); raised at a safe point (after a checkpoint)."""
+
+
 _KIND_PREFIX = {"finetune": "ft", "slao_series": "slao", "export": "exp"}
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from engine.batching import IGNORE
+
 _CHUNK_BYTES = 256 * 1024**2  # float32 logits of one chunk
 
 

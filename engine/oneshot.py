@@ -8,7 +8,6 @@ the CLI and the Python API call the same functions in-process.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -45,13 +44,6 @@ class GenerateArgs(BaseModel):
     trust_remote_code: bool = False
 
 
-def _percentile(values: list[int], q: float) -> int:
-    if not values:
-        return 0
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
 def check_data(args: CheckDataArgs) -> dict[str, Any]:
     from engine.data import load_examples
     from engine.spec import DatasetSettings, TrainSettings
@@ -62,7 +54,7 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True, "report": report.to_dict()}
     if not examples:
         return out
-    from engine.defaults import estimate_memory, resolve_training
+    from engine.defaults import estimate_memory, percentile, resolve_training
     from engine.models import load_tokenizer, model_shape
 
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -71,8 +63,8 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
         "examples": len(lengths),
         "total": sum(lengths),
         "min": min(lengths),
-        "median": _percentile(lengths, 0.5),
-        "p95": _percentile(lengths, 0.95),
+        "median": round(percentile(lengths, 50)),
+        "p95": round(percentile(lengths, 95)),
         "max": max(lengths),
     }
     device = pick_device(args.device)

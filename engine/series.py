@@ -318,9 +318,9 @@ def run_series(
     """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
     from engine import accel
     from engine.hardware import GpuMonitor, ThermalGuard
+    from engine.jobs import JobCancelled
     from engine.models import load_for_training
     from engine.train import (
-        JobCancelled,
         add_lora,
         pick_device,
         prepare_training,

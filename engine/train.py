@@ -30,6 +30,7 @@ from engine.defaults import resolve_training
 from engine.events import EventWriter
 from engine.formatting import tokenize_example
 from engine.hardware import GpuMonitor, ThermalGuard
+from engine.jobs import JobCancelled
 from engine.loss import causal_lm_loss_sum
 from engine.models import load_for_training, load_tokenizer, model_shape
 from engine.spec import (
@@ -41,10 +42,6 @@ from engine.spec import (
     LoraSettings,
     SafetySettings,
 )
-
-
-class JobCancelled(Exception):
-    """The user asked the job to stop (cancel.request); raised after a checkpoint was written."""
 
 
 class GpuOverheated(RuntimeError):

@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 
 from engine.events import EventWriter
 from engine.files import backprop_home
+from engine.jobs import JobCancelled
 from engine.models import privacy_environment
 from engine.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
 
@@ -75,7 +76,7 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
                 events.emit("queued", message=f"waiting for {lock_path.stem} (another job is training on it)")
                 while True:
                     if cancel_requested():
-                        raise _Cancelled("cancelled while queued") from None
+                        raise JobCancelled("cancelled while queued") from None
                     try:
                         lock.acquire(timeout=lock_poll_s)
                         break
@@ -87,7 +88,7 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         events.emit("finished", status=result.status, metrics=result.metrics, artifacts=result.artifacts)
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
-        cancelled = type(exc).__name__ in ("JobCancelled", "_Cancelled") or isinstance(exc, KeyboardInterrupt)
+        cancelled = isinstance(exc, (JobCancelled, KeyboardInterrupt))
         traceback.print_exc(file=sys.stderr)
         if cancelled:
             result = JobResult(
@@ -107,10 +108,6 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         events.close()
 
 
-class _Cancelled(Exception):
-    pass
-
-
 def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
     t0 = time.time()
     if spec.kind == "finetune":
@@ -124,7 +121,7 @@ def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Calla
     elif spec.kind == "export":
         from engine.export.run import run_export
 
-        result = run_export(spec, job_dir, events)
+        result = run_export(spec, job_dir, events, cancel_check)
     else:  # pragma: no cover - the spec union rules this out
         raise ValueError(f"unknown job kind {spec.kind!r}")
     result.metrics.setdefault("wall_seconds", round(time.time() - t0, 2))

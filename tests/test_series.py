@@ -254,7 +254,7 @@ def _load(path: Path) -> list[Example]:
 
 
 def test_interrupted_series_resumes_from_the_last_finished_run(tmp_path, tiny_model, task_files):
-    from engine.train import JobCancelled
+    from engine.jobs import JobCancelled
 
     spec = _spec(tiny_model, task_files, merge_mode="linear")
     job = tmp_path / "job"

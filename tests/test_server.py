@@ -563,6 +563,16 @@ def _job_without_pid(home: Path) -> tuple[JobStore, Supervisor, Path]:
     return store, supervisor, job_dir
 
 
+def _spawn_standin(home: Path, job_dir: Path, *, steps: int, step_s: float) -> tuple[Any, Any]:
+    """Start the stand-in worker on ``job_dir`` as the supervisor would, without telling the store."""
+    return procs.spawn_detached(
+        [*standin(steps=steps, step_s=step_s), str(job_dir)],
+        cwd=job_dir,
+        stderr_path=job_dir / "worker.log",
+        env=worker_env(home),
+    )
+
+
 def _wait_for_event(job_dir: Path, kind: str) -> dict[str, Any]:
     events = job_dir / "events.jsonl"
     deadline = time.time() + 30
@@ -579,12 +589,7 @@ def test_refresh_answers_what_the_store_holds_not_the_record_it_was_given(home: 
     """list_jobs reads a record, the watcher thread moves the job to running and folds its events
     first: refreshing the older record must still answer running (it once answered queued)."""
     store, supervisor, job_dir = _job_without_pid(home)
-    proc, identity = procs.spawn_detached(
-        [*standin(steps=1, step_s=60), str(job_dir)],
-        cwd=job_dir,
-        stderr_path=job_dir / "worker.log",
-        env=worker_env(home),
-    )
+    proc, identity = _spawn_standin(home, job_dir, steps=1, step_s=60)
     try:
         store.set_process("finetune-test", identity.pid, identity.start_time)
         _wait_for_event(job_dir, "stage")  # then nothing more for a while: its first step takes 60 s
@@ -599,12 +604,7 @@ def test_refresh_answers_what_the_store_holds_not_the_record_it_was_given(home: 
 
 def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: Path) -> None:
     store, supervisor, job_dir = _job_without_pid(home)
-    proc, identity = procs.spawn_detached(
-        [*standin(steps=200, step_s=0.05), str(job_dir)],
-        cwd=job_dir,
-        stderr_path=job_dir / "worker.log",
-        env=worker_env(home),
-    )
+    proc, identity = _spawn_standin(home, job_dir, steps=200, step_s=0.05)
     try:
         started = _wait_for_event(job_dir, "started")
         assert started["data"]["pid"] == identity.pid

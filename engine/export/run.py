@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import EventWriter
-from engine.spec import CANCEL_FILE, ExportSpec, JobResult
+from engine.jobs import JobCancelled
+from engine.spec import ExportSpec, JobResult
 
 GGUF_DIR = "gguf"
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def human_size(n: int) -> str:
@@ -44,19 +41,21 @@ def _progress(events: EventWriter, stage: str) -> Callable[[int, int, str], None
     return report
 
 
-def run_export(spec: ExportSpec, job_dir: Path, events: EventWriter) -> JobResult:
+def run_export(
+    spec: ExportSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
+) -> JobResult:
     """Run an export job (the worker calls this for kind "export")."""
     job_dir = Path(job_dir)
 
     def check_cancel() -> None:
-        if (job_dir / CANCEL_FILE).exists():
-            raise _Cancelled("export cancelled between stages")
+        if cancel_check():
+            raise JobCancelled("export cancelled between stages")
 
     metrics: dict[str, Any] = {"stage_seconds": {}}
     artifacts: dict[str, str] = {}
     try:
         return _run(spec, job_dir, events, metrics, artifacts, check_cancel)
-    except _Cancelled as e:
+    except JobCancelled as e:  # a result of its own: the files made so far are kept and listed
         return JobResult(
             status="cancelled",
             kind="export",
