@@ -109,9 +109,19 @@ class Runner:
     def run(self, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
         futures: list[Future] = [self.pool.submit(run_unit, u) for u in units]
         out = []
-        for f in futures:
-            res = f.result()
+        for u, f in zip(units, futures, strict=True):
+            try:
+                res = f.result()
+            except Exception as exc:  # one failed unit (or a dead worker) must not lose the others
+                res = {
+                    "regime": u["regime"].name,
+                    "kind": u["kind"],
+                    "seed": u["seed"],
+                    "skipped": f"error: {exc!r}",
+                }
             out.append(res)
+            if "skipped" not in res:
+                self.log(f"  done {report.unit_name(res)} in {res['seconds']:.0f} s")
             self.results["units"].append(res)
             if "skipped" in res:
                 self.log(f"  skipped {report.unit_name(res)}: {res['skipped']}")
@@ -191,8 +201,9 @@ def _main(runner: Runner, cfg: Config, args: argparse.Namespace, regimes: list) 
     n_rows = cfg.pretrain_steps * cfg.pretrain_batch
     chunk = max(1000, n_rows // (4 * args.workers))
     jobs = [(min(chunk, n_rows - k), k // chunk) for k in range(0, n_rows, chunk)]
+    chunks = [runner.pool.submit(_rows_chunk, j) for j in jobs]
     warm = [runner.pool.submit(_warm, k) for k in range(args.workers)]
-    rows = torch.cat([f.result() for f in [runner.pool.submit(_rows_chunk, j) for j in jobs]]).long()
+    rows = torch.cat([f.result() for f in chunks]).long()
     log(f"pretraining corpus: {rows.shape[0]:,} rows × 128 tokens")
     # 2. pretraining
     base, res["pretrain_steps"] = pretrain(cfg, rows, args.device, log, args.pretrain_budget_s)
