@@ -170,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-task", type=int)
     p.add_argument("--lr", type=float, help="skip the calibration and use this lr (main regime)")
     p.add_argument("--no-control", action="store_true", help="run the main regime only")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     p.add_argument("--json", help="write every R matrix, diagnostic and log line here")
+    p.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="tables over the units of earlier runs' --json"
+    )
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.json)
     t_start = time.time()
     cfg = Config()
     if args.smoke:
@@ -252,14 +258,14 @@ def _main(runner: Runner, cfg: Config, args: argparse.Namespace, regimes: list) 
         ):
             args.orders = args.orders[:1]  # not even one seed with both orders fits: keep one order
     res["counts"] = {
-        "seeds": list(range(n_seeds)),
+        "seeds": list(range(args.first_seed, args.first_seed + n_seeds)),
         "orders": args.orders,
         "regimes": [r.name for r in regimes],
     }
     log(f"running {n_seeds} seed(s) × {len(args.orders)} order(s) × {len(regimes)} regime(s); "
         f"{remaining:.0f} s left")  # fmt: skip
     units = []
-    for seed in range(n_seeds):
+    for seed in range(args.first_seed, args.first_seed + n_seeds):
         units += units_for_seed(runner, seed, lr, (step_s or 0.0) * args.workers, regimes)
     runner.run(units)
     # 5. analysis
@@ -267,6 +273,26 @@ def _main(runner: Runner, cfg: Config, args: argparse.Namespace, regimes: list) 
     runner.save()
     print(report.render(res, cfg), flush=True)
     log("done")
+    return 0
+
+
+def combine(paths: list[str], out: str | None) -> int:
+    """One analysis over several runs (e.g. seeds run in separate calls), each of which pretrained
+    the same base from the same seed: their probe scores must agree within 0.01."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    first = runs[0]
+    for path, run in zip(paths, runs, strict=True):
+        off = max(abs(run["probes"][k] - first["probes"][k]) for k in first["probes"])
+        if off > 0.01:
+            print(f"warning: {path}'s base probes differ from {paths[0]}'s by up to {off:.3f} (> 0.01)")
+    config = {**first["config"], "tasks": tuple(first["config"]["tasks"])}
+    cfg = Config(**config)
+    res = {**first, "units": [u for run in runs for u in run["units"]], "combined_from": paths}
+    regimes = [r for r in (MAIN, CONTROL) if r.name in first["counts"]["regimes"]]
+    res["analysis"] = report.analyse(res, cfg, regimes)
+    print(report.render(res, cfg))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1), encoding="utf-8")
     return 0
 
 
