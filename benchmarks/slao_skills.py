@@ -43,8 +43,11 @@ calibration the script measures its own throughput and runs as many seeds (both 
 fit, and reports the counts it used. ``--smoke`` is the CPU check that everything runs offline
 (hidden 128, 4 layers, 4 tasks, 1 seed, 1 order, short pretraining): its numbers are not claims.
 
-    python benchmarks/slao_skills.py --smoke
-    python benchmarks/slao_skills.py --device cuda --workers 15 --budget-s 470 --json out.json
+    python benchmarks/slao_skills.py --smoke          # CPU, offline: that it runs end to end
+    # the design on one H200, one seed per 10-minute call (6,000 pretraining steps ≈ 230 s there):
+    python benchmarks/slao_skills.py --device cuda --workers 15 --seeds 1 --first-seed 0 \
+        --pretrain-budget-s 240 --budget-s 520 --json seed0.json
+    python benchmarks/slao_skills.py --combine seed0.json seed1.json seed2.json
 """
 
 from __future__ import annotations
