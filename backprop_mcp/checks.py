@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from backprop_mcp.models import DatasetCheck, TokenStats
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
+from engine.files import quoted
 from engine.spec import FinetuneSpec, SeriesSpec
 
 
@@ -37,13 +38,13 @@ def dataset_problems(path: str, skip_bad_rows: bool) -> list[str]:
     try:
         report = inspect_dataset(path)
     except Exception as exc:
-        raise ToolError(f"dataset {path}: {exc}") from exc
+        raise ToolError(f"dataset {quoted(path)}: {exc}") from exc
     problems = list(getattr(report, "problems", []) or [])
     rows_ok = int(getattr(report, "rows_ok", 0))
     if rows_ok == 0:
         first = "; ".join(f"line {p.line}: {p.message}" for p in problems[:5])
         raise ToolError(
-            f"dataset {path} has no usable rows{(': ' + first) if first else ''}. Each line must be a JSON object "
+            f"dataset {quoted(path)} has no usable rows{(': ' + first) if first else ''}. Each line must be a JSON object "
             'like {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}, '
             '{"prompt": ..., "completion": ...} or {"text": ...}. Fix the file, then call check_dataset.'
         )
@@ -51,7 +52,7 @@ def dataset_problems(path: str, skip_bad_rows: bool) -> list[str]:
         listed = "; ".join(f"{Path(p.file).name}:{p.line}: {p.message}" for p in problems[:8])
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise ToolError(
-            f"dataset {path} has {len(problems)} bad row(s): {listed}{more}. Fix them, or pass skip_bad_rows=true "
+            f"dataset {quoted(path)} has {len(problems)} bad row(s): {listed}{more}. Fix them, or pass skip_bad_rows=true "
             f"to train on the {rows_ok} good rows."
         )
     return [f"{len(problems)} bad row(s) will be skipped"] if problems else []
@@ -69,7 +70,7 @@ def check_model(model: str) -> str:
             (folder / "config.json").exists() or (folder / "adapter_config.json").exists()
         ):
             raise ToolError(
-                f"model: {folder} is not a model folder (no config.json). Give a folder saved with "
+                f"model: {quoted(folder)} is not a model folder (no config.json). Give a folder saved with "
                 "save_pretrained, a preset name such as 'tiny', or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct'."
             )
         return str(folder)
@@ -83,7 +84,7 @@ def check_model(model: str) -> str:
             # Most likely a typo of a preset; a real hub model without an owner (e.g. 'gpt2') has no
             # close preset name and passes through to the worker.
             raise ToolError(
-                f"model {model!r} is not a preset; did you mean {' or '.join(repr(c) for c in close)}? "
+                f"model {quoted(model, 80)} is not a preset; did you mean {' or '.join(repr(c) for c in close)}? "
                 f"Presets: {', '.join(PRESETS)}. A hub model is named 'owner/name'."
             )
     return model

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.defaults import ModelShape, StorageDtype, estimate_memory, storage_dtype
+from engine.files import PathError, checked_path, path_kind, quoted, user_path
 
 
 class ModelError(ValueError):
@@ -284,9 +285,13 @@ def resolve_model(name: str) -> ResolvedModel:
             path = ensure_tiny_model()
             return ResolvedModel(name, "preset", str(path), preset=preset, local_path=path)
         return ResolvedModel(name, "preset", preset.hf_id, preset=preset)
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_file():
+    try:  # by type, before anything opens it
+        path = user_path(name, "model")
+        kind = path_kind(path, "model")
+    except PathError as exc:
+        raise ModelError(str(exc)) from None
+    if kind is not None:
+        if kind == "file":
             hint = (
                 " GGUF files are for inference (llama.cpp, Ollama); training needs the Hugging Face checkpoint."
                 if path.suffix.lower() == ".gguf"
@@ -297,7 +302,7 @@ def resolve_model(name: str) -> ResolvedModel:
         return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
     if _looks_like_path(name):
         raise ModelError(
-            f"no folder {name!r} on this machine (resolved to {str(path.resolve())!r}). Check the path, or give a "
+            f"no folder {quoted(name)} on this machine (resolved to {quoted(path.resolve())}). Check the path, or give a "
             f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
         )
     if "/" not in name:
@@ -655,9 +660,12 @@ def load_for_inference(
             raise _hub_error(resolved, exc, "weights") from exc
         raise
     if adapter:
-        adapter_path = Path(adapter).expanduser()
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
+        try:
+            adapter_path = checked_path(adapter, "adapter", expect="dir")
+        except PathError as exc:
+            raise ModelError(str(exc)) from None
+        if path_kind(adapter_path / "adapter_config.json", "adapter") != "file":
+            raise ModelError(f"{quoted(adapter)} is not a LoRA adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
