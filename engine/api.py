@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.files import local_or_name
 from engine.jobs import create_job, run_and_follow
 from engine.progress import ProgressPrinter
 from engine.spec import (
@@ -127,7 +128,7 @@ class Trainer:
             lora=self.lora,
             train=self._train_settings(settings),
             dataset=DatasetSettings(
-                path=str(Path(data).resolve()) if Path(data).exists() else str(data),
+                path=local_or_name(data),
                 skip_bad_rows=skip_bad_rows,
             ),
         )
@@ -155,9 +156,7 @@ class Trainer:
             device=self.device,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
-            datasets=[
-                DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths
-            ],
+            datasets=[DatasetSettings(path=local_or_name(p)) for p in paths],
             num_runs=num_runs,
             steps_per_run=steps_per_run,
             samples_per_run=samples_per_run,

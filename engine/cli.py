@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.files import local_or_name
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
+            data = local_or_name(args.data)
             spec = S.FinetuneSpec(
                 model=args.model,
                 quantization=args.quantization,
@@ -195,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
                 train=S.TrainSettings(**_train_settings(args)),
-                datasets=[
-                    S.DatasetSettings(path=str(Path(d).resolve()) if Path(d).exists() else d)
-                    for d in args.data
-                ],
+                datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],
                 num_runs=args.num_runs,
                 steps_per_run=args.steps_per_run,
                 samples_per_run=args.samples_per_run,

@@ -149,6 +149,19 @@ def checked_path(text: str | os.PathLike[str], what: str, *, expect: str = "any"
         raise PathError(f"{what}: {quoted(p)} cannot be resolved ({exc}).") from exc
 
 
+def local_or_name(text: str | os.PathLike[str]) -> str:
+    """The absolute path when ``text`` names an existing file or folder, else ``text`` unchanged.
+
+    For entry points that accept "a path or a hub name" (CLI, Python API): it never raises, and an
+    unusable path (a FIFO, a name too long) is left for the loader's own check to explain.
+    """
+    try:
+        p = user_path(text, "path")
+        return str(p.resolve()) if path_kind(p, "path") else os.fspath(text)
+    except (PathError, OSError, RuntimeError):
+        return os.fspath(text)
+
+
 def missing_message(path: Path, what: str) -> str:
     hint = ""
     if "$" in str(path):

@@ -393,3 +393,15 @@ async def test_an_unexpected_exception_names_its_type_not_just_the_tool() -> Non
         result = await client.call_tool("crash", {"n": 5000})
     text = " ".join(c.text for c in result.content if isinstance(c, TextContent))
     assert result.is_error and "KeyError" in text and len(text) < 800, text
+
+
+def test_cli_and_api_paths_never_crash_on_a_bad_name(tmp_path: Path) -> None:
+    from engine.files import local_or_name
+
+    fifo = tmp_path / "f.jsonl"
+    os.mkfifo(fifo)
+    long = str(tmp_path / ("n" * 300))
+    assert local_or_name(long) == long  # left for the loader to explain, not an OSError here
+    assert local_or_name(str(fifo)) == str(fifo)
+    assert local_or_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert local_or_name(str(tmp_path / "." / "")) == str(tmp_path.resolve())
