@@ -15,6 +15,7 @@ from typing import Any
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ValidationError
 
+from backprop_mcp.limits import MAX_INSPECT_BYTES
 from backprop_mcp.models import DatasetCheck, TokenStats
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
 from engine.files import quoted
@@ -35,6 +36,9 @@ def dataset_problems(path: str, skip_bad_rows: bool) -> list[str]:
         from engine.data import inspect_dataset
     except ImportError:  # the engine's data module is part of the same package; keep going without it
         return ["the dataset's rows will be checked by the worker"]
+    if os.path.isfile(path) and os.path.getsize(path) > MAX_INSPECT_BYTES:
+        # Reading it all here would hold the call (and the server's memory) too long.
+        return [f"the dataset is over {MAX_INSPECT_BYTES >> 20} MiB: its rows will be checked by the worker"]
     try:
         report = inspect_dataset(path)
     except Exception as exc:

@@ -39,6 +39,7 @@ def call_engine(command: str, args: dict[str, Any], *, timeout_s: float, home: A
             capture_output=True,
             timeout=timeout_s,
             env=worker_env(home),
+            cwd=home,  # like a worker: a relative name never resolves against the server's folder
             check=False,
         )
     except subprocess.TimeoutExpired as exc:

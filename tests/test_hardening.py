@@ -405,3 +405,17 @@ def test_cli_and_api_paths_never_crash_on_a_bad_name(tmp_path: Path) -> None:
     assert local_or_name(str(fifo)) == str(fifo)
     assert local_or_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert local_or_name(str(tmp_path / "." / "")) == str(tmp_path.resolve())
+
+
+@pytest.mark.anyio
+async def test_a_huge_dataset_is_left_to_the_worker_not_read_in_the_call(home: Path, tmp_path: Path) -> None:
+    from backprop_mcp.limits import MAX_INSPECT_BYTES
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:  # sparse: takes no disk space, but reading it would take minutes
+        f.truncate(MAX_INSPECT_BYTES + 1)
+    async with Client(server(home)) as client:
+        with anyio.fail_after(CALL_BOUND_S):
+            result = await client.call_tool("start_finetune", {"dataset_path": str(big), "device": "cpu"})
+    assert not result.is_error, result.content
+    assert any("checked by the worker" in note for note in result.structured_content["notes"])
