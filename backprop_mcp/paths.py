@@ -105,6 +105,27 @@ def resolve_readable(path: str, what: str, *, allow_dir: bool = True) -> Path:
     return resolved
 
 
+def resolve_writable_dir(path: str, what: str) -> Path:
+    """A folder to write into (an ``output_dir``), inside the file policy: existing, or new in an existing folder."""
+    p = _expand(path, what)
+    policy = current_policy()
+    resolved = policy.check(p, what)
+    try:
+        kind = path_kind(resolved, what)
+        parent = path_kind(resolved.parent, what) if kind is None else "dir"
+    except PathError as exc:
+        raise ToolError(str(exc)) from None
+    if kind == "file":
+        raise ToolError(f"{what}: {quoted(p)} is a file; give a folder to write into.")
+    if parent != "dir":
+        raise ToolError(
+            f"{what}: the folder {quoted(p.parent)} does not exist; create it first or choose an existing folder."
+        )
+    if not os.access(resolved if kind else resolved.parent, os.W_OK | os.X_OK):
+        raise ToolError(f"{what}: {quoted(p)} is not writable by this server's user; choose another folder.")
+    return resolved
+
+
 def resolve_under(root: Path, path: str, what: str) -> Path:
     """A path that must stay inside ``root`` after resolving symlinks (outputs, job folders)."""
     p = _expand(path, what)

@@ -419,3 +419,25 @@ async def test_a_huge_dataset_is_left_to_the_worker_not_read_in_the_call(home: P
             result = await client.call_tool("start_finetune", {"dataset_path": str(big), "device": "cpu"})
     assert not result.is_error, result.content
     assert any("checked by the worker" in note for note in result.structured_content["notes"])
+
+
+def test_output_folders_go_through_the_policy_and_the_type_check(tmp_path: Path, user_home: Path) -> None:
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from backprop_mcp.paths import resolve_writable_dir
+
+    assert resolve_writable_dir(str(tmp_path / "new"), "output_dir") == (tmp_path / "new").resolve()
+    assert resolve_writable_dir(str(tmp_path), "output_dir") == tmp_path.resolve()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "file").write_text("x")
+    for bad, why in [
+        ("/etc/backprop", "refused"),
+        (str(user_home / ".ssh" / "out"), "refused"),
+        (str(fifo), "named pipe"),
+        (str(tmp_path / "file"), "is a file"),
+        (str(tmp_path / "no" / "such"), "does not exist"),
+        ("~/" + "../" * 30 + "etc", "refused"),
+    ]:
+        with pytest.raises(ToolError, match=why):
+            resolve_writable_dir(bad, "output_dir")
