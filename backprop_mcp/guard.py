@@ -33,9 +33,9 @@ def unexpected_error(tool: str, exc: BaseException) -> ToolError:
     if isinstance(exc, OSError) and exc.strerror:
         detail = exc.strerror  # errno text only: the file name may be the caller's whole input
     return ToolError(
-        f"{tool} failed with an unexpected {type(exc).__name__}: {detail}. This is a bug in the server, not "
-        "in your request as far as it can tell; the traceback is in the server's log. Check the arguments "
-        "and try again, or report it."
+        f"{tool} failed with an unexpected {type(exc).__name__}: {detail}. The server did not foresee this "
+        "(its traceback is in the server's log): check the arguments and try again, and report it if it "
+        "happens with valid ones."
     )
 
 

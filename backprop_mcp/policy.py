@@ -36,6 +36,7 @@ import anyio
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.resolve import ListRoots, Resolve
+from mcp.shared.message import ServerMessageMetadata
 from mcp.types import ListRootsRequest, ListRootsResult, NotificationParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
@@ -280,7 +281,11 @@ async def _listed_roots(ctx: Context) -> ListRootsResult | ListRoots | None:
     result: ListRootsResult | None = None
     try:
         with anyio.fail_after(ROOTS_TIMEOUT_S):
-            result = await ctx.session.send_request(ListRootsRequest(), ListRootsResult)
+            result = await ctx.session.send_request(
+                ListRootsRequest(),
+                ListRootsResult,
+                metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
+            )
     except Exception as exc:  # a client that declares roots but fails to list them: fall back, say so
         log.warning("roots/list failed (%s); using %s or the default policy", exc, ALLOWED_DIRS_ENV)
     if cache is not None:

@@ -441,3 +441,15 @@ def test_output_folders_go_through_the_policy_and_the_type_check(tmp_path: Path,
     ]:
         with pytest.raises(ToolError, match=why):
             resolve_writable_dir(bad, "output_dir")
+
+
+@pytest.mark.anyio
+async def test_a_client_whose_roots_fail_gets_the_default_policy(home: Path, dataset: Path) -> None:
+    async def broken_roots(_ctx: Any) -> ListRootsResult:
+        raise RuntimeError("no roots today")
+
+    async with Client(server(home), mode="legacy", list_roots_callback=broken_roots) as client:
+        is_error, text = await call(client, "check_dataset", {"path": "/etc/passwd"})
+        assert is_error and "system folder" in text
+        is_error, text = await call(client, "start_finetune", {"dataset_path": str(dataset)})
+        assert not is_error, text
