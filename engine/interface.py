@@ -7,10 +7,11 @@ torch, transformers or other heavy library (also checked by a test); the preflig
 engine's torch-free data, model-catalogue and memory modules when it first runs.
 """
 
+from typing import Any
+
 from engine import events, procs
 from engine.events import EventFormatError, read_events
 from engine.files import atomic_write_text, backprop_home
-from engine.hardware import probe_gpus
 from engine.jobs import (
     engine_command,
     new_job_id,
@@ -37,6 +38,14 @@ from engine.spec import (
     read_spec,
     write_spec,
 )
+
+
+def probe_gpus() -> Any:
+    """The GPUs as NVML sees them (``engine.hardware.probe_gpus``, looked up at call time)."""
+    from engine import hardware
+
+    return hardware.probe_gpus()
+
 
 __all__ = [
     "CANCEL_FILE",

@@ -78,15 +78,18 @@ def find_job_dir(job: str | Path) -> Path:
 # -- the worker process -------------------------------------------------------------------------
 
 
-def engine_command() -> list[str]:
-    """The argv prefix of ``python -m engine`` (the verb and its arguments follow).
+_DEFAULT_ENGINE = [sys.executable, "-P", "-m", "engine"]
 
-    ``BACKPROP_WORKER_COMMAND`` (a JSON list, ending in ``run``) overrides it, e.g. to train with
-    another Python environment than the caller's: ``["/opt/train/bin/python", "-m", "engine", "run"]``.
+
+def worker_command() -> list[str]:
+    """The argv that runs a job's worker; the job folder is appended.
+
+    ``BACKPROP_WORKER_COMMAND`` (a JSON list) overrides it, e.g. to train with another Python
+    environment than the caller's: ``["/opt/train/bin/python", "-P", "-m", "engine", "run"]``.
     """
     raw = os.environ.get("BACKPROP_WORKER_COMMAND")
     if not raw:
-        return [sys.executable, "-P", "-m", "engine"]
+        return [*_DEFAULT_ENGINE, "run"]
     try:
         argv = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -95,7 +98,17 @@ def engine_command() -> list[str]:
         raise ValueError(
             'BACKPROP_WORKER_COMMAND must be a JSON list of strings, e.g. ["python", "-m", "engine", "run"]'
         )
-    return argv[:-1] if argv[-1] == "run" else argv
+    return argv
+
+
+def engine_command() -> list[str]:
+    """The argv prefix of ``python -m engine`` for the one-shot verbs (check-data, generate).
+
+    The worker command without its ``run`` verb when it ends with one (the same environment),
+    else this Python's engine.
+    """
+    worker = worker_command()
+    return worker[:-1] if worker[-1] == "run" else list(_DEFAULT_ENGINE)
 
 
 def worker_env(home: Path | None = None) -> dict[str, str]:
@@ -123,7 +136,7 @@ def start_worker(
     ``command`` replaces ``python -P -m engine run`` (the server's tests run a stand-in worker).
     """
     return procs.spawn_detached(
-        [*(command or [*engine_command(), "run"]), str(job_dir)],
+        [*(command or worker_command()), str(job_dir)],
         cwd=job_dir,
         stderr_path=job_dir / WORKER_LOG,
         env=worker_env(home),

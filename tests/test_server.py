@@ -23,10 +23,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 from mcp.types import ResourceUpdatedNotification, TextContent
 
-from engine import procs
 from backprop_mcp.server import build_server
 from backprop_mcp.store import JobStore
 from backprop_mcp.supervisor import Supervisor
+from engine import procs
 from engine.jobs import worker_env
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
@@ -608,7 +608,7 @@ def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: P
     proc, identity = _spawn_standin(home, job_dir, steps=200, step_s=0.05)
     try:
         started = _wait_for_event(job_dir, "started")
-        assert started["data"]["pid"] == identity.pid
+        assert started["pid"] == identity.pid
         record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
         assert record.state == "running" and record.pid == identity.pid
         assert record.pid_start_time is not None

@@ -71,7 +71,9 @@ def main(argv: list[str]) -> int:
         loss = 2.0 / step
         history.append({"step": step, "loss": loss})
         events.emit(
-            ev.Progress(step=step, total=args.steps, loss=loss, lr=1e-4, eta_s=(args.steps - step) * args.step_s)
+            ev.Progress(
+                step=step, total=args.steps, loss=loss, lr=1e-4, eta_s=(args.steps - step) * args.step_s
+            )
         )
         if cancelled():
             return finish("cancelled", error={"type": "Cancelled", "message": f"cancelled at step {step}"})
