@@ -111,11 +111,11 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
 def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
     t0 = time.time()
     if spec.kind == "finetune":
-        from engine.train import run_finetune
+        from engine.recipes.finetune import run_finetune
 
         result = run_finetune(spec, job_dir, events, cancel_check)
     elif spec.kind == "slao_series":
-        from engine.series import run_series
+        from engine.recipes.series import run_series
 
         result = run_series(spec, job_dir, events, cancel_check)
     elif spec.kind == "export":
