@@ -1,19 +1,14 @@
-"""One LoRA / QLoRA fine-tune: the recipe, top to bottom.
-
-    data -> tokenizer -> tokenized examples -> smart defaults (refuse what won't fit)
-         -> base model (NF4 / 16-bit / fp32) -> LoRA -> training loop -> adapter
+"""The training loop: ``train_adapter`` trains the LoRA parameters for a fixed step plan.
 
 The loop is our own rather than trl's SFTTrainer: it is short, and owning it lets us pack
-without padding, compute the loss without full logits (engine.loss), back off on CUDA OOM,
+without padding, compute the loss without full logits (engine.training.loss), back off on CUDA OOM,
 pause for heat, and checkpoint/resume exactly. ``train_adapter`` is also the building block of
-a SLAO series (engine.series), which trains one adapter per run.
+a SLAO series (engine.recipes.series), which trains one adapter per run.
 """
 
 from __future__ import annotations
 
-import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,26 +17,14 @@ from typing import Any
 
 import torch
 
-from engine import accel
-from engine.batching import IGNORE, StepPlan, collate, plan_steps
-from engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.data import Example, load_examples, split_for_eval
-from engine.defaults import resolve_training
-from engine.events import Checkpoint, Eval, EventWriter, Progress
-from engine.formatting import tokenize_example
+from engine.events import Checkpoint, EventWriter, Progress
 from engine.hardware import GpuMonitor, ThermalGuard
 from engine.jobs import JobCancelled
-from engine.loss import causal_lm_loss_sum
-from engine.models import load_for_training, load_tokenizer, model_shape
-from engine.spec import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
-    DatasetSettings,
-    FinetuneSpec,
-    JobResult,
-    LoraSettings,
-    SafetySettings,
-)
+from engine.spec import SafetySettings
+from engine.training import accel
+from engine.training.batching import StepPlan, collate, plan_steps
+from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.training.loss import causal_lm_loss_sum
 
 
 class GpuOverheated(RuntimeError):
@@ -81,53 +64,6 @@ class RunPosition:
     run: int | None = None
     runs: int | None = None
     step_offset: int = 0
-
-
-def pick_device(choice: str, gpu_index: int = 0) -> str:
-    if choice == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return f"cuda:{gpu_index}"
-    if choice == "cuda":
-        raise RuntimeError(
-            "device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'"
-        )
-    return "cpu"
-
-
-def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
-    ids, labels, dropped = [], [], 0
-    for ex in examples:
-        t = tokenize_example(ex, tokenizer, max_seq_length)
-        # an example needs at least one labelled token after the first position to teach anything
-        if not any(v != IGNORE for v in t.labels[1:]):
-            dropped += 1
-            continue
-        ids.append(t.input_ids)
-        labels.append(t.labels)
-    return Tokenized(ids, labels, dropped)
-
-
-def add_lora(
-    model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]
-) -> Any:
-    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
-    if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
-        return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model.config.use_cache = False
-    return get_peft_model(model, config)
 
 
 def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
@@ -350,180 +286,3 @@ def _wait_for_safe_temperature(
                 gpu=sample,
             )
         time.sleep(5)
-
-
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """Write a standard PEFT adapter folder atomically (temporary folder, then rename)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def prepare_training(
-    spec: Any, examples: list[Example], device: str, events: EventWriter
-) -> tuple[Any, Tokenized, Any]:
-    """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
-    events.stage("tokenizing")
-    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-    full = tokenize_all(examples, tokenizer, None)
-    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
-    free_gib = None
-    if device.startswith("cuda"):
-        free_b, _ = torch.cuda.mem_get_info(torch.device(device))
-        free_gib = free_b / 1024**3
-    resolved = resolve_training(
-        spec.train,
-        n_examples=len(full.input_ids),
-        token_lengths=full.lengths,
-        shape=shape,
-        quantization=spec.quantization,
-        lora_rank=spec.lora.rank,
-        device=device,
-        free_memory_gib=free_gib,
-        lora_targets=spec.lora.target_modules,
-        context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
-    )
-    for name, reason in resolved.reasons.items():
-        events.log(
-            f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name)
-        )
-    data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
-    if data.dropped:
-        events.warning(
-            f"{data.dropped} examples had no trainable tokens within max_seq_length={resolved.max_seq_length} "
-            "and were left out",
-            dropped=data.dropped,
-        )
-    if not data.input_ids:
-        raise ValueError(
-            "no example has any token to learn from (all were empty or cut off by max_seq_length); "
-            "raise max_seq_length or check the dataset"
-        )
-    return tokenizer, data, resolved
-
-
-def held_out_evaluator(
-    model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
-) -> Callable[[int], dict[str, float]] | None:
-    """A function that scores the held-out split at a global step and records it as an ``Eval`` event.
-
-    Loss on the supervised tokens, and exact match where rows have an answer. None without a split.
-    """
-    if not examples:
-        return None
-    from engine.evaluate import exact_match, heldout_loss, tokenize_heldout
-
-    held = tokenize_heldout(examples, tokenizer, max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def evaluate(global_step: int) -> dict[str, float]:
-        model.eval()
-        out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
-        accuracy = exact_match(model, tokenizer, held, pad_id, device)
-        if accuracy is not None:
-            out["eval_exact_match"] = accuracy
-        events.emit(
-            Eval(global_step=global_step, loss=out["eval_loss"], accuracy=accuracy, examples=len(held))
-        )
-        return out
-
-    return evaluate
-
-
-def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
-    """Load and validate a dataset, recording its format, size and any skipped rows as events."""
-    examples, report = load_examples(settings)
-    events.log(
-        f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
-        format=report.format,
-        rows=report.rows_ok,
-        skipped=report.skipped,
-    )
-    if report.skipped:
-        events.warning(
-            f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped
-        )
-    return examples
-
-
-def run_finetune(
-    spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
-) -> JobResult:
-    device = pick_device(spec.device, spec.gpu_index)
-    events.stage("loading_data")
-    examples = load_dataset_logged(spec.dataset, events)
-    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
-    if held_out:
-        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
-    tokenizer, data, resolved = prepare_training(spec, examples, device, events)
-
-    events.stage("loading_model", model=spec.model)
-    loaded = load_for_training(spec, device)
-    events.log(
-        f"model loaded: {loaded.info}",
-        **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
-    )
-    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
-    if speedups:
-        events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
-    model = add_lora(
-        loaded.model,
-        spec.lora,
-        gradient_checkpointing=resolved.gradient_checkpointing,
-        loaded_info=loaded.info,
-    )
-
-    evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
-    events.stage("training", total_steps=resolved.steps)
-    outcome = train_adapter(
-        model,
-        tokenizer,
-        data,
-        resolved,
-        device=device,
-        events=events,
-        checkpoint_dir=job_dir / CHECKPOINT_DIR,
-        cancel_check=cancel_check,
-        safety=spec.safety,
-        gpu_index=spec.gpu_index,
-        evaluator=evaluator,
-    )
-    eval_metrics: dict[str, float] = {}
-    if evaluator is not None:
-        events.stage("evaluating", examples=len(held_out))
-        eval_metrics = evaluator(outcome.steps_done)
-    events.stage("saving")
-    adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
-    losses = [h["loss"] for h in outcome.loss_history]
-    window = max(1, min(5, len(losses) // 4 or 1))
-    metrics = {
-        "steps": outcome.steps_done,
-        "first_loss": losses[0] if losses else math.nan,
-        "final_loss": losses[-1] if losses else math.nan,
-        "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
-        "tokens_per_s": round(outcome.tokens_per_s, 1),
-        "train_seconds": round(outcome.train_seconds, 2),
-        "peak_gpu_memory_gib": outcome.peak_memory_gib,
-        "micro_batch_size": outcome.micro_batch_size,
-        "gradient_accumulation": outcome.gradient_accumulation,
-        "max_seq_length": resolved.max_seq_length,
-        "learning_rate": resolved.learning_rate,
-        "packing": resolved.packing,
-        "device": device,
-        "backend": loaded.info.get("path"),
-        "quantization": loaded.info.get("quantization"),
-        "examples": len(data.input_ids),
-        **eval_metrics,
-    }
-    return JobResult(
-        status="succeeded",
-        kind=spec.kind,
-        metrics=metrics,
-        artifacts={"adapter": str(adapter.resolve())},
-        loss_history=outcome.loss_history,
-    )
