@@ -18,7 +18,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.shared.exceptions import MCPError
 
-from engine.files import quoted
+from engine.interface import quoted
 
 log = logging.getLogger("backprop_mcp")
 

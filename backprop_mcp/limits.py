@@ -12,4 +12,3 @@ MAX_NAME_CHARS = 256  # model presets, hub names, Ollama names, job ids
 MAX_PROMPT_CHARS = 32_000  # try_model's prompt (about 8k tokens of English)
 MAX_SYSTEM_CHARS = 8_000  # a system prompt
 MAX_DATASETS = 100  # datasets in one SLAO series
-MAX_INSPECT_BYTES = 256 << 20  # a dataset file the server reads itself before a job (JSONL at ~50 MB/s)

@@ -16,7 +16,7 @@ from pathlib import Path
 from mcp.server.mcpserver.exceptions import ToolError
 
 from backprop_mcp.policy import FilePolicy, current_policy, is_key_file
-from engine.files import PathError, missing_message, path_kind, quoted, user_path
+from engine.interface import PathError, missing_message, path_kind, quoted, user_path
 
 JOB_ID_RE = re.compile(r"^[a-z]{2,5}-\d{8}-\d{6}-[0-9a-f]{6}$")
 # owner/name on the Hugging Face hub (both parts: letters, digits, '-', '_', '.')

@@ -40,7 +40,7 @@ from mcp.shared.message import ServerMessageMetadata
 from mcp.types import ListRootsRequest, ListRootsResult, NotificationParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from engine.files import backprop_home, quoted
+from engine.interface import backprop_home, quoted
 
 log = logging.getLogger("backprop_mcp")
 

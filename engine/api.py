@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.files import local_or_name
 from engine.jobs import create_job, run_and_follow
+from engine.preflight import preflight
 from engine.progress import ProgressPrinter
 from engine.spec import (
     DatasetSettings,
@@ -90,6 +91,7 @@ class Trainer:
         self.last: TrainResult | None = None
 
     def _run(self, spec: Any) -> JobResult:
+        preflight(spec, "python")  # raises PreflightError (a ValueError) before any job folder exists
         job_dir = create_job(spec, root=self.workdir)
         printer = ProgressPrinter(enabled=self.verbose)
         try:

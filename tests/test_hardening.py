@@ -409,7 +409,7 @@ def test_cli_and_api_paths_never_crash_on_a_bad_name(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_a_huge_dataset_is_left_to_the_worker_not_read_in_the_call(home: Path, tmp_path: Path) -> None:
-    from backprop_mcp.limits import MAX_INSPECT_BYTES
+    from engine.preflight import MAX_TOOL_INSPECT_BYTES as MAX_INSPECT_BYTES
 
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as f:  # sparse: takes no disk space, but reading it would take minutes
