@@ -418,7 +418,7 @@ async def test_a_huge_dataset_is_left_to_the_worker_not_read_in_the_call(home: P
         with anyio.fail_after(CALL_BOUND_S):
             result = await client.call_tool("start_finetune", {"dataset_path": str(big), "device": "cpu"})
     assert not result.is_error, result.content
-    assert any("checked by the worker" in note for note in result.structured_content["notes"])
+    assert any("the worker checks its rows" in note for note in result.structured_content["notes"])
 
 
 def test_output_folders_go_through_the_policy_and_the_type_check(tmp_path: Path, user_home: Path) -> None:
