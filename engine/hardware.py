@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from engine.spec import SafetySettings
+
+if TYPE_CHECKING:
+    from engine.events import EventWriter
 
 _MIB = 1024 * 1024
 _T = TypeVar("_T")
@@ -296,3 +300,64 @@ class ThermalGuard:
                 "pause", f"GPU at {temp} °C, at or above the pause limit {s.pause_temperature_c} °C", temp
             )
         return ThermalDecision("ok", f"GPU at {temp} °C", temp)
+
+
+class GpuOverheated(RuntimeError):
+    """The card stayed too hot; the job saved its progress and stopped."""
+
+
+GPU_WAIT_POLL_S = 5.0
+
+
+def wait_for_safe_gpu(
+    monitor: Any,
+    guard: ThermalGuard,
+    events: EventWriter,
+    *,
+    before: str,
+    max_wait_s: float,
+    save_progress: Callable[[], None] = lambda: None,
+    needed_free_mb: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Hold off ``before`` (a step, a run) while the card is too hot or too full; returns the seconds waited.
+
+    Waiting is the remedy, since nothing computes meanwhile. At the emergency line, or when the card
+    is still too hot after ``max_wait_s``, ``save_progress`` runs (a checkpoint) and the job stops
+    with GpuOverheated; running it again resumes it. A card still short of ``needed_free_mb`` after
+    ``max_wait_s`` is let go, because training backs off on out-of-memory by itself.
+    """
+    if monitor is None:
+        return 0.0
+    started = clock()
+    warned = False
+    while True:
+        sample = monitor.sample()
+        decision = guard.decide(sample)
+        waited = clock() - started
+        free_mb = None
+        if sample and sample.get("memory_total_mb") is not None and sample.get("memory_used_mb") is not None:
+            free_mb = sample["memory_total_mb"] - sample["memory_used_mb"]
+        short_of_memory = needed_free_mb is not None and free_mb is not None and free_mb < needed_free_mb
+        if decision.action == "ok" and not short_of_memory:
+            if warned:
+                events.log(f"GPU ready again after {waited:.0f} s ({decision.reason}); starting {before}")
+            return waited
+        if decision.action == "emergency" or (decision.action != "ok" and waited > max_wait_s):
+            save_progress()
+            raise GpuOverheated(
+                f"{decision.reason}; waited {waited:.0f} s before {before}. Progress is saved: improve "
+                "cooling or lower the load, then run the job again to resume"
+            )
+        if waited > max_wait_s:
+            events.warning(
+                f"only {free_mb} MB of GPU memory free after waiting {waited:.0f} s (the last run peaked at "
+                f"{needed_free_mb:.0f} MB); starting {before} anyway, training backs off on out-of-memory"
+            )
+            return waited
+        if not warned:
+            why = decision.reason if decision.action != "ok" else f"only {free_mb} MB of GPU memory free"
+            events.warning(f"delaying {before}: {why}", gpu=sample)
+            warned = True
+        sleep(GPU_WAIT_POLL_S)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.files import write_dir_atomically
 from engine.spec import LoraSettings
 from engine.training import accel
 
@@ -33,12 +33,10 @@ def add_lora(
 
 
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """Write a standard PEFT adapter folder atomically (temporary folder, then rename)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    """Write a standard PEFT adapter folder (with the tokenizer) atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, write)
