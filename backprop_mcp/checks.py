@@ -120,8 +120,8 @@ def fit_notes(spec: FinetuneSpec | SeriesSpec) -> list[str]:
     """
     if spec.device == "cpu":
         return []
-    from engine.defaults import estimate_memory, largest_micro_batch
     from engine.hardware import probe_gpus
+    from engine.memory import estimate_memory, largest_micro_batch
 
     probe = probe_gpus()
     if not probe.available:

@@ -42,7 +42,7 @@ def gpu_report() -> GpuReport:
 
 
 def preset_fits(probe: Any) -> list[PresetFit]:
-    from engine.defaults import estimate_memory, largest_micro_batch
+    from engine.memory import estimate_memory, largest_micro_batch
     from engine.models import PRESETS
 
     fits = []

@@ -48,14 +48,6 @@ class GpuInfo:
     cuda_driver_version: str | None  # the CUDA version the driver supports, "12.4"
     uuid: str | None = None
 
-    @property
-    def memory_free_gib(self) -> float:
-        return self.memory_free_mb / 1024.0
-
-    @property
-    def memory_total_gib(self) -> float:
-        return self.memory_total_mb / 1024.0
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -114,24 +106,31 @@ def _cuda_version_string(raw: int | None) -> str | None:
     return f"{raw // 1000}.{(raw % 1000) // 10}"
 
 
-def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> GpuInfo:
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+def _readings(pynvml: Any, handle: Any) -> dict[str, Any]:
+    """What changes from moment to moment: memory, load, temperature, power (None where unsupported)."""
+    mem = _safe(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
     util = _safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
     temp = _safe(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
     power_mw = _safe(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
+    return {
+        "temperature_c": int(temp) if temp is not None else None,
+        "memory_used_mb": int(mem.used // _MIB) if mem is not None else None,
+        "memory_total_mb": int(mem.total // _MIB) if mem is not None else None,
+        "memory_free_mb": int(mem.free // _MIB) if mem is not None else None,
+        "utilization_pct": int(util.gpu) if util is not None else None,
+        "power_w": round(power_mw / 1000.0, 1) if power_mw is not None else None,
+    }
+
+
+def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> GpuInfo:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     limit_mw = _safe(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     cc = _safe(lambda: pynvml.nvmlDeviceGetCudaComputeCapability(handle))
     uuid = _safe(lambda: pynvml.nvmlDeviceGetUUID(handle))
     return GpuInfo(
         index=index,
         name=_as_str(pynvml.nvmlDeviceGetName(handle)),
-        memory_total_mb=int(mem.total // _MIB),
-        memory_free_mb=int(mem.free // _MIB),
-        memory_used_mb=int(mem.used // _MIB),
-        utilization_pct=int(util.gpu) if util is not None else None,
-        temperature_c=int(temp) if temp is not None else None,
-        power_w=round(power_mw / 1000.0, 1) if power_mw is not None else None,
+        **_readings(pynvml, handle),
         power_limit_w=round(limit_mw / 1000.0, 1) if limit_mw is not None else None,
         compute_capability=f"{cc[0]}.{cc[1]}" if cc is not None else None,
         bf16_supported=cc is not None and cc[0] >= 8,
@@ -210,18 +209,7 @@ class GpuMonitor:
     def sample(self) -> dict[str, Any] | None:
         if self._handle is None:
             return None
-        pynvml, handle = self._pynvml, self._handle
-        mem = _safe(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
-        util = _safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
-        temp = _safe(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
-        power_mw = _safe(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
-        return {
-            "temperature_c": int(temp) if temp is not None else None,
-            "memory_used_mb": int(mem.used // _MIB) if mem is not None else None,
-            "memory_total_mb": int(mem.total // _MIB) if mem is not None else None,
-            "utilization_pct": int(util.gpu) if util is not None else None,
-            "power_w": round(power_mw / 1000.0, 1) if power_mw is not None else None,
-        }
+        return _readings(self._pynvml, self._handle)
 
     def close(self) -> None:
         if self._handle is not None:

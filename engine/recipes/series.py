@@ -41,13 +41,11 @@ from engine.events import EventWriter
 from engine.files import atomic_write_json, write_dir_atomically
 from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
-from engine.models import load_for_training
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
-from engine.training import accel
 from engine.training.evaluation import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
-from engine.training.lora import add_lora, save_adapter
+from engine.training.lora import load_lora_model, save_adapter
 
 SERIES_DIR = "series"
 STATE_FILE = "state.json"
@@ -240,16 +238,7 @@ def run_series(
             tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
             if model is None:
                 tokenizer = tok
-                events.emit("stage", name="loading_model", model=spec.model)
-                loaded = load_for_training(spec, device)
-                accel.apply_speedups(loaded.model, device, loaded.info)
-                torch.manual_seed(spec.train.seed)  # run 1's LoRA initialisation is reproducible
-                model = add_lora(
-                    loaded.model,
-                    spec.lora,
-                    gradient_checkpointing=resolved.gradient_checkpointing,
-                    loaded_info=loaded.info,
-                )
+                model, _ = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
                 heldout = [tokenize_heldout(x.heldout, tokenizer, resolved.max_seq_length) for x in slices]
                 if run > 1:  # resuming: the last finished run's adapters come back from disk
                     finetuned, other = load_factors(series_dir / "finetuned" / f"run-{run - 1:03d}", device)
