@@ -1,0 +1,319 @@
+"""The live job dashboard, shipped as an MCP App (the ``io.modelcontextprotocol/ui`` extension).
+
+Hosts that announce the extension render ``ui://backprop/dashboard.html`` (``ui/dashboard.html``)
+in a sandboxed iframe next to the result of ``start_finetune``, ``run_slao_series``, ``job_status``
+and ``export_gguf``. The host hands the app that result once; the app then follows the job by
+calling ``job_view`` through the host, a tool visible to apps only (``_meta.ui.visibility =
+["app"]``), and calls ``cancel_job`` / ``export_gguf`` the same way. The server never serves HTTP.
+
+Hosts that do not announce the extension see exactly the tools and resources they saw before: the
+SDK lists an extension's tools and resources to every client, so ``hide_from_plain_hosts`` (a
+middleware) removes ``job_view``, the ``ui`` metadata and the ``ui://`` resource from their lists.
+
+``job_view`` reads the same job views as ``job_status`` (``ServerState.status``, the job's
+``JobTail``) and only reshapes them for drawing: the loss points of a series laid end to end on one
+axis with the run boundaries, the GPU sample of the last step, the series' forgetting matrix, the
+export's files and verification, the error with its hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any
+
+from mcp.server.apps import APP_MIME_TYPE, Apps, client_supports_apps
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from backprop_mcp.models import JobStatus
+from backprop_mcp.paths import check_job_id
+from backprop_mcp.state import ServerState
+from backprop_mcp.store import JobRecord
+from backprop_mcp.supervisor import read_job_result
+from backprop_mcp.tail import JobTail
+
+DASHBOARD_URI = "ui://backprop/dashboard.html"
+VIEW_TOOL = "job_view"
+POLL_S = 1.0  # how often the app asks for a running job's view
+
+# The four tools live in server.py and are registered on the server after it is built, while
+# `Apps.tool` only works for tools handed to the SDK before (at `MCPServer(extensions=[...])`);
+# so they carry the same `_meta.ui` that `Apps.tool(resource_uri=...)` would stamp.
+LINKED_TOOL_META: dict[str, Any] = {"ui": {"resourceUri": DASHBOARD_URI}}
+
+
+def dashboard_html() -> str:
+    return files("backprop_mcp").joinpath("ui/dashboard.html").read_text(encoding="utf-8")
+
+
+# -- the view -------------------------------------------------------------------------------------
+
+
+class RunStart(BaseModel):
+    run: int
+    x: float = Field(description="where the run's first step sits on the continuous step axis")
+
+
+class LossCurve(BaseModel):
+    train: list[tuple[float, float]] = Field(default_factory=list, description="(step, loss)")
+    eval: list[tuple[float, float]] = Field(default_factory=list, description="(step, eval loss)")
+    run_starts: list[RunStart] = Field(
+        default_factory=list, description="a series' runs 2..N: where each begins on the step axis"
+    )
+
+
+class DeviceView(BaseModel):
+    tokens_per_s: float | None = None
+    gpu_peak_memory_gib: float | None = Field(None, description="torch's peak allocation")
+    gpu_memory_used_mb: int | None = None
+    gpu_memory_total_mb: int | None = None
+    temperature_c: int | None = None
+    utilization_pct: int | None = None
+    power_w: float | None = None
+
+
+class ForgettingView(BaseModel):
+    """Row i, column j: held-out loss (and exact-match accuracy) on slice j after run i."""
+
+    slices: list[str]
+    loss: list[list[float | None]]
+    accuracy: list[list[float | None]] = Field(default_factory=list)
+    summary: dict[str, Any] = Field(default_factory=dict, description="BWT, forgetting, plasticity, ...")
+
+
+class ExportFile(BaseModel):
+    name: str
+    path: str
+    size: str | None = None
+
+
+class Verification(BaseModel):
+    quantization: str
+    passed: bool
+    message: str
+
+
+class ExportView(BaseModel):
+    files: list[ExportFile] = Field(default_factory=list)
+    verification: list[Verification] = Field(default_factory=list)
+    ollama_model: str | None = None
+
+
+class ErrorView(BaseModel):
+    message: str
+    hint: str | None = None
+
+
+class JobView(BaseModel):
+    job: JobStatus
+    percent: float | None = Field(None, description="0..100 over the whole job")
+    loss: LossCurve
+    device: DeviceView
+    forgetting: ForgettingView | None = None
+    export: ExportView | None = None
+    error: ErrorView | None = None
+    can_export: bool = Field(description="a succeeded fine-tune or series: export_gguf accepts it")
+    poll_after_s: float | None = Field(description="ask again after this long; null once the job ended")
+
+
+def _continuous(
+    points: list[tuple[float, float]], *, series: bool
+) -> tuple[list[tuple[float, float]], list[RunStart]]:
+    """A series' runs each count steps from 1: lay them end to end and say where each run starts."""
+    if not series:
+        return points, []
+    out: list[tuple[float, float]] = []
+    starts: list[RunStart] = []
+    offset, last = 0.0, None
+    for step, value in points:
+        if last is not None and step <= last:  # the step counter restarted: the next run began
+            offset = out[-1][0]
+            starts.append(RunStart(run=len(starts) + 2, x=offset))
+        out.append((offset + step, value))
+        last = step
+    return out, starts
+
+
+def _end_of_run_evals(
+    tail: JobTail, metrics: dict[str, Any], train: list[tuple[float, float]], starts: list[RunStart]
+) -> list[tuple[float, float]]:
+    """Held-out losses measured when a run (or the fine-tune) ended, placed at that run's last step.
+
+    A fine-tune evaluates its held-out split once, at the end (``eval_loss`` in its metrics); a
+    series evaluates every slice seen so far after each run: the mean of that row is its point.
+    """
+    if tail.runs_finished:
+        ends = [s.x for s in starts] + [train[-1][0]]
+        points = []
+        for i, run in enumerate(tail.runs_finished[: len(ends)]):
+            row = [x for x in run.get("loss_row") or [] if isinstance(x, (int, float))]
+            if row:
+                points.append((ends[i], sum(row) / len(row)))
+        return points
+    value = metrics.get("eval_loss")
+    return [(train[-1][0], float(value))] if isinstance(value, (int, float)) else []
+
+
+def _device(tail: JobTail) -> DeviceView:
+    """The last training step's throughput and GPU sample (none on the CPU)."""
+    progress = tail.progress or {}
+    sample = progress.get("gpu")
+    gpu: dict[str, Any] = sample if isinstance(sample, dict) else {}
+    return DeviceView(
+        tokens_per_s=progress.get("tokens_per_s"),
+        gpu_peak_memory_gib=progress.get("gpu_memory_gib"),
+        gpu_memory_used_mb=gpu.get("memory_used_mb"),
+        gpu_memory_total_mb=gpu.get("memory_total_mb"),
+        temperature_c=gpu.get("temperature_c"),
+        utilization_pct=gpu.get("utilization_pct"),
+        power_w=gpu.get("power_w"),
+    )
+
+
+def _forgetting(tail: JobTail, metrics: dict[str, Any]) -> ForgettingView | None:
+    """From the finished result when there is one, else from the runs finished so far."""
+    if metrics.get("loss_matrix"):
+        return ForgettingView(
+            slices=[str(s) for s in metrics.get("slices") or []],
+            loss=metrics["loss_matrix"],
+            accuracy=metrics.get("accuracy_matrix") or [],
+            summary={
+                k: v
+                for k, v in metrics.items()
+                if (k.startswith("loss_") and k != "loss_matrix") or k in _ACCURACY_KEYS
+            },
+        )
+    if not tail.runs_finished:
+        return None
+    rows = tail.runs_finished
+    return ForgettingView(
+        slices=[str((r.get("metrics") or {}).get("slice") or f"run {r.get('run')}") for r in rows],
+        loss=[list(r.get("loss_row") or []) for r in rows],
+        accuracy=[list(r.get("accuracy_row") or []) for r in rows],
+        summary=dict(rows[-1].get("series") or {}),
+    )
+
+
+_ACCURACY_KEYS = ("average_accuracy", "backward_transfer", "forgetting", "plasticity")
+
+
+def _export(metrics: dict[str, Any], artifacts: dict[str, str]) -> ExportView | None:
+    files_ = metrics.get("files") or {}
+    parity = metrics.get("parity") or {}
+    if not files_ and not parity:
+        return None
+    return ExportView(
+        files=[
+            ExportFile(name=str(name), path=str(f.get("path", "")), size=f.get("human"))
+            for name, f in files_.items()
+            if isinstance(f, dict)
+        ],
+        verification=[
+            Verification(quantization=q, passed=bool(r.get("passed")), message=str(r.get("message", "")))
+            for q, r in parity.items()
+            if isinstance(r, dict)
+        ],
+        ollama_model=artifacts.get("ollama_model") or metrics.get("ollama_model"),
+    )
+
+
+def _error(record: JobRecord, tail: JobTail, status: JobStatus) -> ErrorView | None:
+    if status.error is None:
+        return None
+    detail = tail.error or ((read_job_result(record) or {}).get("error") or {})
+    hint = detail.get("hint") if isinstance(detail, dict) else None
+    message = status.error
+    if hint and message.endswith(str(hint)):  # describe_error appends the hint; show it on its own
+        message = message[: -len(str(hint))].rstrip()
+    return ErrorView(message=message, hint=hint)
+
+
+def job_view(state: ServerState, record: JobRecord) -> JobView:
+    status = state.status(record)
+    tail = state.supervisor.tail(record)
+    series = record.kind == "slao_series"
+    train, starts = _continuous(list(tail.loss), series=series)
+    evals, _ = _continuous(list(tail.eval_loss), series=series)
+    if not evals and train:
+        evals = _end_of_run_evals(tail, status.metrics, train, starts)
+    percent = 100.0 if status.state == "succeeded" else None
+    if percent is None and status.progress and status.progress.fraction is not None:
+        percent = round(100 * status.progress.fraction, 2)
+    return JobView(
+        job=status,
+        percent=percent,
+        loss=LossCurve(train=train, eval=evals, run_starts=starts),
+        device=_device(tail),
+        forgetting=_forgetting(tail, status.metrics) if series else None,
+        export=_export(status.metrics, status.artifacts) if record.kind == "export" else None,
+        error=_error(record, tail, status),
+        can_export=status.state == "succeeded" and record.kind in ("finetune", "slao_series"),
+        poll_after_s=None if record.is_terminal else POLL_S,
+    )
+
+
+# -- the extension --------------------------------------------------------------------------------
+
+
+def dashboard_extension(get_state: Callable[[], ServerState]) -> Apps:
+    """The Apps extension: the dashboard resource and the app-only ``job_view`` tool."""
+    apps = Apps()
+    apps.add_html_resource(
+        DASHBOARD_URI,
+        dashboard_html(),
+        name="dashboard",
+        title="Training dashboard",
+        description="A job's live progress, loss curves, GPU, forgetting matrix and export, with Cancel and Export.",
+        prefers_border=True,
+    )
+
+    @apps.tool(
+        resource_uri=DASHBOARD_URI,
+        visibility=["app"],
+        name=VIEW_TOOL,
+        title="Dashboard view of a job",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    def view(job_id: str) -> JobView:
+        """Everything the dashboard draws for one job (used by the dashboard app, not the model)."""
+        state = get_state()
+        job_id = check_job_id(job_id)
+        record = state.get_record(job_id)
+        if record is None:
+            raise ToolError(f"no job {job_id!r} in {state.home}.")
+        return job_view(state, record)
+
+    return apps
+
+
+async def hide_from_plain_hosts(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """Middleware: a client that did not announce the Apps extension gets today's lists, unchanged."""
+    result = await call_next(ctx)
+    if ctx.method not in ("tools/list", "resources/list") or client_supports_apps(ctx):
+        return result
+    if isinstance(result, BaseModel):  # handlers may answer models; the runner sends this wire form
+        result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    if not isinstance(result, dict):
+        return result
+    if ctx.method == "tools/list":
+        return {**result, "tools": [t for t in map(_plain_tool, result.get("tools") or []) if t is not None]}
+    kept = [r for r in result.get("resources") or [] if r.get("mimeType") != APP_MIME_TYPE]
+    return {**result, "resources": kept}
+
+
+def _plain_tool(tool: dict[str, Any]) -> dict[str, Any] | None:
+    """A tool as a host without Apps saw it before: app-only tools dropped, ``_meta.ui`` removed."""
+    meta = tool.get("_meta") or {}
+    ui = meta.get("ui")
+    if not isinstance(ui, dict):
+        return tool
+    if "model" not in ui.get("visibility", ["model"]):
+        return None
+    rest = {k: v for k, v in meta.items() if k != "ui"}
+    plain = {k: v for k, v in tool.items() if k != "_meta"}
+    return {**plain, "_meta": rest} if rest else plain

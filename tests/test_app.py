@@ -1,0 +1,428 @@
+"""The job dashboard (an MCP App): what hosts see in the lists, the view it draws from, and the app
+itself rendered in headless Chromium, driving the real server over stdio.
+
+The browser tests put the dashboard in a minimal host page that speaks the app protocol the way
+Claude or VS Code do (a sandboxed iframe, JSON-RPC over postMessage): it answers ui/initialize,
+hands the app one tool result, and forwards the app's tools/call to the real server through an MCP
+client. They need Debian's ``chromium`` and the ``playwright`` package (never ``playwright
+install``); without them they skip and say why. Screenshots land in the test's tmp folder; with
+``BACKPROP_DOCS_SCREENSHOTS=1`` the finished-job ones are also written to ``docs/`` for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.extension import advertise
+from mcp.server.apps import APP_MIME_TYPE, EXTENSION_ID
+
+from backprop_mcp.app import DASHBOARD_URI, VIEW_TOOL, _continuous, _forgetting
+from backprop_mcp.server import build_server
+from backprop_mcp.tail import JobTail
+from engine.events import EventWriter
+
+REPO = Path(__file__).resolve().parents[1]
+LINKED = {"start_finetune", "run_slao_series", "job_status", "export_gguf"}
+MODES = ["legacy", "auto"]
+CHROMIUM = os.environ.get("BACKPROP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STEPS_UNTIL_CANCEL = 2000  # never reached: the test cancels the job while it runs
+WAIT_S = 240.0  # generous: loading torch in the worker is slow on a busy 2-core machine
+
+
+def apps_host() -> list[Any]:
+    """What a host that renders MCP Apps announces."""
+    return [advertise(EXTENSION_ID, {"mimeTypes": [APP_MIME_TYPE]})]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- the lists and the resource, in process --------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_apps_host_sees_the_dashboard_links_and_resource(tmp_path: Path, mode: str) -> None:
+    async with Client(build_server(tmp_path / "home"), mode=mode, extensions=apps_host()) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        for name in LINKED:
+            assert tools[name].meta == {"ui": {"resourceUri": DASHBOARD_URI}}, name
+        assert tools[VIEW_TOOL].meta == {"ui": {"resourceUri": DASHBOARD_URI, "visibility": ["app"]}}
+        assert tools[VIEW_TOOL].annotations and tools[VIEW_TOOL].annotations.read_only_hint
+        assert not any((t.meta or {}).get("ui") for n, t in tools.items() if n not in LINKED | {VIEW_TOOL})
+
+        listed = {str(r.uri): r for r in (await client.list_resources()).resources}
+        assert listed[DASHBOARD_URI].mime_type == APP_MIME_TYPE
+        content = (await client.read_resource(DASHBOARD_URI)).contents[0]
+        assert content.mime_type == APP_MIME_TYPE
+        html = content.text
+    # One self-contained file: small, nothing fetched from anywhere, a CSP that allows nothing external.
+    assert len(html.encode()) < 100_000
+    assert "default-src 'none'" in html
+    for external in (
+        'src="http',
+        "src='http",
+        'href="http',
+        "@import",
+        "url(http",
+        "fetch(",
+        "XMLHttpRequest",
+    ):
+        assert external not in html, external
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_host_without_apps_sees_todays_lists(tmp_path: Path, mode: str) -> None:
+    server = build_server(tmp_path / "home")
+    # What the SDK itself does (checked, mcp 2.3): an extension's tools and resources are listed to
+    # every client, app-only or not; hiding them from plain hosts is our middleware's job.
+    assert VIEW_TOOL in {t.name for t in await server.list_tools()}
+    async with Client(server, mode=mode) as client:
+        tools = (await client.list_tools()).tools
+        resources = (await client.list_resources()).resources
+    assert VIEW_TOOL not in {t.name for t in tools}
+    assert all(not (t.meta or {}).get("ui") for t in tools)
+    assert {t.name for t in tools} >= LINKED
+    assert all(not str(r.uri).startswith("ui://") for r in resources)
+
+
+# -- the view's shaping, on real event logs ---------------------------------------------------------
+
+
+def test_a_series_is_laid_end_to_end_with_its_run_boundaries() -> None:
+    points = [(1.0, 3.0), (2.0, 2.5), (3.0, 2.0), (1.0, 2.8), (2.0, 2.2), (3.0, 1.9), (1.0, 2.4)]
+    laid, starts = _continuous(points, series=True)
+    assert [x for x, _ in laid] == [1, 2, 3, 4, 5, 6, 7]
+    assert [(s.run, s.x) for s in starts] == [(2, 3.0), (3, 6.0)]
+    assert _continuous(points[:3], series=False) == (points[:3], [])
+
+
+def test_the_forgetting_matrix_grows_with_each_finished_run(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventWriter(path) as events:
+        for run, row in ((1, [2.0, None]), (2, [2.4, 1.5])):
+            events.emit(
+                "run_finished",
+                run=run,
+                runs=2,
+                loss_row=row,
+                accuracy_row=[None, None],
+                metrics={"slice": f"part-{run}"},
+                series={"loss_backward_transfer": -0.4} if run == 2 else {},
+            )
+    tail = JobTail(path)
+    tail.poll()
+    view = _forgetting(tail, {})
+    assert view is not None
+    assert view.slices == ["part-1", "part-2"] and view.loss == [[2.0, None], [2.4, 1.5]]
+    assert view.summary == {"loss_backward_transfer": -0.4}
+    finished = _forgetting(tail, {"loss_matrix": [[1.0]], "slices": ["all"], "loss_forgetting": 0.1})
+    assert finished is not None and finished.loss == [[1.0]] and finished.summary == {"loss_forgetting": 0.1}
+
+
+# -- the dashboard in a real browser, on the real server --------------------------------------------
+
+HOST_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>test host</title>
+<style>body { margin: 0; background: %(page_bg)s; } iframe { border: 0; width: 100%%; height: 400px; display: block; }</style>
+</head><body>
+<iframe id="app" title="dashboard" sandbox="allow-scripts"></iframe>
+<script>
+// A minimal MCP Apps host: the app is a sandboxed iframe; we answer its JSON-RPC over postMessage.
+const frame = document.getElementById("app");
+window.appMessages = [];
+window.toolCalls = [];
+function post(message) { frame.contentWindow.postMessage({ jsonrpc: "2.0", ...message }, "*"); }
+window.addEventListener("message", async (event) => {
+  if (event.source !== frame.contentWindow) return;
+  const m = event.data;
+  window.appMessages.push(m);
+  if (m.method === "ui/initialize") {
+    post({ id: m.id, result: {
+      protocolVersion: "2026-01-26",
+      hostInfo: { name: "backprop-test-host", version: "1" },
+      hostCapabilities: { serverTools: {} },
+      hostContext: { theme: window.hostTheme, displayMode: "inline", toolInfo: { tool: { name: window.toolName } } },
+    } });
+  } else if (m.method === "ui/notifications/initialized") {
+    post({ method: "ui/notifications/tool-input", params: { arguments: window.toolArguments } });
+    post({ method: "ui/notifications/tool-result", params: window.toolResult });
+  } else if (m.method === "tools/call") {
+    window.toolCalls.push(m.params.name);
+    const visibility = window.toolVisibility[m.params.name];
+    if (!visibility || !visibility.includes("app")) {  // hosts refuse tools an app may not call
+      post({ id: m.id, error: { code: -32602, message: "tool not available to apps: " + m.params.name } });
+      return;
+    }
+    try { post({ id: m.id, result: await window.mcpCallTool(m.params.name, m.params.arguments || {}) }); }
+    catch (err) { post({ id: m.id, error: { code: -32603, message: String(err) } }); }
+  } else if (m.method === "ui/notifications/size-changed") {
+    frame.style.height = m.params.height + "px";
+  } else if (m.id !== undefined) {
+    post({ id: m.id, error: { code: -32601, message: "unsupported: " + m.method } });
+  }
+});
+</script></body></html>
+"""
+
+
+def _browser_or_skip() -> Any:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it uses Debian's chromium)")
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BACKPROP_CHROMIUM)")
+    return async_playwright
+
+
+def _wire(result: Any) -> dict[str, Any]:
+    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+@asynccontextmanager
+async def _real_server(home: Path) -> AsyncIterator[Client]:
+    env = {**os.environ, "BACKPROP_HOME": str(home), "PYTHONPATH": str(REPO), "BACKPROP_POLL_S": "0.2"}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "backprop_mcp"], env=env, cwd=str(REPO)
+    )
+    async with Client(params, extensions=apps_host()) as client:
+        yield client
+
+
+class Dashboard:
+    """One browser page hosting the dashboard for one tool result."""
+
+    def __init__(self, page: Any, client: Client):
+        self.page, self.client = page, client
+
+    @classmethod
+    async def open(
+        cls, browser: Any, client: Client, tool: str, arguments: dict[str, Any], result: Any, theme: str
+    ) -> Dashboard:
+        page = await browser.new_page(viewport={"width": 900, "height": 800}, color_scheme=theme)
+        self = cls(page, client)
+        tools = (await client.list_tools()).tools
+        visibility = {
+            t.name: ((t.meta or {}).get("ui") or {}).get("visibility", ["model", "app"]) for t in tools
+        }
+        html = (await client.read_resource(DASHBOARD_URI)).contents[0].text
+
+        async def call_tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
+            return _wire(await client.call_tool(name, args))
+
+        await page.expose_function("mcpCallTool", call_tool)
+        await page.set_content(HOST_PAGE % {"page_bg": "#0d1117" if theme == "dark" else "#ffffff"})
+        await page.evaluate(
+            """([html, tool, args, result, theme, visibility]) => {
+                 Object.assign(window, { toolName: tool, toolArguments: args, toolResult: result,
+                                         hostTheme: theme, toolVisibility: visibility });
+                 document.getElementById("app").srcdoc = html;
+               }""",
+            [html, tool, arguments, _wire(result), theme, visibility],
+        )
+        return self
+
+    async def frame(self) -> Any:
+        handle = await self.page.wait_for_selector("#app")
+        frame = await handle.content_frame()
+        await frame.wait_for_selector("#state")
+        return frame
+
+    async def until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Wait until ``check`` holds, reading the DOM from here: the app's CSP forbids the eval that
+        Playwright's ``wait_for_function`` needs, and the test keeps the app under its real CSP."""
+        deadline = anyio.current_time() + WAIT_S
+        while not await check():
+            if anyio.current_time() > deadline:
+                raise AssertionError(f"the dashboard never showed {what}")
+            await anyio.sleep(0.2)
+
+    async def number(self, selector: str, attribute: str) -> float:
+        value = await self.attr(selector, attribute)
+        return float(value) if value else 0.0
+
+    async def text(self, selector: str) -> str:
+        return await (await self.frame()).inner_text(selector)
+
+    async def attr(self, selector: str, name: str) -> str:
+        return await (await self.frame()).get_attribute(selector, name) or ""
+
+    async def screenshot(self, *paths: Path) -> None:
+        await self.page.wait_for_timeout(300)  # let the progress bar's width transition settle
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await self.page.locator("#app").screenshot(path=str(path))
+
+
+def _chat_rows(path: Path, words: list[str]) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+        for w in words
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+async def _wait_until_done(client: Client, job_id: str) -> dict[str, Any]:
+    for _ in range(30):  # each call waits at most 45 s
+        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
+        if status["state"] not in ("queued", "running"):
+            return status
+    raise AssertionError(f"job {job_id} did not end: {status}")
+
+
+async def _at_least(value: Awaitable[float], bound: float) -> bool:
+    return await value >= bound
+
+
+async def _equals(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
+
+
+def _docs_paths(name: str) -> list[Path]:
+    return [REPO / "docs" / name] if os.environ.get("BACKPROP_DOCS_SCREENSHOTS") == "1" else []
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Path) -> None:
+    async_playwright = _browser_or_skip()
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green", "blue", "cyan", "pink", "gold"])
+    async with _real_server(tmp_path / "home") as client, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            args = {"dataset_path": str(data), "model": "tiny", "steps": STEPS_UNTIL_CANCEL, "device": "cpu"}
+            started = await client.call_tool("start_finetune", args)
+            job_id = _structured(started)["job_id"]
+            board = await Dashboard.open(browser, client, "start_finetune", args, started, "light")
+
+            # Progress and the loss curve appear...
+            await board.until("a step", lambda: _at_least(board.number("#steps", "data-step"), 1))
+            await board.until(
+                "a loss point", lambda: _at_least(board.number("#chart", "data-train-points"), 1)
+            )
+            first_step = await board.number("#steps", "data-step")
+            first_points = await board.number("#chart", "data-train-points")
+            assert await board.text("#state") == "running"
+            # ...and update as the job runs, through the app-only tool called via the host.
+            await board.until(
+                "a later step", lambda: _at_least(board.number("#steps", "data-step"), first_step + 1)
+            )
+            await board.until(
+                "more loss points",
+                lambda: _at_least(board.number("#chart", "data-train-points"), first_points + 1),
+            )
+            await board.until("progress", lambda: _at_least(board.number("#progress", "aria-valuenow"), 0.01))
+            assert await (await board.frame()).locator("#chart path.train").count() == 1
+            assert "step" in await board.text("#steps")
+
+            # Cancel stops the job: the app calls cancel_job through the host.
+            frame = await board.frame()
+            await frame.get_by_role("button", name="Cancel job").click()
+            await board.until("the cancelled state", lambda: _equals(board.text("#state"), "cancelled"))
+            await board.screenshot(tmp_path / "dashboard-cancelled.png")
+            status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            assert status["state"] == "cancelled"
+            calls = await board.page.evaluate("window.toolCalls")
+            assert VIEW_TOOL in calls and "cancel_job" in calls
+            assert await frame.get_by_role("button", name="Cancel job").is_disabled()
+            assert (tmp_path / "dashboard-cancelled.png").stat().st_size > 10_000
+        finally:
+            await browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_button(tmp_path: Path) -> None:
+    async_playwright = _browser_or_skip()
+    words = ["red", "green", "blue", "cyan", "pink", "gold", "teal", "gray", "navy", "lime", "rose", "sand"]
+    data = _chat_rows(tmp_path / "words.jsonl", words * 2)
+    async with _real_server(tmp_path / "home") as client, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            ft_args = {
+                "dataset_path": str(data),
+                "model": "tiny",
+                "steps": 12,
+                "device": "cpu",
+                "eval_fraction": 0.25,
+            }
+            series_args = {
+                "dataset_paths": [str(data)],
+                "model": "tiny",
+                "num_runs": 3,
+                "steps_per_run": 6,
+                "device": "cpu",
+                "lora_rank": 4,
+                "heldout_fraction": 0.25,
+            }
+            # Both start at once; the second waits for the CPU (the device lock) and the dashboard says so.
+            finetune = await client.call_tool("start_finetune", ft_args)
+            series = await client.call_tool("run_slao_series", series_args)
+            for started in (finetune, series):
+                assert (await _wait_until_done(client, _structured(started)["job_id"]))[
+                    "state"
+                ] == "succeeded"
+
+            board = await Dashboard.open(browser, client, "start_finetune", ft_args, finetune, "light")
+            await board.until("the finished state", lambda: _equals(board.text("#state"), "succeeded"))
+            assert await board.number("#progress", "aria-valuenow") == 100
+            assert await board.number("#chart", "data-train-points") == 12
+            assert await board.number("#chart", "data-eval-points") == 1  # the held-out split, at the end
+            assert await board.number("#chart", "data-runs") == 1
+            assert "step 12 of 12" in await board.text("#steps")
+            await board.screenshot(tmp_path / "dashboard.png", *_docs_paths("dashboard.png"))
+
+            # Export calls export_gguf through the host and the dashboard follows the export job.
+            frame = await board.frame()
+            await frame.get_by_role("button", name="Export to GGUF").click()
+            await board.until("the export job", lambda: _contains(board.text("#job"), "export ·"))
+            assert "export_gguf" in await board.page.evaluate("window.toolCalls")
+            export_id = (await board.text("#job")).split("·")[1].strip()
+            await client.call_tool("cancel_job", {"job_id": export_id})  # no need to run it to the end here
+            await _wait_until_done(client, export_id)
+
+            board = await Dashboard.open(browser, client, "run_slao_series", series_args, series, "dark")
+            await board.until("the finished series", lambda: _equals(board.text("#state"), "succeeded"))
+            assert await board.number("#chart", "data-runs") == 3
+            assert await board.number("#chart", "data-train-points") == 18  # 3 runs x 6 steps, end to end
+            assert await board.number("#chart", "data-eval-points") == 3  # one held-out row per run
+            frame = await board.frame()
+            assert await frame.locator("#chart line.boundary").count() == 2
+            assert await frame.locator("#forgetting-table tr").count() == 4  # header + one row per run
+            assert await frame.locator("#forgetting-table td[aria-label='not yet trained']").count() == 3
+            await board.screenshot(tmp_path / "dashboard-series.png", *_docs_paths("dashboard-series.png"))
+        finally:
+            await browser.close()
+
+
+async def _contains(value: Awaitable[str], part: str) -> bool:
+    return part in await value
