@@ -38,6 +38,7 @@ from backprop_mcp.tail import JobTail
 DASHBOARD_URI = "ui://backprop/dashboard.html"
 VIEW_TOOL = "job_view"
 POLL_S = 1.0  # how often the app asks for a running job's view
+MAX_POINTS = 1200  # per curve: about two points per pixel of the chart; keeps each poll small
 
 # The four tools live in server.py and are registered on the server after it is built, while
 # `Apps.tool` only works for tools handed to the SDK before (at `MCPServer(extensions=[...])`);
@@ -135,6 +136,15 @@ def _continuous(
         out.append((offset + step, value))
         last = step
     return out, starts
+
+
+def _thin(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """Every k-th point (always the last) once a curve has more points than the chart can show."""
+    if len(points) <= limit:
+        return points
+    stride = -(-len(points) // limit)
+    kept = points[::stride]
+    return kept if kept[-1] == points[-1] else [*kept, points[-1]]
 
 
 def _end_of_run_evals(
@@ -245,7 +255,7 @@ def job_view(state: ServerState, record: JobRecord) -> JobView:
     return JobView(
         job=status,
         percent=percent,
-        loss=LossCurve(train=train, eval=evals, run_starts=starts),
+        loss=LossCurve(train=_thin(train), eval=_thin(evals), run_starts=starts),
         device=_device(tail),
         forgetting=_forgetting(tail, status.metrics) if series else None,
         export=_export(status.metrics, status.artifacts) if record.kind == "export" else None,

@@ -26,7 +26,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.extension import advertise
 from mcp.server.apps import APP_MIME_TYPE, EXTENSION_ID
 
-from backprop_mcp.app import DASHBOARD_URI, VIEW_TOOL, _continuous, _forgetting
+from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _continuous, _forgetting, _thin
 from backprop_mcp.server import build_server
 from backprop_mcp.tail import JobTail
 from engine.events import EventWriter
@@ -142,6 +142,87 @@ def test_the_forgetting_matrix_grows_with_each_finished_run(tmp_path: Path) -> N
     assert finished is not None and finished.loss == [[1.0]] and finished.summary == {"loss_forgetting": 0.1}
 
 
+# A stand-in for a worker that ran out of GPU memory on a card: no GPU exists here, so this real
+# process writes what engine.worker writes in that case (a step with its NVML sample, the error with
+# its hint, result.json, the finished event) through the engine's own EventWriter and write_result.
+FAILING_GPU_WORKER = """
+import sys
+from pathlib import Path
+from engine.events import EventWriter
+from engine.spec import EVENTS_FILE, JobResult, write_result
+job_dir = Path(sys.argv[-1])
+error = {"type": "OutOfMemoryError", "message": "CUDA out of memory at micro-batch 1",
+         "hint": "Use quantization='4bit' or a shorter max_seq_length."}
+with EventWriter(job_dir / EVENTS_FILE) as events:
+    events.emit("started", kind="finetune", pid=0)
+    events.emit("stage", name="training")
+    gpu = {"temperature_c": 71, "memory_used_mb": 20480, "memory_total_mb": 81920, "utilization_pct": 97}
+    events.emit("progress", step=1, total=10, loss=2.5, tokens_per_s=1234.5, gpu_memory_gib=18.5, gpu=gpu)
+    events.emit("error", **error)
+    write_result(job_dir, JobResult(status="failed", kind="finetune", error=error))
+    events.emit("finished", status="failed", error=error)
+"""
+
+
+@pytest.mark.anyio
+async def test_the_view_of_a_failed_gpu_job_has_its_gpu_sample_and_the_error_with_its_hint(
+    tmp_path: Path,
+) -> None:
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", FAILING_GPU_WORKER])
+    async with Client(server, extensions=apps_host()) as client:
+        started = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))
+        await _wait_until_done(client, started["job_id"])
+        view = _structured(await client.call_tool(VIEW_TOOL, {"job_id": started["job_id"]}))
+    assert view["job"]["state"] == "failed" and view["poll_after_s"] is None and not view["can_export"]
+    assert view["error"] == {
+        "message": "OutOfMemoryError: CUDA out of memory at micro-batch 1",
+        "hint": "Use quantization='4bit' or a shorter max_seq_length.",
+    }
+    assert view["device"]["temperature_c"] == 71 and view["device"]["gpu_memory_used_mb"] == 20480
+    assert view["device"]["tokens_per_s"] == 1234.5 and view["device"]["gpu_peak_memory_gib"] == 18.5
+    assert view["loss"]["train"] == [[1.0, 2.5]] and view["loss"]["run_starts"] == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("host_theme", "system_theme"), [("dark", "light"), (None, "dark"), (None, "light")])
+async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems(
+    tmp_path: Path, host_theme: str | None, system_theme: str
+) -> None:
+    async_playwright = _browser_or_skip()
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", FAILING_GPU_WORKER])
+    async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
+        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await _wait_until_done(client, job_id)
+        args = {"job_id": job_id, "wait_s": 0}
+        result = await client.call_tool("job_status", args)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            board = await Dashboard.open(
+                browser, client, "job_status", args, result, host_theme, system_theme
+            )
+            await board.until("the failed state", lambda: _equals(board.text("#state"), "failed"))
+            frame = await board.frame()
+            assert await frame.get_by_role("alert").is_visible()
+            assert "CUDA out of memory" in await board.text("#error-message")
+            assert "4bit" in await board.text("#error-hint")
+            assert await board.text("#m-temp") == "71 °C" and await board.text("#m-mem") == "20.0 / 80.0 GiB"
+            assert await frame.get_by_role("button", name="Cancel job").is_disabled()
+            assert await frame.get_by_role("button", name="Export to GGUF").is_disabled()
+            assert await frame.locator("html").get_attribute("data-theme") == (host_theme or system_theme)
+            await board.screenshot(tmp_path / f"dashboard-failed-{host_theme or system_theme}.png")
+        finally:
+            await browser.close()
+
+
+def test_long_curves_are_thinned_for_the_chart_keeping_the_last_point() -> None:
+    points = [(float(i), 1.0 / i) for i in range(1, 5001)]
+    thinned = _thin(points)
+    assert len(thinned) <= MAX_POINTS + 1 and thinned[0] == points[0] and thinned[-1] == points[-1]
+    assert _thin(points[:10]) == points[:10]
+
+
 # -- the dashboard in a real browser, on the real server --------------------------------------------
 
 HOST_PAGE = """<!doctype html>
@@ -225,9 +306,18 @@ class Dashboard:
 
     @classmethod
     async def open(
-        cls, browser: Any, client: Client, tool: str, arguments: dict[str, Any], result: Any, theme: str
+        cls,
+        browser: Any,
+        client: Client,
+        tool: str,
+        arguments: dict[str, Any],
+        result: Any,
+        theme: str | None,
+        system_theme: str = "light",
     ) -> Dashboard:
-        page = await browser.new_page(viewport={"width": 900, "height": 800}, color_scheme=theme)
+        """``theme``: what the host's hostContext says (None: it says nothing); ``system_theme``: the
+        page's prefers-color-scheme."""
+        page = await browser.new_page(viewport={"width": 900, "height": 800}, color_scheme=system_theme)
         self = cls(page, client)
         tools = (await client.list_tools()).tools
         visibility = {
@@ -239,7 +329,8 @@ class Dashboard:
             return _wire(await client.call_tool(name, args))
 
         await page.expose_function("mcpCallTool", call_tool)
-        await page.set_content(HOST_PAGE % {"page_bg": "#0d1117" if theme == "dark" else "#ffffff"})
+        dark = (theme or system_theme) == "dark"
+        await page.set_content(HOST_PAGE % {"page_bg": "#0d1117" if dark else "#ffffff"})
         await page.evaluate(
             """([html, tool, args, result, theme, visibility]) => {
                  Object.assign(window, { toolName: tool, toolArguments: args, toolResult: result,
