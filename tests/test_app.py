@@ -216,6 +216,59 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
             await browser.close()
 
 
+# A stand-in export worker: the real export (merge, convert, quantize, verify) is tested end to end in
+# test_e2e_series_export.py; here a real process writes an export's result with the engine's own
+# shapes (ParityReport, human_size), one quantization verified and one rejected, in a second.
+EXPORT_WORKER = """
+import sys
+from pathlib import Path
+from engine.events import EventWriter
+from engine.export.run import human_size
+from engine.export.verify import ParityReport
+from engine.spec import EVENTS_FILE, JobResult, write_result
+job_dir = Path(sys.argv[-1])
+def parity(quant, passed):
+    return ParityReport(quant, passed, 0.99 if passed else 0.41, 1.0 if passed else 0.5, 0.9, 0.01, 0.05,
+                        0.1, 0.01, 64, 3, True, f"{quant}: {'agrees' if passed else 'disagrees'} with transformers").to_dict()
+files = {q: {"path": str(job_dir / f"model-{q}.gguf"), "bytes": n, "human": human_size(n)}
+         for q, n in (("f16", 3_500_000), ("q4_k_m", 1_100_000))}
+metrics = {"files": files, "parity": {"f16": parity("f16", True), "q4_k_m": parity("q4_k_m", False)}}
+with EventWriter(job_dir / EVENTS_FILE) as events:
+    events.emit("started", kind="export", pid=0)
+    events.emit("stage", name="verify")
+    result = JobResult(status="succeeded", kind="export", metrics=metrics,
+                       artifacts={"gguf_f16": files["f16"]["path"]})
+    write_result(job_dir, result)
+    events.emit("finished", status="succeeded", metrics=metrics, artifacts=result.artifacts)
+"""
+
+
+@pytest.mark.anyio
+async def test_the_dashboard_of_an_export_lists_its_files_and_verification(tmp_path: Path) -> None:
+    async_playwright = _browser_or_skip()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", EXPORT_WORKER])
+    async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
+        args = {"adapter_path": str(adapter), "base_model": "tiny", "quantizations": ["f16", "q4_k_m"]}
+        started = await client.call_tool("export_gguf", args)
+        await _wait_until_done(client, _structured(started)["job_id"])
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            board = await Dashboard.open(browser, client, "export_gguf", args, started, "light")
+            await board.until("the finished export", lambda: _equals(board.text("#state"), "succeeded"))
+            text = await board.text("#export-body")
+            assert "f16 (3.3 MiB)" in text and "q4_k_m (1.0 MiB)" in text
+            assert not await (await board.frame()).locator("#loss-section").is_visible()  # no curve to draw
+            assert "model-q4_k_m.gguf" in text
+            assert "✓ verified f16" in text and "✗ failed q4_k_m" in text
+            assert not await (await board.frame()).get_by_role("button", name="Export to GGUF").is_visible()
+            await board.screenshot(tmp_path / "dashboard-export.png")
+        finally:
+            await browser.close()
+
+
 def test_long_curves_are_thinned_for_the_chart_keeping_the_last_point() -> None:
     points = [(float(i), 1.0 / i) for i in range(1, 5001)]
     thinned = _thin(points)
