@@ -11,8 +11,8 @@ SDK lists an extension's tools and resources to every client, so ``hide_from_pla
 middleware) removes ``job_view``, the ``ui`` metadata and the ``ui://`` resource from their lists.
 
 ``job_view`` reads the same job views as ``job_status`` (``ServerState.status``, the job's
-``JobTail``) and only reshapes them for drawing: the loss points of a series laid end to end on one
-axis with the run boundaries, the GPU sample of the last step, the series' forgetting matrix, the
+``JobTail``) and only reshapes them for drawing: the loss curves on the global step axis with a
+series' run boundaries, the GPU sample of the last step, the series' forgetting matrix, the
 export's files and verification, the error with its hint.
 """
 
@@ -120,24 +120,6 @@ class JobView(BaseModel):
     poll_after_s: float | None = Field(description="ask again after this long; null once the job ended")
 
 
-def _continuous(
-    points: list[tuple[float, float]], *, series: bool
-) -> tuple[list[tuple[float, float]], list[RunStart]]:
-    """A series' runs each count steps from 1: lay them end to end and say where each run starts."""
-    if not series:
-        return points, []
-    out: list[tuple[float, float]] = []
-    starts: list[RunStart] = []
-    offset, last = 0.0, None
-    for step, value in points:
-        if last is not None and step <= last:  # the step counter restarted: the next run began
-            offset = out[-1][0]
-            starts.append(RunStart(run=len(starts) + 2, x=offset))
-        out.append((offset + step, value))
-        last = step
-    return out, starts
-
-
 def _thin(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
     """Every k-th point (always the last) once a curve has more points than the chart can show."""
     if len(points) <= limit:
@@ -147,34 +129,15 @@ def _thin(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tu
     return kept if kept[-1] == points[-1] else [*kept, points[-1]]
 
 
-def _end_of_run_evals(
-    tail: JobTail, metrics: dict[str, Any], train: list[tuple[float, float]], starts: list[RunStart]
-) -> list[tuple[float, float]]:
-    """Held-out losses measured when a run (or the fine-tune) ended, placed at that run's last step.
-
-    A fine-tune evaluates its held-out split once, at the end (``eval_loss`` in its metrics); a
-    series evaluates every slice seen so far after each run: the mean of that row is its point.
-    """
-    if tail.runs_finished:
-        ends = [s.x for s in starts] + [train[-1][0]]
-        points = []
-        for i, run in enumerate(tail.runs_finished[: len(ends)]):
-            row = [x for x in run.get("loss_row") or [] if isinstance(x, (int, float))]
-            if row:
-                points.append((ends[i], sum(row) / len(row)))
-        return points
-    value = metrics.get("eval_loss")
-    return [(train[-1][0], float(value))] if isinstance(value, (int, float)) else []
-
-
 def _device(tail: JobTail) -> DeviceView:
     """The last training step's throughput and GPU sample (none on the CPU)."""
-    progress = tail.progress or {}
-    sample = progress.get("gpu")
-    gpu: dict[str, Any] = sample if isinstance(sample, dict) else {}
+    progress = tail.progress
+    if progress is None:
+        return DeviceView()
+    gpu = progress.gpu or {}
     return DeviceView(
-        tokens_per_s=progress.get("tokens_per_s"),
-        gpu_peak_memory_gib=progress.get("gpu_memory_gib"),
+        tokens_per_s=progress.tokens_per_s,
+        gpu_peak_memory_gib=progress.gpu_memory_gib,
         gpu_memory_used_mb=gpu.get("memory_used_mb"),
         gpu_memory_total_mb=gpu.get("memory_total_mb"),
         temperature_c=gpu.get("temperature_c"),
@@ -200,10 +163,10 @@ def _forgetting(tail: JobTail, metrics: dict[str, Any]) -> ForgettingView | None
         return None
     rows = tail.runs_finished
     return ForgettingView(
-        slices=[str((r.get("metrics") or {}).get("slice") or f"run {r.get('run')}") for r in rows],
-        loss=[list(r.get("loss_row") or []) for r in rows],
-        accuracy=[list(r.get("accuracy_row") or []) for r in rows],
-        summary=dict(rows[-1].get("series") or {}),
+        slices=[str(r.metrics.get("slice") or f"run {r.run}") for r in rows],
+        loss=[list(r.loss_row) for r in rows],
+        accuracy=[list(r.accuracy_row) for r in rows],
+        summary=dict(rows[-1].series),
     )
 
 
@@ -233,8 +196,11 @@ def _export(metrics: dict[str, Any], artifacts: dict[str, str]) -> ExportView | 
 def _error(record: JobRecord, tail: JobTail, status: JobStatus) -> ErrorView | None:
     if status.error is None:
         return None
-    detail = tail.error or ((read_job_result(record) or {}).get("error") or {})
-    hint = detail.get("hint") if isinstance(detail, dict) else None
+    if tail.error is not None:
+        hint = tail.error.hint
+    else:  # e.g. the worker wrote result.json but no error event
+        detail = (read_job_result(record) or {}).get("error")
+        hint = detail.get("hint") if isinstance(detail, dict) else None
     message = status.error
     if hint and message.endswith(str(hint)):  # describe_error appends the hint; show it on its own
         message = message[: -len(str(hint))].rstrip()
@@ -245,17 +211,15 @@ def job_view(state: ServerState, record: JobRecord) -> JobView:
     status = state.status(record)
     tail = state.supervisor.tail(record)
     series = record.kind == "slao_series"
-    train, starts = _continuous(list(tail.loss), series=series)
-    evals, _ = _continuous(list(tail.eval_loss), series=series)
-    if not evals and train:
-        evals = _end_of_run_evals(tail, status.metrics, train, starts)
+    # tail.run_starts[k] is where run k+1 began on the global step axis; run 1 needs no line.
+    starts = [RunStart(run=k + 1, x=x) for k, x in enumerate(tail.run_starts) if k > 0]
     percent = 100.0 if status.state == "succeeded" else None
     if percent is None and status.progress and status.progress.fraction is not None:
         percent = round(100 * status.progress.fraction, 2)
     return JobView(
         job=status,
         percent=percent,
-        loss=LossCurve(train=_thin(train), eval=_thin(evals), run_starts=starts),
+        loss=LossCurve(train=_thin(tail.loss), eval=_thin(tail.eval_loss), run_starts=starts),
         device=_device(tail),
         forgetting=_forgetting(tail, status.metrics) if series else None,
         export=_export(status.metrics, status.artifacts) if record.kind == "export" else None,

@@ -26,9 +26,10 @@ from mcp import Client, StdioServerParameters
 from mcp.client.extension import advertise
 from mcp.server.apps import APP_MIME_TYPE, EXTENSION_ID
 
-from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _continuous, _forgetting, _thin
+from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
 from backprop_mcp.server import build_server
 from backprop_mcp.tail import JobTail
+from engine import events as ev
 from engine.events import EventWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,27 +112,23 @@ async def test_a_host_without_apps_sees_todays_lists(tmp_path: Path, mode: str) 
 # -- the view's shaping, on real event logs ---------------------------------------------------------
 
 
-def test_a_series_is_laid_end_to_end_with_its_run_boundaries() -> None:
-    points = [(1.0, 3.0), (2.0, 2.5), (3.0, 2.0), (1.0, 2.8), (2.0, 2.2), (3.0, 1.9), (1.0, 2.4)]
-    laid, starts = _continuous(points, series=True)
-    assert [x for x, _ in laid] == [1, 2, 3, 4, 5, 6, 7]
-    assert [(s.run, s.x) for s in starts] == [(2, 3.0), (3, 6.0)]
-    assert _continuous(points[:3], series=False) == (points[:3], [])
-
-
 def test_the_forgetting_matrix_grows_with_each_finished_run(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     with EventWriter(path) as events:
         for run, row in ((1, [2.0, None]), (2, [2.4, 1.5])):
             events.emit(
-                "run_finished",
-                run=run,
-                runs=2,
-                loss_row=row,
-                accuracy_row=[None, None],
-                metrics={"slice": f"part-{run}"},
-                series={"loss_backward_transfer": -0.4} if run == 2 else {},
+                ev.RunFinished(
+                    run=run,
+                    runs=2,
+                    loss_row=row,
+                    accuracy_row=[None, None],
+                    metrics={"slice": f"part-{run}"},
+                    series={"loss_backward_transfer": -0.4} if run == 2 else {},
+                    merged_adapter=str(tmp_path / "merged"),
+                    finetuned_adapter=str(tmp_path / "finetuned"),
+                )
             )
+
     tail = JobTail(path)
     tail.poll()
     view = _forgetting(tail, {})
@@ -148,19 +145,21 @@ def test_the_forgetting_matrix_grows_with_each_finished_run(tmp_path: Path) -> N
 FAILING_GPU_WORKER = """
 import sys
 from pathlib import Path
+from engine import events as ev
 from engine.events import EventWriter
 from engine.spec import EVENTS_FILE, JobResult, write_result
 job_dir = Path(sys.argv[-1])
 error = {"type": "OutOfMemoryError", "message": "CUDA out of memory at micro-batch 1",
          "hint": "Use quantization='4bit' or a shorter max_seq_length."}
 with EventWriter(job_dir / EVENTS_FILE) as events:
-    events.emit("started", kind="finetune", pid=0)
-    events.emit("stage", name="training")
+    events.emit(ev.Started(kind="finetune", pid=0))
+    events.stage("training")
     gpu = {"temperature_c": 71, "memory_used_mb": 20480, "memory_total_mb": 81920, "utilization_pct": 97}
-    events.emit("progress", step=1, total=10, loss=2.5, tokens_per_s=1234.5, gpu_memory_gib=18.5, gpu=gpu)
-    events.emit("error", **error)
+    events.emit(ev.Progress(step=1, total=10, global_step=1, loss=2.5, tokens_per_s=1234.5,
+                            gpu_memory_gib=18.5, gpu=gpu))
+    events.emit(ev.ErrorEvent(exception=error["type"], message=error["message"], hint=error["hint"]))
     write_result(job_dir, JobResult(status="failed", kind="finetune", error=error))
-    events.emit("finished", status="failed", error=error)
+    events.emit(ev.Finished(status="failed", error=error))
 """
 
 
@@ -222,6 +221,7 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
 EXPORT_WORKER = """
 import sys
 from pathlib import Path
+from engine import events as ev
 from engine.events import EventWriter
 from engine.export.run import human_size
 from engine.export.verify import ParityReport
@@ -234,12 +234,12 @@ files = {q: {"path": str(job_dir / f"model-{q}.gguf"), "bytes": n, "human": huma
          for q, n in (("f16", 3_500_000), ("q4_k_m", 1_100_000))}
 metrics = {"files": files, "parity": {"f16": parity("f16", True), "q4_k_m": parity("q4_k_m", False)}}
 with EventWriter(job_dir / EVENTS_FILE) as events:
-    events.emit("started", kind="export", pid=0)
-    events.emit("stage", name="verify")
+    events.emit(ev.Started(kind="export", pid=0))
+    events.stage("verify")
     result = JobResult(status="succeeded", kind="export", metrics=metrics,
                        artifacts={"gguf_f16": files["f16"]["path"]})
     write_result(job_dir, result)
-    events.emit("finished", status="succeeded", metrics=metrics, artifacts=result.artifacts)
+    events.emit(ev.Finished(status="succeeded", metrics=metrics, artifacts=result.artifacts))
 """
 
 
