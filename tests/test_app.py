@@ -1,11 +1,10 @@
 """The job dashboard (an MCP App): what hosts see in the lists, the view it draws from, and the app
 itself rendered in headless Chromium, driving the real server over stdio.
 
-The browser tests put the dashboard in a minimal host page that speaks the app protocol the way
-Claude or VS Code do (a sandboxed iframe, JSON-RPC over postMessage): it answers ui/initialize,
-hands the app one tool result, and forwards the app's tools/call to the real server through an MCP
-client. They need Debian's ``chromium`` and the ``playwright`` package (never ``playwright
-install``); without them they skip and say why. Screenshots land in the test's tmp folder; with
+The browser tests put the dashboard in a minimal host page (tests/app_host.py) that speaks the app
+protocol the way Claude or VS Code do and forwards the app's tools/call to the real server. They
+need Debian's ``chromium`` and the ``playwright`` package (never ``playwright install``); without
+them they skip and say why. Screenshots land in the test's tmp folder; with
 ``BACKPROP_DOCS_SCREENSHOTS=1`` the finished-job ones are also written to ``docs/`` for the README.
 """
 
@@ -13,18 +12,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
+from app_host import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Dashboard,
+    apps_host,
+    at_least,
+    browser_or_skip,
+    contains,
+    equals,
+)
 from mcp import Client, StdioServerParameters
-from mcp.client.extension import advertise
-from mcp.server.apps import APP_MIME_TYPE, EXTENSION_ID
+from mcp.server.apps import APP_MIME_TYPE
 
 from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
 from backprop_mcp.server import build_server
@@ -35,23 +41,7 @@ from engine.events import EventWriter
 REPO = Path(__file__).resolve().parents[1]
 LINKED = {"start_finetune", "run_slao_series", "job_status", "export_gguf"}
 MODES = ["legacy", "auto"]
-CHROMIUM = os.environ.get("BACKPROP_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STEPS_UNTIL_CANCEL = 2000  # never reached: the test cancels the job while it runs
-WAIT_S = 240.0  # generous: loading torch in the worker is slow on a busy 2-core machine
-
-
-def apps_host() -> list[Any]:
-    """What a host that renders MCP Apps announces."""
-    return [advertise(EXTENSION_ID, {"mimeTypes": [APP_MIME_TYPE]})]
 
 
 @pytest.fixture
@@ -188,7 +178,7 @@ async def test_the_view_of_a_failed_gpu_job_has_its_gpu_sample_and_the_error_wit
 async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems(
     tmp_path: Path, host_theme: str | None, system_theme: str
 ) -> None:
-    async_playwright = _browser_or_skip()
+    async_playwright = browser_or_skip()
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", FAILING_GPU_WORKER])
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
@@ -201,7 +191,7 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
             board = await Dashboard.open(
                 browser, client, "job_status", args, result, host_theme, system_theme
             )
-            await board.until("the failed state", lambda: _equals(board.text("#state"), "failed"))
+            await board.until("the failed state", lambda: equals(board.text("#state"), "failed"))
             frame = await board.frame()
             assert await frame.get_by_role("alert").is_visible()
             assert "CUDA out of memory" in await board.text("#error-message")
@@ -245,7 +235,7 @@ with EventWriter(job_dir / EVENTS_FILE) as events:
 
 @pytest.mark.anyio
 async def test_the_dashboard_of_an_export_lists_its_files_and_verification(tmp_path: Path) -> None:
-    async_playwright = _browser_or_skip()
+    async_playwright = browser_or_skip()
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
@@ -257,7 +247,7 @@ async def test_the_dashboard_of_an_export_lists_its_files_and_verification(tmp_p
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             board = await Dashboard.open(browser, client, "export_gguf", args, started, "light")
-            await board.until("the finished export", lambda: _equals(board.text("#state"), "succeeded"))
+            await board.until("the finished export", lambda: equals(board.text("#state"), "succeeded"))
             text = await board.text("#export-body")
             assert "f16 (3.3 MiB)" in text and "q4_k_m (1.0 MiB)" in text
             assert not await (await board.frame()).locator("#loss-section").is_visible()  # no curve to draw
@@ -278,63 +268,6 @@ def test_long_curves_are_thinned_for_the_chart_keeping_the_last_point() -> None:
 
 # -- the dashboard in a real browser, on the real server --------------------------------------------
 
-HOST_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>test host</title>
-<style>body { margin: 0; background: %(page_bg)s; } iframe { border: 0; width: 100%%; height: 400px; display: block; }</style>
-</head><body>
-<iframe id="app" title="dashboard" sandbox="allow-scripts"></iframe>
-<script>
-// A minimal MCP Apps host: the app is a sandboxed iframe; we answer its JSON-RPC over postMessage.
-const frame = document.getElementById("app");
-window.appMessages = [];
-window.toolCalls = [];
-function post(message) { frame.contentWindow.postMessage({ jsonrpc: "2.0", ...message }, "*"); }
-window.addEventListener("message", async (event) => {
-  if (event.source !== frame.contentWindow) return;
-  const m = event.data;
-  window.appMessages.push(m);
-  if (m.method === "ui/initialize") {
-    post({ id: m.id, result: {
-      protocolVersion: "2026-01-26",
-      hostInfo: { name: "backprop-test-host", version: "1" },
-      hostCapabilities: { serverTools: {} },
-      hostContext: { theme: window.hostTheme, displayMode: "inline", toolInfo: { tool: { name: window.toolName } } },
-    } });
-  } else if (m.method === "ui/notifications/initialized") {
-    post({ method: "ui/notifications/tool-input", params: { arguments: window.toolArguments } });
-    post({ method: "ui/notifications/tool-result", params: window.toolResult });
-  } else if (m.method === "tools/call") {
-    window.toolCalls.push(m.params.name);
-    const visibility = window.toolVisibility[m.params.name];
-    if (!visibility || !visibility.includes("app")) {  // hosts refuse tools an app may not call
-      post({ id: m.id, error: { code: -32602, message: "tool not available to apps: " + m.params.name } });
-      return;
-    }
-    try { post({ id: m.id, result: await window.mcpCallTool(m.params.name, m.params.arguments || {}) }); }
-    catch (err) { post({ id: m.id, error: { code: -32603, message: String(err) } }); }
-  } else if (m.method === "ui/notifications/size-changed") {
-    frame.style.height = m.params.height + "px";
-  } else if (m.id !== undefined) {
-    post({ id: m.id, error: { code: -32601, message: "unsupported: " + m.method } });
-  }
-});
-</script></body></html>
-"""
-
-
-def _browser_or_skip() -> Any:
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; it uses Debian's chromium)")
-    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BACKPROP_CHROMIUM)")
-    return async_playwright
-
-
-def _wire(result: Any) -> dict[str, Any]:
-    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
-
 
 def _structured(result: Any) -> dict[str, Any]:
     assert not result.is_error, result.content
@@ -349,81 +282,6 @@ async def _real_server(home: Path) -> AsyncIterator[Client]:
     )
     async with Client(params, extensions=apps_host()) as client:
         yield client
-
-
-class Dashboard:
-    """One browser page hosting the dashboard for one tool result."""
-
-    def __init__(self, page: Any, client: Client):
-        self.page, self.client = page, client
-
-    @classmethod
-    async def open(
-        cls,
-        browser: Any,
-        client: Client,
-        tool: str,
-        arguments: dict[str, Any],
-        result: Any,
-        theme: str | None,
-        system_theme: str = "light",
-    ) -> Dashboard:
-        """``theme``: what the host's hostContext says (None: it says nothing); ``system_theme``: the
-        page's prefers-color-scheme."""
-        page = await browser.new_page(viewport={"width": 900, "height": 800}, color_scheme=system_theme)
-        self = cls(page, client)
-        tools = (await client.list_tools()).tools
-        visibility = {
-            t.name: ((t.meta or {}).get("ui") or {}).get("visibility", ["model", "app"]) for t in tools
-        }
-        html = (await client.read_resource(DASHBOARD_URI)).contents[0].text
-
-        async def call_tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
-            return _wire(await client.call_tool(name, args))
-
-        await page.expose_function("mcpCallTool", call_tool)
-        dark = (theme or system_theme) == "dark"
-        await page.set_content(HOST_PAGE % {"page_bg": "#0d1117" if dark else "#ffffff"})
-        await page.evaluate(
-            """([html, tool, args, result, theme, visibility]) => {
-                 Object.assign(window, { toolName: tool, toolArguments: args, toolResult: result,
-                                         hostTheme: theme, toolVisibility: visibility });
-                 document.getElementById("app").srcdoc = html;
-               }""",
-            [html, tool, arguments, _wire(result), theme, visibility],
-        )
-        return self
-
-    async def frame(self) -> Any:
-        handle = await self.page.wait_for_selector("#app")
-        frame = await handle.content_frame()
-        await frame.wait_for_selector("#state")
-        return frame
-
-    async def until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
-        """Wait until ``check`` holds, reading the DOM from here: the app's CSP forbids the eval that
-        Playwright's ``wait_for_function`` needs, and the test keeps the app under its real CSP."""
-        deadline = anyio.current_time() + WAIT_S
-        while not await check():
-            if anyio.current_time() > deadline:
-                raise AssertionError(f"the dashboard never showed {what}")
-            await anyio.sleep(0.2)
-
-    async def number(self, selector: str, attribute: str) -> float:
-        value = await self.attr(selector, attribute)
-        return float(value) if value else 0.0
-
-    async def text(self, selector: str) -> str:
-        return await (await self.frame()).inner_text(selector)
-
-    async def attr(self, selector: str, name: str) -> str:
-        return await (await self.frame()).get_attribute(selector, name) or ""
-
-    async def screenshot(self, *paths: Path) -> None:
-        await self.page.wait_for_timeout(300)  # let the progress bar's width transition settle
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            await self.page.locator("#app").screenshot(path=str(path))
 
 
 def _chat_rows(path: Path, words: list[str]) -> Path:
@@ -443,14 +301,6 @@ async def _wait_until_done(client: Client, job_id: str) -> dict[str, Any]:
     raise AssertionError(f"job {job_id} did not end: {status}")
 
 
-async def _at_least(value: Awaitable[float], bound: float) -> bool:
-    return await value >= bound
-
-
-async def _equals(value: Awaitable[str], expected: str) -> bool:
-    return await value == expected
-
-
 def _docs_paths(name: str) -> list[Path]:
     return [REPO / "docs" / name] if os.environ.get("BACKPROP_DOCS_SCREENSHOTS") == "1" else []
 
@@ -458,7 +308,7 @@ def _docs_paths(name: str) -> list[Path]:
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Path) -> None:
-    async_playwright = _browser_or_skip()
+    async_playwright = browser_or_skip()
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green", "blue", "cyan", "pink", "gold"])
     async with _real_server(tmp_path / "home") as client, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -469,29 +319,29 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
             board = await Dashboard.open(browser, client, "start_finetune", args, started, "light")
 
             # Progress and the loss curve appear...
-            await board.until("a step", lambda: _at_least(board.number("#steps", "data-step"), 1))
+            await board.until("a step", lambda: at_least(board.number("#steps", "data-step"), 1))
             await board.until(
-                "a loss point", lambda: _at_least(board.number("#chart", "data-train-points"), 1)
+                "a loss point", lambda: at_least(board.number("#chart", "data-train-points"), 1)
             )
             first_step = await board.number("#steps", "data-step")
             first_points = await board.number("#chart", "data-train-points")
             assert await board.text("#state") == "running"
             # ...and update as the job runs, through the app-only tool called via the host.
             await board.until(
-                "a later step", lambda: _at_least(board.number("#steps", "data-step"), first_step + 1)
+                "a later step", lambda: at_least(board.number("#steps", "data-step"), first_step + 1)
             )
             await board.until(
                 "more loss points",
-                lambda: _at_least(board.number("#chart", "data-train-points"), first_points + 1),
+                lambda: at_least(board.number("#chart", "data-train-points"), first_points + 1),
             )
-            await board.until("progress", lambda: _at_least(board.number("#progress", "aria-valuenow"), 0.01))
+            await board.until("progress", lambda: at_least(board.number("#progress", "aria-valuenow"), 0.01))
             assert await (await board.frame()).locator("#chart path.train").count() == 1
             assert "step" in await board.text("#steps")
 
             # Cancel stops the job: the app calls cancel_job through the host.
             frame = await board.frame()
             await frame.get_by_role("button", name="Cancel job").click()
-            await board.until("the cancelled state", lambda: _equals(board.text("#state"), "cancelled"))
+            await board.until("the cancelled state", lambda: equals(board.text("#state"), "cancelled"))
             await board.screenshot(tmp_path / "dashboard-cancelled.png")
             status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
             assert status["state"] == "cancelled"
@@ -506,7 +356,7 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_button(tmp_path: Path) -> None:
-    async_playwright = _browser_or_skip()
+    async_playwright = browser_or_skip()
     words = ["red", "green", "blue", "cyan", "pink", "gold", "teal", "gray", "navy", "lime", "rose", "sand"]
     data = _chat_rows(tmp_path / "words.jsonl", words * 2)
     async with _real_server(tmp_path / "home") as client, async_playwright() as pw:
@@ -537,7 +387,7 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
                 ] == "succeeded"
 
             board = await Dashboard.open(browser, client, "start_finetune", ft_args, finetune, "light")
-            await board.until("the finished state", lambda: _equals(board.text("#state"), "succeeded"))
+            await board.until("the finished state", lambda: equals(board.text("#state"), "succeeded"))
             assert await board.number("#progress", "aria-valuenow") == 100
             assert await board.number("#chart", "data-train-points") == 12
             assert await board.number("#chart", "data-eval-points") == 1  # the held-out split, at the end
@@ -548,14 +398,14 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
             # Export calls export_gguf through the host and the dashboard follows the export job.
             frame = await board.frame()
             await frame.get_by_role("button", name="Export to GGUF").click()
-            await board.until("the export job", lambda: _contains(board.text("#job"), "export ·"))
+            await board.until("the export job", lambda: contains(board.text("#job"), "export ·"))
             assert "export_gguf" in await board.page.evaluate("window.toolCalls")
             export_id = (await board.text("#job")).split("·")[1].strip()
             await client.call_tool("cancel_job", {"job_id": export_id})  # no need to run it to the end here
             await _wait_until_done(client, export_id)
 
             board = await Dashboard.open(browser, client, "run_slao_series", series_args, series, "dark")
-            await board.until("the finished series", lambda: _equals(board.text("#state"), "succeeded"))
+            await board.until("the finished series", lambda: equals(board.text("#state"), "succeeded"))
             assert await board.number("#chart", "data-runs") == 3
             assert await board.number("#chart", "data-train-points") == 18  # 3 runs x 6 steps, end to end
             assert await board.number("#chart", "data-eval-points") == 3  # one held-out row per run
@@ -566,7 +416,3 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
             await board.screenshot(tmp_path / "dashboard-series.png", *_docs_paths("dashboard-series.png"))
         finally:
             await browser.close()
-
-
-async def _contains(value: Awaitable[str], part: str) -> bool:
-    return part in await value
