@@ -200,6 +200,15 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
             assert await frame.get_by_role("button", name="Cancel job").is_disabled()
             assert await frame.get_by_role("button", name="Export to GGUF").is_disabled()
             assert await frame.locator("html").get_attribute("data-theme") == (host_theme or system_theme)
+            sent = await board.page.evaluate("window.appMessages")  # the app's side of the protocol
+            assert (
+                sent[0]["method"] == "ui/initialize" and sent[0]["params"]["protocolVersion"] == "2026-01-26"
+            )
+            methods = [m.get("method") for m in sent]
+            assert {"ui/notifications/initialized", "ui/notifications/size-changed", "tools/call"} <= set(
+                methods
+            )
+            assert all(m["jsonrpc"] == "2.0" for m in sent)
             await board.screenshot(tmp_path / f"dashboard-failed-{host_theme or system_theme}.png")
         finally:
             await browser.close()
