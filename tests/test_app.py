@@ -321,10 +321,10 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green", "blue", "cyan", "pink", "gold"])
     async with _real_server(tmp_path / "home") as client, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        args = {"dataset_path": str(data), "model": "tiny", "steps": STEPS_UNTIL_CANCEL, "device": "cpu"}
+        started = await client.call_tool("start_finetune", args)
+        job_id = _structured(started)["job_id"]
         try:
-            args = {"dataset_path": str(data), "model": "tiny", "steps": STEPS_UNTIL_CANCEL, "device": "cpu"}
-            started = await client.call_tool("start_finetune", args)
-            job_id = _structured(started)["job_id"]
             board = await Dashboard.open(browser, client, "start_finetune", args, started, "light")
 
             # Progress and the loss curve appear...
@@ -360,6 +360,8 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
             assert (tmp_path / "dashboard-cancelled.png").stat().st_size > 10_000
         finally:
             await browser.close()
+            # The worker is detached and outlives the server: never leave it training if this test failed.
+            await client.call_tool("cancel_job", {"job_id": job_id, "force": True})
 
 
 @pytest.mark.slow
