@@ -27,6 +27,11 @@ from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, read_result
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
 def test_series_progress_counts_runs_and_the_loss_axis_is_global(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     with ev.EventWriter(path) as w:
@@ -155,7 +160,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_printed_command_resumes(
         model=str(tiny_model_dir),
         device="cpu",
         lora=LoraSettings(rank=4),
-        train=TrainSettings(steps=400, micro_batch_size=2, gradient_accumulation=1, max_seq_length=64),
+        train=TrainSettings(steps=40, micro_batch_size=2, gradient_accumulation=1, max_seq_length=64),
         dataset=DatasetSettings(path=str(chat)),
     )
     job_dir = create_job(spec, root=tmp_path / "jobs")
@@ -174,8 +179,58 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_printed_command_resumes(
     finished = [e for e in ev.iter_events(job_dir / "events.jsonl") if isinstance(e, ev.Finished)][-1]
     assert finished.resume_command == f"backprop resume {job_dir}"
     checkpoints = [e for e in ev.iter_events(job_dir / "events.jsonl") if isinstance(e, ev.Checkpoint)]
-    assert checkpoints and checkpoints[-1].step < 400
+    assert checkpoints and checkpoints[-1].step < 40
 
     prepare_resume(job_dir)  # clears the old cancel request: the resumed job must not stop at once
     result = run_and_follow(job_dir, lambda e: None)
-    assert result.status == "succeeded" and result.metrics["steps"] == 400
+    assert result.status == "succeeded" and result.metrics["steps"] == 40
+
+
+@pytest.mark.anyio
+async def test_tool_arguments_agree_with_the_spec_models() -> None:
+    """Every tool argument that sets a spec field has that field's default and bounds (one source of truth)."""
+    from mcp import Client
+
+    from backprop_mcp.server import build_server
+    from engine.spec import LoraSettings, SeriesSpec, TrainSettings
+
+    def flat(schema: dict) -> dict:
+        return {
+            k: v
+            for k, v in schema.items()
+            if k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+        }
+
+    def spec_schema(model: type, name: str) -> dict:
+        prop = model.model_json_schema()["properties"][name]
+        options = prop.get("anyOf", [prop])
+        return {k: v for o in options for k, v in flat(o).items()}
+
+    fields = {
+        **{n: (TrainSettings, n) for n in TrainSettings.model_fields},
+        **{n: (DatasetSettings, n) for n in ("skip_bad_rows", "eval_fraction")},
+        **{
+            n: (SeriesSpec, n)
+            for n in SeriesSpec.model_fields
+            if n not in ("datasets", "lora", "train", "safety")
+        },
+        "lora_rank": (LoraSettings, "rank"),
+        "lora_alpha": (LoraSettings, "alpha"),
+    }
+    async with Client(build_server()) as client:
+        tools = (await client.list_tools()).tools
+    checked = 0
+    for tool in (t for t in tools if t.name in ("start_finetune", "run_slao_series", "check_dataset")):
+        for arg, schema in tool.input_schema.get("properties", {}).items():
+            if arg not in fields:
+                continue
+            model, name = fields[arg]
+            options = schema.get("anyOf", [schema])
+            assert {k: v for o in options for k, v in flat(o).items()} == spec_schema(model, name), (
+                tool.name,
+                arg,
+            )
+            default = model.model_fields[name].get_default(call_default_factory=True)
+            assert schema.get("default") == default, (tool.name, arg, schema.get("default"), default)
+            checked += 1
+    assert checked >= 20
