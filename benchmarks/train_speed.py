@@ -121,6 +121,30 @@ def run_baseline(script: Path, arch: str, args: argparse.Namespace, liger: bool)
     return json.loads(lines[-1])
 
 
+def run_unsloth_bench(script: Path, arch: str, batch: int, args: argparse.Namespace) -> dict:
+    """Unsloth's own QLoRA loop (shared/bench/unsloth/unsloth_bench.py), same shapes, same card."""
+    cmd = [
+        sys.executable, str(script), "--batch", str(batch), "--seq-len", str(args.seq_len),
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--model-dir", str(Path(args.workdir) / f"unsloth-model-{arch}"),
+    ]  # fmt: skip
+    if arch == "qwen2.5-0.5b":
+        cmd.append("--small")
+    if args.tiny:
+        cmd.append("--tiny")
+    log("unsloth:", " ".join(cmd[1:]))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {
+            "variant": f"unsloth mb{batch}",
+            "error": f"no result (rc {out.returncode}): {out.stderr[-800:]}",
+        }
+    rec = json.loads(lines[-1])
+    rec["variant"] = f"unsloth bench mb{batch}"
+    return rec
+
+
 def run_engine(
     model_dir: Path,
     data: Path,
@@ -163,7 +187,9 @@ def run_engine(
     # the events' tokens_per_s is cumulative from the first step; time only the steps after warm-up
     tok = [p.get("tokens") for p in timed]
     secs = [p["step_s"] for p in timed]
+    backend_logs = [e.data for e in events if e.type == "log" and "backend" in e.data]
     rec.update(
+        backend_event=backend_logs[-1] if backend_logs else None,
         tokens_per_s=round(sum(tok) / sum(secs), 1) if all(t is not None for t in tok) and secs else None,
         step_time_s=round(sum(secs) / len(secs), 4) if secs else None,
         peak_mem_gib=result.metrics.get("peak_gpu_memory_gib"),
@@ -192,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=str, default="", help="extra engine micro-batch sizes to try, e.g. 8,16")
     p.add_argument("--default-batch", action="store_true", help="also run with the smart default micro-batch")
     p.add_argument("--skip-fixed", action="store_true", help="skip the fixed micro-batch engine run")
+    p.add_argument(
+        "--unsloth-bench", type=Path, default=None, help="path to unsloth_bench.py (needs unsloth)"
+    )
+    p.add_argument(
+        "--unsloth-batches", type=str, default="", help="micro-batches for unsloth_bench.py, e.g. 4,16"
+    )
+    p.add_argument("--engine-unsloth", action="store_true", help="also run the engine with backend 'unsloth'")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
@@ -230,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
                        extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
         )  # fmt: skip
+    if args.engine_unsloth:
+        records.append(
+            run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len} backend unsloth",
+                       extra={"backend": "unsloth"}) | {"data": info}
+        )  # fmt: skip
+    if args.unsloth_bench and args.unsloth_bench.exists():
+        for b in [int(x) for x in (args.unsloth_batches or str(args.batch)).split(",") if x]:
+            records.append(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
     if args.variable:
         var = Path(args.workdir) / "variable.jsonl"
         # enough rows that packing fills every step of seq_len-token rows

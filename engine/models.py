@@ -540,7 +540,9 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
     storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
     # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    use_unsloth, why = _unsloth_decision(spec.use_unsloth, device, storage)
+    from engine.training.backend import unsloth_mode  # train.backend decides; see that module
+
+    use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
     info: dict[str, Any] = {
         "model": spec.model,
         "model_source": resolved.source,

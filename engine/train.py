@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from engine import accel
-from engine.batching import IGNORE, StepPlan, collate, plan_steps
+from engine.batching import IGNORE, StepPlan, plan_steps
 from engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.data import Example, load_examples, split_for_eval
 from engine.defaults import resolve_training
@@ -31,7 +31,6 @@ from engine.events import EventWriter
 from engine.formatting import tokenize_example
 from engine.hardware import GpuMonitor, ThermalGuard
 from engine.jobs import JobCancelled
-from engine.loss import causal_lm_loss_sum
 from engine.models import load_for_training, load_tokenizer, model_shape
 from engine.spec import (
     ADAPTER_DIR,
@@ -275,25 +274,9 @@ def _one_step(
     The loss is the mean over every target token of the whole step (not a mean of per-micro-batch
     means), so the result does not depend on how the step is cut into micro-batches.
     """
-    batches = [
-        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
-        for i in range(0, len(rows), micro)
-    ]
-    n_targets = sum(b.target_tokens for b in batches)
-    total = 0.0
-    for b in batches:
-        b = b.to(device)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
-        ):
-            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
-        (loss_sum / n_targets).backward()
-        total += float(loss_sum.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm
+    from engine.training.fast_step import run_step  # no host sync inside the step; see that module
+
+    return run_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm)
 
 
 def _wait_for_safe_temperature(
@@ -450,6 +433,15 @@ def run_finetune(
         loaded_info=loaded.info,
     )
 
+    from engine.training.backend import apply_fast_path, backend_name, backend_reason
+
+    fast = apply_fast_path(model, device, loaded.info)
+    events.log(
+        f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"
+        + (f"; fast path: {', '.join(fast)}" if fast else ""),
+        backend=backend_name(loaded.info),
+        fast_path=fast,
+    )
     events.emit("stage", name="training", total_steps=resolved.steps)
     outcome = train_adapter(
         model,
@@ -482,7 +474,7 @@ def run_finetune(
         "learning_rate": resolved.learning_rate,
         "packing": resolved.packing,
         "device": device,
-        "backend": loaded.info.get("path"),
+        "backend": backend_name(loaded.info),
         "quantization": loaded.info.get("quantization"),
         "examples": len(data.input_ids),
         **eval_metrics,

@@ -1,0 +1,78 @@
+"""Which training backend a run takes, and the native fast path's set-up.
+
+``train.backend`` (engine.spec.TrainSettings):
+- ``native``: the engine's own path (transformers + peft + bitsandbytes, with the fast path below);
+- ``unsloth``: Unsloth's FastLanguageModel (an error when it cannot be used here);
+- ``auto``: Unsloth where it is installed and measured faster for the job (see ``_AUTO_RULE``), else
+  native.
+
+The native fast path (GPU only): peft's LoRA layers get the fused forward
+(engine.training.fused_lora), and packed rows use the varlen flash-attention kernel
+(engine.training.varlen_attention) when torch has it for the model's dtype and head size. The step
+itself (engine.training.fast_step) is the same on every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.training.fast_step import VARLEN_FLAG
+from engine.training.fused_lora import fuse_lora_layers
+from engine.training.varlen_attention import flash_varlen_available
+
+# auto: measured on one H200 (benchmarks/RESULTS.md, 2026-12-02) the native fast path beats
+# Unsloth on the 7B, and Unsloth's compiled blocks win on small models at large micro-batches.
+# Until a per-job measurement exists, auto keeps to the native path and uses Unsloth only when the
+# older use_unsloth setting asks for it explicitly ("require").
+_AUTO_RULE = "native unless use_unsloth is 'require'"
+
+
+def unsloth_mode(spec: Any) -> str:
+    """The models module's use_unsloth mode ("never" | "auto" | "require") that ``train.backend`` implies."""
+    backend = getattr(getattr(spec, "train", None), "backend", "auto")
+    legacy = getattr(spec, "use_unsloth", "auto")
+    if backend == "native":
+        return "never"
+    if backend == "unsloth":
+        return "require"
+    return "require" if legacy == "require" else "never"
+
+
+def backend_name(info: dict[str, Any]) -> str:
+    return "unsloth" if info.get("path") == "unsloth" else "native"
+
+
+def backend_reason(spec: Any, info: dict[str, Any]) -> str:
+    """Why the run took its backend, in words for the run's log."""
+    asked = getattr(getattr(spec, "train", None), "backend", "auto")
+    if backend_name(info) == "unsloth" or asked == "unsloth":
+        return f"backend '{asked}': {info.get('path_reason')}"
+    return "backend 'native' asked for" if asked == "native" else f"backend 'auto': {_AUTO_RULE}"
+
+
+def apply_fast_path(model: Any, device: str, info: dict[str, Any]) -> list[str]:
+    """Switch on the native fast path for a peft-wrapped model on a GPU. Returns what was applied."""
+    if backend_name(info) != "native" or not device.startswith("cuda"):
+        return []
+    applied = []
+    fused, skipped = fuse_lora_layers(model)
+    if fused:
+        note = f"fused LoRA on {fused} layers"
+        if skipped:
+            note += (
+                " (peft's forward kept for "
+                + ", ".join(f"{n} with {why}" for why, n in skipped.items())
+                + ")"
+            )
+        applied.append(note)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = getattr(model, "dtype", None)
+    compute = info.get("compute_dtype")
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(compute), dtype)
+    if flash_varlen_available(device, dtype, head_dim):
+        model.__dict__[VARLEN_FLAG] = True
+        applied.append("varlen flash attention for packed rows")
+    return applied
