@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "engine_varlen"
+_KERNEL_TAKES_GQA: bool | None = None  # learnt on the first packed call
 
 
 def cu_seqlens_for_rows(segments: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -122,6 +123,16 @@ def varlen_attention_forward(
     scale = scaling if scaling is not None else dim**-0.5
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
     if flash_varlen_available(q.device, q.dtype, dim):
+        global _KERNEL_TAKES_GQA
+        if k.shape[1] != heads and _KERNEL_TAKES_GQA is not False:
+            try:  # flash-attention takes fewer key/value heads; checked once, as torch builds differ
+                out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+                _KERNEL_TAKES_GQA = True
+                return out.view(batch, length, heads, dim), None
+            except RuntimeError:
+                _KERNEL_TAKES_GQA = False
+        if k.shape[1] != heads:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
         out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
     else:
         out = reference_varlen(q, k, v, cu, scale)
