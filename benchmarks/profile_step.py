@@ -155,13 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.fused_lora import unfuse_lora_layers
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model_dir = args.model_dir
-    if model_dir is None:
+    model_dir = args.model_dir or Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"
+    if not (model_dir / "config.json").exists():
         from benchmarks.train_speed import write_random_model
 
-        model_dir = write_random_model(
-            args.arch, args.tiny, Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"
-        )
+        model_dir = write_random_model(args.arch, args.tiny, model_dir)
     spec = FinetuneSpec(
         model=str(model_dir), quantization="4bit" if device != "cpu" else "none",
         lora=LoraSettings(rank=16, alpha=32), train=TrainSettings(backend="native"),
