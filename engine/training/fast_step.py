@@ -24,6 +24,7 @@ import torch
 
 from engine.batching import IGNORE, collate
 from engine.loss import _causal_lm, _chunk_loss, supports_hidden_state_loss
+from engine.training.fused_lora import weights_updated
 from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
 
 VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
@@ -144,6 +145,7 @@ def run_step(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    weights_updated()  # the fused LoRA layers' cast copies are stale now
     optimizer.zero_grad(set_to_none=True)
     assert total is not None
     loss_value, norm_value = torch.stack([total.float(), grad_norm.float()]).tolist()  # the one sync

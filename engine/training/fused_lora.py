@@ -31,6 +31,14 @@ from typing import Any
 import torch
 
 _DEQUANT_BUFFERS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+# Bumped after every optimizer step (engine.training.fast_step). The parameter's own version counter
+# is not enough: torch's fused AdamW updates parameters in place without bumping it.
+_GENERATION = [0]
+
+
+def weights_updated() -> None:
+    """Call after the LoRA weights changed in place (an optimizer step): the cast copies are stale."""
+    _GENERATION[0] += 1
 
 
 def _is_4bit(base: Any) -> bool:
@@ -58,15 +66,16 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _cached_cast(module: Any, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``p`` in ``dtype``, cast once per version of ``p`` (optimizer steps bump the version)."""
+    """``p`` in ``dtype``, cast once per optimizer step (and again if ``p`` was written in place)."""
     if p.dtype == dtype:
         return p.detach()
     cache = module.__dict__.setdefault("_fused_lora_cache", {})
+    key = (_GENERATION[0], p._version)
     hit = cache.get(name)
-    if hit is not None and hit[0] == p._version and hit[1].dtype == dtype:
+    if hit is not None and hit[0] == key and hit[1].dtype == dtype:
         return hit[1]
     cast = p.detach().to(dtype)
-    cache[name] = (p._version, cast)
+    cache[name] = (key, cast)
     return cast
 
 
