@@ -225,17 +225,30 @@ def main(argv: list[str] | None = None) -> int:
         "--unsloth-batches", type=str, default="", help="micro-batches for unsloth_bench.py, e.g. 4,16"
     )
     p.add_argument("--engine-unsloth", action="store_true", help="also run the engine with backend 'unsloth'")
+    p.add_argument("--extra", type=str, default="", help="one more engine run with these settings (JSON)")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="train_speed-")
+    args.unsloth_bench_batches = (
+        [int(x) for x in (args.unsloth_batches or str(args.batch)).split(",") if x]
+        if args.unsloth_bench and args.unsloth_bench.exists()
+        else []
+    )
     os.environ.setdefault("BACKPROP_HOME", str(Path(args.workdir) / "home"))
 
     records: list[dict] = []
+
+    def add(rec: dict) -> None:  # written as it comes, so a run cut short keeps what it measured
+        records.append(rec)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     if args.baseline and args.baseline.exists():
-        records.append(run_baseline(args.baseline, args.arch, args, liger=False))
+        add(run_baseline(args.baseline, args.arch, args, liger=False))
         if args.liger_baseline:
-            records.append(run_baseline(args.baseline, args.arch, args, liger=True))
+            add(run_baseline(args.baseline, args.arch, args, liger=True))
     model_dir = write_random_model(
         args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}"
     )
@@ -244,45 +257,50 @@ def main(argv: list[str] | None = None) -> int:
     fixed = Path(args.workdir) / "fixed.jsonl"
     info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
     if not args.skip_fixed:
-        records.append(
-            run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info}
-        )
+        add(run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info})
     for b in [int(x) for x in args.batches.split(",") if x]:
         data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
         info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)
         saved = args.batch
         args.batch = b
-        records.append(
+        add(
             run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}")
             | {"data": info_b}
         )
+        if b in args.unsloth_bench_batches:  # Unsloth right after the engine at the same micro-batch
+            add(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
         args.batch = saved
-    if args.default_batch:
-        # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
-        records.append(
-            run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
-                       extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
-        )  # fmt: skip
+    for b in args.unsloth_bench_batches:
+        if b not in [int(x) for x in args.batches.split(",") if x]:
+            add(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
     if args.engine_unsloth:
-        records.append(
+        add(
             run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len} backend unsloth",
                        extra={"backend": "unsloth"}) | {"data": info}
         )  # fmt: skip
-    if args.unsloth_bench and args.unsloth_bench.exists():
-        for b in [int(x) for x in (args.unsloth_batches or str(args.batch)).split(",") if x]:
-            records.append(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
     if args.variable:
         var = Path(args.workdir) / "variable.jsonl"
         # enough rows that packing fills every step of seq_len-token rows
         info_v = write_tokens(var, vocab, rows * args.seq_len // 250, args.seq_len, variable=True, seed=1)
-        records.append(
-            run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v}
+        add(run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v})
+    if args.extra:  # one more engine run with these settings, e.g. '{"gradient_checkpointing": false}'
+        extra = json.loads(args.extra)
+        data_x, info_x = fixed, info
+        if extra.get("micro_batch_size"):
+            data_x = Path(args.workdir) / "fixed-extra.jsonl"
+            n = extra["micro_batch_size"] * (args.steps + args.warmup)
+            info_x = write_tokens(data_x, vocab, n, args.seq_len, variable=False)
+        add(
+            run_engine(model_dir, data_x, args, packing=False, label=f"fixed {args.extra}", extra=extra)
+            | {"data": info_x}
         )
+    if args.default_batch:
+        # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
+        add(
+            run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
+                       extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
+        )  # fmt: skip
 
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
     base = next(
         (
             r
