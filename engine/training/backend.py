@@ -69,12 +69,11 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any]) -> list[str]:
         applied.append(note)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = getattr(model, "dtype", None)
-    compute = info.get("compute_dtype")
     import torch
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(compute), dtype)
-    if flash_varlen_available(device, dtype, head_dim):
+    # the dtype attention runs in: the compute dtype of a 4-bit/16-bit load (fp32 never takes flash)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(info.get("compute_dtype")))
+    if dtype is not None and flash_varlen_available(device, dtype, head_dim):
         model.__dict__[VARLEN_FLAG] = True
         applied.append("varlen flash attention for packed rows")
     return applied

@@ -128,6 +128,7 @@ def run_step(
 
     Returns (mean loss per target token over the step, non-padding tokens, gradient norm before clipping).
     """
+    weights_updated()  # LoRA weights may have been written between steps (resume, merges)
     varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
     batches = prepare_batches(rows, data, micro, pad_id, device, varlen=varlen)
     n_targets = sum(b.n_targets for b in batches)

@@ -184,7 +184,7 @@ def fuse_lora_layers(model: Any) -> tuple[int, dict[str, int]]:
         if why is not None:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        module.forward = types.MethodType(_fused_forward, module)
+        module.forward = types.MethodType(_fused_forward, module)  # type: ignore[attr-defined]
         fused += 1
     return fused, skipped
 
