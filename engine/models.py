@@ -512,8 +512,8 @@ def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> t
         return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
     if use_unsloth == "require":
         raise ModelError(
-            f"use_unsloth is 'require' but {problem}. Install it (pip install unsloth) on a machine with an "
-            "NVIDIA GPU, or set use_unsloth to 'auto' to fall back to transformers."
+            f"use_unsloth is 'require' (or train.backend is 'unsloth') but {problem}. Install it (pip install "
+            "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
         )
     return False, f"{problem}: using transformers"
 

@@ -358,3 +358,16 @@ def test_gpu_fused_lora_on_nf4_equals_peft_under_autocast():
     for n, t in g.items():
         assert t.dtype == torch.float32
         assert (t - ref_g[n]).abs().max() < 3e-2 * ref_g[n].abs().max(), n
+
+
+def test_backend_unsloth_without_a_gpu_is_a_clear_error(tiny_model_dir):
+    from engine.models import ModelError, load_for_training
+    from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+
+    spec = FinetuneSpec(
+        model=str(tiny_model_dir),
+        train=TrainSettings(backend="unsloth"),
+        dataset=DatasetSettings(path="d.jsonl"),
+    )
+    with pytest.raises(ModelError, match="backend is 'unsloth'.*CUDA GPU.*'auto' or 'native'"):
+        load_for_training(spec, "cpu")
