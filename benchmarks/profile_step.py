@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm):
-    """The engine's step before the fast path (engine/train.py ``_one_step`` as of 2026-12-01)."""
+    """The engine's step before the fast path (``_one_step`` of the training loop as of 2026-12-01)."""
     import torch
 
-    from engine.batching import collate
-    from engine.loss import causal_lm_loss_sum
+    from engine.training.batching import collate
+    from engine.training.loss import causal_lm_loss_sum
 
     batches = [
         collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
@@ -61,7 +61,7 @@ def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype
 
 
 def make_data(vocab: int, rows: int, seq_len: int, packed: bool, seed: int = 0):
-    from engine.train import Tokenized
+    from engine.training.loop import Tokenized
 
     rng = random.Random(seed)
     ids = []
@@ -144,15 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine import accel
-    from engine.batching import plan_steps
     from engine.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
-    from engine.models import load_for_training
     from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
-    from engine.train import add_lora
+    from engine.training import accel
     from engine.training.backend import apply_fast_path
+    from engine.training.base_model import load_for_training
+    from engine.training.batching import plan_steps
     from engine.training.fast_step import VARLEN_FLAG, run_step
     from engine.training.fused_lora import unfuse_lora_layers
+    from engine.training.lora import add_lora
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model_dir = args.model_dir or Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batching import collate
-from engine.loss import causal_lm_loss_sum
-from engine.train import Tokenized
 from engine.training import fused_lora
+from engine.training.batching import collate
 from engine.training.fast_step import VARLEN_FLAG, loss_sum, prepare_batches
+from engine.training.loop import Tokenized
+from engine.training.loss import causal_lm_loss_sum
 from engine.training.varlen_attention import (
     NAME,
     cu_seqlens_for_rows,
@@ -238,7 +238,7 @@ def test_packed_loss_with_varlen_attention_equals_the_dense_block_mask_path(tiny
 def test_fast_step_loop_with_every_piece_on_matches_the_plain_peft_loop(tiny_model_dir, tmp_path):
     """train_adapter on a fused, varlen-flagged model: same per-step losses as peft's own loop."""
     from engine.events import EventWriter
-    from engine.train import train_adapter
+    from engine.training.loop import train_adapter
 
     data = _data([24] * 8, seed=2)
 
@@ -361,8 +361,9 @@ def test_gpu_fused_lora_on_nf4_equals_peft_under_autocast():
 
 
 def test_backend_unsloth_without_a_gpu_is_a_clear_error(tiny_model_dir):
-    from engine.models import ModelError, load_for_training
+    from engine.models import ModelError
     from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.training.base_model import load_for_training
 
     spec = FinetuneSpec(
         model=str(tiny_model_dir),

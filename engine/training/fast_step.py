@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from engine.batching import IGNORE, collate
-from engine.loss import _causal_lm, _chunk_loss, supports_hidden_state_loss
+from engine.memory import loss_chunk_tokens
+from engine.training.batching import IGNORE, collate
 from engine.training.fused_lora import weights_updated
+from engine.training.loss import _causal_lm, _chunk_loss, supports_hidden_state_loss
 from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
 
 VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
-_CHUNK_BYTES = 256 * 1024**2  # float32 logits of one loss chunk (as engine.loss)
 
 
 @dataclass
@@ -100,7 +100,7 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
         return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b.gather_index)
     weight = lm.get_output_embeddings().weight
-    chunk = max(64, _CHUNK_BYTES // (4 * weight.shape[0]))
+    chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
     total: torch.Tensor | None = None
     for start in range(0, b.n_targets, chunk):
         hc, tc = h[start : start + chunk], b.gather_targets[start : start + chunk]
