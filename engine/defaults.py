@@ -58,6 +58,7 @@ class ResolvedTraining:
     memory: MemoryEstimate | None  # None when there was no memory figure to check against
     rows_per_epoch: int  # training rows per pass (packed rows when packing)
     truncated_examples: int  # examples longer than max_seq_length
+    backend: str = "auto"  # train.backend, decided when the model loads (engine.training.backend)
 
     @property
     def rows_per_step(self) -> int:
@@ -282,7 +283,14 @@ def resolve_training(
             else f"a short run of {steps} steps: no intermediate checkpoint (one is written on cancel)"
         )
 
-    for name in ("lr_scheduler", "gradient_checkpointing", "weight_decay", "max_grad_norm", "seed"):
+    for name in (
+        "lr_scheduler",
+        "gradient_checkpointing",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+        "backend",
+    ):
         value, default = getattr(train, name), TrainSettings.model_fields[name].default
         reasons[name] = "default" if value == default else "given"
     if not train.gradient_checkpointing:
@@ -314,6 +322,7 @@ def resolve_training(
         memory=memory,
         rows_per_epoch=rows,
         truncated_examples=truncated,
+        backend=train.backend,
     )
 
 

@@ -69,6 +69,10 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    backend: Literal["auto", "native", "unsloth"] = Field(
+        "auto",
+        description="native: the engine's own fast path; unsloth: Unsloth's (must be installed); auto: pick",
+    )
 
 
 class SafetySettings(_Strict):

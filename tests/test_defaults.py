@@ -160,6 +160,7 @@ def test_user_values_are_kept():
         max_grad_norm=0.5,
         seed=7,
         checkpoint_every=3,
+        backend="native",
     )
     r = resolve_training(
         given,

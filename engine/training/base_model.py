@@ -67,8 +67,8 @@ def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> t
         return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
     if use_unsloth == "require":
         raise ModelError(
-            f"use_unsloth is 'require' but {problem}. Install it (pip install unsloth) on a machine with an "
-            "NVIDIA GPU, or set use_unsloth to 'auto' to fall back to transformers."
+            f"use_unsloth is 'require' (or train.backend is 'unsloth') but {problem}. Install it (pip install "
+            "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
         )
     return False, f"{problem}: using transformers"
 
@@ -95,7 +95,9 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
     storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
     # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    use_unsloth, why = _unsloth_decision(spec.use_unsloth, device, storage)
+    from engine.training.backend import unsloth_mode  # train.backend decides; see that module
+
+    use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
     info: dict[str, Any] = {
         "model": spec.model,
         "model_source": resolved.source,

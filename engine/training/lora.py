@@ -56,6 +56,15 @@ def load_lora_model(
     model = add_lora(
         loaded.model, spec.lora, gradient_checkpointing=gradient_checkpointing, loaded_info=loaded.info
     )
+    from engine.training.backend import apply_fast_path, backend_name, backend_reason
+
+    fast = apply_fast_path(model, device, loaded.info)
+    events.log(
+        f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"
+        + (f"; fast path: {', '.join(fast)}" if fast else ""),
+        backend=backend_name(loaded.info),
+        fast_path=fast,
+    )
     return model, loaded.info
 
 
