@@ -277,6 +277,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
         checkpoint_every: Annotated[int | None, setting(TrainSettings, "checkpoint_every")] = None,
         seed: int = 42,
+        backend: Annotated[Literal["auto", "native", "unsloth"], setting(TrainSettings, "backend")] = "auto",
         *,
         roots: ClientRoots,
     ) -> StartedJob:
@@ -311,6 +312,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
                             "packing": packing,
                             "checkpoint_every": checkpoint_every,
                             "seed": seed,
+                            "backend": backend,
                         }.items()
                         if v is not None
                     },

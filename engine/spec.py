@@ -94,7 +94,6 @@ class _ModelJob(_Strict):
     )
     device: DeviceChoice = "auto"
     gpu_index: int = Field(0, ge=0)
-    use_unsloth: Literal["auto", "never", "require"] = "auto"
     trust_remote_code: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)

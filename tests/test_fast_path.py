@@ -274,10 +274,6 @@ def test_backend_setting_maps_onto_the_loader_and_is_validated():
     assert unsloth_mode(spec(backend="native")) == "never"
     assert unsloth_mode(spec(backend="unsloth")) == "require"
     assert unsloth_mode(spec()) == "auto"  # Unsloth if it imports on a CUDA GPU (never on this CPU)
-    assert (
-        unsloth_mode(FinetuneSpec(use_unsloth="require", dataset=DatasetSettings(path="d.jsonl")))
-        == "require"
-    )
     with pytest.raises(ValidationError, match="backend"):
         TrainSettings(backend="fast")
     assert (

@@ -22,20 +22,15 @@ from engine.training.varlen_attention import flash_varlen_available
 
 # auto: on one H200 (benchmarks/RESULTS.md, 2026-12-02) Unsloth was faster than the native fast path
 # in every configuration measured (7B NF4 micro-batch 4: 1.05x, with 0.90x the memory; 0.5B: ~1.7x,
-# on another day's run), so auto takes Unsloth wherever it imports on a CUDA GPU (the older
-# use_unsloth setting can still say "never"), and the native fast path everywhere else.
+# on another day's run), so auto takes Unsloth wherever it imports on a CUDA GPU, and the native
+# fast path everywhere else.
 _AUTO_RULE = "Unsloth where it imports on a CUDA GPU (measured faster), else native"
 
 
 def unsloth_mode(spec: Any) -> str:
-    """The models module's use_unsloth mode ("never" | "auto" | "require") that ``train.backend`` implies."""
+    """The base-model loader's Unsloth mode ("never" | "auto" | "require") that ``train.backend`` implies."""
     backend = getattr(getattr(spec, "train", None), "backend", "auto")
-    legacy = getattr(spec, "use_unsloth", "auto")
-    if backend == "native":
-        return "never"
-    if backend == "unsloth":
-        return "require"
-    return legacy  # "auto" (the default): Unsloth when it imports on a CUDA GPU
+    return {"native": "never", "unsloth": "require"}.get(backend, "auto")
 
 
 def backend_name(info: dict[str, Any]) -> str:

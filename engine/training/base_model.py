@@ -5,8 +5,9 @@ Loading rules (``load_for_training``):
   fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
   CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
   Embeddings and lm_head are never quantised. Attention is SDPA.
-- Unsloth's ``FastLanguageModel`` is used when ``use_unsloth`` is not "never", a CUDA GPU is the
-  device and ``import unsloth`` works; "require" without it is an error. Otherwise transformers.
+- Unsloth's ``FastLanguageModel`` loads the model when ``train.backend`` allows it ("auto" or
+  "unsloth"), a CUDA GPU is the device and ``import unsloth`` works; "unsloth" without it is an
+  error. Otherwise transformers.
 
 torch and transformers load inside the functions, so importing this module stays cheap.
 """
@@ -49,10 +50,10 @@ def _cuda_bf16(device: str) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
-def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
+def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
     """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
-    if use_unsloth == "never":
-        return False, "use_unsloth is 'never'"
+    if mode == "never":
+        return False, "train.backend is 'native'"
     problem = None
     if not device.startswith("cuda"):
         problem = "Unsloth needs a CUDA GPU and the device is the CPU"
@@ -64,10 +65,11 @@ def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> t
         except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
             problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
     if problem is None:
-        return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
-    if use_unsloth == "require":
+        asked = "unsloth" if mode == "require" else "auto"
+        return True, f"train.backend is '{asked}' and Unsloth imported on a CUDA GPU"
+    if mode == "require":
         raise ModelError(
-            f"use_unsloth is 'require' (or train.backend is 'unsloth') but {problem}. Install it (pip install "
+            f"train.backend is 'unsloth' but {problem}. Install it (pip install "
             "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
         )
     return False, f"{problem}: using transformers"
