@@ -30,7 +30,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
 from pydantic import BaseModel, Field, ValidationError
 
-from backprop_mcp import __version__, checks
+from backprop_mcp import __version__, checks, extras
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.gpu import gpu_report
 from backprop_mcp.lossplot import render_loss_png
@@ -252,6 +252,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
+        extras.require("train", "start_finetune")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
         notes = (
@@ -396,6 +397,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
+        extras.require("train", "check_dataset")
         data_path = checks.dataset_path(path)
         model_name = checks.check_model(model)
         args = {
@@ -436,6 +438,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     ) -> Generation:
         """Generate a reply with the chat template applied, from a base model, a finished job's adapter
         or a merged model, to see what training changed. Bounded in time (model loading included, under a minute)."""
+        extras.require("train", "try_model")
         base, adapter = _generation_target(job_id, model, adapter_path)
         args = {
             "model": base,
@@ -520,6 +523,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
+        extras.require("train", "run_slao_series")
         model_name = checks.check_model(model)
         datasets = []
         notes: list[str] = []
@@ -581,6 +585,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
         result with a local Ollama. Follow it with job_status."""
+        extras.require("export", "export_gguf")
         if bool(job_id) == bool(adapter_path):
             raise ToolError(
                 "give exactly one of job_id (a succeeded training job) or adapter_path (an adapter folder)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from engine.events import Event
@@ -11,9 +12,12 @@ from engine.events import Event
 class ProgressPrinter:
     """Turns events into a progress bar for training steps and one line for everything else."""
 
-    def __init__(self, enabled: bool = True, stream: Any = None):
+    def __init__(
+        self, enabled: bool = True, stream: Any = None, translate: Callable[[str], str] = lambda s: s
+    ):
         self.enabled = enabled
         self.stream = stream or sys.stderr
+        self.translate = translate  # the CLI names its flags where messages name API settings
         self._progress: Any = None
         self._task: Any = None
 
@@ -37,6 +41,7 @@ class ProgressPrinter:
             self._progress.update(self._task, total=total)
 
     def _line(self, text: str) -> None:
+        text = self.translate(text)
         if self._progress is not None:
             self._progress.console.print(text)
         else:
@@ -67,7 +72,7 @@ class ProgressPrinter:
                 "checkpoint": "checkpoint: ",
             }.get(event.type, "")
             if event.type == "run_finished":
-                text = f"run {d.get('run')} finished: {d.get('metrics', '')}"
+                text = run_finished_line(d)
             self._line(f"{prefix}{text}")
         elif event.type == "error":
             self._line(f"error: {d.get('type')}: {d.get('message')}\n  {d.get('hint', '')}")
@@ -78,3 +83,20 @@ class ProgressPrinter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def run_finished_line(d: dict[str, Any]) -> str:
+    """'run 2/3 finished: loss 2.31 -> 1.02 in 12.0 s; held-out loss on this slice 1.10 (accuracy 0.40)'."""
+    m = d.get("metrics") or {}
+
+    def num(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
+
+    text = (
+        f"run {d.get('run')}/{d.get('runs')} finished: loss {num(m.get('first_loss'))} -> "
+        f"{num(m.get('final_loss'))} in {num(m.get('train_seconds'))} s; merged adapter's held-out loss "
+        f"on this slice {num(m.get('heldout_loss'))}"
+    )
+    if m.get("heldout_accuracy") is not None:
+        text += f" (exact match {num(m['heldout_accuracy'])})"
+    return text

@@ -154,6 +154,9 @@ class ExportSpec(_Strict):
     ollama_host: str | None = None
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    output_dir: str | None = Field(
+        None, description="write the GGUF files and Modelfile here, not the job's gguf/"
+    )
 
     @field_validator("quantizations")
     @classmethod

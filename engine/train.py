@@ -437,7 +437,7 @@ def run_finetune(
     events.emit("stage", name="loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
-        f"model loaded: {loaded.info}",
+        f"model loaded: {loaded.summary()}",
         **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
     )
     speedups = accel.apply_speedups(loaded.model, device, loaded.info)
