@@ -13,6 +13,7 @@ This module imports no torch/transformers: whatever needs them runs in an engine
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -661,10 +662,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         f"{JOBS_URI}/{{job_id}}/loss.png", name="job_loss", title="Loss curve", mime_type="image/png"
     )
     def job_loss_resource(job_id: str) -> bytes:
-        """The training loss (blue) and evaluation loss (orange) against the step, as a PNG."""
+        """The training loss (blue), held-out loss (orange) and a series' run starts against the step, as a PNG."""
         record = resource_job(job_id)
         tail = lazy.get().supervisor.tail(record)
-        return render_loss_png(list(tail.loss), list(tail.eval_loss))
+        return render_loss_png(list(tail.loss), list(tail.eval_loss), list(tail.run_starts))
 
     @server.resource(GPU_URI, name="gpu", title="GPU state", mime_type="application/json")
     def gpu_resource() -> str:
@@ -681,6 +682,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         legacy.remove(str(params.uri), ctx.session)
         return EmptyResult()
 
+    for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation
+        tool.description = inspect.cleandoc(tool.description)
     server._lowlevel_server.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe

@@ -32,6 +32,7 @@ class JobTail:
     progress_events: int = 0
     loss: list[tuple[float, float]] = field(default_factory=list)
     eval_loss: list[tuple[float, float]] = field(default_factory=list)
+    run_starts: list[tuple[int, int]] = field(default_factory=list)  # (run, its first index in loss)
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=10))
     last_log: str | None = None
     checkpoint: dict[str, Any] | None = None
@@ -61,13 +62,20 @@ class JobTail:
         elif kind == "progress":
             self.progress = {**data, "time": event.time}
             self.progress_events += 1
+            if (
+                "run" in data
+                and "loss" in data
+                and (not self.run_starts or self.run_starts[-1][0] != data["run"])
+            ):
+                self.run_starts.append((int(data["run"]), len(self.loss)))
             self._add_point(self.loss, data, "loss")
             self._add_point(self.eval_loss, data, "eval_loss")
         elif kind == "warning":
             self.warnings.append(str(data.get("message", data)))
         elif kind == "log":
             self.last_log = str(data.get("message", data))
-            self._add_point(self.eval_loss, data, "eval_loss")
+            # the held-out evaluation after training carries no step: it belongs at the last one
+            self._add_point(self.eval_loss, {"step": (self.progress or {}).get("step"), **data}, "eval_loss")
         elif kind == "checkpoint":
             self.checkpoint = data
         elif kind == "run_finished":

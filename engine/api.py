@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.extras import require_for_spec
 from engine.jobs import create_job, run_and_follow
 from engine.progress import ProgressPrinter
 from engine.spec import (
@@ -105,6 +106,9 @@ class Trainer:
         self.last: TrainResult | None = None
 
     def _run(self, spec: Any) -> JobResult:
+        require_for_spec(
+            spec, f"Trainer.{'export' if spec.kind == 'export' else 'train'}"
+        )  # before any folder
         job_dir = create_job(spec, root=self.workdir)
         printer = ProgressPrinter(enabled=self.verbose)
         try:

@@ -32,6 +32,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
+        "--report-to",
+        action="append",
+        choices=["tensorboard", "wandb"],
+        default=None,
+        help="also log metrics to TensorBoard (in the job folder) or W&B (offline unless WANDB_MODE is set)",
+    )
+    p.add_argument(
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
     )
     _add_json(p)
@@ -132,6 +139,7 @@ def _train_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "packing": args.packing,
         "seed": args.seed,
         "checkpoint_every": args.checkpoint_every,
+        "report_to": args.report_to,
         **extra,
     }
     return {k: v for k, v in values.items() if v is not None}
@@ -181,12 +189,12 @@ def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
     return 0 if result.status == "succeeded" else 1
 
 
-def _start(spec: Any, args: argparse.Namespace, work: str) -> int:
-    from engine.extras import MissingExtra, require
+def _start(spec: Any, args: argparse.Namespace) -> int:
+    from engine.extras import MissingExtra, require_for_spec
     from engine.jobs import create_job
 
     try:
-        require(work, f"backprop {args.command}")
+        require_for_spec(spec, f"backprop {args.command}")
     except MissingExtra as exc:
         raise Refused(str(exc)) from None
     job_dir = create_job(spec, root=args.workdir)
@@ -279,8 +287,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec(args: argparse.Namespace) -> tuple[Any, str]:
-    """The job spec a training or export command describes, and the extra it needs."""
+def _spec(args: argparse.Namespace) -> Any:
+    """The job spec a training or export command describes."""
     from engine import spec as S
 
     if args.command == "train":
@@ -291,7 +299,7 @@ def _spec(args: argparse.Namespace) -> tuple[Any, str]:
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
             dataset=S.DatasetSettings(path=_data_path(args.data), skip_bad_rows=args.skip_bad_rows),
-        ), "train"
+        )
     if args.command == "multi-run":
         return S.SeriesSpec(
             model=args.model,
@@ -304,7 +312,7 @@ def _spec(args: argparse.Namespace) -> tuple[Any, str]:
             steps_per_run=args.steps_per_run,
             samples_per_run=args.samples_per_run,
             merge_mode=args.merge_mode,
-        ), "train"
+        )
     return S.ExportSpec(
         source=_export_source(args.source, args.workdir),
         base_model=args.base_model,
@@ -314,7 +322,7 @@ def _spec(args: argparse.Namespace) -> tuple[Any, str]:
         register_ollama=args.ollama,
         ollama_name=args.ollama_name,
         output_dir=str(args.output_dir.expanduser().resolve()) if args.output_dir else None,
-    ), "export"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in ("train", "multi-run", "export"):
-            spec, work = _spec(args)
-            return _start(spec, args, work)
+            return _start(_spec(args), args)
         command = {"resume": _resume, "check-data": _check_data, "gpu": _gpu, "generate": _generate}
         return command[args.command](args)
     except ValidationError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +72,7 @@ class EventWriter:
                     with open(self.path, "ab") as g:
                         g.write(b"\n")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the job
+        self.listeners: list[Callable[[Event], None]] = []  # called after each write (engine.reporting)
 
     def emit(self, type: EventType, /, **data: Any) -> Event:
         self._seq += 1
@@ -80,6 +81,8 @@ class EventWriter:
         self._file.flush()
         if type in TERMINAL_TYPES or type == "error":
             os.fsync(self._file.fileno())
+        for listener in self.listeners:
+            listener(event)
         return event
 
     def log(self, message: str, **data: Any) -> Event:

@@ -17,6 +17,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 # The modules each extra's code imports (module name, not distribution name).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
@@ -101,3 +102,10 @@ def require(work: str, what: str) -> None:
             "torch first: pip install torch --index-url https://download.pytorch.org/whl/cpu"
         )
     raise MissingExtra(message, extras, modules)
+
+
+def require_for_spec(spec: Any, what: str) -> None:
+    """``require`` for everything a job spec will use: its kind's extras and its ``train.report_to``."""
+    require("export" if spec.kind == "export" else "train", what)
+    for name in getattr(getattr(spec, "train", None), "report_to", None) or []:
+        require(name, f"{what} with report_to {name}")

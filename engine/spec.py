@@ -69,6 +69,9 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log metrics to TensorBoard (job folder) / W&B (offline)"
+    )
 
 
 class SafetySettings(_Strict):

@@ -15,6 +15,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ def add_lora(
     if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
         return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -114,7 +115,23 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     model.config.use_cache = False
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads the deprecated `is_gradient_checkpointing` property of transformers >= 5.2x models
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer in the backward pass (non-reentrant: works with frozen inputs and LoRA).
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns); older releases have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
