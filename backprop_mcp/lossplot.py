@@ -7,7 +7,7 @@ so this module draws exactly that: the training loss (blue), the held-out loss (
 there is one), the start of each run of a series (grey dashed lines), axis titles ("step",
 "loss"), tick values and a legend, in a built-in 5x7 pixel font.
 
-A series restarts its step count at every run; its runs are laid end to end on one step axis.
+The x axis is the job's global step: a series' runs lie end to end on it.
 """
 
 from __future__ import annotations
@@ -157,37 +157,16 @@ def _label(value: float) -> str:
     return f"{value:.3g}"
 
 
-def stitch_runs(
-    points: list[tuple[float, float]], run_starts: list[tuple[int, int]] | None
-) -> tuple[list[tuple[float, float]], list[tuple[int, float]]]:
-    """Lay the runs of a series end to end: (points on one step axis, (run, x where it starts) per run).
-
-    ``run_starts`` holds (run number, index of its first point in ``points``), in order.
-    """
-    if not run_starts:
-        return points, []
-    out: list[tuple[float, float]] = []
-    boundaries: list[tuple[int, float]] = []
-    offset = 0.0
-    bounds = [i for _, i in run_starts] + [len(points)]
-    for k, (run, first) in enumerate(run_starts):
-        segment = points[first : bounds[k + 1]]
-        if k > 0:
-            offset = out[-1][0] if out else offset
-            boundaries.append((run, offset))
-        out += [(x + offset, y) for x, y in segment]
-    return points[: run_starts[0][1]] + out, boundaries
-
-
 def render_loss_png(
     train: list[tuple[float, float]],
     eval_points: list[tuple[float, float]] | None = None,
-    run_starts: list[tuple[int, int]] | None = None,
+    run_starts: list[float] | None = None,
 ) -> bytes:
-    """A PNG of loss against step. With no points yet, an empty labelled frame (no step logged yet)."""
+    """A PNG of loss against the job's global step. ``run_starts``: the step where each run of a
+    series began (the first run's included). With no points yet, an empty labelled frame."""
     canvas = _Canvas(WIDTH, HEIGHT)
     left, right, top, bottom = _MARGIN_L, WIDTH - _MARGIN_R, _MARGIN_T, HEIGHT - _MARGIN_B
-    train, boundaries = stitch_runs(train, run_starts)
+    boundaries = [(run, x) for run, x in enumerate(run_starts or [], start=1) if run > 1]
     eval_points = eval_points or []
     for i in range(5):  # horizontal grid
         y = top + (bottom - top) * i / 4

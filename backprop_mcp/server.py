@@ -44,10 +44,10 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, looks_like_hub_name, resolve_readable
+from backprop_mcp.paths import check_job_id, resolve_readable
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from engine.spec import ExportQuant, ExportSpec, FinetuneSpec, MergeMode, SeriesSpec, read_spec
+from engine.interface import ExportQuant, ExportSpec, FinetuneSpec, MergeMode, SeriesSpec, read_spec
 
 log = logging.getLogger("backprop_mcp")
 
@@ -256,9 +256,6 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         extras.require("train", "start_finetune")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        notes = (
-            checks.dataset_problems(data_path, skip_bad_rows) if not looks_like_hub_name(data_path) else []
-        )
         try:
             spec = FinetuneSpec.model_validate(
                 {
@@ -293,7 +290,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(
                 f"invalid settings: {checks.validation_message(exc)}. Fix them and call again."
             ) from exc
-        notes += checks.fit_notes(spec)
+        notes = checks.preflight(spec)
         return create(spec, f"{Path(model_name).name} on {Path(data_path).name}", notes)
 
     @server.tool(
@@ -526,13 +523,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
         extras.require("train", "run_slao_series")
         model_name = checks.check_model(model)
-        datasets = []
-        notes: list[str] = []
-        for p in dataset_paths:
-            data_path = checks.dataset_path(p)
-            if not looks_like_hub_name(data_path):
-                notes += checks.dataset_problems(data_path, skip_bad_rows)
-            datasets.append({"path": data_path, "skip_bad_rows": skip_bad_rows})
+        datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         train = {
             k: v for k, v in {"learning_rate": learning_rate, "max_seq_length": max_seq_length}.items() if v
         }
@@ -557,7 +548,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(
                 f"invalid series settings: {checks.validation_message(exc)}. Fix them and call again."
             ) from exc
-        notes += checks.fit_notes(spec)
+        notes = checks.preflight(spec)
         runs = spec.num_runs or len(datasets)
         return create(spec, f"{Path(model_name).name}, {runs} SLAO runs", notes)
 
@@ -696,7 +687,10 @@ def _progress_point(state: ServerState, record: JobRecord) -> tuple[float, str]:
     tail = state.supervisor.tail(record)
     progress = progress_of(tail)
     if record.state == "queued" or progress is None:
-        reason = (tail.queued or {}).get("message") if record.state == "queued" else tail.stage
+        if record.state == "queued":
+            reason = tail.queued.message if tail.queued else None
+        else:
+            reason = tail.stage.name if tail.stage else None
         return 0.0, f"{record.state}: {reason or 'starting'}"
     pct = 100.0 * (progress.fraction or 0.0)
     parts = [f"step {progress.step}/{progress.total}"]

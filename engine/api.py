@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.extras import require_for_spec
 from engine.jobs import create_job, run_and_follow
+from engine.preflight import preflight
 from engine.progress import ProgressPrinter
 from engine.spec import (
     DatasetSettings,
@@ -106,9 +107,8 @@ class Trainer:
         self.last: TrainResult | None = None
 
     def _run(self, spec: Any) -> JobResult:
-        require_for_spec(
-            spec, f"Trainer.{'export' if spec.kind == 'export' else 'train'}"
-        )  # before any folder
+        require_for_spec(spec, "Trainer." + ("export" if spec.kind == "export" else "train"))  # MissingExtra
+        preflight(spec, "python")  # raises PreflightError (a ValueError) before any job folder exists
         job_dir = create_job(spec, root=self.workdir)
         printer = ProgressPrinter(enabled=self.verbose)
         try:

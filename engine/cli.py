@@ -20,12 +20,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quantization", default="auto", choices=["auto", "4bit", "16bit", "none"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2*rank)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: chosen for the model)")
-    p.add_argument("--seq-len", type=int, default=None, help="max sequence length (default: from the data)")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: from free memory)")
-    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=16, help="LoRA rank")
+    p.add_argument(
+        "--alpha", "--lora-alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2*rank)"
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        dest="lr",
+        type=float,
+        default=None,
+        help="learning rate (default: chosen for the model)",
+    )
+    p.add_argument(
+        "--seq-len",
+        "--max-seq-length",
+        dest="seq_len",
+        type=int,
+        default=None,
+        help="max sequence length (default: from the data)",
+    )
+    p.add_argument(
+        "--batch",
+        "--micro-batch-size",
+        dest="batch",
+        type=int,
+        default=None,
+        help="micro-batch size (default: from free memory)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        "--gradient-accumulation",
+        dest="grad_accum",
+        type=int,
+        default=None,
+        help="gradient accumulation steps",
+    )
     p.add_argument(
         "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack short examples"
     )
@@ -192,10 +222,13 @@ def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
 def _start(spec: Any, args: argparse.Namespace) -> int:
     from engine.extras import MissingExtra, require_for_spec
     from engine.jobs import create_job
+    from engine.preflight import PreflightError, preflight
 
-    try:
+    try:  # refuse what would fail before any job folder exists
         require_for_spec(spec, f"backprop {args.command}")
-    except MissingExtra as exc:
+        for note in preflight(spec, "cli"):
+            print(f"note: {note}", file=sys.stderr)
+    except (MissingExtra, PreflightError) as exc:
         raise Refused(str(exc)) from None
     job_dir = create_job(spec, root=args.workdir)
     print(f"job {job_dir.name}: {job_dir}", file=sys.stderr)
@@ -204,14 +237,14 @@ def _start(spec: Any, args: argparse.Namespace) -> int:
 
 def _job_folder(name: str, workdir: Path | None) -> Path:
     """A job folder from its id (under ``workdir`` or the state folder) or its path."""
-    from engine.jobs import jobs_root
-    from engine.spec import SPEC_FILE
+    from engine.jobs import find_job_dir
 
-    path = Path(name).expanduser()
-    for candidate in (path, (workdir or jobs_root()) / name):
-        if (candidate / SPEC_FILE).is_file():
-            return candidate.resolve()
-    raise Refused(f"{name!r} is neither a job id under {workdir or jobs_root()} nor a job folder")
+    if workdir is not None and (workdir / name / "spec.json").is_file():
+        return (workdir / name).resolve()
+    try:
+        return find_job_dir(name)
+    except FileNotFoundError as exc:
+        raise Refused(str(exc)) from None
 
 
 def _export_source(source: str, workdir: Path | None) -> str:
@@ -234,15 +267,21 @@ def _export_source(source: str, workdir: Path | None) -> str:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from engine.resume import ResumeError, prepare_resume
+    from engine.jobs import prepare_resume
+    from engine.resume import resume_point, running_worker
     from engine.spec import read_spec
 
     job_dir = _job_folder(args.job, args.workdir)
+    pid = running_worker(job_dir)
+    if pid is not None:
+        raise Refused(f"job {job_dir.name} is still running (worker pid {pid}); stop it before resuming")
+    where = resume_point(job_dir)
     try:
-        what = prepare_resume(job_dir)
-    except ResumeError as exc:
-        raise Refused(str(exc)) from None
-    print(f"resuming {job_dir.name}: {what}", file=sys.stderr)
+        previous = prepare_resume(job_dir)
+    except ValueError as exc:  # it succeeded: nothing to resume
+        raise Refused(f"{exc} (export it with: backprop export {job_dir.name})") from None
+    ended = f"it had ended {previous.status}" if previous else "it had stopped without a result"
+    print(f"resuming {job_dir.name} ({ended}): {where}", file=sys.stderr)
     return _follow(job_dir, read_spec(job_dir), args)
 
 

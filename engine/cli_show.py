@@ -13,35 +13,39 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-# API setting -> command-line flag (engine/cli.py defines the flags).
-FIELD_FLAGS = {
-    "skip_bad_rows": "--skip-bad-rows",
-    "max_seq_length": "--seq-len",
-    "micro_batch_size": "--batch",
-    "gradient_accumulation": "--grad-accum",
-    "learning_rate": "--lr",
-    "checkpoint_every": "--checkpoint-every",
-    "steps_per_run": "--steps-per-run",
-    "samples_per_run": "--samples-per-run",
-    "num_runs": "--num-runs",
-    "merge_mode": "--merge-mode",
-    "lora_rank": "--rank",
-    "lora_alpha": "--alpha",
-}
-_FIELD_RE = re.compile(r"\b(" + "|".join(FIELD_FLAGS) + r")\b(?:\s*=\s*(true|True|[\w.]+))?")
-_QUANT_RE = re.compile(r"\bquantization\s*[= ]\s*'?(4bit|16bit|none|auto)'?")
+# API settings that messages name; each is also a flag of the commands (engine/cli.py), spelled by
+# engine.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
+SETTINGS = (
+    "skip_bad_rows",
+    "max_seq_length",
+    "micro_batch_size",
+    "gradient_accumulation",
+    "learning_rate",
+    "checkpoint_every",
+    "steps_per_run",
+    "samples_per_run",
+    "num_runs",
+    "merge_mode",
+    "lora_rank",
+    "lora_alpha",
+    "quantization",
+)
+_SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?([\w.]+)'?|\s+'(\w+)')?")
 
 
 def for_cli(message: str) -> str:
-    """``message`` with API setting names replaced by command-line flags (``skip_bad_rows=true`` -> ``--skip-bad-rows``)."""
+    """``message`` with API setting names as command-line flags (``skip_bad_rows=true`` -> ``--skip-bad-rows``)."""
+    from engine.preflight import spell
 
     def flag(m: re.Match[str]) -> str:
-        name, value = m.group(1), m.group(2)
+        value: object = m.group(2) or m.group(3)
+        if value is None and m.group(1) == "quantization":  # the English word, not the setting
+            return m.group(0)
         if value is None or value in ("true", "True"):
-            return FIELD_FLAGS[name]
-        return f"{FIELD_FLAGS[name]} {value}"
+            value = True
+        return spell(m.group(1), value, "cli")
 
-    return _QUANT_RE.sub(r"--quantization \1", _FIELD_RE.sub(flag, message))
+    return _SETTING_RE.sub(flag, message)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -182,11 +186,10 @@ def job_summary(result: Any, job_dir: Path, spec: Any) -> str:
     """The few lines a person reads when a job ends: outcome, where things are, what to run next."""
     job_id = job_dir.name
     m, a = result.metrics, result.artifacts
-    if result.status == "cancelled":
-        return (
-            f"stopped: {job_id} {(result.error or {}).get('message', '')}\n"
-            f"continue it from its last checkpoint: backprop resume {job_id}"
-        )
+    if result.status == "cancelled":  # the progress printer has shown the resume command
+        err = result.error or {}
+        text = f"stopped: {err.get('message', 'cancelled')} (job {job_id}, {job_dir})"
+        return text + (f"\nresume it with: {err['hint']}" if err.get("hint") else "")
     if result.status != "succeeded":
         err = result.error or {}
         text = f"failed: {err.get('type', 'Error')}: {for_cli(str(err.get('message', '')))}"

@@ -322,6 +322,7 @@ class DoesNotFitError(ValueError):
 FREE_MEMORY_USABLE = 0.95
 MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 TARGET_EXAMPLES_PER_STEP = 16
+MIN_SEQ_LENGTH = 64  # the shortest sequence length the defaults choose
 
 
 def _fits(estimate: MemoryEstimate, free_gib: float, context_in_use: bool) -> bool:
@@ -478,7 +479,7 @@ def resolve_training(
         reasons["max_seq_length"] = "given"
     else:
         p99 = percentile(token_lengths, 99)
-        max_seq = max(64, _round_up(p99, 64))
+        max_seq = max(MIN_SEQ_LENGTH, _round_up(p99, 64))
         reasons["max_seq_length"] = (
             f"99th percentile of example lengths is {p99:.0f} tokens (longest {longest}), rounded up to a multiple of 64"
         )

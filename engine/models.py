@@ -269,8 +269,11 @@ def _check_model_folder(path: Path, name: str) -> None:
     )
 
 
-def resolve_model(name: str) -> ResolvedModel:
-    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name."""
+def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
+    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name.
+
+    ``build_tiny=False`` only checks the name (the preflight), without building the tiny model.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(
             f"a model name is required (a preset: {', '.join(PRESETS)}; a local folder; or a hub name)"
@@ -279,6 +282,8 @@ def resolve_model(name: str) -> ResolvedModel:
     preset = get_preset(name)
     if preset is not None:
         if preset.hf_id is None:
+            if not build_tiny:
+                return ResolvedModel(name, "preset", name, preset=preset)
             from engine.tiny import ensure_tiny_model
 
             path = ensure_tiny_model()

@@ -2,9 +2,9 @@
 
 Off by default; ``train.report_to: ["tensorboard", "wandb"]`` turns them on. The reporters listen to
 the job's own events (``EventWriter.listeners``), so the training loop needs no code for them: each
-``progress`` event (loss, learning rate, gradient norm, tokens/s, GPU memory) becomes one step of
-scalars, a held-out evaluation becomes ``eval/loss``, and a finished run of a series logs its
-merged adapter's held-out loss. Steps of a series are numbered across runs.
+``Progress`` event of a training step (loss, learning rate, gradient norm, tokens/s, GPU memory)
+becomes one step of scalars, each ``Eval`` an ``eval/loss`` point (and ``eval/exact_match`` where
+rows have answers), on the job's global step (a series' runs lie end to end).
 
 - TensorBoard: ``<job_dir>/tensorboard/`` (``tensorboard --logdir <job_dir>/tensorboard``).
 - W&B: offline unless the user set ``WANDB_MODE`` (nothing leaves the machine by default); the run
@@ -23,37 +23,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.events import Event, EventWriter
+from engine.events import Eval, EventWriter, Progress
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 
 
-class _Steps:
-    """Global step numbers: a series restarts ``step`` at every run; plots want one axis."""
-
-    def __init__(self) -> None:
-        self.totals: dict[int, int] = {}
-
-    def global_step(self, data: dict[str, Any]) -> int:
-        step, run = int(data.get("step", 0)), data.get("run")
-        if run is None:
-            return step
-        run, total = int(run), int(data.get("total", 0))
-        self.totals[run] = total
-        # runs finished before this worker started (a resumed series) count with this run's length
-        return sum(self.totals.get(r, total) for r in range(1, run)) + step
-
-
-def _scalars(data: dict[str, Any]) -> dict[str, float]:
+def _scalars(p: Progress) -> dict[str, float]:
     out = {
-        "train/loss": data.get("loss"),
-        "train/learning_rate": data.get("lr"),
-        "train/grad_norm": data.get("grad_norm"),
-        "train/tokens_per_s": data.get("tokens_per_s"),
-        "gpu/peak_memory_gib": data.get("gpu_memory_gib"),
+        "train/loss": p.loss,
+        "train/learning_rate": p.lr,
+        "train/grad_norm": p.grad_norm,
+        "train/tokens_per_s": p.tokens_per_s,
+        "gpu/peak_memory_gib": p.gpu_memory_gib,
     }
-    sample = data.get("gpu") or {}
+    sample = p.gpu or {}
     if isinstance(sample.get("memory_used_mb"), (int, float)):
         out["gpu/memory_used_gib"] = sample["memory_used_mb"] / 1024
     if isinstance(sample.get("temperature_c"), (int, float)):
@@ -106,8 +90,6 @@ class Reporters:
 
     def __init__(self, names: list[str], job_dir: Path, config: dict[str, Any], events: EventWriter):
         self.events = events
-        self.steps = _Steps()
-        self.last_step = 0
         self.backends: dict[str, Any] = {}
         for name in dict.fromkeys(names):
             try:
@@ -123,22 +105,15 @@ class Reporters:
                 report_to=list(self.backends),
             )
 
-    def __call__(self, event: Event) -> None:
-        data = event.data
-        if event.type == "progress" and "loss" in data:
-            self.last_step = self.steps.global_step(data)
-            self._log(_scalars(data), self.last_step)
-        elif event.type == "log" and isinstance(data.get("eval_loss"), (int, float)):
-            self._log({"eval/loss": float(data["eval_loss"])}, self.last_step)
-        elif event.type == "run_finished":
-            m = data.get("metrics") or {}
-            scalars = {
-                "series/heldout_loss": m.get("heldout_loss"),
-                "series/heldout_accuracy": m.get("heldout_accuracy"),
-            }
-            self._log(
-                {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))}, self.last_step
-            )
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, Progress) and event.loss is not None:
+            step = event.global_step if event.global_step is not None else event.step
+            self._log(_scalars(event), step)
+        elif isinstance(event, Eval):
+            scalars = {"eval/loss": event.loss}
+            if event.accuracy is not None:
+                scalars["eval/exact_match"] = event.accuracy
+            self._log(scalars, event.global_step)
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
         for name, backend in list(self.backends.items()):

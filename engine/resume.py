@@ -1,10 +1,8 @@
-"""Getting a stopped job folder ready to run again, and saying what it will resume from.
+"""What a stopped job will resume from, and whether its worker is still alive (torch-free).
 
-A job stopped by a cancel (or a crash) keeps its checkpoints; running its worker again on the
-same folder continues from the newest one (``train_adapter`` and ``run_series`` look for them).
-Before that, the folder must lose what marks it ended: ``cancel.request`` (else the worker stops
-at once) and ``result.json`` (else a follower would read the old result). Torch-free: checkpoints
-are found by their folder names and ``state.json`` files, not loaded.
+``engine.jobs.prepare_resume`` makes a stopped job runnable again; this module tells the user what
+that run will continue from before it starts: checkpoints are found by their folder names and a
+series' committed runs by its ``state.json``, without loading anything.
 """
 
 from __future__ import annotations
@@ -14,74 +12,53 @@ from pathlib import Path
 
 import psutil
 
-from engine.events import iter_events
-from engine.spec import CANCEL_FILE, CHECKPOINT_DIR, EVENTS_FILE, RESULT_FILE, read_result, read_spec
+from engine.events import Progress, Started, iter_events
+from engine.spec import CHECKPOINT_DIR, EVENTS_FILE, read_spec
 
-SERIES_STATE = Path("series") / "state.json"  # engine.series keeps its committed runs here
-
-
-class ResumeError(ValueError):
-    """The job can't be resumed; the message says why and what to do instead."""
+SERIES_STATE = Path("series") / "state.json"  # engine.series commits its finished runs here
+STEP_PREFIX = "step-"  # engine.checkpoints names each checkpoint step-000120
 
 
 def _newest_step(checkpoints: Path) -> int | None:
-    steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.json").is_file()]
+    steps = [
+        int(p.name.removeprefix(STEP_PREFIX))
+        for p in checkpoints.glob(f"{STEP_PREFIX}*")
+        if (p / "state.json").is_file() and p.name.removeprefix(STEP_PREFIX).isdigit()
+    ]
     return max(steps) if steps else None
 
 
-def _last_total(job_dir: Path) -> int | None:
-    total = None
+def running_worker(job_dir: Path) -> int | None:
+    """The pid of the job's worker when it is still running (a worker of this job, not a reused pid)."""
+    started: Started | None = None
     for event in iter_events(job_dir / EVENTS_FILE):
-        if event.type == "progress" and "loss" in event.data:
-            total = event.data.get("total", total)
-    return total
-
-
-def _still_running(job_dir: Path) -> int | None:
-    """The pid of the job's worker when it is alive and has not finished."""
-    pid, finished = None, False
-    for event in iter_events(job_dir / EVENTS_FILE):
-        if event.type == "started":
-            pid, finished = event.data.get("pid"), False
-        elif event.type == "finished":
-            finished = True
-    if pid is None or finished or not psutil.pid_exists(int(pid)):
+        if isinstance(event, Started):
+            started = event
+    if started is None:
         return None
-    return int(pid)
+    try:
+        proc = psutil.Process(started.pid)
+        alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return started.pid if alive and proc.create_time() <= started.time + 1 else None
+    except psutil.Error:
+        return None
 
 
-def describe_resume_point(job_dir: Path) -> str:
+def resume_point(job_dir: Path) -> str:
     """'from the checkpoint at step 12 of 30' (or which run of a series), without loading anything."""
     spec = read_spec(job_dir)
     if spec.kind == "export":
-        return "an export has no checkpoints: it runs again from the start"
+        return "an export keeps no checkpoints: it runs again from the start"
     if spec.kind == "slao_series":
         state_file = job_dir / SERIES_STATE
-        done = json.loads(state_file.read_text())["completed_runs"] if state_file.is_file() else 0
-        run = done + 1
-        step = _newest_step(job_dir / CHECKPOINT_DIR / f"run-{run:03d}")
-        where = f"from the checkpoint at step {step}" if step else "from its start"
-        return f"{done} run(s) finished; run {run} continues {where}"
+        done = int(json.loads(state_file.read_text())["completed_runs"]) if state_file.is_file() else 0
+        step = _newest_step(job_dir / CHECKPOINT_DIR / f"run-{done + 1:03d}")
+        where = f"from its checkpoint at step {step}" if step else "from its start"
+        return f"{done} run(s) finished; run {done + 1} continues {where}"
     step = _newest_step(job_dir / CHECKPOINT_DIR)
     if step is None:
         return "no checkpoint was written: training starts again from step 0"
-    total = _last_total(job_dir)
-    return f"from the checkpoint at step {step}" + (f" of {total}" if total else "")
-
-
-def prepare_resume(job_dir: Path) -> str:
-    """Clear the markers of the job's end; returns what it will resume from. Raises ``ResumeError``."""
-    result = read_result(job_dir)
-    if result is not None and result.status == "succeeded":
-        raise ResumeError(
-            f"job {job_dir.name} already finished successfully; there is nothing to resume "
-            f"(export it with: backprop export {job_dir.name})"
-        )
-    pid = _still_running(job_dir)
-    if result is None and pid is not None:
-        raise ResumeError(f"job {job_dir.name} is still running (worker pid {pid}); stop it first")
-    what = describe_resume_point(job_dir)
-    (job_dir / CANCEL_FILE).unlink(missing_ok=True)
-    (job_dir / RESULT_FILE).unlink(missing_ok=True)
-    previous = f"it had {result.status}" if result else "it had stopped without a result"
-    return f"{previous}; {what}"
+    totals = [
+        e.total for e in iter_events(job_dir / EVENTS_FILE) if isinstance(e, Progress) and e.loss is not None
+    ]
+    return f"from the checkpoint at step {step}" + (f" of {totals[-1]}" if totals else "")

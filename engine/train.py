@@ -28,7 +28,7 @@ from engine.batching import IGNORE, StepPlan, collate, plan_steps
 from engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.data import Example, load_examples, split_for_eval
 from engine.defaults import resolve_training
-from engine.events import EventWriter
+from engine.events import Checkpoint, Eval, EventWriter, Progress
 from engine.formatting import tokenize_example
 from engine.hardware import GpuMonitor, ThermalGuard
 from engine.jobs import JobCancelled
@@ -69,6 +69,19 @@ class TrainOutcome:
     micro_batch_size: int = 0
     gradient_accumulation: int = 0
     train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunPosition:
+    """Where a training run sits in its job: run ``run`` of ``runs``, after ``step_offset`` earlier steps.
+
+    A plain fine-tune is run 1 of 1 at offset 0; a series passes its own, so that progress events
+    carry the run counter and a global step (one continuous x axis for the whole job).
+    """
+
+    run: int | None = None
+    runs: int | None = None
+    step_offset: int = 0
 
 
 def pick_device(choice: str, gpu_index: int = 0) -> str:
@@ -159,7 +172,8 @@ def train_adapter(
     cancel_check: Callable[[], bool] = lambda: False,
     safety: SafetySettings | None = None,
     gpu_index: int = 0,
-    progress_prefix: dict[str, Any] | None = None,
+    position: RunPosition | None = None,
+    evaluator: Callable[[int], Any] | None = None,
 ) -> TrainOutcome:
     """Train the LoRA parameters of ``model`` in place for ``resolved.steps`` optimizer steps.
 
@@ -190,13 +204,13 @@ def train_adapter(
         start_step = int(state["step"])
         outcome.loss_history = list(state.get("loss_history", []))
         micro = int(state.get("micro_batch_size", micro))
-        events.emit("log", message=f"resumed from checkpoint at step {start_step}", step=start_step)
+        events.log(f"resumed from checkpoint at step {start_step}", step=start_step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast_dtype = accel.autocast_dtype(device)
     monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
     guard = ThermalGuard(safety or SafetySettings())
-    prefix = progress_prefix or {}
+    where = position or RunPosition()
 
     def checkpoint(step: int) -> None:
         if checkpoint_dir is None:
@@ -205,7 +219,7 @@ def train_adapter(
             checkpoint_dir, step, model, optimizer, scheduler,
             {"loss_history": outcome.loss_history, "micro_batch_size": micro},
         )  # fmt: skip
-        events.emit("checkpoint", step=step, path=str(path))
+        events.emit(Checkpoint(step=step, path=str(path), run=where.run))
 
     model.train()
     if device.startswith("cuda"):
@@ -251,22 +265,28 @@ def train_adapter(
         remaining = plan.total_steps - step
         sample = monitor.sample() if monitor else None
         events.emit(
-            "progress",
-            **prefix,
-            step=step,
-            total=plan.total_steps,
-            loss=round(loss_value, 6),
-            lr=lr,
-            grad_norm=round(grad_norm, 6),
-            tokens=real_tokens,
-            tokens_per_s=round(tps, 1),
-            step_s=round(dt, 4),
-            eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
-            gpu_memory_gib=_gpu_memory_gib(device),
-            gpu=sample,
+            Progress(
+                run=where.run,
+                runs=where.runs,
+                global_step=where.step_offset + step,
+                step=step,
+                total=plan.total_steps,
+                loss=round(loss_value, 6),
+                lr=lr,
+                grad_norm=round(grad_norm, 6),
+                tokens=real_tokens,
+                tokens_per_s=round(tps, 1),
+                step_s=round(dt, 4),
+                eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
+                gpu_memory_gib=_gpu_memory_gib(device),
+                gpu=sample,
+            )
         )
         if resolved.checkpoint_every and step % resolved.checkpoint_every == 0 and step < plan.total_steps:
             checkpoint(step)
+            if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
+                evaluator(where.step_offset + step)
+                model.train()
     outcome.steps_done = step
     outcome.train_seconds = time.perf_counter() - t_begin
     outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
@@ -365,7 +385,7 @@ def prepare_training(
     spec: Any, examples: list[Example], device: str, events: EventWriter
 ) -> tuple[Any, Tokenized, Any]:
     """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
-    events.emit("stage", name="tokenizing")
+    events.stage("tokenizing")
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
@@ -404,24 +424,32 @@ def prepare_training(
     return tokenizer, data, resolved
 
 
-def evaluate_held_out(
+def held_out_evaluator(
     model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
-) -> dict[str, float]:
-    """Loss on the held-out split's supervised tokens, and exact match where rows have an answer."""
+) -> Callable[[int], dict[str, float]] | None:
+    """A function that scores the held-out split at a global step and records it as an ``Eval`` event.
+
+    Loss on the supervised tokens, and exact match where rows have an answer. None without a split.
+    """
     if not examples:
-        return {}
+        return None
     from engine.evaluate import exact_match, heldout_loss, tokenize_heldout
 
-    events.emit("stage", name="evaluating", examples=len(examples))
     held = tokenize_heldout(examples, tokenizer, max_seq_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.eval()
-    out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
-    accuracy = exact_match(model, tokenizer, held, pad_id, device)
-    if accuracy is not None:
-        out["eval_exact_match"] = accuracy
-    events.log(f"held-out evaluation: {out}", **out)
-    return out
+
+    def evaluate(global_step: int) -> dict[str, float]:
+        model.eval()
+        out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
+        accuracy = exact_match(model, tokenizer, held, pad_id, device)
+        if accuracy is not None:
+            out["eval_exact_match"] = accuracy
+        events.emit(
+            Eval(global_step=global_step, loss=out["eval_loss"], accuracy=accuracy, examples=len(held))
+        )
+        return out
+
+    return evaluate
 
 
 def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
@@ -444,14 +472,14 @@ def run_finetune(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
     device = pick_device(spec.device, spec.gpu_index)
-    events.emit("stage", name="loading_data")
+    events.stage("loading_data")
     examples = load_dataset_logged(spec.dataset, events)
     examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
     if held_out:
         events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
-    events.emit("stage", name="loading_model", model=spec.model)
+    events.stage("loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
         f"model loaded: {loaded.summary()}",
@@ -467,7 +495,8 @@ def run_finetune(
         loaded_info=loaded.info,
     )
 
-    events.emit("stage", name="training", total_steps=resolved.steps)
+    evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
+    events.stage("training", total_steps=resolved.steps)
     outcome = train_adapter(
         model,
         tokenizer,
@@ -479,9 +508,13 @@ def run_finetune(
         cancel_check=cancel_check,
         safety=spec.safety,
         gpu_index=spec.gpu_index,
+        evaluator=evaluator,
     )
-    eval_metrics = evaluate_held_out(model, tokenizer, held_out, resolved.max_seq_length, device, events)
-    events.emit("stage", name="saving")
+    eval_metrics: dict[str, float] = {}
+    if evaluator is not None:
+        events.stage("evaluating", examples=len(held_out))
+        eval_metrics = evaluator(outcome.steps_done)
+    events.stage("saving")
     adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
     losses = [h["loss"] for h in outcome.loss_history]
     window = max(1, min(5, len(losses) // 4 or 1))
