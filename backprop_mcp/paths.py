@@ -94,3 +94,14 @@ def resolve_under(root: Path, path: str, what: str) -> Path:
             "(BACKPROP_HOME); give a path inside it or leave the option out to use the default."
         )
     return resolved
+
+
+def resolve_output_dir(path: str, what: str) -> Path:
+    """A folder to write results into (created by the job if missing): absolute, not a file, writable."""
+    p = _expand(path, what).resolve()
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if p.exists() and not p.is_dir():
+        raise ToolError(f"{what}: {p} is a file; give a folder for the exported files.")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise ToolError(f"{what}: this server's user cannot write in {existing or p}; choose another folder.")
+    return p

@@ -44,7 +44,7 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, resolve_readable
+from backprop_mcp.paths import check_job_id, resolve_output_dir, resolve_readable
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
 from engine.interface import ExportQuant, ExportSpec, FinetuneSpec, MergeMode, SeriesSpec, read_spec
@@ -573,6 +573,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             str | None, Field(description="model name in Ollama, e.g. 'my-assistant'")
         ] = None,
         system_prompt: str | None = None,
+        output_dir: Annotated[
+            str | None,
+            Field(description="absolute folder for the GGUF files and Modelfile (default: the job's)"),
+        ] = None,
     ) -> StartedJob:
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
@@ -610,6 +614,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
                     "register_ollama": register_ollama,
                     "ollama_name": ollama_name,
                     "system_prompt": system_prompt,
+                    "output_dir": str(resolve_output_dir(output_dir, "output_dir")) if output_dir else None,
                 }
             )
         except ValidationError as exc:
