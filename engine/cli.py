@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad-rows", action="store_true", help="train on the good rows, skip (and report) bad ones"
     )
+    p.add_argument(
+        "--eval-fraction", type=float, default=0.0, help="hold out this fraction of rows for a held-out loss"
+    )
     p.add_argument("--output", type=Path, default=None, help="also copy the adapter here")
 
     p = sub.add_parser("multi-run", help="a SLAO series: learn new data without forgetting the old")
@@ -337,7 +340,9 @@ def _spec(args: argparse.Namespace) -> Any:
             device=args.device,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
-            dataset=S.DatasetSettings(path=_data_path(args.data), skip_bad_rows=args.skip_bad_rows),
+            dataset=S.DatasetSettings(
+                path=_data_path(args.data), skip_bad_rows=args.skip_bad_rows, eval_fraction=args.eval_fraction
+            ),
         )
     if args.command == "multi-run":
         return S.SeriesSpec(
