@@ -17,7 +17,7 @@ The memory model (per GPU, one training step, AdamW, LoRA weights in fp32 as pef
   without it, every layer's intermediates are kept.
 - logits and loss: an unfused loss materialises [tokens, vocab] logits — about 12 bytes per
   element at its peak (bf16 logits, their fp32 copy, log-softmax and its gradient); this is what
-  dominates a 7B QLoRA step at 4×2048 tokens. A chunked loss (engine.loss) holds one chunk at a time.
+  dominates a 7B QLoRA step at 4×2048 tokens. A chunked loss (engine.training.loss) holds one chunk at a time.
 - overhead: the CUDA context (~0.75 GiB, outside torch's allocator) and allocator slack (~10%).
 
 ``peak_allocated_gib`` is what ``torch.cuda.max_memory_allocated`` should report;
@@ -26,7 +26,7 @@ Attention is assumed to run through SDPA's flash / memory-efficient kernels (no 
 
 Checked on an H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2, peft; Qwen2.5 architectures
 with random weights, LoRA r=16 on all linears, bf16 autocast, AdamW, gradient checkpointing unless
-noted, engine.loss's chunked loss unless noted). Peak allocated, measured vs estimated, GiB:
+noted, engine.training.loss's chunked loss unless noted). Peak allocated, measured vs estimated, GiB:
 7B NF4 4x2048 unfused loss 21.30 vs 21.28; 7B NF4 4x2048 9.52 vs 9.83; 7B NF4 1x2048 6.93 vs 6.91;
 7B NF4 8x4096 20.86 vs 21.65; 7B bf16 2x2048 17.02 vs 16.76; 7B NF4 2x2048 without checkpointing
 29.19 vs 31.10; 0.5B NF4 8x1024 1.72 vs 1.65; 0.5B bf16 8x1024 2.22 vs 2.14 (all within 6%).
@@ -54,7 +54,7 @@ ALLOCATOR_SLACK = 0.10  # torch's reserved memory exceeds its peak allocation by
 ALLOCATOR_SLACK_UNFUSED = 0.20  # ... and by ~19% when multi-GiB logits come and go
 ALLOCATOR_SLACK_MIN_GIB = 0.6  # ... and by at least ~0.6 GiB for small models
 CPU_RUNTIME_GIB = 0.75  # torch + transformers resident in RAM before any tensor
-CHUNKED_LOSS_BYTES = 256 * 1024**2  # fp32 logits per chunk in engine.loss
+CHUNKED_LOSS_BYTES = 256 * 1024**2  # fp32 logits per chunk in engine.training.loss
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -167,7 +167,7 @@ def storage_dtype(quantization: str, device: str = "cuda", bf16_supported: bool 
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of engine.loss's chunked cross-entropy (256 MiB of fp32 logits, at least 64)."""
+    """Tokens per chunk of engine.training.loss's chunked cross-entropy (256 MiB of fp32 logits, at least 64)."""
     return max(64, CHUNKED_LOSS_BYTES // (4 * vocab_size))
 
 

@@ -47,7 +47,7 @@ class GenerateArgs(BaseModel):
 def check_data(args: CheckDataArgs) -> dict[str, Any]:
     from engine.data import load_examples
     from engine.spec import DatasetSettings, TrainSettings
-    from engine.train import pick_device, tokenize_all
+    from engine.training.loading import pick_device, tokenize_all
 
     settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
     examples, report = load_examples(settings)
@@ -114,7 +114,7 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
     import torch
 
     from engine.formatting import render_prompt
-    from engine.train import pick_device
+    from engine.training.loading import pick_device
 
     if not args.prompt and not args.messages:
         raise ValueError("give a prompt or a list of messages")

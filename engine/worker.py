@@ -123,11 +123,11 @@ def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Calla
     for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
         events.log(note)
     if spec.kind == "finetune":
-        from engine.train import run_finetune
+        from engine.recipes.finetune import run_finetune
 
         result = run_finetune(spec, job_dir, events, cancel_check)
     elif spec.kind == "slao_series":
-        from engine.series import run_series
+        from engine.recipes.series import run_series
 
         result = run_series(spec, job_dir, events, cancel_check)
     elif spec.kind == "export":

@@ -72,7 +72,7 @@ def test_storage_dtype_rules():
 
 
 def test_loss_chunk_mirrors_engine_loss():
-    # engine.loss keeps 256 MiB of fp32 logits per chunk.
+    # engine.training.loss keeps 256 MiB of fp32 logits per chunk.
     assert loss_chunk_tokens(152064) == 256 * 1024**2 // (4 * 152064)
     assert loss_chunk_tokens(10**9) == 64
 

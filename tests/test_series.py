@@ -14,7 +14,7 @@ import torch
 from engine import slao
 from engine.data import Example
 from engine.events import EventWriter, iter_events
-from engine.series import (
+from engine.recipes.series import (
     STATE_FILE,
     SeriesState,
     build_slices,
@@ -144,7 +144,7 @@ class _FakeMonitor:
 
 def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
     from engine.hardware import ThermalGuard
-    from engine.train import GpuOverheated
+    from engine.training.loop import GpuOverheated
 
     clock = {"t": 0.0}
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.batching import IGNORE, collate, pack_rows, plan_steps
 from engine.events import read_events
 from engine.jobs import create_job
-from engine.loss import causal_lm_loss_sum, chunked_lm_loss_sum
 from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+from engine.training.batching import IGNORE, collate, pack_rows, plan_steps
+from engine.training.loss import causal_lm_loss_sum, chunked_lm_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "examples" / "data" / "chat.jsonl"
@@ -116,7 +116,7 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
 
     from engine.defaults import ResolvedTraining  # noqa: F401 - the real type train_adapter gets
     from engine.events import EventWriter
-    from engine.train import Tokenized, train_adapter
+    from engine.training.loop import Tokenized, train_adapter
 
     g = torch.Generator().manual_seed(2)
     ids = [torch.randint(10, 200, (24,), generator=g).tolist() for _ in range(8)]
@@ -140,7 +140,7 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
     ours = [h["loss"] for h in out.loss_history]
 
     model = fresh()
-    from engine.batching import plan_steps
+    from engine.training.batching import plan_steps
 
     plan = plan_steps(data.lengths, max_seq_length=24, packing=False, rows_per_step=2, total_steps=4, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -269,8 +269,9 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import engine.train as train_module
+    import engine.training.loop as train_module
     from engine.events import EventWriter
+    from engine.training.loop import Tokenized
 
     real_step = train_module._one_step
     seen: list[int] = []
@@ -294,7 +295,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     with EventWriter(tmp_path / "events.jsonl") as ev:
         out = train_module.train_adapter(
-            model, _Tok(), train_module.Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
+            model, _Tok(), Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
         )
     assert seen == [4, 2, 2]
     assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2

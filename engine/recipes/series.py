@@ -37,10 +37,10 @@ import torch
 
 from engine import slao
 from engine.data import Example
-from engine.evaluate import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
 from engine.events import Eval, EventWriter, RunFinished
 from engine.files import atomic_write_json
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
+from engine.training.evaluation import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
 
 SERIES_DIR = "series"
 STATE_FILE = "state.json"
@@ -182,7 +182,7 @@ def wait_for_safe_gpu(
     again resumes it); a card that is still short of memory is let go, because training
     backs off on out-of-memory by itself.
     """
-    from engine.train import GpuOverheated
+    from engine.training.loop import GpuOverheated
 
     if monitor is None:
         return 0.0
@@ -307,7 +307,7 @@ def _run_spec(spec: SeriesSpec, run: int) -> SeriesSpec:
 
 
 def _load_datasets(spec: SeriesSpec, events: EventWriter) -> list[tuple[str, list[Example]]]:
-    from engine.train import load_dataset_logged
+    from engine.training.loading import load_dataset_logged
 
     return [(settings.path, load_dataset_logged(settings, events)) for settings in spec.datasets]
 
@@ -316,18 +316,13 @@ def run_series(
     spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
 ) -> JobResult:
     """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
-    from engine import accel
     from engine.hardware import GpuMonitor, ThermalGuard
     from engine.jobs import JobCancelled
     from engine.models import load_for_training
-    from engine.train import (
-        RunPosition,
-        add_lora,
-        pick_device,
-        prepare_training,
-        save_adapter,
-        train_adapter,
-    )
+    from engine.training import accel
+    from engine.training.loading import pick_device, prepare_training
+    from engine.training.loop import RunPosition, train_adapter
+    from engine.training.lora import add_lora, save_adapter
 
     job_dir = Path(job_dir)
     series_dir = job_dir / SERIES_DIR

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from engine.batching import IGNORE
+from engine.training.batching import IGNORE
 
 _CHUNK_BYTES = 256 * 1024**2  # float32 logits of one chunk
 
@@ -69,7 +69,7 @@ def supports_hidden_state_loss(model: Any) -> bool:
 def causal_lm_loss_sum(
     model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Summed next-token loss for one micro-batch (targets already shifted, see engine.batching)."""
+    """Summed next-token loss for one micro-batch (targets already shifted, see engine.training.batching)."""
     if supports_hidden_state_loss(model):
         lm = _causal_lm(model)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)

@@ -1,0 +1,12 @@
+"""Building blocks of a training recipe (torchtune's shape: recipes in engine.recipes call these).
+
+loading      device choice, dataset loading with its events, tokenizing, settings resolved
+             before the model loads
+lora         adding a LoRA adapter to a base model, saving it as a PEFT folder
+batching     packed rows, step plans fixed up front, collation with shifted targets
+loss         next-token loss from hidden states in checkpointed chunks
+loop         the optimizer loop (OOM back-off, heat pauses, cancel, checkpoints)
+checkpoints  atomic, resumable training checkpoints
+evaluation   held-out loss and greedy exact match
+accel        optional accelerators (Liger, Unsloth) and the autocast dtype
+"""
