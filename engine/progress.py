@@ -23,6 +23,7 @@ class ProgressPrinter:
 
     def _bar(self, total: int) -> None:
         try:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
         except ImportError:  # rich is optional: plain lines instead
             return
@@ -34,6 +35,7 @@ class ProgressPrinter:
                 TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(),
                 transient=False,
+                console=Console(file=self.stream),  # stderr: stdout carries the result (pipes, --json)
             )
             self._progress.start()
             self._task = self._progress.add_task("train", total=total, detail="")

@@ -158,7 +158,8 @@ def test_ctrl_c_then_resume_continues_from_the_checkpoint(home: Path) -> None:
     )
     _wait_for(lambda: set(job_dirs(home)) - before)
     (job,) = set(job_dirs(home)) - before
-    _wait_for(lambda: '"type":"progress"' in (job / "events.jsonl").read_text(errors="replace"))
+    log = job / "events.jsonl"
+    _wait_for(lambda: log.is_file() and '"type":"progress"' in log.read_text(errors="replace"))
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the job checkpoints and stops
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
@@ -186,7 +187,7 @@ def test_export_an_adapter_folder_into_an_output_dir(home: Path, trained: Path, 
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "lora-q8_0.gguf"]  # nothing partial
     assert "FROM ./lora-q8_0.gguf" in (out / "Modelfile").read_text()
     assert str(out / "lora-q8_0.gguf") in done.stdout and "verified" in done.stdout
-    job = job_dirs(home)[-1]
+    job = [d for d in job_dirs(home) if d.name.startswith("exp-")][-1]
     assert not list((job / "gguf").glob("*.gguf"))  # moved, not copied
     assert read_result(job).artifacts["gguf_q8_0"] == str(out / "lora-q8_0.gguf")  # type: ignore[union-attr]
 
