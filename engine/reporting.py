@@ -76,7 +76,7 @@ class _WandB:
         )
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log({**scalars, "step": step})
+        self.run.log(scalars, step=step)  # W&B's own step axis is the job's global step
 
     def close(self) -> None:
         self.run.finish()

@@ -87,12 +87,14 @@ def test_wandb_logs_offline_into_the_job_folder(job: Path) -> None:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
-            history.append({item.key: json.loads(item.value_json) for item in record.history.item})
+            items = record.history.item
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
         elif record.WhichOneof("record_type") == "run":
-            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            updates = record.run.config.update
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates})
             assert record.run.display_name == job.name
     steps = [h for h in history if "train/loss" in h]
-    assert [h["step"] for h in steps] == list(range(1, STEPS + 1))
+    assert [h["_step"] for h in steps] == list(range(1, STEPS + 1))
     assert all(isinstance(h["train/tokens_per_s"], float) for h in steps)
     assert any("eval/loss" in h for h in history)
     assert config.get("model") == "tiny" and config.get("kind") == "finetune"
