@@ -47,7 +47,17 @@ from backprop_mcp.models import (
 from backprop_mcp.paths import check_job_id, resolve_output_dir, resolve_readable
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from engine.interface import ExportQuant, ExportSpec, FinetuneSpec, MergeMode, SeriesSpec, read_spec
+from engine.interface import (
+    DatasetSettings,
+    ExportQuant,
+    ExportSpec,
+    FinetuneSpec,
+    LoraSettings,
+    MergeMode,
+    SeriesSpec,
+    TrainSettings,
+    read_spec,
+)
 
 log = logging.getLogger("backprop_mcp")
 
@@ -66,6 +76,17 @@ job_status's wait_s. Paths must be absolute. Resources: backprop://jobs, backpro
 backprop://jobs/{job_id}/events, backprop://jobs/{job_id}/loss.png, backprop://gpu."""
 
 _T = TypeVar("_T")
+
+
+def setting(model: type[BaseModel], name: str) -> Any:
+    """A tool argument's bounds and description, taken from the job spec's field (one source of truth).
+
+    Defaults stay in the tool's signature, where the SDK reads them; a test checks they equal the spec's.
+    """
+    source = model.model_fields[name]
+    field = Field(description=source.description)
+    field.metadata = list(source.metadata)
+    return field
 
 
 def _hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:
@@ -219,34 +240,24 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         model: Annotated[
             str, Field(description="preset name (e.g. 'tiny'), local model folder, or hub name")
         ] = "tiny",
-        steps: Annotated[
-            int | None, Field(ge=1, le=1_000_000, description="optimizer steps; default from data size")
-        ] = None,
-        epochs: Annotated[
-            float | None, Field(gt=0, le=100, description="used when steps is not given")
-        ] = None,
-        learning_rate: Annotated[float | None, Field(gt=0, lt=1)] = None,
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
-        micro_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None,
-        gradient_accumulation: Annotated[int | None, Field(ge=1, le=4096)] = None,
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
-        lora_alpha: Annotated[float | None, Field(gt=0, description="default 2*rank")] = None,
+        steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
+        epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
+        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
+        gradient_accumulation: Annotated[int | None, setting(TrainSettings, "gradient_accumulation")] = None,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
+        lora_alpha: Annotated[float | None, setting(LoraSettings, "alpha")] = None,
         quantization: Annotated[
             Literal["auto", "4bit", "16bit", "none"],
             Field(description="auto: 4-bit QLoRA on a GPU, full precision on CPU"),
         ] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
         gpu_index: Annotated[int, Field(ge=0)] = 0,
-        eval_fraction: Annotated[
-            float, Field(ge=0, lt=0.5, description="fraction held out for evaluation")
-        ] = 0.0,
-        skip_bad_rows: Annotated[
-            bool, Field(description="train on the good rows when some are malformed")
-        ] = False,
-        packing: Annotated[bool | None, Field(description="pack short examples; default on for GPU")] = None,
-        checkpoint_every: Annotated[
-            int | None, Field(ge=1, description="resumable checkpoint every N steps")
-        ] = None,
+        eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
+        skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
+        packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
+        checkpoint_every: Annotated[int | None, setting(TrainSettings, "checkpoint_every")] = None,
         seed: int = 42,
     ) -> StartedJob:
         """Start fine-tuning a model on a dataset as a background job and return its id at once.
@@ -387,10 +398,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         model: Annotated[
             str, Field(description="the model whose tokenizer and chat template to measure with")
         ] = "tiny",
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
-        micro_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
     ) -> DatasetCheck:
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
@@ -503,19 +514,17 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             ),
         ],
         model: str = "tiny",
-        num_runs: Annotated[
-            int | None, Field(ge=1, le=100, description="needed when one dataset is given")
-        ] = None,
-        steps_per_run: Annotated[int | None, Field(ge=1)] = None,
-        samples_per_run: Annotated[int | None, Field(ge=1)] = None,
-        merge_mode: Annotated[MergeMode, Field(description="slao (default) or a baseline")] = "slao",
-        replay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0,
-        heldout_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1,
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
+        num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
+        steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
+        samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
+        merge_mode: Annotated[MergeMode, setting(SeriesSpec, "merge_mode")] = "slao",
+        replay_fraction: Annotated[float, setting(SeriesSpec, "replay_fraction")] = 0.0,
+        heldout_fraction: Annotated[float, setting(SeriesSpec, "heldout_fraction")] = 0.1,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        learning_rate: Annotated[float | None, Field(gt=0, lt=1)] = None,
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
+        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
     ) -> StartedJob:
         """Start a continual-learning series as one background job: N runs over successive data slices

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,29 @@ def move_into(src: str | Path, folder: str | Path) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def write_dir_atomically(dst: str | Path, write: Callable[[Path], object]) -> Path:
+    """Fill a temporary folder beside ``dst`` with ``write(tmp)``, then swap it into place.
+
+    Readers, and a job resumed after a crash, see the old folder or the new one, never half of one
+    (the old folder is renamed aside before the new one is renamed in).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    old = dst.with_name(f".{dst.name}.old")
+    try:
+        write(tmp)
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def backprop_home() -> Path:

@@ -54,8 +54,10 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True, "report": report.to_dict()}
     if not examples:
         return out
-    from engine.defaults import estimate_memory, percentile, resolve_training
-    from engine.models import load_tokenizer, model_shape
+    from engine.defaults import percentile, resolve_training
+    from engine.memory import estimate_memory
+    from engine.models import model_shape
+    from engine.training.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     lengths = tokenize_all(examples, tokenizer, None).lengths
@@ -119,7 +121,7 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
     if not args.prompt and not args.messages:
         raise ValueError("give a prompt or a list of messages")
     device = pick_device(args.device)
-    from engine.models import load_for_inference
+    from engine.training.base_model import load_for_inference
 
     model, tokenizer = load_for_inference(
         args.model, adapter=args.adapter, device=device, trust_remote_code=args.trust_remote_code

@@ -72,8 +72,9 @@ def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
     """
     if spec.device == "cpu":
         return []
-    from engine.defaults import MIN_SEQ_LENGTH, estimate_memory, largest_micro_batch
+    from engine.defaults import MIN_SEQ_LENGTH
     from engine.hardware import probe_gpus
+    from engine.memory import estimate_memory, largest_micro_batch
 
     probe = probe_gpus()
     if not probe.available:
@@ -144,7 +145,7 @@ class PresetFit:
 
 def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[PresetFit]:
     """Which presets train on GPU 0 (QLoRA 4-bit) and with what micro-batch, or on the CPU."""
-    from engine.defaults import estimate_memory, largest_micro_batch
+    from engine.memory import estimate_memory, largest_micro_batch
     from engine.models import PRESETS
 
     card = probe.gpus[0] if probe.available and probe.gpus else None

@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import slao
+from engine.adapters import ADAPTER_WEIGHTS, load_factors, read_adapter_config, read_factors
 from engine.data import Example
 from engine.events import EventWriter, iter_events
-from engine.recipes.series import (
-    STATE_FILE,
-    SeriesState,
-    build_slices,
-    heldout_loss,
-    read_factors,
-    run_series,
-    series_metrics,
-    tokenize_heldout,
-    wait_for_safe_gpu,
-)
+from engine.hardware import wait_for_safe_gpu
+from engine.recipes.series import STATE_FILE, SeriesState, build_slices, run_series, series_metrics
 from engine.spec import (
     EVENTS_FILE,
     DatasetSettings,
@@ -34,6 +25,7 @@ from engine.spec import (
     TrainSettings,
     write_spec,
 )
+from engine.training.evaluation import heldout_loss, tokenize_heldout
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -143,8 +135,7 @@ class _FakeMonitor:
 
 
 def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
-    from engine.hardware import ThermalGuard
-    from engine.training.loop import GpuOverheated
+    from engine.hardware import GpuOverheated, ThermalGuard
 
     clock = {"t": 0.0}
 
@@ -157,7 +148,13 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
     with EventWriter(tmp_path / "events.jsonl") as events:
         guard = ThermalGuard(SafetySettings())
         waited = wait_for_safe_gpu(
-            _FakeMonitor([88, 84, 80, 75]), guard, events, next_run=2, sleep=sleep, clock=now
+            _FakeMonitor([88, 84, 80, 75]),
+            guard,
+            events,
+            before="run 2",
+            max_wait_s=600,
+            sleep=sleep,
+            clock=now,
         )
         assert waited == 15.0  # three 5-second waits until the card cooled below the resume line
         # Another process holds the memory: wait, then go on with a warning (training backs off on OOM).
@@ -165,7 +162,7 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
             _FakeMonitor([60], used_mb=79_000),
             guard,
             events,
-            next_run=3,
+            before="run 3",
             needed_free_mb=5000,
             max_wait_s=20,
             sleep=sleep,
@@ -177,7 +174,7 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
                 _FakeMonitor([95]),
                 ThermalGuard(SafetySettings()),
                 events,
-                next_run=4,
+                before="run 4",
                 max_wait_s=10,
                 sleep=sleep,
                 clock=now,
@@ -229,8 +226,9 @@ def test_three_run_series_fills_R_and_delivers_the_merged_adapter(tmp_path, tiny
     # The deliverable is the merged adapter: B_m = B_ft3 + ... differs from the last fine-tuned B,
     # and A_m is the last fine-tuned A.
     adapter = Path(result.artifacts["adapter"])
-    merged, _, config = slao.load_adapter(adapter)
-    last_ft, _, _ = slao.load_adapter(result.artifacts["last_finetuned_adapter"])
+    merged, _ = load_factors(adapter)
+    last_ft, _ = load_factors(result.artifacts["last_finetuned_adapter"])
+    config = read_adapter_config(adapter)
     key = next(iter(merged))
     torch.testing.assert_close(merged[key].A, last_ft[key].A)
     assert not torch.allclose(merged[key].B, last_ft[key].B)
@@ -310,4 +308,4 @@ def test_series_runs_as_a_job_through_the_worker(tmp_path, tiny_model, task_file
     result = json.loads((job / "result.json").read_text())
     assert result["status"] == "succeeded"
     assert _lower_triangle_filled(result["metrics"]["accuracy_matrix"])
-    assert (Path(result["artifacts"]["adapter"]) / slao.ADAPTER_WEIGHTS).is_file()
+    assert (Path(result["artifacts"]["adapter"]) / ADAPTER_WEIGHTS).is_file()

@@ -235,7 +235,7 @@ def test_bad_dataset_fails_with_an_actionable_error_event(tiny_model_dir, tmp_pa
     assert _run_worker(job_dir) == 1
     events, _ = read_events(job_dir / "events.jsonl")
     error = next(e for e in events if e.type == "error")
-    assert error.exception == "DatasetError"
+    assert error.exception == "PreflightError"  # the worker runs the same preflight first
     assert "bad.jsonl:2" in error.message
     assert events[-1].type == "finished" and events[-1].status == "failed"
     assert read_result(job_dir).status == "failed"

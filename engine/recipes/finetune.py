@@ -13,13 +13,11 @@ from pathlib import Path
 
 from engine.data import split_for_eval
 from engine.events import EventWriter
-from engine.models import load_for_training
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
-from engine.training import accel
 from engine.training.evaluation import held_out_evaluator
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
-from engine.training.lora import add_lora, save_adapter
+from engine.training.lora import load_lora_model, save_adapter
 
 
 def run_finetune(
@@ -33,21 +31,7 @@ def run_finetune(
         events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
-    events.stage("loading_model", model=spec.model)
-    loaded = load_for_training(spec, device)
-    events.log(
-        f"model loaded: {loaded.summary()}",
-        **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
-    )
-    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
-    if speedups:
-        events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
-    model = add_lora(
-        loaded.model,
-        spec.lora,
-        gradient_checkpointing=resolved.gradient_checkpointing,
-        loaded_info=loaded.info,
-    )
+    model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
 
     evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
     events.stage("training", total_steps=resolved.steps)
@@ -86,8 +70,8 @@ def run_finetune(
         "learning_rate": resolved.learning_rate,
         "packing": resolved.packing,
         "device": device,
-        "backend": loaded.info.get("path"),
-        "quantization": loaded.info.get("quantization"),
+        "backend": info.get("path"),
+        "quantization": info.get("quantization"),
         "examples": len(data.input_ids),
         **eval_metrics,
     }

@@ -147,7 +147,12 @@ def held_out_evaluator(
         if accuracy is not None:
             out["eval_exact_match"] = accuracy
         events.emit(
-            Eval(global_step=global_step, loss=out["eval_loss"], accuracy=accuracy, examples=len(held.input_ids))
+            Eval(
+                global_step=global_step,
+                loss=out["eval_loss"],
+                accuracy=accuracy,
+                examples=len(held.input_ids),
+            )
         )
         return out
 

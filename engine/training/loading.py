@@ -10,8 +10,9 @@ from engine.data import Example, load_examples
 from engine.defaults import resolve_training
 from engine.events import EventWriter
 from engine.formatting import tokenize_example
-from engine.models import load_tokenizer, model_shape
+from engine.models import model_shape
 from engine.spec import DatasetSettings
+from engine.training.base_model import load_tokenizer
 from engine.training.batching import IGNORE
 from engine.training.loop import Tokenized
 

@@ -18,17 +18,13 @@ from typing import Any
 import torch
 
 from engine.events import Checkpoint, EventWriter, Progress
-from engine.hardware import GpuMonitor, ThermalGuard
+from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import SafetySettings
 from engine.training import accel
 from engine.training.batching import StepPlan, collate, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.training.loss import causal_lm_loss_sum
-
-
-class GpuOverheated(RuntimeError):
-    pass
 
 
 @dataclass
@@ -150,7 +146,10 @@ def train_adapter(
         if cancel_check():
             checkpoint(step)
             raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
-        _wait_for_safe_temperature(monitor, guard, events, step, lambda s=step: checkpoint(s))
+        wait_for_safe_gpu(
+            monitor, guard, events, before=f"step {step + 1}", max_wait_s=guard.settings.max_pause_s,
+            save_progress=lambda s=step: checkpoint(s),
+        )  # fmt: skip
         rows = plan.steps[step]
         t0 = time.perf_counter()
         try:
@@ -250,39 +249,3 @@ def _one_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm
-
-
-def _wait_for_safe_temperature(
-    monitor: GpuMonitor | None,
-    guard: ThermalGuard,
-    events: EventWriter,
-    step: int,
-    checkpoint: Callable[[], None],
-) -> None:
-    """Pause between steps while the card is too hot; checkpoint and stop at the emergency line."""
-    if monitor is None:
-        return
-    paused_since: float | None = None
-    while True:
-        sample = monitor.sample()
-        decision = guard.check(sample)
-        if decision == "ok":
-            if paused_since is not None:
-                events.log(f"GPU cooled to {sample and sample.get('temperature_c')} C; resuming", step=step)
-            return
-        if decision == "emergency" or (
-            paused_since is not None and time.time() - paused_since > guard.settings.max_pause_s
-        ):
-            checkpoint()
-            raise GpuOverheated(
-                f"GPU temperature {sample and sample.get('temperature_c')} C is past the safe limit; a checkpoint was "
-                "saved and the job stopped. Improve cooling or lower the load, then run the job again to resume."
-            )
-        if paused_since is None:
-            paused_since = time.time()
-            events.warning(
-                f"GPU at {sample and sample.get('temperature_c')} C: pausing between steps until it cools",
-                step=step,
-                gpu=sample,
-            )
-        time.sleep(5)

@@ -1,14 +1,16 @@
-"""Adding a LoRA adapter to a base model, and saving it as a standard PEFT folder."""
+"""The model a recipe trains (base model, speed-ups, a fresh LoRA adapter), and saving the adapter."""
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+from engine.events import EventWriter
+from engine.files import write_dir_atomically
 from engine.spec import LoraSettings
 from engine.training import accel
+from engine.training.base_model import load_for_training
 
 
 def add_lora(
@@ -49,13 +51,36 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def load_lora_model(
+    spec: Any, device: str, gradient_checkpointing: bool, events: EventWriter
+) -> tuple[Any, dict[str, Any]]:
+    """The spec's base model with the speed-ups that apply and a fresh LoRA adapter; also how it loaded.
+
+    The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
+    """
+    import torch
+
+    events.stage("loading_model", model=spec.model)
+    loaded = load_for_training(spec, device)
+    events.log(
+        f"model loaded: {loaded.summary()}",
+        **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
+    )
+    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
+    if speedups:
+        events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
+    torch.manual_seed(spec.train.seed)
+    model = add_lora(
+        loaded.model, spec.lora, gradient_checkpointing=gradient_checkpointing, loaded_info=loaded.info
+    )
+    return model, loaded.info
+
+
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """Write a standard PEFT adapter folder atomically (temporary folder, then rename)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    """Write a standard PEFT adapter folder (with the tokenizer) atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, write)
