@@ -220,7 +220,7 @@ def job_summary(result: Any, job_dir: Path, spec: Any) -> str:
     if adapter:
         lines.append(f"adapter: {adapter}")
     lines.append(f"job: {job_id} ({job_dir})")
-    model = getattr(spec, "model", None)
+    model = getattr(spec, "model", "tiny")
     if adapter:
         lines.append("next:")
         lines.append(f"  backprop generate --model {_q(model)} --adapter {_q(adapter)} --prompt 'Hello!'")
