@@ -197,3 +197,23 @@ def test_export_refuses_a_folder_that_is_no_adapter(home: Path, tmp_path: Path) 
     done = backprop(home, "export", str(tmp_path), "--output-dir", str(tmp_path / "out"))
     assert done.returncode == 2 and "adapter_config.json" in done.stderr
     assert job_dirs(home) == before
+
+
+def test_gpu_table_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: NVML's answer is replaced by an H200's (as measured on one); the preset fitting
+    and the table are the real code."""
+    from backprop_mcp import gpu
+    from engine.cli_show import gpu_text
+    from engine.hardware import GpuInfo, GpuProbe
+
+    h200 = GpuInfo(0, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
+    monkeypatch.setattr(gpu, "probe_gpus", lambda: GpuProbe(available=True, gpus=[h200]))
+    text = gpu_text(gpu.gpu_report())
+    assert text.startswith("GPU 0: NVIDIA H200, 139.6 of 140.4 GiB free, 31 °C")
+    rows = {
+        line.split()[0]: line.split()
+        for line in text.splitlines()
+        if line.startswith(("qwen", "llama", "tiny"))
+    }
+    assert rows["qwen2.5-7b"][2] == "yes" and rows["qwen2.5-7b"][3] == "16"  # fits, largest micro-batch
+    assert "GiB" in rows["qwen2.5-7b"]
