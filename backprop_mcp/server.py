@@ -32,6 +32,7 @@ from mcp.types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import BaseModel, Field, ValidationError
 
 from backprop_mcp import __version__, checks, extras
+from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.gpu import gpu_report
 from backprop_mcp.lossplot import render_loss_png
@@ -179,6 +180,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         subscriptions=bus,
+        extensions=[dashboard_extension(lazy.get)],  # the job dashboard app (backprop_mcp/app.py)
+        middleware=[hide_from_plain_hosts],
     )
 
     async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
@@ -228,6 +231,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="start_finetune",
         title="Start a LoRA/QLoRA fine-tune",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def start_finetune(
         dataset_path: Annotated[
@@ -308,6 +312,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="job_status",
         title="Job status (can wait for progress)",
         annotations=_hints(read_only=True, destructive=False, idempotent=True, open_world=False),
+        meta=LINKED_TOOL_META,
     )
     async def job_status(
         job_id: Annotated[str, Field(description="the id start_finetune (or list_jobs) gave")],
@@ -504,6 +509,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="run_slao_series",
         title="Start a multi-run SLAO series",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def run_slao_series(
         dataset_paths: Annotated[
@@ -565,6 +571,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="export_gguf",
         title="Export to GGUF (llama.cpp / Ollama)",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def export_gguf(
         job_id: Annotated[
