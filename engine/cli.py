@@ -297,7 +297,10 @@ def _check_data(args: argparse.Namespace) -> int:
         require("train", "backprop check-data")
     except MissingExtra as exc:
         raise Refused(str(exc)) from None
-    out = check_data(CheckDataArgs(path=_data_path(args.path), model=args.model))
+    try:
+        out = check_data(CheckDataArgs(path=_data_path(args.path), model=args.model))
+    except (ValueError, OSError) as exc:  # DatasetError, ModelError: a missing file, an unknown model
+        raise Refused(str(exc)) from None
     text, ready = check_data_text(out, args.model)
     print(json.dumps(out, indent=2, default=str) if args.json else text)
     return 0 if ready else 1
@@ -320,11 +323,14 @@ def _generate(args: argparse.Namespace) -> int:
         require("train", "backprop generate")
     except MissingExtra as exc:
         raise Refused(str(exc)) from None
-    out = generate(
-        GenerateArgs(
-            model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    try:
+        out = generate(
+            GenerateArgs(
+                model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+            )
         )
-    )
+    except (ValueError, OSError) as exc:  # ModelError: an unknown model, a folder that is no adapter
+        raise Refused(str(exc)) from None
     print(json.dumps(out, default=str) if args.json else out["text"])
     return 0
 
