@@ -155,12 +155,15 @@ def test_ctrl_c_then_resume_continues_from_the_checkpoint(home: Path) -> None:
         text=True,
         env=env,
         cwd=str(REPO),
+        start_new_session=True,  # its own process group, as a terminal gives a command
+        # a shell running this test in the background ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(lambda: set(job_dirs(home)) - before)
     (job,) = set(job_dirs(home)) - before
     log = job / "events.jsonl"
     _wait_for(lambda: log.is_file() and '"type":"progress"' in log.read_text(errors="replace"))
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: the job checkpoints and stops
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the job checkpoints and stops
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     assert read_result(job).status == "cancelled"  # type: ignore[union-attr]
