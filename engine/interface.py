@@ -11,6 +11,8 @@ from typing import Any
 
 from engine import events, procs
 from engine.events import EventFormatError, read_events
+from engine.extras import MissingExtra
+from engine.extras import require as require_extra
 from engine.files import atomic_write_text, backprop_home
 from engine.jobs import (
     engine_command,
@@ -58,6 +60,7 @@ __all__ = [
     "ExportSpec",
     "FinetuneSpec",
     "JobResult",
+    "MissingExtra",
     "JobState",
     "LoraSettings",
     "MergeMode",
@@ -73,6 +76,7 @@ __all__ = [
     "preflight",
     "preset_fits",
     "probe_gpus",
+    "require_extra",
     "procs",
     "read_events",
     "read_result",
