@@ -35,6 +35,14 @@ from backprop_mcp import __version__, checks, extras
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.gpu import gpu_report
+from backprop_mcp.guard import guard_tools
+from backprop_mcp.limits import (
+    MAX_DATASETS,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SYSTEM_CHARS,
+)
 from backprop_mcp.lossplot import render_loss_png
 from backprop_mcp.models import (
     CancelResult,
@@ -45,7 +53,8 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, resolve_output_dir, resolve_readable
+from backprop_mcp.paths import check_job_id, resolve_readable, resolve_writable_dir
+from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
 from engine.interface import (
@@ -57,6 +66,7 @@ from engine.interface import (
     MergeMode,
     SeriesSpec,
     TrainSettings,
+    quoted,
     read_spec,
 )
 
@@ -237,12 +247,17 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         dataset_path: Annotated[
             str,
             Field(
+                max_length=MAX_PATH_CHARS,
                 description="absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
-                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name"
+                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name",
             ),
         ],
         model: Annotated[
-            str, Field(description="preset name (e.g. 'tiny'), local model folder, or hub name")
+            str,
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="preset name (e.g. 'tiny'), local model folder, or hub name",
+            ),
         ] = "tiny",
         steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
         epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
@@ -263,6 +278,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
         checkpoint_every: Annotated[int | None, setting(TrainSettings, "checkpoint_every")] = None,
         seed: int = 42,
+        *,
+        roots: ClientRoots,
     ) -> StartedJob:
         """Start fine-tuning a model on a dataset as a background job and return its id at once.
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
@@ -315,7 +332,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         meta=LINKED_TOOL_META,
     )
     async def job_status(
-        job_id: Annotated[str, Field(description="the id start_finetune (or list_jobs) gave")],
+        job_id: Annotated[
+            str, Field(max_length=MAX_NAME_CHARS, description="the id start_finetune (or list_jobs) gave")
+        ],
         ctx: Context,
         wait_s: Annotated[
             float,
@@ -365,7 +384,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
     )
     def cancel_job(
-        job_id: str,
+        job_id: Annotated[str, Field(max_length=MAX_NAME_CHARS)],
         force: Annotated[
             bool, Field(description="kill the worker now instead of letting it checkpoint and stop")
         ] = False,
@@ -398,15 +417,25 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     )
     def check_dataset(
         path: Annotated[
-            str, Field(description="absolute path of the dataset file or folder (or a hub dataset name)")
+            str,
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="absolute path of the dataset file or folder (or a hub dataset name)",
+            ),
         ],
         model: Annotated[
-            str, Field(description="the model whose tokenizer and chat template to measure with")
+            str,
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="the model whose tokenizer and chat template to measure with",
+            ),
         ] = "tiny",
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
+        *,
+        roots: ClientRoots,
     ) -> DatasetCheck:
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
@@ -425,7 +454,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         try:
             out = call_engine("check-data", args, timeout_s=CHECK_DATA_TIMEOUT_S, home=lazy.get().home)
         except EngineCallError as exc:
-            raise ToolError(f"checking {data_path} failed: {exc}") from exc
+            raise ToolError(f"checking {quoted(data_path)} failed: {exc}") from exc
         return checks.dataset_check_result(data_path, out)
 
     @server.tool(
@@ -434,21 +463,35 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         annotations=_hints(read_only=True, destructive=False, idempotent=True, open_world=True),
     )
     def try_model(
-        prompt: Annotated[str, Field(min_length=1, description="the user message")],
+        prompt: Annotated[
+            str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user message")
+        ],
         job_id: Annotated[
-            str | None, Field(description="a succeeded fine-tune job: its base model plus its adapter")
+            str | None,
+            Field(
+                max_length=MAX_NAME_CHARS,
+                description="a succeeded fine-tune job: its base model plus its adapter",
+            ),
         ] = None,
         model: Annotated[
             str | None,
-            Field(description="a base or merged model (preset, folder or hub name) when no job_id"),
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="a base or merged model (preset, folder or hub name) when no job_id",
+            ),
         ] = None,
         adapter_path: Annotated[
-            str | None, Field(description="a LoRA adapter folder to apply to model")
+            str | None,
+            Field(max_length=MAX_PATH_CHARS, description="a LoRA adapter folder to apply to model"),
         ] = None,
-        system: str | None = None,
+        system: Annotated[
+            str | None, Field(max_length=MAX_SYSTEM_CHARS, description="a system prompt")
+        ] = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 128,
         temperature: Annotated[float, Field(ge=0, le=2, description="0 = greedy")] = 0.0,
         max_time_s: Annotated[float, Field(gt=0, le=40, description="generation time limit")] = 20.0,
+        *,
+        roots: ClientRoots,
     ) -> Generation:
         """Generate a reply with the chat template applied, from a base model, a finished job's adapter
         or a merged model, to see what training changed. Bounded in time (model loading included, under a minute)."""
@@ -502,7 +545,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
         given = str(resolve_readable(adapter_path, "adapter_path")) if adapter_path else None
         if given and not (Path(given) / "adapter_config.json").exists():
-            raise ToolError(f"adapter_path: {given} has no adapter_config.json; give a PEFT adapter folder.")
+            raise ToolError(
+                f"adapter_path: {quoted(given)} has no adapter_config.json; give a PEFT adapter folder."
+            )
         return checks.check_model(model), given
 
     @server.tool(
@@ -513,13 +558,14 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     )
     def run_slao_series(
         dataset_paths: Annotated[
-            list[str],
+            list[Annotated[str, Field(max_length=MAX_PATH_CHARS)]],
             Field(
                 min_length=1,
+                max_length=MAX_DATASETS,
                 description="one dataset split into num_runs slices, or one dataset per task/run",
             ),
         ],
-        model: str = "tiny",
+        model: Annotated[str, Field(max_length=MAX_PATH_CHARS)] = "tiny",
         num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
         steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
         samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
@@ -532,6 +578,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
+        *,
+        roots: ClientRoots,
     ) -> StartedJob:
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
@@ -575,24 +623,34 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     )
     def export_gguf(
         job_id: Annotated[
-            str | None, Field(description="a succeeded fine-tune or series job to export")
+            str | None,
+            Field(max_length=MAX_NAME_CHARS, description="a succeeded fine-tune or series job to export"),
         ] = None,
-        adapter_path: Annotated[str | None, Field(description="or: a LoRA adapter folder")] = None,
+        adapter_path: Annotated[
+            str | None, Field(max_length=MAX_PATH_CHARS, description="or: a LoRA adapter folder")
+        ] = None,
         base_model: Annotated[
-            str | None, Field(description="base model; default: the one the job trained")
+            str | None,
+            Field(max_length=MAX_PATH_CHARS, description="base model; default: the one the job trained"),
         ] = None,
         quantizations: Annotated[list[ExportQuant], Field(min_length=1)] = ["q4_k_m"],  # noqa: B006 - pydantic copies it
         adapter_gguf: Annotated[bool, Field(description="also write the LoRA adapter as GGUF")] = False,
         verify: Annotated[bool, Field(description="check the GGUF's logits against the merged model")] = True,
         register_ollama: bool = False,
         ollama_name: Annotated[
-            str | None, Field(description="model name in Ollama, e.g. 'my-assistant'")
+            str | None,
+            Field(max_length=MAX_NAME_CHARS, description="model name in Ollama, e.g. 'my-assistant'"),
         ] = None,
-        system_prompt: str | None = None,
+        system_prompt: Annotated[str | None, Field(max_length=MAX_SYSTEM_CHARS)] = None,
         output_dir: Annotated[
             str | None,
-            Field(description="absolute folder for the GGUF files and Modelfile (default: the job's)"),
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="absolute folder for the GGUF files and Modelfile (default: the job's)",
+            ),
         ] = None,
+        *,
+        roots: ClientRoots,
     ) -> StartedJob:
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
@@ -614,7 +672,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             folder = resolve_readable(str(adapter_path), "adapter_path")
             if not (folder / "adapter_config.json").exists():
                 raise ToolError(
-                    f"adapter_path: {folder} has no adapter_config.json; give a PEFT adapter folder."
+                    f"adapter_path: {quoted(folder)} has no adapter_config.json; give a PEFT adapter folder."
                 )
             source, label = str(folder), folder.name
         if register_ollama and not ollama_name:
@@ -630,7 +688,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
                     "register_ollama": register_ollama,
                     "ollama_name": ollama_name,
                     "system_prompt": system_prompt,
-                    "output_dir": str(resolve_output_dir(output_dir, "output_dir")) if output_dir else None,
+                    "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
                 }
             )
         except ValidationError as exc:
@@ -700,6 +758,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe
     )
+    listen_for_roots_changes(server)
+    guard_tools(server)  # last: wraps every tool registered above
     return server
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.extras import require_for_spec
+from engine.files import local_or_name
 from engine.jobs import create_job, run_and_follow
 from engine.preflight import preflight
 from engine.progress import ProgressPrinter
@@ -147,7 +148,7 @@ class Trainer:
             lora=self.lora,
             train=self._train_settings(settings),
             dataset=DatasetSettings(
-                path=str(Path(data).resolve()) if Path(data).exists() else str(data),
+                path=local_or_name(data),
                 skip_bad_rows=skip_bad_rows,
             ),
         )
@@ -175,9 +176,7 @@ class Trainer:
             device=self.device,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
-            datasets=[
-                DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths
-            ],
+            datasets=[DatasetSettings(path=local_or_name(p)) for p in paths],
             num_runs=num_runs,
             steps_per_run=steps_per_run,
             samples_per_run=samples_per_run,

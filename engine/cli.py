@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.files import local_or_name
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -178,10 +180,6 @@ def _train_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _data_path(path: str) -> str:
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
 class Refused(Exception):
     """A command refused before anything was created; the message says what to do (exit code 2)."""
 
@@ -298,7 +296,7 @@ def _check_data(args: argparse.Namespace) -> int:
     except MissingExtra as exc:
         raise Refused(str(exc)) from None
     try:
-        out = check_data(CheckDataArgs(path=_data_path(args.path), model=args.model))
+        out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
     except (ValueError, OSError) as exc:  # DatasetError, ModelError: a missing file, an unknown model
         raise Refused(str(exc)) from None
     text, ready = check_data_text(out, args.model)
@@ -347,7 +345,9 @@ def _spec(args: argparse.Namespace) -> Any:
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
             dataset=S.DatasetSettings(
-                path=_data_path(args.data), skip_bad_rows=args.skip_bad_rows, eval_fraction=args.eval_fraction
+                path=local_or_name(args.data),
+                skip_bad_rows=args.skip_bad_rows,
+                eval_fraction=args.eval_fraction,
             ),
         )
     if args.command == "multi-run":
@@ -357,7 +357,7 @@ def _spec(args: argparse.Namespace) -> Any:
             device=args.device,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args)),
-            datasets=[S.DatasetSettings(path=_data_path(d)) for d in args.data],
+            datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],
             num_runs=args.num_runs,
             steps_per_run=args.steps_per_run,
             samples_per_run=args.samples_per_run,

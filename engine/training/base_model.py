@@ -14,10 +14,10 @@ torch and transformers load inside the functions, so importing this module stays
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine.adapters import is_adapter_folder
+from engine.files import PathError, checked_path, quoted
 from engine.memory import StorageDtype, storage_dtype
 from engine.models import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
 
@@ -205,9 +205,12 @@ def load_for_inference(
         model = _load_transformers(resolved, compute, compute, device, trust_remote_code)
         tokenizer = load_tokenizer(resolved.target, trust_remote_code=trust_remote_code)
     if adapter:
-        adapter_path = Path(adapter).expanduser()
+        try:  # by type, before anything opens it
+            adapter_path = checked_path(adapter, "adapter", expect="dir")
+        except PathError as exc:
+            raise ModelError(str(exc)) from None
         if not is_adapter_folder(adapter_path):
-            raise ModelError(f"{adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
+            raise ModelError(f"{quoted(adapter)} is not a LoRA adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
