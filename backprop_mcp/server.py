@@ -13,6 +13,7 @@ This module imports no torch/transformers: whatever needs them runs in an engine
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
 from pydantic import BaseModel, Field, ValidationError
 
-from backprop_mcp import __version__, checks
+from backprop_mcp import __version__, checks, extras
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.gpu import gpu_report
@@ -52,7 +53,7 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, resolve_readable
+from backprop_mcp.paths import check_job_id, resolve_readable, resolve_writable_dir
 from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
@@ -285,6 +286,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
+        extras.require("train", "start_finetune")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
         try:
@@ -440,6 +442,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
+        extras.require("train", "check_dataset")
         data_path = checks.dataset_path(path)
         model_name = checks.check_model(model)
         args = {
@@ -494,6 +497,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     ) -> Generation:
         """Generate a reply with the chat template applied, from a base model, a finished job's adapter
         or a merged model, to see what training changed. Bounded in time (model loading included, under a minute)."""
+        extras.require("train", "try_model")
         base, adapter = _generation_target(job_id, model, adapter_path)
         args = {
             "model": base,
@@ -582,6 +586,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
+        extras.require("train", "run_slao_series")
         model_name = checks.check_model(model)
         datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         train = {
@@ -639,12 +644,20 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             Field(max_length=MAX_NAME_CHARS, description="model name in Ollama, e.g. 'my-assistant'"),
         ] = None,
         system_prompt: Annotated[str | None, Field(max_length=MAX_SYSTEM_CHARS)] = None,
+        output_dir: Annotated[
+            str | None,
+            Field(
+                max_length=MAX_PATH_CHARS,
+                description="absolute folder for the GGUF files and Modelfile (default: the job's)",
+            ),
+        ] = None,
         *,
         roots: ClientRoots,
     ) -> StartedJob:
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
         result with a local Ollama. Follow it with job_status."""
+        extras.require("export", "export_gguf")
         if bool(job_id) == bool(adapter_path):
             raise ToolError(
                 "give exactly one of job_id (a succeeded training job) or adapter_path (an adapter folder)."
@@ -677,6 +690,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
                     "register_ollama": register_ollama,
                     "ollama_name": ollama_name,
                     "system_prompt": system_prompt,
+                    "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
                 }
             )
         except ValidationError as exc:
@@ -720,10 +734,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         f"{JOBS_URI}/{{job_id}}/loss.png", name="job_loss", title="Loss curve", mime_type="image/png"
     )
     def job_loss_resource(job_id: str) -> bytes:
-        """The training loss (blue) and evaluation loss (orange) against the step, as a PNG."""
+        """The training loss (blue), held-out loss (orange) and a series' run starts against the step, as a PNG."""
         record = resource_job(job_id)
         tail = lazy.get().supervisor.tail(record)
-        return render_loss_png(list(tail.loss), list(tail.eval_loss))
+        return render_loss_png(list(tail.loss), list(tail.eval_loss), list(tail.run_starts))
 
     @server.resource(GPU_URI, name="gpu", title="GPU state", mime_type="application/json")
     def gpu_resource() -> str:
@@ -740,6 +754,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         legacy.remove(str(params.uri), ctx.session)
         return EmptyResult()
 
+    for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation
+        tool.description = inspect.cleandoc(tool.description)
     server._lowlevel_server.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe

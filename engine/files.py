@@ -33,6 +33,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def move_into(src: str | Path, folder: str | Path) -> Path:
+    """Move a finished file into ``folder`` so that it appears whole or not at all.
+
+    Across file systems a move is a copy: it goes to a hidden ``.partial`` name first and is
+    renamed into place, so a crash mid-copy never leaves a half-written file under the real name.
+    """
+    src, folder = Path(src), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / src.name
+    tmp = folder / f".{src.name}.partial"
+    try:
+        shutil.move(src, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 

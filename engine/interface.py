@@ -11,6 +11,8 @@ from typing import Any
 
 from engine import events, procs
 from engine.events import EventFormatError, read_events
+from engine.extras import MissingExtra
+from engine.extras import require as require_extra
 from engine.files import (
     PathError,
     atomic_write_text,
@@ -66,6 +68,7 @@ __all__ = [
     "ExportSpec",
     "FinetuneSpec",
     "JobResult",
+    "MissingExtra",
     "JobState",
     "LoraSettings",
     "MergeMode",
@@ -84,6 +87,7 @@ __all__ = [
     "preflight",
     "preset_fits",
     "probe_gpus",
+    "require_extra",
     "procs",
     "quoted",
     "read_events",

@@ -73,6 +73,9 @@ class TrainSettings(_Strict):
         "auto",
         description="native: the engine's own fast path; unsloth: Unsloth's (must be installed); auto: pick",
     )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log metrics to TensorBoard (job folder) / W&B (offline)"
+    )
 
 
 class SafetySettings(_Strict):
@@ -157,6 +160,9 @@ class ExportSpec(_Strict):
     ollama_host: str | None = None
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    output_dir: str | None = Field(
+        None, description="write the GGUF files and Modelfile here, not the job's gguf/"
+    )
 
     @field_validator("quantizations")
     @classmethod

@@ -39,6 +39,13 @@ class LoadedModel:
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """'tiny, 2.6M parameters, fp32 on cpu (transformers)': the line a person reads."""
+        i = self.info
+        n = float(i.get("parameters") or 0)
+        size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        return f"{i.get('model')}, {size} parameters, {i.get('quantization')} on {i.get('device')} ({i.get('path')})"
+
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
