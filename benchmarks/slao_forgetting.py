@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import slao  # noqa: E402
+from engine.adapters import Adapter, clone_adapter, read_factors, write_factors  # noqa: E402
 
 LETTERS = "abcdefghij"
 WORD = 5
@@ -198,14 +199,14 @@ def series_for_seed(
             r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS, lora_dropout=0.0
         )
         model = get_peft_model(model, lora)
-        finetuned_runs: list[slao.Adapter] = []
-        merged: dict[str, slao.Adapter | None] = dict.fromkeys(methods)
+        finetuned_runs: list[Adapter] = []
+        merged: dict[str, Adapter | None] = dict.fromkeys(methods)
         matrices: dict[str, list[list[float | None]]] = {m: [] for m in methods}
         other: dict[str, torch.Tensor] = {}
         for run, task in enumerate(tasks, start=1):
             if finetuned_runs:
                 prev = finetuned_runs[-1]
-                init = slao.slao_init(prev, qr_init=True) if trajectory == "qr" else slao.clone_adapter(prev)
+                init = slao.slao_init(prev, qr_init=True) if trajectory == "qr" else clone_adapter(prev)
                 write_factors(model, init, other)
             loss = train_steps(
                 model, data[task].train, args.steps, args.batch, args.lr, seed * 100 + run, device
@@ -214,7 +215,7 @@ def series_for_seed(
             finetuned_runs.append(finetuned)
             for method in methods:
                 if method == "sequential":
-                    m_adapter = slao.clone_adapter(finetuned)
+                    m_adapter = clone_adapter(finetuned)
                 elif method in ("slao", "slao_noqr"):
                     m_adapter = slao.slao_merge(merged[method], finetuned, run, "inv_sqrt")
                 elif method == "linear":
@@ -236,19 +237,6 @@ def series_for_seed(
                 + "; ".join(f"{m} {' '.join(f'{v:.2f}' for v in matrices[m][-1][:run])}" for m in methods))  # fmt: skip
             write_factors(model, finetuned, other)  # the next run starts from the fine-tuned adapter
     return results
-
-
-def read_factors(model: Any) -> tuple[slao.Adapter, dict[str, torch.Tensor]]:
-    from peft import get_peft_model_state_dict
-
-    factors, other, _ = slao.split_lora_state(get_peft_model_state_dict(model))
-    return slao.clone_adapter(factors), {k: v.detach().clone() for k, v in other.items()}
-
-
-def write_factors(model: Any, factors: slao.Adapter, other: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, slao.join_lora_state(factors, other))
 
 
 def mean_sd(values: list[float]) -> str:

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from engine.files import PathError, path_kind, quoted, user_path
+
 if TYPE_CHECKING:
     from engine.spec import DatasetSettings
 
@@ -113,6 +115,29 @@ class DatasetReport:
         d["problems"] = [str(p) for p in self.problems[:max_problems]]
         return d
 
+    def message(self, skip_option: str | None) -> str:
+        """Why the dataset cannot be used as it is; ``skip_option`` is how the caller turns on skipping."""
+        if self.rows_ok == 0:
+            return (
+                f"{self.path} has no usable rows ({self.rows_total} read, {self.bad_rows} bad). "
+                + "".join(f"\n  {p}" for p in self.problems[:PROBLEMS_IN_MESSAGE])
+                + "\n"
+                + _format_help()
+            )
+        shown = "\n".join(f"  {p}" for p in self.problems[:PROBLEMS_IN_MESSAGE])
+        more = self.bad_rows - min(len(self.problems), PROBLEMS_IN_MESSAGE)
+        lines = [f"{self.path}: {self.bad_rows} of {self.rows_total} rows are bad:", shown]
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        if self.format == "mixed":
+            counts = ", ".join(f"{k} ({v} row{'s' if v != 1 else ''})" for k, v in self.formats_found.items())
+            lines.append(f"The file mixes formats: {counts}. Put each format in a file of its own.")
+        lines.append(
+            f"Fix these rows, or set {skip_option} to train on the "
+            f"{self.rows_ok} good rows and skip the rest (the skipped rows are reported)."
+        )
+        return "\n".join(lines)
+
     def summary(self) -> str:
         """One line for logs and tool results."""
         text = f"{self.path}: {self.format} format, {self.rows_ok} of {self.rows_total} rows usable"
@@ -155,15 +180,11 @@ class _Source:
 def load_examples(settings: DatasetSettings) -> tuple[list[Example], DatasetReport]:
     """Load and normalise a dataset; refuse it if any row is bad, unless ``skip_bad_rows``."""
     examples, report = _read(settings.path, settings.split)
-    if report.bad_rows and not settings.skip_bad_rows:
-        raise DatasetError(_bad_rows_message(report), report)
-    report.skipped = report.bad_rows
     if not examples:
-        raise DatasetError(
-            f"{report.path} has no usable rows ({report.rows_total} read, {report.bad_rows} bad). "
-            + _format_help(),
-            report,
-        )
+        raise DatasetError(report.message(skip_option=None), report)
+    if report.bad_rows and not settings.skip_bad_rows:
+        raise DatasetError(report.message(skip_option="skip_bad_rows"), report)
+    report.skipped = report.bad_rows
     return examples, report
 
 
@@ -471,24 +492,17 @@ _NORMALISERS = {
 }
 
 
-def _bad_rows_message(report: DatasetReport) -> str:
-    shown = "\n".join(f"  {p}" for p in report.problems[:PROBLEMS_IN_MESSAGE])
-    more = report.bad_rows - min(len(report.problems), PROBLEMS_IN_MESSAGE)
-    lines = [f"{report.path}: {report.bad_rows} of {report.rows_total} rows are bad:", shown]
-    if more > 0:
-        lines.append(f"  ... and {more} more")
-    if report.format == "mixed":
-        counts = ", ".join(f"{k} ({v} row{'s' if v != 1 else ''})" for k, v in report.formats_found.items())
-        lines.append(f"The file mixes formats: {counts}. Put each format in a file of its own.")
-    lines.append(
-        "Fix these rows, or set skip_bad_rows=true to train on the "
-        f"{report.rows_ok} good rows and skip the rest (the skipped rows are reported)."
-    )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources
+
+
+def is_hub_dataset(path: str) -> bool:
+    """A name the worker downloads from the hub, rather than a file or folder on this machine."""
+    try:
+        exists = path_kind(user_path(path, "dataset"), "dataset") is not None
+    except PathError:  # something is there but unusable (a FIFO, a name too long): not a hub name
+        exists = True
+    return not exists and not _looks_like_local_path(path)
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -503,10 +517,14 @@ def _looks_like_local_path(path: str) -> bool:
 def _open_source(path: str, split: str | None) -> _Source:
     if not path or not path.strip():
         raise DatasetError("the dataset path is empty; give a JSONL/JSON/CSV/Parquet file or a folder")
-    p = Path(path).expanduser()
-    if p.is_dir():
+    try:  # by type, before anything opens it: a FIFO or a device would block the read
+        p = user_path(path, "dataset")
+        kind = path_kind(p, "dataset")
+    except PathError as exc:
+        raise DatasetError(str(exc)) from None
+    if kind == "dir":
         return _saved_dataset_source(p, split)
-    if p.is_file():
+    if kind == "file":
         suffix = p.suffix.lower()
         readers = {
             ".jsonl": _jsonl_source,
@@ -516,15 +534,15 @@ def _open_source(path: str, split: str | None) -> _Source:
         }
         if suffix not in readers:
             raise DatasetError(
-                f"{path}: unknown file type '{suffix or '(none)'}'; use .jsonl, .json, .csv or .parquet "
+                f"{quoted(path)}: unknown file type {quoted(suffix or '(none)', 40)}; use .jsonl, .json, .csv or .parquet "
                 "(for JSON Lines under another name, rename the file to .jsonl)"
             )
         try:
             return _json_source(p, split) if suffix == ".json" else readers[suffix](p)
         except OSError as e:
-            raise DatasetError(f"{path}: cannot read the file ({e.strerror or e})") from e
+            raise DatasetError(f"{quoted(path)}: cannot read the file ({e.strerror or e})") from e
     if _looks_like_local_path(path):
-        raise DatasetError(f"dataset file not found: {path} (looked for {p.resolve()})")
+        raise DatasetError(f"dataset file not found: {quoted(path)} (looked for {quoted(p.resolve())})")
     return _hub_source(path, split)
 
 
@@ -706,7 +724,7 @@ def _hub_error_message(name: str, error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
     network_words = ("offline", "connect", "resolve", "network", "timed out", "unreachable", "couldn't reach")
     unreachable = offline or any(w in text.lower() for w in network_words)
-    lines = [f"'{name}' is not a local file or folder (no such path: {Path(name).expanduser().resolve()})."]
+    lines = [f"{quoted(name)} is not a local file or folder (no such path: {quoted(Path(name).resolve())})."]
     if unreachable:
         why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub is unreachable"
         lines.append(

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from engine.spec import SafetySettings
+
+if TYPE_CHECKING:
+    from engine.events import EventWriter
 
 _MIB = 1024 * 1024
 _T = TypeVar("_T")
@@ -43,14 +47,6 @@ class GpuInfo:
     driver_version: str | None
     cuda_driver_version: str | None  # the CUDA version the driver supports, "12.4"
     uuid: str | None = None
-
-    @property
-    def memory_free_gib(self) -> float:
-        return self.memory_free_mb / 1024.0
-
-    @property
-    def memory_total_gib(self) -> float:
-        return self.memory_total_mb / 1024.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,24 +106,31 @@ def _cuda_version_string(raw: int | None) -> str | None:
     return f"{raw // 1000}.{(raw % 1000) // 10}"
 
 
-def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> GpuInfo:
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+def _readings(pynvml: Any, handle: Any) -> dict[str, Any]:
+    """What changes from moment to moment: memory, load, temperature, power (None where unsupported)."""
+    mem = _safe(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
     util = _safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
     temp = _safe(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
     power_mw = _safe(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
+    return {
+        "temperature_c": int(temp) if temp is not None else None,
+        "memory_used_mb": int(mem.used // _MIB) if mem is not None else None,
+        "memory_total_mb": int(mem.total // _MIB) if mem is not None else None,
+        "memory_free_mb": int(mem.free // _MIB) if mem is not None else None,
+        "utilization_pct": int(util.gpu) if util is not None else None,
+        "power_w": round(power_mw / 1000.0, 1) if power_mw is not None else None,
+    }
+
+
+def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> GpuInfo:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     limit_mw = _safe(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     cc = _safe(lambda: pynvml.nvmlDeviceGetCudaComputeCapability(handle))
     uuid = _safe(lambda: pynvml.nvmlDeviceGetUUID(handle))
     return GpuInfo(
         index=index,
         name=_as_str(pynvml.nvmlDeviceGetName(handle)),
-        memory_total_mb=int(mem.total // _MIB),
-        memory_free_mb=int(mem.free // _MIB),
-        memory_used_mb=int(mem.used // _MIB),
-        utilization_pct=int(util.gpu) if util is not None else None,
-        temperature_c=int(temp) if temp is not None else None,
-        power_w=round(power_mw / 1000.0, 1) if power_mw is not None else None,
+        **_readings(pynvml, handle),
         power_limit_w=round(limit_mw / 1000.0, 1) if limit_mw is not None else None,
         compute_capability=f"{cc[0]}.{cc[1]}" if cc is not None else None,
         bf16_supported=cc is not None and cc[0] >= 8,
@@ -206,18 +209,7 @@ class GpuMonitor:
     def sample(self) -> dict[str, Any] | None:
         if self._handle is None:
             return None
-        pynvml, handle = self._pynvml, self._handle
-        mem = _safe(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
-        util = _safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
-        temp = _safe(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
-        power_mw = _safe(lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
-        return {
-            "temperature_c": int(temp) if temp is not None else None,
-            "memory_used_mb": int(mem.used // _MIB) if mem is not None else None,
-            "memory_total_mb": int(mem.total // _MIB) if mem is not None else None,
-            "utilization_pct": int(util.gpu) if util is not None else None,
-            "power_w": round(power_mw / 1000.0, 1) if power_mw is not None else None,
-        }
+        return _readings(self._pynvml, self._handle)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -296,3 +288,64 @@ class ThermalGuard:
                 "pause", f"GPU at {temp} °C, at or above the pause limit {s.pause_temperature_c} °C", temp
             )
         return ThermalDecision("ok", f"GPU at {temp} °C", temp)
+
+
+class GpuOverheated(RuntimeError):
+    """The card stayed too hot; the job saved its progress and stopped."""
+
+
+GPU_WAIT_POLL_S = 5.0
+
+
+def wait_for_safe_gpu(
+    monitor: Any,
+    guard: ThermalGuard,
+    events: EventWriter,
+    *,
+    before: str,
+    max_wait_s: float,
+    save_progress: Callable[[], None] = lambda: None,
+    needed_free_mb: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Hold off ``before`` (a step, a run) while the card is too hot or too full; returns the seconds waited.
+
+    Waiting is the remedy, since nothing computes meanwhile. At the emergency line, or when the card
+    is still too hot after ``max_wait_s``, ``save_progress`` runs (a checkpoint) and the job stops
+    with GpuOverheated; running it again resumes it. A card still short of ``needed_free_mb`` after
+    ``max_wait_s`` is let go, because training backs off on out-of-memory by itself.
+    """
+    if monitor is None:
+        return 0.0
+    started = clock()
+    warned = False
+    while True:
+        sample = monitor.sample()
+        decision = guard.decide(sample)
+        waited = clock() - started
+        free_mb = None
+        if sample and sample.get("memory_total_mb") is not None and sample.get("memory_used_mb") is not None:
+            free_mb = sample["memory_total_mb"] - sample["memory_used_mb"]
+        short_of_memory = needed_free_mb is not None and free_mb is not None and free_mb < needed_free_mb
+        if decision.action == "ok" and not short_of_memory:
+            if warned:
+                events.log(f"GPU ready again after {waited:.0f} s ({decision.reason}); starting {before}")
+            return waited
+        if decision.action == "emergency" or (decision.action != "ok" and waited > max_wait_s):
+            save_progress()
+            raise GpuOverheated(
+                f"{decision.reason}; waited {waited:.0f} s before {before}. Progress is saved: improve "
+                "cooling or lower the load, then run the job again to resume"
+            )
+        if waited > max_wait_s:
+            events.warning(
+                f"only {free_mb} MB of GPU memory free after waiting {waited:.0f} s (the last run peaked at "
+                f"{needed_free_mb:.0f} MB); starting {before} anyway, training backs off on out-of-memory"
+            )
+            return waited
+        if not warned:
+            why = decision.reason if decision.action != "ok" else f"only {free_mb} MB of GPU memory free"
+            events.warning(f"delaying {before}: {why}", gpu=sample)
+            warned = True
+        sleep(GPU_WAIT_POLL_S)

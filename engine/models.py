@@ -1,34 +1,28 @@
-"""Model presets, resolving a model name, and loading a base model for LoRA/QLoRA training.
+"""Model presets, resolving a model name, and a model's shape without its weights (torch-free).
 
 A model is named three ways: a preset (``qwen2.5-7b``, ``tiny``, ...), a local folder holding a
 Hugging Face checkpoint (``config.json`` + weights), or a hub name (``Qwen/Qwen2.5-7B-Instruct``),
 which goes through ``from_pretrained`` and so needs the model downloaded or the hub reachable.
-
-Loading rules (``load_for_training``):
-- quantization "auto": NF4 4-bit on a GPU (bitsandbytes, double quantisation, bf16 compute, or
-  fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
-  CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
-  Embeddings and lm_head are never quantised. Attention is SDPA.
-- Unsloth's ``FastLanguageModel`` is used when ``use_unsloth`` is not "never", a CUDA GPU is the
-  device and ``import unsloth`` works; "require" without it is an error. Otherwise transformers.
-
-torch and transformers are imported inside the functions that need them, so that presets,
-``resolve_model`` and ``model_shape`` stay cheap.
+Loading weights is ``engine.training.base_model``'s job.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
-import struct
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.defaults import ModelShape, StorageDtype, estimate_memory, storage_dtype
+from engine.adapters import is_adapter_folder
+from engine.files import PathError, path_kind, quoted, user_path
+from engine.memory import ModelShape, estimate_memory
 
 
 class ModelError(ValueError):
@@ -257,7 +251,7 @@ def _looks_like_path(name: str) -> bool:
 def _check_model_folder(path: Path, name: str) -> None:
     if (path / "config.json").is_file():
         return
-    if (path / "adapter_config.json").is_file():
+    if is_adapter_folder(path):
         raise ModelError(
             f"{name!r} is a LoRA adapter folder, not a base model. Give the base model it was trained on as "
             "the model (its adapter_config.json names it under base_model_name_or_path)."
@@ -269,8 +263,11 @@ def _check_model_folder(path: Path, name: str) -> None:
     )
 
 
-def resolve_model(name: str) -> ResolvedModel:
-    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name."""
+def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
+    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name.
+
+    ``build_tiny=False`` only checks the name (the preflight), without building the tiny model.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(
             f"a model name is required (a preset: {', '.join(PRESETS)}; a local folder; or a hub name)"
@@ -279,14 +276,20 @@ def resolve_model(name: str) -> ResolvedModel:
     preset = get_preset(name)
     if preset is not None:
         if preset.hf_id is None:
+            if not build_tiny:
+                return ResolvedModel(name, "preset", name, preset=preset)
             from engine.tiny import ensure_tiny_model
 
             path = ensure_tiny_model()
             return ResolvedModel(name, "preset", str(path), preset=preset, local_path=path)
         return ResolvedModel(name, "preset", preset.hf_id, preset=preset)
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_file():
+    try:  # by type, before anything opens it
+        path = user_path(name, "model")
+        kind = path_kind(path, "model")
+    except PathError as exc:
+        raise ModelError(str(exc)) from None
+    if kind is not None:
+        if kind == "file":
             hint = (
                 " GGUF files are for inference (llama.cpp, Ollama); training needs the Hugging Face checkpoint."
                 if path.suffix.lower() == ".gguf"
@@ -297,7 +300,7 @@ def resolve_model(name: str) -> ResolvedModel:
         return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
     if _looks_like_path(name):
         raise ModelError(
-            f"no folder {name!r} on this machine (resolved to {str(path.resolve())!r}). Check the path, or give a "
+            f"no folder {quoted(name)} on this machine (resolved to {quoted(path.resolve())}). Check the path, or give a "
             f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
         )
     if "/" not in name:
@@ -345,6 +348,19 @@ def _is_hub_failure(exc: BaseException) -> bool:
         return True
     mod = type(exc).__module__ or ""
     return mod.startswith("huggingface_hub") or mod.startswith("requests") or mod.startswith("httpx")
+
+
+@contextmanager
+def hub_errors(resolved: ResolvedModel, what: str) -> Iterator[None]:
+    """Turn a ``from_pretrained`` failure on a hub name into a ModelError that says what to do."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:
+        if resolved.local_path is None and _is_hub_failure(exc):
+            raise _hub_error(resolved, exc, what) from exc
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,26 +416,18 @@ def shape_from_config(config: dict[str, Any], where: str = "config.json") -> Mod
 
 def _safetensors_param_count(folder: Path) -> int | None:
     """Exact parameter count from the safetensors headers (no weights read); None if unusable."""
+    from safetensors import safe_open
+
     files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
     total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 1024 * 1024:
-                return None
-            header = json.loads(fh.read(n))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            if meta.get("dtype") in ("U8", "I8"):
-                return None  # already quantised: element counts are not parameter counts
-            count = 1
-            for dim in meta.get("shape", []):
-                count *= int(dim)
-            total += count
-    return total
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                meta = f.get_slice(name)
+                if meta.get_dtype() in ("U8", "I8"):
+                    return None  # already quantised: element counts are not parameter counts
+                total += math.prod(meta.get_shape())
+    return total or None
 
 
 def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelShape:
@@ -449,217 +457,6 @@ def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelSh
     privacy_environment()
     from transformers import AutoConfig
 
-    try:
+    with hub_errors(resolved, "configuration"):
         config = AutoConfig.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        if _is_hub_failure(exc):
-            raise _hub_error(resolved, exc, "configuration") from exc
-        raise
     return shape_from_config(config.to_dict(), f"the config of {resolved.target}")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer (preset, folder or hub name)."""
-    privacy_environment()
-    resolved = resolve_model(name_or_path)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        if resolved.source != "local" and resolved.local_path is None and _is_hub_failure(exc):
-            raise _hub_error(resolved, exc, "tokenizer") from exc
-        raise
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # the base model, not yet wrapped with LoRA
-    tokenizer: Any
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _cuda_bf16(device: str) -> bool:
-    import torch
-
-    index = torch.device(device).index or 0
-    return torch.cuda.get_device_capability(index)[0] >= 8
-
-
-def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
-    """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
-    if use_unsloth == "never":
-        return False, "use_unsloth is 'never'"
-    problem = None
-    if not device.startswith("cuda"):
-        problem = "Unsloth needs a CUDA GPU and the device is the CPU"
-    elif storage == "fp32":
-        problem = "Unsloth trains in 4-bit or 16-bit, and fp32 (quantization 'none') was asked for"
-    else:
-        try:
-            import unsloth  # noqa: F401  (import for its patches, as Unsloth asks)
-        except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
-            problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
-    if problem is None:
-        return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
-    if use_unsloth == "require":
-        raise ModelError(
-            f"use_unsloth is 'require' but {problem}. Install it (pip install unsloth) on a machine with an "
-            "NVIDIA GPU, or set use_unsloth to 'auto' to fall back to transformers."
-        )
-    return False, f"{problem}: using transformers"
-
-
-def _count_params(model: Any) -> int:
-    total = 0
-    for p in model.parameters():
-        # bitsandbytes packs two 4-bit weights per uint8 element.
-        total += p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
-    return total
-
-
-def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
-    """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
-
-    ``max_seq_length`` only matters to Unsloth (it sizes its RoPE caches); default: the spec's or 2048.
-    """
-    privacy_environment()
-    if device == "cuda":
-        device = f"cuda:{spec.gpu_index}"
-    on_gpu = device.startswith("cuda")
-    resolved = resolve_model(spec.model)
-    bf16_ok = _cuda_bf16(device) if on_gpu else True
-    storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
-    # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
-    compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    use_unsloth, why = _unsloth_decision(spec.use_unsloth, device, storage)
-    info: dict[str, Any] = {
-        "model": spec.model,
-        "model_source": resolved.source,
-        "model_target": resolved.target,
-        "quantization": storage,
-        "quantization_requested": spec.quantization,
-        "compute_dtype": _DTYPE_NAMES[compute],
-        "device": device,
-        "path": "unsloth" if use_unsloth else "transformers",
-        "path_reason": why,
-        "attn_implementation": "sdpa",
-        "trust_remote_code": bool(spec.trust_remote_code),
-    }
-    try:
-        if use_unsloth:
-            seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
-            model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
-        else:
-            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code)
-            tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
-    except ModelError:
-        raise
-    except Exception as exc:
-        if resolved.local_path is None and _is_hub_failure(exc):
-            raise _hub_error(resolved, exc, "weights") from exc
-        raise
-    info["parameters"] = _count_params(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def bnb_nf4_config(compute: str) -> Any:
-    """The QLoRA quantisation: NF4 codes, double quantisation, 16-bit (GPU) or fp32 (CPU) compute."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_torch_dtype(compute),
-        # transformers already leaves the output embedding (lm_head) unquantised; naming it keeps
-        # that true for architectures whose head it does not detect. Embeddings are never Linear.
-        llm_int8_skip_modules=["lm_head"],
-    )
-
-
-def _load_transformers(
-    resolved: ResolvedModel, storage: str, compute: str, device: str, trust_remote_code: bool
-) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {
-        "dtype": _torch_dtype(compute),
-        "attn_implementation": "sdpa",
-        "trust_remote_code": trust_remote_code,
-        "device_map": {"": device},
-    }
-    if storage == "nf4":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as exc:
-            raise ModelError(
-                f"4-bit loading needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
-                "Install it (pip install bitsandbytes) or use quantization '16bit' or 'none'."
-            ) from exc
-        kwargs["quantization_config"] = bnb_nf4_config(compute)
-    return AutoModelForCausalLM.from_pretrained(resolved.target, **kwargs)
-
-
-def _load_unsloth(
-    resolved: ResolvedModel,
-    storage: str,
-    compute: str,
-    device: str,
-    max_seq_length: int,
-    trust_remote_code: bool,
-) -> tuple[Any, Any]:
-    from unsloth import FastLanguageModel
-
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=resolved.target,
-        max_seq_length=max_seq_length,
-        dtype=_torch_dtype(compute),
-        load_in_4bit=storage == "nf4",
-        full_finetuning=False,
-        trust_remote_code=trust_remote_code,
-        device_map={"": device},
-    )
-    return model, tokenizer
-
-
-def load_for_inference(
-    name_or_path: str, *, adapter: str | None = None, device: str = "cpu", trust_remote_code: bool = False
-) -> tuple[Any, Any]:
-    """A model for generation: bf16 (fp16 without bf16) on a GPU, fp32 on CPU, plus an optional LoRA adapter."""
-    privacy_environment()
-    resolved = resolve_model(name_or_path)
-    on_gpu = device.startswith("cuda")
-    compute = ("bf16" if _cuda_bf16(device) else "fp16") if on_gpu else "fp32"
-    try:
-        model = _load_transformers(resolved, compute, compute, device, trust_remote_code)
-        tokenizer = load_tokenizer(resolved.target, trust_remote_code=trust_remote_code)
-    except ModelError:
-        raise
-    except Exception as exc:
-        if resolved.local_path is None and _is_hub_failure(exc):
-            raise _hub_error(resolved, exc, "weights") from exc
-        raise
-    if adapter:
-        adapter_path = Path(adapter).expanduser()
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_path))
-    model.eval()
-    return model, tokenizer

@@ -1,7 +1,7 @@
 """One-shot commands that need the ML stack: dataset check with token statistics, and generation.
 
 Each takes a JSON object of arguments and prints one JSON object. The server runs them as
-subprocesses (``python -m engine check-data|generate '<json>'``) so that it never imports torch;
+subprocesses (``python -m engine check-data|generate -``, the JSON on stdin) so that it never imports torch;
 the CLI and the Python API call the same functions in-process.
 """
 
@@ -47,15 +47,17 @@ class GenerateArgs(BaseModel):
 def check_data(args: CheckDataArgs) -> dict[str, Any]:
     from engine.data import load_examples
     from engine.spec import DatasetSettings, TrainSettings
-    from engine.train import pick_device, tokenize_all
+    from engine.training.loading import pick_device, tokenize_all
 
     settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
     examples, report = load_examples(settings)
     out: dict[str, Any] = {"ok": True, "report": report.to_dict()}
     if not examples:
         return out
-    from engine.defaults import estimate_memory, percentile, resolve_training
-    from engine.models import load_tokenizer, model_shape
+    from engine.defaults import percentile, resolve_training
+    from engine.memory import estimate_memory
+    from engine.models import model_shape
+    from engine.training.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     lengths = tokenize_all(examples, tokenizer, None).lengths
@@ -114,12 +116,12 @@ def generate(args: GenerateArgs) -> dict[str, Any]:
     import torch
 
     from engine.formatting import render_prompt
-    from engine.train import pick_device
+    from engine.training.loading import pick_device
 
     if not args.prompt and not args.messages:
         raise ValueError("give a prompt or a list of messages")
     device = pick_device(args.device)
-    from engine.models import load_for_inference
+    from engine.training.base_model import load_for_inference
 
     model, tokenizer = load_for_inference(
         args.model, adapter=args.adapter, device=device, trust_remote_code=args.trust_remote_code
@@ -165,7 +167,7 @@ def run_oneshot(command: str, raw_args: str) -> int:
 
     privacy_environment()
     try:
-        data = json.loads(raw_args)
+        data = json.loads(sys.stdin.read() if raw_args == "-" else raw_args)  # "-": the JSON on stdin
         if command == "check-data":
             result = check_data(CheckDataArgs.model_validate(data))
         else:

@@ -29,125 +29,32 @@ series, so it factors out and is left to the adapter config):
   with a seeded generator so that a resumed series reproduces it).
 
 peft's own ``add_weighted_adapter`` merges A and B separately for its ``linear``/``ties``/
-``dare_*`` combinations, which is not a merge of ΔW; hence this module.
+``dare_*`` combinations, which is not a merge of ΔW; hence this module. The element-wise steps
+of TIES and DARE (trim, sign election, disjoint mean, random drop) are peft's
+``peft.utils.merge_utils``, applied to the ΔW matrices.
 
-Adapters are handled as ``dict[module_key, LoraFactors]`` where ``module_key`` is the
-state-dict prefix before ``.lora_A`` (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``).
-``split_lora_state``/``join_lora_state`` convert from and to PEFT state dicts (both the saved
-form ``...lora_A.weight`` and the in-model form ``...lora_A.default.weight``).
+Adapters are ``engine.adapters.Adapter`` (``dict[module_key, LoraFactors]``); reading and
+writing them is ``engine.adapters``'s job, not this module's.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from engine.adapters import Adapter, LoraFactors, clone_adapter
 
 # re-exported: the series and the benchmarks call slao.forgetting_metrics
 from engine.cl_metrics import forgetting_metrics as forgetting_metrics
 
+if TYPE_CHECKING:
+    from engine.spec import SeriesSpec
+
 MergeWeight = Literal["inv_sqrt", "inv"]
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass
-class LoraFactors:
-    """One target module's LoRA factors: A is r×n (in-features), B is m×r (out-features)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """B·A in float32 (without the scaling s)."""
-        return self.B.float() @ self.A.float()
-
-
-Adapter = dict[str, LoraFactors]
-
-
-# ---------------------------------------------------------------------------------------------
-# PEFT state dicts <-> factors
-
-
-def _split_key(key: str) -> tuple[str, str, str] | None:
-    """``prefix.lora_A[.adapter].weight`` -> (prefix, "A", suffix_without_prefix)."""
-    for which in ("A", "B"):
-        marker = f".lora_{which}."
-        pos = key.find(marker)
-        if pos >= 0 and key.endswith(".weight"):
-            return key[:pos], which, key[pos + 1 :]
-    return None
-
-
-def split_lora_state(state: Mapping[str, torch.Tensor]) -> tuple[Adapter, dict[str, torch.Tensor], str]:
-    """Split a PEFT LoRA state dict into factors per module.
-
-    Returns (factors, other_entries, key_style) where ``key_style`` is the part after the
-    prefix for A (``lora_A.weight`` or ``lora_A.default.weight``), used by ``join_lora_state``
-    to write keys back in the same form. Entries that are not LoRA A/B (e.g. modules_to_save)
-    are returned untouched in ``other_entries``.
-    """
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
-    other: dict[str, torch.Tensor] = {}
-    style = "lora_A.weight"
-    for key, value in state.items():
-        parts = _split_key(key)
-        if parts is None:
-            other[key] = value
-            continue
-        prefix, which, suffix = parts
-        if "lora_magnitude_vector" in key:
-            raise ValueError(f"{key}: DoRA adapters are not supported by SLAO merging; train plain LoRA")
-        if which == "A":
-            a[prefix] = value
-            style = suffix
-        else:
-            b[prefix] = value
-    if set(a) != set(b):
-        missing = sorted(set(a) ^ set(b))
-        raise ValueError(f"LoRA state dict has A without B (or B without A) for: {missing[:5]}")
-    if not a:
-        raise ValueError("no LoRA weights (keys containing '.lora_A.' / '.lora_B.') in this state dict")
-    factors: Adapter = {}
-    for prefix in a:
-        A, B = a[prefix], b[prefix]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(
-                f"{prefix}: expected A r×n and B m×r, got A {tuple(A.shape)} and B {tuple(B.shape)} "
-                "(convolutional or embedding LoRA layers are not supported)"
-            )
-        factors[prefix] = LoraFactors(A=A, B=B)
-    return factors, other, style
-
-
-def join_lora_state(
-    factors: Adapter, other: Mapping[str, torch.Tensor] | None = None, key_style: str = "lora_A.weight"
-) -> dict[str, torch.Tensor]:
-    """The inverse of ``split_lora_state``."""
-    state: dict[str, torch.Tensor] = dict(other or {})
-    b_style = key_style.replace("lora_A", "lora_B", 1)
-    for prefix, f in factors.items():
-        state[f"{prefix}.{key_style}"] = f.A
-        state[f"{prefix}.{b_style}"] = f.B
-    return state
-
-
-def clone_adapter(adapter: Adapter) -> Adapter:
-    return {k: LoraFactors(A=f.A.detach().clone(), B=f.B.detach().clone()) for k, f in adapter.items()}
 
 
 def _check_same_modules(first: Adapter, second: Adapter, what: str) -> None:
@@ -188,15 +95,6 @@ def merge_weight(i: int, schedule: MergeWeight = "inv_sqrt") -> float:
     if schedule == "inv":
         return 1.0 / i
     raise ValueError(f"unknown merge weight schedule {schedule!r}; use 'inv_sqrt' or 'inv'")
-
-
-def effective_weights(num_runs: int, schedule: MergeWeight = "inv_sqrt") -> list[float]:
-    """Weight of each fine-tuned B_ft(k) in B_m after ``num_runs`` SLAO merges (they sum to 1)."""
-    weights: list[float] = []
-    for i in range(1, num_runs + 1):
-        lam = merge_weight(i, schedule)
-        weights = [w * (1.0 - lam) for w in weights] + [lam]
-    return weights
 
 
 def slao_init(previous_finetuned: Adapter, qr_init: bool = True) -> Adapter:
@@ -310,13 +208,19 @@ def linear_merge(finetuned: Sequence[Adapter], rank: int | None = None) -> tuple
     return out, report
 
 
-def _trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES 'trim')."""
-    if density >= 1.0:
-        return delta
-    keep = max(1, int(round(density * delta.numel())))
-    threshold = torch.topk(delta.abs().flatten(), keep, sorted=False).values.min()
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+def _merge_deltas(
+    finetuned: Sequence[Adapter], rank: int | None, combine: Callable[[list[torch.Tensor], int], torch.Tensor]
+) -> tuple[Adapter, MergeReport]:
+    """Per module: ``combine`` the task vectors ΔW_k = B_k·A_k, then truncate to rank r by SVD."""
+    for other in finetuned[1:]:
+        _check_same_modules(finetuned[0], other, "merge")
+    report = MergeReport()
+    out: Adapter = {}
+    for m_index, (key, first) in enumerate(finetuned[0].items()):
+        merged = combine([a[key].delta() for a in finetuned], m_index)
+        B, A, err = dense_truncate(merged, rank or first.rank)
+        out[key] = _finish(B, A, first, err, report)
+    return out, report
 
 
 def ties_merge(
@@ -324,31 +228,24 @@ def ties_merge(
 ) -> tuple[Adapter, MergeReport]:
     """TIES merging of the task vectors ΔW_k = B_k·A_k, truncated to rank r.
 
-    Two passes per module (sign election, then disjoint mean) keep memory at a few m×n
-    matrices regardless of how many runs there were.
+    Each ΔW_k keeps its ``density`` fraction of largest-magnitude entries, a sign is elected per
+    entry by the summed trimmed values, and the entries that agree with it are averaged. peft
+    stacks the t task vectors of a module, so a merge holds t m×n float32 matrices at a time.
     """
+    from peft.utils import merge_utils
+
     if not finetuned:
         raise ValueError("ties merge needs at least one adapter")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"ties density must be in (0, 1], got {density}")
-    report = MergeReport()
-    out: Adapter = {}
-    for key, first in finetuned[0].items():
-        sign_sum = torch.zeros_like(first.delta())
-        for a in finetuned:
-            sign_sum += _trim_to_density(a[key].delta(), density)
-        elected = torch.sign(sign_sum)
-        total = torch.zeros_like(sign_sum)
-        count = torch.zeros_like(sign_sum)
-        for a in finetuned:
-            trimmed = _trim_to_density(a[key].delta(), density)
-            agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-            total += torch.where(agrees, trimmed, torch.zeros_like(trimmed))
-            count += agrees.float()
-        merged = total / count.clamp_min(1.0)
-        B, A, err = dense_truncate(merged, rank or first.rank)
-        out[key] = _finish(B, A, first, err, report)
-    return out, report
+
+    def combine(deltas: list[torch.Tensor], _: int) -> torch.Tensor:
+        if density < 1.0:  # peft warns on density 1 and returns the tensor unchanged
+            deltas = [merge_utils.prune(d, density, method="magnitude") for d in deltas]
+        stacked = torch.stack(deltas)
+        return merge_utils.disjoint_merge(stacked, merge_utils.calculate_majority_sign_mask(stacked))
+
+    return _merge_deltas(finetuned, rank, combine)
 
 
 def dare_merge(
@@ -356,106 +253,59 @@ def dare_merge(
 ) -> tuple[Adapter, MergeReport]:
     """DARE: drop entries of each ΔW_k with probability ``drop``, rescale by 1/(1−drop), average.
 
-    The masks come from a generator seeded by (seed, run index, module), so the same inputs
+    The random masks are drawn from a generator seeded by (seed, module), so the same inputs
     always give the same merge (a resumed series reproduces it).
     """
+    from peft.utils import merge_utils
+
     if not finetuned:
         raise ValueError("dare merge needs at least one adapter")
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"dare drop probability must be in [0, 1), got {drop}")
-    report = MergeReport()
-    out: Adapter = {}
-    for m_index, (key, first) in enumerate(finetuned[0].items()):
-        acc = torch.zeros_like(first.delta())
-        for k, a in enumerate(finetuned):
-            delta = a[key].delta()
-            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + k * 10_007 + m_index)
-            keep = torch.rand(delta.shape, generator=gen) >= drop
-            acc += torch.where(keep.to(delta.device), delta / (1.0 - drop), torch.zeros_like(delta))
-        B, A, err = dense_truncate(acc / len(finetuned), rank or first.rank)
-        out[key] = _finish(B, A, first, err, report)
-    return out, report
+
+    def combine(deltas: list[torch.Tensor], m_index: int) -> torch.Tensor:
+        if drop > 0.0:
+            device = deltas[0].device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed * 1_000_003 + m_index)
+                deltas = [merge_utils.prune(d, 1.0 - drop, method="random", rescale=True) for d in deltas]
+        return torch.stack(deltas).mean(dim=0)
+
+    return _merge_deltas(finetuned, rank, combine)
 
 
 # ---------------------------------------------------------------------------------------------
-# saving and loading adapter folders
+# a series' merge step
 
 
-def adapter_scaling(config: Mapping[str, Any]) -> float:
-    """s for an adapter_config.json: lora_alpha / r (or / √r with rsLoRA)."""
-    r = int(config["r"])
-    alpha = float(config.get("lora_alpha", r))
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(
-            "adapters with per-module rank_pattern/alpha_pattern are not supported by SLAO merging"
-        )
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+def initial_factors(spec: SeriesSpec, previous_finetuned: Adapter) -> Adapter:
+    """Run i ≥ 2 starts from run i−1's fine-tuned adapter; SLAO-family modes orthogonalise A.
 
-
-def load_adapter(folder: str | Path) -> tuple[Adapter, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a PEFT adapter folder: (factors, other state entries, adapter_config dict)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
-        )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    factors, other, _ = split_lora_state(load_file(str(weights_path)))
-    return factors, other, config
-
-
-def save_adapter(
-    folder: str | Path,
-    factors: Adapter,
-    config: Mapping[str, Any],
-    other: Mapping[str, torch.Tensor] | None = None,
-    extra_files: Mapping[str, str] | None = None,
-) -> Path:
-    """Write an ordinary PEFT adapter folder (config + safetensors) atomically.
-
-    ``config`` is the adapter_config.json of the series' adapters (same r, alpha, targets), so
-    peft loads the result unchanged. Every merge here keeps rank r, which the config states;
-    a factor with another rank is refused rather than saved into an unloadable folder. The
-    folder is written beside its final place and renamed into it, so a crash leaves either the
-    previous folder or the new one.
+    ``sequential`` keeps training the same adapter (no QR). ``linear``/``ties``/``dare`` share
+    SLAO's initialisation (``qr_init`` applies), so the modes differ only in how they merge.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    r = int(config["r"])
-    for key, f in factors.items():
-        if f.rank != r:
-            raise ValueError(f"{key}: factors have rank {f.rank} but the adapter config says r={r}")
-    state = {k: v.detach().contiguous().cpu() for k, v in join_lora_state(factors, other).items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(
-            json.dumps(dict(config), indent=2, sort_keys=True), encoding="utf-8"
-        )
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    if spec.merge_mode == "sequential":
+        return clone_adapter(previous_finetuned)
+    return slao_init(previous_finetuned, qr_init=spec.qr_init)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (rename-based)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+def merge_run(
+    spec: SeriesSpec, run: int, merged: Adapter | None, finetuned: Sequence[Adapter]
+) -> tuple[Adapter, MergeReport]:
+    """The merged adapter after ``run`` for the spec's merge mode.
+
+    ``finetuned`` is every run's fine-tuned adapter so far for the ΔW modes (linear, ties, dare);
+    the other modes read only the last one.
+    """
+    mode, last = spec.merge_mode, finetuned[-1]
+    if mode == "sequential":
+        return clone_adapter(last), MergeReport()
+    if mode == "slao":
+        return slao_merge(merged, last, run, spec.merge_weight), MergeReport()
+    if mode == "linear":
+        return linear_merge(finetuned)
+    if mode == "ties":
+        return ties_merge(finetuned, density=spec.ties_density)
+    if mode == "dare":
+        return dare_merge(finetuned, drop=spec.dare_drop, seed=spec.train.seed)
+    raise ValueError(f"unknown merge_mode {mode!r}")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.adapters import AdapterError
 from engine.export.convert import ConversionError, convert_to_gguf
-from engine.export.merge import AdapterError, load_lora
+from engine.export.merge import load_lora
 from engine.export.source import SourceError, resolve_source
 from engine.export.vocab import TokenizerExportError, detect_pre_tokenizer
 from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, JobResult, write_result, write_spec

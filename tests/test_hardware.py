@@ -110,7 +110,7 @@ def test_probe_reads_every_field(monkeypatch):
     a100, t4 = probe.gpus
     assert a100.name == "NVIDIA A100-SXM4-80GB" and t4.name == "Tesla T4"
     assert a100.memory_total_mb == 80 * 1024 and a100.memory_used_mb == 1024
-    assert a100.memory_free_mb == 79 * 1024 and a100.memory_free_gib == 79.0
+    assert a100.memory_free_mb == 79 * 1024
     assert a100.compute_capability == "8.0" and a100.bf16_supported is True
     assert t4.compute_capability == "7.5" and t4.bf16_supported is False
     assert a100.power_w == 312.5 and a100.power_limit_w == 400.0
@@ -149,6 +149,7 @@ def test_monitor_samples_and_closes(monkeypatch):
         "temperature_c": 61,
         "memory_used_mb": 1024,
         "memory_total_mb": 80 * 1024,
+        "memory_free_mb": 79 * 1024,
         "utilization_pct": 37,
         "power_w": 312.5,
     }

@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from engine import models
-from engine.defaults import ModelShape
-from engine.models import (
-    PRESETS,
-    ModelError,
-    load_for_inference,
-    load_for_training,
-    load_tokenizer,
-    model_shape,
-    privacy_environment,
-    resolve_model,
-)
-from engine.spec import DatasetSettings, FinetuneSpec
+from engine.memory import ModelShape
+from engine.models import PRESETS, ModelError, model_shape, privacy_environment, resolve_model
+from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+from engine.training import base_model
+from engine.training.base_model import load_for_inference, load_for_training, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +141,8 @@ def test_bad_names_give_clear_errors(tmp_path):
 def test_unreachable_hub_gives_an_actionable_message():
     """The hub is unreachable here; HF_HUB_OFFLINE makes that immediate instead of minutes of retries."""
     code = (
-        "from engine.models import load_tokenizer, model_shape, ModelError\n"
+        "from engine.models import model_shape, ModelError\n"
+        "from engine.training.base_model import load_tokenizer\n"
         "for name in ('Qwen/Qwen2.5-0.5B-Instruct', 'someone/not-cached'):\n"
         "    for f in (load_tokenizer, model_shape):\n"
         "        try:\n"
@@ -282,11 +276,11 @@ def test_load_tiny_16bit_on_cpu(tiny_dir):
 
 
 def test_unsloth_rules_on_cpu(tiny_dir):
-    with pytest.raises(ModelError, match="use_unsloth is 'require'.*CUDA GPU"):
-        load_for_training(_spec("tiny", use_unsloth="require"), "cpu")
-    loaded = load_for_training(_spec("tiny", use_unsloth="never"), "cpu")
-    assert loaded.info["path"] == "transformers" and "never" in loaded.info["path_reason"]
-    auto = models._unsloth_decision("auto", "cpu", "fp32")
+    with pytest.raises(ModelError, match="train.backend is 'unsloth'.*CUDA GPU"):
+        load_for_training(_spec("tiny", train=TrainSettings(backend="unsloth")), "cpu")
+    loaded = load_for_training(_spec("tiny", train=TrainSettings(backend="native")), "cpu")
+    assert loaded.info["path"] == "transformers" and "native" in loaded.info["path_reason"]
+    auto = base_model._unsloth_decision("auto", "cpu", "fp32")
     assert auto[0] is False and "CPU" in auto[1]
 
 

@@ -12,19 +12,11 @@ import pytest
 import torch
 
 from engine import slao
+from engine.adapters import ADAPTER_WEIGHTS, load_factors, read_adapter_config, read_factors
 from engine.data import Example
 from engine.events import EventWriter, iter_events
-from engine.series import (
-    STATE_FILE,
-    SeriesState,
-    build_slices,
-    heldout_loss,
-    read_factors,
-    run_series,
-    series_metrics,
-    tokenize_heldout,
-    wait_for_safe_gpu,
-)
+from engine.hardware import wait_for_safe_gpu
+from engine.recipes.series import STATE_FILE, SeriesState, build_slices, run_series, series_metrics
 from engine.spec import (
     EVENTS_FILE,
     DatasetSettings,
@@ -34,6 +26,7 @@ from engine.spec import (
     TrainSettings,
     write_spec,
 )
+from engine.training.evaluation import heldout_loss, tokenize_heldout
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -143,8 +136,7 @@ class _FakeMonitor:
 
 
 def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
-    from engine.hardware import ThermalGuard
-    from engine.train import GpuOverheated
+    from engine.hardware import GpuOverheated, ThermalGuard
 
     clock = {"t": 0.0}
 
@@ -157,7 +149,13 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
     with EventWriter(tmp_path / "events.jsonl") as events:
         guard = ThermalGuard(SafetySettings())
         waited = wait_for_safe_gpu(
-            _FakeMonitor([88, 84, 80, 75]), guard, events, next_run=2, sleep=sleep, clock=now
+            _FakeMonitor([88, 84, 80, 75]),
+            guard,
+            events,
+            before="run 2",
+            max_wait_s=600,
+            sleep=sleep,
+            clock=now,
         )
         assert waited == 15.0  # three 5-second waits until the card cooled below the resume line
         # Another process holds the memory: wait, then go on with a warning (training backs off on OOM).
@@ -165,7 +163,7 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
             _FakeMonitor([60], used_mb=79_000),
             guard,
             events,
-            next_run=3,
+            before="run 3",
             needed_free_mb=5000,
             max_wait_s=20,
             sleep=sleep,
@@ -177,12 +175,12 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
                 _FakeMonitor([95]),
                 ThermalGuard(SafetySettings()),
                 events,
-                next_run=4,
+                before="run 4",
                 max_wait_s=10,
                 sleep=sleep,
                 clock=now,
             )
-    kinds = [(e.type, e.data.get("message", "")) for e in iter_events(tmp_path / "events.jsonl")]
+    kinds = [(e.type, getattr(e, "message", "") or "") for e in iter_events(tmp_path / "events.jsonl")]
     assert any(t == "warning" and "delaying run 2" in m for t, m in kinds)
     assert any(t == "warning" and "starting run 3 anyway" in m for t, m in kinds)
 
@@ -217,11 +215,11 @@ def test_three_run_series_fills_R_and_delivers_the_merged_adapter(tmp_path, tiny
     assert m["loss_average"] == pytest.approx(sum(m["loss_matrix"][2]) / 3)
 
     finished = [e for e in iter_events(job / EVENTS_FILE) if e.type == "run_finished"]
-    assert [e.data["run"] for e in finished] == [1, 2, 3]
-    assert [len(e.data["loss_row"]) for e in finished] == [1, 2, 3]
-    assert finished[-1].data["loss_row"] == m["loss_matrix"][2]
+    assert [e.run for e in finished] == [1, 2, 3]
+    assert [len(e.loss_row) for e in finished] == [1, 2, 3]
+    assert finished[-1].loss_row == m["loss_matrix"][2]
     progress = [e for e in iter_events(job / EVENTS_FILE) if e.type == "progress"]
-    assert {e.data["run"] for e in progress} == {1, 2, 3} and len(progress) == 9
+    assert {e.run for e in progress} == {1, 2, 3} and len(progress) == 9
     # Only the newest merged adapter and (for slao) the last fine-tuned one are kept.
     assert sorted(p.name for p in (job / "series" / "merged").iterdir()) == ["run-003"]
     assert sorted(p.name for p in (job / "series" / "finetuned").iterdir()) == ["run-003"]
@@ -229,8 +227,9 @@ def test_three_run_series_fills_R_and_delivers_the_merged_adapter(tmp_path, tiny
     # The deliverable is the merged adapter: B_m = B_ft3 + ... differs from the last fine-tuned B,
     # and A_m is the last fine-tuned A.
     adapter = Path(result.artifacts["adapter"])
-    merged, _, config = slao.load_adapter(adapter)
-    last_ft, _, _ = slao.load_adapter(result.artifacts["last_finetuned_adapter"])
+    merged, _ = load_factors(adapter)
+    last_ft, _ = load_factors(result.artifacts["last_finetuned_adapter"])
+    config = read_adapter_config(adapter)
     key = next(iter(merged))
     torch.testing.assert_close(merged[key].A, last_ft[key].A)
     assert not torch.allclose(merged[key].B, last_ft[key].B)
@@ -280,8 +279,8 @@ def test_interrupted_series_resumes_from_the_last_finished_run(tmp_path, tiny_mo
     assert result.metrics["loss_matrix"][0] == first_row
     assert _lower_triangle_filled(result.metrics["loss_matrix"])
     events_list = list(iter_events(job / EVENTS_FILE))
-    assert [e.data["run"] for e in events_list if e.type == "run_finished"] == [1, 2, 3]
-    logs = [e.data.get("message", "") for e in events_list if e.type == "log"]
+    assert [e.run for e in events_list if e.type == "run_finished"] == [1, 2, 3]
+    logs = [e.message for e in events_list if e.type == "log"]
     assert any("resuming the series after run 1" in x for x in logs)
     assert any("resumed from checkpoint at step 1" in x for x in logs)
     # linear keeps every fine-tuned adapter: its merge averages all of them
@@ -310,7 +309,7 @@ def test_series_runs_as_a_job_through_the_worker(tmp_path, tiny_model, task_file
     result = json.loads((job / "result.json").read_text())
     assert result["status"] == "succeeded"
     assert _lower_triangle_filled(result["metrics"]["accuracy_matrix"])
-    assert (Path(result["artifacts"]["adapter"]) / slao.ADAPTER_WEIGHTS).is_file()
+    assert (Path(result["artifacts"]["adapter"]) / ADAPTER_WEIGHTS).is_file()
 
 
 def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A(
@@ -319,9 +318,9 @@ def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A
     """The paper's initialisation, checked through the real series code (the bug the tool we replace
     shipped was starting run i+1 from the MERGED B). A spy around the real ``train_adapter`` records
     the factors each run starts from and ends with; training itself runs unchanged."""
-    import engine.train
+    import engine.recipes.series as series_recipe
 
-    real_train = engine.train.train_adapter
+    real_train = series_recipe.train_adapter
     starts: list[slao.Adapter] = []
     ends: list[slao.Adapter] = []
 
@@ -331,7 +330,7 @@ def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A
         ends.append(read_factors(model)[0])
         return outcome
 
-    monkeypatch.setattr(engine.train, "train_adapter", spy)
+    monkeypatch.setattr(series_recipe, "train_adapter", spy)
     job = tmp_path / "job"
     with EventWriter(job / EVENTS_FILE) as events:
         result = run_series(_spec(tiny_model, task_files, steps_per_run=4), job, events)
@@ -355,7 +354,7 @@ def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A
     assert not torch.allclose(merged_after[1][key].B, ends[1][key].B)
     assert not torch.allclose(starts[2][key].B, merged_after[1][key].B)
     # ...and the delivered adapter is the SLAO merge of exactly these fine-tuned runs.
-    delivered, _, _ = slao.load_adapter(result.artifacts["adapter"])
+    delivered, _ = load_factors(result.artifacts["adapter"])
     for key, f in delivered.items():
         torch.testing.assert_close(f.B, merged_after[2][key].B, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(f.A, ends[2][key].A, rtol=0, atol=0)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from engine import slao
-from engine.slao import LoraFactors
+from engine import adapters, slao
+from engine.adapters import Adapter, LoraFactors
 
 
-def _random_adapter(gen: torch.Generator, modules=("m.a", "m.b"), r=4, n=12, m=10) -> slao.Adapter:
+def _random_adapter(gen: torch.Generator, modules=("m.a", "m.b"), r=4, n=12, m=10) -> Adapter:
     return {
         key: LoraFactors(A=torch.randn(r, n, generator=gen), B=torch.randn(m, r, generator=gen))
         for key in modules
@@ -40,10 +40,9 @@ def test_orthogonal_init_of_rank_deficient_A_is_still_orthonormal():
 
 
 def test_effective_weights_after_five_runs_match_the_paper():
+    # The paper's weights of each fine-tuned B after five merges with λ = 1/√i. B_ft(k) = k-th
+    # basis direction, so the merged B's entries are the weights of each fine-tuned B.
     expected = [0.034, 0.083, 0.160, 0.276, 0.447]
-    assert [round(w, 3) for w in slao.effective_weights(5, "inv_sqrt")] == expected
-    # The same numbers come out of five real merges: B_ft(k) = k-th basis direction, so the
-    # merged B's entries are the weights of each fine-tuned B.
     merged = None
     for i in range(1, 6):
         b = torch.zeros(5, 1)
@@ -54,7 +53,13 @@ def test_effective_weights_after_five_runs_match_the_paper():
     assert [round(float(x), 3) for x in merged["w"].B[:, 0]] == expected
     torch.testing.assert_close(merged["w"].A, torch.ones(1, 3) * 5)  # A is replaced, not merged
     # With λ = 1/i the merge is a plain average.
-    assert slao.effective_weights(4, "inv") == pytest.approx([0.25] * 4)
+    merged = None
+    for i in range(1, 5):
+        b = torch.zeros(4, 1)
+        b[i - 1, 0] = 1.0
+        merged = slao.slao_merge(merged, {"w": LoraFactors(A=torch.ones(1, 3), B=b)}, i, "inv")
+    assert merged is not None
+    assert merged["w"].B[:, 0].tolist() == pytest.approx([0.25] * 4)
 
 
 def test_slao_init_takes_the_finetuned_B_and_orthogonalises_A():
@@ -123,6 +128,18 @@ def test_dare_merge_without_drop_is_the_average_and_is_reproducible():
         slao.dare_merge(runs, drop=1.0)
 
 
+def test_dare_merge_keeps_or_drops_whole_entries_and_rescales_the_survivors():
+    """Each entry of the merge is the mean of the runs' entries, each kept (×1/(1−p)) or dropped."""
+    gen = torch.Generator().manual_seed(8)
+    runs = [_random_adapter(gen, modules=("w",), r=4, n=6, m=5) for _ in range(2)]
+    merged, report = slao.dare_merge(runs, drop=0.5, seed=1, rank=5)  # rank 5 = full: no truncation
+    assert report.exact
+    d1, d2, got = runs[0]["w"].delta(), runs[1]["w"].delta(), merged["w"].delta()
+    options = torch.stack([torch.zeros_like(d1), d1, d2, d1 + d2])  # (kept1·d1 + kept2·d2)·2/2
+    assert bool((options - got).abs().min(dim=0).values.max() < 1e-4)
+    assert 0 < int((got.abs() < 1e-6).sum()) < got.numel()  # some entries dropped in both, not all
+
+
 def test_state_dict_round_trip_and_clear_errors():
     gen = torch.Generator().manual_seed(4)
     state = {
@@ -130,14 +147,14 @@ def test_state_dict_round_trip_and_clear_errors():
         "base_model.model.x.q_proj.lora_B.default.weight": torch.randn(5, 2, generator=gen),
         "base_model.model.head.modules_to_save.default.weight": torch.randn(3, 3, generator=gen),
     }
-    factors, other, style = slao.split_lora_state(state)
+    factors, other, style = adapters.split_lora_state(state)
     assert list(factors) == ["base_model.model.x.q_proj"] and style == "lora_A.default.weight"
     assert list(other) == ["base_model.model.head.modules_to_save.default.weight"]
-    assert slao.join_lora_state(factors, other, style).keys() == state.keys()
+    assert adapters.join_lora_state(factors, other, style).keys() == state.keys()
     with pytest.raises(ValueError, match="A without B"):
-        slao.split_lora_state({"p.lora_A.weight": torch.zeros(2, 3)})
+        adapters.split_lora_state({"p.lora_A.weight": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="no LoRA weights"):
-        slao.split_lora_state({"p.weight": torch.zeros(2, 3)})
+        adapters.split_lora_state({"p.weight": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="different ranks"):
         slao.slao_merge(
             {"w": LoraFactors(A=torch.zeros(2, 3), B=torch.zeros(4, 2))},
@@ -213,8 +230,8 @@ def test_saved_merged_adapter_loads_in_peft_as_base_plus_scaled_BA(tmp_path):
     lora = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], lora_dropout=0.0)
     peft_model = get_peft_model(Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), lora)
     peft_model.save_pretrained(tmp_path / "template")
-    adapter_config = json.loads((tmp_path / "template" / slao.ADAPTER_CONFIG).read_text())
-    template, other, _ = slao.split_lora_state(get_peft_model_state_dict(peft_model))
+    adapter_config = json.loads((tmp_path / "template" / adapters.ADAPTER_CONFIG).read_text())
+    template, other, _ = adapters.split_lora_state(get_peft_model_state_dict(peft_model))
     assert len(template) == 4  # 2 layers × (q_proj, down_proj)
 
     gen = torch.Generator().manual_seed(5)
@@ -230,10 +247,10 @@ def test_saved_merged_adapter_loads_in_peft_as_base_plus_scaled_BA(tmp_path):
         }
         merged = slao.slao_merge(merged, finetuned, i)
     assert merged is not None
-    out = slao.save_adapter(tmp_path / "merged", merged, adapter_config, other)
-    assert sorted(p.name for p in out.iterdir()) == [slao.ADAPTER_CONFIG, slao.ADAPTER_WEIGHTS]
-
-    s = slao.adapter_scaling(adapter_config)
+    # The series' own path to the deliverable: factors into the peft model, then save_pretrained.
+    adapters.write_factors(peft_model, merged, other)
+    peft_model.save_pretrained(tmp_path / "merged")
+    s = adapter_config["lora_alpha"] / adapter_config["r"]
     assert s == 3.0
     loaded = PeftModel.from_pretrained(
         Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "merged"
@@ -260,9 +277,9 @@ def test_saved_merged_adapter_loads_in_peft_as_base_plus_scaled_BA(tmp_path):
                 module.weight += s * merged[key].B @ merged[key].A
         torch.testing.assert_close(peft_logits, manual(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(RuntimeError, match="size mismatch"):  # factors of another rank do not fit
         bad = {k: LoraFactors(A=f.A[:2], B=f.B[:, :2]) for k, f in merged.items()}
-        slao.save_adapter(tmp_path / "bad", bad, adapter_config)
-    loaded_back, _, cfg = slao.load_adapter(tmp_path / "merged")
-    assert cfg["r"] == 4
+        adapters.write_factors(peft_model, bad)
+    loaded_back, _ = adapters.load_factors(tmp_path / "merged")
+    assert adapters.read_adapter_config(tmp_path / "merged")["r"] == 4
     torch.testing.assert_close(loaded_back[next(iter(merged))].B, next(iter(merged.values())).B)

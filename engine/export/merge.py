@@ -10,7 +10,6 @@ job's base is read here from its original 16-bit files), which is what ``peft``'
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-ADAPTER_CONFIG = "adapter_config.json"
+from engine.adapters import ADAPTER_WEIGHTS, AdapterError, read_adapter, split_lora_state
+
 _PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """The adapter cannot be merged; the message says why and what to do."""
 
 
 @dataclass
@@ -118,18 +113,10 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterError(f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not a PEFT adapter folder")
-    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return config
-
-
 def load_lora(adapter_dir: str | Path) -> LoraMerger:
-    """Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """Read a PEFT LoRA adapter folder for merging into base weights."""
     adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
+    cfg, state = read_adapter(adapter_dir)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"only LoRA adapters can be exported; {adapter_dir} is {cfg.get('peft_type')}")
     if cfg.get("use_dora"):
@@ -138,54 +125,31 @@ def load_lora(adapter_dir: str | Path) -> LoraMerger:
         )
     if cfg.get("fan_in_fan_out"):
         raise AdapterError("fan_in_fan_out adapters (GPT-2 Conv1D layers) are not supported for GGUF export")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise AdapterError(
-            f"{adapter_dir} has no adapter_model.safetensors (save the adapter with safe_serialization)"
-        )
-    state = load_file(str(weights))
+    for key in state:
+        if "lora_magnitude_vector" in key or "trainable_tokens" in key or ".lora_embedding_" in key:
+            raise AdapterError(
+                f"adapter tensor {key} (DoRA, trainable tokens or LoRA on embeddings) is not supported for GGUF export"
+            )
+    try:
+        factors, other, _ = split_lora_state(state)
+    except ValueError as exc:
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: {exc}") from None
     r = int(cfg.get("r", 8))
     alpha = float(cfg.get("lora_alpha", r))
     rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-
-    a_parts: dict[str, torch.Tensor] = {}
-    b_parts: dict[str, torch.Tensor] = {}
-    b_bias: dict[str, torch.Tensor] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-        if "lora_magnitude_vector" in name or "trainable_tokens" in name:
-            raise AdapterError(
-                f"adapter tensor {key} (DoRA / trainable tokens) is not supported for GGUF export"
-            )
-        if name.endswith(".lora_A.weight"):
-            a_parts[name[: -len(".lora_A.weight")]] = value
-        elif name.endswith(".lora_B.weight"):
-            b_parts[name[: -len(".lora_B.weight")]] = value
-        elif name.endswith(".lora_B.bias"):
-            b_bias[name[: -len(".lora_B.bias")]] = value
-        elif ".lora_embedding_" in name:
-            raise AdapterError(f"LoRA on embedding layers ({key}) is not supported for GGUF export")
-        else:
-            replacements[name] = value  # a modules_to_save copy (e.g. a retrained lm_head)
-
-    if set(a_parts) != set(b_parts):
-        raise AdapterError(
-            f"{weights} has unpaired LoRA A/B tensors: {sorted(set(a_parts) ^ set(b_parts))[:3]}"
-        )
     pairs: dict[str, LoraPair] = {}
-    for module, a in a_parts.items():
-        mr = int(_pattern_value(rank_pattern, module, r))
-        ma = float(_pattern_value(alpha_pattern, module, alpha))
-        scale = ma / (mr**0.5) if rslora else ma / mr
-        pairs[module + ".weight"] = LoraPair(a=a, b=b_parts[module], scale=scale, bias=b_bias.get(module))
-    if not pairs and not replacements:
-        raise AdapterError(f"{weights} holds no LoRA tensors")
+    for prefix, f in factors.items():
+        module = prefix.removeprefix(_PEFT_PREFIX)
+        mr = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r))
+        ma = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha))
+        bias = other.pop(f"{prefix}.lora_B.bias", None)  # lora_bias=True adapters train a bias on B
+        pairs[module + ".weight"] = LoraPair(
+            a=f.A, b=f.B, scale=ma / (mr**0.5) if rslora else ma / mr, bias=bias
+        )
     return LoraMerger(
         pairs=pairs,
-        replacements=replacements,
+        # modules_to_save copies (e.g. a retrained lm_head) replace the base's tensors
+        replacements={k.removeprefix(_PEFT_PREFIX): v for k, v in other.items()},
         alpha=alpha,
         rank=r,
         adapter_dir=adapter_dir,

@@ -1,8 +1,10 @@
 """The export job: merge -> convert -> quantize -> verify -> register, with a stage event for each.
 
-Files go to ``<job_dir>/gguf/``: ``<name>-<quant>.gguf`` per quantization, ``<name>-lora.gguf``
-when asked, and a ``Modelfile``. An export that fails verification is renamed ``*.gguf.rejected``
-(kept for inspection, never listed as an artifact) and the job fails.
+Files are made in ``<job_dir>/gguf/``: ``<name>-<quant>.gguf`` per quantization, ``<name>-lora.gguf``
+when asked, and a ``Modelfile``. With ``output_dir`` the verified files are then moved there (whole
+or not at all) and the Modelfile is written beside them. An export that fails verification is
+renamed ``*.gguf.rejected`` in the job folder (kept for inspection, never listed as an artifact,
+never moved to ``output_dir``) and the job fails.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.events import EventWriter
+from engine.events import EventWriter, Progress
 from engine.jobs import JobCancelled
 from engine.spec import ExportSpec, JobResult
 
@@ -36,7 +38,7 @@ def _progress(events: EventWriter, stage: str) -> Callable[[int, int, str], None
         now = time.monotonic()
         if i == n or now - last[0] >= 1.0:
             last[0] = now
-            events.emit("progress", stage=stage, step=i, total=n, item=name)
+            events.emit(Progress(stage=stage, step=i, total=n, item=name))
 
     return report
 
@@ -75,7 +77,7 @@ _STAGE_TEXT = {
 
 
 def _stage(events: EventWriter, metrics: dict[str, Any], name: str, **data: Any) -> Callable[[], None]:
-    events.emit("stage", stage=name, name=name, message=f"{name}: {_STAGE_TEXT[name]}", **data)
+    events.stage(name, message=f"{name}: {_STAGE_TEXT[name]}", **data)
     t0 = time.monotonic()
 
     def done() -> None:
@@ -101,6 +103,7 @@ def _run(
 
     out_dir = job_dir / GGUF_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = _output_dir(spec)  # refused now, not after an hour of converting
 
     done = _stage(events, metrics, "merge", source=spec.source)
     source = resolve_source(spec)
@@ -153,9 +156,7 @@ def _run(
         files[quant] = target
         size = target.stat().st_size
         sizes[quant] = {"path": str(target), "bytes": size, "human": human_size(size)}
-        events.emit(
-            "progress", stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant, bytes=size
-        )
+        events.emit(Progress(stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant))
         check_cancel()
     intermediate.unlink(missing_ok=True)
     metrics["files"] = sizes
@@ -203,6 +204,9 @@ def _run(
             },
         )
     check_cancel()
+    if final_dir is not None:
+        _publish(files, artifacts, metrics, final_dir)
+        events.log(f"GGUF files moved to {final_dir}")
 
     shipped = [q for q in spec.quantizations if q in files]
     # The file Ollama gets: q4_k_m when made (Ollama's usual default), else the first quantized one.
@@ -210,6 +214,39 @@ def _run(
         "q4_k_m" if "q4_k_m" in shipped else next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
     )
     return _ollama_stage(spec, source, files[main_quant], model_name, events, metrics, artifacts)
+
+
+def _output_dir(spec: ExportSpec) -> Path | None:
+    """The user's folder for the files, created and checked writable up front (None: the job folder)."""
+    if not spec.output_dir:
+        return None
+    folder = Path(spec.output_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".backprop-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"cannot write the GGUF files to {folder}: {e.strerror or e}; choose another output_dir"
+        ) from e
+    return folder.resolve()
+
+
+def _publish(
+    files: dict[str, Path], artifacts: dict[str, str], metrics: dict[str, Any], folder: Path
+) -> None:
+    """Move the verified files (and the adapter GGUF) into ``folder``; every record follows them."""
+    from engine.files import move_into
+
+    for quant, path in list(files.items()):
+        if artifacts.get(f"gguf_{quant}") != str(path):
+            continue  # rejected: stays in the job folder
+        files[quant] = move_into(path, folder)
+        artifacts[f"gguf_{quant}"] = metrics["files"][quant]["path"] = str(files[quant])
+    if "adapter_gguf" in artifacts:
+        moved = move_into(artifacts["adapter_gguf"], folder)
+        artifacts["adapter_gguf"] = metrics["files"]["adapter"]["path"] = str(moved)
 
 
 def _verify(
@@ -234,9 +271,7 @@ def _verify(
         for i, (quant, path) in enumerate(files.items()):
             report = check_parity(path, quant, model, tokenizer)
             metrics["parity"][quant] = report.to_dict()
-            events.emit(
-                "progress", stage="verify", step=i + 1, total=len(files), item=quant, passed=report.passed
-            )
+            events.emit(Progress(stage="verify", step=i + 1, total=len(files), item=quant))
             events.log(report.message)
             if not report.tokenizer_match:
                 events.warning(

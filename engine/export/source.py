@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.export.merge import ADAPTER_CONFIG
+from engine.adapters import ADAPTER_CONFIG, is_adapter_folder, read_adapter_config
+from engine.files import PathError, checked_path, user_path
 from engine.spec import RESULT_FILE, SPEC_FILE, ExportSpec, read_result, read_spec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -32,9 +32,12 @@ def _has_tokenizer(d: Path) -> bool:
 
 def local_model_dir(name: str) -> Path:
     """A local folder for a preset, folder or hub name (hub: from the local cache, or downloaded)."""
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return path.resolve()
+    try:
+        path = user_path(name, "base model")
+        if (path / "config.json").is_file():
+            return checked_path(path, "base model", expect="dir")
+    except (PathError, OSError) as exc:  # OSError: a name too long for the file system
+        raise SourceError(str(exc)) from None
     try:
         from engine.models import resolve_model
 
@@ -55,17 +58,14 @@ def local_model_dir(name: str) -> Path:
 
 
 def resolve_source(spec: ExportSpec) -> ExportSource:
-    src = Path(spec.source).expanduser()
-    if not src.exists():
-        raise SourceError(
-            f"export source {spec.source!r} does not exist (give a job folder or an adapter folder)"
-        )
-    src = src.resolve()
+    try:  # by type, before anything opens it
+        src = checked_path(spec.source, "export source", expect="dir")
+    except PathError as exc:
+        raise SourceError(f"{exc} Give a job folder or an adapter folder.") from None
     if (src / SPEC_FILE).is_file():
         return _from_job(src, spec)
-    if (src / ADAPTER_CONFIG).is_file():
-        config = json.loads((src / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base = spec.base_model or config.get("base_model_name_or_path")
+    if is_adapter_folder(src):
+        base = spec.base_model or read_adapter_config(src).get("base_model_name_or_path")
         if not base:
             raise SourceError(f"{src}/{ADAPTER_CONFIG} does not name its base model; pass base_model=")
         return _with_adapter(base, src, src.name)
@@ -91,7 +91,7 @@ def _from_job(job_dir: Path, spec: ExportSpec) -> ExportSource:
     if result.status != "succeeded":
         raise SourceError(f"job {job_dir.name} ended {result.status}; only a succeeded job can be exported")
     adapter = result.artifacts.get("adapter")
-    if not adapter or not (Path(adapter) / ADAPTER_CONFIG).is_file():
+    if not adapter or not is_adapter_folder(adapter):
         raise SourceError(
             f"job {job_dir.name} has no adapter artifact to export (result.json artifacts: {result.artifacts})"
         )

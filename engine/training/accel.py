@@ -13,7 +13,7 @@ import torch
 
 from engine.spec import LoraSettings
 
-# Liger's per-family patch functions (RMSNorm, RoPE, SwiGLU kernels); the loss is ours (engine.loss).
+# Liger's per-family patch functions (RMSNorm, RoPE, SwiGLU kernels); the loss is ours (engine.training.loss).
 _LIGER_PATCHES = {
     "qwen2": "apply_liger_kernel_to_qwen2",
     "llama": "apply_liger_kernel_to_llama",

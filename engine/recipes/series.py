@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +35,20 @@ from typing import Any
 import torch
 
 from engine import slao
+from engine.adapters import Adapter, load_factors, read_factors, write_factors
 from engine.data import Example
-from engine.evaluate import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
-from engine.events import EventWriter
-from engine.files import atomic_write_json
+from engine.events import Eval, EventWriter, RunFinished
+from engine.files import atomic_write_json, write_dir_atomically
+from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
+from engine.jobs import JobCancelled
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
+from engine.training.evaluation import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
+from engine.training.loading import load_dataset_logged, pick_device, prepare_training
+from engine.training.loop import RunPosition, train_adapter
+from engine.training.lora import load_lora_model, save_adapter
 
 SERIES_DIR = "series"
 STATE_FILE = "state.json"
-GPU_WAIT_POLL_S = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,141 +165,7 @@ def series_metrics(state: SeriesState) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU safety between runs
-
-
-def wait_for_safe_gpu(
-    monitor: Any,
-    guard: Any,
-    events: EventWriter,
-    *,
-    next_run: int,
-    needed_free_mb: float | None = None,
-    max_wait_s: float = 600.0,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> float:
-    """Delay the next run while the card is too hot (or too full); returns the seconds waited.
-
-    Between runs nothing is computing, so waiting is the whole remedy. Past ``max_wait_s`` a
-    card that is still too hot stops the job (the series is checkpointed, so running the job
-    again resumes it); a card that is still short of memory is let go, because training
-    backs off on out-of-memory by itself.
-    """
-    from engine.train import GpuOverheated
-
-    if monitor is None:
-        return 0.0
-    started = clock()
-    warned = False
-    while True:
-        sample = monitor.sample()
-        decision = guard.decide(sample)
-        free_mb = None
-        if sample and sample.get("memory_total_mb") is not None and sample.get("memory_used_mb") is not None:
-            free_mb = sample["memory_total_mb"] - sample["memory_used_mb"]
-        short_of_memory = needed_free_mb is not None and free_mb is not None and free_mb < needed_free_mb
-        if decision.action == "ok" and not short_of_memory:
-            waited = clock() - started
-            if warned:
-                events.log(
-                    f"GPU ready again after {waited:.0f} s ({decision.reason}); starting run {next_run}"
-                )
-            return waited
-        waited = clock() - started
-        if waited > max_wait_s:
-            if decision.action != "ok":
-                raise GpuOverheated(
-                    f"{decision.reason}; waited {waited:.0f} s before run {next_run}. The series is saved up to "
-                    f"run {next_run - 1}: improve cooling, then run the job again to resume"
-                )
-            events.warning(
-                f"only {free_mb} MB of GPU memory free after waiting {waited:.0f} s (the last run peaked at "
-                f"{needed_free_mb:.0f} MB); starting run {next_run} anyway, training backs off on out-of-memory"
-            )
-            return waited
-        if not warned:
-            why = decision.reason if decision.action != "ok" else f"only {free_mb} MB of GPU memory free"
-            events.warning(f"delaying run {next_run}: {why}", run=next_run, gpu=sample)
-            warned = True
-        sleep(GPU_WAIT_POLL_S)
-
-
-# ---------------------------------------------------------------------------------------------
-# moving factors in and out of a peft model
-
-
-def read_factors(model: Any) -> tuple[slao.Adapter, dict[str, torch.Tensor]]:
-    """A detached copy of the model's LoRA factors (saved-form keys)."""
-    from peft import get_peft_model_state_dict
-
-    factors, other, _ = slao.split_lora_state(get_peft_model_state_dict(model))
-    return slao.clone_adapter(factors), {k: v.detach().clone() for k, v in other.items()}
-
-
-def write_factors(model: Any, factors: slao.Adapter, other: dict[str, torch.Tensor] | None = None) -> None:
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, slao.join_lora_state(factors, other))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise RuntimeError(f"adapter weights do not fit the model (unexpected keys, e.g. {unexpected[:3]})")
-
-
-def initial_factors(spec: SeriesSpec, previous_finetuned: slao.Adapter) -> slao.Adapter:
-    """Run i ≥ 2 starts from run i−1's fine-tuned adapter; SLAO-family modes orthogonalise A.
-
-    ``sequential`` keeps training the same adapter (no QR). ``linear``/``ties``/``dare`` share
-    SLAO's initialisation (``qr_init`` applies), so the modes differ only in how they merge.
-    """
-    if spec.merge_mode == "sequential":
-        return slao.clone_adapter(previous_finetuned)
-    return slao.slao_init(previous_finetuned, qr_init=spec.qr_init)
-
-
-def merge_run(
-    spec: SeriesSpec,
-    run: int,
-    merged: slao.Adapter | None,
-    finetuned: slao.Adapter,
-    finetuned_dirs: list[Path],
-    device: str,
-) -> tuple[slao.Adapter, slao.MergeReport]:
-    """The merged adapter after ``run`` for the spec's merge mode."""
-    mode = spec.merge_mode
-    if mode == "sequential":
-        return slao.clone_adapter(finetuned), slao.MergeReport()
-    if mode == "slao":
-        return slao.slao_merge(merged, finetuned, run, spec.merge_weight), slao.MergeReport()
-    # ΔW merges over every fine-tuned adapter so far (read back from the series folder)
-    runs = []
-    for folder in finetuned_dirs:
-        factors, _, _ = slao.load_adapter(folder)
-        runs.append({k: slao.LoraFactors(A=f.A.to(device), B=f.B.to(device)) for k, f in factors.items()})
-    runs[-1] = finetuned
-    if mode == "linear":
-        return slao.linear_merge(runs)
-    if mode == "ties":
-        return slao.ties_merge(runs, density=spec.ties_density)
-    if mode == "dare":
-        return slao.dare_merge(runs, drop=spec.dare_drop, seed=spec.train.seed)
-    raise ValueError(f"unknown merge_mode {mode!r}")
-
-
-# ---------------------------------------------------------------------------------------------
 # the job
-
-
-def _copy_dir_atomically(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_spec(spec: SeriesSpec, run: int) -> SeriesSpec:
@@ -307,8 +177,6 @@ def _run_spec(spec: SeriesSpec, run: int) -> SeriesSpec:
 
 
 def _load_datasets(spec: SeriesSpec, events: EventWriter) -> list[tuple[str, list[Example]]]:
-    from engine.train import load_dataset_logged
-
     return [(settings.path, load_dataset_logged(settings, events)) for settings in spec.datasets]
 
 
@@ -316,24 +184,12 @@ def run_series(
     spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
 ) -> JobResult:
     """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
-    from engine import accel
-    from engine.hardware import GpuMonitor, ThermalGuard
-    from engine.jobs import JobCancelled
-    from engine.models import load_for_training
-    from engine.train import (
-        add_lora,
-        pick_device,
-        prepare_training,
-        save_adapter,
-        train_adapter,
-    )
-
     job_dir = Path(job_dir)
     series_dir = job_dir / SERIES_DIR
     state_path = series_dir / STATE_FILE
     device = pick_device(spec.device, spec.gpu_index)
 
-    events.emit("stage", name="loading_data")
+    events.stage("loading_data")
     slices = build_slices(spec, _load_datasets(spec, events))
     n_runs = len(slices)
     state = SeriesState.load(state_path)
@@ -357,9 +213,9 @@ def run_series(
 
     model = tokenizer = None
     heldout: list[HeldoutSet] = []
-    finetuned: slao.Adapter | None = None
+    finetuned: Adapter | None = None
     other: dict[str, torch.Tensor] = {}
-    merged: slao.Adapter | None = None
+    merged: Adapter | None = None
     monitor = GpuMonitor(spec.gpu_index) if device.startswith("cuda") else None
     guard = ThermalGuard(spec.safety)
     peak_mb: float | None = None
@@ -374,38 +230,23 @@ def run_series(
                 if peak_mb is not None:
                     needed = max(0.0, peak_mb - torch.cuda.memory_allocated(device) / 2**20)
                 wait_for_safe_gpu(
-                    monitor,
-                    guard,
-                    events,
-                    next_run=run,
-                    needed_free_mb=needed,
+                    monitor, guard, events, before=f"run {run}", needed_free_mb=needed,
                     max_wait_s=spec.safety.max_pause_s,
-                )
-            events.emit("stage", name="run", run=run, runs=n_runs, slice=s.name)
+                )  # fmt: skip
+            events.stage("run", run=run, runs=n_runs, slice=s.name)
             run_spec = _run_spec(spec, run)
             tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
             if model is None:
                 tokenizer = tok
-                events.emit("stage", name="loading_model", model=spec.model)
-                loaded = load_for_training(spec, device)
-                accel.apply_speedups(loaded.model, device, loaded.info)
-                torch.manual_seed(spec.train.seed)  # run 1's LoRA initialisation is reproducible
-                model = add_lora(
-                    loaded.model,
-                    spec.lora,
-                    gradient_checkpointing=resolved.gradient_checkpointing,
-                    loaded_info=loaded.info,
-                )
+                model, _ = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
                 heldout = [tokenize_heldout(x.heldout, tokenizer, resolved.max_seq_length) for x in slices]
                 if run > 1:  # resuming: the last finished run's adapters come back from disk
-                    finetuned, other = _load_run_adapter(
-                        series_dir / "finetuned" / f"run-{run - 1:03d}", device
-                    )
-                    merged, _ = _load_run_adapter(series_dir / "merged" / f"run-{run - 1:03d}", device)
+                    finetuned, other = load_factors(series_dir / "finetuned" / f"run-{run - 1:03d}", device)
+                    merged, _ = load_factors(series_dir / "merged" / f"run-{run - 1:03d}", device)
                 else:
                     _, other = read_factors(model)
             if finetuned is not None:
-                write_factors(model, initial_factors(spec, finetuned), other)
+                write_factors(model, slao.initial_factors(spec, finetuned), other)
 
             outcome = train_adapter(
                 model,
@@ -418,20 +259,24 @@ def run_series(
                 cancel_check=cancel_check,
                 safety=spec.safety,
                 gpu_index=spec.gpu_index,
-                progress_prefix={"run": run, "runs": n_runs},
+                position=RunPosition(run=run, runs=n_runs, step_offset=len(state.loss_history)),
             )
             if outcome.peak_memory_gib is not None:
                 peak_mb = outcome.peak_memory_gib * 1024
             finetuned, other = read_factors(model)
 
-            events.emit("stage", name="merge", run=run, merge_mode=spec.merge_mode)
-            ft_dir = save_adapter(model, tokenizer, _fresh(series_dir / "finetuned" / f"run-{run:03d}"))
-            ft_dirs = [series_dir / "finetuned" / f"run-{k:03d}" for k in range(1, run + 1)]
-            merged, report = merge_run(spec, run, merged, finetuned, ft_dirs, device)
+            events.stage("merge", run=run, runs=n_runs, merge_mode=spec.merge_mode)
+            ft_dir = save_adapter(model, tokenizer, series_dir / "finetuned" / f"run-{run:03d}")
+            history = []  # the ΔW merges read every earlier run's fine-tuned adapter back
+            if spec.merge_mode in ("linear", "ties", "dare"):
+                history = [
+                    load_factors(series_dir / "finetuned" / f"run-{k:03d}", device)[0] for k in range(1, run)
+                ]
+            merged, report = slao.merge_run(spec, run, merged, [*history, finetuned])
             write_factors(model, merged, other)
-            merged_dir = save_adapter(model, tokenizer, _fresh(series_dir / "merged" / f"run-{run:03d}"))
+            merged_dir = save_adapter(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
 
-            events.emit("stage", name="evaluate", run=run)
+            events.stage("evaluate", run=run, runs=n_runs)
             model.eval()
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             row_loss: list[float | None] = []
@@ -461,6 +306,15 @@ def run_series(
             }
             state.runs.append(run_metrics)
             offset = len(state.loss_history)
+            events.emit(
+                Eval(
+                    global_step=offset + outcome.steps_done,
+                    loss=row_loss[-1],
+                    accuracy=row_acc[-1],
+                    examples=len(heldout[run - 1].input_ids),
+                    run=run,
+                )
+            )
             state.loss_history.extend(
                 {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
             )
@@ -473,15 +327,16 @@ def run_series(
                     shutil.rmtree(series_dir / "finetuned" / f"run-{k:03d}", ignore_errors=True)
             shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
             events.emit(
-                "run_finished",
-                run=run,
-                runs=n_runs,
-                loss_row=row_loss,
-                accuracy_row=row_acc,
-                metrics=run_metrics,
-                series=series_metrics(state),
-                merged_adapter=str(merged_dir),
-                finetuned_adapter=str(ft_dir),
+                RunFinished(
+                    run=run,
+                    runs=n_runs,
+                    loss_row=row_loss,
+                    accuracy_row=row_acc,
+                    metrics=run_metrics,
+                    series=series_metrics(state),
+                    merged_adapter=str(merged_dir),
+                    finetuned_adapter=str(ft_dir),
+                )
             )
     finally:
         if monitor is not None:
@@ -489,7 +344,7 @@ def run_series(
 
     final = series_dir / "merged" / f"run-{n_runs:03d}"
     adapter = job_dir / ADAPTER_DIR
-    _copy_dir_atomically(final, adapter)
+    write_dir_atomically(adapter, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True))
     (adapter / "series.json").write_text(
         json.dumps({"merge_mode": spec.merge_mode, "runs": n_runs, "base_model": spec.model}, indent=2),
         encoding="utf-8",
@@ -519,14 +374,3 @@ def run_series(
         },
         loss_history=state.loss_history,
     )
-
-
-def _fresh(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _load_run_adapter(folder: Path, device: str) -> tuple[slao.Adapter, dict[str, torch.Tensor]]:
-    factors, other, _ = slao.load_adapter(folder)
-    moved = {k: slao.LoraFactors(A=f.A.to(device), B=f.B.to(device)) for k, f in factors.items()}
-    return moved, {k: v.to(device) for k, v in other.items()}

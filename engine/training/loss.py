@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from engine.batching import IGNORE
-
-_CHUNK_BYTES = 256 * 1024**2  # float32 logits of one chunk
+from engine.memory import loss_chunk_tokens
+from engine.training.batching import IGNORE
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -36,8 +35,7 @@ def chunked_lm_loss_sum(
     h, t = h[keep], t[keep]
     if t.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
-    vocab = lm_head_weight.shape[0]
-    chunk = max(64, _CHUNK_BYTES // (4 * vocab))
+    chunk = loss_chunk_tokens(lm_head_weight.shape[0])  # the memory estimate assumes the same chunks
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, t.numel(), chunk):
         hc, tc = h[start : start + chunk], t[start : start + chunk]
@@ -69,7 +67,7 @@ def supports_hidden_state_loss(model: Any) -> bool:
 def causal_lm_loss_sum(
     model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Summed next-token loss for one micro-batch (targets already shifted, see engine.batching)."""
+    """Summed next-token loss for one micro-batch (targets already shifted, see engine.training.batching)."""
     if supports_hidden_state_loss(model):
         lm = _causal_lm(model)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)

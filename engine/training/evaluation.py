@@ -5,13 +5,15 @@ of a SLAO series (which scores the merged adapter on each earlier slice).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.batching import IGNORE
 from engine.data import Example
+from engine.events import Eval, EventWriter
+from engine.training.batching import IGNORE
 
 EXACT_MATCH_MAX_ROWS = 100  # per held-out set: greedy generation is the slow part of evaluation
 EVAL_BATCH = 8
@@ -65,7 +67,7 @@ def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: in
 
 
 def _autocast(device: str) -> Any:
-    from engine import accel
+    from engine.training import accel
 
     dtype = accel.autocast_dtype(device)
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
@@ -74,8 +76,8 @@ def _autocast(device: str) -> Any:
 @torch.no_grad()
 def heldout_loss(model: Any, data: HeldoutSet, pad_id: int, device: str) -> float:
     """Mean next-token loss over the supervised (assistant/completion) tokens."""
-    from engine.batching import collate
-    from engine.loss import causal_lm_loss_sum
+    from engine.training.batching import collate
+    from engine.training.loss import causal_lm_loss_sum
 
     total, targets = 0.0, 0
     for i in range(0, len(data.input_ids), EVAL_BATCH):
@@ -124,3 +126,34 @@ def exact_match(model: Any, tokenizer: Any, data: HeldoutSet, pad_id: int, devic
             got_text = tokenizer.decode(got, skip_special_tokens=True).strip()
             correct += int(got == ref or (want_text != "" and got_text == want_text))
     return correct / len(data.prompts)
+
+
+def held_out_evaluator(
+    model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
+) -> Callable[[int], dict[str, float]] | None:
+    """A function that scores the held-out split at a global step and records it as an ``Eval`` event.
+
+    Loss on the supervised tokens, and exact match where rows have an answer. None without a split.
+    """
+    if not examples:
+        return None
+    held = tokenize_heldout(examples, tokenizer, max_seq_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def evaluate(global_step: int) -> dict[str, float]:
+        model.eval()
+        out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
+        accuracy = exact_match(model, tokenizer, held, pad_id, device)
+        if accuracy is not None:
+            out["eval_exact_match"] = accuracy
+        events.emit(
+            Eval(
+                global_step=global_step,
+                loss=out["eval_loss"],
+                accuracy=accuracy,
+                examples=len(held.input_ids),
+            )
+        )
+        return out
+
+    return evaluate

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``step-000120`` holding the adapter weights (only the trainable LoRA
 tensors), the optimizer and scheduler states, the RNG states and a small ``state.json``. It is
-written under a temporary name and renamed into place, so a worker killed mid-write leaves the
+written beside its final place and renamed into it, so a worker killed mid-write leaves the
 previous checkpoint intact; the last ``keep`` are kept.
 """
 
@@ -17,32 +17,29 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from engine.files import write_dir_atomically
+
 STATE = "state.json"
 
 
 def save_checkpoint(
     root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any], keep: int = 2
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(weights, str(tmp / "adapter.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        tmp / "trainer_state.pt",
-    )
-    (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    def write(tmp: Path) -> None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(weights, str(tmp / "adapter.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            tmp / "trainer_state.pt",
+        )
+        (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+
+    final = write_dir_atomically(root / f"step-{step:06d}", write)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,0 +1,85 @@
+"""One LoRA / QLoRA fine-tune: the recipe, top to bottom.
+
+data -> tokenizer -> tokenized examples -> smart defaults (refuse what won't fit)
+     -> base model (NF4 / 16-bit / fp32) -> speed-ups -> LoRA -> training loop
+     -> held-out evaluation -> adapter
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.data import split_for_eval
+from engine.events import EventWriter
+from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
+from engine.training.backend import backend_name
+from engine.training.evaluation import held_out_evaluator
+from engine.training.loading import load_dataset_logged, pick_device, prepare_training
+from engine.training.loop import train_adapter
+from engine.training.lora import load_lora_model, save_adapter
+
+
+def run_finetune(
+    spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
+) -> JobResult:
+    device = pick_device(spec.device, spec.gpu_index)
+    events.stage("loading_data")
+    examples = load_dataset_logged(spec.dataset, events)
+    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
+    if held_out:
+        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
+    tokenizer, data, resolved = prepare_training(spec, examples, device, events)
+
+    model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
+
+    evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
+    events.stage("training", total_steps=resolved.steps)
+    outcome = train_adapter(
+        model,
+        tokenizer,
+        data,
+        resolved,
+        device=device,
+        events=events,
+        checkpoint_dir=job_dir / CHECKPOINT_DIR,
+        cancel_check=cancel_check,
+        safety=spec.safety,
+        gpu_index=spec.gpu_index,
+        evaluator=evaluator,
+    )
+    eval_metrics: dict[str, float] = {}
+    if evaluator is not None:
+        events.stage("evaluating", examples=len(held_out))
+        eval_metrics = evaluator(outcome.steps_done)
+    events.stage("saving")
+    adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
+    losses = [h["loss"] for h in outcome.loss_history]
+    window = max(1, min(5, len(losses) // 4 or 1))
+    metrics = {
+        "steps": outcome.steps_done,
+        "first_loss": losses[0] if losses else math.nan,
+        "final_loss": losses[-1] if losses else math.nan,
+        "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
+        "tokens_per_s": round(outcome.tokens_per_s, 1),
+        "train_seconds": round(outcome.train_seconds, 2),
+        "peak_gpu_memory_gib": outcome.peak_memory_gib,
+        "micro_batch_size": outcome.micro_batch_size,
+        "gradient_accumulation": outcome.gradient_accumulation,
+        "max_seq_length": resolved.max_seq_length,
+        "learning_rate": resolved.learning_rate,
+        "packing": resolved.packing,
+        "device": device,
+        "backend": backend_name(info),
+        "quantization": info.get("quantization"),
+        "examples": len(data.input_ids),
+        **eval_metrics,
+    }
+    return JobResult(
+        status="succeeded",
+        kind=spec.kind,
+        metrics=metrics,
+        artifacts={"adapter": str(adapter.resolve())},
+        loss_history=outcome.loss_history,
+    )

@@ -1,0 +1,16 @@
+"""Building blocks of a training recipe (torchtune's shape: recipes in engine.recipes call these).
+
+loading      device choice, dataset loading with its events, tokenizing, settings resolved
+             before the model loads
+lora         adding a LoRA adapter to a base model, saving it as a PEFT folder
+batching     packed rows, step plans fixed up front, collation with shifted targets
+loss         next-token loss from hidden states in checkpointed chunks
+loop         the optimizer loop (OOM back-off, heat pauses, cancel, checkpoints)
+checkpoints  atomic, resumable training checkpoints
+evaluation   held-out loss and greedy exact match
+accel        optional accelerators (Liger, Unsloth) and the autocast dtype
+backend      train.backend (auto | native | unsloth) and switching on the native fast path
+fast_step    one optimizer step with no host sync inside
+fused_lora   base matmul and LoRA adapter in one autograd node
+varlen_attention  packed rows through flash-attention's varlen kernel (no dense mask)
+"""

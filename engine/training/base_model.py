@@ -1,0 +1,222 @@
+"""Loading a base model and its tokenizer, for LoRA/QLoRA training or for generation.
+
+Loading rules (``load_for_training``):
+- quantization "auto": NF4 4-bit on a GPU (bitsandbytes, double quantisation, bf16 compute, or
+  fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
+  CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
+  Embeddings and lm_head are never quantised. Attention is SDPA.
+- Unsloth's ``FastLanguageModel`` loads the model when ``train.backend`` allows it ("auto" or
+  "unsloth"), a CUDA GPU is the device and ``import unsloth`` works; "unsloth" without it is an
+  error. Otherwise transformers.
+
+torch and transformers load inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.adapters import is_adapter_folder
+from engine.files import PathError, checked_path, quoted
+from engine.memory import StorageDtype, storage_dtype
+from engine.models import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (preset, folder or hub name)."""
+    privacy_environment()
+    resolved = resolve_model(name_or_path)
+    from transformers import AutoTokenizer
+
+    with hub_errors(resolved, "tokenizer"):
+        return AutoTokenizer.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the base model, not yet wrapped with LoRA
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """'tiny, 2.6M parameters, fp32 on cpu (transformers)': the line a person reads."""
+        i = self.info
+        n = float(i.get("parameters") or 0)
+        size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        return f"{i.get('model')}, {size} parameters, {i.get('quantization')} on {i.get('device')} ({i.get('path')})"
+
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _cuda_bf16(device: str) -> bool:
+    import torch
+
+    index = torch.device(device).index or 0
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
+    """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
+    if mode == "never":
+        return False, "train.backend is 'native'"
+    problem = None
+    if not device.startswith("cuda"):
+        problem = "Unsloth needs a CUDA GPU and the device is the CPU"
+    elif storage == "fp32":
+        problem = "Unsloth trains in 4-bit or 16-bit, and fp32 (quantization 'none') was asked for"
+    else:
+        try:
+            import unsloth  # noqa: F401  (import for its patches, as Unsloth asks)
+        except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
+            problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
+    if problem is None:
+        asked = "unsloth" if mode == "require" else "auto"
+        return True, f"train.backend is '{asked}' and Unsloth imported on a CUDA GPU"
+    if mode == "require":
+        raise ModelError(
+            f"train.backend is 'unsloth' but {problem}. Install it (pip install "
+            "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
+        )
+    return False, f"{problem}: using transformers"
+
+
+def _count_params(model: Any) -> int:
+    total = 0
+    for p in model.parameters():
+        # bitsandbytes packs two 4-bit weights per uint8 element.
+        total += p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+    return total
+
+
+def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
+    """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
+
+    ``max_seq_length`` only matters to Unsloth (it sizes its RoPE caches); default: the spec's or 2048.
+    """
+    privacy_environment()
+    if device == "cuda":
+        device = f"cuda:{spec.gpu_index}"
+    on_gpu = device.startswith("cuda")
+    resolved = resolve_model(spec.model)
+    bf16_ok = _cuda_bf16(device) if on_gpu else True
+    storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
+    # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
+    compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
+    from engine.training.backend import unsloth_mode  # train.backend decides; see that module
+
+    use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
+    info: dict[str, Any] = {
+        "model": spec.model,
+        "model_source": resolved.source,
+        "model_target": resolved.target,
+        "quantization": storage,
+        "quantization_requested": spec.quantization,
+        "compute_dtype": _DTYPE_NAMES[compute],
+        "device": device,
+        "path": "unsloth" if use_unsloth else "transformers",
+        "path_reason": why,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": bool(spec.trust_remote_code),
+    }
+    with hub_errors(resolved, "weights"):
+        if use_unsloth:
+            seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
+            model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
+        else:
+            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code)
+            tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
+    info["parameters"] = _count_params(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def bnb_nf4_config(compute: str) -> Any:
+    """The QLoRA quantisation: NF4 codes, double quantisation, 16-bit (GPU) or fp32 (CPU) compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_torch_dtype(compute),
+        # transformers already leaves the output embedding (lm_head) unquantised; naming it keeps
+        # that true for architectures whose head it does not detect. Embeddings are never Linear.
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def _load_transformers(
+    resolved: ResolvedModel, storage: str, compute: str, device: str, trust_remote_code: bool
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(compute),
+        "attn_implementation": "sdpa",
+        "trust_remote_code": trust_remote_code,
+        "device_map": {"": device},
+    }
+    if storage == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:
+            raise ModelError(
+                f"4-bit loading needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
+                "Install it (pip install bitsandbytes) or use quantization '16bit' or 'none'."
+            ) from exc
+        kwargs["quantization_config"] = bnb_nf4_config(compute)
+    return AutoModelForCausalLM.from_pretrained(resolved.target, **kwargs)
+
+
+def _load_unsloth(
+    resolved: ResolvedModel,
+    storage: str,
+    compute: str,
+    device: str,
+    max_seq_length: int,
+    trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=resolved.target,
+        max_seq_length=max_seq_length,
+        dtype=_torch_dtype(compute),
+        load_in_4bit=storage == "nf4",
+        full_finetuning=False,
+        trust_remote_code=trust_remote_code,
+        device_map={"": device},
+    )
+    return model, tokenizer
+
+
+def load_for_inference(
+    name_or_path: str, *, adapter: str | None = None, device: str = "cpu", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """A model for generation: bf16 (fp16 without bf16) on a GPU, fp32 on CPU, plus an optional LoRA adapter."""
+    privacy_environment()
+    resolved = resolve_model(name_or_path)
+    on_gpu = device.startswith("cuda")
+    compute = ("bf16" if _cuda_bf16(device) else "fp16") if on_gpu else "fp32"
+    with hub_errors(resolved, "weights"):
+        model = _load_transformers(resolved, compute, compute, device, trust_remote_code)
+        tokenizer = load_tokenizer(resolved.target, trust_remote_code=trust_remote_code)
+    if adapter:
+        try:  # by type, before anything opens it
+            adapter_path = checked_path(adapter, "adapter", expect="dir")
+        except PathError as exc:
+            raise ModelError(str(exc)) from None
+        if not is_adapter_folder(adapter_path):
+            raise ModelError(f"{quoted(adapter)} is not a LoRA adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    model.eval()
+    return model, tokenizer

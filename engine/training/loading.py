@@ -1,0 +1,101 @@
+"""Everything a recipe decides before the model loads: device, dataset, tokens, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.data import Example, load_examples
+from engine.defaults import resolve_training
+from engine.events import EventWriter
+from engine.formatting import tokenize_example
+from engine.models import model_shape
+from engine.spec import DatasetSettings
+from engine.training.base_model import load_tokenizer
+from engine.training.batching import IGNORE
+from engine.training.loop import Tokenized
+
+
+def pick_device(choice: str, gpu_index: int = 0) -> str:
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{gpu_index}"
+    if choice == "cuda":
+        raise RuntimeError(
+            "device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'"
+        )
+    return "cpu"
+
+
+def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
+    ids, labels, dropped = [], [], 0
+    for ex in examples:
+        t = tokenize_example(ex, tokenizer, max_seq_length)
+        # an example needs at least one labelled token after the first position to teach anything
+        if not any(v != IGNORE for v in t.labels[1:]):
+            dropped += 1
+            continue
+        ids.append(t.input_ids)
+        labels.append(t.labels)
+    return Tokenized(ids, labels, dropped)
+
+
+def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
+    """Load and validate a dataset, recording its format, size and any skipped rows as events."""
+    examples, report = load_examples(settings)
+    events.log(
+        f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
+        format=report.format,
+        rows=report.rows_ok,
+        skipped=report.skipped,
+    )
+    if report.skipped:
+        events.warning(
+            f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped
+        )
+    return examples
+
+
+def prepare_training(
+    spec: Any, examples: list[Example], device: str, events: EventWriter
+) -> tuple[Any, Tokenized, Any]:
+    """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
+    events.stage("tokenizing")
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    full = tokenize_all(examples, tokenizer, None)
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
+    free_gib = None
+    if device.startswith("cuda"):
+        free_b, _ = torch.cuda.mem_get_info(torch.device(device))
+        free_gib = free_b / 1024**3
+    resolved = resolve_training(
+        spec.train,
+        n_examples=len(full.input_ids),
+        token_lengths=full.lengths,
+        shape=shape,
+        quantization=spec.quantization,
+        lora_rank=spec.lora.rank,
+        device=device,
+        free_memory_gib=free_gib,
+        lora_targets=spec.lora.target_modules,
+        context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
+    )
+    for name, reason in resolved.reasons.items():
+        events.log(
+            f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name)
+        )
+    data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
+    if data.dropped:
+        events.warning(
+            f"{data.dropped} examples had no trainable tokens within max_seq_length={resolved.max_seq_length} "
+            "and were left out",
+            dropped=data.dropped,
+        )
+    if not data.input_ids:
+        raise ValueError(
+            "no example has any token to learn from (all were empty or cut off by max_seq_length); "
+            "raise max_seq_length or check the dataset"
+        )
+    return tokenizer, data, resolved

@@ -1,0 +1,234 @@
+"""The training loop: ``train_adapter`` trains the LoRA parameters for a fixed step plan.
+
+The loop is our own rather than trl's SFTTrainer: it is short, and owning it lets us pack
+without padding, compute the loss without full logits (engine.training.loss), back off on CUDA OOM,
+pause for heat, and checkpoint/resume exactly. ``train_adapter`` is also the building block of
+a SLAO series (engine.recipes.series), which trains one adapter per run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.events import Checkpoint, EventWriter, Progress
+from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
+from engine.jobs import JobCancelled
+from engine.spec import SafetySettings
+from engine.training import accel
+from engine.training.batching import StepPlan, plan_steps
+from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    dropped: int  # examples with no token to learn from after truncation
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+@dataclass
+class TrainOutcome:
+    steps_done: int
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    peak_memory_gib: float | None = None
+    micro_batch_size: int = 0
+    gradient_accumulation: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunPosition:
+    """Where a training run sits in its job: run ``run`` of ``runs``, after ``step_offset`` earlier steps.
+
+    A plain fine-tune is run 1 of 1 at offset 0; a series passes its own, so that progress events
+    carry the run counter and a global step (one continuous x axis for the whole job).
+    """
+
+    run: int | None = None
+    runs: int | None = None
+    step_offset: int = 0
+
+
+def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _gpu_memory_gib(device: str) -> float | None:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return None
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    data: Tokenized,
+    resolved: Any,
+    *,
+    device: str,
+    events: EventWriter,
+    checkpoint_dir: Path | None = None,
+    cancel_check: Callable[[], bool] = lambda: False,
+    safety: SafetySettings | None = None,
+    gpu_index: int = 0,
+    position: RunPosition | None = None,
+    evaluator: Callable[[int], Any] | None = None,
+) -> TrainOutcome:
+    """Train the LoRA parameters of ``model`` in place for ``resolved.steps`` optimizer steps.
+
+    Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one.
+    """
+    torch.manual_seed(resolved.seed)
+    random.seed(resolved.seed)
+    micro = resolved.micro_batch_size
+    rows_per_step = micro * resolved.gradient_accumulation
+    plan: StepPlan = plan_steps(
+        data.lengths,
+        max_seq_length=resolved.max_seq_length,
+        packing=resolved.packing,
+        rows_per_step=rows_per_step,
+        total_steps=resolved.steps,
+        seed=resolved.seed,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.startswith("cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=resolved.learning_rate, weight_decay=resolved.weight_decay, betas=(0.9, 0.999), fused=fused
+    )
+    scheduler = _scheduler(optimizer, resolved.lr_scheduler, resolved.warmup_steps, plan.total_steps)
+    outcome = TrainOutcome(steps_done=0)
+    start_step = 0
+    if checkpoint_dir is not None and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step = int(state["step"])
+        outcome.loss_history = list(state.get("loss_history", []))
+        micro = int(state.get("micro_batch_size", micro))
+        events.log(f"resumed from checkpoint at step {start_step}", step=start_step)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    autocast_dtype = accel.autocast_dtype(device)
+    monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
+    guard = ThermalGuard(safety or SafetySettings())
+    where = position or RunPosition()
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        path = save_checkpoint(
+            checkpoint_dir, step, model, optimizer, scheduler,
+            {"loss_history": outcome.loss_history, "micro_batch_size": micro},
+        )  # fmt: skip
+        events.emit(Checkpoint(step=step, path=str(path), run=where.run))
+
+    model.train()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t_begin = time.perf_counter()
+    tokens_seen = 0
+    step = start_step
+    while step < plan.total_steps:
+        if cancel_check():
+            checkpoint(step)
+            raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
+        wait_for_safe_gpu(
+            monitor, guard, events, before=f"step {step + 1}", max_wait_s=guard.settings.max_pause_s,
+            save_progress=lambda s=step: checkpoint(s),
+        )  # fmt: skip
+        rows = plan.steps[step]
+        t0 = time.perf_counter()
+        try:
+            loss_value, real_tokens, grad_norm = _one_step(
+                model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
+            )
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if micro == 1:
+                raise RuntimeError(
+                    "CUDA out of memory at micro-batch 1: lower max_seq_length, use quantization '4bit', "
+                    "or a smaller model"
+                ) from None
+            micro //= 2
+            events.warning(
+                f"CUDA out of memory: micro-batch halved to {micro}, gradient accumulation doubled to "
+                f"{rows_per_step // micro} (same effective batch)",
+                micro_batch_size=micro,
+                gradient_accumulation=rows_per_step // micro,
+            )
+            continue
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens_seen += real_tokens
+        elapsed = time.perf_counter() - t_begin
+        tps = tokens_seen / elapsed if elapsed > 0 else 0.0
+        lr = scheduler.get_last_lr()[0]
+        outcome.loss_history.append({"step": step, "loss": loss_value, "lr": lr})
+        remaining = plan.total_steps - step
+        sample = monitor.sample() if monitor else None
+        events.emit(
+            Progress(
+                run=where.run,
+                runs=where.runs,
+                global_step=where.step_offset + step,
+                step=step,
+                total=plan.total_steps,
+                loss=round(loss_value, 6),
+                lr=lr,
+                grad_norm=round(grad_norm, 6),
+                tokens=real_tokens,
+                tokens_per_s=round(tps, 1),
+                step_s=round(dt, 4),
+                eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
+                gpu_memory_gib=_gpu_memory_gib(device),
+                gpu=sample,
+            )
+        )
+        if resolved.checkpoint_every and step % resolved.checkpoint_every == 0 and step < plan.total_steps:
+            checkpoint(step)
+            if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
+                evaluator(where.step_offset + step)
+                model.train()
+    outcome.steps_done = step
+    outcome.train_seconds = time.perf_counter() - t_begin
+    outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
+    outcome.peak_memory_gib = _gpu_memory_gib(device)
+    outcome.micro_batch_size = micro
+    outcome.gradient_accumulation = rows_per_step // micro
+    return outcome
+
+
+def _one_step(
+    model: Any,
+    optimizer: Any,
+    rows: list[list[int]],
+    data: Tokenized,
+    micro: int,
+    pad_id: int,
+    device: str,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float,
+) -> tuple[float, int, float]:
+    """Forward/backward over the step's micro-batches, then one optimizer step.
+
+    The loss is the mean over every target token of the whole step (not a mean of per-micro-batch
+    means), so the result does not depend on how the step is cut into micro-batches.
+    """
+    from engine.training.fast_step import run_step  # no host sync inside the step; see that module
+
+    return run_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm)

@@ -1,0 +1,95 @@
+"""The model a recipe trains (base model, speed-ups, a fresh LoRA adapter), and saving the adapter."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from engine.events import EventWriter
+from engine.files import write_dir_atomically
+from engine.spec import LoraSettings
+from engine.training import accel
+from engine.training.base_model import load_for_training
+
+
+def add_lora(
+    model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]
+) -> Any:
+    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
+    if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
+        return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model.config.use_cache = False
+    with warnings.catch_warnings():
+        # peft reads the deprecated `is_gradient_checkpointing` property of current transformers models
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer in the backward pass (non-reentrant: works with frozen inputs and LoRA).
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns that it goes away in v6); older releases have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_lora_model(
+    spec: Any, device: str, gradient_checkpointing: bool, events: EventWriter
+) -> tuple[Any, dict[str, Any]]:
+    """The spec's base model with the speed-ups that apply and a fresh LoRA adapter; also how it loaded.
+
+    The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
+    """
+    import torch
+
+    events.stage("loading_model", model=spec.model)
+    loaded = load_for_training(spec, device)
+    events.log(
+        f"model loaded: {loaded.summary()}",
+        **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
+    )
+    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
+    if speedups:
+        events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
+    torch.manual_seed(spec.train.seed)
+    model = add_lora(
+        loaded.model, spec.lora, gradient_checkpointing=gradient_checkpointing, loaded_info=loaded.info
+    )
+    from engine.training.backend import apply_fast_path, backend_name, backend_reason
+
+    fast = apply_fast_path(model, device, loaded.info)
+    events.log(
+        f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"
+        + (f"; fast path: {', '.join(fast)}" if fast else ""),
+        backend=backend_name(loaded.info),
+        fast_path=fast,
+    )
+    return model, loaded.info
+
+
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> Path:
+    """Write a standard PEFT adapter folder (with the tokenizer) atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, write)
