@@ -24,6 +24,7 @@ from engine.spec import SafetySettings
 from engine.training import accel
 from engine.training.batching import StepPlan, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 
 
 @dataclass
@@ -152,7 +153,7 @@ def train_adapter(
         rows = plan.steps[step]
         t0 = time.perf_counter()
         try:
-            loss_value, real_tokens, grad_norm = _one_step(
+            loss_value, real_tokens, grad_norm = run_step(
                 model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
@@ -211,24 +212,3 @@ def train_adapter(
     outcome.micro_batch_size = micro
     outcome.gradient_accumulation = rows_per_step // micro
     return outcome
-
-
-def _one_step(
-    model: Any,
-    optimizer: Any,
-    rows: list[list[int]],
-    data: Tokenized,
-    micro: int,
-    pad_id: int,
-    device: str,
-    autocast_dtype: torch.dtype | None,
-    max_grad_norm: float,
-) -> tuple[float, int, float]:
-    """Forward/backward over the step's micro-batches, then one optimizer step.
-
-    The loss is the mean over every target token of the whole step (not a mean of per-micro-batch
-    means), so the result does not depend on how the step is cut into micro-batches.
-    """
-    from engine.training.fast_step import run_step  # no host sync inside the step; see that module
-
-    return run_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm)
