@@ -8,7 +8,7 @@ per micro-batch cannot fit in the free memory (estimated by ``engine.memory``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.memory import (
@@ -59,6 +59,7 @@ class ResolvedTraining:
     rows_per_epoch: int  # training rows per pass (packed rows when packing)
     truncated_examples: int  # examples longer than max_seq_length
     backend: str = "auto"  # train.backend, decided when the model loads (engine.training.backend)
+    report_to: list[str] = field(default_factory=list)  # train.report_to (engine.reporting)
 
     @property
     def rows_per_step(self) -> int:
@@ -290,8 +291,10 @@ def resolve_training(
         "max_grad_norm",
         "seed",
         "backend",
+        "report_to",
     ):
-        value, default = getattr(train, name), TrainSettings.model_fields[name].default
+        value = getattr(train, name)
+        default = TrainSettings.model_fields[name].get_default(call_default_factory=True)
         reasons[name] = "default" if value == default else "given"
     if not train.gradient_checkpointing:
         reasons["gradient_checkpointing"] = "given: off (faster, but keeps every layer's activations)"
@@ -323,6 +326,7 @@ def resolve_training(
         rows_per_epoch=rows,
         truncated_examples=truncated,
         backend=train.backend,
+        report_to=list(train.report_to),
     )
 
 

@@ -5,11 +5,10 @@ files that ship in llama.cpp's source tree (``vendor/llama.cpp/models/ggml-vocab
 llama-cpp-python source distribution), so the tests need no hub. The same source tree holds
 llama.cpp's own ``convert_hf_to_gguf.py``, which the tests use as the reference converter.
 
-Where the source tree is: ``$LLAMA_CPP_SOURCE`` (the ``llama.cpp`` folder itself), else
-``/work/sdist/llama_cpp_python-*/vendor/llama.cpp``. Get it with::
-
-    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
-    export LLAMA_CPP_SOURCE=$PWD/llama_cpp_python-*/vendor/llama.cpp
+Where the source tree is: ``$LLAMA_CPP_SOURCE`` (the ``llama.cpp`` folder itself), else the
+parts the tests need, fetched once from PyPI's source distribution of the installed
+llama-cpp-python into the test cache (``$BACKPROP_TEST_CACHE``, else ``~/.cache/backprop-mcp-tests``;
+~77 MB downloaded, a few MB kept). Without network and without either, the export tests skip.
 
 Model sizes are multiples of 256 so that k-quants really quantize (llama.cpp falls back to other
 types for rows that are not). Everything is built once and cached under the given folder.
@@ -17,7 +16,6 @@ types for rows that are not). Everything is built once and cached under the give
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -46,13 +44,61 @@ MISTRAL_TEMPLATE = (
 
 def llama_cpp_source() -> Path | None:
     env = os.environ.get("LLAMA_CPP_SOURCE")
-    candidates = [env] if env else []
-    candidates += sorted(glob.glob("/work/sdist/llama_cpp_python-*/vendor/llama.cpp"))
-    for c in candidates:
-        p = Path(c)
-        if (p / "convert_hf_to_gguf.py").is_file() and (p / "models").is_dir():
-            return p
-    return None
+    if env:
+        p = Path(env)
+        return p if (p / "convert_hf_to_gguf.py").is_file() and (p / "models").is_dir() else None
+    return _fetched_llama_cpp_source()
+
+
+def _fetched_llama_cpp_source() -> Path | None:
+    """The converter (with its conversion/ and gguf-py/ packages) and the vocabulary GGUFs from
+    llama-cpp-python's sdist, fetched once."""
+    import importlib.metadata
+    import tarfile
+    import tempfile
+    import urllib.request
+
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    root = Path(os.environ.get("BACKPROP_TEST_CACHE") or Path.home() / ".cache" / "backprop-mcp-tests")
+    final = root / f"llama.cpp-{version}"
+    if (final / "convert_hf_to_gguf.py").is_file():
+        return final
+    try:
+        index = urllib.request.Request(  # PEP 691: the simple index as JSON
+            "https://pypi.org/simple/llama-cpp-python/",
+            headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+        )
+        with urllib.request.urlopen(index, timeout=30) as r:
+            files = json.load(r)["files"]
+        url = next(f["url"] for f in files if f["filename"] == f"llama_cpp_python-{version}.tar.gz")
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            archive = Path(tmp) / "sdist.tar.gz"
+            with urllib.request.urlopen(url, timeout=300) as r, open(archive, "wb") as f:
+                shutil.copyfileobj(r, f)
+            prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+            with tarfile.open(archive) as tar:
+                wanted = [
+                    m
+                    for m in tar.getmembers()
+                    if m.isfile()
+                    and m.name.startswith(prefix)
+                    and (
+                        m.name.startswith((prefix + "gguf-py/", prefix + "conversion/"))
+                        or m.name.startswith(prefix + "models/ggml-vocab-")
+                        or ("/" not in m.name[len(prefix) :] and m.name.endswith(".py"))
+                    )
+                ]
+                for m in wanted:
+                    m.name = m.name[len(prefix) :]
+                tar.extractall(Path(tmp) / "llama.cpp", members=wanted, filter="data")
+            (Path(tmp) / "llama.cpp").rename(final)
+    except (OSError, StopIteration, KeyError, ValueError):
+        return None  # offline: the export tests skip with the reason
+    return final
 
 
 def _publish(tmp: Path, final: Path) -> Path:

@@ -161,6 +161,7 @@ def test_user_values_are_kept():
         seed=7,
         checkpoint_every=3,
         backend="native",
+        report_to=["tensorboard"],
     )
     r = resolve_training(
         given,
