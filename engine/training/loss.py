@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.memory import loss_chunk_tokens
 from engine.training.batching import IGNORE
 
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits, targets, reduction="sum")
