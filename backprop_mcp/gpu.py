@@ -48,7 +48,7 @@ def preset_fits(probe: Any) -> list[PresetFit]:
     fits = []
     card = probe.gpus[0] if probe.available and probe.gpus else None
     for preset in PRESETS.values():
-        seq = min(2048, preset.max_context)
+        seq = min(2048, preset.shape.max_context)
         if card is None:
             small = preset.hf_id is None or preset.params_b <= 0.6
             fits.append(
