@@ -258,10 +258,6 @@ class ThermalGuard:
         self.settings = settings
         self.paused = False
 
-    def check(self, sample: dict[str, Any] | None) -> ThermalAction:
-        """The action for this sample: "ok", "pause" or "emergency" (``decide`` also says why)."""
-        return self.decide(sample).action
-
     def decide(self, sample: dict[str, Any] | None) -> ThermalDecision:
         s = self.settings
         temp = sample.get("temperature_c") if sample else None
