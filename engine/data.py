@@ -107,13 +107,6 @@ class DatasetReport:
         d["problems"] = [str(p) for p in self.problems[:max_problems]]
         return d
 
-    def summary(self) -> str:
-        """One line for logs and tool results."""
-        text = f"{self.path}: {self.format} format, {self.rows_ok} of {self.rows_total} rows usable"
-        if self.bad_rows:
-            text += f", {self.bad_rows} bad" + (f" ({self.skipped} skipped)" if self.skipped else "")
-        return text
-
 
 class _BadRow(Exception):
     """Raised while normalising one row; becomes a RowProblem."""

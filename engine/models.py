@@ -207,10 +207,6 @@ class ResolvedModel:
     preset: Preset | None = None
     local_path: Path | None = None
 
-    @property
-    def is_local(self) -> bool:
-        return self.local_path is not None
-
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -76,7 +76,7 @@ def test_preset_vram_needs_come_from_the_estimate():
 
 
 def test_known_architecture_numbers():
-    q7 = PRESETS["qwen2.5-7b"]
+    q7 = PRESETS["qwen2.5-7b"].shape
     assert (
         q7.hidden_size,
         q7.intermediate_size,
@@ -102,7 +102,7 @@ def test_known_architecture_numbers():
 
 def test_resolve_presets_folders_and_hub_names(tiny_dir, tmp_path):
     r = resolve_model("Qwen2.5-7B")  # case-insensitive
-    assert r.source == "preset" and r.target == "Qwen/Qwen2.5-7B-Instruct" and not r.is_local
+    assert r.source == "preset" and r.target == "Qwen/Qwen2.5-7B-Instruct" and r.local_path is None
     assert (tiny_dir / "config.json").is_file()
     t = resolve_model("tiny")
     assert t.local_path == tiny_dir and t.target == str(tiny_dir)
