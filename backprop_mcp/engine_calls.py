@@ -9,27 +9,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
-from backprop_mcp.supervisor import default_worker_command, worker_env
+from engine.interface import engine_command, worker_env
 
 
 class EngineCallError(RuntimeError):
     pass
 
 
-def oneshot_command() -> list[str]:
-    """The engine command prefix: the worker command without its ``run`` verb."""
-    worker = default_worker_command()
-    if worker[-1] == "run":
-        return worker[:-1]
-    return [sys.executable, "-m", "engine"]
-
-
 def call_engine(command: str, args: dict[str, Any], *, timeout_s: float, home: Any = None) -> dict[str, Any]:
     """Run one engine one-shot command; returns its JSON object (``ok`` is True) or raises."""
-    argv = [*oneshot_command(), command, json.dumps(args)]
+    argv = [*engine_command(), command, json.dumps(args)]
     try:
         done = subprocess.run(  # noqa: S603 - argv list, no shell
             argv,

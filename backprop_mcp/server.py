@@ -31,6 +31,7 @@ from mcp.types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import BaseModel, Field, ValidationError
 
 from backprop_mcp import __version__, checks
+from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.gpu import gpu_report
 from backprop_mcp.lossplot import render_loss_png
@@ -43,10 +44,20 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, looks_like_hub_name, resolve_readable
+from backprop_mcp.paths import check_job_id, resolve_readable
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from engine.spec import ExportQuant, ExportSpec, FinetuneSpec, MergeMode, SeriesSpec, read_spec
+from engine.interface import (
+    DatasetSettings,
+    ExportQuant,
+    ExportSpec,
+    FinetuneSpec,
+    LoraSettings,
+    MergeMode,
+    SeriesSpec,
+    TrainSettings,
+    read_spec,
+)
 
 log = logging.getLogger("backprop_mcp")
 
@@ -65,6 +76,17 @@ job_status's wait_s. Paths must be absolute. Resources: backprop://jobs, backpro
 backprop://jobs/{job_id}/events, backprop://jobs/{job_id}/loss.png, backprop://gpu."""
 
 _T = TypeVar("_T")
+
+
+def setting(model: type[BaseModel], name: str) -> Any:
+    """A tool argument's bounds and description, taken from the job spec's field (one source of truth).
+
+    Defaults stay in the tool's signature, where the SDK reads them; a test checks they equal the spec's.
+    """
+    source = model.model_fields[name]
+    field = Field(description=source.description)
+    field.metadata = list(source.metadata)
+    return field
 
 
 def _hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:
@@ -157,6 +179,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         subscriptions=bus,
+        extensions=[dashboard_extension(lazy.get)],  # the job dashboard app (backprop_mcp/app.py)
+        middleware=[hide_from_plain_hosts],
     )
 
     async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
@@ -206,6 +230,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="start_finetune",
         title="Start a LoRA/QLoRA fine-tune",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def start_finetune(
         dataset_path: Annotated[
@@ -218,34 +243,24 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         model: Annotated[
             str, Field(description="preset name (e.g. 'tiny'), local model folder, or hub name")
         ] = "tiny",
-        steps: Annotated[
-            int | None, Field(ge=1, le=1_000_000, description="optimizer steps; default from data size")
-        ] = None,
-        epochs: Annotated[
-            float | None, Field(gt=0, le=100, description="used when steps is not given")
-        ] = None,
-        learning_rate: Annotated[float | None, Field(gt=0, lt=1)] = None,
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
-        micro_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None,
-        gradient_accumulation: Annotated[int | None, Field(ge=1, le=4096)] = None,
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
-        lora_alpha: Annotated[float | None, Field(gt=0, description="default 2*rank")] = None,
+        steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
+        epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
+        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
+        gradient_accumulation: Annotated[int | None, setting(TrainSettings, "gradient_accumulation")] = None,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
+        lora_alpha: Annotated[float | None, setting(LoraSettings, "alpha")] = None,
         quantization: Annotated[
             Literal["auto", "4bit", "16bit", "none"],
             Field(description="auto: 4-bit QLoRA on a GPU, full precision on CPU"),
         ] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
         gpu_index: Annotated[int, Field(ge=0)] = 0,
-        eval_fraction: Annotated[
-            float, Field(ge=0, lt=0.5, description="fraction held out for evaluation")
-        ] = 0.0,
-        skip_bad_rows: Annotated[
-            bool, Field(description="train on the good rows when some are malformed")
-        ] = False,
-        packing: Annotated[bool | None, Field(description="pack short examples; default on for GPU")] = None,
-        checkpoint_every: Annotated[
-            int | None, Field(ge=1, description="resumable checkpoint every N steps")
-        ] = None,
+        eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
+        skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
+        packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
+        checkpoint_every: Annotated[int | None, setting(TrainSettings, "checkpoint_every")] = None,
         seed: int = 42,
     ) -> StartedJob:
         """Start fine-tuning a model on a dataset as a background job and return its id at once.
@@ -254,9 +269,6 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         Follow the job with job_status(job_id, wait_s=30)."""
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        notes = (
-            checks.dataset_problems(data_path, skip_bad_rows) if not looks_like_hub_name(data_path) else []
-        )
         try:
             spec = FinetuneSpec.model_validate(
                 {
@@ -291,13 +303,14 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(
                 f"invalid settings: {checks.validation_message(exc)}. Fix them and call again."
             ) from exc
-        notes += checks.fit_notes(spec)
+        notes = checks.preflight(spec)
         return create(spec, f"{Path(model_name).name} on {Path(data_path).name}", notes)
 
     @server.tool(
         name="job_status",
         title="Job status (can wait for progress)",
         annotations=_hints(read_only=True, destructive=False, idempotent=True, open_world=False),
+        meta=LINKED_TOOL_META,
     )
     async def job_status(
         job_id: Annotated[str, Field(description="the id start_finetune (or list_jobs) gave")],
@@ -388,10 +401,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         model: Annotated[
             str, Field(description="the model whose tokenizer and chat template to measure with")
         ] = "tiny",
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
-        micro_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
     ) -> DatasetCheck:
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
@@ -492,6 +505,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="run_slao_series",
         title="Start a multi-run SLAO series",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def run_slao_series(
         dataset_paths: Annotated[
@@ -502,32 +516,24 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             ),
         ],
         model: str = "tiny",
-        num_runs: Annotated[
-            int | None, Field(ge=1, le=100, description="needed when one dataset is given")
-        ] = None,
-        steps_per_run: Annotated[int | None, Field(ge=1)] = None,
-        samples_per_run: Annotated[int | None, Field(ge=1)] = None,
-        merge_mode: Annotated[MergeMode, Field(description="slao (default) or a baseline")] = "slao",
-        replay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0,
-        heldout_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1,
-        lora_rank: Annotated[int, Field(ge=1, le=1024)] = 16,
+        num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
+        steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
+        samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
+        merge_mode: Annotated[MergeMode, setting(SeriesSpec, "merge_mode")] = "slao",
+        replay_fraction: Annotated[float, setting(SeriesSpec, "replay_fraction")] = 0.0,
+        heldout_fraction: Annotated[float, setting(SeriesSpec, "heldout_fraction")] = 0.1,
+        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        learning_rate: Annotated[float | None, Field(gt=0, lt=1)] = None,
-        max_seq_length: Annotated[int | None, Field(ge=16, le=131072)] = None,
+        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
     ) -> StartedJob:
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
         model_name = checks.check_model(model)
-        datasets = []
-        notes: list[str] = []
-        for p in dataset_paths:
-            data_path = checks.dataset_path(p)
-            if not looks_like_hub_name(data_path):
-                notes += checks.dataset_problems(data_path, skip_bad_rows)
-            datasets.append({"path": data_path, "skip_bad_rows": skip_bad_rows})
+        datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         train = {
             k: v for k, v in {"learning_rate": learning_rate, "max_seq_length": max_seq_length}.items() if v
         }
@@ -552,7 +558,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(
                 f"invalid series settings: {checks.validation_message(exc)}. Fix them and call again."
             ) from exc
-        notes += checks.fit_notes(spec)
+        notes = checks.preflight(spec)
         runs = spec.num_runs or len(datasets)
         return create(spec, f"{Path(model_name).name}, {runs} SLAO runs", notes)
 
@@ -560,6 +566,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         name="export_gguf",
         title="Export to GGUF (llama.cpp / Ollama)",
         annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        meta=LINKED_TOOL_META,
     )
     def export_gguf(
         job_id: Annotated[
@@ -688,7 +695,10 @@ def _progress_point(state: ServerState, record: JobRecord) -> tuple[float, str]:
     tail = state.supervisor.tail(record)
     progress = progress_of(tail)
     if record.state == "queued" or progress is None:
-        reason = (tail.queued or {}).get("message") if record.state == "queued" else tail.stage
+        if record.state == "queued":
+            reason = tail.queued.message if tail.queued else None
+        else:
+            reason = tail.stage.name if tail.stage else None
         return 0.0, f"{record.state}: {reason or 'starting'}"
     pct = 100.0 * (progress.fraction or 0.0)
     parts = [f"step {progress.step}/{progress.total}"]

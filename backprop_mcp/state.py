@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from backprop_mcp.models import JobList, JobStatus, JobSummary, Progress
 from backprop_mcp.store import JobRecord, JobStore
 from backprop_mcp.supervisor import Supervisor, read_job_result
 from backprop_mcp.tail import JobTail
-from engine.files import backprop_home
+from engine.interface import backprop_home
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +30,27 @@ def job_uris(job_id: str) -> list[str]:
 
 
 def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
 def progress_of(tail: JobTail) -> Progress | None:
+    """The latest progress, with the fraction of the whole job done (a series: over all its runs)."""
     p = tail.progress
-    if not p:
+    if p is None:
         return None
-    step, total = p.get("step"), p.get("total")
-    run, runs = p.get("run"), p.get("num_runs")
-    fraction = None
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
-        fraction = step / total
-        if isinstance(run, int) and isinstance(runs, int) and runs > 0:
-            fraction = ((run - 1) + fraction) / runs
+    fraction = p.step / p.total if p.total > 0 else None
+    if fraction is not None and p.run and p.runs:
+        fraction = ((p.run - 1) + fraction) / p.runs
     return Progress(
-        step=step,
-        total=total,
+        step=p.step,
+        total=p.total,
         fraction=round(fraction, 4) if fraction is not None else None,
-        run=run,
-        num_runs=runs,
-        loss=p.get("loss"),
-        learning_rate=p.get("lr"),
-        tokens_per_s=p.get("tokens_per_s"),
-        eta_s=p.get("eta_s"),
+        run=p.run,
+        num_runs=p.runs,
+        loss=p.loss,
+        learning_rate=p.lr,
+        tokens_per_s=p.tokens_per_s,
+        eta_s=p.eta_s,
     )
 
 
@@ -95,17 +92,17 @@ class ServerState:
         begin = record.started_at
         queued_reason = None
         if record.state == "queued":
-            queued_reason = str((tail.queued or {}).get("message") or "the worker is starting")
+            queued_reason = tail.queued.message if tail.queued else "the worker is starting"
         metrics: dict[str, Any] = dict((result or {}).get("metrics") or {})
         if not metrics and tail.progress:
-            metrics = {
-                k: v for k, v in tail.progress.items() if k in ("loss", "grad_norm", "tokens_per_s", "lr")
-            }
+            metrics = tail.progress.model_dump(
+                include={"loss", "grad_norm", "tokens_per_s", "lr"}, exclude_none=True
+            )
         if tail.runs_finished:
             metrics.setdefault("runs_finished", len(tail.runs_finished))
         artifacts = dict((result or {}).get("artifacts") or {})
-        if not artifacts and tail.checkpoint and tail.checkpoint.get("path"):
-            artifacts["last_checkpoint"] = str(tail.checkpoint["path"])
+        if not artifacts and tail.checkpoint:
+            artifacts["last_checkpoint"] = tail.checkpoint.path
         return JobStatus(
             job_id=record.id,
             kind=record.kind,
@@ -117,7 +114,7 @@ class ServerState:
             started_at=_iso(record.started_at),
             finished_at=_iso(record.finished_at),
             elapsed_s=round(end - begin, 1) if begin else None,
-            stage=tail.stage,
+            stage=tail.stage.name if tail.stage and not record.is_terminal else None,
             progress=progress_of(tail),
             queued_reason=queued_reason,
             metrics=metrics,

@@ -10,11 +10,9 @@ derives the same answer, and the store's compare-and-set keeps final states fina
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,12 +21,20 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from backprop_mcp import procs
 from backprop_mcp.store import TERMINAL_STATES, JobRecord, JobStore
 from backprop_mcp.tail import JobTail, describe_error
-from engine.files import atomic_write_text
-from engine.jobs import new_job_id
-from engine.spec import CANCEL_FILE, EVENTS_FILE, WORKER_LOG, JobResult, JobState, read_result, write_spec
+from engine.interface import (
+    EVENTS_FILE,
+    WORKER_LOG,
+    JobResult,
+    JobState,
+    new_job_id,
+    procs,
+    read_result,
+    request_cancel,
+    start_worker,
+    write_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,45 +42,6 @@ log = logging.getLogger(__name__)
 # reading the store then must not call it dead.
 _SPAWN_GRACE_S = 30.0
 DEFAULT_CANCEL_GRACE_S = 90.0
-
-
-def default_worker_command() -> list[str]:
-    """The argv prefix that starts a worker; the job folder is appended.
-
-    ``BACKPROP_WORKER_COMMAND`` (a JSON list) overrides it, e.g. to train with another Python
-    environment than the server's: ``["/opt/train/bin/python", "-m", "engine", "run"]``.
-    """
-    raw = os.environ.get("BACKPROP_WORKER_COMMAND")
-    if raw:
-        try:
-            argv = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"BACKPROP_WORKER_COMMAND must be a JSON list of strings: {exc}") from exc
-        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-            raise ValueError(
-                'BACKPROP_WORKER_COMMAND must be a JSON list of strings, e.g. ["python", "-m", "engine", "run"]'
-            )
-        return argv
-    return [sys.executable, "-m", "engine", "run"]
-
-
-def worker_env(home: Path | None = None) -> dict[str, str]:
-    """The environment of an engine subprocess: the server's, plus what the engine must share.
-
-    The worker must import the same ``engine`` package as this server (even from a source
-    checkout), and use the same state folder (its GPU locks live there).
-    """
-    import engine
-
-    env = dict(os.environ)
-    if home is not None:
-        env["BACKPROP_HOME"] = str(home)
-    root = str(Path(engine.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    )
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 @dataclass
@@ -97,7 +64,7 @@ class Supervisor:
         self.jobs_dir = home / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
-        self.worker_command = worker_command or default_worker_command()
+        self.worker_command = worker_command  # None: python -P -m engine run (engine.jobs)
         env_grace = os.environ.get("BACKPROP_CANCEL_GRACE_S")
         self.cancel_grace_s = (
             cancel_grace_s if cancel_grace_s is not None else float(env_grace or DEFAULT_CANCEL_GRACE_S)
@@ -117,12 +84,7 @@ class Supervisor:
         write_spec(job_dir, spec)
         self.store.create(job_id, kind, job_dir, label)
         try:
-            proc, identity = procs.spawn_detached(
-                [*self.worker_command, str(job_dir)],
-                cwd=job_dir,
-                stderr_path=job_dir / WORKER_LOG,
-                env=worker_env(self.home),
-            )
+            proc, identity = start_worker(job_dir, home=self.home, command=self.worker_command)
         except OSError as exc:
             self.store.transition(
                 job_id, "failed", error=f"could not start the worker: {exc}", finished_at=time.time()
@@ -171,7 +133,7 @@ class Supervisor:
             record.id,
             state,
             error=error,
-            started_at=(tail.started or {}).get("time") if tail.started else None,
+            started_at=tail.started.time if tail.started else None,
             finished_at=now if state in TERMINAL_STATES else None,
         )
         if changed:
@@ -193,9 +155,7 @@ class Supervisor:
         """
         if record.pid is not None or tail.started is None:
             return record
-        pid, said_at = tail.started.get("pid"), tail.started.get("time")
-        if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(said_at, (int, float)):
-            return record
+        pid, said_at = tail.started.pid, tail.started.time
         start = procs.process_start_time(pid)
         tolerance = procs.START_TIME_TOLERANCE_S
         if start is None or not (record.created_at - tolerance <= start <= said_at + tolerance):
@@ -210,8 +170,8 @@ class Supervisor:
         result = self._result(record)
         if result is not None:
             return result.status, _result_error(result)
-        if tail.finished is not None and tail.finished.get("status") in TERMINAL_STATES:
-            status: JobState = tail.finished["status"]
+        if tail.finished is not None:
+            status: JobState = tail.finished.status
             return status, tail.error_message() if status == "failed" else None
         if record.pid is not None and procs.is_alive(
             procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0)
@@ -260,7 +220,7 @@ class Supervisor:
 
     def request_cancel(self, record: JobRecord) -> None:
         """Ask the worker to checkpoint and stop (a file, so no signals are needed)."""
-        atomic_write_text(record.job_dir / CANCEL_FILE, json.dumps({"requested_at": time.time()}))
+        request_cancel(record.job_dir)
         self.store.mark_cancel_requested(record.id)
 
     def force_stop(self, record: JobRecord, why: str) -> None:

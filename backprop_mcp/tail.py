@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.events import Event, read_events
+from engine.interface import events as ev
+from engine.interface import read_events
 
 RECENT_EVENTS = 200
 MAX_LOSS_POINTS = 5000
@@ -24,22 +25,23 @@ class JobTail:
     events_path: Path
     offset: int = 0
     last_seq: int = 0
-    recent: deque[Event] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
-    queued: dict[str, Any] | None = None
-    started: dict[str, Any] | None = None
-    stage: str | None = None
-    progress: dict[str, Any] | None = None
+    recent: deque[ev.Event] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    queued: ev.Queued | None = None
+    started: ev.Started | None = None
+    stage: ev.Stage | None = None
+    progress: ev.Progress | None = None
     progress_events: int = 0
-    loss: list[tuple[float, float]] = field(default_factory=list)
-    eval_loss: list[tuple[float, float]] = field(default_factory=list)
+    loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, training loss)
+    eval_loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, held-out loss)
+    run_starts: list[float] = field(default_factory=list)  # global step where each run of a series began
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=10))
     last_log: str | None = None
-    checkpoint: dict[str, Any] | None = None
-    runs_finished: list[dict[str, Any]] = field(default_factory=list)
-    error: dict[str, Any] | None = None
-    finished: dict[str, Any] | None = None
+    checkpoint: ev.Checkpoint | None = None
+    runs_finished: list[ev.RunFinished] = field(default_factory=list)
+    error: ev.ErrorEvent | None = None
+    finished: ev.Finished | None = None
 
-    def poll(self) -> list[Event]:
+    def poll(self) -> list[ev.Event]:
         """Fold in events appended since the last poll; returns them (empty when nothing new)."""
         events, self.offset = read_events(self.events_path, self.offset)
         fresh = [e for e in events if e.seq > self.last_seq]
@@ -47,56 +49,51 @@ class JobTail:
             self._fold(event)
         return fresh
 
-    def _fold(self, event: Event) -> None:
+    def _fold(self, event: ev.Event) -> None:
         self.last_seq = event.seq
         self.recent.append(event)
-        data = event.data
-        kind = event.type
-        if kind == "queued":
-            self.queued = data
-        elif kind == "started":
-            self.started = {**data, "time": event.time}
-        elif kind == "stage":
-            self.stage = str(data.get("name") or data.get("stage") or data.get("message") or "")
-        elif kind == "progress":
-            self.progress = {**data, "time": event.time}
+        if isinstance(event, ev.Queued):
+            self.queued = event
+        elif isinstance(event, ev.Started):
+            self.started = event
+        elif isinstance(event, ev.Stage):
+            self.stage = event
+        elif isinstance(event, ev.Progress):
+            self.progress = event
             self.progress_events += 1
-            self._add_point(self.loss, data, "loss")
-            self._add_point(self.eval_loss, data, "eval_loss")
-        elif kind == "warning":
-            self.warnings.append(str(data.get("message", data)))
-        elif kind == "log":
-            self.last_log = str(data.get("message", data))
-            self._add_point(self.eval_loss, data, "eval_loss")
-        elif kind == "checkpoint":
-            self.checkpoint = data
-        elif kind == "run_finished":
-            self.runs_finished.append(data)
-        elif kind == "error":
-            self.error = data
-        elif kind == "finished":
-            self.finished = data
-
-    @staticmethod
-    def _add_point(points: list[tuple[float, float]], data: dict[str, Any], key: str) -> None:
-        value, step = data.get(key), data.get("global_step", data.get("step"))
-        if (
-            isinstance(value, (int, float))
-            and isinstance(step, (int, float))
-            and len(points) < MAX_LOSS_POINTS
-        ):
-            points.append((float(step), float(value)))
+            if event.loss is not None and len(self.loss) < MAX_LOSS_POINTS:
+                x = float(event.global_step if event.global_step is not None else event.step)
+                if event.run is not None and event.run > len(self.run_starts):
+                    self.run_starts.append(x - 1)
+                self.loss.append((x, event.loss))
+        elif isinstance(event, ev.Eval):
+            if len(self.eval_loss) < MAX_LOSS_POINTS:
+                self.eval_loss.append((float(event.global_step), event.loss))
+        elif isinstance(event, ev.WarningEvent):
+            self.warnings.append(event.message)
+        elif isinstance(event, ev.Log):
+            self.last_log = event.message
+        elif isinstance(event, ev.Checkpoint):
+            self.checkpoint = event
+        elif isinstance(event, ev.RunFinished):
+            self.runs_finished.append(event)
+        elif isinstance(event, ev.ErrorEvent):
+            self.error = event
+        elif isinstance(event, ev.Finished):
+            self.finished = event
 
     def error_message(self) -> str | None:
         if self.error is None:
             return None
-        return describe_error(self.error)
+        return describe_error(
+            {"type": self.error.exception, "message": self.error.message, "hint": self.error.hint}
+        )
 
 
 def describe_error(error: dict[str, Any]) -> str:
-    """'Type: message Hint' from an error event's data or a result's ``error`` dict."""
-    message = str(error.get("message") or error.get("error") or "")
-    kind = error.get("type") or error.get("error_type") or error.get("exception")
+    """'Type: message Hint' from a result's ``error`` dict."""
+    message = str(error.get("message") or "")
+    kind = error.get("type")
     text = f"{kind}: {message}" if kind and message else (message or str(kind or error))
     hint = error.get("hint")
     return f"{text} {hint}" if hint else text

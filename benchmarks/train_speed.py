@@ -158,7 +158,7 @@ def run_engine(
     if result is None or result.status != "succeeded":
         rec["error"] = (result.error if result else None) or (job_dir / "worker.log").read_text()[-800:]
         return rec
-    progress = [e.data for e in events if e.type == "progress"]
+    progress = [e.model_dump(exclude_none=True) for e in events if e.type == "progress"]
     timed = progress[args.warmup :]
     # the events' tokens_per_s is cumulative from the first step; time only the steps after warm-up
     tok = [p.get("tokens") for p in timed]
@@ -170,7 +170,7 @@ def run_engine(
         micro_batch=result.metrics.get("micro_batch_size"),
         final_loss=result.metrics.get("final_loss"),
         losses=[round(p["loss"], 4) for p in progress],
-        speedups=[e.data.get("speedups") for e in events if e.type == "log" and e.data.get("speedups")],
+        speedups=[e.details.get("speedups") for e in events if e.type == "log" and e.details.get("speedups")],
         backend=result.metrics.get("backend"),
     )
     return rec

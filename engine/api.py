@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.jobs import create_job, run_and_follow
+from engine.preflight import preflight
 from engine.progress import ProgressPrinter
 from engine.spec import (
     DatasetSettings,
@@ -89,6 +90,7 @@ class Trainer:
         self.last: TrainResult | None = None
 
     def _run(self, spec: Any) -> JobResult:
+        preflight(spec, "python")  # raises PreflightError (a ValueError) before any job folder exists
         job_dir = create_job(spec, root=self.workdir)
         printer = ProgressPrinter(enabled=self.verbose)
         try:

@@ -113,8 +113,15 @@ def _train_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 def _run_job(spec: Any, args: argparse.Namespace) -> int:
     from engine.jobs import create_job, run_and_follow
+    from engine.preflight import PreflightError, preflight
     from engine.progress import ProgressPrinter
 
+    try:  # refuse what would fail before any job folder exists
+        for note in preflight(spec, "cli"):
+            print(f"note: {note}", file=sys.stderr)
+    except PreflightError as exc:
+        print(f"backprop {args.command}: {exc}", file=sys.stderr)
+        return 2
     job_dir = create_job(spec, root=args.workdir)
     print(f"job folder: {job_dir}", file=sys.stderr)
     if args.json:

@@ -107,6 +107,29 @@ class DatasetReport:
         d["problems"] = [str(p) for p in self.problems[:max_problems]]
         return d
 
+    def message(self, skip_option: str | None) -> str:
+        """Why the dataset cannot be used as it is; ``skip_option`` is how the caller turns on skipping."""
+        if self.rows_ok == 0:
+            return (
+                f"{self.path} has no usable rows ({self.rows_total} read, {self.bad_rows} bad). "
+                + "".join(f"\n  {p}" for p in self.problems[:PROBLEMS_IN_MESSAGE])
+                + "\n"
+                + _format_help()
+            )
+        shown = "\n".join(f"  {p}" for p in self.problems[:PROBLEMS_IN_MESSAGE])
+        more = self.bad_rows - min(len(self.problems), PROBLEMS_IN_MESSAGE)
+        lines = [f"{self.path}: {self.bad_rows} of {self.rows_total} rows are bad:", shown]
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        if self.format == "mixed":
+            counts = ", ".join(f"{k} ({v} row{'s' if v != 1 else ''})" for k, v in self.formats_found.items())
+            lines.append(f"The file mixes formats: {counts}. Put each format in a file of its own.")
+        lines.append(
+            f"Fix these rows, or set {skip_option} to train on the "
+            f"{self.rows_ok} good rows and skip the rest (the skipped rows are reported)."
+        )
+        return "\n".join(lines)
+
 
 class _BadRow(Exception):
     """Raised while normalising one row; becomes a RowProblem."""
@@ -119,15 +142,11 @@ class _BadRow(Exception):
 def load_examples(settings: DatasetSettings) -> tuple[list[Example], DatasetReport]:
     """Load and normalise a dataset; refuse it if any row is bad, unless ``skip_bad_rows``."""
     examples, report = _read(settings.path, settings.split)
-    if report.bad_rows and not settings.skip_bad_rows:
-        raise DatasetError(_bad_rows_message(report), report)
-    report.skipped = report.bad_rows
     if not examples:
-        raise DatasetError(
-            f"{report.path} has no usable rows ({report.rows_total} read, {report.bad_rows} bad). "
-            + _format_help(),
-            report,
-        )
+        raise DatasetError(report.message(skip_option=None), report)
+    if report.bad_rows and not settings.skip_bad_rows:
+        raise DatasetError(report.message(skip_option="skip_bad_rows"), report)
+    report.skipped = report.bad_rows
     return examples, report
 
 
@@ -400,19 +419,3 @@ _NORMALISERS = {
     "text": _normalise_text,
     "tokens": _normalise_tokens,
 }
-
-
-def _bad_rows_message(report: DatasetReport) -> str:
-    shown = "\n".join(f"  {p}" for p in report.problems[:PROBLEMS_IN_MESSAGE])
-    more = report.bad_rows - min(len(report.problems), PROBLEMS_IN_MESSAGE)
-    lines = [f"{report.path}: {report.bad_rows} of {report.rows_total} rows are bad:", shown]
-    if more > 0:
-        lines.append(f"  ... and {more} more")
-    if report.format == "mixed":
-        counts = ", ".join(f"{k} ({v} row{'s' if v != 1 else ''})" for k, v in report.formats_found.items())
-        lines.append(f"The file mixes formats: {counts}. Put each format in a file of its own.")
-    lines.append(
-        "Fix these rows, or set skip_bad_rows=true to train on the "
-        f"{report.rows_ok} good rows and skip the rest (the skipped rows are reported)."
-    )
-    return "\n".join(lines)

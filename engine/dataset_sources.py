@@ -61,6 +61,11 @@ def type_name(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
+def is_hub_dataset(path: str) -> bool:
+    """A name the worker downloads from the hub, rather than a file or folder on this machine."""
+    return not Path(path).expanduser().exists() and not _looks_like_local_path(path)
+
+
 def _looks_like_local_path(path: str) -> bool:
     return (
         path.startswith((".", "/", "~", "\\"))

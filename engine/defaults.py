@@ -23,6 +23,7 @@ from engine.memory import (
 from engine.spec import TrainSettings
 
 TARGET_EXAMPLES_PER_STEP = 16
+MIN_SEQ_LENGTH = 64  # the shortest sequence length the defaults choose
 
 
 class DoesNotFitError(ValueError):
@@ -158,7 +159,7 @@ def resolve_training(
         reasons["max_seq_length"] = "given"
     else:
         p99 = percentile(token_lengths, 99)
-        max_seq = max(64, _round_up(p99, 64))
+        max_seq = max(MIN_SEQ_LENGTH, _round_up(p99, 64))
         reasons["max_seq_length"] = (
             f"99th percentile of example lengths is {p99:.0f} tokens (longest {longest}), rounded up to a multiple of 64"
         )

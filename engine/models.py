@@ -144,15 +144,23 @@ def _tiny_preset() -> Preset:
     )  # fmt: skip
 
 
-def _shape(family: str, *numbers: int, ctx: int, tied: bool = False) -> ModelShape:
-    """hidden, layers, vocab, intermediate, heads, kv heads of a hub config.json (Qwen2 has q/k/v biases)."""
+def _shape(
+    family: str,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    *,
+    ctx: int,
+    tied: bool = False,
+) -> ModelShape:
+    """The numbers of a hub config.json (Qwen2 has q/k/v biases)."""
     return ModelShape(
-        *numbers,
-        max_context=ctx,
-        tie_word_embeddings=tied,
-        attention_bias=family == "qwen2",
-        model_type=family,
-    )
+        hidden, layers, vocab, inter, heads, kv, max_context=ctx, tie_word_embeddings=tied,
+        attention_bias=family == "qwen2", model_type=family,
+    )  # fmt: skip
 
 
 # Architecture numbers are those of each model's config.json on the hub.
@@ -236,8 +244,11 @@ def _check_model_folder(path: Path, name: str) -> None:
     )
 
 
-def resolve_model(name: str) -> ResolvedModel:
-    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name."""
+def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
+    """Preset -> its hub id (or the tiny folder); existing folder -> that folder; else a hub name.
+
+    ``build_tiny=False`` only checks the name (the preflight), without building the tiny model.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(
             f"a model name is required (a preset: {', '.join(PRESETS)}; a local folder; or a hub name)"
@@ -246,6 +257,8 @@ def resolve_model(name: str) -> ResolvedModel:
     preset = get_preset(name)
     if preset is not None:
         if preset.hf_id is None:
+            if not build_tiny:
+                return ResolvedModel(name, "preset", name, preset=preset)
             from engine.tiny import ensure_tiny_model
 
             path = ensure_tiny_model()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from engine.events import Event
+from engine import events as ev
 
 
 class ProgressPrinter:
@@ -42,37 +42,40 @@ class ProgressPrinter:
         else:
             print(text, file=self.stream, flush=True)
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: ev.Event) -> None:
         if not self.enabled:
             return
-        d = event.data
-        if event.type == "progress":
+        if isinstance(event, ev.Progress):
             # training steps carry loss and tokens/s; export stages carry only step/total/item
-            detail = (
-                f"loss {d['loss']:.4f}  {d.get('tokens_per_s', 0):.0f} tok/s"
-                if "loss" in d
-                else str(d.get("item", ""))
-            )
-            self._bar(int(d.get("total", 0)))
+            if event.loss is not None:
+                detail = f"loss {event.loss:.4f}  {event.tokens_per_s or 0:.0f} tok/s"
+                if event.run and event.runs:
+                    detail = f"run {event.run}/{event.runs}  {detail}"
+            else:
+                detail = event.item or ""
+            self._bar(event.total)
             if self._progress is not None:
-                self._progress.update(self._task, completed=d.get("step", 0), detail=detail)
-            elif d.get("step") == d.get("total") or int(d.get("step", 0)) % 10 == 0:
-                self._line(f"step {d.get('step')}/{d.get('total')}  {detail}")
-        elif event.type in ("log", "warning", "stage", "queued", "checkpoint", "run_finished"):
-            text = d.get("message") or d.get("name") or d.get("path") or ""
-            prefix = {
-                "warning": "warning: ",
-                "stage": "== ",
-                "queued": "queued: ",
-                "checkpoint": "checkpoint: ",
-            }.get(event.type, "")
-            if event.type == "run_finished":
-                text = f"run {d.get('run')} finished: {d.get('metrics', '')}"
-            self._line(f"{prefix}{text}")
-        elif event.type == "error":
-            self._line(f"error: {d.get('type')}: {d.get('message')}\n  {d.get('hint', '')}")
-        elif event.type == "finished":
+                self._progress.update(self._task, completed=event.step, detail=detail)
+            elif event.step == event.total or event.step % 10 == 0:
+                self._line(f"step {event.step}/{event.total}  {detail}")
+        elif isinstance(event, ev.WarningEvent):
+            self._line(f"warning: {event.message}")
+        elif isinstance(event, (ev.Log, ev.Queued)):
+            self._line(("queued: " if isinstance(event, ev.Queued) else "") + event.message)
+        elif isinstance(event, ev.Stage):
+            self._line(f"== {event.message or event.name}")
+        elif isinstance(event, ev.Checkpoint):
+            self._line(f"checkpoint: {event.path}")
+        elif isinstance(event, ev.Eval):
+            self._line(f"held-out loss {event.loss:.4f} at step {event.global_step}")
+        elif isinstance(event, ev.RunFinished):
+            self._line(f"run {event.run}/{event.runs} finished: held-out loss {event.loss_row[-1]}")
+        elif isinstance(event, ev.ErrorEvent):
+            self._line(f"error: {event.exception}: {event.message}\n  {event.hint or ''}")
+        elif isinstance(event, ev.Finished):
             self.close()
+            if event.resume_command:
+                self._line(f"stopped; resume with: {event.resume_command}")
 
     def close(self) -> None:
         if self._progress is not None:

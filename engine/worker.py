@@ -18,21 +18,25 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from engine.events import EventWriter
+from engine.events import ErrorEvent, EventWriter, Finished, Queued, Started
 from engine.files import backprop_home
-from engine.jobs import JobCancelled
+from engine.jobs import JobCancelled, resume_command
 from engine.models import privacy_environment
 from engine.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
 
 
-def device_lock_path(spec: Any) -> Path | None:
-    """One lock per training device: ``gpu-N`` on a GPU machine, ``cpu`` otherwise. Export takes none."""
-    if isinstance(spec, ExportSpec):
-        return None
+def device_lock_path(spec: Any) -> Path:
+    """One lock per device: ``gpu-N`` on a GPU machine, ``cpu`` otherwise.
+
+    Every job that may touch a GPU holds it, export included (its merge and its parity check run on
+    CUDA when one is present), so an export never collides with a training job on the same card.
+    """
     from engine.hardware import probe_gpus
 
-    wants_gpu = spec.device != "cpu" and probe_gpus().available
-    name = f"gpu-{spec.gpu_index}" if wants_gpu else "cpu"
+    device = "auto" if isinstance(spec, ExportSpec) else spec.device
+    gpu_index = 0 if isinstance(spec, ExportSpec) else spec.gpu_index
+    wants_gpu = device != "cpu" and probe_gpus().available
+    name = f"gpu-{gpu_index}" if wants_gpu else "cpu"
     path = backprop_home() / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -41,6 +45,8 @@ def device_lock_path(spec: Any) -> Path | None:
 def _hint(exc: BaseException) -> str:
     """A next step for the errors users meet most."""
     name = type(exc).__name__
+    if name == "PreflightError":
+        return "Fix the setting or data named, then start the job again."
     if name == "DatasetError":
         return "Fix the rows listed (or set skip_bad_rows) and start the job again."
     if name == "DoesNotFitError":
@@ -68,24 +74,23 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         spec = read_spec(job_dir)
         kind = spec.kind
         lock_path = device_lock_path(spec)
-        if lock_path is not None:
-            lock = FileLock(str(lock_path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                events.emit("queued", message=f"waiting for {lock_path.stem} (another job is training on it)")
-                while True:
-                    if cancel_requested():
-                        raise JobCancelled("cancelled while queued") from None
-                    try:
-                        lock.acquire(timeout=lock_poll_s)
-                        break
-                    except Timeout:
-                        continue
-        events.emit("started", kind=kind, pid=os.getpid(), device_lock=lock_path.stem if lock_path else None)
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            events.emit(Queued(message=f"waiting for {lock_path.stem} (another job is using it)"))
+            while True:
+                if cancel_requested():
+                    raise JobCancelled("cancelled while queued") from None
+                try:
+                    lock.acquire(timeout=lock_poll_s)
+                    break
+                except Timeout:
+                    continue
+        events.emit(Started(kind=kind, pid=os.getpid(), device_lock=lock_path.stem))
         result = _dispatch(spec, job_dir, events, cancel_requested)
         write_result(job_dir, result)
-        events.emit("finished", status=result.status, metrics=result.metrics, artifacts=result.artifacts)
+        events.emit(Finished(status=result.status, metrics=result.metrics, artifacts=result.artifacts))
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
         cancelled = isinstance(exc, (JobCancelled, KeyboardInterrupt))
@@ -97,10 +102,11 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         else:
             message = str(exc) or type(exc).__name__
             error = {"type": type(exc).__name__, "message": message, "hint": _hint(exc)}
-            events.emit("error", **error)
+            events.emit(ErrorEvent(exception=error["type"], message=message, hint=error["hint"]))
             result = JobResult(status="failed", kind=kind, error=error)
         write_result(job_dir, result)
-        events.emit("finished", status=result.status, error=result.error)
+        resume = resume_command(job_dir) if cancelled and kind != "export" else None
+        events.emit(Finished(status=result.status, error=result.error, resume_command=resume))
         return 2 if cancelled else 1
     finally:
         if lock is not None and lock.is_locked:
@@ -110,6 +116,10 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
 
 def _dispatch(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]) -> JobResult:
     t0 = time.time()
+    from engine.preflight import preflight
+
+    for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
+        events.log(note)
     if spec.kind == "finetune":
         from engine.recipes.finetune import run_finetune
 

@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from tokenizers
+# An event the reader does not know fails loudly here instead of being skipped (engine.events).
+os.environ["BACKPROP_STRICT_EVENTS"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """A SLAO series and its export, end to end with the real engine: the MCP tools start real workers
 (``python -m engine run``) on the tiny model, the series fills its evaluation matrix, and the merged
 adapter it delivers is exported to a GGUF file that llama.cpp loads and that passes the parity
-check. Nothing is mocked.
+check. Nothing is mocked. Along the way it checks what the typed events carry to the client: series
+progress that only grows and names its run, one continuous loss axis, run boundaries, eval points.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from mcp import Client
 
 from backprop_mcp.server import build_server
+from backprop_mcp.tail import JobTail
 
 
 @pytest.fixture
@@ -26,13 +28,23 @@ def structured(result: Any) -> dict[str, Any]:
     return result.structured_content
 
 
-async def wait_for_end(client: Client, job_id: str) -> dict[str, Any]:
+async def wait_for_end(client: Client, job_id: str) -> tuple[dict[str, Any], list[tuple[float, str]]]:
+    """The job's final status, and the progress notifications (percent, message) sent meanwhile."""
     status: dict[str, Any] = {}
+    notes: list[tuple[float, str]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append((progress, message or ""))
+
     for _ in range(40):  # each call waits at most 45 s
-        status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
+        status = structured(
+            await client.call_tool(
+                "job_status", {"job_id": job_id, "wait_s": 45}, progress_callback=on_progress
+            )
+        )
         if status["state"] not in ("queued", "running"):
             break
-    return status
+    return status, notes
 
 
 @pytest.mark.slow
@@ -64,8 +76,21 @@ async def test_series_through_the_mcp_tool_then_its_merged_adapter_exports_to_gg
                 },
             )
         )
-        status = await wait_for_end(client, series["job_id"])
+        status, notes = await wait_for_end(client, series["job_id"])
         assert status["state"] == "succeeded", status
+        assert status["stage"] is None  # a finished job is in no stage
+        # Progress over the whole series only grows, and names the run it is in.
+        percents = [p for p, _ in notes]
+        assert percents == sorted(percents) and percents[-1] > 60, notes
+        assert {m.split(",")[0] for _, m in notes if m.startswith("run ")} >= {"run 2/3", "run 3/3"}, notes
+        # The loss curve has one continuous x axis across runs, with run boundaries and an eval curve.
+        tail = JobTail(Path(status["job_dir"]) / "events.jsonl")
+        tail.poll()
+        xs = [x for x, _ in tail.loss]
+        assert xs == sorted(xs) and len(set(xs)) == len(xs) == 6, tail.loss
+        assert len(tail.run_starts) == 3 and len(tail.eval_loss) == 3, (tail.run_starts, tail.eval_loss)
+        png = await client.read_resource(f"backprop://jobs/{series['job_id']}/loss.png")
+        assert png.contents[0].blob
         result = json.loads((Path(status["job_dir"]) / "result.json").read_text())
         loss_matrix = result["metrics"]["loss_matrix"]
         assert len(loss_matrix) == 3
@@ -75,7 +100,7 @@ async def test_series_through_the_mcp_tool_then_its_merged_adapter_exports_to_gg
         export = structured(
             await client.call_tool("export_gguf", {"job_id": series["job_id"], "quantizations": ["f16"]})
         )
-        status = await wait_for_end(client, export["job_id"])
+        status, _ = await wait_for_end(client, export["job_id"])
         assert status["state"] == "succeeded", status
         gguf = Path(status["artifacts"]["gguf_f16"])
         parity = json.loads((Path(status["job_dir"]) / "result.json").read_text())["metrics"]["parity"]["f16"]

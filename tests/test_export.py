@@ -157,9 +157,9 @@ def test_sizes_shrink_with_bits(exported: dict) -> None:
 def test_stage_events_and_result(exported: dict, family: str) -> None:
     ex = exported[family]
     events, _ = read_events(ex.job_dir / EVENTS_FILE)
-    stages = [e.data["stage"] for e in events if e.type == "stage"]
+    stages = [e.name for e in events if e.type == "stage"]
     assert stages == ["merge", "convert", "quantize", "verify", "register"]
-    assert any(e.type == "progress" and e.data["stage"] == "convert" for e in events)
+    assert any(e.type == "progress" and e.stage == "convert" for e in events)
     metrics = ex.result.metrics
     assert metrics["convert"]["merged_tensors"] == 14  # 7 linear layers x 2 blocks
     assert Path(ex.result.artifacts["modelfile"]).is_file()

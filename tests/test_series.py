@@ -179,7 +179,7 @@ def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
                 sleep=sleep,
                 clock=now,
             )
-    kinds = [(e.type, e.data.get("message", "")) for e in iter_events(tmp_path / "events.jsonl")]
+    kinds = [(e.type, getattr(e, "message", "") or "") for e in iter_events(tmp_path / "events.jsonl")]
     assert any(t == "warning" and "delaying run 2" in m for t, m in kinds)
     assert any(t == "warning" and "starting run 3 anyway" in m for t, m in kinds)
 
@@ -214,11 +214,11 @@ def test_three_run_series_fills_R_and_delivers_the_merged_adapter(tmp_path, tiny
     assert m["loss_average"] == pytest.approx(sum(m["loss_matrix"][2]) / 3)
 
     finished = [e for e in iter_events(job / EVENTS_FILE) if e.type == "run_finished"]
-    assert [e.data["run"] for e in finished] == [1, 2, 3]
-    assert [len(e.data["loss_row"]) for e in finished] == [1, 2, 3]
-    assert finished[-1].data["loss_row"] == m["loss_matrix"][2]
+    assert [e.run for e in finished] == [1, 2, 3]
+    assert [len(e.loss_row) for e in finished] == [1, 2, 3]
+    assert finished[-1].loss_row == m["loss_matrix"][2]
     progress = [e for e in iter_events(job / EVENTS_FILE) if e.type == "progress"]
-    assert {e.data["run"] for e in progress} == {1, 2, 3} and len(progress) == 9
+    assert {e.run for e in progress} == {1, 2, 3} and len(progress) == 9
     # Only the newest merged adapter and (for slao) the last fine-tuned one are kept.
     assert sorted(p.name for p in (job / "series" / "merged").iterdir()) == ["run-003"]
     assert sorted(p.name for p in (job / "series" / "finetuned").iterdir()) == ["run-003"]
@@ -278,8 +278,8 @@ def test_interrupted_series_resumes_from_the_last_finished_run(tmp_path, tiny_mo
     assert result.metrics["loss_matrix"][0] == first_row
     assert _lower_triangle_filled(result.metrics["loss_matrix"])
     events_list = list(iter_events(job / EVENTS_FILE))
-    assert [e.data["run"] for e in events_list if e.type == "run_finished"] == [1, 2, 3]
-    logs = [e.data.get("message", "") for e in events_list if e.type == "log"]
+    assert [e.run for e in events_list if e.type == "run_finished"] == [1, 2, 3]
+    logs = [e.message for e in events_list if e.type == "log"]
     assert any("resuming the series after run 1" in x for x in logs)
     assert any("resumed from checkpoint at step 1" in x for x in logs)
     # linear keeps every fine-tuned adapter: its merge averages all of them

@@ -23,10 +23,11 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 from mcp.types import ResourceUpdatedNotification, TextContent
 
-from backprop_mcp import procs
 from backprop_mcp.server import build_server
 from backprop_mcp.store import JobStore
-from backprop_mcp.supervisor import Supervisor, worker_env
+from backprop_mcp.supervisor import Supervisor
+from engine import procs
+from engine.jobs import worker_env
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
 MODES = ["legacy", "auto"]
@@ -357,7 +358,7 @@ async def test_bad_arguments_answer_actionable_errors_and_keep_the_store(
         try:
             import engine.data  # noqa: F401 - the malformed-row check needs the engine's data module
 
-            cases.append(("start_finetune", {"dataset_path": str(bad)}, "line 2"))
+            cases.append(("start_finetune", {"dataset_path": str(bad)}, "bad.jsonl:2"))
         except ImportError:
             pass
         for tool, args, expected in cases:
@@ -607,7 +608,7 @@ def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: P
     proc, identity = _spawn_standin(home, job_dir, steps=200, step_s=0.05)
     try:
         started = _wait_for_event(job_dir, "started")
-        assert started["data"]["pid"] == identity.pid
+        assert started["pid"] == identity.pid
         record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
         assert record.state == "running" and record.pid == identity.pid
         assert record.pid_start_time is not None
@@ -622,9 +623,9 @@ def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: P
 
 def test_a_started_event_naming_an_older_process_is_not_adopted(home: Path) -> None:
     """A pid that began before the job was created is not its worker (e.g. a reused pid)."""
-    from engine.events import EventWriter
+    from engine.events import EventWriter, Started
 
     store, supervisor, job_dir = _job_without_pid(home)
-    EventWriter(job_dir / "events.jsonl").emit("started", kind="finetune", pid=os.getpid())
+    EventWriter(job_dir / "events.jsonl").emit(Started(kind="finetune", pid=os.getpid()))
     record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
     assert record.pid is None and record.state == "queued"  # still within the spawn grace

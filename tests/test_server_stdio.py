@@ -20,7 +20,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from backprop_mcp import procs
+from engine import procs
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
@@ -107,11 +107,11 @@ async def test_a_killed_server_leaves_the_job_running_and_a_new_one_reports_it(
             ]
             events = home / "jobs" / job_id / "events.jsonl"
             with anyio.fail_after(20):
-                while "started" not in (events.read_text() if events.exists() else ""):
+                while "parent_pid" not in (events.read_text() if events.exists() else ""):
                     await anyio.sleep(0.05)
-            started = next(json.loads(x) for x in events.read_text().splitlines() if '"started"' in x)
-            server_pid = started["data"]["parent_pid"]
-            worker_pid = started["data"]["pid"]
+            lines = [json.loads(x) for x in events.read_text().splitlines()]
+            server_pid = next(x["details"]["parent_pid"] for x in lines if x["type"] == "log")
+            worker_pid = next(x["pid"] for x in lines if x["type"] == "started")
             os.kill(server_pid, signal.SIGKILL)
             await anyio.sleep(0.3)
             await client.call_tool("list_jobs", {})  # fails: the server is gone

@@ -2,7 +2,7 @@
 
 The server's job machinery (spawning, reattaching, tailing, cancelling, killing) is exercised
 against a real detached process that keeps the worker's side of the job-folder contract the way
-``engine.worker`` does — the same ``EventWriter``, the same device file lock under
+``engine.worker`` does — the same typed events through the same ``EventWriter``, the same device file lock under
 ``$BACKPROP_HOME/locks``, ``queued`` while waiting for it, ``cancel.request`` honoured between
 steps, ``result.json`` then ``finished`` at the end — but trains nothing, so each test takes a
 second instead of loading torch. End-to-end tests with the real worker are in
@@ -24,6 +24,7 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     from filelock import FileLock, Timeout
 
+    from engine import events as ev
     from engine.events import EventWriter
     from engine.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_result
 
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
     def finish(status: str, **extra: object) -> int:
         result = JobResult(status=status, kind=spec["kind"], **extra)  # type: ignore[arg-type]
         write_result(job_dir, result)
-        events.emit("finished", status=status, artifacts=result.artifacts)
+        events.emit(ev.Finished(status=status, artifacts=result.artifacts))
         return {"succeeded": 0, "cancelled": 2}.get(status, 1)
 
     locks = Path(os.environ["BACKPROP_HOME"]) / "locks"
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        events.emit("queued", message="waiting for cpu (another job is training on it)")
+        events.emit(ev.Queued(message="waiting for cpu (another job is training on it)"))
         while True:
             if cancelled():
                 return finish("cancelled", error={"type": "Cancelled", "message": "cancelled while queued"})
@@ -61,20 +62,18 @@ def main(argv: list[str]) -> int:
                 break
             except Timeout:
                 continue
-    events.emit("started", kind=spec["kind"], pid=os.getpid(), parent_pid=os.getppid())
-    events.emit("stage", name="training", total_steps=args.steps)
+    events.emit(ev.Started(kind=spec["kind"], pid=os.getpid()))
+    events.log("stand-in worker", parent_pid=os.getppid())
+    events.stage("training", total_steps=args.steps)
     history = []
     for step in range(1, args.steps + 1):
         time.sleep(args.step_s)
         loss = 2.0 / step
         history.append({"step": step, "loss": loss})
         events.emit(
-            "progress",
-            step=step,
-            total=args.steps,
-            loss=loss,
-            lr=1e-4,
-            eta_s=(args.steps - step) * args.step_s,
+            ev.Progress(
+                step=step, total=args.steps, loss=loss, lr=1e-4, eta_s=(args.steps - step) * args.step_s
+            )
         )
         if cancelled():
             return finish("cancelled", error={"type": "Cancelled", "message": f"cancelled at step {step}"})

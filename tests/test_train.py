@@ -166,7 +166,7 @@ def test_job_trains_learns_and_writes_a_well_formed_log(tiny_model_dir, tmp_path
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     types = [e.type for e in events]
     assert types[0] == "started" and types[-1] == "finished"
-    progress = [e.data for e in events if e.type == "progress"]
+    progress = [e.model_dump(exclude_none=True) for e in events if e.type == "progress"]
     assert [p["step"] for p in progress] == list(range(1, 31))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "total"):
         assert key in progress[-1]
@@ -197,22 +197,20 @@ def test_cancelled_job_resumes_from_its_checkpoint_to_the_same_step_count(tiny_m
     )
     deadline = time.time() + 300
     while time.time() < deadline:
-        steps = [e.data["step"] for e in read_events(job_dir / "events.jsonl")[0] if e.type == "progress"]
+        steps = [e.step for e in read_events(job_dir / "events.jsonl")[0] if e.type == "progress"]
         if steps and steps[-1] >= 5:
             (job_dir / "cancel.request").touch()
             break
         time.sleep(0.05)
     assert proc.wait(timeout=300) == 2
     assert read_result(job_dir).status == "cancelled"
-    stopped_at = max(
-        e.data["step"] for e in read_events(job_dir / "events.jsonl")[0] if e.type == "checkpoint"
-    )
+    stopped_at = max(e.step for e in read_events(job_dir / "events.jsonl")[0] if e.type == "checkpoint")
     assert 5 <= stopped_at < 16
 
     (job_dir / "cancel.request").unlink()
     assert _run_worker(job_dir) == 0
     events, _ = read_events(job_dir / "events.jsonl")
-    assert any(e.type == "log" and "resumed from checkpoint" in e.data["message"] for e in events)
+    assert any(e.type == "log" and "resumed from checkpoint" in e.message for e in events)
     result = read_result(job_dir)
     assert result.status == "succeeded" and result.metrics["steps"] == 16
     assert [h["step"] for h in result.loss_history] == list(range(1, 17))
@@ -237,9 +235,9 @@ def test_bad_dataset_fails_with_an_actionable_error_event(tiny_model_dir, tmp_pa
     assert _run_worker(job_dir) == 1
     events, _ = read_events(job_dir / "events.jsonl")
     error = next(e for e in events if e.type == "error")
-    assert error.data["type"] == "DatasetError"
-    assert "bad.jsonl:2" in error.data["message"]
-    assert events[-1].type == "finished" and events[-1].data["status"] == "failed"
+    assert error.exception == "PreflightError"  # the worker runs the same preflight first
+    assert "bad.jsonl:2" in error.message
+    assert events[-1].type == "finished" and events[-1].status == "failed"
     assert read_result(job_dir).status == "failed"
 
 
@@ -302,4 +300,4 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
     assert seen == [4, 2, 2]
     assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2
     warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
-    assert "micro-batch halved to 2" in warnings[0].data["message"]
+    assert "micro-batch halved to 2" in warnings[0].message

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.events import EventWriter
+from engine.events import EventWriter, Progress
 from engine.jobs import JobCancelled
 from engine.spec import ExportSpec, JobResult
 
@@ -41,7 +41,7 @@ def _progress(events: EventWriter, stage: str) -> Callable[[int, int, str], None
         now = time.monotonic()
         if i == n or now - last[0] >= 1.0:
             last[0] = now
-            events.emit("progress", stage=stage, step=i, total=n, item=name)
+            events.emit(Progress(stage=stage, step=i, total=n, item=name))
 
     return report
 
@@ -80,7 +80,7 @@ _STAGE_TEXT = {
 
 
 def _stage(events: EventWriter, metrics: dict[str, Any], name: str, **data: Any) -> Callable[[], None]:
-    events.emit("stage", stage=name, name=name, message=f"{name}: {_STAGE_TEXT[name]}", **data)
+    events.stage(name, message=f"{name}: {_STAGE_TEXT[name]}", **data)
     t0 = time.monotonic()
 
     def done() -> None:
@@ -157,10 +157,7 @@ def _run(
             quantize_gguf(intermediate, target, quant)
         files[quant] = target
         sizes[quant] = _file_entry(target)
-        events.emit(
-            "progress", stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant,
-            bytes=sizes[quant]["bytes"],
-        )  # fmt: skip
+        events.emit(Progress(stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant))
         check_cancel()
     intermediate.unlink(missing_ok=True)
     metrics["files"] = sizes
@@ -236,9 +233,7 @@ def _verify(
         for i, (quant, path) in enumerate(files.items()):
             report = check_parity(path, quant, model, tokenizer)
             metrics["parity"][quant] = report.to_dict()
-            events.emit(
-                "progress", stage="verify", step=i + 1, total=len(files), item=quant, passed=report.passed
-            )
+            events.emit(Progress(stage="verify", step=i + 1, total=len(files), item=quant))
             events.log(report.message)
             if not report.tokenizer_match:
                 events.warning(

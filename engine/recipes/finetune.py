@@ -14,7 +14,7 @@ from pathlib import Path
 from engine.data import split_for_eval
 from engine.events import EventWriter
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
-from engine.training.evaluation import evaluate_held_out
+from engine.training.evaluation import held_out_evaluator
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
 from engine.training.lora import load_lora_model, save_adapter
@@ -24,7 +24,7 @@ def run_finetune(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
     device = pick_device(spec.device, spec.gpu_index)
-    events.emit("stage", name="loading_data")
+    events.stage("loading_data")
     examples = load_dataset_logged(spec.dataset, events)
     examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
     if held_out:
@@ -33,7 +33,8 @@ def run_finetune(
 
     model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
 
-    events.emit("stage", name="training", total_steps=resolved.steps)
+    evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
+    events.stage("training", total_steps=resolved.steps)
     outcome = train_adapter(
         model,
         tokenizer,
@@ -45,9 +46,13 @@ def run_finetune(
         cancel_check=cancel_check,
         safety=spec.safety,
         gpu_index=spec.gpu_index,
+        evaluator=evaluator,
     )
-    eval_metrics = evaluate_held_out(model, tokenizer, held_out, resolved.max_seq_length, device, events)
-    events.emit("stage", name="saving")
+    eval_metrics: dict[str, float] = {}
+    if evaluator is not None:
+        events.stage("evaluating", examples=len(held_out))
+        eval_metrics = evaluator(outcome.steps_done)
+    events.stage("saving")
     adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
     losses = [h["loss"] for h in outcome.loss_history]
     window = max(1, min(5, len(losses) // 4 or 1))

@@ -37,14 +37,14 @@ import torch
 from engine import slao
 from engine.adapters import Adapter, load_factors, read_factors, write_factors
 from engine.data import Example
-from engine.events import EventWriter
+from engine.events import Eval, EventWriter, RunFinished
 from engine.files import atomic_write_json, write_dir_atomically
 from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
 from engine.training.evaluation import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
-from engine.training.loop import train_adapter
+from engine.training.loop import RunPosition, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 
 SERIES_DIR = "series"
@@ -189,7 +189,7 @@ def run_series(
     state_path = series_dir / STATE_FILE
     device = pick_device(spec.device, spec.gpu_index)
 
-    events.emit("stage", name="loading_data")
+    events.stage("loading_data")
     slices = build_slices(spec, _load_datasets(spec, events))
     n_runs = len(slices)
     state = SeriesState.load(state_path)
@@ -233,7 +233,7 @@ def run_series(
                     monitor, guard, events, before=f"run {run}", needed_free_mb=needed,
                     max_wait_s=spec.safety.max_pause_s,
                 )  # fmt: skip
-            events.emit("stage", name="run", run=run, runs=n_runs, slice=s.name)
+            events.stage("run", run=run, runs=n_runs, slice=s.name)
             run_spec = _run_spec(spec, run)
             tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
             if model is None:
@@ -259,13 +259,13 @@ def run_series(
                 cancel_check=cancel_check,
                 safety=spec.safety,
                 gpu_index=spec.gpu_index,
-                progress_prefix={"run": run, "runs": n_runs},
+                position=RunPosition(run=run, runs=n_runs, step_offset=len(state.loss_history)),
             )
             if outcome.peak_memory_gib is not None:
                 peak_mb = outcome.peak_memory_gib * 1024
             finetuned, other = read_factors(model)
 
-            events.emit("stage", name="merge", run=run, merge_mode=spec.merge_mode)
+            events.stage("merge", run=run, runs=n_runs, merge_mode=spec.merge_mode)
             ft_dir = save_adapter(model, tokenizer, series_dir / "finetuned" / f"run-{run:03d}")
             history = []  # the ΔW merges read every earlier run's fine-tuned adapter back
             if spec.merge_mode in ("linear", "ties", "dare"):
@@ -276,7 +276,7 @@ def run_series(
             write_factors(model, merged, other)
             merged_dir = save_adapter(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
 
-            events.emit("stage", name="evaluate", run=run)
+            events.stage("evaluate", run=run, runs=n_runs)
             model.eval()
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             row_loss: list[float | None] = []
@@ -306,6 +306,15 @@ def run_series(
             }
             state.runs.append(run_metrics)
             offset = len(state.loss_history)
+            events.emit(
+                Eval(
+                    global_step=offset + outcome.steps_done,
+                    loss=row_loss[-1],
+                    accuracy=row_acc[-1],
+                    examples=len(heldout[run - 1].input_ids),
+                    run=run,
+                )
+            )
             state.loss_history.extend(
                 {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
             )
@@ -318,15 +327,16 @@ def run_series(
                     shutil.rmtree(series_dir / "finetuned" / f"run-{k:03d}", ignore_errors=True)
             shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
             events.emit(
-                "run_finished",
-                run=run,
-                runs=n_runs,
-                loss_row=row_loss,
-                accuracy_row=row_acc,
-                metrics=run_metrics,
-                series=series_metrics(state),
-                merged_adapter=str(merged_dir),
-                finetuned_adapter=str(ft_dir),
+                RunFinished(
+                    run=run,
+                    runs=n_runs,
+                    loss_row=row_loss,
+                    accuracy_row=row_acc,
+                    metrics=run_metrics,
+                    series=series_metrics(state),
+                    merged_adapter=str(merged_dir),
+                    finetuned_adapter=str(ft_dir),
+                )
             )
     finally:
         if monitor is not None:

@@ -5,13 +5,14 @@ of a SLAO series (which scores the merged adapter on each earlier slice).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.data import Example
-from engine.events import EventWriter
+from engine.events import Eval, EventWriter
 from engine.training.batching import IGNORE
 
 EXACT_MATCH_MAX_ROWS = 100  # per held-out set: greedy generation is the slow part of evaluation
@@ -127,19 +128,32 @@ def exact_match(model: Any, tokenizer: Any, data: HeldoutSet, pad_id: int, devic
     return correct / len(data.prompts)
 
 
-def evaluate_held_out(
+def held_out_evaluator(
     model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
-) -> dict[str, float]:
-    """Loss on the held-out split's supervised tokens, and exact match where rows have an answer."""
+) -> Callable[[int], dict[str, float]] | None:
+    """A function that scores the held-out split at a global step and records it as an ``Eval`` event.
+
+    Loss on the supervised tokens, and exact match where rows have an answer. None without a split.
+    """
     if not examples:
-        return {}
-    events.emit("stage", name="evaluating", examples=len(examples))
+        return None
     held = tokenize_heldout(examples, tokenizer, max_seq_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.eval()
-    out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
-    accuracy = exact_match(model, tokenizer, held, pad_id, device)
-    if accuracy is not None:
-        out["eval_exact_match"] = accuracy
-    events.log(f"held-out evaluation: {out}", **out)
-    return out
+
+    def evaluate(global_step: int) -> dict[str, float]:
+        model.eval()
+        out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
+        accuracy = exact_match(model, tokenizer, held, pad_id, device)
+        if accuracy is not None:
+            out["eval_exact_match"] = accuracy
+        events.emit(
+            Eval(
+                global_step=global_step,
+                loss=out["eval_loss"],
+                accuracy=accuracy,
+                examples=len(held.input_ids),
+            )
+        )
+        return out
+
+    return evaluate

@@ -62,7 +62,7 @@ def prepare_training(
     spec: Any, examples: list[Example], device: str, events: EventWriter
 ) -> tuple[Any, Tokenized, Any]:
     """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
-    events.emit("stage", name="tokenizing")
+    events.stage("tokenizing")
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.events import EventWriter
+from engine.events import Checkpoint, EventWriter, Progress
 from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import SafetySettings
@@ -49,6 +49,19 @@ class TrainOutcome:
     train_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class RunPosition:
+    """Where a training run sits in its job: run ``run`` of ``runs``, after ``step_offset`` earlier steps.
+
+    A plain fine-tune is run 1 of 1 at offset 0; a series passes its own, so that progress events
+    carry the run counter and a global step (one continuous x axis for the whole job).
+    """
+
+    run: int | None = None
+    runs: int | None = None
+    step_offset: int = 0
+
+
 def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
     from transformers import get_scheduler
 
@@ -74,7 +87,8 @@ def train_adapter(
     cancel_check: Callable[[], bool] = lambda: False,
     safety: SafetySettings | None = None,
     gpu_index: int = 0,
-    progress_prefix: dict[str, Any] | None = None,
+    position: RunPosition | None = None,
+    evaluator: Callable[[int], Any] | None = None,
 ) -> TrainOutcome:
     """Train the LoRA parameters of ``model`` in place for ``resolved.steps`` optimizer steps.
 
@@ -105,13 +119,13 @@ def train_adapter(
         start_step = int(state["step"])
         outcome.loss_history = list(state.get("loss_history", []))
         micro = int(state.get("micro_batch_size", micro))
-        events.emit("log", message=f"resumed from checkpoint at step {start_step}", step=start_step)
+        events.log(f"resumed from checkpoint at step {start_step}", step=start_step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast_dtype = accel.autocast_dtype(device)
     monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
     guard = ThermalGuard(safety or SafetySettings())
-    prefix = progress_prefix or {}
+    where = position or RunPosition()
 
     def checkpoint(step: int) -> None:
         if checkpoint_dir is None:
@@ -120,7 +134,7 @@ def train_adapter(
             checkpoint_dir, step, model, optimizer, scheduler,
             {"loss_history": outcome.loss_history, "micro_batch_size": micro},
         )  # fmt: skip
-        events.emit("checkpoint", step=step, path=str(path))
+        events.emit(Checkpoint(step=step, path=str(path), run=where.run))
 
     model.train()
     if device.startswith("cuda"):
@@ -169,22 +183,28 @@ def train_adapter(
         remaining = plan.total_steps - step
         sample = monitor.sample() if monitor else None
         events.emit(
-            "progress",
-            **prefix,
-            step=step,
-            total=plan.total_steps,
-            loss=round(loss_value, 6),
-            lr=lr,
-            grad_norm=round(grad_norm, 6),
-            tokens=real_tokens,
-            tokens_per_s=round(tps, 1),
-            step_s=round(dt, 4),
-            eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
-            gpu_memory_gib=_gpu_memory_gib(device),
-            gpu=sample,
+            Progress(
+                run=where.run,
+                runs=where.runs,
+                global_step=where.step_offset + step,
+                step=step,
+                total=plan.total_steps,
+                loss=round(loss_value, 6),
+                lr=lr,
+                grad_norm=round(grad_norm, 6),
+                tokens=real_tokens,
+                tokens_per_s=round(tps, 1),
+                step_s=round(dt, 4),
+                eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
+                gpu_memory_gib=_gpu_memory_gib(device),
+                gpu=sample,
+            )
         )
         if resolved.checkpoint_every and step % resolved.checkpoint_every == 0 and step < plan.total_steps:
             checkpoint(step)
+            if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
+                evaluator(where.step_offset + step)
+                model.train()
     outcome.steps_done = step
     outcome.train_seconds = time.perf_counter() - t_begin
     outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0

@@ -43,7 +43,7 @@ def load_lora_model(
     """
     import torch
 
-    events.emit("stage", name="loading_model", model=spec.model)
+    events.stage("loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
         f"model loaded: {loaded.info}",

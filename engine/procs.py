@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 # psutil is imported where it is used: a server with no unfinished job never needs it, and its
 # import is a measurable part of the cold start an MCP client waits for.
 
-# Two readings of one process's start time can differ by clock rounding (psutil derives it from
-# boot time + jiffies on Linux), never by a whole second for the same process.
-START_TIME_TOLERANCE_S = 0.5
+# psutil derives a start time on Linux from the boot time, which /proc/stat gives in whole seconds,
+# plus jiffies: compared with a wall-clock reading (the store's created_at) it can be off by up to
+# a second, never by more for the same process.
+START_TIME_TOLERANCE_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,84 @@
+"""The engine's torch-free interface: everything the MCP server uses of the engine, in one place.
+
+The server imports this module and nothing else of the engine (a test checks it), so what crosses
+between the two processes is declared here: the job specifications and result, the typed events,
+the job runner, the preflight, process identity and the state folder. Importing it loads no
+torch, transformers or other heavy library (also checked by a test); the preflight imports the
+engine's torch-free data, model-catalogue and memory modules when it first runs.
+"""
+
+from typing import Any
+
+from engine import events, procs
+from engine.events import EventFormatError, read_events
+from engine.files import atomic_write_text, backprop_home
+from engine.jobs import (
+    engine_command,
+    new_job_id,
+    request_cancel,
+    start_worker,
+    worker_env,
+)
+from engine.preflight import Caller, PreflightError, check_model, preflight, preset_fits
+from engine.spec import (
+    CANCEL_FILE,
+    EVENTS_FILE,
+    WORKER_LOG,
+    DatasetSettings,
+    ExportQuant,
+    ExportSpec,
+    FinetuneSpec,
+    JobResult,
+    JobState,
+    LoraSettings,
+    MergeMode,
+    SeriesSpec,
+    TrainSettings,
+    read_result,
+    read_spec,
+    write_spec,
+)
+
+
+def probe_gpus() -> Any:
+    """The GPUs as NVML sees them (``engine.hardware.probe_gpus``, looked up at call time)."""
+    from engine import hardware
+
+    return hardware.probe_gpus()
+
+
+__all__ = [
+    "CANCEL_FILE",
+    "EVENTS_FILE",
+    "WORKER_LOG",
+    "Caller",
+    "DatasetSettings",
+    "EventFormatError",
+    "ExportQuant",
+    "ExportSpec",
+    "FinetuneSpec",
+    "JobResult",
+    "JobState",
+    "LoraSettings",
+    "MergeMode",
+    "PreflightError",
+    "SeriesSpec",
+    "TrainSettings",
+    "atomic_write_text",
+    "backprop_home",
+    "check_model",
+    "engine_command",
+    "events",
+    "new_job_id",
+    "preflight",
+    "preset_fits",
+    "probe_gpus",
+    "procs",
+    "read_events",
+    "read_result",
+    "read_spec",
+    "request_cancel",
+    "start_worker",
+    "worker_env",
+    "write_spec",
+]

@@ -1,0 +1,170 @@
+"""One torch-free preflight, run by the server, the CLI, the Python API and the worker alike.
+
+What one of them accepts the others accept: the model name or folder, the dataset's rows, and
+whether the model can fit on the chosen GPU at all are checked here, once, before a job exists
+(and again by the worker, with the same code, before it loads anything). Messages say what was
+wrong and what to do, naming options the way the caller spells them (``skip_bad_rows=true`` for a
+tool, ``--skip-bad-rows`` on the command line, ``skip_bad_rows=True`` in Python).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
+
+Caller = Literal["tool", "cli", "python"]
+
+
+class PreflightError(ValueError):
+    """A request that would fail: the message says what is wrong and how to fix it."""
+
+
+def spell(setting: str, value: Any, caller: Caller) -> str:
+    """How ``caller``'s user sets ``setting`` to ``value``."""
+    if caller == "cli":
+        flag = "--" + setting.replace("_", "-")
+        return flag if value is True else f"{flag} {value}"
+    if isinstance(value, bool):
+        return f"{setting}={'true' if caller == 'tool' else str(value)}"
+    return f"{setting}={value!r}"
+
+
+def check_model(name: str) -> str:
+    """A preset, a model folder (config.json) or a hub name; refuses adapter folders, files and typos."""
+    from engine.models import ModelError, resolve_model
+
+    try:
+        resolved = resolve_model(name, build_tiny=False)
+    except ModelError as exc:
+        raise PreflightError(f"model: {exc}") from None
+    return str(resolved.local_path) if resolved.source == "local" else resolved.name
+
+
+def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
+    """Every row of a local dataset is valid (or ``skip_bad_rows`` is on); returns notes for the user.
+
+    Hub datasets are checked by the worker once downloaded.
+    """
+    from engine.data import DatasetError, inspect_dataset
+    from engine.dataset_sources import is_hub_dataset
+
+    if is_hub_dataset(settings.path):
+        return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
+    try:
+        report = inspect_dataset(settings.path, settings.split)
+    except DatasetError as exc:
+        raise PreflightError(str(exc)) from None
+    if report.rows_ok == 0:
+        raise PreflightError(report.message(skip_option=None))
+    if report.bad_rows and not settings.skip_bad_rows:
+        raise PreflightError(report.message(skip_option=spell("skip_bad_rows", True, caller)))
+    return [f"{report.bad_rows} bad row(s) will be skipped"] if report.bad_rows else []
+
+
+def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
+    """Refuse a model that cannot fit on the chosen GPU even at micro-batch 1 and the shortest rows.
+
+    Only with a GPU and a known architecture (preset or local folder); a hub model's shape needs a
+    download, so the worker checks it. The sequence length the defaults will pick depends on the
+    data's token lengths, which need the tokenizer: here the given ``max_seq_length`` is used, or
+    the shortest the defaults can choose, so this never refuses a job the worker would accept.
+    """
+    if spec.device == "cpu":
+        return []
+    from engine.defaults import MIN_SEQ_LENGTH
+    from engine.hardware import probe_gpus
+    from engine.memory import estimate_memory, largest_micro_batch
+
+    probe = probe_gpus()
+    if not probe.available:
+        return ["no GPU found: training runs on the CPU (fine for the 'tiny' preset and very small models)"]
+    card = next((g for g in probe.gpus if g.index == spec.gpu_index), None)
+    if card is None:
+        raise PreflightError(
+            f"gpu_index={spec.gpu_index} but this machine has GPU(s) {[g.index for g in probe.gpus]}; "
+            "pick one of them (inspect_gpu / backprop gpu lists them)."
+        )
+    shape = known_shape(spec.model)
+    if shape is None:
+        return ["memory fit is checked by the worker once the model's configuration is downloaded"]
+    quant = "4bit" if spec.quantization == "auto" else spec.quantization
+    seq = spec.train.max_seq_length or MIN_SEQ_LENGTH
+    free = card.memory_free_mb / 1024
+    kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
+    if largest_micro_batch(shape, quant, spec.lora.rank, seq, free, limit=1, **kwargs) == 0:
+        need = estimate_memory(shape, quant, spec.lora.rank, 1, seq, **kwargs).total_gib
+        raise PreflightError(
+            f"{spec.model} does not fit on GPU {card.index} ({card.name}): LoRA training with {quant} weights "
+            f"and {seq}-token sequences needs about {need:.1f} GiB and {free:.1f} GiB is free. Use 4-bit "
+            "quantization, a shorter max_seq_length, a smaller LoRA rank or a smaller model, or free the GPU."
+        )
+    return []
+
+
+def known_shape(model: str) -> Any:
+    """The architecture of a preset or a local folder, without torch; None when it needs a download."""
+    import json
+    from pathlib import Path
+
+    from engine.models import get_preset, shape_from_config
+
+    preset = get_preset(model)
+    if preset is not None:
+        return preset.shape
+    config = Path(model) / "config.json"
+    if config.is_file():
+        try:
+            return shape_from_config(json.loads(config.read_text(encoding="utf-8")), str(config))
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> list[str]:
+    """Everything that can be checked before a job exists; returns notes, raises PreflightError."""
+    if isinstance(spec, ExportSpec):
+        if spec.base_model:
+            check_model(spec.base_model)
+        return []
+    check_model(spec.model)
+    datasets = [spec.dataset] if isinstance(spec, FinetuneSpec) else spec.datasets
+    notes = [note for settings in datasets for note in check_dataset(settings, caller)]
+    return notes + check_fit(spec)
+
+
+@dataclass
+class PresetFit:
+    preset: str
+    model: str
+    fits: bool
+    micro_batch_size: int | None
+    estimated_memory_gib: float | None
+    note: str
+
+
+def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[PresetFit]:
+    """Which presets train on GPU 0 (QLoRA 4-bit) and with what micro-batch, or on the CPU."""
+    from engine.memory import estimate_memory, largest_micro_batch
+    from engine.models import PRESETS
+
+    card = probe.gpus[0] if probe.available and probe.gpus else None
+    fits = []
+    for preset in PRESETS.values():
+        model = preset.hf_id or "built offline"
+        if card is None:
+            small = preset.hf_id is None or preset.params_b <= 0.6
+            note = ("trains on the CPU" + (" (slowly)" if preset.hf_id else "")) if small else "needs a GPU"
+            fits.append(PresetFit(preset.name, model, small, None, None, note))
+            continue
+        seq = min(seq_length, preset.shape.max_context)
+        kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
+        free = card.memory_free_mb / 1024
+        micro = largest_micro_batch(preset.shape, "4bit", rank, seq, free, limit=16, **kwargs)
+        need = estimate_memory(preset.shape, "4bit", rank, 1, seq, **kwargs).total_gib
+        note = f"QLoRA 4-bit, rank {rank}, {seq}-token sequences" + (
+            ", gated: accept the licence on the hub first" if preset.gated else ""
+        )
+        fits.append(PresetFit(preset.name, model, micro > 0, micro or None, round(need, 2), note))
+    return fits

@@ -1,0 +1,186 @@
+"""The browser side of tests/test_app.py: a minimal MCP Apps host page in headless Chromium.
+
+The host page embeds the dashboard the way Claude or VS Code do (a sandboxed iframe speaking
+JSON-RPC over postMessage): it answers ui/initialize with a hostContext, hands the app one tool
+result, and forwards the app's tools/call to the real server through an MCP client (refusing tools
+whose ``_meta.ui.visibility`` lacks "app", as hosts do). Chromium is Debian's (``BACKPROP_CHROMIUM``
+overrides the path), driven by Playwright; without either the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client.extension import advertise
+from mcp.server.apps import APP_MIME_TYPE, EXTENSION_ID
+
+from backprop_mcp.app import DASHBOARD_URI
+
+CHROMIUM = os.environ.get("BACKPROP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_S = 240.0  # generous: loading torch in the worker is slow on a busy 2-core machine
+
+
+def apps_host() -> list[Any]:
+    """What a host that renders MCP Apps announces."""
+    return [advertise(EXTENSION_ID, {"mimeTypes": [APP_MIME_TYPE]})]
+
+
+HOST_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>test host</title>
+<style>body { margin: 0; background: %(page_bg)s; } iframe { border: 0; width: 100%%; height: 400px; display: block; }</style>
+</head><body>
+<iframe id="app" title="dashboard" sandbox="allow-scripts"></iframe>
+<script>
+// A minimal MCP Apps host: the app is a sandboxed iframe; we answer its JSON-RPC over postMessage.
+const frame = document.getElementById("app");
+window.appMessages = [];
+window.toolCalls = [];
+function post(message) { frame.contentWindow.postMessage({ jsonrpc: "2.0", ...message }, "*"); }
+window.addEventListener("message", async (event) => {
+  if (event.source !== frame.contentWindow) return;
+  const m = event.data;
+  window.appMessages.push(m);
+  if (m.method === "ui/initialize") {
+    post({ id: m.id, result: {
+      protocolVersion: "2026-01-26",
+      hostInfo: { name: "backprop-test-host", version: "1" },
+      hostCapabilities: { serverTools: {} },
+      hostContext: { theme: window.hostTheme, displayMode: "inline", toolInfo: { tool: { name: window.toolName } } },
+    } });
+  } else if (m.method === "ui/notifications/initialized") {
+    post({ method: "ui/notifications/tool-input", params: { arguments: window.toolArguments } });
+    post({ method: "ui/notifications/tool-result", params: window.toolResult });
+  } else if (m.method === "tools/call") {
+    window.toolCalls.push(m.params.name);
+    const visibility = window.toolVisibility[m.params.name];
+    if (!visibility || !visibility.includes("app")) {  // hosts refuse tools an app may not call
+      post({ id: m.id, error: { code: -32602, message: "tool not available to apps: " + m.params.name } });
+      return;
+    }
+    try { post({ id: m.id, result: await window.mcpCallTool(m.params.name, m.params.arguments || {}) }); }
+    catch (err) { post({ id: m.id, error: { code: -32603, message: String(err) } }); }
+  } else if (m.method === "ui/notifications/size-changed") {
+    frame.style.height = m.params.height + "px";
+  } else if (m.id !== undefined) {
+    post({ id: m.id, error: { code: -32601, message: "unsupported: " + m.method } });
+  }
+});
+</script></body></html>
+"""
+
+
+def browser_or_skip() -> Any:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it uses Debian's chromium)")
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BACKPROP_CHROMIUM)")
+    return async_playwright
+
+
+def wire(result: Any) -> dict[str, Any]:
+    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+class Dashboard:
+    """One browser page hosting the dashboard for one tool result."""
+
+    def __init__(self, page: Any, client: Client):
+        self.page, self.client = page, client
+
+    @classmethod
+    async def open(
+        cls,
+        browser: Any,
+        client: Client,
+        tool: str,
+        arguments: dict[str, Any],
+        result: Any,
+        theme: str | None,
+        system_theme: str = "light",
+    ) -> Dashboard:
+        """``theme``: what the host's hostContext says (None: it says nothing); ``system_theme``: the
+        page's prefers-color-scheme."""
+        page = await browser.new_page(viewport={"width": 900, "height": 800}, color_scheme=system_theme)
+        self = cls(page, client)
+        tools = (await client.list_tools()).tools
+        visibility = {
+            t.name: ((t.meta or {}).get("ui") or {}).get("visibility", ["model", "app"]) for t in tools
+        }
+        html = (await client.read_resource(DASHBOARD_URI)).contents[0].text
+
+        async def call_tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
+            return wire(await client.call_tool(name, args))
+
+        await page.expose_function("mcpCallTool", call_tool)
+        dark = (theme or system_theme) == "dark"
+        await page.set_content(HOST_PAGE % {"page_bg": "#0d1117" if dark else "#ffffff"})
+        await page.evaluate(
+            """([html, tool, args, result, theme, visibility]) => {
+                 Object.assign(window, { toolName: tool, toolArguments: args, toolResult: result,
+                                         hostTheme: theme, toolVisibility: visibility });
+                 document.getElementById("app").srcdoc = html;
+               }""",
+            [html, tool, arguments, wire(result), theme, visibility],
+        )
+        return self
+
+    async def frame(self) -> Any:
+        handle = await self.page.wait_for_selector("#app")
+        frame = await handle.content_frame()
+        await frame.wait_for_selector("#state")
+        return frame
+
+    async def until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Wait until ``check`` holds, reading the DOM from here: the app's CSP forbids the eval that
+        Playwright's ``wait_for_function`` needs, and the test keeps the app under its real CSP."""
+        deadline = anyio.current_time() + WAIT_S
+        while not await check():
+            if anyio.current_time() > deadline:
+                raise AssertionError(f"the dashboard never showed {what}")
+            await anyio.sleep(0.2)
+
+    async def number(self, selector: str, attribute: str) -> float:
+        value = await self.attr(selector, attribute)
+        return float(value) if value else 0.0
+
+    async def text(self, selector: str) -> str:
+        return await (await self.frame()).inner_text(selector)
+
+    async def attr(self, selector: str, name: str) -> str:
+        return await (await self.frame()).get_attribute(selector, name) or ""
+
+    async def screenshot(self, *paths: Path) -> None:
+        await self.page.wait_for_timeout(300)  # let the progress bar's width transition settle
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await self.page.locator("#app").screenshot(path=str(path))
+
+
+async def at_least(value: Awaitable[float], bound: float) -> bool:
+    return await value >= bound
+
+
+async def equals(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
+
+
+async def contains(value: Awaitable[str], part: str) -> bool:
+    return part in await value
