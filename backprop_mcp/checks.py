@@ -7,6 +7,7 @@ accepts; this module turns their refusals and pydantic's into ``ToolError``s an 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec) -> list[str]:
 
 
 def check_model(model: str) -> str:
+    text = model.strip()
+    if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
+        model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
     try:
         return engine_check_model(model)
     except PreflightError as exc:

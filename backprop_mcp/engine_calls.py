@@ -1,8 +1,10 @@
 """Calling the engine's one-shot commands, which need torch, from the torch-free server.
 
-``python -m engine check-data '<json>'`` and ``python -m engine generate '<json>'`` each print one
-JSON object on stdout (``{"ok": false, "error": {...}}`` on failure). They run as subprocesses
-with a hard time limit, so a slow model load can never hang a tool call past the client's patience.
+``python -m engine check-data -`` and ``python -m engine generate -`` read their JSON arguments on
+stdin (never one huge argv item: Linux caps one at 128 KiB, and a long non-ASCII prompt escaped
+as JSON passes that) and each print one JSON object on stdout (``{"ok": false, "error": {...}}``
+on failure). They run as subprocesses with a hard time limit, so a slow model load can never hang
+a tool call past the client's patience.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ class EngineCallError(RuntimeError):
 
 def call_engine(command: str, args: dict[str, Any], *, timeout_s: float, home: Any = None) -> dict[str, Any]:
     """Run one engine one-shot command; returns its JSON object (``ok`` is True) or raises."""
-    argv = [*engine_command(), command, json.dumps(args)]
+    argv = [*engine_command(), command, "-"]
     try:
         done = subprocess.run(  # noqa: S603 - argv list, no shell
             argv,
-            stdin=subprocess.DEVNULL,
+            input=json.dumps(args).encode("utf-8"),
             capture_output=True,
             timeout=timeout_s,
             env=worker_env(home),
+            cwd=home,  # like a worker: a relative name never resolves against the server's folder
             check=False,
         )
     except subprocess.TimeoutExpired as exc:

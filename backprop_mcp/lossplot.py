@@ -1,9 +1,13 @@
-"""The loss curve as a small PNG, drawn with the standard library only (zlib + struct).
+"""The loss curve as a PNG, drawn with the standard library only (zlib + struct).
 
-Why not matplotlib: it is not a dependency of the server (only of the ``train`` extra), it costs
-about half a second and tens of MB to import, and a loss curve needs nothing but lines, a grid
-and a few numbers. This module draws exactly that: training loss (blue), evaluation loss
-(orange, when present), axes with min/max labels in a built-in 3x5 pixel font.
+Why not matplotlib: the server draws this live, on every read of ``backprop://jobs/{id}/loss.png``,
+and must stay light — matplotlib costs about half a second and tens of MB to import, and the
+server never imports the ML stack. A loss curve needs only lines, a grid, a legend and some text,
+so this module draws exactly that: the training loss (blue), the held-out loss (orange, when
+there is one), the start of each run of a series (grey dashed lines), axis titles ("step",
+"loss"), tick values and a legend, in a built-in 5x7 pixel font.
+
+The x axis is the job's global step: a series' runs lie end to end on it.
 """
 
 from __future__ import annotations
@@ -12,32 +16,70 @@ import math
 import struct
 import zlib
 
-WIDTH, HEIGHT = 640, 360
-_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 56, 16, 16, 28
-_WHITE = (255, 255, 255)
-_GRID = (225, 225, 225)
-_AXIS = (60, 60, 60)
-_TRAIN = (31, 119, 180)
-_EVAL = (255, 127, 14)
+Color = tuple[int, int, int]
 
-# 3x5 glyphs, one row per 3-bit number (MSB = left pixel).
-_FONT = {
-    "0": (7, 5, 5, 5, 7),
-    "1": (2, 6, 2, 2, 7),
-    "2": (7, 1, 7, 4, 7),
-    "3": (7, 1, 7, 1, 7),
-    "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7),
-    "6": (7, 4, 7, 5, 7),
-    "7": (7, 1, 1, 1, 1),
-    "8": (7, 5, 7, 5, 7),
-    "9": (7, 5, 7, 1, 7),
-    ".": (0, 0, 0, 0, 2),
-    "-": (0, 0, 7, 0, 0),
-    "e": (0, 7, 7, 4, 7),
-    " ": (0, 0, 0, 0, 0),
-}
+WIDTH, HEIGHT = 800, 450
+_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 104, 20, 20, 64
+_WHITE: Color = (255, 255, 255)
+_GRID: Color = (225, 225, 225)
+_AXIS: Color = (60, 60, 60)
+_TRAIN: Color = (31, 119, 180)
+_EVAL: Color = (255, 127, 14)
+_RUN: Color = (150, 150, 150)
 _SCALE = 2  # each font pixel is 2x2 screen pixels
+_ADVANCE = 6 * _SCALE  # 5 pixels of glyph, 1 of space
+
+# 5x7 glyphs: seven rows of five bits (MSB = left pixel). Upper case is drawn as lower case.
+_FONT: dict[str, tuple[int, ...]] = {
+    "0": (0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E),
+    "1": (0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E),
+    "2": (0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F),
+    "3": (0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E),
+    "4": (0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02),
+    "5": (0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E),
+    "6": (0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E),
+    "7": (0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08),
+    "8": (0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E),
+    "9": (0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C),
+    ".": (0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C),
+    "-": (0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00),
+    "+": (0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00),
+    ":": (0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00),
+    "/": (0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00),
+    "(": (0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02),
+    ")": (0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08),
+    " ": (0x00,) * 7,
+    "a": (0x00, 0x00, 0x0E, 0x01, 0x0F, 0x11, 0x0F),
+    "b": (0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E),
+    "c": (0x00, 0x00, 0x0E, 0x10, 0x10, 0x11, 0x0E),
+    "d": (0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F),
+    "e": (0x00, 0x00, 0x0E, 0x11, 0x1F, 0x10, 0x0E),
+    "f": (0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08),
+    "g": (0x00, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E),
+    "h": (0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11),
+    "i": (0x04, 0x00, 0x0C, 0x04, 0x04, 0x04, 0x0E),
+    "j": (0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0C),
+    "k": (0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12),
+    "l": (0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E),
+    "m": (0x00, 0x00, 0x1A, 0x15, 0x15, 0x11, 0x11),
+    "n": (0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11),
+    "o": (0x00, 0x00, 0x0E, 0x11, 0x11, 0x11, 0x0E),
+    "p": (0x00, 0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10),
+    "q": (0x00, 0x00, 0x0D, 0x13, 0x0F, 0x01, 0x01),
+    "r": (0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10),
+    "s": (0x00, 0x00, 0x0E, 0x10, 0x0E, 0x01, 0x1E),
+    "t": (0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06),
+    "u": (0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0D),
+    "v": (0x00, 0x00, 0x11, 0x11, 0x11, 0x0A, 0x04),
+    "w": (0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0A),
+    "x": (0x00, 0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11),
+    "y": (0x00, 0x00, 0x11, 0x11, 0x0F, 0x01, 0x0E),
+    "z": (0x00, 0x00, 0x1F, 0x02, 0x04, 0x08, 0x1F),
+}
+
+
+def text_width(text: str) -> int:
+    return len(text) * _ADVANCE - _SCALE
 
 
 class _Canvas:
@@ -45,31 +87,42 @@ class _Canvas:
         self.width, self.height = width, height
         self.pixels = bytearray(_WHITE * (width * height))
 
-    def set(self, x: int, y: int, color: tuple[int, int, int]) -> None:
+    def set(self, x: int, y: int, color: Color) -> None:
         if 0 <= x < self.width and 0 <= y < self.height:
             i = 3 * (y * self.width + x)
             self.pixels[i : i + 3] = bytes(color)
 
     def line(
-        self, x0: float, y0: float, x1: float, y1: float, color: tuple[int, int, int], thick: int = 1
+        self, x0: float, y0: float, x1: float, y1: float, color: Color, thick: int = 1, dash: int = 0
     ) -> None:
         steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
         for s in range(steps + 1):
+            if dash and (s // dash) % 2:
+                continue
             t = s / steps
             x, y = round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t)
             for dx in range(thick):
                 for dy in range(thick):
                     self.set(x + dx, y + dy, color)
 
-    def text(self, x: int, y: int, text: str, color: tuple[int, int, int]) -> None:
+    def text(self, x: int, y: int, text: str, color: Color, *, vertical: bool = False) -> None:
+        """Text with its top-left corner at (x, y); ``vertical`` reads bottom to top, starting at (x, y)."""
         for ch in text:
-            for row, bits in enumerate(_FONT.get(ch, _FONT[" "])):
-                for col in range(3):
-                    if bits & (4 >> col):
-                        for dx in range(_SCALE):
-                            for dy in range(_SCALE):
-                                self.set(x + col * _SCALE + dx, y + row * _SCALE + dy, color)
-            x += 4 * _SCALE
+            for row, bits in enumerate(_FONT.get(ch.lower(), _FONT[" "])):
+                for col in range(5):
+                    if not bits & (0x10 >> col):
+                        continue
+                    for dx in range(_SCALE):
+                        for dy in range(_SCALE):
+                            px, py = col * _SCALE + dx, row * _SCALE + dy
+                            if vertical:  # rotated 90 degrees anticlockwise
+                                self.set(x + py, y - px, color)
+                            else:
+                                self.set(x + px, y + py, color)
+            if vertical:
+                y -= _ADVANCE
+            else:
+                x += _ADVANCE
 
     def png(self) -> bytes:
         raw = b"".join(
@@ -97,23 +150,32 @@ class _Canvas:
 def _label(value: float) -> str:
     if value == 0:
         return "0"
-    if abs(value) >= 1000 or abs(value) < 0.01:
+    if abs(value) >= 10000 or abs(value) < 0.01:
         return f"{value:.1e}".replace("e+0", "e").replace("e-0", "e-")
+    if float(value).is_integer():
+        return str(int(value))
     return f"{value:.3g}"
 
 
 def render_loss_png(
-    train: list[tuple[float, float]], eval_points: list[tuple[float, float]] | None = None
+    train: list[tuple[float, float]],
+    eval_points: list[tuple[float, float]] | None = None,
+    run_starts: list[float] | None = None,
 ) -> bytes:
-    """A PNG of loss against step. With no points yet, an empty frame (the job has not logged a step)."""
+    """A PNG of loss against the job's global step. ``run_starts``: the step where each run of a
+    series began (the first run's included). With no points yet, an empty labelled frame."""
     canvas = _Canvas(WIDTH, HEIGHT)
     left, right, top, bottom = _MARGIN_L, WIDTH - _MARGIN_R, _MARGIN_T, HEIGHT - _MARGIN_B
-    points = [p for p in train + (eval_points or []) if math.isfinite(p[1])]
+    boundaries = [(run, x) for run, x in enumerate(run_starts or [], start=1) if run > 1]
+    eval_points = eval_points or []
     for i in range(5):  # horizontal grid
         y = top + (bottom - top) * i / 4
         canvas.line(left, y, right, y, _GRID)
     canvas.line(left, top, left, bottom, _AXIS)
     canvas.line(left, bottom, right, bottom, _AXIS)
+    canvas.text((left + right - text_width("step")) // 2, HEIGHT - 7 * _SCALE - 8, "step", _AXIS)
+    canvas.text(8, (top + bottom + text_width("loss")) // 2, "loss", _AXIS, vertical=True)
+    points = [p for p in train + eval_points if math.isfinite(p[1])]
     if not points:
         return canvas.png()
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -130,16 +192,46 @@ def render_loss_png(
             bottom - (bottom - top) * (y - y_min) / (y_max - y_min),
         )
 
-    for series, color in ((train, _TRAIN), (eval_points or [], _EVAL)):
+    for run, x in boundaries:
+        px = to_px(x, y_min)[0]
+        canvas.line(px, top, px, bottom, _RUN, dash=4)
+        canvas.text(round(px) + 4, top + 4, f"run {run}", _RUN)
+    for series, color in ((train, _TRAIN), (eval_points, _EVAL)):
         finite = [p for p in series if math.isfinite(p[1])]
         for (xa, ya), (xb, yb) in zip(finite, finite[1:], strict=False):
             canvas.line(*to_px(xa, ya), *to_px(xb, yb), color, thick=2)
-        if len(finite) == 1:
-            px, py = to_px(*finite[0])
-            canvas.line(px - 2, py, px + 2, py, color, thick=3)
-    canvas.text(4, top, _label(y_max), _AXIS)
-    canvas.text(4, bottom - 10, _label(y_min), _AXIS)
-    canvas.text(left, bottom + 8, _label(x_min), _AXIS)
-    end_label = _label(x_max)
-    canvas.text(right - len(end_label) * 4 * _SCALE, bottom + 8, end_label, _AXIS)
+        if len(finite) <= 3:  # too few points to see as a line: mark each one
+            for p in finite:
+                px, py = to_px(*p)
+                canvas.line(px - 3, py - 1, px + 3, py - 1, color, thick=3)
+    for i in range(5):  # tick values on the grid lines
+        value = y_max - (y_max - y_min) * i / 4
+        y = top + (bottom - top) * i / 4
+        label = _label(value)
+        canvas.text(left - 8 - text_width(label), round(y) - 7, label, _AXIS)
+    for i in range(5):
+        value = x_min + (x_max - x_min) * i / 4
+        label = _label(round(value) if x_max - x_min >= 8 else value)
+        px = round(to_px(value, y_min)[0])
+        canvas.line(px, bottom, px, bottom + 4, _AXIS)
+        canvas.text(
+            min(max(px - text_width(label) // 2, left - 20), WIDTH - text_width(label) - 2),
+            bottom + 10,
+            label,
+            _AXIS,
+        )
+    _legend(canvas, right, top, bool(eval_points), bool(boundaries))
     return canvas.png()
+
+
+def _legend(canvas: _Canvas, right: int, top: int, has_eval: bool, has_runs: bool) -> None:
+    entries = [("train", _TRAIN, 0)] + ([("eval", _EVAL, 0)] if has_eval else [])
+    entries += [("run start", _RUN, 4)] if has_runs else []
+    width = 36 + max(text_width(name) for name, _, _ in entries) + 12
+    x0, y0 = right - width - 8, top + 28
+    for y in range(y0 - 6, y0 + 22 * len(entries) - 2):  # white box so curves don't run through it
+        canvas.line(x0 - 6, y, x0 + width, y, _WHITE)
+    for k, (name, color, dash) in enumerate(entries):
+        y = y0 + 22 * k + 7
+        canvas.line(x0, y, x0 + 26, y, color, thick=2 if not dash else 1, dash=dash)
+        canvas.text(x0 + 36, y - 7, name, _AXIS)

@@ -121,6 +121,30 @@ def run_baseline(script: Path, arch: str, args: argparse.Namespace, liger: bool)
     return json.loads(lines[-1])
 
 
+def run_unsloth_bench(script: Path, arch: str, batch: int, args: argparse.Namespace) -> dict:
+    """Unsloth's own QLoRA loop (shared/bench/unsloth/unsloth_bench.py), same shapes, same card."""
+    cmd = [
+        sys.executable, str(script), "--batch", str(batch), "--seq-len", str(args.seq_len),
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--model-dir", str(Path(args.workdir) / f"unsloth-model-{arch}"),
+    ]  # fmt: skip
+    if arch == "qwen2.5-0.5b":
+        cmd.append("--small")
+    if args.tiny:
+        cmd.append("--tiny")
+    log("unsloth:", " ".join(cmd[1:]))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {
+            "variant": f"unsloth mb{batch}",
+            "error": f"no result (rc {out.returncode}): {out.stderr[-800:]}",
+        }
+    rec = json.loads(lines[-1])
+    rec["variant"] = f"unsloth bench mb{batch}"
+    return rec
+
+
 def run_engine(
     model_dir: Path,
     data: Path,
@@ -163,7 +187,11 @@ def run_engine(
     # the events' tokens_per_s is cumulative from the first step; time only the steps after warm-up
     tok = [p.get("tokens") for p in timed]
     secs = [p["step_s"] for p in timed]
+    backend_logs = [
+        e.details | {"message": e.message} for e in events if e.type == "log" and "backend" in e.details
+    ]
     rec.update(
+        backend_event=backend_logs[-1] if backend_logs else None,
         tokens_per_s=round(sum(tok) / sum(secs), 1) if all(t is not None for t in tok) and secs else None,
         step_time_s=round(sum(secs) / len(secs), 4) if secs else None,
         peak_mem_gib=result.metrics.get("peak_gpu_memory_gib"),
@@ -192,17 +220,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=str, default="", help="extra engine micro-batch sizes to try, e.g. 8,16")
     p.add_argument("--default-batch", action="store_true", help="also run with the smart default micro-batch")
     p.add_argument("--skip-fixed", action="store_true", help="skip the fixed micro-batch engine run")
+    p.add_argument(
+        "--unsloth-bench", type=Path, default=None, help="path to unsloth_bench.py (needs unsloth)"
+    )
+    p.add_argument(
+        "--unsloth-batches", type=str, default="", help="micro-batches for unsloth_bench.py, e.g. 4,16"
+    )
+    p.add_argument("--engine-unsloth", action="store_true", help="also run the engine with backend 'unsloth'")
+    p.add_argument("--extra", type=str, default="", help="one more engine run with these settings (JSON)")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="train_speed-")
+    args.unsloth_bench_batches = (
+        [int(x) for x in (args.unsloth_batches or str(args.batch)).split(",") if x]
+        if args.unsloth_bench and args.unsloth_bench.exists()
+        else []
+    )
     os.environ.setdefault("BACKPROP_HOME", str(Path(args.workdir) / "home"))
 
     records: list[dict] = []
+
+    def add(rec: dict) -> None:  # written as it comes, so a run cut short keeps what it measured
+        records.append(rec)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     if args.baseline and args.baseline.exists():
-        records.append(run_baseline(args.baseline, args.arch, args, liger=False))
+        add(run_baseline(args.baseline, args.arch, args, liger=False))
         if args.liger_baseline:
-            records.append(run_baseline(args.baseline, args.arch, args, liger=True))
+            add(run_baseline(args.baseline, args.arch, args, liger=True))
     model_dir = write_random_model(
         args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}"
     )
@@ -211,37 +259,50 @@ def main(argv: list[str] | None = None) -> int:
     fixed = Path(args.workdir) / "fixed.jsonl"
     info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
     if not args.skip_fixed:
-        records.append(
-            run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info}
-        )
+        add(run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info})
     for b in [int(x) for x in args.batches.split(",") if x]:
         data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
         info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)
         saved = args.batch
         args.batch = b
-        records.append(
+        add(
             run_engine(model_dir, data_b, args, packing=False, label=f"fixed {args.seq_len} mb{b}")
             | {"data": info_b}
         )
+        if b in args.unsloth_bench_batches:  # Unsloth right after the engine at the same micro-batch
+            add(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
         args.batch = saved
-    if args.default_batch:
-        # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
-        records.append(
-            run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
-                       extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
+    for b in args.unsloth_bench_batches:
+        if b not in [int(x) for x in args.batches.split(",") if x]:
+            add(run_unsloth_bench(args.unsloth_bench, args.arch, b, args))
+    if args.engine_unsloth:
+        add(
+            run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len} backend unsloth",
+                       extra={"backend": "unsloth"}) | {"data": info}
         )  # fmt: skip
     if args.variable:
         var = Path(args.workdir) / "variable.jsonl"
         # enough rows that packing fills every step of seq_len-token rows
         info_v = write_tokens(var, vocab, rows * args.seq_len // 250, args.seq_len, variable=True, seed=1)
-        records.append(
-            run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v}
+        add(run_engine(model_dir, var, args, packing=True, label="log-normal packed") | {"data": info_v})
+    if args.extra:  # one more engine run with these settings, e.g. '{"gradient_checkpointing": false}'
+        extra = json.loads(args.extra)
+        data_x, info_x = fixed, info
+        if extra.get("micro_batch_size"):
+            data_x = Path(args.workdir) / "fixed-extra.jsonl"
+            n = extra["micro_batch_size"] * (args.steps + args.warmup)
+            info_x = write_tokens(data_x, vocab, n, args.seq_len, variable=False)
+        add(
+            run_engine(model_dir, data_x, args, packing=False, label=f"fixed {args.extra}", extra=extra)
+            | {"data": info_x}
         )
+    if args.default_batch:
+        # micro-batch and accumulation left to the engine's smart defaults (what a user gets)
+        add(
+            run_engine(model_dir, fixed, args, packing=False, label="default micro-batch",
+                       extra={"micro_batch_size": None, "gradient_accumulation": None}) | {"data": info}
+        )  # fmt: skip
 
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
     base = next(
         (
             r

@@ -3,6 +3,7 @@
     python -m engine run <job_dir>            run a job (the server and ``backprop`` start this)
     python -m engine check-data '<json>'      dataset report + token statistics + defaults, as JSON
     python -m engine generate '<json>'        generate from a base model / adapter, as JSON
+    (in place of '<json>', '-' reads the JSON from stdin: the server passes it so, never in argv)
 
 The one-shot commands print exactly one JSON object on stdout (``{"ok": false, "error": ...}`` on
 failure) so that the torch-free server can call them as subprocesses.

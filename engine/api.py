@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.extras import require_for_spec
+from engine.files import local_or_name
 from engine.jobs import create_job, run_and_follow
 from engine.preflight import preflight
 from engine.progress import ProgressPrinter
@@ -40,7 +42,7 @@ class JobFailed(RuntimeError):
         self.job_dir = job_dir
 
 
-@dataclass
+@dataclass(repr=False)
 class TrainResult:
     job_dir: Path
     adapter_path: Path | None
@@ -48,6 +50,22 @@ class TrainResult:
     loss_history: list[dict[str, float]]
     artifacts: dict[str, str] = field(default_factory=dict)
     raw: JobResult | None = None
+
+    def __repr__(self) -> str:
+        """One line: the job, its headline numbers and where the result is (the rest is in the fields)."""
+        m = self.metrics
+        parts = [f"job={self.job_dir.name!r}"]
+        if isinstance(m.get("first_loss"), float) and isinstance(m.get("final_loss"), float):
+            parts.append(f"loss={m['first_loss']:.4g}->{m['final_loss']:.4g}")
+        for key, name in (("steps", "steps"), ("runs", "runs"), ("train_seconds", "seconds")):
+            if m.get(key) is not None:
+                parts.append(f"{name}={m[key]}")
+        if self.adapter_path is not None:
+            parts.append(f"adapter={str(self.adapter_path)!r}")
+        files = [p for k, p in self.artifacts.items() if k.startswith("gguf_")]
+        if files:
+            parts.append(f"gguf={files!r}")
+        return f"TrainResult({', '.join(parts)})"
 
     @property
     def losses(self) -> list[float]:
@@ -90,6 +108,7 @@ class Trainer:
         self.last: TrainResult | None = None
 
     def _run(self, spec: Any) -> JobResult:
+        require_for_spec(spec, "Trainer." + ("export" if spec.kind == "export" else "train"))  # MissingExtra
         preflight(spec, "python")  # raises PreflightError (a ValueError) before any job folder exists
         job_dir = create_job(spec, root=self.workdir)
         printer = ProgressPrinter(enabled=self.verbose)
@@ -129,7 +148,7 @@ class Trainer:
             lora=self.lora,
             train=self._train_settings(settings),
             dataset=DatasetSettings(
-                path=str(Path(data).resolve()) if Path(data).exists() else str(data),
+                path=local_or_name(data),
                 skip_bad_rows=skip_bad_rows,
             ),
         )
@@ -157,9 +176,7 @@ class Trainer:
             device=self.device,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
-            datasets=[
-                DatasetSettings(path=str(Path(p).resolve()) if Path(p).exists() else str(p)) for p in paths
-            ],
+            datasets=[DatasetSettings(path=local_or_name(p)) for p in paths],
             num_runs=num_runs,
             steps_per_run=steps_per_run,
             samples_per_run=samples_per_run,
@@ -176,8 +193,12 @@ class Trainer:
         model_name: str | None = None,
         source: str | Path | None = None,
         adapter_gguf: bool = False,
+        output_dir: str | Path | None = None,
     ) -> TrainResult:
-        """Merge the last trained adapter (or ``source``) into its base and write verified GGUF files."""
+        """Merge the last trained adapter (or ``source``) into its base and write verified GGUF files.
+
+        The files and the Modelfile go to ``output_dir`` when given, else to the export job's ``gguf/``.
+        """
         if format != "gguf":
             raise ValueError(f"unknown export format {format!r}; only 'gguf' is supported")
         if source is None:
@@ -191,6 +212,7 @@ class Trainer:
             register_ollama=register_ollama,
             ollama_name=model_name,
             adapter_gguf=adapter_gguf,
+            output_dir=str(Path(output_dir).expanduser().resolve()) if output_dir else None,
         )
         result = self._run(spec)
         return TrainResult(

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.files import local_or_name
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -20,21 +22,66 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quantization", default="auto", choices=["auto", "4bit", "16bit", "none"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2*rank)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: chosen for the model)")
-    p.add_argument("--seq-len", type=int, default=None, help="max sequence length (default: from the data)")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: from free memory)")
-    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=16, help="LoRA rank")
+    p.add_argument(
+        "--alpha", "--lora-alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2*rank)"
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        dest="lr",
+        type=float,
+        default=None,
+        help="learning rate (default: chosen for the model)",
+    )
+    p.add_argument(
+        "--seq-len",
+        "--max-seq-length",
+        dest="seq_len",
+        type=int,
+        default=None,
+        help="max sequence length (default: from the data)",
+    )
+    p.add_argument(
+        "--batch",
+        "--micro-batch-size",
+        dest="batch",
+        type=int,
+        default=None,
+        help="micro-batch size (default: from free memory)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        "--gradient-accumulation",
+        dest="grad_accum",
+        type=int,
+        default=None,
+        help="gradient accumulation steps",
+    )
     p.add_argument(
         "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack short examples"
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
+        "--report-to",
+        action="append",
+        choices=["tensorboard", "wandb"],
+        default=None,
+        help="also log metrics to TensorBoard (in the job folder) or W&B (offline unless WANDB_MODE is set)",
+    )
+    p.add_argument(
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
     )
-    p.add_argument("--json", action="store_true", help="print events as JSON lines instead of a progress bar")
+    _add_json(p)
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="for scripts: JSON on stdout (jobs: one event per line, then the result) instead of text",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="train on the good rows, skip (and report) bad ones"
+    )
+    p.add_argument(
+        "--eval-fraction", type=float, default=0.0, help="hold out this fraction of rows for a held-out loss"
+    )
     p.add_argument("--output", type=Path, default=None, help="also copy the adapter here")
 
     p = sub.add_parser("multi-run", help="a SLAO series: learn new data without forgetting the old")
@@ -65,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="also copy the merged adapter here")
 
     p = sub.add_parser("export", help="merge, convert to GGUF, quantize, verify, register with Ollama")
-    p.add_argument("source", help="a finished job's folder or id, or an adapter folder")
+    p.add_argument(
+        "source", help="a finished job's id or folder, or a LoRA adapter folder (e.g. ./output/lora)"
+    )
     p.add_argument("--format", default="gguf", choices=["gguf"])
     p.add_argument(
         "--quantization",
@@ -77,20 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--ollama", action="store_true", help="register the result with Ollama")
     p.add_argument("--ollama-name", default=None)
+    p.add_argument(
+        "--base-model", default=None, help="base model (default: the one the adapter was trained on)"
+    )
+    p.add_argument(
+        "--output-dir", type=Path, default=None, help="write the GGUF files and the Modelfile here"
+    )
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
+
+    p = sub.add_parser("resume", help="continue a stopped or failed job from its last checkpoint")
+    p.add_argument("job", help="the job's id or folder")
+    p.add_argument("--workdir", type=Path, default=None, help="where the job folders are")
+    _add_json(p)
 
     p = sub.add_parser("check-data", help="check a dataset: format, bad rows, token lengths, defaults")
     p.add_argument("path")
     p.add_argument("--model", default="tiny")
+    _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
     p.add_argument("--model", default="tiny")
     p.add_argument("--adapter", default=None)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_json(p)
 
-    sub.add_parser("gpu", help="GPUs, memory, temperature, which presets fit")
+    p = sub.add_parser("gpu", help="GPUs, memory, temperature, which presets fit")
+    _add_json(p)
     p = sub.add_parser("run", help="run a job folder (what the server starts)")
     p.add_argument("job_dir", type=Path)
     sub.add_parser("serve", help="serve the MCP server on stdio (same as backprop-mcp)")
@@ -106,24 +174,22 @@ def _train_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "packing": args.packing,
         "seed": args.seed,
         "checkpoint_every": args.checkpoint_every,
+        "report_to": args.report_to,
         **extra,
     }
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _run_job(spec: Any, args: argparse.Namespace) -> int:
-    from engine.jobs import create_job, run_and_follow
-    from engine.preflight import PreflightError, preflight
+class Refused(Exception):
+    """A command refused before anything was created; the message says what to do (exit code 2)."""
+
+
+def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
+    """Run the job folder's worker, show its events, end with the summary (or the result as JSON)."""
+    from engine.cli_show import for_cli, job_summary
+    from engine.jobs import run_and_follow
     from engine.progress import ProgressPrinter
 
-    try:  # refuse what would fail before any job folder exists
-        for note in preflight(spec, "cli"):
-            print(f"note: {note}", file=sys.stderr)
-    except PreflightError as exc:
-        print(f"backprop {args.command}: {exc}", file=sys.stderr)
-        return 2
-    job_dir = create_job(spec, root=args.workdir)
-    print(f"job folder: {job_dir}", file=sys.stderr)
     if args.json:
 
         def on_event(e: Any) -> None:
@@ -131,7 +197,7 @@ def _run_job(spec: Any, args: argparse.Namespace) -> int:
 
         result = run_and_follow(job_dir, on_event)
     else:
-        printer = ProgressPrinter()
+        printer = ProgressPrinter(translate=for_cli)
         try:
             result = run_and_follow(job_dir, printer)
         finally:
@@ -140,32 +206,173 @@ def _run_job(spec: Any, args: argparse.Namespace) -> int:
         import shutil
 
         shutil.copytree(result.artifacts["adapter"], args.output, dirs_exist_ok=True)
+        result.artifacts["adapter_copy"] = str(Path(args.output).resolve())
         print(f"adapter copied to {args.output}", file=sys.stderr)
-    if not args.json:
-        print(
-            json.dumps(
-                {
-                    "status": result.status,
-                    "metrics": result.metrics,
-                    "artifacts": result.artifacts,
-                    "error": result.error,
-                },
-                indent=2,
-            )
-        )
+    if args.json:
+        payload = {
+            "job_id": job_dir.name,
+            "job_dir": str(job_dir),
+            **result.model_dump(exclude={"loss_history"}),
+        }
+        print(json.dumps(payload, default=str))
+    else:
+        print(job_summary(result, job_dir, spec))
     return 0 if result.status == "succeeded" else 1
 
 
-def _resolve_source(source: str) -> str:
-    from engine.jobs import jobs_root
+def _start(spec: Any, args: argparse.Namespace) -> int:
+    from engine.extras import MissingExtra, require_for_spec
+    from engine.jobs import create_job
+    from engine.preflight import PreflightError, preflight
 
-    path = Path(source)
-    if path.exists():
+    try:  # refuse what would fail before any job folder exists
+        require_for_spec(spec, f"backprop {args.command}")
+        for note in preflight(spec, "cli"):
+            print(f"note: {note}", file=sys.stderr)
+    except (MissingExtra, PreflightError) as exc:
+        raise Refused(str(exc)) from None
+    job_dir = create_job(spec, root=args.workdir)
+    print(f"job {job_dir.name}: {job_dir}", file=sys.stderr)
+    return _follow(job_dir, spec, args)
+
+
+def _job_folder(name: str, workdir: Path | None) -> Path:
+    """A job folder from its id (under ``workdir`` or the state folder) or its path."""
+    from engine.jobs import find_job_dir
+
+    if workdir is not None and (workdir / name / "spec.json").is_file():
+        return (workdir / name).resolve()
+    try:
+        return find_job_dir(name)
+    except FileNotFoundError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _export_source(source: str, workdir: Path | None) -> str:
+    """A job id, a job folder, an adapter folder (adapter_config.json) or a model folder (config.json)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("adapter_config.json", "config.json")):
         return str(path.resolve())
-    candidate = jobs_root() / source
-    if candidate.exists():
-        return str(candidate)
-    raise SystemExit(f"backprop export: {source!r} is neither a folder nor a job id under {jobs_root()}")
+    try:
+        return str(_job_folder(source, workdir))
+    except Refused:
+        pass
+    if path.is_dir():
+        raise Refused(
+            f"{path} has no adapter_config.json (a LoRA adapter), config.json (a model) or spec.json (a job); "
+            "give the folder the adapter was saved in, or a job id"
+        )
+    raise Refused(
+        f"{source!r} is neither a folder nor a job id; `backprop export` takes a job id or a folder"
+    )
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from engine.jobs import prepare_resume
+    from engine.resume import resume_point, running_worker
+    from engine.spec import read_spec
+
+    job_dir = _job_folder(args.job, args.workdir)
+    pid = running_worker(job_dir)
+    if pid is not None:
+        raise Refused(f"job {job_dir.name} is still running (worker pid {pid}); stop it before resuming")
+    where = resume_point(job_dir)
+    try:
+        previous = prepare_resume(job_dir)
+    except ValueError as exc:  # it succeeded: nothing to resume
+        raise Refused(f"{exc} (export it with: backprop export {job_dir.name})") from None
+    ended = f"it had ended {previous.status}" if previous else "it had stopped without a result"
+    print(f"resuming {job_dir.name} ({ended}): {where}", file=sys.stderr)
+    return _follow(job_dir, read_spec(job_dir), args)
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from engine.cli_show import check_data_text
+    from engine.extras import MissingExtra, require
+    from engine.oneshot import CheckDataArgs, check_data
+
+    try:
+        require("train", "backprop check-data")
+    except MissingExtra as exc:
+        raise Refused(str(exc)) from None
+    try:
+        out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
+    except (ValueError, OSError) as exc:  # DatasetError, ModelError: a missing file, an unknown model
+        raise Refused(str(exc)) from None
+    text, ready = check_data_text(out, args.model)
+    print(json.dumps(out, indent=2, default=str) if args.json else text)
+    return 0 if ready else 1
+
+
+def _gpu(args: argparse.Namespace) -> int:
+    from backprop_mcp.gpu import gpu_report
+    from engine.cli_show import gpu_text
+
+    report = gpu_report()
+    print(report.model_dump_json(indent=2) if args.json else gpu_text(report))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.extras import MissingExtra, require
+    from engine.oneshot import GenerateArgs, generate
+
+    try:
+        require("train", "backprop generate")
+    except MissingExtra as exc:
+        raise Refused(str(exc)) from None
+    try:
+        out = generate(
+            GenerateArgs(
+                model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+            )
+        )
+    except (ValueError, OSError) as exc:  # ModelError: an unknown model, a folder that is no adapter
+        raise Refused(str(exc)) from None
+    print(json.dumps(out, default=str) if args.json else out["text"])
+    return 0
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    """The job spec a training or export command describes."""
+    from engine import spec as S
+
+    if args.command == "train":
+        return S.FinetuneSpec(
+            model=args.model,
+            quantization=args.quantization,
+            device=args.device,
+            lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
+            train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
+            dataset=S.DatasetSettings(
+                path=local_or_name(args.data),
+                skip_bad_rows=args.skip_bad_rows,
+                eval_fraction=args.eval_fraction,
+            ),
+        )
+    if args.command == "multi-run":
+        return S.SeriesSpec(
+            model=args.model,
+            quantization=args.quantization,
+            device=args.device,
+            lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
+            train=S.TrainSettings(**_train_settings(args)),
+            datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],
+            num_runs=args.num_runs,
+            steps_per_run=args.steps_per_run,
+            samples_per_run=args.samples_per_run,
+            merge_mode=args.merge_mode,
+        )
+    return S.ExportSpec(
+        source=_export_source(args.source, args.workdir),
+        base_model=args.base_model,
+        quantizations=args.quantization or ["q4_k_m"],
+        adapter_gguf=args.adapter_gguf,
+        verify=not args.no_verify,
+        register_ollama=args.ollama,
+        ollama_name=args.ollama_name,
+        output_dir=str(args.output_dir.expanduser().resolve()) if args.output_dir else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,76 +388,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pydantic import ValidationError
 
-    from engine import spec as S
+    from engine.cli_show import for_cli
 
     try:
-        if args.command == "train":
-            data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
-            spec = S.FinetuneSpec(
-                model=args.model,
-                quantization=args.quantization,
-                device=args.device,
-                lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
-                train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
-                dataset=S.DatasetSettings(path=data, skip_bad_rows=args.skip_bad_rows),
-            )
-            return _run_job(spec, args)
-        if args.command == "multi-run":
-            spec = S.SeriesSpec(
-                model=args.model,
-                quantization=args.quantization,
-                device=args.device,
-                lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
-                train=S.TrainSettings(**_train_settings(args)),
-                datasets=[
-                    S.DatasetSettings(path=str(Path(d).resolve()) if Path(d).exists() else d)
-                    for d in args.data
-                ],
-                num_runs=args.num_runs,
-                steps_per_run=args.steps_per_run,
-                samples_per_run=args.samples_per_run,
-                merge_mode=args.merge_mode,
-            )
-            return _run_job(spec, args)
-        if args.command == "export":
-            spec = S.ExportSpec(
-                source=_resolve_source(args.source),
-                quantizations=args.quantization or ["q4_k_m"],
-                adapter_gguf=args.adapter_gguf,
-                verify=not args.no_verify,
-                register_ollama=args.ollama,
-                ollama_name=args.ollama_name,
-            )
-            return _run_job(spec, args)
+        if args.command in ("train", "multi-run", "export"):
+            return _start(_spec(args), args)
+        command = {"resume": _resume, "check-data": _check_data, "gpu": _gpu, "generate": _generate}
+        return command[args.command](args)
     except ValidationError as exc:
-        print(f"backprop {args.command}: invalid settings:\n{exc}", file=sys.stderr)
+        problems = "\n".join(
+            f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"backprop {args.command}: invalid settings:\n{for_cli(problems)}", file=sys.stderr)
         return 2
-    if args.command == "check-data":
-        from engine.oneshot import CheckDataArgs, check_data
-
-        print(json.dumps(check_data(CheckDataArgs(path=args.path, model=args.model)), indent=2, default=str))
-        return 0
-    if args.command == "generate":
-        from engine.oneshot import GenerateArgs, generate
-
-        out = generate(
-            GenerateArgs(
-                model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
-            )
-        )
-        print(out["text"])
-        return 0
-    if args.command == "gpu":
-        from engine.hardware import probe_gpus
-
-        probe = probe_gpus()
-        print(
-            json.dumps(
-                probe.to_dict() if hasattr(probe, "to_dict") else probe.__dict__, indent=2, default=str
-            )
-        )
-        return 0
-    return 2  # pragma: no cover
+    except Refused as exc:
+        print(f"backprop {args.command}: {for_cli(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

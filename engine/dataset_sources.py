@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from engine.files import PathError, path_kind, quoted, user_path
+
 if TYPE_CHECKING:
     from engine.data import DatasetReport
 
@@ -63,7 +65,11 @@ def type_name(value: Any) -> str:
 
 def is_hub_dataset(path: str) -> bool:
     """A name the worker downloads from the hub, rather than a file or folder on this machine."""
-    return not Path(path).expanduser().exists() and not _looks_like_local_path(path)
+    try:
+        exists = path_kind(user_path(path, "dataset"), "dataset") is not None
+    except PathError:  # something is there but unusable (a FIFO, a name too long): not a hub name
+        exists = True
+    return not exists and not _looks_like_local_path(path)
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -78,10 +84,14 @@ def _looks_like_local_path(path: str) -> bool:
 def open_source(path: str, split: str | None) -> Source:
     if not path or not path.strip():
         raise DatasetError("the dataset path is empty; give a JSONL/JSON/CSV/Parquet file or a folder")
-    p = Path(path).expanduser()
-    if p.is_dir():
+    try:  # by type, before anything opens it: a FIFO or a device would block the read
+        p = user_path(path, "dataset")
+        kind = path_kind(p, "dataset")
+    except PathError as exc:
+        raise DatasetError(str(exc)) from None
+    if kind == "dir":
         return _saved_dataset_source(p, split)
-    if p.is_file():
+    if kind == "file":
         suffix = p.suffix.lower()
         readers = {
             ".jsonl": _jsonl_source,
@@ -91,15 +101,15 @@ def open_source(path: str, split: str | None) -> Source:
         }
         if suffix not in readers:
             raise DatasetError(
-                f"{path}: unknown file type '{suffix or '(none)'}'; use .jsonl, .json, .csv or .parquet "
+                f"{quoted(path)}: unknown file type {quoted(suffix or '(none)', 40)}; use .jsonl, .json, .csv or .parquet "
                 "(for JSON Lines under another name, rename the file to .jsonl)"
             )
         try:
             return _json_source(p, split) if suffix == ".json" else readers[suffix](p)
         except OSError as e:
-            raise DatasetError(f"{path}: cannot read the file ({e.strerror or e})") from e
+            raise DatasetError(f"{quoted(path)}: cannot read the file ({e.strerror or e})") from e
     if _looks_like_local_path(path):
-        raise DatasetError(f"dataset file not found: {path} (looked for {p.resolve()})")
+        raise DatasetError(f"dataset file not found: {quoted(path)} (looked for {quoted(p.resolve())})")
     return _hub_source(path, split)
 
 
@@ -279,7 +289,7 @@ def _hub_error_message(name: str, error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
     network_words = ("offline", "connect", "resolve", "network", "timed out", "unreachable", "couldn't reach")
     unreachable = offline or any(w in text.lower() for w in network_words)
-    lines = [f"'{name}' is not a local file or folder (no such path: {Path(name).expanduser().resolve()})."]
+    lines = [f"{quoted(name)} is not a local file or folder (no such path: {quoted(Path(name).resolve())})."]
     if unreachable:
         why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub is unreachable"
         lines.append(

@@ -8,7 +8,7 @@ per micro-batch cannot fit in the free memory (estimated by ``engine.memory``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.memory import (
@@ -58,6 +58,8 @@ class ResolvedTraining:
     memory: MemoryEstimate | None  # None when there was no memory figure to check against
     rows_per_epoch: int  # training rows per pass (packed rows when packing)
     truncated_examples: int  # examples longer than max_seq_length
+    backend: str = "auto"  # train.backend, decided when the model loads (engine.training.backend)
+    report_to: list[str] = field(default_factory=list)  # where metrics also go (engine.reporting)
 
     @property
     def rows_per_step(self) -> int:
@@ -282,8 +284,19 @@ def resolve_training(
             else f"a short run of {steps} steps: no intermediate checkpoint (one is written on cancel)"
         )
 
-    for name in ("lr_scheduler", "gradient_checkpointing", "weight_decay", "max_grad_norm", "seed"):
-        value, default = getattr(train, name), TrainSettings.model_fields[name].default
+    for name in (
+        "lr_scheduler",
+        "gradient_checkpointing",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+        "backend",
+        "report_to",
+    ):
+        value, default = (
+            getattr(train, name),
+            TrainSettings.model_fields[name].get_default(call_default_factory=True),
+        )
         reasons[name] = "default" if value == default else "given"
     if not train.gradient_checkpointing:
         reasons["gradient_checkpointing"] = "given: off (faster, but keeps every layer's activations)"
@@ -314,6 +327,8 @@ def resolve_training(
         memory=memory,
         rows_per_epoch=rows,
         truncated_examples=truncated,
+        backend=train.backend,
+        report_to=list(train.report_to),
     )
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -228,6 +228,7 @@ class EventWriter:
                     with open(self.path, "ab") as g:
                         g.write(b"\n")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the job
+        self.listeners: list[Callable[[_Event], None]] = []  # called after each write (engine.reporting)
 
     def emit(self, event: _Event) -> _Event:
         self._seq += 1
@@ -236,6 +237,8 @@ class EventWriter:
         self._file.flush()
         if isinstance(stamped, (ErrorEvent, Finished)):
             os.fsync(self._file.fileno())
+        for listener in self.listeners:
+            listener(stamped)
         return stamped
 
     def log(self, message: str, **details: Any) -> _Event:

@@ -11,7 +11,17 @@ from typing import Any
 
 from engine import events, procs
 from engine.events import EventFormatError, read_events
-from engine.files import atomic_write_text, backprop_home
+from engine.extras import MissingExtra
+from engine.extras import require as require_extra
+from engine.files import (
+    PathError,
+    atomic_write_text,
+    backprop_home,
+    missing_message,
+    path_kind,
+    quoted,
+    user_path,
+)
 from engine.jobs import (
     engine_command,
     new_job_id,
@@ -58,9 +68,11 @@ __all__ = [
     "ExportSpec",
     "FinetuneSpec",
     "JobResult",
+    "MissingExtra",
     "JobState",
     "LoraSettings",
     "MergeMode",
+    "PathError",
     "PreflightError",
     "SeriesSpec",
     "TrainSettings",
@@ -69,16 +81,21 @@ __all__ = [
     "check_model",
     "engine_command",
     "events",
+    "missing_message",
     "new_job_id",
+    "path_kind",
     "preflight",
     "preset_fits",
     "probe_gpus",
+    "require_extra",
     "procs",
+    "quoted",
     "read_events",
     "read_result",
     "read_spec",
     "request_cancel",
     "start_worker",
+    "user_path",
     "worker_env",
     "write_spec",
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.adapters import is_adapter_folder
+from engine.files import PathError, path_kind, quoted, user_path
 from engine.memory import ModelShape, estimate_memory
 
 
@@ -264,9 +265,13 @@ def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
             path = ensure_tiny_model()
             return ResolvedModel(name, "preset", str(path), preset=preset, local_path=path)
         return ResolvedModel(name, "preset", preset.hf_id, preset=preset)
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_file():
+    try:  # by type, before anything opens it
+        path = user_path(name, "model")
+        kind = path_kind(path, "model")
+    except PathError as exc:
+        raise ModelError(str(exc)) from None
+    if kind is not None:
+        if kind == "file":
             hint = (
                 " GGUF files are for inference (llama.cpp, Ollama); training needs the Hugging Face checkpoint."
                 if path.suffix.lower() == ".gguf"
@@ -277,7 +282,7 @@ def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
         return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
     if _looks_like_path(name):
         raise ModelError(
-            f"no folder {name!r} on this machine (resolved to {str(path.resolve())!r}). Check the path, or give a "
+            f"no folder {quoted(name)} on this machine (resolved to {quoted(path.resolve())}). Check the path, or give a "
             f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
         )
     if "/" not in name:

@@ -1,7 +1,7 @@
 """One-shot commands that need the ML stack: dataset check with token statistics, and generation.
 
 Each takes a JSON object of arguments and prints one JSON object. The server runs them as
-subprocesses (``python -m engine check-data|generate '<json>'``) so that it never imports torch;
+subprocesses (``python -m engine check-data|generate -``, the JSON on stdin) so that it never imports torch;
 the CLI and the Python API call the same functions in-process.
 """
 
@@ -167,7 +167,7 @@ def run_oneshot(command: str, raw_args: str) -> int:
 
     privacy_environment()
     try:
-        data = json.loads(raw_args)
+        data = json.loads(sys.stdin.read() if raw_args == "-" else raw_args)  # "-": the JSON on stdin
         if command == "check-data":
             result = check_data(CheckDataArgs.model_validate(data))
         else:

@@ -9,12 +9,16 @@ tool, ``--skip-bad-rows`` on the command line, ``skip_bad_rows=True`` in Python)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
 
 Caller = Literal["tool", "cli", "python"]
+# A tool call reads at most this much of a dataset itself (JSONL parses at ~50 MB/s, and clients drop
+# a call after ~60 s): a bigger file's rows are checked by the worker, before it loads the model.
+MAX_TOOL_INSPECT_BYTES = 256 << 20
 
 
 class PreflightError(ValueError):
@@ -52,6 +56,10 @@ def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
 
     if is_hub_dataset(settings.path):
         return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
+    if caller == "tool" and _file_size(settings.path) > MAX_TOOL_INSPECT_BYTES:
+        return [
+            f"the dataset is over {MAX_TOOL_INSPECT_BYTES >> 20} MiB: the worker checks its rows before training"
+        ]
     try:
         report = inspect_dataset(settings.path, settings.split)
     except DatasetError as exc:
@@ -61,6 +69,13 @@ def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
     if report.bad_rows and not settings.skip_bad_rows:
         raise PreflightError(report.message(skip_option=spell("skip_bad_rows", True, caller)))
     return [f"{report.bad_rows} bad row(s) will be skipped"] if report.bad_rows else []
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from engine import events as ev
@@ -11,14 +12,18 @@ from engine import events as ev
 class ProgressPrinter:
     """Turns events into a progress bar for training steps and one line for everything else."""
 
-    def __init__(self, enabled: bool = True, stream: Any = None):
+    def __init__(
+        self, enabled: bool = True, stream: Any = None, translate: Callable[[str], str] = lambda s: s
+    ):
         self.enabled = enabled
         self.stream = stream or sys.stderr
+        self.translate = translate  # the CLI names its flags where messages name API settings
         self._progress: Any = None
         self._task: Any = None
 
     def _bar(self, total: int) -> None:
         try:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
         except ImportError:  # rich is optional: plain lines instead
             return
@@ -30,6 +35,7 @@ class ProgressPrinter:
                 TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(),
                 transient=False,
+                console=Console(file=self.stream),  # stderr: stdout carries the result (pipes, --json)
             )
             self._progress.start()
             self._task = self._progress.add_task("train", total=total, detail="")
@@ -37,6 +43,7 @@ class ProgressPrinter:
             self._progress.update(self._task, total=total)
 
     def _line(self, text: str) -> None:
+        text = self.translate(text)
         if self._progress is not None:
             self._progress.console.print(text)
         else:

@@ -48,6 +48,9 @@ import torch
 
 from engine.adapters import Adapter, LoraFactors, clone_adapter
 
+# re-exported: the series and the benchmarks call slao.forgetting_metrics
+from engine.cl_metrics import forgetting_metrics as forgetting_metrics
+
 if TYPE_CHECKING:
     from engine.spec import SeriesSpec
 
@@ -306,47 +309,3 @@ def merge_run(
     if mode == "dare":
         return dare_merge(finetuned, drop=spec.dare_drop, seed=spec.train.seed)
     raise ValueError(f"unknown merge_mode {mode!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# continual-learning metrics over the evaluation matrix
-
-
-def forgetting_metrics(
-    matrix: Sequence[Sequence[float | None]], higher_is_better: bool = True
-) -> dict[str, float | None]:
-    """AA ("average"), BWT, forgetting and plasticity of R[t][i] (score on task i after run t).
-
-    average = mean_i R[T][i]; backward_transfer = mean_{i<T} (R[T][i] − R[i][i]);
-    forgetting = mean_{i<T} (max_{i≤l<T} R[l][i] − R[T][i]); plasticity = mean_i R[i][i].
-
-    For a loss matrix pass ``higher_is_better=False``: the scores are negated first, so BWT < 0
-    and forgetting > 0 still mean "got worse on earlier tasks".
-    """
-    t_count = len(matrix)
-    if t_count == 0:
-        return {"average": None, "backward_transfer": None, "forgetting": None, "plasticity": None}
-    sign = 1.0 if higher_is_better else -1.0
-
-    def r(t: int, i: int) -> float:
-        v = matrix[t][i]
-        if v is None:
-            raise ValueError(f"R[{t}][{i}] is missing")
-        return sign * float(v)
-
-    last = t_count - 1
-    aa = sum(r(last, i) for i in range(t_count)) / t_count
-    plasticity = sum(r(i, i) for i in range(t_count)) / t_count
-    if t_count > 1:
-        bwt: float | None = sum(r(last, i) - r(i, i) for i in range(last)) / last
-        forgetting: float | None = (
-            sum(max(r(lv, i) for lv in range(i, last)) - r(last, i) for i in range(last)) / last
-        )
-    else:
-        bwt = forgetting = None
-    return {
-        "average": sign * aa,
-        "backward_transfer": bwt,
-        "forgetting": forgetting,
-        "plasticity": sign * plasticity,
-    }

@@ -69,6 +69,13 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    backend: Literal["auto", "native", "unsloth"] = Field(
+        "auto",
+        description="native: the engine's own fast path; unsloth: Unsloth's (must be installed); auto: pick",
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log metrics to TensorBoard (job folder) / W&B (offline)"
+    )
 
 
 class SafetySettings(_Strict):
@@ -90,7 +97,6 @@ class _ModelJob(_Strict):
     )
     device: DeviceChoice = "auto"
     gpu_index: int = Field(0, ge=0)
-    use_unsloth: Literal["auto", "never", "require"] = "auto"
     trust_remote_code: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -154,6 +160,9 @@ class ExportSpec(_Strict):
     ollama_host: str | None = None
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    output_dir: str | None = Field(
+        None, description="write the GGUF files and Modelfile here, not the job's gguf/"
+    )
 
     @field_validator("quantizations")
     @classmethod

@@ -22,6 +22,7 @@ from engine.events import ErrorEvent, EventWriter, Finished, Queued, Started
 from engine.files import backprop_home
 from engine.jobs import JobCancelled, resume_command
 from engine.models import privacy_environment
+from engine.reporting import reporting
 from engine.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
 
 
@@ -88,7 +89,8 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
                 except Timeout:
                     continue
         events.emit(Started(kind=kind, pid=os.getpid(), device_lock=lock_path.stem))
-        result = _dispatch(spec, job_dir, events, cancel_requested)
+        with reporting(spec, job_dir, events):  # TensorBoard / W&B when train.report_to asks
+            result = _dispatch(spec, job_dir, events, cancel_requested)
         write_result(job_dir, result)
         events.emit(Finished(status=result.status, metrics=result.metrics, artifacts=result.artifacts))
         return 0

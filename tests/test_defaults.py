@@ -160,6 +160,8 @@ def test_user_values_are_kept():
         max_grad_norm=0.5,
         seed=7,
         checkpoint_every=3,
+        backend="native",
+        report_to=["tensorboard"],
     )
     r = resolve_training(
         given,

@@ -14,7 +14,7 @@ import torch
 from engine import models
 from engine.memory import ModelShape
 from engine.models import PRESETS, ModelError, model_shape, privacy_environment, resolve_model
-from engine.spec import DatasetSettings, FinetuneSpec
+from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
 from engine.training import base_model
 from engine.training.base_model import load_for_inference, load_for_training, load_tokenizer
 
@@ -276,10 +276,10 @@ def test_load_tiny_16bit_on_cpu(tiny_dir):
 
 
 def test_unsloth_rules_on_cpu(tiny_dir):
-    with pytest.raises(ModelError, match="use_unsloth is 'require'.*CUDA GPU"):
-        load_for_training(_spec("tiny", use_unsloth="require"), "cpu")
-    loaded = load_for_training(_spec("tiny", use_unsloth="never"), "cpu")
-    assert loaded.info["path"] == "transformers" and "never" in loaded.info["path_reason"]
+    with pytest.raises(ModelError, match="train.backend is 'unsloth'.*CUDA GPU"):
+        load_for_training(_spec("tiny", train=TrainSettings(backend="unsloth")), "cpu")
+    loaded = load_for_training(_spec("tiny", train=TrainSettings(backend="native")), "cpu")
+    assert loaded.info["path"] == "transformers" and "native" in loaded.info["path_reason"]
     auto = base_model._unsloth_decision("auto", "cpu", "fp32")
     assert auto[0] is False and "CPU" in auto[1]
 

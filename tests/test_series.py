@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import slao
 from engine.adapters import ADAPTER_WEIGHTS, load_factors, read_adapter_config, read_factors
 from engine.data import Example
 from engine.events import EventWriter, iter_events
@@ -309,3 +310,51 @@ def test_series_runs_as_a_job_through_the_worker(tmp_path, tiny_model, task_file
     assert result["status"] == "succeeded"
     assert _lower_triangle_filled(result["metrics"]["accuracy_matrix"])
     assert (Path(result["artifacts"]["adapter"]) / ADAPTER_WEIGHTS).is_file()
+
+
+def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A(
+    tmp_path, tiny_model, task_files, monkeypatch
+):
+    """The paper's initialisation, checked through the real series code (the bug the tool we replace
+    shipped was starting run i+1 from the MERGED B). A spy around the real ``train_adapter`` records
+    the factors each run starts from and ends with; training itself runs unchanged."""
+    import engine.recipes.series as series_recipe
+
+    real_train = series_recipe.train_adapter
+    starts: list[slao.Adapter] = []
+    ends: list[slao.Adapter] = []
+
+    def spy(model, *args, **kwargs):
+        starts.append(read_factors(model)[0])
+        outcome = real_train(model, *args, **kwargs)
+        ends.append(read_factors(model)[0])
+        return outcome
+
+    monkeypatch.setattr(series_recipe, "train_adapter", spy)
+    job = tmp_path / "job"
+    with EventWriter(job / EVENTS_FILE) as events:
+        result = run_series(_spec(tiny_model, task_files, steps_per_run=4), job, events)
+    assert len(starts) == len(ends) == 3
+
+    merged: slao.Adapter | None = None
+    merged_after: list[slao.Adapter] = []
+    for run, ft in enumerate(ends, start=1):
+        merged = slao.slao_merge(merged, ft, run)
+        merged_after.append(merged)
+    for run in (2, 3):
+        start, prev_ft = starts[run - 1], ends[run - 2]
+        for key, f in start.items():
+            torch.testing.assert_close(f.B, prev_ft[key].B, rtol=0, atol=0)  # the fine-tuned B, exactly
+            torch.testing.assert_close(f.A, slao.orthogonal_init_A(prev_ft[key].A), rtol=1e-6, atol=1e-6)
+            eye = torch.eye(f.rank, dtype=torch.float64)
+            torch.testing.assert_close(f.A.double() @ f.A.double().T, eye, rtol=0, atol=1e-5)
+            assert not torch.allclose(f.A, prev_ft[key].A)  # A really was re-orthogonalised
+    # Run 3 must not start from the merged B (after run 2 it differs from run 2's fine-tuned B).
+    key = next(iter(starts[2]))
+    assert not torch.allclose(merged_after[1][key].B, ends[1][key].B)
+    assert not torch.allclose(starts[2][key].B, merged_after[1][key].B)
+    # ...and the delivered adapter is the SLAO merge of exactly these fine-tuned runs.
+    delivered, _ = load_factors(result.artifacts["adapter"])
+    for key, f in delivered.items():
+        torch.testing.assert_close(f.B, merged_after[2][key].B, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(f.A, ends[2][key].A, rtol=0, atol=0)

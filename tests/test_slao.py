@@ -178,6 +178,38 @@ def test_forgetting_metrics_follow_the_definitions():
     assert slao.forgetting_metrics([[0.3]])["backward_transfer"] is None
 
 
+def test_forward_transfer_and_intransigence_follow_the_definitions():
+    # Full matrix: R[t][t+1] is task t+1 scored before it is trained on (the super-diagonal).
+    r = [[0.9, 0.3, 0.1], [0.6, 0.8, 0.2], [0.5, 0.7, 0.95]]
+    base, independent = [0.05, 0.1, 0.15], [0.95, 0.9, 0.9]
+    got = slao.forgetting_metrics(r, base_scores=base, independent_scores=independent)
+    assert got["forward_transfer"] == pytest.approx(((0.3 - 0.1) + (0.2 - 0.15)) / 2)
+    assert got["intransigence"] == pytest.approx(((0.95 - 0.9) + (0.9 - 0.8) + (0.9 - 0.95)) / 3)
+    assert got["average"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)  # the first four are unchanged
+    # Only asked-for references appear (the series' results keep their keys).
+    plain = slao.forgetting_metrics(r)
+    assert "forward_transfer" not in plain and "intransigence" not in plain
+    # Losses: a task whose loss fell below the base's before training on it is positive transfer,
+    # and a series loss above the independent adapter's is positive intransigence.
+    loss = slao.forgetting_metrics(
+        [[1.0, 2.0], [1.5, 0.5]],
+        higher_is_better=False,
+        base_scores=[3.0, 2.5],
+        independent_scores=[0.8, 0.4],
+    )
+    assert loss["forward_transfer"] == pytest.approx(0.5)
+    assert loss["intransigence"] == pytest.approx(((1.0 - 0.8) + (0.5 - 0.4)) / 2)
+    assert slao.forgetting_metrics([[0.3]], base_scores=[0.1])["forward_transfer"] is None  # needs 2 tasks
+
+
+def test_forward_transfer_needs_the_super_diagonal_and_one_reference_per_task():
+    lower = [[0.9, None], [0.6, 0.8]]
+    with pytest.raises(ValueError, match=r"R\[0\]\[1\] is missing"):
+        slao.forgetting_metrics(lower, base_scores=[0.0, 0.0])
+    with pytest.raises(ValueError, match="one reference score per task"):
+        slao.forgetting_metrics(lower, independent_scores=[0.9])
+
+
 def test_saved_merged_adapter_loads_in_peft_as_base_plus_scaled_BA(tmp_path):
     """The deliverable is an ordinary PEFT folder: peft gives W0 + s·B_m·A_m, exactly."""
     from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict

@@ -273,7 +273,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
     from engine.events import EventWriter
     from engine.training.loop import Tokenized
 
-    real_step = train_module._one_step
+    real_step = train_module.run_step
     seen: list[int] = []
 
     def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest):
@@ -282,7 +282,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(model, optimizer, rows, data, micro, *rest)
 
-    monkeypatch.setattr(train_module, "_one_step", step_that_runs_out_of_memory_once)
+    monkeypatch.setattr(train_module, "run_step", step_that_runs_out_of_memory_once)
     g = torch.Generator().manual_seed(3)
     ids = [torch.randint(10, 200, (16,), generator=g).tolist() for _ in range(8)]
 

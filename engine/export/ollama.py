@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.export.templates import OllamaTemplate
+from engine.files import atomic_write_text
 
 MODELFILE = "Modelfile"
 
@@ -73,7 +74,7 @@ def modelfile_text(
 
 
 def write_modelfile(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return path
 
 

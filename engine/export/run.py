@@ -1,8 +1,10 @@
 """The export job: merge -> convert -> quantize -> verify -> register, with a stage event for each.
 
-Files go to ``<job_dir>/gguf/``: ``<name>-<quant>.gguf`` per quantization, ``<name>-lora.gguf``
-when asked, and a ``Modelfile``. An export that fails verification is renamed ``*.gguf.rejected``
-(kept for inspection, never listed as an artifact) and the job fails.
+Files are made in ``<job_dir>/gguf/``: ``<name>-<quant>.gguf`` per quantization, ``<name>-lora.gguf``
+when asked, and a ``Modelfile``. With ``output_dir`` the verified files are then moved there (whole
+or not at all) and the Modelfile is written beside them. An export that fails verification is
+renamed ``*.gguf.rejected`` in the job folder (kept for inspection, never listed as an artifact,
+never moved to ``output_dir``) and the job fails.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def _run(
 
     out_dir = job_dir / GGUF_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = _output_dir(spec)  # refused now, not after an hour of converting
 
     done = _stage(events, metrics, "merge", source=spec.source)
     source = resolve_source(spec)
@@ -206,6 +209,9 @@ def _run(
             },
         )
     check_cancel()
+    if final_dir is not None:
+        _publish(files, artifacts, metrics, final_dir)
+        events.log(f"GGUF files moved to {final_dir}")
 
     shipped = [q for q in spec.quantizations if q in files]
     # The file Ollama gets: q4_k_m when made (Ollama's usual default), else the first quantized one.
@@ -213,6 +219,39 @@ def _run(
         "q4_k_m" if "q4_k_m" in shipped else next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
     )
     return _ollama_stage(spec, tokenizer, files[main_quant], model_name, events, metrics, artifacts)
+
+
+def _output_dir(spec: ExportSpec) -> Path | None:
+    """The user's folder for the files, created and checked writable up front (None: the job folder)."""
+    if not spec.output_dir:
+        return None
+    folder = Path(spec.output_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".backprop-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"cannot write the GGUF files to {folder}: {e.strerror or e}; choose another output_dir"
+        ) from e
+    return folder.resolve()
+
+
+def _publish(
+    files: dict[str, Path], artifacts: dict[str, str], metrics: dict[str, Any], folder: Path
+) -> None:
+    """Move the verified files (and the adapter GGUF) into ``folder``; every record follows them."""
+    from engine.files import move_into
+
+    for quant, path in list(files.items()):
+        if artifacts.get(f"gguf_{quant}") != str(path):
+            continue  # rejected: stays in the job folder
+        files[quant] = move_into(path, folder)
+        artifacts[f"gguf_{quant}"] = metrics["files"][quant]["path"] = str(files[quant])
+    if "adapter_gguf" in artifacts:
+        moved = move_into(artifacts["adapter_gguf"], folder)
+        artifacts["adapter_gguf"] = metrics["files"]["adapter"]["path"] = str(moved)
 
 
 def _verify(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.adapters import ADAPTER_CONFIG, is_adapter_folder, read_adapter_config
+from engine.files import PathError, checked_path, user_path
 from engine.spec import RESULT_FILE, SPEC_FILE, ExportSpec, read_result, read_spec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -31,9 +32,12 @@ def _has_tokenizer(d: Path) -> bool:
 
 def local_model_dir(name: str) -> Path:
     """A local folder for a preset, folder or hub name (hub: from the local cache, or downloaded)."""
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return path.resolve()
+    try:
+        path = user_path(name, "base model")
+        if (path / "config.json").is_file():
+            return checked_path(path, "base model", expect="dir")
+    except (PathError, OSError) as exc:  # OSError: a name too long for the file system
+        raise SourceError(str(exc)) from None
     try:
         from engine.models import resolve_model
 
@@ -54,12 +58,10 @@ def local_model_dir(name: str) -> Path:
 
 
 def resolve_source(spec: ExportSpec) -> ExportSource:
-    src = Path(spec.source).expanduser()
-    if not src.exists():
-        raise SourceError(
-            f"export source {spec.source!r} does not exist (give a job folder or an adapter folder)"
-        )
-    src = src.resolve()
+    try:  # by type, before anything opens it
+        src = checked_path(spec.source, "export source", expect="dir")
+    except PathError as exc:
+        raise SourceError(f"{exc} Give a job folder or an adapter folder.") from None
     if (src / SPEC_FILE).is_file():
         return _from_job(src, spec)
     if is_adapter_folder(src):

@@ -14,6 +14,7 @@ from pathlib import Path
 from engine.data import split_for_eval
 from engine.events import EventWriter
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
+from engine.training.backend import backend_name
 from engine.training.evaluation import held_out_evaluator
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
@@ -70,7 +71,7 @@ def run_finetune(
         "learning_rate": resolved.learning_rate,
         "packing": resolved.packing,
         "device": device,
-        "backend": info.get("path"),
+        "backend": backend_name(info),
         "quantization": info.get("quantization"),
         "examples": len(data.input_ids),
         **eval_metrics,

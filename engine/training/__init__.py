@@ -10,4 +10,8 @@ loop         the optimizer loop (OOM back-off, heat pauses, cancel, checkpoints)
 checkpoints  atomic, resumable training checkpoints
 evaluation   held-out loss and greedy exact match
 accel        optional accelerators (Liger, Unsloth) and the autocast dtype
+backend      train.backend (auto | native | unsloth) and switching on the native fast path
+fast_step    one optimizer step with no host sync inside
+fused_lora   base matmul and LoRA adapter in one autograd node
+varlen_attention  packed rows through flash-attention's varlen kernel (no dense mask)
 """

@@ -5,8 +5,9 @@ Loading rules (``load_for_training``):
   fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
   CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
   Embeddings and lm_head are never quantised. Attention is SDPA.
-- Unsloth's ``FastLanguageModel`` is used when ``use_unsloth`` is not "never", a CUDA GPU is the
-  device and ``import unsloth`` works; "require" without it is an error. Otherwise transformers.
+- Unsloth's ``FastLanguageModel`` loads the model when ``train.backend`` allows it ("auto" or
+  "unsloth"), a CUDA GPU is the device and ``import unsloth`` works; "unsloth" without it is an
+  error. Otherwise transformers.
 
 torch and transformers load inside the functions, so importing this module stays cheap.
 """
@@ -14,10 +15,10 @@ torch and transformers load inside the functions, so importing this module stays
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine.adapters import is_adapter_folder
+from engine.files import PathError, checked_path, quoted
 from engine.memory import StorageDtype, storage_dtype
 from engine.models import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
 
@@ -38,6 +39,13 @@ class LoadedModel:
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """'tiny, 2.6M parameters, fp32 on cpu (transformers)': the line a person reads."""
+        i = self.info
+        n = float(i.get("parameters") or 0)
+        size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        return f"{i.get('model')}, {size} parameters, {i.get('quantization')} on {i.get('device')} ({i.get('path')})"
+
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -49,10 +57,10 @@ def _cuda_bf16(device: str) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
-def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
+def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bool, str]:
     """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
-    if use_unsloth == "never":
-        return False, "use_unsloth is 'never'"
+    if mode == "never":
+        return False, "train.backend is 'native'"
     problem = None
     if not device.startswith("cuda"):
         problem = "Unsloth needs a CUDA GPU and the device is the CPU"
@@ -64,11 +72,12 @@ def _unsloth_decision(use_unsloth: str, device: str, storage: StorageDtype) -> t
         except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
             problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
     if problem is None:
-        return True, f"use_unsloth is '{use_unsloth}' and Unsloth imported on a CUDA GPU"
-    if use_unsloth == "require":
+        asked = "unsloth" if mode == "require" else "auto"
+        return True, f"train.backend is '{asked}' and Unsloth imported on a CUDA GPU"
+    if mode == "require":
         raise ModelError(
-            f"use_unsloth is 'require' but {problem}. Install it (pip install unsloth) on a machine with an "
-            "NVIDIA GPU, or set use_unsloth to 'auto' to fall back to transformers."
+            f"train.backend is 'unsloth' but {problem}. Install it (pip install "
+            "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
         )
     return False, f"{problem}: using transformers"
 
@@ -95,7 +104,9 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
     storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
     # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    use_unsloth, why = _unsloth_decision(spec.use_unsloth, device, storage)
+    from engine.training.backend import unsloth_mode  # train.backend decides; see that module
+
+    use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
     info: dict[str, Any] = {
         "model": spec.model,
         "model_source": resolved.source,
@@ -198,9 +209,12 @@ def load_for_inference(
         model = _load_transformers(resolved, compute, compute, device, trust_remote_code)
         tokenizer = load_tokenizer(resolved.target, trust_remote_code=trust_remote_code)
     if adapter:
-        adapter_path = Path(adapter).expanduser()
+        try:  # by type, before anything opens it
+            adapter_path = checked_path(adapter, "adapter", expect="dir")
+        except PathError as exc:
+            raise ModelError(str(exc)) from None
         if not is_adapter_folder(adapter_path):
-            raise ModelError(f"{adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
+            raise ModelError(f"{quoted(adapter)} is not a LoRA adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path))

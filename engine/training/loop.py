@@ -22,9 +22,9 @@ from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import SafetySettings
 from engine.training import accel
-from engine.training.batching import StepPlan, collate, plan_steps
+from engine.training.batching import StepPlan, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.training.loss import causal_lm_loss_sum
+from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 
 
 @dataclass
@@ -153,7 +153,7 @@ def train_adapter(
         rows = plan.steps[step]
         t0 = time.perf_counter()
         try:
-            loss_value, real_tokens, grad_norm = _one_step(
+            loss_value, real_tokens, grad_norm = run_step(
                 model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
@@ -212,40 +212,3 @@ def train_adapter(
     outcome.micro_batch_size = micro
     outcome.gradient_accumulation = rows_per_step // micro
     return outcome
-
-
-def _one_step(
-    model: Any,
-    optimizer: Any,
-    rows: list[list[int]],
-    data: Tokenized,
-    micro: int,
-    pad_id: int,
-    device: str,
-    autocast_dtype: torch.dtype | None,
-    max_grad_norm: float,
-) -> tuple[float, int, float]:
-    """Forward/backward over the step's micro-batches, then one optimizer step.
-
-    The loss is the mean over every target token of the whole step (not a mean of per-micro-batch
-    means), so the result does not depend on how the step is cut into micro-batches.
-    """
-    batches = [
-        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
-        for i in range(0, len(rows), micro)
-    ]
-    n_targets = sum(b.target_tokens for b in batches)
-    total = 0.0
-    for b in batches:
-        b = b.to(device)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
-        ):
-            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
-        (loss_sum / n_targets).backward()
-        total += float(loss_sum.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm

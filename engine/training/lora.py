@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def add_lora(
     if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
         return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -31,7 +32,23 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     model.config.use_cache = False
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads the deprecated `is_gradient_checkpointing` property of current transformers models
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer in the backward pass (non-reentrant: works with frozen inputs and LoRA).
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns that it goes away in v6); older releases have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_lora_model(
@@ -46,7 +63,7 @@ def load_lora_model(
     events.stage("loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
-        f"model loaded: {loaded.info}",
+        f"model loaded: {loaded.summary()}",
         **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
     )
     speedups = accel.apply_speedups(loaded.model, device, loaded.info)
@@ -55,6 +72,15 @@ def load_lora_model(
     torch.manual_seed(spec.train.seed)
     model = add_lora(
         loaded.model, spec.lora, gradient_checkpointing=gradient_checkpointing, loaded_info=loaded.info
+    )
+    from engine.training.backend import apply_fast_path, backend_name, backend_reason
+
+    fast = apply_fast_path(model, device, loaded.info)
+    events.log(
+        f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"
+        + (f"; fast path: {', '.join(fast)}" if fast else ""),
+        backend=backend_name(loaded.info),
+        fast_path=fast,
     )
     return model, loaded.info
 

@@ -1,0 +1,81 @@
+"""No tool answers with a bare "Error executing tool X": unexpected exceptions become clear tool errors.
+
+The SDK hides any exception other than ``ToolError`` behind "Error executing tool <name>", so the
+model learns nothing and retries blindly. ``guard_tools`` wraps every registered tool once: an
+unexpected exception becomes a ``ToolError`` naming its type and a short message (input quoted at
+most ``QUOTE_LIMIT`` characters), and its traceback goes to the server log (stderr).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.shared.exceptions import MCPError
+
+from engine.interface import quoted
+
+log = logging.getLogger("backprop_mcp")
+
+_GUARDED = "__backprop_guarded__"
+_PASS_THROUGH = (ToolError, ResourceError, MCPError)  # already clear, or a protocol error for the SDK
+
+
+def unexpected_error(tool: str, exc: BaseException) -> ToolError:
+    """The ToolError a model sees for an exception nobody anticipated (traceback logged here)."""
+    log.error("tool %s failed unexpectedly", tool, exc_info=exc)
+    detail = quoted(str(exc)) if str(exc) else "no message"
+    if isinstance(exc, OSError) and exc.strerror:
+        detail = exc.strerror  # errno text only: the file name may be the caller's whole input
+    return ToolError(
+        f"{tool} failed with an unexpected {type(exc).__name__}: {detail}. The server did not foresee this "
+        "(its traceback is in the server's log): check the arguments and try again, and report it if it "
+        "happens with valid ones."
+    )
+
+
+def guard(tool: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with unexpected exceptions turned into ``unexpected_error`` (sync and async alike)."""
+    if getattr(fn, _GUARDED, False):
+        return fn
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise unexpected_error(tool, exc) from exc
+
+        wrapper: Callable[..., Any] = guarded_async
+    else:
+
+        @functools.wraps(fn)
+        def guarded_sync(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise unexpected_error(tool, exc) from exc
+
+        wrapper = guarded_sync
+    setattr(wrapper, _GUARDED, True)
+    return wrapper
+
+
+def guard_tools(server: MCPServer) -> None:
+    """Wrap every tool registered so far. Call it once all tools are registered.
+
+    The tool's schema and argument handling were built from the original function at
+    registration, so only the function that runs changes.
+    """
+    for tool in server._tool_manager.list_tools():
+        tool.fn = guard(tool.name, tool.fn)

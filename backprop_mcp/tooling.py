@@ -1,0 +1,28 @@
+"""How the tools are declared: annotation hints, and argument bounds taken from the job spec models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+
+def setting(model: type[BaseModel], name: str) -> Any:
+    """A tool argument's bounds and description, taken from the job spec's field (one source of truth).
+
+    Defaults stay in the tool's signature, where the SDK reads them; a test checks they equal the spec's.
+    """
+    source = model.model_fields[name]
+    field = Field(description=source.description)
+    field.metadata = list(source.metadata)
+    return field
+
+
+def hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:
+    return ToolAnnotations(
+        read_only_hint=read_only,
+        destructive_hint=destructive,
+        idempotent_hint=idempotent,
+        open_world_hint=open_world,
+    )

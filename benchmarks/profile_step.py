@@ -1,0 +1,253 @@
+"""One model, loaded once, trained with the plain step and with the fast path: speed, profile, loss parity.
+
+Loads a model folder the way a job does (engine.models.load_for_training: NF4 on a GPU, Liger
+where installed, peft LoRA r=16 on all linear layers, gradient checkpointing), keeps a copy of the
+fresh LoRA weights, and then trains the same steps on the same rows from the same start twice:
+
+  plain  the engine's step as it was before the fast path: peft's own LoRA forward, a host sync per
+         micro-batch (``float(loss)``) and per step (``float(grad_norm)``), boolean indexing of the
+         target positions, transformers' dense block-causal mask for packed rows;
+  fast   engine.training.fast_step with fused LoRA (engine.training.fused_lora) and, for packed
+         rows, the varlen flash-attention kernel (engine.training.varlen_attention).
+
+For each it records per-step losses and times (a CUDA sync after each step, so the time is the
+step's), tokens/s over the timed steps, peak memory, and a torch.profiler table of one more step
+(``--profile``). The loss curves side by side are the parity check: same data, seed and init.
+
+  python benchmarks/profile_step.py --model-dir DIR --batch 4 --seq-len 2048 --steps 8 --out OUTDIR [--packed]
+CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --seq-len 64 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm):
+    """The engine's step before the fast path (``_one_step`` of the training loop as of 2026-12-01)."""
+    import torch
+
+    from engine.training.batching import collate
+    from engine.training.loss import causal_lm_loss_sum
+
+    batches = [
+        collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
+        for i in range(0, len(rows), micro)
+    ]
+    n_targets = sum(b.target_tokens for b in batches)
+    total = 0.0
+    for b in batches:
+        b = b.to(device)
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
+            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
+        (loss_sum / n_targets).backward()
+        total += float(loss_sum.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm
+
+
+def make_data(vocab: int, rows: int, seq_len: int, packed: bool, seed: int = 0):
+    from engine.training.loop import Tokenized
+
+    rng = random.Random(seed)
+    ids = []
+    for _ in range(rows):
+        n = seq_len
+        if packed:  # log-normal, median ~300, capped (as benchmarks/train_speed.py)
+            n = max(16, min(seq_len, int(rng.lognormvariate(math.log(300), 0.9))))
+        ids.append([rng.randrange(vocab) for _ in range(n)])
+    return Tokenized(ids, [list(x) for x in ids], dropped=0)
+
+
+def categorize(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
+        return "attention"
+    if "dequant" in n or "kdequantize" in n:
+        return "nf4 dequantize"
+    if (
+        "gemm" in n
+        or "matmul" in n
+        or n.removeprefix("aten::") in ("mm", "addmm", "bmm")
+        or "cutlass" in n
+        or "sm90" in n
+        or "xmma" in n
+    ):
+        return "matmul"
+    if "cross_entropy" in n or "log_softmax" in n or "nll" in n:
+        return "loss"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer"
+    if "memcpy" in n or "memset" in n:
+        return "copies"
+    return "elementwise/other"
+
+
+def profile_one(fn, out_dir: Path, label: str) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    (out_dir / f"profile-{label}.txt").write_text(table)
+    cats: dict[str, float] = {}
+    kernels = 0
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if not t:
+            continue
+        if torch.cuda.is_available() and ev.device_type.name != "CUDA":
+            continue
+        kernels += ev.count
+        c = categorize(ev.key)
+        cats[c] = cats.get(c, 0.0) + t / 1e6
+    return {"gpu_s_by_category": {k: round(v, 4) for k, v in sorted(cats.items())}, "kernels": kernels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--arch", default="qwen2.5-7b")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3, help="large enough that the loss moves on repeated rows")
+    p.add_argument("--packed", action="store_true", help="log-normal lengths, packed rows (varlen attention)")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--variants", default="plain,fast")
+    p.add_argument("--out", type=Path, default=Path("profile_out"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from engine.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
+    from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
+    from engine.training import accel
+    from engine.training.backend import apply_fast_path
+    from engine.training.base_model import load_for_training
+    from engine.training.batching import plan_steps
+    from engine.training.fast_step import VARLEN_FLAG, run_step
+    from engine.training.fused_lora import unfuse_lora_layers
+    from engine.training.lora import add_lora
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model_dir = args.model_dir or Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"
+    if not (model_dir / "config.json").exists():
+        from benchmarks.train_speed import write_random_model
+
+        model_dir = write_random_model(args.arch, args.tiny, model_dir)
+    spec = FinetuneSpec(
+        model=str(model_dir), quantization="4bit" if device != "cpu" else "none",
+        lora=LoraSettings(rank=16, alpha=32), train=TrainSettings(backend="native"),
+        dataset=DatasetSettings(path="unused.jsonl"),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    loaded = load_for_training(spec, device)
+    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
+    model = add_lora(loaded.model, spec.lora, gradient_checkpointing=True, loaded_info=loaded.info)
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    rows_per_step = args.batch
+    n_rows = 64 if args.packed else 16  # a few rows again and again: the loss has something to learn
+    data = make_data(vocab, n_rows * (8 if args.packed else 1), args.seq_len, args.packed)
+    total_steps = args.warmup + args.steps + (1 if args.profile else 0)
+    plan = plan_steps(
+        data.lengths, max_seq_length=args.seq_len, packing=args.packed, rows_per_step=rows_per_step,
+        total_steps=total_steps, seed=0,
+    )  # fmt: skip
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    autocast_dtype = accel.autocast_dtype(device)
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
+        "torch": torch.__version__, "model_dir": str(model_dir), "load_s": round(load_s, 1),
+        "speedups": speedups, "batch": args.batch, "seq_len": args.seq_len, "packed": args.packed,
+        "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "variants": {},
+    }  # fmt: skip
+
+    for variant in [v for v in args.variants.split(",") if v]:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(init[n])
+        unfuse_lora_layers(model)
+        model.__dict__.pop(VARLEN_FLAG, None)
+        applied: list[str] = []
+        if variant == "fast":
+            applied = apply_fast_path(model, device, loaded.info) if device != "cpu" else []
+        step_fn = run_step if variant == "fast" else old_step
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device != "cpu")
+        torch.manual_seed(0)
+        if device != "cpu":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        losses, times, tokens = [], [], []
+        model.train()
+        for s in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            loss, real, _ = step_fn(
+                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0
+            )
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            losses.append(loss)
+            tokens.append(real)
+        timed = slice(args.warmup, None)
+        rec = {
+            "applied": applied,
+            "losses": [round(x, 5) for x in losses],
+            "step_s": [round(x, 4) for x in times],
+            "tokens_per_s": round(sum(tokens[timed]) / sum(times[timed]), 1),
+            "median_step_s": round(sorted(times[timed])[len(times[timed]) // 2], 4),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device != "cpu" else None,
+        }
+        if args.profile:
+            last = plan.steps[args.warmup + args.steps]
+            rec["profile"] = profile_one(
+                lambda last=last, step_fn=step_fn, opt=opt: step_fn(
+                    model, opt, last, data, args.batch, 0, device, autocast_dtype, 1.0
+                ),
+                args.out,
+                f"{variant}{'-packed' if args.packed else ''}",
+            )
+        report["variants"][variant] = rec
+        print(json.dumps({variant: {k: v for k, v in rec.items() if k != "losses"}}), flush=True)
+
+    v = report["variants"]
+    if "plain" in v and "fast" in v:
+        diffs = [abs(a - b) for a, b in zip(v["plain"]["losses"], v["fast"]["losses"], strict=True)]
+        report["parity_max_abs_loss_diff"] = round(max(diffs), 5)
+        report["speedup_fast_over_plain"] = round(v["fast"]["tokens_per_s"] / v["plain"]["tokens_per_s"], 3)
+    name = f"profile_step-{'packed' if args.packed else 'fixed'}-mb{args.batch}.json"
+    (args.out / name).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report.get(k) for k in ("parity_max_abs_loss_diff", "speedup_fast_over_plain")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One optimizer step with no host sync inside it.
+
+What the plain step paid for on every step and micro-batch, and what this one does instead:
+- ``float(loss)`` per micro-batch and ``float(grad_norm)`` per step each stop the CPU until the GPU
+  drains its queue: here losses add up on the GPU and one copy of [loss, grad norm] ends the step;
+- boolean indexing of the target positions (``hidden[targets != IGNORE]``) needs the count on the
+  host, a sync in the middle of the forward pass: here the positions are computed on the CPU while
+  collating and the hidden states are gathered with ``index_select``;
+- host-to-device copies of the batch are made from pinned memory without blocking;
+- packed rows carry their example boundaries (``cu_seq_lens_q``) for the varlen attention kernel
+  (engine.training.varlen_attention) when the model has it switched on.
+
+The maths is the plain step's: the loss is the sum of every target token's cross-entropy over the
+whole step divided by the step's target count, computed in the same checkpointed chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.memory import loss_chunk_tokens
+from engine.training.batching import IGNORE, collate
+from engine.training.fused_lora import weights_updated
+from engine.training.loss import _causal_lm, _chunk_loss, supports_hidden_state_loss
+from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
+
+VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
+
+
+@dataclass
+class DeviceBatch:
+    input_ids: torch.Tensor  # [rows, L]
+    position_ids: torch.Tensor  # [rows, L]
+    gather_index: torch.Tensor  # [n] flat positions that carry a target
+    gather_targets: torch.Tensor  # [n] their target ids
+    n_targets: int
+    real_tokens: int
+    attn_kwargs: dict[str, Any]
+
+
+def _pinned(t: torch.Tensor, device: str) -> torch.Tensor:
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def prepare_batches(
+    rows: list[list[int]], data: Any, micro: int, pad_id: int, device: str, *, varlen: bool
+) -> list[DeviceBatch]:
+    """Collate the step's rows into micro-batches, with everything the GPU needs computed on the CPU."""
+    out = []
+    for i in range(0, len(rows), micro):
+        chunk = rows[i : i + micro]
+        b = collate(chunk, data.input_ids, data.labels, pad_id=pad_id)
+        flat_t = b.targets.reshape(-1)
+        index = (flat_t != IGNORE).nonzero().squeeze(1)  # on the CPU: no device sync
+        kwargs: dict[str, Any] = {}
+        if varlen and any(len(r) > 1 for r in chunk):
+            length = b.input_ids.shape[1]
+            segments = []
+            for r in chunk:
+                sizes = [len(data.input_ids[j]) for j in r]
+                segments.append(sizes + [length - sum(sizes)])
+            cu, longest = cu_seqlens_for_rows(segments)
+            kwargs = {
+                "cu_seq_lens_q": _pinned(cu, device),
+                "cu_seq_lens_k": None,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
+            kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_q"]
+        out.append(
+            DeviceBatch(
+                input_ids=_pinned(b.input_ids, device),
+                position_ids=_pinned(b.position_ids, device),
+                gather_index=_pinned(index, device),
+                gather_targets=_pinned(flat_t[index], device),
+                n_targets=int(index.numel()),
+                real_tokens=b.real_tokens,
+                attn_kwargs=kwargs,
+            )
+        )
+    return out
+
+
+def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
+    """Summed next-token cross-entropy of one micro-batch, from hidden states in checkpointed chunks."""
+    if not supports_hidden_state_loss(model):  # soft-capped or scaled logits: the model's own head
+        logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
+        flat = logits.logits.reshape(-1, logits.logits.shape[-1]).index_select(0, b.gather_index)
+        return torch.nn.functional.cross_entropy(flat.float(), b.gather_targets, reduction="sum")
+    lm = _causal_lm(model)
+    out = lm.model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
+    hidden = out.last_hidden_state
+    if b.n_targets == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b.gather_index)
+    weight = lm.get_output_embeddings().weight
+    chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
+    total: torch.Tensor | None = None
+    for start in range(0, b.n_targets, chunk):
+        hc, tc = h[start : start + chunk], b.gather_targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            part = torch.utils.checkpoint.checkpoint(_chunk_loss, hc, weight, tc, use_reentrant=False)
+        else:
+            part = _chunk_loss(hc, weight, tc)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def run_step(
+    model: Any,
+    optimizer: Any,
+    rows: list[list[int]],
+    data: Any,
+    micro: int,
+    pad_id: int,
+    device: str,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float,
+) -> tuple[float, int, float]:
+    """Forward/backward over the step's micro-batches, one optimizer step, one host sync at the end.
+
+    Returns (mean loss per target token over the step, non-padding tokens, gradient norm before clipping).
+    """
+    weights_updated()  # LoRA weights may have been written between steps (resume, merges)
+    varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
+    batches = prepare_batches(rows, data, micro, pad_id, device, varlen=varlen)
+    n_targets = sum(b.n_targets for b in batches)
+    dev_type = device.split(":")[0]
+    total: torch.Tensor | None = None
+    attention = varlen_attention(model) if varlen else contextlib.nullcontext()
+    with attention:  # forward and backward: checkpointed layers re-run attention in backward
+        for b in batches:
+            with torch.autocast(
+                device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                part = loss_sum(model, b)
+            (part / max(1, n_targets)).backward()
+            total = part.detach() if total is None else total + part.detach()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    weights_updated()  # the fused LoRA layers' cast copies are stale now
+    optimizer.zero_grad(set_to_none=True)
+    assert total is not None
+    loss_value, norm_value = torch.stack([total.float(), grad_norm.float()]).tolist()  # the one sync
+    return loss_value / max(1, n_targets), sum(b.real_tokens for b in batches), norm_value

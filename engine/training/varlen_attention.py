@@ -1,0 +1,174 @@
+"""Attention for packed rows without a dense mask: flash-attention's variable-length kernel.
+
+A packed row holds several examples end to end. With SDPA, transformers turns the per-example
+position ids into a dense block-causal [rows, 1, L, L] mask, which rules out the flash kernel
+(the memory-efficient one runs instead) and costs a host sync to detect the packing. Here the
+micro-batch's example boundaries go in as cumulative sequence lengths, built once per micro-batch
+on the CPU (``cu_seqlens``): every row is flattened to one stream of tokens and torch's own
+flash-attention varlen kernel (``aten._flash_attention_forward``; no package to build) attends
+causally inside each example only.
+
+How it plugs into transformers: ``engine_varlen`` is registered in transformers'
+``AttentionInterface`` and switched on for the training step only (``varlen_attention(model)``,
+a context around forward *and* backward, since gradient checkpointing re-runs attention in the
+backward pass). The micro-batch passes ``cu_seq_lens_q``/``max_length_q`` as model keyword
+arguments, which transformers hands to every attention call. With no such arguments (unpacked
+rows) it is plain SDPA with ``is_causal``. Evaluation and generation run outside the context
+on plain SDPA. No mask function is registered for the name, so transformers builds no mask.
+
+On the CPU, or where the flash kernel is missing, the same interface computes each example with
+SDPA one by one (``reference_varlen``): the path tests check against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "engine_varlen"
+_KERNEL_TAKES_GQA: bool | None = None  # learnt on the first packed call
+
+
+def cu_seqlens_for_rows(segments: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """Cumulative lengths over the flattened micro-batch: ``segments[r]`` = token counts of row r's
+    pieces (its examples, then any padding as one more piece); every row must sum to the same length."""
+    cu = [0]
+    for row in segments:
+        for n in row:
+            if n > 0:
+                cu.append(cu[-1] + n)
+    longest = max((n for row in segments for n in row), default=0)
+    return torch.tensor(cu, dtype=torch.int32), longest
+
+
+def flash_varlen_available(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+    """torch's flash kernel: an Ampere-or-newer NVIDIA GPU, 16-bit inputs, head size up to 256."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or head_dim > 256:
+        return False
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return False
+    return (
+        torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
+
+
+class _FlashVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu: torch.Tensor,
+        max_len: int,
+        scale: float,
+    ) -> torch.Tensor:
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, seed, offset,
+            scale=ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
+
+
+def reference_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Same result as the flash kernel, one example at a time with SDPA ([tokens, heads, dim] layout)."""
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q/k/v [batch, heads, length, dim] -> [batch, length, heads, dim]."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or attention_mask is not None or dropout:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, length, dim = query.shape
+    scale = scaling if scaling is not None else dim**-0.5
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    if flash_varlen_available(q.device, q.dtype, dim):
+        global _KERNEL_TAKES_GQA
+        if k.shape[1] != heads and _KERNEL_TAKES_GQA is not False:
+            try:  # flash-attention takes fewer key/value heads; checked once, as torch builds differ
+                out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+                _KERNEL_TAKES_GQA = True
+                return out.view(batch, length, heads, dim), None
+            except RuntimeError:
+                _KERNEL_TAKES_GQA = False
+        if k.shape[1] != heads:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+        out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+    else:
+        out = reference_varlen(q, k, v, cu, scale)
+    return out.view(batch, length, heads, dim), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, varlen_attention_forward)
+
+
+def _configs(model: Any) -> list[Any]:
+    cached = model.__dict__.get("_engine_attn_configs")
+    if cached is not None:
+        return cached
+    seen: list[Any] = []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and all(cfg is not s for s in seen):
+            seen.append(cfg)
+    model.__dict__["_engine_attn_configs"] = seen  # walked once: a 7B model has thousands of modules
+    return seen
+
+
+@contextlib.contextmanager
+def varlen_attention(model: Any) -> Iterator[None]:
+    """Within the block, the model's attention is ``engine_varlen`` (restored afterwards)."""
+    register()
+    configs = _configs(model)
+    before = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        for c, b in zip(configs, before, strict=True):
+            c._attn_implementation = b
