@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from engine.events import read_events
-from engine.jobs import create_job, request_cancel
+from engine.jobs import create_job, prepare_resume, request_cancel
 from engine.spec import (
     CHECKPOINT_DIR,
     DatasetSettings,
@@ -125,7 +125,7 @@ def test_a_rank_error_fails_the_job_with_its_message(tiny_model_dir, tmp_path):
     assert not (job / "adapter").exists()
 
 
-def test_cancel_stops_every_rank_after_a_checkpoint(tiny_model_dir, tmp_path):
+def test_cancel_stops_every_rank_after_a_checkpoint_and_the_job_resumes(tiny_model_dir, tmp_path):
     job = create_job(_spec(tiny_model_dir, [0, 1]), root=tmp_path / "jobs")
     request_cancel(job)  # seen by rank 0 before the first step, broadcast to rank 1
     assert _run(job) == 2
@@ -134,3 +134,11 @@ def test_cancel_stops_every_rank_after_a_checkpoint(tiny_model_dir, tmp_path):
     assert "checkpoint was saved" in result.error["message"]
     assert [p.name for p in (job / CHECKPOINT_DIR).iterdir()] == ["step-000000"]
     assert not (job / "adapter").exists()
+
+    prepare_resume(job)  # every rank loads rank 0's checkpoint and the run goes on to its end
+    assert _run(job) == 0
+    result = read_result(job)
+    assert result is not None and result.status == "succeeded" and result.metrics["steps"] == 3
+    assert (job / "adapter" / "adapter_model.safetensors").exists()
+    events, _ = read_events(job / "events.jsonl")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
