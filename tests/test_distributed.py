@@ -69,6 +69,26 @@ def test_gpus_setting_is_validated():
     assert FinetuneSpec.model_validate_json(one.model_dump_json()).gpu_index == 3
 
 
+def test_a_job_on_several_cards_locks_each_in_sorted_order(monkeypatch):
+    """No GPU here: NVML's answer is replaced by two cards; the lock choice is the real code."""
+    from engine.hardware import GpuInfo, GpuProbe
+    from engine.worker import device_lock_paths
+
+    cards = [
+        GpuInfo(i, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
+        for i in (0, 1)
+    ]
+    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
+    spec = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[1, 0])
+    assert [p.stem for p in device_lock_paths(spec)] == ["gpu-0", "gpu-1"]
+    every = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus="all")
+    assert [p.stem for p in device_lock_paths(every)] == ["gpu-0", "gpu-1"]
+    one = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[1])
+    assert [p.stem for p in device_lock_paths(one)] == ["gpu-1"]
+    cpu = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], device="cpu")
+    assert [p.stem for p in device_lock_paths(cpu)] == ["cpu"]
+
+
 def test_two_ranks_train_the_same_steps_as_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path):
     one = create_job(_spec(tiny_model_dir, None), root=tmp_path / "jobs")
     two = create_job(_spec(tiny_model_dir, [0, 1]), root=tmp_path / "jobs")
