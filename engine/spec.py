@@ -118,6 +118,11 @@ class _ModelJob(_Strict):
                 raise ValueError("give either gpu_index (one card) or gpus (several), not both")
             if len(self.gpus) == 1:  # one card is the one-device path: gpu_index names it
                 self.gpu_index = self.gpus[0]
+        if self.train.backend == "unsloth" and (self.gpus == "all" or len(self.gpus or []) > 1):
+            raise ValueError(
+                "backend 'unsloth' trains on one GPU (its open-source version); with several gpus "
+                "use backend 'native' or 'auto'"
+            )
         return self
 
 

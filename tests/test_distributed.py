@@ -64,6 +64,10 @@ def test_gpus_setting_is_validated():
         FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], gpu_index=1)
     with pytest.raises(ValidationError, match="one device for now"):
         SeriesSpec(datasets=[DatasetSettings(path="x.jsonl")], num_runs=2, gpus="all")
+    with pytest.raises(ValidationError, match="backend 'native' or 'auto'"):
+        FinetuneSpec(
+            dataset=DatasetSettings(path="x.jsonl"), gpus="all", train=TrainSettings(backend="unsloth")
+        )
     one = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[3])  # one card: the one-device path
     assert one.gpu_index == 3
     assert FinetuneSpec.model_validate_json(one.model_dump_json()).gpu_index == 3

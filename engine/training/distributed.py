@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +265,15 @@ def run_rank(job_dir: str | Path) -> int:
         device = pick_device(spec.device, devices[local])
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        spec = spec.model_copy(update={"gpu_index": devices[local] if device.startswith("cuda") else 0})
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # the rank's own card, and the native path: 'auto' would take Unsloth, which has one GPU only
+        train = spec.train.model_copy(update={"backend": "native"})
+        spec = spec.model_copy(
+            update={"gpu_index": devices[local] if device.startswith("cuda") else 0, "train": train}
+        )
+        # Rank 0 alone evaluates and checkpoints, and a hot card pauses its rank for up to
+        # safety.max_pause_s, while the others wait in the next collective: allow for that.
+        wait = timedelta(seconds=max(1800.0, 2 * spec.safety.max_pause_s))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=wait)
         _ACTIVE = RankContext(rank=rank, world=world, device=device)
         cancel_file = job_dir / CANCEL_FILE
         cancel_check = lambda: _ACTIVE.agree(rank == 0 and cancel_file.exists())  # noqa: E731
