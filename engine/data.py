@@ -5,11 +5,8 @@ starts. ``datasets``/``pyarrow`` load lazily, only for Parquet files, saved ``da
 and hub names.
 
 Sources
-    ``.jsonl`` (one JSON object a line), ``.json`` (a list of rows, or an object holding the
-    list under ``data``, ``rows`` or ``train``), ``.csv`` (a header row; ``messages`` and
-    ``conversations`` cells may hold JSON text), ``.parquet``, a folder written by
-    ``datasets.save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` plus ``split``), and anything
-    else is taken as a Hugging Face Hub dataset name.
+    Read by ``engine.dataset_sources``: ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, a folder
+    written by ``datasets.save_to_disk``, or a Hugging Face Hub dataset name.
 
 Row formats (one per file, detected from the rows)
     ``chat``        ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
@@ -31,16 +28,13 @@ Where a problem is reported
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine.files import PathError, path_kind, quoted, user_path
+from engine.dataset_sources import DatasetError, RawRow, open_source, type_name
 
 if TYPE_CHECKING:
     from engine.spec import DatasetSettings
@@ -59,8 +53,6 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-JSON_LIST_KEYS = ("data", "rows", "train")
 MAX_PROBLEMS_KEPT = 1000  # a report keeps this many problems; the count covers all of them
 PROBLEMS_IN_MESSAGE = 5
 
@@ -138,39 +130,9 @@ class DatasetReport:
         )
         return "\n".join(lines)
 
-    def summary(self) -> str:
-        """One line for logs and tool results."""
-        text = f"{self.path}: {self.format} format, {self.rows_ok} of {self.rows_total} rows usable"
-        if self.bad_rows:
-            text += f", {self.bad_rows} bad" + (f" ({self.skipped} skipped)" if self.skipped else "")
-        return text
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be used as it is; the message says what is wrong and how to fix it."""
-
-    def __init__(self, message: str, report: DatasetReport | None = None):
-        super().__init__(message)
-        self.report = report
-
 
 class _BadRow(Exception):
     """Raised while normalising one row; becomes a RowProblem."""
-
-
-@dataclass
-class _RawRow:
-    position: int  # line (JSONL/CSV) or 1-based row number
-    value: Any = None
-    error: str | None = None  # set when the row could not even be parsed
-
-
-@dataclass
-class _Source:
-    label: str  # the file name shown in messages
-    unit: Literal["line", "row"]
-    source_type: str
-    rows: Iterator[_RawRow]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +180,8 @@ def split_for_eval(
 
 
 def _read(path: str, split: str | None) -> tuple[list[Example], DatasetReport]:
-    source = _open_source(path, split)
-    parsed: list[tuple[_RawRow, RowFormat | None, str | None]] = []
+    source = open_source(path, split)
+    parsed: list[tuple[RawRow, RowFormat | None, str | None]] = []
     for raw in source.rows:
         if raw.error is not None:
             parsed.append((raw, None, raw.error))
@@ -286,7 +248,7 @@ def _char_length(ex: Example) -> int:
 def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
     """The format a row claims by its keys, or (None, why it has none)."""
     if not isinstance(row, dict):
-        return None, f"expected an object with named fields, got {_type_name(row)}"
+        return None, f"expected an object with named fields, got {type_name(row)}"
     present = {k for k, v in row.items() if v is not None}
     if "messages" in present:
         return "chat", None
@@ -315,20 +277,6 @@ def _format_help() -> str:
     )
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
 def _text_field(row: dict[str, Any], key: str, *, required: bool = True, allow_empty: bool = False) -> str:
     value = row.get(key)
     if value is None:
@@ -336,7 +284,7 @@ def _text_field(row: dict[str, Any], key: str, *, required: bool = True, allow_e
             raise _BadRow(f"missing field '{key}'")
         return ""
     if not isinstance(value, str):
-        raise _BadRow(f"field '{key}' must be a string, got {_type_name(value)}")
+        raise _BadRow(f"field '{key}' must be a string, got {type_name(value)}")
     if not allow_empty and not value.strip():
         raise _BadRow(f"field '{key}' is empty")
     return value
@@ -353,7 +301,7 @@ def _content_text(content: Any, what: str) -> str:
                 raise _BadRow(f"{what}: only text content is supported (found a '{part.get('type')}' part)")
             texts.append(part["text"])
         return "".join(texts)
-    raise _BadRow(f"{what}: content must be a string, got {_type_name(content)}")
+    raise _BadRow(f"{what}: content must be a string, got {type_name(content)}")
 
 
 def _maybe_json_cell(value: Any, key: str) -> Any:
@@ -381,61 +329,42 @@ def _check_conversation(messages: list[dict[str, str]], key: str) -> list[dict[s
     return messages
 
 
-def _normalise_chat(row: dict[str, Any], where: str) -> Example:
-    messages = _maybe_json_cell(row["messages"], "messages")
-    if not isinstance(messages, list):
-        raise _BadRow(f"field 'messages' must be a list of messages, got {_type_name(messages)}")
-    out: list[dict[str, str]] = []
-    for i, m in enumerate(messages):
-        what = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _BadRow(f"{what} must be an object with role and content, got {_type_name(m)}")
-        role = m.get("role")
-        if role is None:
-            raise _BadRow(f"{what}: missing field 'role'")
-        if not isinstance(role, str):
-            raise _BadRow(f"{what}: role must be a string, got {_type_name(role)}")
-        if role in TOOL_ROLES or (role == "assistant" and m.get("tool_calls")):
-            raise _BadRow(
-                f"{what}: tool-calling turns (role '{role}') are not supported; remove the tool turns or the row"
-            )
-        if role not in ROLES:
-            hint = ""
-            if role in SHAREGPT_ROLES:  # human/gpt: ShareGPT speakers written as chat roles
-                hint = f"; did you mean '{SHAREGPT_ROLES[role]}'?"
-            raise _BadRow(f"{what}: unknown role '{role}' (expected one of: {', '.join(ROLES)}){hint}")
-        if "content" not in m or m["content"] is None:
-            raise _BadRow(f"{what}: missing field 'content'")
-        out.append({"role": role, "content": _content_text(m["content"], what)})
-    return Example(kind="chat", messages=_check_conversation(out, "messages"), source=where)
+# key -> (speaker field, text field, the fields some exports use instead, speaker -> role, speakers shown)
+_CONVERSATIONS: dict[str, tuple[str, str, tuple[str, str], dict[str, str], tuple[str, ...]]] = {
+    "messages": ("role", "content", ("role", "content"), {r: r for r in ROLES}, ROLES),
+    # ShareGPT writes from/value; some exports use role/content inside conversations.
+    "conversations": ("from", "value", ("role", "content"), SHAREGPT_ROLES, ("system", "human", "gpt")),
+}
 
 
-def _normalise_sharegpt(row: dict[str, Any], where: str) -> Example:
-    turns = _maybe_json_cell(row["conversations"], "conversations")
+def _normalise_conversation(row: dict[str, Any], where: str, key: str) -> Example:
+    speaker_key, text_key, (alt_speaker, alt_text), roles, shown = _CONVERSATIONS[key]
+    turns = _maybe_json_cell(row[key], key)
     if not isinstance(turns, list):
-        raise _BadRow(f"field 'conversations' must be a list of turns, got {_type_name(turns)}")
+        raise _BadRow(f"field '{key}' must be a list of messages, got {type_name(turns)}")
     out: list[dict[str, str]] = []
     for i, t in enumerate(turns):
-        what = f"conversations[{i}]"
+        what = f"{key}[{i}]"
         if not isinstance(t, dict):
-            raise _BadRow(f"{what} must be an object with from and value, got {_type_name(t)}")
-        # ShareGPT writes from/value; some exports use role/content inside conversations.
-        speaker = t.get("from", t.get("role"))
-        value = t.get("value", t.get("content"))
+            raise _BadRow(f"{what} must be an object with {speaker_key} and {text_key}, got {type_name(t)}")
+        speaker, text = t.get(speaker_key, t.get(alt_speaker)), t.get(text_key, t.get(alt_text))
         if speaker is None:
-            raise _BadRow(f"{what}: missing field 'from'")
+            raise _BadRow(f"{what}: missing field '{speaker_key}'")
         if not isinstance(speaker, str):
-            raise _BadRow(f"{what}: 'from' must be a string, got {_type_name(speaker)}")
-        if speaker in TOOL_ROLES:
+            raise _BadRow(f"{what}: '{speaker_key}' must be a string, got {type_name(speaker)}")
+        if speaker in TOOL_ROLES or (speaker == "assistant" and t.get("tool_calls")):
             raise _BadRow(
-                f"{what}: tool-calling turns ('{speaker}') are not supported; remove them or the row"
+                f"{what}: tool-calling turns ({speaker_key} '{speaker}') are not supported; remove the tool turns or the row"
             )
-        if speaker not in SHAREGPT_ROLES:
-            raise _BadRow(f"{what}: unknown speaker '{speaker}' (expected one of: system, human, gpt)")
-        if value is None:
-            raise _BadRow(f"{what}: missing field 'value'")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": _content_text(value, what)})
-    return Example(kind="chat", messages=_check_conversation(out, "conversations"), source=where)
+        if speaker not in roles:
+            # human/gpt: ShareGPT speakers written as chat roles
+            hint = f"; did you mean '{SHAREGPT_ROLES[speaker]}'?" if speaker in SHAREGPT_ROLES else ""
+            word = "role" if key == "messages" else "speaker"
+            raise _BadRow(f"{what}: unknown {word} '{speaker}' (expected one of: {', '.join(shown)}){hint}")
+        if text is None:
+            raise _BadRow(f"{what}: missing field '{text_key}'")
+        out.append({"role": roles[speaker], "content": _content_text(text, what)})
+    return Example(kind="chat", messages=_check_conversation(out, key), source=where)
 
 
 def _normalise_alpaca(row: dict[str, Any], where: str) -> Example:
@@ -465,7 +394,7 @@ def _normalise_text(row: dict[str, Any], where: str) -> Example:
 def _token_list(row: dict[str, Any], key: str, *, allow_ignore: bool) -> list[int]:
     value = _maybe_json_cell(row.get(key), key)
     if not isinstance(value, list) or not value:
-        raise _BadRow(f"field '{key}' must be a non-empty list of token ids, got {_type_name(value)}")
+        raise _BadRow(f"field '{key}' must be a non-empty list of token ids, got {type_name(value)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not (allow_ignore and v == -100)):
             raise _BadRow(
@@ -483,258 +412,10 @@ def _normalise_tokens(row: dict[str, Any], where: str) -> Example:
 
 
 _NORMALISERS = {
-    "chat": _normalise_chat,
-    "sharegpt": _normalise_sharegpt,
+    "chat": lambda row, where: _normalise_conversation(row, where, "messages"),
+    "sharegpt": lambda row, where: _normalise_conversation(row, where, "conversations"),
     "alpaca": _normalise_alpaca,
     "prompt_completion": _normalise_prompt_completion,
     "text": _normalise_text,
     "tokens": _normalise_tokens,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-def is_hub_dataset(path: str) -> bool:
-    """A name the worker downloads from the hub, rather than a file or folder on this machine."""
-    try:
-        exists = path_kind(user_path(path, "dataset"), "dataset") is not None
-    except PathError:  # something is there but unusable (a FIFO, a name too long): not a hub name
-        exists = True
-    return not exists and not _looks_like_local_path(path)
-
-
-def _looks_like_local_path(path: str) -> bool:
-    return (
-        path.startswith((".", "/", "~", "\\"))
-        or Path(path).suffix.lower() in FILE_SUFFIXES + (".txt", ".tsv", ".arrow")
-        or (len(path) > 1 and path[1] == ":")  # a Windows drive
-        or path.count("/") > 1
-    )
-
-
-def _open_source(path: str, split: str | None) -> _Source:
-    if not path or not path.strip():
-        raise DatasetError("the dataset path is empty; give a JSONL/JSON/CSV/Parquet file or a folder")
-    try:  # by type, before anything opens it: a FIFO or a device would block the read
-        p = user_path(path, "dataset")
-        kind = path_kind(p, "dataset")
-    except PathError as exc:
-        raise DatasetError(str(exc)) from None
-    if kind == "dir":
-        return _saved_dataset_source(p, split)
-    if kind == "file":
-        suffix = p.suffix.lower()
-        readers = {
-            ".jsonl": _jsonl_source,
-            ".json": _json_source,
-            ".csv": _csv_source,
-            ".parquet": _parquet_source,
-        }
-        if suffix not in readers:
-            raise DatasetError(
-                f"{quoted(path)}: unknown file type {quoted(suffix or '(none)', 40)}; use .jsonl, .json, .csv or .parquet "
-                "(for JSON Lines under another name, rename the file to .jsonl)"
-            )
-        try:
-            return _json_source(p, split) if suffix == ".json" else readers[suffix](p)
-        except OSError as e:
-            raise DatasetError(f"{quoted(path)}: cannot read the file ({e.strerror or e})") from e
-    if _looks_like_local_path(path):
-        raise DatasetError(f"dataset file not found: {quoted(path)} (looked for {quoted(p.resolve())})")
-    return _hub_source(path, split)
-
-
-def _jsonl_source(p: Path) -> _Source:
-    def rows() -> Iterator[_RawRow]:
-        with open(p, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
-                    raw = raw[3:]
-                if not raw.strip():
-                    continue  # blank lines (often a trailing one) are not rows
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield _RawRow(n, error=f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
-                    continue
-                text = text.rstrip("\r\n")
-                try:
-                    yield _RawRow(n, json.loads(text))
-                except json.JSONDecodeError as e:
-                    yield _RawRow(n, error=f"not valid JSON ({e.msg} at column {e.pos + 1})")
-
-    p.open("rb").close()  # fail now (DatasetError) rather than midway when unreadable
-    return _Source(p.name, "line", "jsonl", rows())
-
-
-def _json_source(p: Path, split: str | None = None) -> _Source:
-    try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{p}: not UTF-8 text; save the file as UTF-8") from e
-    except json.JSONDecodeError as e:
-        hint = ""
-        if e.msg.startswith("Extra data"):
-            hint = " It looks like JSON Lines (one object per line): rename it to .jsonl."
-        raise DatasetError(f"{p.name}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).{hint}") from e
-    label = p.name
-    if isinstance(data, dict):
-        # {"train": [...], "test": [...]}: the split names the list; otherwise a known key does.
-        keys = [split] if split is not None else list(JSON_LIST_KEYS)
-        key = next((k for k in keys if isinstance(data.get(k), list)), None)
-        if key is None:
-            found = ", ".join(sorted(data)) or "none"
-            wanted = f"'{split}' (the split asked for)" if split is not None else ", ".join(JSON_LIST_KEYS)
-            raise DatasetError(
-                f"{p}: expected a list of rows, or an object with the list under {wanted}; "
-                f"found an object with keys: {found}"
-            )
-        data = data[key]
-        if split is not None:
-            label = f"{p.name}[{split}]"
-    if not isinstance(data, list):
-        raise DatasetError(f"{p}: expected a list of rows, got {_type_name(data)}")
-    return _Source(label, "row", "json", _rows_of(data))
-
-
-def _csv_source(p: Path) -> _Source:
-    def rows() -> Iterator[_RawRow]:
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            try:
-                header = next(reader)
-            except StopIteration:
-                return
-            except (csv.Error, UnicodeDecodeError) as e:
-                yield _RawRow(1, error=f"cannot read the header row ({e})")
-                return
-            start = reader.line_num + 1
-            while True:
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    return
-                except UnicodeDecodeError:
-                    yield _RawRow(start, error="not UTF-8 text; save the file as UTF-8")
-                    return
-                except csv.Error as e:
-                    yield _RawRow(start, error=f"not valid CSV ({e})")
-                    return
-                line, start = start, reader.line_num + 1
-                if not any(c.strip() for c in cells):
-                    continue
-                if len(cells) != len(header):
-                    yield _RawRow(line, error=f"has {len(cells)} cells but the header has {len(header)}")
-                    continue
-                # An empty cell is a missing value (a CSV cannot tell "" from absent).
-                yield _RawRow(line, {h: (c if c != "" else None) for h, c in zip(header, cells, strict=True)})
-
-    p.open("rb").close()
-    return _Source(p.name, "line", "csv", rows())
-
-
-def _parquet_source(p: Path) -> _Source:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - pyarrow comes with the train extra
-        raise DatasetError("reading Parquet needs pyarrow: pip install 'backprop-mcp[train]'") from e
-    try:
-        table = pq.read_table(p)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DatasetError(f"{p}: cannot read the Parquet file ({e})") from e
-    return _Source(p.name, "row", "parquet", _rows_of(table.to_pylist()))
-
-
-def _rows_of(records: Any) -> Iterator[_RawRow]:
-    for i, r in enumerate(records, start=1):
-        yield _RawRow(i, r)
-
-
-def _saved_dataset_source(p: Path, split: str | None) -> _Source:
-    if (
-        not (p / "dataset_dict.json").is_file()
-        and not (p / "dataset_info.json").is_file()
-        and not (p / "state.json").is_file()
-    ):
-        raise DatasetError(
-            f"{p} is a folder but not one saved with datasets' save_to_disk (no dataset_dict.json or "
-            "state.json); give the path of a .jsonl/.json/.csv/.parquet file instead"
-        )
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover
-        raise DatasetError(
-            "reading a saved dataset needs `datasets`: pip install 'backprop-mcp[train]'"
-        ) from e
-    try:
-        loaded = datasets.load_from_disk(str(p))
-    except Exception as e:
-        raise DatasetError(f"{p}: cannot load the saved dataset ({e})") from e
-    label = p.name
-    if isinstance(loaded, datasets.DatasetDict):
-        chosen = _choose_split(list(loaded.keys()), split, str(p))
-        loaded = loaded[chosen]
-        label = f"{p.name}[{chosen}]"
-    return _Source(label, "row", "saved_dataset", _rows_of(iter(loaded)))
-
-
-def _choose_split(names: list[str], split: str | None, where: str) -> str:
-    if split is not None:
-        if split not in names:
-            raise DatasetError(f"{where} has no split '{split}'; its splits are: {', '.join(names)}")
-        return split
-    if len(names) == 1:
-        return names[0]
-    if "train" in names:
-        return "train"
-    raise DatasetError(f"{where} has several splits ({', '.join(names)}); say which one with split")
-
-
-def _hub_source(name: str, split: str | None) -> _Source:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover
-        raise DatasetError(
-            f"'{name}' is not a local file or folder, and loading hub datasets needs `datasets`: "
-            "pip install 'backprop-mcp[train]'"
-        ) from e
-    try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise DatasetError(_hub_error_message(name, e)) from e
-    label = name
-    if isinstance(loaded, datasets.DatasetDict):
-        chosen = _choose_split(list(loaded.keys()), split, name)
-        loaded = loaded[chosen]
-        label = f"{name}[{chosen}]"
-    elif split:
-        label = f"{name}[{split}]"
-    return _Source(label, "row", "hub", _rows_of(iter(loaded)))
-
-
-def _hub_error_message(name: str, error: Exception) -> str:
-    import os
-
-    offline = any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-    text = f"{type(error).__name__}: {error}"
-    network_words = ("offline", "connect", "resolve", "network", "timed out", "unreachable", "couldn't reach")
-    unreachable = offline or any(w in text.lower() for w in network_words)
-    lines = [f"{quoted(name)} is not a local file or folder (no such path: {quoted(Path(name).resolve())})."]
-    if unreachable:
-        why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub is unreachable"
-        lines.append(
-            f"Taken as a Hugging Face Hub dataset it cannot be loaded: {why}. Give the path of a local "
-            ".jsonl/.json/.csv/.parquet file, or download the dataset on a machine with internet access "
-            "(datasets' save_to_disk) and pass that folder."
-        )
-    else:
-        lines.append(
-            f"Loading it as a Hugging Face Hub dataset failed ({text}). Check the name (and split), "
-            "or give the path of a local file."
-        )
-    return " ".join(lines)

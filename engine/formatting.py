@@ -112,12 +112,6 @@ def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) ->
     return TokenizedExample(input_ids=list(ids), labels=list(labels), truncated=truncated, source=ex.source)
 
 
-def tokenize_examples(
-    examples: list[Example], tokenizer: Any, max_seq_length: int | None
-) -> list[TokenizedExample]:
-    return [tokenize_example(ex, tokenizer, max_seq_length) for ex in examples]
-
-
 # ---------------------------------------------------------------------------------------------
 
 

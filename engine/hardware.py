@@ -60,12 +60,7 @@ class GpuProbe:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "available": self.available,
-            "gpus": [g.to_dict() for g in self.gpus],
-            "reason": self.reason,
-            "notes": list(self.notes),
-        }
+        return asdict(self)
 
 
 def _import_pynvml() -> Any:
@@ -140,17 +135,25 @@ def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> 
     )
 
 
-def probe_gpus() -> GpuProbe:
-    """Describe every NVIDIA GPU NVML can see. Never raises: a failure becomes ``reason``."""
+def _start_nvml() -> tuple[Any, str | None]:
+    """(pynvml, initialised) or (None, why NVML cannot be used)."""
     try:
         pynvml = _import_pynvml()
     except ImportError:
-        return GpuProbe(False, reason="the nvidia-ml-py package (pynvml) is not installed")
+        return None, "the nvidia-ml-py package (pynvml) is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return None, _describe_nvml_error(exc)
+    return pynvml, None
+
+
+def probe_gpus() -> GpuProbe:
+    """Describe every NVIDIA GPU NVML can see. Never raises: a failure becomes ``reason``."""
     with _nvml_lock:
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            return GpuProbe(False, reason=_describe_nvml_error(exc))
+        pynvml, reason = _start_nvml()
+        if pynvml is None:
+            return GpuProbe(False, reason=reason)
         try:
             driver = _safe(lambda: _as_str(pynvml.nvmlSystemGetDriverVersion()))
             cuda = _cuda_version_string(_safe(pynvml.nvmlSystemGetCudaDriverVersion))
@@ -183,16 +186,8 @@ class GpuMonitor:
         self.index = index
         self._pynvml: Any = None
         self._handle: Any = None
-        self.unavailable_reason: str | None = None
-        try:
-            pynvml = _import_pynvml()
-        except ImportError:
-            self.unavailable_reason = "the nvidia-ml-py package (pynvml) is not installed"
-            return
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            self.unavailable_reason = _describe_nvml_error(exc)
+        pynvml, self.unavailable_reason = _start_nvml()
+        if pynvml is None:
             return
         try:
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -257,10 +252,6 @@ class ThermalGuard:
             )
         self.settings = settings
         self.paused = False
-
-    def check(self, sample: dict[str, Any] | None) -> ThermalAction:
-        """The action for this sample: "ok", "pause" or "emergency" (``decide`` also says why)."""
-        return self.decide(sample).action
 
     def decide(self, sample: dict[str, Any] | None) -> ThermalDecision:
         s = self.settings

@@ -87,37 +87,15 @@ class Preset:
 
     name: str
     hf_id: str | None  # None for the offline tiny model
-    family: str  # model_type: qwen2, llama, mistral
     params_b: float  # billions of parameters
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    max_context: int
+    shape: ModelShape
     chat_template: ChatTemplate
-    head_dim: int = 0
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
     gated: bool = False  # the hub asks users to accept a licence before downloading
     description: str = ""
 
     @property
-    def shape(self) -> ModelShape:
-        return ModelShape(
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            vocab_size=self.vocab_size,
-            intermediate_size=self.intermediate_size,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            max_context=self.max_context,
-            tie_word_embeddings=self.tie_word_embeddings,
-            attention_bias=self.attention_bias,
-            model_type=self.family,
-        )
+    def family(self) -> str:  # model_type: qwen2, llama, mistral
+        return self.shape.model_type
 
     def vram_gib(
         self, quantization: str = "4bit", *, seq_len: int = 2048, micro_batch: int = 1, lora_rank: int = 16
@@ -143,7 +121,7 @@ class Preset:
             "hf_id": self.hf_id,
             "family": self.family,
             "params_b": self.params_b,
-            "max_context": self.max_context,
+            "max_context": self.shape.max_context,
             "chat_template": self.chat_template,
             "gated": self.gated,
             "description": self.description,
@@ -155,53 +133,61 @@ class Preset:
 def _tiny_preset() -> Preset:
     from engine import tiny
 
-    nominal = ModelShape(
-        hidden_size=tiny.HIDDEN_SIZE,
-        num_layers=tiny.NUM_LAYERS,
-        vocab_size=tiny.MIN_MODEL_VOCAB,
-        intermediate_size=tiny.INTERMEDIATE_SIZE,
-        num_heads=tiny.NUM_HEADS,
-        num_kv_heads=tiny.NUM_KV_HEADS,
-        attention_bias=True,
-    )
+    # The real vocabulary depends on the trained tokenizer (at least MIN_MODEL_VOCAB rows);
+    # model_shape("tiny") reads the built config.json.
+    shape = ModelShape(
+        tiny.HIDDEN_SIZE, tiny.NUM_LAYERS, tiny.MIN_MODEL_VOCAB, tiny.INTERMEDIATE_SIZE, tiny.NUM_HEADS,
+        tiny.NUM_KV_HEADS, max_context=tiny.MAX_POSITIONS, attention_bias=True, model_type="qwen2",
+    )  # fmt: skip
     return Preset(
-        name="tiny",
-        hf_id=None,
-        family="qwen2",
-        params_b=round(nominal.params / 1e9, 4),
-        hidden_size=tiny.HIDDEN_SIZE,
-        num_layers=tiny.NUM_LAYERS,
-        # The real vocabulary depends on the trained tokenizer (at least MIN_MODEL_VOCAB rows);
-        # model_shape("tiny") reads the built config.json.
-        vocab_size=tiny.MIN_MODEL_VOCAB,
-        intermediate_size=tiny.INTERMEDIATE_SIZE,
-        num_heads=tiny.NUM_HEADS,
-        num_kv_heads=tiny.NUM_KV_HEADS,
-        max_context=tiny.MAX_POSITIONS,
-        chat_template="chatml",
-        attention_bias=True,
+        "tiny", None, round(shape.params / 1e9, 4), shape, "chatml",
         description="random-weight Qwen2-architecture model built offline; for tests and demos on CPU",
-    )
+    )  # fmt: skip
+
+
+def _shape(
+    family: str,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    *,
+    ctx: int,
+    tied: bool = False,
+) -> ModelShape:
+    """The numbers of a hub config.json (Qwen2 has q/k/v biases)."""
+    return ModelShape(
+        hidden, layers, vocab, inter, heads, kv, max_context=ctx, tie_word_embeddings=tied,
+        attention_bias=family == "qwen2", model_type=family,
+    )  # fmt: skip
 
 
 # Architecture numbers are those of each model's config.json on the hub.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "qwen2", 7.62, 3584, 28, 152064, 18944, 28, 4, 32768,
-               "chatml", attention_bias=True, description="Qwen2.5 7B Instruct"),
-        Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", "qwen2", 3.09, 2048, 36, 151936, 11008, 16, 2, 32768,
-               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 3B Instruct"),
-        Preset("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", 1.54, 1536, 28, 151936, 8960, 12, 2, 32768,
-               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 1.5B Instruct"),
-        Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", 0.49, 896, 24, 151936, 4864, 14, 2, 32768,
-               "chatml", tie_word_embeddings=True, attention_bias=True, description="Qwen2.5 0.5B Instruct"),
-        Preset("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama", 3.21, 3072, 28, 128256, 8192, 24, 8, 131072,
-               "llama3", tie_word_embeddings=True, gated=True, description="Llama 3.2 3B Instruct (gated on the hub)"),
-        Preset("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama", 1.24, 2048, 16, 128256, 8192, 32, 8, 131072,
-               "llama3", tie_word_embeddings=True, gated=True, description="Llama 3.2 1B Instruct (gated on the hub)"),
-        Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "mistral", 7.25, 4096, 32, 32768, 14336, 32, 8, 32768,
-               "mistral", description="Mistral 7B Instruct v0.3"),
+        Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.62,
+               _shape("qwen2", 3584, 28, 152064, 18944, 28, 4, ctx=32768), "chatml", description="Qwen2.5 7B Instruct"),
+        Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 3.09,
+               _shape("qwen2", 2048, 36, 151936, 11008, 16, 2, ctx=32768, tied=True), "chatml",
+               description="Qwen2.5 3B Instruct"),
+        Preset("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54,
+               _shape("qwen2", 1536, 28, 151936, 8960, 12, 2, ctx=32768, tied=True), "chatml",
+               description="Qwen2.5 1.5B Instruct"),
+        Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 0.49,
+               _shape("qwen2", 896, 24, 151936, 4864, 14, 2, ctx=32768, tied=True), "chatml",
+               description="Qwen2.5 0.5B Instruct"),
+        Preset("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", 3.21,
+               _shape("llama", 3072, 28, 128256, 8192, 24, 8, ctx=131072, tied=True), "llama3", gated=True,
+               description="Llama 3.2 3B Instruct (gated on the hub)"),
+        Preset("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24,
+               _shape("llama", 2048, 16, 128256, 8192, 32, 8, ctx=131072, tied=True), "llama3", gated=True,
+               description="Llama 3.2 1B Instruct (gated on the hub)"),
+        Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25,
+               _shape("mistral", 4096, 32, 32768, 14336, 32, 8, ctx=32768), "mistral",
+               description="Mistral 7B Instruct v0.3"),
         _tiny_preset(),
     )
 }  # fmt: skip
@@ -229,10 +215,6 @@ class ResolvedModel:
     target: str  # what from_pretrained gets: a folder path or a hub id
     preset: Preset | None = None
     local_path: Path | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return self.local_path is not None
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -51,7 +51,8 @@ def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
 
     Hub datasets are checked by the worker once downloaded.
     """
-    from engine.data import DatasetError, inspect_dataset, is_hub_dataset
+    from engine.data import DatasetError, inspect_dataset
+    from engine.dataset_sources import is_hub_dataset
 
     if is_hub_dataset(settings.path):
         return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
@@ -178,7 +179,7 @@ def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[Pres
             note = ("trains on the CPU" + (" (slowly)" if preset.hf_id else "")) if small else "needs a GPU"
             fits.append(PresetFit(preset.name, model, small, None, None, note))
             continue
-        seq = min(seq_length, preset.max_context)
+        seq = min(seq_length, preset.shape.max_context)
         kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
         free = card.memory_free_mb / 1024
         micro = largest_micro_batch(preset.shape, "4bit", rank, seq, free, limit=16, **kwargs)

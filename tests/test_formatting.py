@@ -13,7 +13,6 @@ from engine.formatting import (
     FormattingError,
     render_prompt,
     tokenize_example,
-    tokenize_examples,
 )
 from engine.spec import DatasetSettings
 
@@ -80,7 +79,7 @@ def test_chat_trains_assistant_turns_and_their_end_of_turn_only(tokenizer: Any) 
 def test_every_example_file_masks_exactly_the_assistant_text(tokenizer: Any) -> None:
     for name in ("chat", "sharegpt", "alpaca"):
         examples, _ = load_examples(DatasetSettings(path=str(EXAMPLES / f"{name}.jsonl")))
-        for ex, te in zip(examples, tokenize_examples(examples, tokenizer, None), strict=True):
+        for ex, te in zip(examples, [tokenize_example(ex, tokenizer, None) for ex in examples], strict=True):
             expected = [m["content"] + "<|im_end|>" for m in ex.messages or [] if m["role"] == "assistant"]
             assert trained_runs(tokenizer, te.input_ids, te.labels) == expected, ex.source
 

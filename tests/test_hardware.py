@@ -166,13 +166,13 @@ def test_thermal_guard_pauses_with_hysteresis_and_stops_in_an_emergency():
         SafetySettings(pause_temperature_c=85, resume_temperature_c=78, emergency_temperature_c=92)
     )
     seq = [70, 84, 85, 86, 80, 79, 78, 84, 90, 93]
-    actions = [guard.check({"temperature_c": t}) for t in seq]
+    actions = [guard.decide({"temperature_c": t}).action for t in seq]
     assert actions == ["ok", "ok", "pause", "pause", "pause", "pause", "ok", "ok", "pause", "emergency"]
     d = ThermalGuard(SafetySettings()).decide({"temperature_c": 95})
     assert d.action == "emergency" and "95" in d.reason
     # No reading (CPU run, sensor missing): nothing to guard against.
-    assert ThermalGuard(SafetySettings()).check(None) == "ok"
-    assert ThermalGuard(SafetySettings()).check({"temperature_c": None}) == "ok"
+    assert ThermalGuard(SafetySettings()).decide(None).action == "ok"
+    assert ThermalGuard(SafetySettings()).decide({"temperature_c": None}).action == "ok"
 
 
 def test_thermal_guard_refuses_inconsistent_limits():

@@ -43,9 +43,9 @@ def test_preset_shape_matches_transformers_parameter_count(name):
     """The preset's numbers, built into a real config on the meta device, give the published size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    p = PRESETS[name]
+    p = PRESETS[name].shape
     config = AutoConfig.for_model(
-        p.family,
+        p.model_type,
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
         num_hidden_layers=p.num_layers,
@@ -54,14 +54,14 @@ def test_preset_shape_matches_transformers_parameter_count(name):
         vocab_size=p.vocab_size,
         max_position_embeddings=p.max_context,
         tie_word_embeddings=p.tie_word_embeddings,
-        **({"head_dim": p.hidden_size // p.num_heads} if p.family != "qwen2" else {}),
+        **({"head_dim": p.hidden_size // p.num_heads} if p.model_type != "qwen2" else {}),
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     real = sum(t.numel() for t in model.parameters())
-    assert p.shape.params == real
-    assert real / 1e9 == pytest.approx(p.params_b, rel=0.01)
-    assert model_shape(name) == p.shape
+    assert p.params == real
+    assert real / 1e9 == pytest.approx(PRESETS[name].params_b, rel=0.01)
+    assert model_shape(name) == p
 
 
 def test_preset_vram_needs_come_from_the_estimate():
@@ -76,7 +76,7 @@ def test_preset_vram_needs_come_from_the_estimate():
 
 
 def test_known_architecture_numbers():
-    q7 = PRESETS["qwen2.5-7b"]
+    q7 = PRESETS["qwen2.5-7b"].shape
     assert (
         q7.hidden_size,
         q7.intermediate_size,
@@ -102,7 +102,7 @@ def test_known_architecture_numbers():
 
 def test_resolve_presets_folders_and_hub_names(tiny_dir, tmp_path):
     r = resolve_model("Qwen2.5-7B")  # case-insensitive
-    assert r.source == "preset" and r.target == "Qwen/Qwen2.5-7B-Instruct" and not r.is_local
+    assert r.source == "preset" and r.target == "Qwen/Qwen2.5-7B-Instruct" and r.local_path is None
     assert (tiny_dir / "config.json").is_file()
     t = resolve_model("tiny")
     assert t.local_path == tiny_dir and t.target == str(tiny_dir)
@@ -181,7 +181,7 @@ def test_model_shape_reads_config_without_weights(tiny_dir):
     # The count from the safetensors headers equals the formula for this architecture.
     assert shape.params == ModelShape(**{**shape.to_dict(), "params": 0}).params
     # The tiny preset's nominal numbers follow engine.tiny.
-    p = PRESETS["tiny"]
+    p = PRESETS["tiny"].shape
     assert (p.hidden_size, p.num_layers, p.intermediate_size, p.num_heads) == (
         shape.hidden_size,
         shape.num_layers,

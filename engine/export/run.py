@@ -31,6 +31,11 @@ def human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _file_entry(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    return {"path": str(path), "bytes": size, "human": human_size(size)}
+
+
 def _progress(events: EventWriter, stage: str) -> Callable[[int, int, str], None]:
     last = [0.0]
 
@@ -154,8 +159,7 @@ def _run(
         else:
             quantize_gguf(intermediate, target, quant)
         files[quant] = target
-        size = target.stat().st_size
-        sizes[quant] = {"path": str(target), "bytes": size, "human": human_size(size)}
+        sizes[quant] = _file_entry(target)
         events.emit(Progress(stage="quantize", step=i + 1, total=len(spec.quantizations), item=quant))
         check_cancel()
     intermediate.unlink(missing_ok=True)
@@ -167,18 +171,19 @@ def _run(
             )
         adapter_path = convert_adapter_to_gguf(merger, source.base_dir, out_dir / f"{file_stem}-lora.gguf")
         artifacts["adapter_gguf"] = str(adapter_path)
-        metrics["files"]["adapter"] = {
-            "path": str(adapter_path),
-            "bytes": adapter_path.stat().st_size,
-            "human": human_size(adapter_path.stat().st_size),
-        }
+        metrics["files"]["adapter"] = _file_entry(adapter_path)
     done()
     check_cancel()
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source.tokenizer_dir), trust_remote_code=spec.trust_remote_code
+    )
     failed: list[str] = []
     if spec.verify:
         done = _stage(events, metrics, "verify", quantizations=list(files))
-        failed = _verify(spec, source, files, events, metrics, check_cancel)
+        failed = _verify(spec, source, tokenizer, files, events, metrics, check_cancel)
         done()
     else:
         events.warning(
@@ -213,7 +218,7 @@ def _run(
     main_quant = (
         "q4_k_m" if "q4_k_m" in shipped else next((q for q in shipped if q not in FLOAT_TYPES), shipped[0])
     )
-    return _ollama_stage(spec, source, files[main_quant], model_name, events, metrics, artifacts)
+    return _ollama_stage(spec, tokenizer, files[main_quant], model_name, events, metrics, artifacts)
 
 
 def _output_dir(spec: ExportSpec) -> Path | None:
@@ -252,18 +257,14 @@ def _publish(
 def _verify(
     spec: ExportSpec,
     source: Any,
+    tokenizer: Any,
     files: dict[str, Path],
     events: EventWriter,
     metrics: dict[str, Any],
     check_cancel: Callable[[], None],
 ) -> list[str]:
-    from transformers import AutoTokenizer
-
     from engine.export.verify import check_parity, load_reference
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(source.tokenizer_dir), trust_remote_code=spec.trust_remote_code
-    )
     model = load_reference(source.base_dir, source.adapter_dir, trust_remote_code=spec.trust_remote_code)
     failed: list[str] = []
     metrics["parity"] = {}
@@ -288,22 +289,17 @@ def _verify(
 
 def _ollama_stage(
     spec: ExportSpec,
-    source: Any,
+    tokenizer: Any,
     gguf_path: Path,
     model_name: str,
     events: EventWriter,
     metrics: dict[str, Any],
     artifacts: dict[str, str],
 ) -> JobResult:
-    from transformers import AutoTokenizer
-
     from engine.export.ollama import MODELFILE, OllamaError, modelfile_text, register, write_modelfile
     from engine.export.templates import TemplateNotRecognised, ollama_template_for
 
     done = _stage(events, metrics, "register", ollama=spec.register_ollama, model=model_name)
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(source.tokenizer_dir), trust_remote_code=spec.trust_remote_code
-    )
     template = None
     try:
         template = ollama_template_for(tokenizer)

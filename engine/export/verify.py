@@ -151,18 +151,6 @@ def reference_logits(model: Any, ids: list[int]) -> np.ndarray:
     return out.float().cpu().numpy()
 
 
-def greedy_gguf(llm: Any, ids: list[int], n_new: int) -> list[int]:
-    """Greedy continuation by argmax of llama.cpp's logits (no sampler, no penalties)."""
-    llm.reset()
-    llm.eval(ids)
-    out: list[int] = []
-    for _ in range(n_new):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
-
-
 def check_parity(
     gguf_path: str | Path,
     quantization: str,

@@ -42,7 +42,7 @@ from engine.files import atomic_write_json, write_dir_atomically
 from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
-from engine.training.evaluation import HeldoutSet, exact_match, heldout_loss, tokenize_heldout
+from engine.training.evaluation import HeldoutSet, score, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import RunPosition, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
@@ -277,15 +277,10 @@ def run_series(
             merged_dir = save_adapter(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
 
             events.stage("evaluate", run=run, runs=n_runs)
-            model.eval()
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            row_loss: list[float | None] = []
-            row_acc: list[float | None] = []
-            for i in range(run):
-                row_loss.append(round(heldout_loss(model, heldout[i], pad_id, device), 6))
-                acc = exact_match(model, tokenizer, heldout[i], pad_id, device)
-                row_acc.append(None if acc is None else round(acc, 6))
+            scores = [score(model, tokenizer, heldout[i], device) for i in range(run)]
             model.train()
+            row_loss: list[float | None] = [round(loss, 6) for loss, _ in scores]
+            row_acc: list[float | None] = [None if acc is None else round(acc, 6) for _, acc in scores]
             pad = [None] * (n_runs - run)
             state.loss_matrix.append(row_loss + pad)
             state.accuracy_matrix.append(row_acc + pad)

@@ -2,7 +2,8 @@
 
 loading      device choice, dataset loading with its events, tokenizing, settings resolved
              before the model loads
-lora         adding a LoRA adapter to a base model, saving it as a PEFT folder
+base_model   loading the base model and tokenizer (NF4 / 16-bit / fp32; Unsloth or transformers)
+lora         the model a recipe trains (base model, speed-ups, fresh LoRA), saving the adapter
 batching     packed rows, step plans fixed up front, collation with shifted targets
 loss         next-token loss from hidden states in checkpointed chunks
 loop         the optimizer loop (OOM back-off, heat pauses, cancel, checkpoints)

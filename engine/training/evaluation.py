@@ -128,6 +128,13 @@ def exact_match(model: Any, tokenizer: Any, data: HeldoutSet, pad_id: int, devic
     return correct / len(data.prompts)
 
 
+def score(model: Any, tokenizer: Any, held: HeldoutSet, device: str) -> tuple[float, float | None]:
+    """Held-out loss and exact match (None where rows have no answer) of ``model``, left in eval mode."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    return heldout_loss(model, held, pad_id, device), exact_match(model, tokenizer, held, pad_id, device)
+
+
 def held_out_evaluator(
     model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int, device: str, events: EventWriter
 ) -> Callable[[int], dict[str, float]] | None:
@@ -138,12 +145,10 @@ def held_out_evaluator(
     if not examples:
         return None
     held = tokenize_heldout(examples, tokenizer, max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def evaluate(global_step: int) -> dict[str, float]:
-        model.eval()
-        out = {"eval_loss": heldout_loss(model, held, pad_id, device)}
-        accuracy = exact_match(model, tokenizer, held, pad_id, device)
+        loss, accuracy = score(model, tokenizer, held, device)
+        out = {"eval_loss": loss}
         if accuracy is not None:
             out["eval_exact_match"] = accuracy
         events.emit(
