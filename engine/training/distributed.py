@@ -209,8 +209,10 @@ def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
     if first.get("status") == "cancelled":
         raise JobCancelled(first["message"])
     if code != 0 or first.get("status") != "succeeded":
+        silent = [r for r in range(len(devices)) if r not in outcomes]
         raise RuntimeError(
-            f"torchrun exited with code {code} and no rank said why; see worker.log in the job folder"
+            f"torchrun exited with code {code}; rank(s) {silent} ended without an error of their own "
+            "(killed, e.g. by the out-of-memory killer?): see worker.log in the job folder"
         )
     result = JobResult.model_validate(first["result"])
     result.metrics["devices"] = len(devices)
