@@ -78,6 +78,10 @@ def register_job_tools(
         ] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
         gpu_index: Annotated[int, Field(ge=0)] = 0,
+        gpus: Annotated[
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None,
+            Field(description="train on several GPUs at once (DDP): card indices or 'all'; default one card"),
+        ] = None,
         eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
         skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
         packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
@@ -101,6 +105,7 @@ def register_job_tools(
                     "quantization": quantization,
                     "device": device,
                     "gpu_index": gpu_index,
+                    "gpus": gpus,
                     "dataset": {
                         "path": data_path,
                         "skip_bad_rows": skip_bad_rows,

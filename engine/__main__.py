@@ -1,6 +1,7 @@
 """``python -m engine``: the worker entry point and the one-shot commands the server runs.
 
     python -m engine run <job_dir>            run a job (the server and ``backprop`` start this)
+    python -m engine rank <job_dir>           one rank of a job on several devices (torchrun starts it)
     python -m engine check-data '<json>'      dataset report + token statistics + defaults, as JSON
     python -m engine generate '<json>'        generate from a base model / adapter, as JSON
     (in place of '<json>', '-' reads the JSON from stdin: the server passes it so, never in argv)
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.worker import run_job
 
         return run_job(args[1])
+    if len(args) == 2 and args[0] == "rank":
+        from engine.training.distributed import run_rank
+
+        return run_rank(args[1])
     if len(args) == 2 and args[0] in ("check-data", "generate"):
         from engine.oneshot import run_oneshot
 

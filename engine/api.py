@@ -96,6 +96,7 @@ class Trainer:
         lora_rank: int = 16,
         lora_alpha: float | None = None,
         device: str = "auto",
+        gpus: list[int] | str | None = None,
         workdir: str | Path | None = None,
         verbose: bool = True,
     ):
@@ -103,6 +104,7 @@ class Trainer:
         self.quantization = quantization
         self.lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
         self.device = device
+        self.gpus = gpus  # several GPUs (DDP) for train(); a multi_run uses one device
         self.workdir = Path(workdir) if workdir else None
         self.verbose = verbose
         self.last: TrainResult | None = None
@@ -145,6 +147,7 @@ class Trainer:
             model=self.model,
             quantization=self.quantization,  # type: ignore[arg-type]
             device=self.device,  # type: ignore[arg-type]
+            gpus=self.gpus,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
             dataset=DatasetSettings(

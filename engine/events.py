@@ -241,6 +241,10 @@ class EventWriter:
             listener(stamped)
         return stamped
 
+    def catch_up(self) -> None:
+        """Continue the count after another process appended (the ranks of a multi-device job)."""
+        self._seq = _last_seq(self.path)
+
     def log(self, message: str, **details: Any) -> _Event:
         return self.emit(Log(message=message, details=details))
 

@@ -101,6 +101,12 @@ def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
             f"gpu_index={spec.gpu_index} but this machine has GPU(s) {[g.index for g in probe.gpus]}; "
             "pick one of them (inspect_gpu / backprop gpu lists them)."
         )
+    missing = sorted(set(spec.gpus) - {g.index for g in probe.gpus}) if isinstance(spec.gpus, list) else []
+    if missing:
+        raise PreflightError(
+            f"gpus={spec.gpus} names GPU(s) {missing} but this machine has {[g.index for g in probe.gpus]}; "
+            "list only those (or say 'all'; inspect_gpu / backprop gpu lists them)."
+        )
     shape = known_shape(spec.model)
     if shape is None:
         return ["memory fit is checked by the worker once the model's configuration is downloaded"]

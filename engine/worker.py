@@ -26,21 +26,23 @@ from engine.reporting import reporting
 from engine.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
 
 
-def device_lock_path(spec: Any) -> Path:
-    """One lock per device: ``gpu-N`` on a GPU machine, ``cpu`` otherwise.
+def device_lock_paths(spec: Any) -> list[Path]:
+    """One lock per device: ``gpu-N`` on a GPU machine, ``cpu`` otherwise; every card a job uses.
 
-    Every job that may touch a GPU holds it, export included (its merge and its parity check run on
+    Every job that may touch a GPU holds them, export included (its merge and its parity check run on
     CUDA when one is present), so an export never collides with a training job on the same card.
+    A job on several cards takes their locks in sorted order, so two such jobs cannot deadlock.
     """
     from engine.hardware import probe_gpus
+    from engine.training.distributed import job_devices
 
     device = "auto" if isinstance(spec, ExportSpec) else spec.device
     gpu_index = 0 if isinstance(spec, ExportSpec) else spec.gpu_index
     wants_gpu = device != "cpu" and probe_gpus().available
-    name = f"gpu-{gpu_index}" if wants_gpu else "cpu"
-    path = backprop_home() / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    names = [f"gpu-{i}" for i in (job_devices(spec) or [gpu_index])] if wants_gpu else ["cpu"]
+    root = backprop_home() / "locks"
+    root.mkdir(parents=True, exist_ok=True)
+    return [root / f"{name}.lock" for name in names]
 
 
 def _hint(exc: BaseException) -> str:
@@ -70,27 +72,34 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
         return cancel_file.exists()
 
     kind = "unknown"
-    lock: FileLock | None = None
+    locks: list[FileLock] = []
     try:
         spec = read_spec(job_dir)
         kind = spec.kind
-        lock_path = device_lock_path(spec)
-        lock = FileLock(str(lock_path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            events.emit(Queued(message=f"waiting for {lock_path.stem} (another job is using it)"))
-            while True:
-                if cancel_requested():
-                    raise JobCancelled("cancelled while queued") from None
-                try:
-                    lock.acquire(timeout=lock_poll_s)
-                    break
-                except Timeout:
-                    continue
-        events.emit(Started(kind=kind, pid=os.getpid(), device_lock=lock_path.stem))
-        with reporting(spec, job_dir, events):  # TensorBoard / W&B when train.report_to asks
-            result = _dispatch(spec, job_dir, events, cancel_requested)
+        lock_paths = device_lock_paths(spec)
+        for lock_path in lock_paths:
+            lock = FileLock(str(lock_path))
+            locks.append(lock)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                events.emit(Queued(message=f"waiting for {lock_path.stem} (another job is using it)"))
+                while True:
+                    if cancel_requested():
+                        raise JobCancelled("cancelled while queued") from None
+                    try:
+                        lock.acquire(timeout=lock_poll_s)
+                        break
+                    except Timeout:
+                        continue
+        events.emit(Started(kind=kind, pid=os.getpid(), device_lock="+".join(p.stem for p in lock_paths)))
+        from engine.training.distributed import job_devices, run_ranks
+
+        if devices := job_devices(spec):  # several devices: the ranks run the job (and report)
+            result = run_ranks(job_dir, devices, events)
+        else:
+            with reporting(spec, job_dir, events):  # TensorBoard / W&B when train.report_to asks
+                result = _dispatch(spec, job_dir, events, cancel_requested)
         write_result(job_dir, result)
         events.emit(Finished(status=result.status, metrics=result.metrics, artifacts=result.artifacts))
         return 0
@@ -103,16 +112,18 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
             )
         else:
             message = str(exc) or type(exc).__name__
-            error = {"type": type(exc).__name__, "message": message, "hint": _hint(exc)}
-            events.emit(ErrorEvent(exception=error["type"], message=message, hint=error["hint"]))
+            error = getattr(exc, "job_error", None)  # a rank's own error (RankFailed)
+            error = error or {"type": type(exc).__name__, "message": message, "hint": _hint(exc)}
+            events.emit(ErrorEvent(exception=error["type"], message=error["message"], hint=error["hint"]))
             result = JobResult(status="failed", kind=kind, error=error)
         write_result(job_dir, result)
         resume = resume_command(job_dir) if cancelled and kind != "export" else None
         events.emit(Finished(status=result.status, error=result.error, resume_command=resume))
         return 2 if cancelled else 1
     finally:
-        if lock is not None and lock.is_locked:
-            lock.release()
+        for lock in reversed(locks):
+            if lock.is_locked:
+                lock.release()
         events.close()
 
 

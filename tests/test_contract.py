@@ -89,10 +89,10 @@ def _wait_for(path: Path, text: str, timeout: float = 60.0) -> None:
 
 def test_an_export_waits_for_the_device_lock_and_a_queued_job_can_be_cancelled(tmp_path: Path) -> None:
     """Export holds the device lock like training (here the CPU's: this machine has no GPU)."""
-    from engine.worker import device_lock_path
+    from engine.worker import device_lock_paths
 
     spec = ExportSpec(source=str(tmp_path))
-    held = FileLock(str(device_lock_path(spec)))
+    held = FileLock(str(device_lock_paths(spec)[0]))
     held.acquire()
     try:
         job_dir = create_job(spec, root=tmp_path / "jobs")

@@ -484,6 +484,8 @@ async def test_gpu_report_and_fit_check_with_a_gpu(home: Path, dataset: Path, on
         assert "does not fit on GPU 0" in error_text(await client.call_tool("start_finetune", too_big))
         wrong_card = {"dataset_path": str(dataset), "gpu_index": 3}
         assert "inspect_gpu" in error_text(await client.call_tool("start_finetune", wrong_card))
+        two_cards = {"dataset_path": str(dataset), "model": "tiny", "gpus": [0, 3]}
+        assert "names GPU(s) [3]" in error_text(await client.call_tool("start_finetune", two_cards))
         assert structured(await client.call_tool("list_jobs", {}))["count"] == 0
 
 

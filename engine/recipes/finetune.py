@@ -15,6 +15,7 @@ from engine.data import split_for_eval
 from engine.events import EventWriter
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
 from engine.training.backend import backend_name
+from engine.training.distributed import active_rank
 from engine.training.evaluation import held_out_evaluator
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
@@ -34,7 +35,12 @@ def run_finetune(
 
     model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
 
-    evaluator = held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
+    writer = (rank := active_rank()) is None or rank.is_writer  # of several ranks, rank 0 alone writes
+    evaluator = (
+        held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
+        if writer
+        else None
+    )
     events.stage("training", total_steps=resolved.steps)
     outcome = train_adapter(
         model,
@@ -54,7 +60,7 @@ def run_finetune(
         events.stage("evaluating", examples=len(held_out))
         eval_metrics = evaluator(outcome.steps_done)
     events.stage("saving")
-    adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR)
+    adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR) if writer else job_dir / ADAPTER_DIR
     losses = [h["loss"] for h in outcome.loss_history]
     window = max(1, min(5, len(losses) // 4 or 1))
     metrics = {

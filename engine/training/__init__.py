@@ -14,4 +14,5 @@ backend      train.backend (auto | native | unsloth) and switching on the native
 fast_step    one optimizer step with no host sync inside
 fused_lora   base matmul and LoRA adapter in one autograd node
 varlen_attention  packed rows through flash-attention's varlen kernel (no dense mask)
+distributed  a job on several devices: torchrun launch, one DDP rank, rank outcomes
 """

@@ -24,6 +24,7 @@ from engine.spec import SafetySettings
 from engine.training import accel
 from engine.training.batching import StepPlan, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.training.distributed import active_rank
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 
 
@@ -98,6 +99,9 @@ def train_adapter(
     random.seed(resolved.seed)
     micro = resolved.micro_batch_size
     rows_per_step = micro * resolved.gradient_accumulation
+    rank = active_rank()  # None on one device; else this process is one DDP rank of several
+    if rank is not None:
+        rank.check_plan(rows_per_step)
     plan: StepPlan = plan_steps(
         data.lengths,
         max_seq_length=resolved.max_seq_length,
@@ -128,7 +132,7 @@ def train_adapter(
     where = position or RunPosition()
 
     def checkpoint(step: int) -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or (rank is not None and not rank.is_writer):
             return
         path = save_checkpoint(
             checkpoint_dir, step, model, optimizer, scheduler,
@@ -137,6 +141,8 @@ def train_adapter(
         events.emit(Checkpoint(step=step, path=str(path), run=where.run))
 
     model.train()
+    # one device: fast_step.run_step on the model; several: this rank's share through DDP
+    step_fn, step_model = (rank.run_step, rank.wrap(model)) if rank is not None else (run_step, model)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t_begin = time.perf_counter()
@@ -153,8 +159,16 @@ def train_adapter(
         rows = plan.steps[step]
         t0 = time.perf_counter()
         try:
-            loss_value, real_tokens, grad_norm = run_step(
-                model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, resolved.max_grad_norm
+            loss_value, real_tokens, grad_norm = step_fn(
+                step_model,
+                optimizer,
+                rows,
+                data,
+                micro,
+                pad_id,
+                device,
+                autocast_dtype,
+                resolved.max_grad_norm,
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,168 @@
+"""A job on several devices: DDP ranks through torchrun, here two CPU ranks over gloo on the tiny model.
+
+Real processes end to end (the worker, torchrun, two ranks); no GPU exists here, so the NCCL path
+and the per-card locks of a GPU machine are not exercised.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from engine.events import read_events
+from engine.jobs import create_job, prepare_resume, request_cancel
+from engine.spec import (
+    CHECKPOINT_DIR,
+    DatasetSettings,
+    FinetuneSpec,
+    LoraSettings,
+    SeriesSpec,
+    TrainSettings,
+    read_result,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = ROOT / "examples" / "data" / "chat.jsonl"
+
+
+def _spec(tiny_model_dir: Path, gpus: list[int] | None, **train: object) -> FinetuneSpec:
+    settings = {
+        "learning_rate": 3e-3,
+        "micro_batch_size": 1,
+        "gradient_accumulation": 4,
+        "max_seq_length": 128,
+        "steps": 3,
+        "packing": False,
+        **train,
+    }
+    return FinetuneSpec(
+        model=str(tiny_model_dir),
+        device="cpu",
+        quantization="none",  # fp32: the two runs must agree to float noise
+        gpus=gpus,
+        lora=LoraSettings(rank=8),
+        train=TrainSettings(**settings),
+        dataset=DatasetSettings(path=str(CHAT)),
+    )
+
+
+def _run(job_dir: Path) -> int:
+    env_cmd = [sys.executable, "-m", "engine", "run", str(job_dir)]
+    return subprocess.run(env_cmd, cwd=ROOT, timeout=600, stderr=subprocess.DEVNULL).returncode
+
+
+def test_gpus_setting_is_validated():
+    with pytest.raises(ValidationError, match="each card once"):
+        FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 0])
+    with pytest.raises(ValidationError, match="not both"):
+        FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], gpu_index=1)
+    with pytest.raises(ValidationError, match="one device for now"):
+        SeriesSpec(datasets=[DatasetSettings(path="x.jsonl")], num_runs=2, gpus="all")
+    with pytest.raises(ValidationError, match="backend 'native' or 'auto'"):
+        FinetuneSpec(
+            dataset=DatasetSettings(path="x.jsonl"), gpus="all", train=TrainSettings(backend="unsloth")
+        )
+    one = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[3])  # one card: the one-device path
+    assert one.gpu_index == 3
+    assert FinetuneSpec.model_validate_json(one.model_dump_json()).gpu_index == 3
+
+
+def test_a_job_on_several_cards_locks_each_in_sorted_order(monkeypatch):
+    """No GPU here: NVML's answer is replaced by two cards; the lock choice is the real code."""
+    from engine.hardware import GpuInfo, GpuProbe
+    from engine.worker import device_lock_paths
+
+    cards = [
+        GpuInfo(i, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
+        for i in (0, 1)
+    ]
+    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
+    spec = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[1, 0])
+    assert [p.stem for p in device_lock_paths(spec)] == ["gpu-0", "gpu-1"]
+    every = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus="all")
+    assert [p.stem for p in device_lock_paths(every)] == ["gpu-0", "gpu-1"]
+    one = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[1])
+    assert [p.stem for p in device_lock_paths(one)] == ["gpu-1"]
+    cpu = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], device="cpu")
+    assert [p.stem for p in device_lock_paths(cpu)] == ["cpu"]
+
+
+def test_two_ranks_train_the_same_steps_as_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path):
+    one = create_job(_spec(tiny_model_dir, None), root=tmp_path / "jobs")
+    two = create_job(_spec(tiny_model_dir, [0, 1]), root=tmp_path / "jobs")
+    assert _run(one) == 0
+    assert _run(two) == 0, (two / "worker.log").read_text()[-3000:]
+
+    r1, r2 = read_result(one), read_result(two)
+    assert r1 is not None and r2 is not None
+    assert r2.status == "succeeded" and r2.metrics["devices"] == 2
+    losses1 = [h["loss"] for h in r1.loss_history]
+    losses2 = [h["loss"] for h in r2.loss_history]
+    assert len(losses2) == 3
+    assert losses2 == pytest.approx(losses1, rel=1e-5, abs=1e-6)
+
+    # progress shows global figures: the same tokens and gradient norms per step as one rank
+    def steps(job: Path) -> list[tuple[int, float]]:
+        events, _ = read_events(job / "events.jsonl")
+        return [(e.tokens, e.grad_norm) for e in events if e.type == "progress"]
+
+    (t1, g1), (t2, g2) = zip(*steps(one), strict=True), zip(*steps(two), strict=True)
+    assert t2 == t1
+    assert g2 == pytest.approx(g1, rel=1e-4)
+
+    # one event log, counted once (rank 0 wrote the training events between the worker's own)
+    events, _ = read_events(two / "events.jsonl")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events].count("started") == 1 and events[-1].type == "finished"
+    assert [e.type for e in events].count("progress") == 3
+
+    # one adapter, with the weights one rank trains (Adam divides each element's gradient by its own
+    # running size, so where a gradient is near zero float noise can move a weight by a few percent
+    # of one learning-rate step: atol 1e-4 against lr 3e-3)
+    assert r2.artifacts["adapter"] == str((two / "adapter").resolve())
+    w1 = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in (two / "ranks").iterdir()) == ["rank-0.json", "rank-1.json"]
+
+
+def test_a_rank_error_fails_the_job_with_its_message(tiny_model_dir, tmp_path):
+    # one row per step cannot be split over two ranks: every rank raises, the job names the error
+    job = create_job(_spec(tiny_model_dir, [0, 1], gradient_accumulation=1), root=tmp_path / "jobs")
+    assert _run(job) == 1
+    result = read_result(job)
+    assert result is not None and result.status == "failed" and result.error is not None
+    assert result.error["type"] == "ValueError"
+    assert "each needs at least one row" in result.error["message"]
+    assert result.error["message"].startswith("rank ")
+    events, _ = read_events(job / "events.jsonl")
+    errors = [e for e in events if e.type == "error"]
+    assert len(errors) == 1 and "raise gradient_accumulation to 2" in errors[0].message
+    assert not (job / "adapter").exists()
+
+
+def test_cancel_stops_every_rank_after_a_checkpoint_and_the_job_resumes(tiny_model_dir, tmp_path):
+    job = create_job(_spec(tiny_model_dir, [0, 1]), root=tmp_path / "jobs")
+    request_cancel(job)  # seen by rank 0 before the first step, broadcast to rank 1
+    assert _run(job) == 2
+    result = read_result(job)
+    assert result is not None and result.status == "cancelled"
+    assert "checkpoint was saved" in result.error["message"]
+    assert [p.name for p in (job / CHECKPOINT_DIR).iterdir()] == ["step-000000"]
+    assert not (job / "adapter").exists()
+
+    prepare_resume(job)  # every rank loads rank 0's checkpoint and the run goes on to its end
+    assert _run(job) == 0
+    result = read_result(job)
+    assert result is not None and result.status == "succeeded" and result.metrics["steps"] == 3
+    assert (job / "adapter" / "adapter_model.safetensors").exists()
+    events, _ = read_events(job / "events.jsonl")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
