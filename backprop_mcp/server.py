@@ -222,6 +222,11 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
                 last_sent = value
             await anyio.sleep(min(poll_s, max(0.0, deadline - anyio.current_time())))
             record = await in_thread(find_job, record.id)
+        if record.is_terminal and last_sent >= 0:  # it ended while we waited: say where it got to
+            value, message = _progress_point(state, record)
+            if not message.startswith(record.state):
+                message = f"{record.state}: {message}"
+            await ctx.report_progress(max(value, last_sent), 100.0, message)
         return await in_thread(state.status, record)
 
     @server.tool(
