@@ -78,45 +78,6 @@ class CancelResult(BaseModel):
     message: str
 
 
-class GpuCard(BaseModel):
-    index: int
-    name: str
-    memory_total_mb: int
-    memory_free_mb: int
-    memory_used_mb: int
-    utilization_pct: int | None = None
-    temperature_c: int | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None
-    compute_capability: str | None = None
-    bf16_supported: bool = False
-    driver_version: str | None = None
-    cuda_driver_version: str | None = None
-
-
-class PresetFit(BaseModel):
-    preset: str
-    model: str
-    fits: bool
-    micro_batch_size: int | None = Field(None, description="the largest micro-batch (up to 16) that fits")
-    estimated_memory_gib: float | None = Field(None, description="GPU memory needed at micro-batch 1")
-    note: str | None = None
-
-
-class GpuReport(BaseModel):
-    available: bool
-    gpus: list[GpuCard]
-    reason: str | None = Field(None, description="why no GPU is usable, when none is")
-    notes: list[str] = Field(default_factory=list)
-    cpu_cores: int | None = None
-    ram_total_gib: float | None = None
-    ram_available_gib: float | None = None
-    presets: list[PresetFit] = Field(
-        default_factory=list, description="which model presets fit, per GPU 0 or CPU"
-    )
-    summary: str
-
-
 class TokenStats(BaseModel):
     examples: int
     total: int

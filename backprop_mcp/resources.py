@@ -16,10 +16,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import EmptyResult, SubscribeRequestParams, UnsubscribeRequestParams
 
-from backprop_mcp.gpu import gpu_report
 from backprop_mcp.lossplot import render_loss_png
 from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState
 from backprop_mcp.store import JobRecord
+from engine.interface import gpu_report
 
 log = logging.getLogger("backprop_mcp")
 

@@ -32,7 +32,6 @@ from pydantic import BaseModel, Field
 from backprop_mcp import __version__, checks, extras
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
-from backprop_mcp.gpu import gpu_report
 from backprop_mcp.guard import guard_tools
 from backprop_mcp.job_tools import register_job_tools
 from backprop_mcp.limits import (
@@ -45,7 +44,6 @@ from backprop_mcp.models import (
     CancelResult,
     DatasetCheck,
     Generation,
-    GpuReport,
     JobList,
     JobStatus,
     StartedJob,
@@ -57,8 +55,10 @@ from backprop_mcp.state import ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tooling import hints, setting
 from engine.interface import (
+    GpuReport,
     LoraSettings,
     TrainSettings,
+    gpu_report,
     quoted,
     read_spec,
 )

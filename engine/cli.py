@@ -305,8 +305,8 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _gpu(args: argparse.Namespace) -> int:
-    from backprop_mcp.gpu import gpu_report
     from engine.cli_show import gpu_text
+    from engine.gpu_report import gpu_report
 
     report = gpu_report()
     print(report.model_dump_json(indent=2) if args.json else gpu_text(report))

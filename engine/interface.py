@@ -7,8 +7,6 @@ torch, transformers or other heavy library (also checked by a test); the preflig
 engine's torch-free data, model-catalogue and memory modules when it first runs.
 """
 
-from typing import Any
-
 from engine import events, procs
 from engine.events import EventFormatError, read_events
 from engine.extras import MissingExtra
@@ -22,6 +20,7 @@ from engine.files import (
     quoted,
     user_path,
 )
+from engine.gpu_report import GpuReport, gpu_report
 from engine.jobs import (
     engine_command,
     new_job_id,
@@ -48,14 +47,6 @@ from engine.spec import (
     read_spec,
     write_spec,
 )
-
-
-def probe_gpus() -> Any:
-    """The GPUs as NVML sees them (``engine.hardware.probe_gpus``, looked up at call time)."""
-    from engine import hardware
-
-    return hardware.probe_gpus()
-
 
 __all__ = [
     "CANCEL_FILE",
@@ -86,7 +77,8 @@ __all__ = [
     "path_kind",
     "preflight",
     "preset_fits",
-    "probe_gpus",
+    "GpuReport",
+    "gpu_report",
     "require_extra",
     "procs",
     "quoted",

@@ -10,10 +10,12 @@ tool, ``--skip-bad-rows`` on the command line, ``skip_bad_rows=True`` in Python)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
+
+if TYPE_CHECKING:
+    from engine.gpu_report import PresetFit
 
 Caller = Literal["tool", "cli", "python"]
 # A tool call reads at most this much of a dataset itself (JSONL parses at ~50 MB/s, and clients drop
@@ -155,18 +157,9 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
     return notes + check_fit(spec)
 
 
-@dataclass
-class PresetFit:
-    preset: str
-    model: str
-    fits: bool
-    micro_batch_size: int | None
-    estimated_memory_gib: float | None
-    note: str
-
-
 def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[PresetFit]:
     """Which presets train on GPU 0 (QLoRA 4-bit) and with what micro-batch, or on the CPU."""
+    from engine.gpu_report import PresetFit
     from engine.memory import estimate_memory, largest_micro_batch
     from engine.models import PRESETS
 
@@ -177,7 +170,7 @@ def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[Pres
         if card is None:
             small = preset.hf_id is None or preset.params_b <= 0.6
             note = ("trains on the CPU" + (" (slowly)" if preset.hf_id else "")) if small else "needs a GPU"
-            fits.append(PresetFit(preset.name, model, small, None, None, note))
+            fits.append(PresetFit(preset=preset.name, model=model, fits=small, note=note))
             continue
         seq = min(seq_length, preset.shape.max_context)
         kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
@@ -187,5 +180,14 @@ def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[Pres
         note = f"QLoRA 4-bit, rank {rank}, {seq}-token sequences" + (
             ", gated: accept the licence on the hub first" if preset.gated else ""
         )
-        fits.append(PresetFit(preset.name, model, micro > 0, micro or None, round(need, 2), note))
+        fits.append(
+            PresetFit(
+                preset=preset.name,
+                model=model,
+                fits=micro > 0,
+                micro_batch_size=micro or None,
+                estimated_memory_gib=round(need, 2),
+                note=note,
+            )
+        )
     return fits

@@ -205,12 +205,12 @@ def test_export_refuses_a_folder_that_is_no_adapter(home: Path, tmp_path: Path) 
 def test_gpu_table_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU here: NVML's answer is replaced by an H200's (as measured on one); the preset fitting
     and the table are the real code."""
-    from backprop_mcp import gpu
+    from engine import gpu_report as gpu
     from engine.cli_show import gpu_text
     from engine.hardware import GpuInfo, GpuProbe
 
     h200 = GpuInfo(0, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
-    monkeypatch.setattr(gpu, "probe_gpus", lambda: GpuProbe(available=True, gpus=[h200]))
+    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=[h200]))
     text = gpu_text(gpu.gpu_report())
     assert text.startswith("GPU 0: NVIDIA H200, 139.6 of 140.4 GiB free, 31 °C")
     rows = {

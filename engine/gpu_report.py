@@ -1,0 +1,83 @@
+"""What ``inspect_gpu``, ``backprop://gpu`` and ``backprop gpu`` report (torch-free: NVML and psutil).
+
+The cards as NVML sees them, the machine's CPU and memory, and which presets fit (``preflight``).
+The models are the tool's output schema too, so the server and the CLI print one report.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class GpuCard(BaseModel):
+    index: int
+    name: str
+    memory_total_mb: int
+    memory_free_mb: int
+    memory_used_mb: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    compute_capability: str | None = None
+    bf16_supported: bool = False
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+
+
+class PresetFit(BaseModel):
+    preset: str
+    model: str
+    fits: bool
+    micro_batch_size: int | None = Field(None, description="the largest micro-batch (up to 16) that fits")
+    estimated_memory_gib: float | None = Field(None, description="GPU memory needed at micro-batch 1")
+    note: str | None = None
+
+
+class GpuReport(BaseModel):
+    available: bool
+    gpus: list[GpuCard]
+    reason: str | None = Field(None, description="why no GPU is usable, when none is")
+    notes: list[str] = Field(default_factory=list)
+    cpu_cores: int | None = None
+    ram_total_gib: float | None = None
+    ram_available_gib: float | None = None
+    presets: list[PresetFit] = Field(
+        default_factory=list, description="which model presets fit, per GPU 0 or CPU"
+    )
+    summary: str
+
+
+def gpu_report() -> GpuReport:
+    import psutil
+
+    from engine.hardware import probe_gpus
+    from engine.preflight import preset_fits
+
+    probe = probe_gpus()
+    mem = psutil.virtual_memory()
+    cards = [
+        GpuCard.model_validate({k: v for k, v in g.to_dict().items() if k in GpuCard.model_fields})
+        for g in probe.gpus
+    ]
+    if probe.available and cards:
+        summary = ", ".join(
+            f"GPU {c.index}: {c.name}, {c.memory_free_mb / 1024:.1f} of {c.memory_total_mb / 1024:.1f} GiB free"
+            for c in cards
+        )
+    else:
+        summary = (
+            f"No usable NVIDIA GPU ({probe.reason}). Fine-tuning still works on the CPU for small models "
+            "(the 'tiny' preset, models up to ~0.5B parameters with few steps); larger models need a GPU."
+        )
+    return GpuReport(
+        available=probe.available,
+        gpus=cards,
+        reason=probe.reason,
+        notes=list(probe.notes),
+        cpu_cores=psutil.cpu_count(logical=True),
+        ram_total_gib=round(mem.total / 1024**3, 1),
+        ram_available_gib=round(mem.available / 1024**3, 1),
+        presets=preset_fits(probe),
+        summary=summary,
+    )
