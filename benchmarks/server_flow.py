@@ -164,6 +164,7 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib"),
         "final_micro_batch": metrics.get("micro_batch_size"),
         "backend": metrics.get("backend"),
+        "path": [e.message for e in events if e.type == "log" and {"backend", "speedups"} & set(e.details)],
         "oom_warnings": [w for w in status.get("warnings") or [] if "out of memory" in w.lower()],
         "job_wall_s": flow["job_wall_s"],
         "flow_wall_s": flow["flow_wall_s"],
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(out["check_dataset_defaults"][k] != (out["defaults"].get(k) or (None,))[0]
            for k in out["check_dataset_defaults"]):  # fmt: skip
         print(f"  (check_dataset had said {out['check_dataset_defaults']})")
-    print(f"state {out['state']}{': ' + str(out['error']) if out['error'] else ''}, backend {out['backend']}")
+    print(f"state {out['state']}{': ' + str(out['error']) if out['error'] else ''}")
+    for line in out["path"]:
+        print(f"  {line}")
     print(f"tokens/s {out['tokens_per_s']} over {out['timed_steps']} timed steps of {out['steps']} "
           f"({out['step_s']} s a step); by the clock {out['clock_tokens_per_s']}; "
           f"the job's whole-run figure {out['job_tokens_per_s']}")  # fmt: skip
