@@ -149,7 +149,7 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "defaults": {
             k: chosen.get(k)
             for k in ("max_seq_length", "micro_batch_size", "gradient_accumulation", "packing", "steps")
-        },  # fmt: skip
+        },
         "check_dataset_defaults": {
             k: (flow["check"].get("defaults") or {}).get(k)
             for k in ("max_seq_length", "micro_batch_size", "gradient_accumulation")
