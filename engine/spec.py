@@ -75,7 +75,7 @@ class TrainSettings(_Strict):
     )
     compile: bool = Field(
         False,
-        description="native fast path: compile each decoder layer with torch.compile; helps small models "
+        description="native fast path on a GPU: compile each decoder layer with torch.compile; helps small models "
         "whose step is host-bound; the first steps are slower (compiling)",
     )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
