@@ -55,11 +55,11 @@ def _layer_forward(layer: Any, *args: Any, **kwargs: Any) -> Any:
     return type(layer).forward(layer, *args, **kwargs)
 
 
-def _compiled_layer_call(layer: Any, compiled: Any, checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
+def _compiled_layer_call(layer: Any, compiled: Any, checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():  # evaluation and generation stay eager: no compiling for them
         return type(layer).forward(layer, *args, **kwargs)
-    if checkpointed and layer.training:  # checkpoint outside, compiled code inside: recompute re-runs it
-        return torch.utils.checkpoint.checkpoint(compiled, layer, *args, use_reentrant=False, **kwargs)
+    if checkpoint is not None and layer.training:  # checkpoint outside, compiled code inside
+        return checkpoint(compiled, layer, *args, **kwargs)
     return compiled(layer, *args, **kwargs)
 
 
@@ -68,10 +68,11 @@ def compile_decoder_layers(model: Any) -> int:
     layers: torch inlines the module, so layers of one shape share its graphs). Returns how many.
 
     transformers checkpoints a layer either around its ``__call__`` (5.17) or inside its ``forward``
-    (later releases); the layer's own checkpointing is switched off here and done around the compiled
-    call, non-reentrant as before, so every version runs the same thing. ``dynamic=None``: fixed-length
-    rows compile once; when a shape changes (packed rows' ``cu_seqlens``, their longest example)
-    torch recompiles once with that size symbolic, not on every step.
+    (later releases); here the layer's checkpoint function (non-reentrant, engine.training.lora) is
+    called around the compiled call instead, so every version runs the same thing and the backward
+    pass's recompute re-runs the compiled code. ``dynamic=None``: fixed-length rows compile once;
+    when a shape changes (packed rows' ``cu_seqlens``, their longest example) torch recompiles once
+    with that size symbolic, not on every step.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -79,8 +80,9 @@ def compile_decoder_layers(model: Any) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
-            checkpointed, m.gradient_checkpointing = m.gradient_checkpointing, False
-            m.forward = functools.partial(_compiled_layer_call, m, compiled, checkpointed)
+            checkpoint = m._gradient_checkpointing_func if m.gradient_checkpointing else None
+            m.gradient_checkpointing = False
+            m.forward = functools.partial(_compiled_layer_call, m, compiled, checkpoint)
             n += 1
     return n
 
