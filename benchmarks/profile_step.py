@@ -8,14 +8,17 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
          micro-batch (``float(loss)``) and per step (``float(grad_norm)``), boolean indexing of the
          target positions, transformers' dense block-causal mask for packed rows;
   fast   engine.training.fast_step with fused LoRA (engine.training.fused_lora) and, for packed
-         rows, the varlen flash-attention kernel (engine.training.varlen_attention).
+         rows, the varlen flash-attention kernel (engine.training.varlen_attention);
+  fastc  fast, and each decoder layer compiled (``train.compile``; on the CPU compile only). Its
+         line adds torch.compile's counters (graphs, graph breaks, frames compiled); it must come
+         last in --variants (the compiled layers stay compiled).
 
 For each it records per-step losses and times (a CUDA sync after each step, so the time is the
 step's), tokens/s over the timed steps, peak memory, and a torch.profiler table of one more step
 (``--profile``). The loss curves side by side are the parity check: same data, seed and init.
 
   python benchmarks/profile_step.py --model-dir DIR --batch 4 --seq-len 2048 --steps 8 --out OUTDIR [--packed]
-CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --seq-len 64 --batch 2
+CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --seq-len 64 --batch 2 --variants plain,fast,fastc
 """
 
 from __future__ import annotations
@@ -137,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="large enough that the loss moves on repeated rows")
     p.add_argument("--packed", action="store_true", help="log-normal lengths, packed rows (varlen attention)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--variants", default="plain,fast")
+    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc (fastc last)")
+    p.add_argument(
+        "--no-liger", action="store_true", help="leave Liger's kernels out (to compare under compile)"
+    )
     p.add_argument("--out", type=Path, default=Path("profile_out"))
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if "fastc" in variants[:-1]:
+        p.error("fastc must be the last of --variants: its layers stay compiled")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
     from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
     from engine.training import accel
-    from engine.training.backend import apply_fast_path
+    from engine.training.backend import apply_fast_path, compile_decoder_layers
     from engine.training.base_model import load_for_training
     from engine.training.batching import plan_steps
     from engine.training.fast_step import VARLEN_FLAG, run_step
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     t0 = time.perf_counter()
     loaded = load_for_training(spec, device)
-    speedups = accel.apply_speedups(loaded.model, device, loaded.info)
+    speedups = [] if args.no_liger else accel.apply_speedups(loaded.model, device, loaded.info)
     model = add_lora(loaded.model, spec.lora, gradient_checkpointing=True, loaded_info=loaded.info)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "variants": {},
     }  # fmt: skip
 
-    for variant in [v for v in args.variants.split(",") if v]:
+    for variant in variants:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -196,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         unfuse_lora_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
         applied: list[str] = []
-        if variant == "fast":
-            applied = apply_fast_path(model, device, loaded.info) if device != "cpu" else []
-        step_fn = run_step if variant == "fast" else old_step
+        if variant in ("fast", "fastc") and device != "cpu":
+            applied = apply_fast_path(model, device, loaded.info, compile_layers=variant == "fastc")
+        elif variant == "fastc":  # the CPU has no fast path to switch on: compile alone
+            applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
+        step_fn = old_step if variant == "plain" else run_step
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device != "cpu")
         torch.manual_seed(0)
@@ -235,17 +246,29 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 f"{variant}{'-packed' if args.packed else ''}",
             )
+        if variant == "fastc":
+            from torch._dynamo.utils import counters
+
+            rec["dynamo"] = {
+                "graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "frames_compiled": counters["frames"]["ok"],
+            }
         report["variants"][variant] = rec
         print(json.dumps({variant: {k: v for k, v in rec.items() if k != "losses"}}), flush=True)
 
     v = report["variants"]
-    if "plain" in v and "fast" in v:
-        diffs = [abs(a - b) for a, b in zip(v["plain"]["losses"], v["fast"]["losses"], strict=True)]
-        report["parity_max_abs_loss_diff"] = round(max(diffs), 5)
-        report["speedup_fast_over_plain"] = round(v["fast"]["tokens_per_s"] / v["plain"]["tokens_per_s"], 3)
+    others = [name for name in v if name != "plain"] if "plain" in v else []
+    report["parity_max_abs_loss_diff"] = {
+        n: round(max(abs(a - b) for a, b in zip(v["plain"]["losses"], v[n]["losses"], strict=True)), 5)
+        for n in others
+    }
+    report["speedup_over_plain"] = {
+        n: round(v[n]["tokens_per_s"] / v["plain"]["tokens_per_s"], 3) for n in others
+    }
     name = f"profile_step-{'packed' if args.packed else 'fixed'}-mb{args.batch}.json"
     (args.out / name).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report.get(k) for k in ("parity_max_abs_loss_diff", "speedup_fast_over_plain")}))
+    print(json.dumps({k: report.get(k) for k in ("parity_max_abs_loss_diff", "speedup_over_plain")}))
     return 0
 
 

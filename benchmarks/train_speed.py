@@ -227,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         "--unsloth-batches", type=str, default="", help="micro-batches for unsloth_bench.py, e.g. 4,16"
     )
     p.add_argument("--engine-unsloth", action="store_true", help="also run the engine with backend 'unsloth'")
-    p.add_argument("--extra", type=str, default="", help="one more engine run with these settings (JSON)")
+    p.add_argument(
+        "--extra", type=str, default="",
+        help='one more engine run with these settings (JSON), e.g. \'{"compile": true}\'; with "packing": true '
+        "it trains on --variable's rows",
+    )  # fmt: skip
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.extra and json.loads(args.extra).get("packing") and not args.variable:
+        p.error('--extra with "packing": true needs --variable (its log-normal rows)')
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="train_speed-")
     args.unsloth_bench_batches = (
         [int(x) for x in (args.unsloth_batches or str(args.batch)).split(",") if x]
@@ -288,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.extra:  # one more engine run with these settings, e.g. '{"gradient_checkpointing": false}'
         extra = json.loads(args.extra)
         data_x, info_x = fixed, info
-        if extra.get("micro_batch_size"):
+        if extra.get("packing"):
+            data_x, info_x = var, info_v
+        elif extra.get("micro_batch_size"):
             data_x = Path(args.workdir) / "fixed-extra.jsonl"
             n = extra["micro_batch_size"] * (args.steps + args.warmup)
             info_x = write_tokens(data_x, vocab, n, args.seq_len, variable=False)
         add(
-            run_engine(model_dir, data_x, args, packing=False, label=f"fixed {args.extra}", extra=extra)
+            run_engine(model_dir, data_x, args, packing=False, label=args.extra, extra=extra)
             | {"data": info_x}
         )
     if args.default_batch:

@@ -60,6 +60,7 @@ class ResolvedTraining:
     truncated_examples: int  # examples longer than max_seq_length
     backend: str = "auto"  # train.backend, decided when the model loads (engine.training.backend)
     report_to: list[str] = field(default_factory=list)  # train.report_to (engine.reporting)
+    compile: bool = False  # train.compile (engine.training.backend.compile_decoder_layers)
 
     @property
     def rows_per_step(self) -> int:
@@ -292,6 +293,7 @@ def resolve_training(
         "seed",
         "backend",
         "report_to",
+        "compile",
     ):
         value = getattr(train, name)
         default = TrainSettings.model_fields[name].get_default(call_default_factory=True)
@@ -327,6 +329,7 @@ def resolve_training(
         truncated_examples=truncated,
         backend=train.backend,
         report_to=list(train.report_to),
+        compile=train.compile,
     )
 
 

@@ -73,6 +73,11 @@ class TrainSettings(_Strict):
         "auto",
         description="native: the engine's own fast path; unsloth: Unsloth's (must be installed); auto: pick",
     )
+    compile: bool = Field(
+        False,
+        description="native fast path on a GPU: compile each decoder layer with torch.compile; helps small models "
+        "whose step is host-bound; the first steps are slower (compiling)",
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="also log metrics to TensorBoard (job folder) / W&B (offline)"
     )

@@ -162,6 +162,7 @@ def test_user_values_are_kept():
         checkpoint_every=3,
         backend="native",
         report_to=["tensorboard"],
+        compile=True,
     )
     r = resolve_training(
         given,

@@ -282,6 +282,43 @@ def test_backend_setting_maps_onto_the_loader_and_is_validated():
     assert apply_fast_path(object(), "cpu", {"path": "transformers"}) == []
 
 
+def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_model_dir):
+    """train.compile: torch.compile (inductor, CPU) of each checkpointed decoder layer, with fused
+    LoRA and varlen attention on: the same per-step losses as eager layers (fp32, to 1e-5: compiled
+    kernels sum in another order); fixed-length rows compile once for every layer and step; a
+    forward without gradients (evaluation) compiles nothing. Packed rows run the varlen interface's
+    CPU reference eager inside the compiled layer (the flash kernel it stands for is GPU-only)."""
+    from torch._dynamo.utils import counters
+
+    from engine.training.backend import compile_decoder_layers
+    from engine.training.fast_step import run_step
+    from engine.training.lora import enable_activation_checkpointing
+
+    def train(rows: list[list[int]], data: Tokenized, compiled: bool) -> tuple[list[float], object]:
+        model = _peft_model(tiny_model_dir)
+        enable_activation_checkpointing(model.base_model.model)
+        fused_lora.fuse_lora_layers(model)
+        model.__dict__[VARLEN_FLAG] = True
+        if compiled:
+            assert compile_decoder_layers(model) == 2
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return [run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0)[0] for _ in range(3)], model
+
+    torch._dynamo.reset()
+    counters.clear()
+    fixed = _data([24] * 4, seed=2)
+    rows = [[0], [1], [2], [3]]
+    compiled, model = train(rows, fixed, True)
+    assert compiled == pytest.approx(train(rows, fixed, False)[0], abs=1e-5)
+    with torch.no_grad():
+        loss_sum(model, prepare_batches(rows, fixed, 4, 0, "cpu", varlen=True)[0])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # packed: two micro-batches of one layout (row length, pieces, longest piece), so one compile
+    packed = _data([20, 12, 32, 10, 22, 32], seed=4)
+    rows = [[0, 1], [2], [3, 4], [5]]
+    assert train(rows, packed, True)[0] == pytest.approx(train(rows, packed, False)[0], abs=1e-5)
+
+
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 

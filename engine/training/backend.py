@@ -9,16 +9,20 @@
 The native fast path (GPU only): peft's LoRA layers get the fused forward
 (engine.training.fused_lora), and packed rows use the varlen flash-attention kernel
 (engine.training.varlen_attention) when torch has it for the model's dtype and head size. The step
-itself (engine.training.fast_step) is the same on every device.
+itself (engine.training.fast_step) is the same on every device. With ``train.compile`` each decoder
+layer is also compiled (``compile_decoder_layers``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import torch
 
 from engine.training.fast_step import VARLEN_FLAG
 from engine.training.fused_lora import fuse_lora_layers
-from engine.training.varlen_attention import flash_varlen_available
+from engine.training.varlen_attention import flash_varlen_kv_as_is
 
 # auto: on one H200 (benchmarks/RESULTS.md, 2026-12-02) Unsloth was faster than the native fast path
 # in every configuration measured (7B NF4 micro-batch 4: 1.05x, with 0.90x the memory; 0.5B: ~1.7x,
@@ -47,7 +51,43 @@ def backend_reason(spec: Any, info: dict[str, Any]) -> str:
     return f"backend 'auto': {_AUTO_RULE}; here: {info.get('path_reason')}"
 
 
-def apply_fast_path(model: Any, device: str, info: dict[str, Any]) -> list[str]:
+def _layer_forward(layer: Any, *args: Any, **kwargs: Any) -> Any:
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def _compiled_layer_call(layer: Any, compiled: Any, checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():  # evaluation and generation stay eager: no compiling for them
+        return type(layer).forward(layer, *args, **kwargs)
+    if checkpoint is not None and layer.training:  # checkpoint outside, compiled code inside
+        return checkpoint(compiled, layer, *args, **kwargs)
+    return compiled(layer, *args, **kwargs)
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """Compile every decoder layer's forward with torch.compile (one compiled function shared by all
+    layers: torch inlines the module, so layers of one shape share its graphs). Returns how many.
+
+    transformers checkpoints a layer either around its ``__call__`` (5.17) or inside its ``forward``
+    (later releases); here the layer's checkpoint function (non-reentrant, engine.training.lora) is
+    called around the compiled call instead, so every version runs the same thing and the backward
+    pass's recompute re-runs the compiled code. ``dynamic=None``: fixed-length rows compile once;
+    when a shape changes (packed rows' ``cu_seqlens``, their longest example) torch recompiles once
+    with that size symbolic, not on every step.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    compiled = torch.compile(_layer_forward, fullgraph=False, dynamic=None)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            checkpoint = m._gradient_checkpointing_func if m.gradient_checkpointing else None
+            m.gradient_checkpointing = False
+            m.forward = functools.partial(_compiled_layer_call, m, compiled, checkpoint)
+            n += 1
+    return n
+
+
+def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layers: bool = False) -> list[str]:
     """Switch on the native fast path for a peft-wrapped model on a GPU. Returns what was applied."""
     if backend_name(info) != "native" or not device.startswith("cuda"):
         return []
@@ -64,11 +104,13 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any]) -> list[str]:
         applied.append(note)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    import torch
-
     # the dtype attention runs in: the compute dtype of a 4-bit/16-bit load (fp32 never takes flash)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(info.get("compute_dtype")))
-    if dtype is not None and flash_varlen_available(device, dtype, head_dim):
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if dtype is not None and flash_varlen_kv_as_is(device, dtype, head_dim, heads, kv_heads) is not None:
         model.__dict__[VARLEN_FLAG] = True
         applied.append("varlen flash attention for packed rows")
+    if compile_layers:
+        applied.append(f"torch.compile on {compile_decoder_layers(model)} decoder layers")
     return applied

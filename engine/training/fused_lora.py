@@ -52,23 +52,26 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
         state = w.quant_state
-        shape = tuple(state.shape)
-        key = (shape, state.dtype, w.device)
-        buf = _DEQUANT_BUFFERS.get(key)
-        if buf is None:
-            buf = torch.empty(shape, dtype=state.dtype, device=w.device)
-            _DEQUANT_BUFFERS[key] = buf
-        out = bnbf.dequantize_4bit(w.data, state, out=buf) if w.device.type == "cuda" else None
-        if out is None:  # the CPU backend does not take an out= buffer
+        # the CPU backend takes no out= buffer, and compiled code (torch.compile) plans its own memory
+        if w.device.type != "cuda" or torch.compiler.is_compiling():
             out = bnbf.dequantize_4bit(w.data, state)
+        else:
+            key = (tuple(state.shape), state.dtype, w.device)
+            buf = _DEQUANT_BUFFERS.get(key)
+            if buf is None:
+                buf = _DEQUANT_BUFFERS[key] = torch.empty(key[0], dtype=state.dtype, device=w.device)
+            out = bnbf.dequantize_4bit(w.data, state, out=buf)
         return out if out.dtype == dtype else out.to(dtype)
     return w if w.dtype == dtype else w.to(dtype)
 
 
 def _cached_cast(module: Any, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``p`` in ``dtype``, cast once per optimizer step (and again if ``p`` was written in place)."""
-    if p.dtype == dtype:
-        return p.detach()
+    """``p`` in ``dtype``, cast once per optimizer step (and again if ``p`` was written in place).
+
+    Compiled code (torch.compile) casts every call: the cast joins its graph, and a cache keyed on
+    the step would make torch.compile recompile every step."""
+    if p.dtype == dtype or torch.compiler.is_compiling():
+        return p.detach().to(dtype)
     cache = module.__dict__.setdefault("_fused_lora_cache", {})
     key = (_GENERATION[0], p._version)
     hit = cache.get(name)

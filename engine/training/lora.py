@@ -75,7 +75,7 @@ def load_lora_model(
     )
     from engine.training.backend import apply_fast_path, backend_name, backend_reason
 
-    fast = apply_fast_path(model, device, loaded.info)
+    fast = apply_fast_path(model, device, loaded.info, compile_layers=spec.train.compile)
     events.log(
         f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"
         + (f"; fast path: {', '.join(fast)}" if fast else ""),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "engine_varlen"
-_KERNEL_TAKES_GQA: bool | None = None  # learnt on the first packed call
+_KV_AS_IS: dict[tuple[Any, ...], bool | None] = {}  # flash_varlen_kv_as_is's answers
 
 
 def cu_seqlens_for_rows(segments: list[list[int]]) -> tuple[torch.Tensor, int]:
@@ -56,6 +56,28 @@ def flash_varlen_available(device: torch.device | str, dtype: torch.dtype, head_
         torch.backends.cuda.is_flash_attention_available()
         and torch.cuda.get_device_capability(device)[0] >= 8
     )
+
+
+def flash_varlen_kv_as_is(
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> bool | None:
+    """None: no flash kernel for these shapes; else whether it takes fewer key/value heads than query
+    heads as they are (torch builds differ) rather than repeated. Probed once per shape, eagerly: the
+    fast path asks before anything is compiled, and compiled attention only reads the answer."""
+    key = (torch.device(device), dtype, head_dim, heads, kv_heads)
+    if key not in _KV_AS_IS:
+        as_is = None
+        if flash_varlen_available(device, dtype, head_dim):
+            as_is = heads == kv_heads
+            if not as_is:
+                q = torch.zeros(2, heads, head_dim, device=device, dtype=dtype)
+                kv = torch.zeros(2, kv_heads, head_dim, device=device, dtype=dtype)
+                cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
+                with contextlib.suppress(RuntimeError):
+                    torch.ops.aten._flash_attention_forward(q, kv, kv, cu, cu, 2, 2, 0.0, True, False)
+                    as_is = True
+        _KV_AS_IS[key] = as_is
+    return _KV_AS_IS[key]
 
 
 class _FlashVarlen(torch.autograd.Function):
@@ -86,6 +108,7 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+@torch.compiler.disable  # its loop depends on cu's values: under torch.compile it runs eager, as one piece
 def reference_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -122,20 +145,13 @@ def varlen_attention_forward(
     batch, heads, length, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    if flash_varlen_available(q.device, q.dtype, dim):
-        global _KERNEL_TAKES_GQA
-        if k.shape[1] != heads and _KERNEL_TAKES_GQA is not False:
-            try:  # flash-attention takes fewer key/value heads; checked once, as torch builds differ
-                out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
-                _KERNEL_TAKES_GQA = True
-                return out.view(batch, length, heads, dim), None
-            except RuntimeError:
-                _KERNEL_TAKES_GQA = False
-        if k.shape[1] != heads:
+    as_is = flash_varlen_kv_as_is(q.device, q.dtype, dim, heads, k.shape[1])
+    if as_is is None:
+        out = reference_varlen(q, k, v, cu, scale)
+    else:
+        if not as_is:
             k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
         out = _FlashVarlen.apply(q, k, v, cu, int(kwargs["max_length_q"]), scale)
-    else:
-        out = reference_varlen(q, k, v, cu, scale)
     return out.view(batch, length, heads, dim), None
 
 
