@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from backprop_mcp.models import DatasetCheck, TokenStats
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
-from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec
+from backprop_mcp.store import JobRecord
+from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, quoted
 from engine.interface import check_model as engine_check_model
 from engine.interface import preflight as run_preflight
 
@@ -29,7 +30,42 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec) -> list[str]:
+_Spec = TypeVar("_Spec", bound=BaseModel)
+JobSpec = FinetuneSpec | SeriesSpec | ExportSpec
+
+
+def validated(model: type[_Spec], data: dict[str, Any], what: str) -> _Spec:
+    """``model`` validated from a tool's arguments; pydantic's refusal becomes a tool error."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ToolError(f"invalid {what}: {validation_message(exc)}. Fix them and call again.") from exc
+
+
+def given(**settings: Any) -> dict[str, Any]:
+    """The settings a caller gave (not None): the rest keep the spec's defaults."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def trained_job(record: JobRecord, tool: str, otherwise: str = "") -> None:
+    """Refuse a job that is not a succeeded fine-tune or series (what ``tool`` builds on)."""
+    if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
+        raise ToolError(
+            f"job {record.id} is a {record.kind} job in state '{record.state}'; {tool} needs a succeeded "
+            f"fine-tune or SLAO series job.{otherwise}"
+        )
+
+
+def adapter_folder(path: str) -> Path:
+    folder = resolve_readable(path, "adapter_path")
+    if not (folder / "adapter_config.json").exists():
+        raise ToolError(
+            f"adapter_path: {quoted(folder)} has no adapter_config.json; give a PEFT adapter folder."
+        )
+    return folder
+
+
+def preflight(spec: JobSpec) -> list[str]:
     """The engine's preflight (the same the CLI and the worker run); its refusals become tool errors."""
     try:
         return run_preflight(spec, "tool")

@@ -12,13 +12,13 @@ from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
 from backprop_mcp import checks, extras
 from backprop_mcp.app import LINKED_TOOL_META
 from backprop_mcp.limits import MAX_DATASETS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_SYSTEM_CHARS
 from backprop_mcp.models import StartedJob
-from backprop_mcp.paths import resolve_readable, resolve_writable_dir
+from backprop_mcp.paths import resolve_writable_dir
 from backprop_mcp.policy import ClientRoots
 from backprop_mcp.state import ServerState
 from backprop_mcp.store import JobRecord
@@ -32,7 +32,6 @@ from engine.interface import (
     MergeMode,
     SeriesSpec,
     TrainSettings,
-    quoted,
 )
 
 
@@ -40,7 +39,7 @@ def register_job_tools(
     server: MCPServer,
     state: Callable[[], ServerState],
     find_job: Callable[[str], JobRecord],
-    create: Callable[[BaseModel, str, list[str]], StartedJob],
+    create: Callable[[checks.JobSpec, str], StartedJob],
 ) -> None:
     @server.tool(
         name="start_finetune",
@@ -98,44 +97,34 @@ def register_job_tools(
         extras.require("train", "start_finetune")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        try:
-            spec = FinetuneSpec.model_validate(
-                {
-                    "model": model_name,
-                    "quantization": quantization,
-                    "device": device,
-                    "gpu_index": gpu_index,
-                    "gpus": gpus,
-                    "dataset": {
-                        "path": data_path,
-                        "skip_bad_rows": skip_bad_rows,
-                        "eval_fraction": eval_fraction,
-                    },
-                    "lora": {"rank": lora_rank, "alpha": lora_alpha},
-                    "train": {
-                        k: v
-                        for k, v in {
-                            "steps": steps,
-                            "epochs": epochs,
-                            "learning_rate": learning_rate,
-                            "max_seq_length": max_seq_length,
-                            "micro_batch_size": micro_batch_size,
-                            "gradient_accumulation": gradient_accumulation,
-                            "packing": packing,
-                            "checkpoint_every": checkpoint_every,
-                            "seed": seed,
-                            "backend": backend,
-                        }.items()
-                        if v is not None
-                    },
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        notes = checks.preflight(spec)
-        return create(spec, f"{Path(model_name).name} on {Path(data_path).name}", notes)
+        train = checks.given(
+            steps=steps,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            max_seq_length=max_seq_length,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation=gradient_accumulation,
+            packing=packing,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            backend=backend,
+        )
+        dataset = {"path": data_path, "skip_bad_rows": skip_bad_rows, "eval_fraction": eval_fraction}
+        spec = checks.validated(
+            FinetuneSpec,
+            {
+                "model": model_name,
+                "quantization": quantization,
+                "device": device,
+                "gpu_index": gpu_index,
+                "gpus": gpus,
+                "dataset": dataset,
+                "lora": {"rank": lora_rank, "alpha": lora_alpha},
+                "train": train,
+            },
+            "settings",
+        )
+        return create(spec, f"{Path(model_name).name} on {Path(data_path).name}")
 
     @server.tool(
         name="run_slao_series",
@@ -174,33 +163,25 @@ def register_job_tools(
         extras.require("train", "run_slao_series")
         model_name = checks.check_model(model)
         datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
-        train = {
-            k: v for k, v in {"learning_rate": learning_rate, "max_seq_length": max_seq_length}.items() if v
-        }
-        try:
-            spec = SeriesSpec.model_validate(
-                {
-                    "model": model_name,
-                    "quantization": quantization,
-                    "device": device,
-                    "datasets": datasets,
-                    "num_runs": num_runs,
-                    "steps_per_run": steps_per_run,
-                    "samples_per_run": samples_per_run,
-                    "merge_mode": merge_mode,
-                    "replay_fraction": replay_fraction,
-                    "heldout_fraction": heldout_fraction,
-                    "lora": {"rank": lora_rank},
-                    "train": train,
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid series settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        notes = checks.preflight(spec)
-        runs = spec.num_runs or len(datasets)
-        return create(spec, f"{Path(model_name).name}, {runs} SLAO runs", notes)
+        spec = checks.validated(
+            SeriesSpec,
+            {
+                "model": model_name,
+                "quantization": quantization,
+                "device": device,
+                "datasets": datasets,
+                "num_runs": num_runs,
+                "steps_per_run": steps_per_run,
+                "samples_per_run": samples_per_run,
+                "merge_mode": merge_mode,
+                "replay_fraction": replay_fraction,
+                "heldout_fraction": heldout_fraction,
+                "lora": {"rank": lora_rank},
+                "train": checks.given(learning_rate=learning_rate, max_seq_length=max_seq_length),
+            },
+            "series settings",
+        )
+        return create(spec, f"{Path(model_name).name}, {spec.num_runs or len(datasets)} SLAO runs")
 
     @server.tool(
         name="export_gguf",
@@ -249,37 +230,26 @@ def register_job_tools(
             )
         if job_id:
             record = find_job(job_id)
-            if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
-                raise ToolError(
-                    f"job {record.id} is a {record.kind} job in state '{record.state}'; export needs a succeeded "
-                    "fine-tune or SLAO series job."
-                )
+            checks.trained_job(record, "export")
             source, label = str(record.job_dir), record.id
         else:
-            folder = resolve_readable(str(adapter_path), "adapter_path")
-            if not (folder / "adapter_config.json").exists():
-                raise ToolError(
-                    f"adapter_path: {quoted(folder)} has no adapter_config.json; give a PEFT adapter folder."
-                )
+            folder = checks.adapter_folder(str(adapter_path))
             source, label = str(folder), folder.name
         if register_ollama and not ollama_name:
             raise ToolError("register_ollama=true needs ollama_name (the name to give the model in Ollama).")
-        try:
-            spec = ExportSpec.model_validate(
-                {
-                    "source": source,
-                    "base_model": checks.check_model(base_model) if base_model else None,
-                    "quantizations": quantizations,
-                    "adapter_gguf": adapter_gguf,
-                    "verify": verify,
-                    "register_ollama": register_ollama,
-                    "ollama_name": ollama_name,
-                    "system_prompt": system_prompt,
-                    "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid export settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}", [])
+        spec = checks.validated(
+            ExportSpec,
+            {
+                "source": source,
+                "base_model": checks.check_model(base_model) if base_model else None,
+                "quantizations": quantizations,
+                "adapter_gguf": adapter_gguf,
+                "verify": verify,
+                "register_ollama": register_ollama,
+                "ollama_name": ollama_name,
+                "system_prompt": system_prompt,
+                "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
+            },
+            "export settings",
+        )
+        return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}")

@@ -27,7 +27,7 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from backprop_mcp import __version__, checks, extras
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
@@ -48,7 +48,7 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, resolve_readable
+from backprop_mcp.paths import check_job_id
 from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.resources import LegacySubscriptions, register_resources
 from backprop_mcp.state import ServerState, job_uri, progress_of
@@ -152,7 +152,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(f"no job {job_id!r} in {state.home}. Call list_jobs to see the existing job ids.")
         return record
 
-    def create(spec: BaseModel, label: str, notes: list[str]) -> StartedJob:
+    def create(spec: checks.JobSpec, label: str) -> StartedJob:
+        """The preflight, then the job: its folder and a detached worker."""
+        notes = checks.preflight(spec)
         state = lazy.get()
         try:
             record = state.supervisor.create_job(spec, label=label)
@@ -394,11 +396,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             if model or adapter_path:
                 raise ToolError("give either job_id, or model (with an optional adapter_path), not both.")
             record = find_job(job_id)
-            if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
-                raise ToolError(
-                    f"job {record.id} is a {record.kind} job in state '{record.state}'; try_model needs a succeeded "
-                    "fine-tune or SLAO series. Use job_status to follow it, or give model= to try a base model."
-                )
+            checks.trained_job(
+                record, "try_model", " Use job_status to follow it, or give model= to try a base model."
+            )
             spec = read_spec(record.job_dir)
             status = lazy.get().status(record)
             adapter = status.artifacts.get("adapter") or str(record.job_dir / "adapter")
@@ -409,12 +409,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             return str(getattr(spec, "model", "tiny")), adapter
         if not model:
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
-        given = str(resolve_readable(adapter_path, "adapter_path")) if adapter_path else None
-        if given and not (Path(given) / "adapter_config.json").exists():
-            raise ToolError(
-                f"adapter_path: {quoted(given)} has no adapter_config.json; give a PEFT adapter folder."
-            )
-        return checks.check_model(model), given
+        return checks.check_model(model), str(checks.adapter_folder(adapter_path)) if adapter_path else None
 
     register_resources(server, lazy.get, find_job, legacy)
     for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation
