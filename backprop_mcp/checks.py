@@ -17,18 +17,9 @@ from pydantic import BaseModel, ValidationError
 from backprop_mcp.models import DatasetCheck, TokenStats
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
-from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, quoted
+from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
 from engine.interface import check_model as engine_check_model
 from engine.interface import preflight as run_preflight
-
-
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:8]:
-        where = ".".join(str(x) for x in err["loc"]) or "settings"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
 
 _Spec = TypeVar("_Spec", bound=BaseModel)
 JobSpec = FinetuneSpec | SeriesSpec | ExportSpec
@@ -39,7 +30,7 @@ def validated(model: type[_Spec], data: dict[str, Any], what: str) -> _Spec:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ToolError(f"invalid {what}: {validation_message(exc)}. Fix them and call again.") from exc
+        raise ToolError(f"invalid {what}: {'; '.join(problems(exc)[:8])}. Fix them and call again.") from exc
 
 
 def given(**settings: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from engine.jobs import (
     start_worker,
     worker_env,
 )
-from engine.preflight import Caller, PreflightError, check_model, preflight, preset_fits
+from engine.preflight import Caller, PreflightError, check_model, preflight, preset_fits, problems
 from engine.spec import (
     CANCEL_FILE,
     EVENTS_FILE,
@@ -77,6 +77,7 @@ __all__ = [
     "path_kind",
     "preflight",
     "preset_fits",
+    "problems",
     "GpuReport",
     "gpu_report",
     "require_extra",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
 
 if TYPE_CHECKING:
@@ -25,6 +27,11 @@ MAX_TOOL_INSPECT_BYTES = 256 << 20
 
 class PreflightError(ValueError):
     """A request that would fail: the message says what is wrong and how to fix it."""
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """pydantic's refusal of a spec, one ``where: what`` line per problem, for every caller."""
+    return [f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
 
 
 def spell(setting: str, value: Any, caller: Caller) -> str:
