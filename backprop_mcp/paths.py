@@ -124,16 +124,3 @@ def resolve_writable_dir(path: str, what: str) -> Path:
     if not os.access(resolved if kind else resolved.parent, os.W_OK | os.X_OK):
         raise ToolError(f"{what}: {quoted(p)} is not writable by this server's user; choose another folder.")
     return resolved
-
-
-def resolve_under(root: Path, path: str, what: str) -> Path:
-    """A path that must stay inside ``root`` after resolving symlinks (outputs, job folders)."""
-    p = _expand(path, what)
-    resolved = Path(os.path.realpath(p))  # follows every symlink that exists, so a link cannot point outside
-    root = root.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ToolError(
-            f"{what}: {quoted(p)} resolves to {quoted(resolved)}, outside {root}. Outputs stay under the state folder "
-            "(BACKPROP_HOME); give a path inside it or leave the option out to use the default."
-        )
-    return resolved

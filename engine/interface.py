@@ -8,12 +8,11 @@ engine's torch-free data, model-catalogue and memory modules when it first runs.
 """
 
 from engine import events, procs
-from engine.events import EventFormatError, read_events
+from engine.events import read_events
 from engine.extras import MissingExtra
 from engine.extras import require as require_extra
 from engine.files import (
     PathError,
-    atomic_write_text,
     backprop_home,
     missing_message,
     path_kind,
@@ -28,9 +27,8 @@ from engine.jobs import (
     start_worker,
     worker_env,
 )
-from engine.preflight import Caller, PreflightError, check_model, preflight, preset_fits, problems
+from engine.preflight import PreflightError, check_model, preflight, problems
 from engine.spec import (
-    CANCEL_FILE,
     EVENTS_FILE,
     WORKER_LOG,
     DatasetSettings,
@@ -49,12 +47,9 @@ from engine.spec import (
 )
 
 __all__ = [
-    "CANCEL_FILE",
     "EVENTS_FILE",
     "WORKER_LOG",
-    "Caller",
     "DatasetSettings",
-    "EventFormatError",
     "ExportQuant",
     "ExportSpec",
     "FinetuneSpec",
@@ -67,7 +62,6 @@ __all__ = [
     "PreflightError",
     "SeriesSpec",
     "TrainSettings",
-    "atomic_write_text",
     "backprop_home",
     "check_model",
     "engine_command",
@@ -76,7 +70,6 @@ __all__ = [
     "new_job_id",
     "path_kind",
     "preflight",
-    "preset_fits",
     "problems",
     "GpuReport",
     "gpu_report",
