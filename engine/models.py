@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from engine.adapters import is_adapter_folder
 from engine.files import PathError, path_kind, quoted, user_path
-from engine.memory import ModelShape, estimate_memory
+from engine.memory import ModelShape
 
 
 class ModelError(ValueError):
@@ -78,8 +78,6 @@ def privacy_environment() -> dict[str, str]:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-ChatTemplate = Literal["chatml", "llama3", "mistral"]
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -89,45 +87,7 @@ class Preset:
     hf_id: str | None  # None for the offline tiny model
     params_b: float  # billions of parameters
     shape: ModelShape
-    chat_template: ChatTemplate
     gated: bool = False  # the hub asks users to accept a licence before downloading
-    description: str = ""
-
-    @property
-    def family(self) -> str:  # model_type: qwen2, llama, mistral
-        return self.shape.model_type
-
-    def vram_gib(
-        self, quantization: str = "4bit", *, seq_len: int = 2048, micro_batch: int = 1, lora_rank: int = 16
-    ) -> float:
-        """GPU memory to train this model with LoRA (from ``estimate_memory``, chunked loss, checkpointing)."""
-        return estimate_memory(
-            self.shape, quantization, lora_rank, micro_batch, seq_len, device="cuda"
-        ).total_gib
-
-    @property
-    def qlora_vram_gib(self) -> float:
-        """NF4 QLoRA, rank 16, one 2048-token sequence per micro-batch."""
-        return self.vram_gib("4bit")
-
-    @property
-    def lora16_vram_gib(self) -> float:
-        """bf16 LoRA, rank 16, one 2048-token sequence per micro-batch."""
-        return self.vram_gib("16bit")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "hf_id": self.hf_id,
-            "family": self.family,
-            "params_b": self.params_b,
-            "max_context": self.shape.max_context,
-            "chat_template": self.chat_template,
-            "gated": self.gated,
-            "description": self.description,
-            "vram_gib": {"qlora_4bit": self.qlora_vram_gib, "lora_16bit": self.lora16_vram_gib},
-            "vram_setting": "LoRA rank 16, micro-batch 1 x 2048 tokens, gradient checkpointing",
-        }
 
 
 def _tiny_preset() -> Preset:
@@ -139,10 +99,7 @@ def _tiny_preset() -> Preset:
         tiny.HIDDEN_SIZE, tiny.NUM_LAYERS, tiny.MIN_MODEL_VOCAB, tiny.INTERMEDIATE_SIZE, tiny.NUM_HEADS,
         tiny.NUM_KV_HEADS, max_context=tiny.MAX_POSITIONS, attention_bias=True, model_type="qwen2",
     )  # fmt: skip
-    return Preset(
-        "tiny", None, round(shape.params / 1e9, 4), shape, "chatml",
-        description="random-weight Qwen2-architecture model built offline; for tests and demos on CPU",
-    )  # fmt: skip
+    return Preset("tiny", None, round(shape.params / 1e9, 4), shape)
 
 
 def _shape(
@@ -169,25 +126,19 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.62,
-               _shape("qwen2", 3584, 28, 152064, 18944, 28, 4, ctx=32768), "chatml", description="Qwen2.5 7B Instruct"),
+               _shape("qwen2", 3584, 28, 152064, 18944, 28, 4, ctx=32768)),
         Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 3.09,
-               _shape("qwen2", 2048, 36, 151936, 11008, 16, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 3B Instruct"),
+               _shape("qwen2", 2048, 36, 151936, 11008, 16, 2, ctx=32768, tied=True)),
         Preset("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54,
-               _shape("qwen2", 1536, 28, 151936, 8960, 12, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 1.5B Instruct"),
+               _shape("qwen2", 1536, 28, 151936, 8960, 12, 2, ctx=32768, tied=True)),
         Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 0.49,
-               _shape("qwen2", 896, 24, 151936, 4864, 14, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 0.5B Instruct"),
+               _shape("qwen2", 896, 24, 151936, 4864, 14, 2, ctx=32768, tied=True)),
         Preset("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", 3.21,
-               _shape("llama", 3072, 28, 128256, 8192, 24, 8, ctx=131072, tied=True), "llama3", gated=True,
-               description="Llama 3.2 3B Instruct (gated on the hub)"),
+               _shape("llama", 3072, 28, 128256, 8192, 24, 8, ctx=131072, tied=True), gated=True),
         Preset("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24,
-               _shape("llama", 2048, 16, 128256, 8192, 32, 8, ctx=131072, tied=True), "llama3", gated=True,
-               description="Llama 3.2 1B Instruct (gated on the hub)"),
+               _shape("llama", 2048, 16, 128256, 8192, 32, 8, ctx=131072, tied=True), gated=True),
         Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25,
-               _shape("mistral", 4096, 32, 32768, 14336, 32, 8, ctx=32768), "mistral",
-               description="Mistral 7B Instruct v0.3"),
+               _shape("mistral", 4096, 32, 32768, 14336, 32, 8, ctx=32768)),
         _tiny_preset(),
     )
 }  # fmt: skip
