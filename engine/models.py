@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -385,7 +385,7 @@ def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelSh
         shape = shape_from_config(cfg, str(cfg_path))
         exact = _safetensors_param_count(resolved.local_path)
         if exact:
-            shape = ModelShape(**{**shape.to_dict(), "params": exact})
+            shape = replace(shape, params=exact)
         return shape
     privacy_environment()
     from transformers import AutoConfig
