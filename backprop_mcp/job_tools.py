@@ -16,20 +16,22 @@ from pydantic import Field
 
 from backprop_mcp import checks, extras
 from backprop_mcp.app import LINKED_TOOL_META
-from backprop_mcp.limits import MAX_DATASETS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_SYSTEM_CHARS
+from backprop_mcp.limits import MAX_DATASETS, MAX_SYSTEM_CHARS
 from backprop_mcp.models import StartedJob
 from backprop_mcp.paths import resolve_writable_dir
 from backprop_mcp.policy import ClientRoots
 from backprop_mcp.state import ServerState
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tooling import hints, setting
+from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
     DatasetSettings,
+    DeviceChoice,
     ExportQuant,
     ExportSpec,
     FinetuneSpec,
     LoraSettings,
     MergeMode,
+    Quantization,
     SeriesSpec,
     TrainSettings,
 )
@@ -50,18 +52,14 @@ def register_job_tools(
     def start_finetune(
         dataset_path: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
-                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name",
+            path_arg(
+                "absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
+                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name"
             ),
         ],
         model: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="preset name (e.g. 'tiny'), local model folder, or hub name",
-            ),
+            path_arg("preset name (e.g. 'tiny'), local model folder, or hub name"),
         ] = "tiny",
         steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
         epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
@@ -71,15 +69,11 @@ def register_job_tools(
         gradient_accumulation: Annotated[int | None, setting(TrainSettings, "gradient_accumulation")] = None,
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         lora_alpha: Annotated[float | None, setting(LoraSettings, "alpha")] = None,
-        quantization: Annotated[
-            Literal["auto", "4bit", "16bit", "none"],
-            Field(description="auto: 4-bit QLoRA on a GPU, full precision on CPU"),
-        ] = "auto",
-        device: Literal["auto", "cpu", "cuda"] = "auto",
-        gpu_index: Annotated[int, Field(ge=0)] = 0,
+        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting(FinetuneSpec, "device")] = "auto",
+        gpu_index: Annotated[int, setting(FinetuneSpec, "gpu_index")] = 0,
         gpus: Annotated[
-            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None,
-            Field(description="train on several GPUs at once (DDP): card indices or 'all'; default one card"),
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(FinetuneSpec, "gpus")
         ] = None,
         eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
         skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
@@ -134,14 +128,14 @@ def register_job_tools(
     )
     def run_slao_series(
         dataset_paths: Annotated[
-            list[Annotated[str, Field(max_length=MAX_PATH_CHARS)]],
+            list[Annotated[str, path_arg()]],
             Field(
                 min_length=1,
                 max_length=MAX_DATASETS,
                 description="one dataset split into num_runs slices, or one dataset per task/run",
             ),
         ],
-        model: Annotated[str, Field(max_length=MAX_PATH_CHARS)] = "tiny",
+        model: Annotated[str, path_arg()] = "tiny",
         num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
         steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
         samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
@@ -149,8 +143,8 @@ def register_job_tools(
         replay_fraction: Annotated[float, setting(SeriesSpec, "replay_fraction")] = 0.0,
         heldout_fraction: Annotated[float, setting(SeriesSpec, "heldout_fraction")] = 0.1,
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
-        quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
-        device: Literal["auto", "cpu", "cuda"] = "auto",
+        quantization: Annotated[Quantization, setting(SeriesSpec, "quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting(SeriesSpec, "device")] = "auto",
         learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
@@ -192,14 +186,12 @@ def register_job_tools(
     def export_gguf(
         job_id: Annotated[
             str | None,
-            Field(max_length=MAX_NAME_CHARS, description="a succeeded fine-tune or series job to export"),
+            name_arg("a succeeded fine-tune or series job to export"),
         ] = None,
-        adapter_path: Annotated[
-            str | None, Field(max_length=MAX_PATH_CHARS, description="or: a LoRA adapter folder")
-        ] = None,
+        adapter_path: Annotated[str | None, path_arg("or: a LoRA adapter folder")] = None,
         base_model: Annotated[
             str | None,
-            Field(max_length=MAX_PATH_CHARS, description="base model; default: the one the job trained"),
+            path_arg("base model; default: the one the job trained"),
         ] = None,
         quantizations: Annotated[list[ExportQuant], Field(min_length=1)] = ["q4_k_m"],  # noqa: B006 - pydantic copies it
         adapter_gguf: Annotated[bool, Field(description="also write the LoRA adapter as GGUF")] = False,
@@ -207,15 +199,12 @@ def register_job_tools(
         register_ollama: bool = False,
         ollama_name: Annotated[
             str | None,
-            Field(max_length=MAX_NAME_CHARS, description="model name in Ollama, e.g. 'my-assistant'"),
+            name_arg("model name in Ollama, e.g. 'my-assistant'"),
         ] = None,
         system_prompt: Annotated[str | None, Field(max_length=MAX_SYSTEM_CHARS)] = None,
         output_dir: Annotated[
             str | None,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute folder for the GGUF files and Modelfile (default: the job's)",
-            ),
+            path_arg("absolute folder for the GGUF files and Modelfile (default: the job's)"),
         ] = None,
         *,
         roots: ClientRoots,

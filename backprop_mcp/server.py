@@ -35,8 +35,6 @@ from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.guard import guard_tools
 from backprop_mcp.job_tools import register_job_tools
 from backprop_mcp.limits import (
-    MAX_NAME_CHARS,
-    MAX_PATH_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SYSTEM_CHARS,
 )
@@ -53,10 +51,12 @@ from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.resources import LegacySubscriptions, register_resources
 from backprop_mcp.state import ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tooling import hints, setting
+from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
+    FinetuneSpec,
     GpuReport,
     LoraSettings,
+    Quantization,
     TrainSettings,
     gpu_report,
     quoted,
@@ -195,9 +195,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         meta=LINKED_TOOL_META,
     )
     async def job_status(
-        job_id: Annotated[
-            str, Field(max_length=MAX_NAME_CHARS, description="the id start_finetune (or list_jobs) gave")
-        ],
+        job_id: Annotated[str, name_arg("the id start_finetune (or list_jobs) gave")],
         ctx: Context,
         wait_s: Annotated[
             float,
@@ -252,7 +250,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         annotations=hints(read_only=False, destructive=True, idempotent=True, open_world=False),
     )
     def cancel_job(
-        job_id: Annotated[str, Field(max_length=MAX_NAME_CHARS)],
+        job_id: Annotated[str, name_arg()],
         force: Annotated[
             bool, Field(description="kill the worker now instead of letting it checkpoint and stop")
         ] = False,
@@ -286,21 +284,15 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     def check_dataset(
         path: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute path of the dataset file or folder (or a hub dataset name)",
-            ),
+            path_arg("absolute path of the dataset file or folder (or a hub dataset name)"),
         ],
         model: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="the model whose tokenizer and chat template to measure with",
-            ),
+            path_arg("the model whose tokenizer and chat template to measure with"),
         ] = "tiny",
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
-        quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
+        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         *,
         roots: ClientRoots,
@@ -336,21 +328,15 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         ],
         job_id: Annotated[
             str | None,
-            Field(
-                max_length=MAX_NAME_CHARS,
-                description="a succeeded fine-tune job: its base model plus its adapter",
-            ),
+            name_arg("a succeeded fine-tune job: its base model plus its adapter"),
         ] = None,
         model: Annotated[
             str | None,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="a base or merged model (preset, folder or hub name) when no job_id",
-            ),
+            path_arg("a base or merged model (preset, folder or hub name) when no job_id"),
         ] = None,
         adapter_path: Annotated[
             str | None,
-            Field(max_length=MAX_PATH_CHARS, description="a LoRA adapter folder to apply to model"),
+            path_arg("a LoRA adapter folder to apply to model"),
         ] = None,
         system: Annotated[
             str | None, Field(max_length=MAX_SYSTEM_CHARS, description="a system prompt")
