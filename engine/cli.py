@@ -208,11 +208,8 @@ def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
 
         result = run_and_follow(job_dir, on_event)
     else:
-        printer = ProgressPrinter(translate=for_cli)
-        try:
+        with ProgressPrinter(translate=for_cli) as printer:
             result = run_and_follow(job_dir, printer)
-        finally:
-            printer.close()
     if getattr(args, "output", None) and result.artifacts.get("adapter"):
         import shutil
 
