@@ -47,9 +47,6 @@ class GpuInfo:
     driver_version: str | None
     cuda_driver_version: str | None  # the CUDA version the driver supports, "12.4"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class GpuProbe:
