@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ValidationError
 
-from backprop_mcp.models import DatasetCheck, TokenStats
+from backprop_mcp.models import DatasetCheck
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
-from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
+from engine.interface import DataCheck, ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
 from engine.interface import check_model as engine_check_model
 from engine.interface import preflight as run_preflight
 
@@ -81,18 +81,16 @@ def dataset_path(path: str) -> str:
 
 
 def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
-    report = out.get("report") or {}
+    check = DataCheck.model_validate(out)
+    report = check.report
     problems = [str(p) for p in (report.get("problems") or [])]
-    rows_ok = int(report.get("rows_ok", 0))
-    fits = out.get("fits")
-    ready = rows_ok > 0 and not problems and fits is not False
-    if rows_ok == 0:
+    if not report.get("rows_ok"):
         next_step = "No usable rows: fix the format (see problems) and check again."
-    elif problems:
+    elif report.get("bad_rows"):
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
         )
-    elif fits is False:
+    elif check.fits is False:
         next_step = (
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."
         )
@@ -100,22 +98,15 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
         next_step = (
             f"Ready: start_finetune(dataset_path='{path}', ...) with these defaults or your own settings."
         )
-    tokens = out.get("tokens")
     return DatasetCheck(
+        **check.model_dump(exclude={"report"}),
         path=path,
         format=report.get("format"),
         rows_total=int(report.get("rows_total", 0)),
-        rows_ok=rows_ok,
+        rows_ok=int(report.get("rows_ok", 0)),
         skipped=int(report.get("skipped", 0)),
         bad_rows=int(report.get("bad_rows", len(problems))),
         problems=problems,
-        tokens=TokenStats.model_validate(tokens) if tokens else None,
-        fits=fits,
-        fit_error=out.get("fit_error"),
-        defaults=out.get("defaults"),
-        reasons=out.get("reasons"),
-        memory_estimate_gib=out.get("memory_estimate_gib"),
-        device=out.get("device"),
-        ready=ready,
+        ready=check.ready,
         next_step=next_step,
     )

@@ -297,9 +297,8 @@ def _check_data(args: argparse.Namespace) -> int:
     require("train", "backprop check-data")
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
         out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
-    text, ready = check_data_text(out, args.model)
-    print(json.dumps(out, indent=2, default=str) if args.json else text)
-    return 0 if ready else 1
+    print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, args.model))
+    return 0 if out.ready else 1
 
 
 def _gpu(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from engine.jobs import (
     start_worker,
     worker_env,
 )
-from engine.preflight import PreflightError, check_model, preflight, problems
+from engine.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 from engine.spec import (
     EVENTS_FILE,
     WORKER_LOG,
@@ -52,6 +52,7 @@ __all__ = [
     "EVENTS_FILE",
     "WORKER_LOG",
     "DatasetSettings",
+    "DataCheck",
     "DeviceChoice",
     "ExportQuant",
     "ExportSpec",
@@ -65,6 +66,7 @@ __all__ = [
     "PathError",
     "PreflightError",
     "SeriesSpec",
+    "TokenStats",
     "TrainSettings",
     "backprop_home",
     "check_model",
