@@ -14,6 +14,7 @@ from engine.extras import require as require_extra
 from engine.files import (
     PathError,
     backprop_home,
+    looks_like_path,
     missing_message,
     path_kind,
     quoted,
@@ -69,6 +70,7 @@ __all__ = [
     "TokenStats",
     "TrainSettings",
     "backprop_home",
+    "looks_like_path",
     "check_model",
     "engine_command",
     "events",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.adapters import is_adapter_folder
-from engine.files import PathError, path_kind, quoted, user_path
+from engine.files import PathError, looks_like_path, path_kind, quoted, user_path
 from engine.memory import ModelShape
 
 
@@ -171,16 +171,6 @@ class ResolvedModel:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~", "\\", ".\\", "..\\"))
-        or bool(re.match(r"^[A-Za-z]:[\\/]", name))  # a Windows drive
-        or name.count("/") > 1
-        or "\\" in name
-        or name in (".", "..")
-    )
-
-
 def _check_model_folder(path: Path, name: str) -> None:
     if (path / "config.json").is_file():
         return
@@ -231,7 +221,7 @@ def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
             raise ModelError(f"{name!r} is a file; a model is a folder with config.json and weights.{hint}")
         _check_model_folder(path, name)
         return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelError(
             f"no folder {quoted(name)} on this machine (resolved to {quoted(path.resolve())}). Check the path, or give a "
             f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
