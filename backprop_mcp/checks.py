@@ -40,7 +40,7 @@ def given(**settings: Any) -> dict[str, Any]:
 
 def trained_job(record: JobRecord, tool: str, otherwise: str = "") -> None:
     """Refuse a job that is not a succeeded fine-tune or series (what ``tool`` builds on)."""
-    if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
+    if not record.trained:
         raise ToolError(
             f"job {record.id} is a {record.kind} job in state '{record.state}'; {tool} needs a succeeded "
             f"fine-tune or SLAO series job.{otherwise}"

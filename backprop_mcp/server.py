@@ -131,19 +131,6 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             finally:
                 tg.cancel_scope.cancel()
 
-    server = MCPServer(
-        "backprop-mcp",
-        version=__version__,
-        instructions=INSTRUCTIONS,
-        lifespan=lifespan,
-        subscriptions=bus,
-        extensions=[dashboard_extension(lazy.get)],  # the job dashboard app (backprop_mcp/app.py)
-        middleware=[hide_from_plain_hosts],
-    )
-
-    async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-        return await anyio.to_thread.run_sync(lambda: fn(*args))
-
     def find_job(job_id: str) -> JobRecord:
         job_id = check_job_id(job_id)
         state = lazy.get()
@@ -151,6 +138,19 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         if record is None:
             raise ToolError(f"no job {job_id!r} in {state.home}. Call list_jobs to see the existing job ids.")
         return record
+
+    server = MCPServer(
+        "backprop-mcp",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=bus,
+        extensions=[dashboard_extension(lazy.get, find_job)],  # the job dashboard app (backprop_mcp/app.py)
+        middleware=[hide_from_plain_hosts],
+    )
+
+    async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+        return await anyio.to_thread.run_sync(lambda: fn(*args))
 
     def create(spec: checks.JobSpec, label: str) -> StartedJob:
         """The preflight, then the job: its folder and a detached worker."""
