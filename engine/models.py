@@ -33,21 +33,17 @@ class ModelError(ValueError):
 # Privacy: set before transformers / huggingface_hub / unsloth are imported.
 # --------------------------------------------------------------------------------------------
 
-# Each variable, and why. All are set only when the user has not set them already.
-PRIVACY_ENV: dict[str, tuple[str, str]] = {
-    # huggingface_hub: no telemetry pings (it also honours DO_NOT_TRACK).
-    "HF_HUB_DISABLE_TELEMETRY": ("1", "huggingface_hub sends no usage telemetry"),
-    # The cross-tool convention (https://donottrack.sh); huggingface_hub and others honour it.
-    "DO_NOT_TRACK": ("1", "tools that follow the DO_NOT_TRACK convention send no analytics"),
-    # huggingface_hub: a stored login token is sent only to gated/private repos that need it,
-    # not with every public request.
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": ("1", "the stored Hugging Face token is not sent with public requests"),
+# Each is set to "1" unless the user has set it already.
+PRIVACY_ENV = (
+    "HF_HUB_DISABLE_TELEMETRY",  # huggingface_hub sends no usage telemetry (it also honours DO_NOT_TRACK)
+    "DO_NOT_TRACK",  # the cross-tool convention (https://donottrack.sh): no analytics
+    # huggingface_hub sends a stored login token only to the gated/private repos that need it
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN",
     # Unsloth downloads small files from the hub at import/load time to count environments
     # (unsloth/models/_utils.py get_statistics); the variable's presence turns that off.
-    "UNSLOTH_DISABLE_STATISTICS": ("1", "Unsloth does not ping the hub to count usage"),
-    # huggingface_hub's version check of the `hf` CLI.
-    "HF_HUB_DISABLE_UPDATE_CHECK": ("1", "no update check against PyPI by the hub library"),
-}
+    "UNSLOTH_DISABLE_STATISTICS",
+    "HF_HUB_DISABLE_UPDATE_CHECK",  # no update check of the `hf` CLI against PyPI
+)
 
 
 def privacy_environment() -> dict[str, str]:
@@ -57,18 +53,13 @@ def privacy_environment() -> dict[str, str]:
     ``HF_HUB_OFFLINE`` is never touched: if the user set it, models come only from local files.
     """
     set_now: dict[str, str] = {}
-    for name, (value, _why) in PRIVACY_ENV.items():
+    for name in PRIVACY_ENV:
         if name not in os.environ:
-            os.environ[name] = value
-            set_now[name] = value
+            os.environ[name] = set_now[name] = "1"
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         # Imported already (by the caller): update the flags it read at import time.
-        for name in (
-            "HF_HUB_DISABLE_TELEMETRY",
-            "HF_HUB_DISABLE_IMPLICIT_TOKEN",
-            "HF_HUB_DISABLE_UPDATE_CHECK",
-        ):
+        for name in PRIVACY_ENV:
             if hasattr(hub, name) and os.environ.get(name) == "1":
                 setattr(hub, name, True)
     return set_now
