@@ -68,10 +68,7 @@ def check_model(model: str) -> str:
     text = model.strip()
     if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
         model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
-    try:
-        return engine_check_model(model)
-    except PreflightError as exc:
-        raise ToolError(str(exc)) from None
+    return engine_check_model(model)  # its PreflightError reaches the model as a tool error (guard.py)
 
 
 def dataset_path(path: str) -> str:

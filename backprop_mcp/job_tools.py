@@ -14,7 +14,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from backprop_mcp import checks, extras
+from backprop_mcp import checks
 from backprop_mcp.app import LINKED_TOOL_META
 from backprop_mcp.limits import MAX_DATASETS, MAX_SYSTEM_CHARS
 from backprop_mcp.models import StartedJob
@@ -34,6 +34,7 @@ from engine.interface import (
     Quantization,
     SeriesSpec,
     TrainSettings,
+    require_extra,
 )
 
 
@@ -88,7 +89,7 @@ def register_job_tools(
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
-        extras.require("train", "start_finetune")
+        require_extra("train", "start_finetune")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
         train = checks.given(
@@ -154,7 +155,7 @@ def register_job_tools(
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
-        extras.require("train", "run_slao_series")
+        require_extra("train", "run_slao_series")
         model_name = checks.check_model(model)
         datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         spec = checks.validated(
@@ -212,7 +213,7 @@ def register_job_tools(
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
         result with a local Ollama. Follow it with job_status."""
-        extras.require("export", "export_gguf")
+        require_extra("export", "export_gguf")
         if bool(job_id) == bool(adapter_path):
             raise ToolError(
                 "give exactly one of job_id (a succeeded training job) or adapter_path (an adapter folder)."

@@ -29,7 +29,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from pydantic import Field
 
-from backprop_mcp import __version__, checks, extras
+from backprop_mcp import __version__, checks
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.guard import guard_tools
@@ -61,6 +61,7 @@ from engine.interface import (
     gpu_report,
     quoted,
     read_spec,
+    require_extra,
 )
 
 log = logging.getLogger("backprop_mcp")
@@ -300,7 +301,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
-        extras.require("train", "check_dataset")
+        require_extra("train", "check_dataset")
         data_path = checks.dataset_path(path)
         model_name = checks.check_model(model)
         args = {
@@ -349,7 +350,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     ) -> Generation:
         """Generate a reply with the chat template applied, from a base model, a finished job's adapter
         or a merged model, to see what training changed. Bounded in time (model loading included, under a minute)."""
-        extras.require("train", "try_model")
+        require_extra("train", "try_model")
         base, adapter = _generation_target(job_id, model, adapter_path)
         args = {
             "model": base,
