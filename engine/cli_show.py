@@ -90,10 +90,7 @@ def gpu_text(report: Any) -> str:
                 f"driver {c.driver_version}" if c.driver_version else None,
                 f"CUDA {c.cuda_driver_version}" if c.cuda_driver_version else None,
             ]
-            lines.append(
-                f"GPU {c.index}: {c.name}, {c.memory_free_mb / 1024:.1f} of {c.memory_total_mb / 1024:.1f} GiB free"
-                + "".join(f", {e}" for e in extras if e)
-            )
+            lines.append(c.free_text() + "".join(f", {e}" for e in extras if e))
         lines.append("")
         lines.append(
             f"Presets on GPU {report.gpus[0].index} (QLoRA 4-bit, LoRA rank 16, 2048-token sequences):"

@@ -43,10 +43,7 @@ def gpu_report() -> GpuReport:
     probe = probe_gpus()
     mem = psutil.virtual_memory()
     if probe.available and probe.gpus:
-        summary = ", ".join(
-            f"GPU {c.index}: {c.name}, {c.memory_free_mb / 1024:.1f} of {c.memory_total_mb / 1024:.1f} GiB free"
-            for c in probe.gpus
-        )
+        summary = ", ".join(c.free_text() for c in probe.gpus)
     else:
         summary = (
             f"No usable NVIDIA GPU ({probe.reason}). Fine-tuning still works on the CPU for small models "

@@ -47,6 +47,10 @@ class GpuInfo:
     driver_version: str | None
     cuda_driver_version: str | None  # the CUDA version the driver supports, "12.4"
 
+    def free_text(self) -> str:
+        free, total = self.memory_free_mb / 1024, self.memory_total_mb / 1024
+        return f"GPU {self.index}: {self.name}, {free:.1f} of {total:.1f} GiB free"
+
 
 @dataclass
 class GpuProbe:
