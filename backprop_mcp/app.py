@@ -24,16 +24,14 @@ from typing import Any
 
 from mcp.server.apps import APP_MIME_TYPE, Apps, client_supports_apps
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from backprop_mcp.models import JobStatus
-from backprop_mcp.paths import check_job_id
-from backprop_mcp.state import ServerState
+from backprop_mcp.state import ServerState, percent_done
 from backprop_mcp.store import JobRecord
 from backprop_mcp.supervisor import read_job_result
 from backprop_mcp.tail import JobTail
+from backprop_mcp.tooling import hints
 
 DASHBOARD_URI = "ui://backprop/dashboard.html"
 VIEW_TOOL = "job_view"
@@ -213,18 +211,15 @@ def job_view(state: ServerState, record: JobRecord) -> JobView:
     series = record.kind == "slao_series"
     # tail.run_starts[k] is where run k+1 began on the global step axis; run 1 needs no line.
     starts = [RunStart(run=k + 1, x=x) for k, x in enumerate(tail.run_starts) if k > 0]
-    percent = 100.0 if status.state == "succeeded" else None
-    if percent is None and status.progress and status.progress.fraction is not None:
-        percent = round(100 * status.progress.fraction, 2)
     return JobView(
         job=status,
-        percent=percent,
+        percent=percent_done(record, status.progress),
         loss=LossCurve(train=_thin(tail.loss), eval=_thin(tail.eval_loss), run_starts=starts),
         device=_device(tail),
         forgetting=_forgetting(tail, status.metrics) if series else None,
         export=_export(status.metrics, status.artifacts) if record.kind == "export" else None,
         error=_error(record, tail, status),
-        can_export=status.state == "succeeded" and record.kind in ("finetune", "slao_series"),
+        can_export=record.trained,
         poll_after_s=None if record.is_terminal else POLL_S,
     )
 
@@ -232,7 +227,7 @@ def job_view(state: ServerState, record: JobRecord) -> JobView:
 # -- the extension --------------------------------------------------------------------------------
 
 
-def dashboard_extension(get_state: Callable[[], ServerState]) -> Apps:
+def dashboard_extension(get_state: Callable[[], ServerState], find_job: Callable[[str], JobRecord]) -> Apps:
     """The Apps extension: the dashboard resource and the app-only ``job_view`` tool."""
     apps = Apps()
     apps.add_html_resource(
@@ -249,18 +244,11 @@ def dashboard_extension(get_state: Callable[[], ServerState]) -> Apps:
         visibility=["app"],
         name=VIEW_TOOL,
         title="Dashboard view of a job",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=hints(read_only=True, destructive=False, idempotent=True, open_world=False),
     )
     def view(job_id: str) -> JobView:
         """Everything the dashboard draws for one job (used by the dashboard app, not the model)."""
-        state = get_state()
-        job_id = check_job_id(job_id)
-        record = state.get_record(job_id)
-        if record is None:
-            raise ToolError(f"no job {job_id!r} in {state.home}.")
-        return job_view(state, record)
+        return job_view(get_state(), find_job(job_id))
 
     return apps
 

@@ -9,27 +9,54 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from backprop_mcp.models import DatasetCheck, TokenStats
+from backprop_mcp.models import DatasetCheck
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
-from engine.interface import ExportSpec, FinetuneSpec, PreflightError, SeriesSpec
+from backprop_mcp.store import JobRecord
+from engine.interface import DataCheck, ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
 from engine.interface import check_model as engine_check_model
 from engine.interface import preflight as run_preflight
 
-
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:8]:
-        where = ".".join(str(x) for x in err["loc"]) or "settings"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+_Spec = TypeVar("_Spec", bound=BaseModel)
+JobSpec = FinetuneSpec | SeriesSpec | ExportSpec
 
 
-def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec) -> list[str]:
+def validated(model: type[_Spec], data: dict[str, Any], what: str) -> _Spec:
+    """``model`` validated from a tool's arguments; pydantic's refusal becomes a tool error."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ToolError(f"invalid {what}: {'; '.join(problems(exc)[:8])}. Fix them and call again.") from exc
+
+
+def given(**settings: Any) -> dict[str, Any]:
+    """The settings a caller gave (not None): the rest keep the spec's defaults."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def trained_job(record: JobRecord, tool: str, otherwise: str = "") -> None:
+    """Refuse a job that is not a succeeded fine-tune or series (what ``tool`` builds on)."""
+    if not record.trained:
+        raise ToolError(
+            f"job {record.id} is a {record.kind} job in state '{record.state}'; {tool} needs a succeeded "
+            f"fine-tune or SLAO series job.{otherwise}"
+        )
+
+
+def adapter_folder(path: str) -> Path:
+    folder = resolve_readable(path, "adapter_path")
+    if not (folder / "adapter_config.json").exists():
+        raise ToolError(
+            f"adapter_path: {quoted(folder)} has no adapter_config.json; give a PEFT adapter folder."
+        )
+    return folder
+
+
+def preflight(spec: JobSpec) -> list[str]:
     """The engine's preflight (the same the CLI and the worker run); its refusals become tool errors."""
     try:
         return run_preflight(spec, "tool")
@@ -41,10 +68,7 @@ def check_model(model: str) -> str:
     text = model.strip()
     if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
         model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
-    try:
-        return engine_check_model(model)
-    except PreflightError as exc:
-        raise ToolError(str(exc)) from None
+    return engine_check_model(model)  # its PreflightError reaches the model as a tool error (guard.py)
 
 
 def dataset_path(path: str) -> str:
@@ -54,18 +78,16 @@ def dataset_path(path: str) -> str:
 
 
 def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
-    report = out.get("report") or {}
+    check = DataCheck.model_validate(out)
+    report = check.report
     problems = [str(p) for p in (report.get("problems") or [])]
-    rows_ok = int(report.get("rows_ok", 0))
-    fits = out.get("fits")
-    ready = rows_ok > 0 and not problems and fits is not False
-    if rows_ok == 0:
+    if not report.get("rows_ok"):
         next_step = "No usable rows: fix the format (see problems) and check again."
-    elif problems:
+    elif report.get("bad_rows"):
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
         )
-    elif fits is False:
+    elif check.fits is False:
         next_step = (
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."
         )
@@ -73,22 +95,15 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
         next_step = (
             f"Ready: start_finetune(dataset_path='{path}', ...) with these defaults or your own settings."
         )
-    tokens = out.get("tokens")
     return DatasetCheck(
+        **check.model_dump(exclude={"report"}),
         path=path,
         format=report.get("format"),
         rows_total=int(report.get("rows_total", 0)),
-        rows_ok=rows_ok,
+        rows_ok=int(report.get("rows_ok", 0)),
         skipped=int(report.get("skipped", 0)),
         bad_rows=int(report.get("bad_rows", len(problems))),
         problems=problems,
-        tokens=TokenStats.model_validate(tokens) if tokens else None,
-        fits=fits,
-        fit_error=out.get("fit_error"),
-        defaults=out.get("defaults"),
-        reasons=out.get("reasons"),
-        memory_estimate_gib=out.get("memory_estimate_gib"),
-        device=out.get("device"),
-        ready=ready,
+        ready=check.ready,
         next_step=next_step,
     )

@@ -1,9 +1,11 @@
-"""No tool answers with a bare "Error executing tool X": unexpected exceptions become clear tool errors.
+"""No tool answers with a bare "Error executing tool X": every exception becomes a clear tool error.
 
 The SDK hides any exception other than ``ToolError`` behind "Error executing tool <name>", so the
-model learns nothing and retries blindly. ``guard_tools`` wraps every registered tool once: an
-unexpected exception becomes a ``ToolError`` naming its type and a short message (input quoted at
-most ``QUOTE_LIMIT`` characters), and its traceback goes to the server log (stderr).
+model learns nothing and retries blindly. ``guard_tools`` wraps every registered tool once: the
+engine's refusals (a missing extra, a failed preflight), whose messages already say what to do,
+become ``ToolError``s as they are; an unexpected exception becomes a ``ToolError`` naming its type
+and a short message (input quoted at most ``QUOTE_LIMIT`` characters), and its traceback goes to
+the server log (stderr).
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.shared.exceptions import MCPError
 
-from engine.interface import quoted
+from engine.interface import MissingExtra, PreflightError, quoted
 
 log = logging.getLogger("backprop_mcp")
 
 _GUARDED = "__backprop_guarded__"
 _PASS_THROUGH = (ToolError, ResourceError, MCPError)  # already clear, or a protocol error for the SDK
+_REFUSALS = (MissingExtra, PreflightError)  # the engine's own refusals: their message is the answer
+
+
+def _tool_error(tool: str, exc: Exception) -> ToolError:
+    return ToolError(str(exc)) if isinstance(exc, _REFUSALS) else unexpected_error(tool, exc)
 
 
 def unexpected_error(tool: str, exc: BaseException) -> ToolError:
@@ -52,7 +59,7 @@ def guard(tool: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             except _PASS_THROUGH:
                 raise
             except Exception as exc:
-                raise unexpected_error(tool, exc) from exc
+                raise _tool_error(tool, exc) from exc
 
         wrapper: Callable[..., Any] = guarded_async
     else:
@@ -64,7 +71,7 @@ def guard(tool: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             except _PASS_THROUGH:
                 raise
             except Exception as exc:
-                raise unexpected_error(tool, exc) from exc
+                raise _tool_error(tool, exc) from exc
 
         wrapper = guarded_sync
     setattr(wrapper, _GUARDED, True)

@@ -12,27 +12,29 @@ from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
-from backprop_mcp import checks, extras
+from backprop_mcp import checks
 from backprop_mcp.app import LINKED_TOOL_META
-from backprop_mcp.limits import MAX_DATASETS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_SYSTEM_CHARS
+from backprop_mcp.limits import MAX_DATASETS, MAX_SYSTEM_CHARS
 from backprop_mcp.models import StartedJob
-from backprop_mcp.paths import resolve_readable, resolve_writable_dir
+from backprop_mcp.paths import resolve_writable_dir
 from backprop_mcp.policy import ClientRoots
 from backprop_mcp.state import ServerState
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tooling import hints, setting
+from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
     DatasetSettings,
+    DeviceChoice,
     ExportQuant,
     ExportSpec,
     FinetuneSpec,
     LoraSettings,
     MergeMode,
+    Quantization,
     SeriesSpec,
     TrainSettings,
-    quoted,
+    require_extra,
 )
 
 
@@ -40,7 +42,7 @@ def register_job_tools(
     server: MCPServer,
     state: Callable[[], ServerState],
     find_job: Callable[[str], JobRecord],
-    create: Callable[[BaseModel, str, list[str]], StartedJob],
+    create: Callable[[checks.JobSpec, str], StartedJob],
 ) -> None:
     @server.tool(
         name="start_finetune",
@@ -51,18 +53,14 @@ def register_job_tools(
     def start_finetune(
         dataset_path: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
-                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name",
+            path_arg(
+                "absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
+                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name"
             ),
         ],
         model: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="preset name (e.g. 'tiny'), local model folder, or hub name",
-            ),
+            path_arg("preset name (e.g. 'tiny'), local model folder, or hub name"),
         ] = "tiny",
         steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
         epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
@@ -72,15 +70,11 @@ def register_job_tools(
         gradient_accumulation: Annotated[int | None, setting(TrainSettings, "gradient_accumulation")] = None,
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         lora_alpha: Annotated[float | None, setting(LoraSettings, "alpha")] = None,
-        quantization: Annotated[
-            Literal["auto", "4bit", "16bit", "none"],
-            Field(description="auto: 4-bit QLoRA on a GPU, full precision on CPU"),
-        ] = "auto",
-        device: Literal["auto", "cpu", "cuda"] = "auto",
-        gpu_index: Annotated[int, Field(ge=0)] = 0,
+        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting(FinetuneSpec, "device")] = "auto",
+        gpu_index: Annotated[int, setting(FinetuneSpec, "gpu_index")] = 0,
         gpus: Annotated[
-            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None,
-            Field(description="train on several GPUs at once (DDP): card indices or 'all'; default one card"),
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(FinetuneSpec, "gpus")
         ] = None,
         eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
         skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
@@ -95,49 +89,39 @@ def register_job_tools(
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
-        extras.require("train", "start_finetune")
+        require_extra("train", "start_finetune")
         if backend == "unsloth":
-            extras.require("unsloth", "start_finetune with backend 'unsloth'")
+            require_extra("unsloth", "start_finetune with backend 'unsloth'")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        try:
-            spec = FinetuneSpec.model_validate(
-                {
-                    "model": model_name,
-                    "quantization": quantization,
-                    "device": device,
-                    "gpu_index": gpu_index,
-                    "gpus": gpus,
-                    "dataset": {
-                        "path": data_path,
-                        "skip_bad_rows": skip_bad_rows,
-                        "eval_fraction": eval_fraction,
-                    },
-                    "lora": {"rank": lora_rank, "alpha": lora_alpha},
-                    "train": {
-                        k: v
-                        for k, v in {
-                            "steps": steps,
-                            "epochs": epochs,
-                            "learning_rate": learning_rate,
-                            "max_seq_length": max_seq_length,
-                            "micro_batch_size": micro_batch_size,
-                            "gradient_accumulation": gradient_accumulation,
-                            "packing": packing,
-                            "checkpoint_every": checkpoint_every,
-                            "seed": seed,
-                            "backend": backend,
-                        }.items()
-                        if v is not None
-                    },
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        notes = checks.preflight(spec)
-        return create(spec, f"{Path(model_name).name} on {Path(data_path).name}", notes)
+        train = checks.given(
+            steps=steps,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            max_seq_length=max_seq_length,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation=gradient_accumulation,
+            packing=packing,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            backend=backend,
+        )
+        dataset = {"path": data_path, "skip_bad_rows": skip_bad_rows, "eval_fraction": eval_fraction}
+        spec = checks.validated(
+            FinetuneSpec,
+            {
+                "model": model_name,
+                "quantization": quantization,
+                "device": device,
+                "gpu_index": gpu_index,
+                "gpus": gpus,
+                "dataset": dataset,
+                "lora": {"rank": lora_rank, "alpha": lora_alpha},
+                "train": train,
+            },
+            "settings",
+        )
+        return create(spec, f"{Path(model_name).name} on {Path(data_path).name}")
 
     @server.tool(
         name="run_slao_series",
@@ -147,14 +131,14 @@ def register_job_tools(
     )
     def run_slao_series(
         dataset_paths: Annotated[
-            list[Annotated[str, Field(max_length=MAX_PATH_CHARS)]],
+            list[Annotated[str, path_arg()]],
             Field(
                 min_length=1,
                 max_length=MAX_DATASETS,
                 description="one dataset split into num_runs slices, or one dataset per task/run",
             ),
         ],
-        model: Annotated[str, Field(max_length=MAX_PATH_CHARS)] = "tiny",
+        model: Annotated[str, path_arg()] = "tiny",
         num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
         steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
         samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
@@ -162,8 +146,8 @@ def register_job_tools(
         replay_fraction: Annotated[float, setting(SeriesSpec, "replay_fraction")] = 0.0,
         heldout_fraction: Annotated[float, setting(SeriesSpec, "heldout_fraction")] = 0.1,
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
-        quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
-        device: Literal["auto", "cpu", "cuda"] = "auto",
+        quantization: Annotated[Quantization, setting(SeriesSpec, "quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting(SeriesSpec, "device")] = "auto",
         learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
@@ -173,36 +157,28 @@ def register_job_tools(
         """Start a continual-learning series as one background job: N runs over successive data slices
         (or one dataset per task), merging each run's LoRA into the accumulated adapter with SLAO so new
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
-        extras.require("train", "run_slao_series")
+        require_extra("train", "run_slao_series")
         model_name = checks.check_model(model)
         datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
-        train = {
-            k: v for k, v in {"learning_rate": learning_rate, "max_seq_length": max_seq_length}.items() if v
-        }
-        try:
-            spec = SeriesSpec.model_validate(
-                {
-                    "model": model_name,
-                    "quantization": quantization,
-                    "device": device,
-                    "datasets": datasets,
-                    "num_runs": num_runs,
-                    "steps_per_run": steps_per_run,
-                    "samples_per_run": samples_per_run,
-                    "merge_mode": merge_mode,
-                    "replay_fraction": replay_fraction,
-                    "heldout_fraction": heldout_fraction,
-                    "lora": {"rank": lora_rank},
-                    "train": train,
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid series settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        notes = checks.preflight(spec)
-        runs = spec.num_runs or len(datasets)
-        return create(spec, f"{Path(model_name).name}, {runs} SLAO runs", notes)
+        spec = checks.validated(
+            SeriesSpec,
+            {
+                "model": model_name,
+                "quantization": quantization,
+                "device": device,
+                "datasets": datasets,
+                "num_runs": num_runs,
+                "steps_per_run": steps_per_run,
+                "samples_per_run": samples_per_run,
+                "merge_mode": merge_mode,
+                "replay_fraction": replay_fraction,
+                "heldout_fraction": heldout_fraction,
+                "lora": {"rank": lora_rank},
+                "train": checks.given(learning_rate=learning_rate, max_seq_length=max_seq_length),
+            },
+            "series settings",
+        )
+        return create(spec, f"{Path(model_name).name}, {spec.num_runs or len(datasets)} SLAO runs")
 
     @server.tool(
         name="export_gguf",
@@ -213,14 +189,12 @@ def register_job_tools(
     def export_gguf(
         job_id: Annotated[
             str | None,
-            Field(max_length=MAX_NAME_CHARS, description="a succeeded fine-tune or series job to export"),
+            name_arg("a succeeded fine-tune or series job to export"),
         ] = None,
-        adapter_path: Annotated[
-            str | None, Field(max_length=MAX_PATH_CHARS, description="or: a LoRA adapter folder")
-        ] = None,
+        adapter_path: Annotated[str | None, path_arg("or: a LoRA adapter folder")] = None,
         base_model: Annotated[
             str | None,
-            Field(max_length=MAX_PATH_CHARS, description="base model; default: the one the job trained"),
+            path_arg("base model; default: the one the job trained"),
         ] = None,
         quantizations: Annotated[list[ExportQuant], Field(min_length=1)] = ["q4_k_m"],  # noqa: B006 - pydantic copies it
         adapter_gguf: Annotated[bool, Field(description="also write the LoRA adapter as GGUF")] = False,
@@ -228,15 +202,12 @@ def register_job_tools(
         register_ollama: bool = False,
         ollama_name: Annotated[
             str | None,
-            Field(max_length=MAX_NAME_CHARS, description="model name in Ollama, e.g. 'my-assistant'"),
+            name_arg("model name in Ollama, e.g. 'my-assistant'"),
         ] = None,
         system_prompt: Annotated[str | None, Field(max_length=MAX_SYSTEM_CHARS)] = None,
         output_dir: Annotated[
             str | None,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute folder for the GGUF files and Modelfile (default: the job's)",
-            ),
+            path_arg("absolute folder for the GGUF files and Modelfile (default: the job's)"),
         ] = None,
         *,
         roots: ClientRoots,
@@ -244,44 +215,33 @@ def register_job_tools(
         """Export a fine-tuned model as a background job: merge the adapter into its base model, convert
         to GGUF, quantize (q4_k_m by default), verify against the original, and optionally register the
         result with a local Ollama. Follow it with job_status."""
-        extras.require("export", "export_gguf")
+        require_extra("export", "export_gguf")
         if bool(job_id) == bool(adapter_path):
             raise ToolError(
                 "give exactly one of job_id (a succeeded training job) or adapter_path (an adapter folder)."
             )
         if job_id:
             record = find_job(job_id)
-            if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
-                raise ToolError(
-                    f"job {record.id} is a {record.kind} job in state '{record.state}'; export needs a succeeded "
-                    "fine-tune or SLAO series job."
-                )
+            checks.trained_job(record, "export")
             source, label = str(record.job_dir), record.id
         else:
-            folder = resolve_readable(str(adapter_path), "adapter_path")
-            if not (folder / "adapter_config.json").exists():
-                raise ToolError(
-                    f"adapter_path: {quoted(folder)} has no adapter_config.json; give a PEFT adapter folder."
-                )
+            folder = checks.adapter_folder(str(adapter_path))
             source, label = str(folder), folder.name
         if register_ollama and not ollama_name:
             raise ToolError("register_ollama=true needs ollama_name (the name to give the model in Ollama).")
-        try:
-            spec = ExportSpec.model_validate(
-                {
-                    "source": source,
-                    "base_model": checks.check_model(base_model) if base_model else None,
-                    "quantizations": quantizations,
-                    "adapter_gguf": adapter_gguf,
-                    "verify": verify,
-                    "register_ollama": register_ollama,
-                    "ollama_name": ollama_name,
-                    "system_prompt": system_prompt,
-                    "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
-                }
-            )
-        except ValidationError as exc:
-            raise ToolError(
-                f"invalid export settings: {checks.validation_message(exc)}. Fix them and call again."
-            ) from exc
-        return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}", [])
+        spec = checks.validated(
+            ExportSpec,
+            {
+                "source": source,
+                "base_model": checks.check_model(base_model) if base_model else None,
+                "quantizations": quantizations,
+                "adapter_gguf": adapter_gguf,
+                "verify": verify,
+                "register_ollama": register_ollama,
+                "ollama_name": ollama_name,
+                "system_prompt": system_prompt,
+                "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
+            },
+            "export settings",
+        )
+        return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}")

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from engine.interface import TokenStats
+
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -76,15 +78,6 @@ class CancelResult(BaseModel):
     job_id: str
     state: JobStateName
     message: str
-
-
-class TokenStats(BaseModel):
-    examples: int
-    total: int
-    min: int
-    median: int
-    p95: int
-    max: int
 
 
 class DatasetCheck(BaseModel):

@@ -16,24 +16,16 @@ from pathlib import Path
 from mcp.server.mcpserver.exceptions import ToolError
 
 from backprop_mcp.policy import FilePolicy, current_policy, is_key_file
-from engine.interface import PathError, missing_message, path_kind, quoted, user_path
+from engine.interface import PathError, looks_like_path, missing_message, path_kind, quoted, user_path
 
 JOB_ID_RE = re.compile(r"^[a-z]{2,5}-\d{8}-\d{6}-[0-9a-f]{6}$")
 # owner/name on the Hugging Face hub (both parts: letters, digits, '-', '_', '.')
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
-_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow", ".tsv", ".gz")
-
-
 def looks_like_hub_name(text: str) -> bool:
     """'owner/name' on the Hugging Face hub, as opposed to a (relative) path like 'data/train.jsonl'."""
-    return (
-        bool(_HUB_NAME_RE.match(text))
-        and not text.startswith((".", "~"))
-        and ".." not in text
-        and not text.lower().endswith(_DATA_SUFFIXES)
-    )
+    return bool(_HUB_NAME_RE.match(text)) and not looks_like_path(text) and ".." not in text
 
 
 def check_job_id(job_id: str) -> str:
@@ -123,17 +115,4 @@ def resolve_writable_dir(path: str, what: str) -> Path:
         )
     if not os.access(resolved if kind else resolved.parent, os.W_OK | os.X_OK):
         raise ToolError(f"{what}: {quoted(p)} is not writable by this server's user; choose another folder.")
-    return resolved
-
-
-def resolve_under(root: Path, path: str, what: str) -> Path:
-    """A path that must stay inside ``root`` after resolving symlinks (outputs, job folders)."""
-    p = _expand(path, what)
-    resolved = Path(os.path.realpath(p))  # follows every symlink that exists, so a link cannot point outside
-    root = root.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ToolError(
-            f"{what}: {quoted(p)} resolves to {quoted(resolved)}, outside {root}. Outputs stay under the state folder "
-            "(BACKPROP_HOME); give a path inside it or leave the option out to use the default."
-        )
     return resolved

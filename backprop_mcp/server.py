@@ -27,16 +27,14 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from backprop_mcp import __version__, checks, extras
+from backprop_mcp import __version__, checks
 from backprop_mcp.app import LINKED_TOOL_META, dashboard_extension, hide_from_plain_hosts
 from backprop_mcp.engine_calls import EngineCallError, call_engine
 from backprop_mcp.guard import guard_tools
 from backprop_mcp.job_tools import register_job_tools
 from backprop_mcp.limits import (
-    MAX_NAME_CHARS,
-    MAX_PATH_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SYSTEM_CHARS,
 )
@@ -48,19 +46,22 @@ from backprop_mcp.models import (
     JobStatus,
     StartedJob,
 )
-from backprop_mcp.paths import check_job_id, resolve_readable
+from backprop_mcp.paths import check_job_id
 from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.resources import LegacySubscriptions, register_resources
 from backprop_mcp.state import ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tooling import hints, setting
+from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
+    FinetuneSpec,
     GpuReport,
     LoraSettings,
+    Quantization,
     TrainSettings,
     gpu_report,
     quoted,
     read_spec,
+    require_extra,
 )
 
 log = logging.getLogger("backprop_mcp")
@@ -131,19 +132,6 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             finally:
                 tg.cancel_scope.cancel()
 
-    server = MCPServer(
-        "backprop-mcp",
-        version=__version__,
-        instructions=INSTRUCTIONS,
-        lifespan=lifespan,
-        subscriptions=bus,
-        extensions=[dashboard_extension(lazy.get)],  # the job dashboard app (backprop_mcp/app.py)
-        middleware=[hide_from_plain_hosts],
-    )
-
-    async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-        return await anyio.to_thread.run_sync(lambda: fn(*args))
-
     def find_job(job_id: str) -> JobRecord:
         job_id = check_job_id(job_id)
         state = lazy.get()
@@ -152,7 +140,22 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             raise ToolError(f"no job {job_id!r} in {state.home}. Call list_jobs to see the existing job ids.")
         return record
 
-    def create(spec: BaseModel, label: str, notes: list[str]) -> StartedJob:
+    server = MCPServer(
+        "backprop-mcp",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=bus,
+        extensions=[dashboard_extension(lazy.get, find_job)],  # the job dashboard app (backprop_mcp/app.py)
+        middleware=[hide_from_plain_hosts],
+    )
+
+    async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+        return await anyio.to_thread.run_sync(lambda: fn(*args))
+
+    def create(spec: checks.JobSpec, label: str) -> StartedJob:
+        """The preflight, then the job: its folder and a detached worker."""
+        notes = checks.preflight(spec)
         state = lazy.get()
         try:
             record = state.supervisor.create_job(spec, label=label)
@@ -193,9 +196,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         meta=LINKED_TOOL_META,
     )
     async def job_status(
-        job_id: Annotated[
-            str, Field(max_length=MAX_NAME_CHARS, description="the id start_finetune (or list_jobs) gave")
-        ],
+        job_id: Annotated[str, name_arg("the id start_finetune (or list_jobs) gave")],
         ctx: Context,
         wait_s: Annotated[
             float,
@@ -250,7 +251,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         annotations=hints(read_only=False, destructive=True, idempotent=True, open_world=False),
     )
     def cancel_job(
-        job_id: Annotated[str, Field(max_length=MAX_NAME_CHARS)],
+        job_id: Annotated[str, name_arg()],
         force: Annotated[
             bool, Field(description="kill the worker now instead of letting it checkpoint and stop")
         ] = False,
@@ -284,21 +285,15 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     def check_dataset(
         path: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="absolute path of the dataset file or folder (or a hub dataset name)",
-            ),
+            path_arg("absolute path of the dataset file or folder (or a hub dataset name)"),
         ],
         model: Annotated[
             str,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="the model whose tokenizer and chat template to measure with",
-            ),
+            path_arg("the model whose tokenizer and chat template to measure with"),
         ] = "tiny",
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
-        quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
+        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         *,
         roots: ClientRoots,
@@ -306,7 +301,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
-        extras.require("train", "check_dataset")
+        require_extra("train", "check_dataset")
         data_path = checks.dataset_path(path)
         model_name = checks.check_model(model)
         args = {
@@ -334,21 +329,15 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         ],
         job_id: Annotated[
             str | None,
-            Field(
-                max_length=MAX_NAME_CHARS,
-                description="a succeeded fine-tune job: its base model plus its adapter",
-            ),
+            name_arg("a succeeded fine-tune job: its base model plus its adapter"),
         ] = None,
         model: Annotated[
             str | None,
-            Field(
-                max_length=MAX_PATH_CHARS,
-                description="a base or merged model (preset, folder or hub name) when no job_id",
-            ),
+            path_arg("a base or merged model (preset, folder or hub name) when no job_id"),
         ] = None,
         adapter_path: Annotated[
             str | None,
-            Field(max_length=MAX_PATH_CHARS, description="a LoRA adapter folder to apply to model"),
+            path_arg("a LoRA adapter folder to apply to model"),
         ] = None,
         system: Annotated[
             str | None, Field(max_length=MAX_SYSTEM_CHARS, description="a system prompt")
@@ -361,7 +350,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
     ) -> Generation:
         """Generate a reply with the chat template applied, from a base model, a finished job's adapter
         or a merged model, to see what training changed. Bounded in time (model loading included, under a minute)."""
-        extras.require("train", "try_model")
+        require_extra("train", "try_model")
         base, adapter = _generation_target(job_id, model, adapter_path)
         args = {
             "model": base,
@@ -394,11 +383,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             if model or adapter_path:
                 raise ToolError("give either job_id, or model (with an optional adapter_path), not both.")
             record = find_job(job_id)
-            if record.state != "succeeded" or record.kind not in ("finetune", "slao_series"):
-                raise ToolError(
-                    f"job {record.id} is a {record.kind} job in state '{record.state}'; try_model needs a succeeded "
-                    "fine-tune or SLAO series. Use job_status to follow it, or give model= to try a base model."
-                )
+            checks.trained_job(
+                record, "try_model", " Use job_status to follow it, or give model= to try a base model."
+            )
             spec = read_spec(record.job_dir)
             status = lazy.get().status(record)
             adapter = status.artifacts.get("adapter") or str(record.job_dir / "adapter")
@@ -409,12 +396,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             return str(getattr(spec, "model", "tiny")), adapter
         if not model:
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
-        given = str(resolve_readable(adapter_path, "adapter_path")) if adapter_path else None
-        if given and not (Path(given) / "adapter_config.json").exists():
-            raise ToolError(
-                f"adapter_path: {quoted(given)} has no adapter_config.json; give a PEFT adapter folder."
-            )
-        return checks.check_model(model), given
+        return checks.check_model(model), str(checks.adapter_folder(adapter_path)) if adapter_path else None
 
     register_resources(server, lazy.get, find_job, legacy)
     for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation

@@ -54,6 +54,13 @@ def progress_of(tail: JobTail) -> Progress | None:
     )
 
 
+def percent_done(record: JobRecord, progress: Progress | None) -> float | None:
+    """0..100 over the whole job (a series: over all its runs); None before its first step."""
+    if record.state == "succeeded":
+        return 100.0
+    return round(100 * progress.fraction, 1) if progress and progress.fraction is not None else None
+
+
 def _next_step(record: JobRecord) -> str:
     if record.state in ("queued", "running"):
         return (
@@ -126,19 +133,13 @@ class ServerState:
         )
 
     def summary(self, record: JobRecord) -> JobSummary:
-        progress = progress_of(self.supervisor.tail(record))
-        percent = None
-        if record.state == "succeeded":
-            percent = 100.0
-        elif progress and progress.fraction is not None:
-            percent = round(100 * progress.fraction, 1)
         return JobSummary(
             job_id=record.id,
             kind=record.kind,
             state=record.state,
             label=record.label,
             created_at=_iso(record.created_at) or "",
-            percent=percent,
+            percent=percent_done(record, progress_of(self.supervisor.tail(record))),
             resource_uri=job_uri(record.id),
         )
 

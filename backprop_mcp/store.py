@@ -62,6 +62,11 @@ class JobRecord:
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
 
+    @property
+    def trained(self) -> bool:
+        """A succeeded fine-tune or series: it has an adapter to try or export."""
+        return self.state == "succeeded" and self.kind in ("finetune", "slao_series")
+
 
 def _record(row: sqlite3.Row) -> JobRecord:
     data: dict[str, Any] = dict(row)

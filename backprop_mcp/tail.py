@@ -18,6 +18,15 @@ from engine.interface import read_events
 
 RECENT_EVENTS = 200
 MAX_LOSS_POINTS = 5000
+_LATEST: dict[type, str] = {
+    ev.Queued: "queued",
+    ev.Started: "started",
+    ev.Stage: "stage",
+    ev.Progress: "progress",
+    ev.Checkpoint: "checkpoint",
+    ev.ErrorEvent: "error",
+    ev.Finished: "finished",
+}
 
 
 @dataclass
@@ -30,7 +39,6 @@ class JobTail:
     started: ev.Started | None = None
     stage: ev.Stage | None = None
     progress: ev.Progress | None = None
-    progress_events: int = 0
     loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, training loss)
     eval_loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, held-out loss)
     run_starts: list[float] = field(default_factory=list)  # global step where each run of a series began
@@ -52,35 +60,21 @@ class JobTail:
     def _fold(self, event: ev.Event) -> None:
         self.last_seq = event.seq
         self.recent.append(event)
-        if isinstance(event, ev.Queued):
-            self.queued = event
-        elif isinstance(event, ev.Started):
-            self.started = event
-        elif isinstance(event, ev.Stage):
-            self.stage = event
-        elif isinstance(event, ev.Progress):
-            self.progress = event
-            self.progress_events += 1
-            if event.loss is not None and len(self.loss) < MAX_LOSS_POINTS:
-                x = float(event.global_step if event.global_step is not None else event.step)
-                if event.run is not None and event.run > len(self.run_starts):
-                    self.run_starts.append(x - 1)
-                self.loss.append((x, event.loss))
-        elif isinstance(event, ev.Eval):
-            if len(self.eval_loss) < MAX_LOSS_POINTS:
-                self.eval_loss.append((float(event.global_step), event.loss))
+        if isinstance(event, ev.Progress) and event.loss is not None and len(self.loss) < MAX_LOSS_POINTS:
+            x = float(event.global_step if event.global_step is not None else event.step)
+            if event.run is not None and event.run > len(self.run_starts):
+                self.run_starts.append(x - 1)
+            self.loss.append((x, event.loss))
+        elif isinstance(event, ev.Eval) and len(self.eval_loss) < MAX_LOSS_POINTS:
+            self.eval_loss.append((float(event.global_step), event.loss))
         elif isinstance(event, ev.WarningEvent):
             self.warnings.append(event.message)
         elif isinstance(event, ev.Log):
             self.last_log = event.message
-        elif isinstance(event, ev.Checkpoint):
-            self.checkpoint = event
         elif isinstance(event, ev.RunFinished):
             self.runs_finished.append(event)
-        elif isinstance(event, ev.ErrorEvent):
-            self.error = event
-        elif isinstance(event, ev.Finished):
-            self.finished = event
+        if type(event) in _LATEST:  # the latest of its kind
+            setattr(self, _LATEST[type(event)], event)
 
     def error_message(self) -> str | None:
         if self.error is None:

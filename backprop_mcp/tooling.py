@@ -7,6 +7,8 @@ from typing import Any
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
+from backprop_mcp.limits import MAX_NAME_CHARS, MAX_PATH_CHARS
+
 
 def setting(model: type[BaseModel], name: str) -> Any:
     """A tool argument's bounds and description, taken from the job spec's field (one source of truth).
@@ -17,6 +19,16 @@ def setting(model: type[BaseModel], name: str) -> Any:
     field = Field(description=source.description)
     field.metadata = list(source.metadata)
     return field
+
+
+def path_arg(description: str | None = None) -> Any:
+    """A path (or a model or dataset name, which can be a path) argument: bounded, described."""
+    return Field(max_length=MAX_PATH_CHARS, description=description)
+
+
+def name_arg(description: str | None = None) -> Any:
+    """A job id or a short name (a model in Ollama): bounded, described."""
+    return Field(max_length=MAX_NAME_CHARS, description=description)
 
 
 def hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:

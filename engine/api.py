@@ -109,37 +109,29 @@ class Trainer:
         self.verbose = verbose
         self.last: TrainResult | None = None
 
-    def _run(self, spec: Any) -> JobResult:
+    def _run(self, spec: Any) -> TrainResult:
         require_for_spec(spec, "Trainer." + ("export" if spec.kind == "export" else "train"))  # MissingExtra
         preflight(spec, "python")  # raises PreflightError (a ValueError) before any job folder exists
         job_dir = create_job(spec, root=self.workdir)
-        printer = ProgressPrinter(enabled=self.verbose)
-        try:
+        with ProgressPrinter(enabled=self.verbose) as printer:
             result = run_and_follow(job_dir, printer)
-        finally:
-            printer.close()
         if result.status != "succeeded":
             raise JobFailed(result, job_dir)
-        self._job_dir = job_dir
-        return result
+        adapter = result.artifacts.get("adapter")
+        return TrainResult(
+            job_dir,
+            Path(adapter) if adapter else None,
+            result.metrics,
+            result.loss_history,
+            result.artifacts,
+            result,
+        )
 
     def _train_settings(self, settings: dict[str, Any]) -> TrainSettings:
         unknown = set(settings) - _TRAIN_FIELDS
         if unknown:
             raise TypeError(f"unknown training settings {sorted(unknown)}; known: {sorted(_TRAIN_FIELDS)}")
         return TrainSettings(**settings)
-
-    def _wrap(self, result: JobResult) -> TrainResult:
-        adapter = result.artifacts.get("adapter")
-        self.last = TrainResult(
-            job_dir=self._job_dir,
-            adapter_path=Path(adapter) if adapter else None,
-            metrics=result.metrics,
-            loss_history=result.loss_history,
-            artifacts=result.artifacts,
-            raw=result,
-        )
-        return self.last
 
     def train(self, data: str | Path, *, skip_bad_rows: bool = False, **settings: Any) -> TrainResult:
         """One LoRA/QLoRA fine-tune. ``settings`` are TrainSettings fields (steps, learning_rate, ...)."""
@@ -155,7 +147,8 @@ class Trainer:
                 skip_bad_rows=skip_bad_rows,
             ),
         )
-        return self._wrap(self._run(spec))
+        self.last = self._run(spec)
+        return self.last
 
     def multi_run(
         self,
@@ -185,7 +178,8 @@ class Trainer:
             samples_per_run=samples_per_run,
             merge_mode=merge_mode,  # type: ignore[arg-type]
         )
-        return self._wrap(self._run(spec))
+        self.last = self._run(spec)
+        return self.last
 
     def export(
         self,
@@ -217,15 +211,7 @@ class Trainer:
             adapter_gguf=adapter_gguf,
             output_dir=str(Path(output_dir).expanduser().resolve()) if output_dir else None,
         )
-        result = self._run(spec)
-        return TrainResult(
-            job_dir=self._job_dir,
-            adapter_path=None,
-            metrics=result.metrics,
-            loss_history=[],
-            artifacts=result.artifacts,
-            raw=result,
-        )
+        return self._run(spec)
 
     def save(self, path: str | Path) -> Path:
         if self.last is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,15 @@ class Refused(Exception):
     """A command refused before anything was created; the message says what to do (exit code 2)."""
 
 
+@contextmanager
+def _refusing(*errors: type[BaseException]) -> Iterator[None]:
+    """These errors, raised inside, refuse the command with their message."""
+    try:
+        yield
+    except errors as exc:
+        raise Refused(str(exc)) from None
+
+
 def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
     """Run the job folder's worker, show its events, end with the summary (or the result as JSON)."""
     from engine.cli_show import for_cli, job_summary
@@ -197,11 +208,8 @@ def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
 
         result = run_and_follow(job_dir, on_event)
     else:
-        printer = ProgressPrinter(translate=for_cli)
-        try:
+        with ProgressPrinter(translate=for_cli) as printer:
             result = run_and_follow(job_dir, printer)
-        finally:
-            printer.close()
     if getattr(args, "output", None) and result.artifacts.get("adapter"):
         import shutil
 
@@ -221,16 +229,13 @@ def _follow(job_dir: Path, spec: Any, args: argparse.Namespace) -> int:
 
 
 def _start(spec: Any, args: argparse.Namespace) -> int:
-    from engine.extras import MissingExtra, require_for_spec
+    from engine.extras import require_for_spec
     from engine.jobs import create_job
-    from engine.preflight import PreflightError, preflight
+    from engine.preflight import preflight
 
-    try:  # refuse what would fail before any job folder exists
-        require_for_spec(spec, f"backprop {args.command}")
-        for note in preflight(spec, "cli"):
-            print(f"note: {note}", file=sys.stderr)
-    except (MissingExtra, PreflightError) as exc:
-        raise Refused(str(exc)) from None
+    require_for_spec(spec, f"backprop {args.command}")  # refuse what would fail before a job folder exists
+    for note in preflight(spec, "cli"):
+        print(f"note: {note}", file=sys.stderr)
     job_dir = create_job(spec, root=args.workdir)
     print(f"job {job_dir.name}: {job_dir}", file=sys.stderr)
     return _follow(job_dir, spec, args)
@@ -242,10 +247,8 @@ def _job_folder(name: str, workdir: Path | None) -> Path:
 
     if workdir is not None and (workdir / name / "spec.json").is_file():
         return (workdir / name).resolve()
-    try:
+    with _refusing(FileNotFoundError):
         return find_job_dir(name)
-    except FileNotFoundError as exc:
-        raise Refused(str(exc)) from None
 
 
 def _export_source(source: str, workdir: Path | None) -> str:
@@ -288,20 +291,14 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _check_data(args: argparse.Namespace) -> int:
     from engine.cli_show import check_data_text
-    from engine.extras import MissingExtra, require
+    from engine.extras import require
     from engine.oneshot import CheckDataArgs, check_data
 
-    try:
-        require("train", "backprop check-data")
-    except MissingExtra as exc:
-        raise Refused(str(exc)) from None
-    try:
+    require("train", "backprop check-data")
+    with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
         out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
-    except (ValueError, OSError) as exc:  # DatasetError, ModelError: a missing file, an unknown model
-        raise Refused(str(exc)) from None
-    text, ready = check_data_text(out, args.model)
-    print(json.dumps(out, indent=2, default=str) if args.json else text)
-    return 0 if ready else 1
+    print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, args.model))
+    return 0 if out.ready else 1
 
 
 def _gpu(args: argparse.Namespace) -> int:
@@ -314,21 +311,15 @@ def _gpu(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.extras import MissingExtra, require
+    from engine.extras import require
     from engine.oneshot import GenerateArgs, generate
 
-    try:
-        require("train", "backprop generate")
-    except MissingExtra as exc:
-        raise Refused(str(exc)) from None
-    try:
-        out = generate(
-            GenerateArgs(
-                model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
-            )
-        )
-    except (ValueError, OSError) as exc:  # ModelError: an unknown model, a folder that is no adapter
-        raise Refused(str(exc)) from None
+    require("train", "backprop generate")
+    request = GenerateArgs(
+        model=args.model, adapter=args.adapter, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    )
+    with _refusing(ValueError, OSError):  # ModelError: an unknown model, a folder that is no adapter
+        out = generate(request)
     print(json.dumps(out, default=str) if args.json else out["text"])
     return 0
 
@@ -389,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from engine.cli_show import for_cli
+    from engine.extras import MissingExtra
+    from engine.preflight import PreflightError, problems
 
     try:
         if args.command in ("train", "multi-run", "export"):
@@ -396,12 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         command = {"resume": _resume, "check-data": _check_data, "gpu": _gpu, "generate": _generate}
         return command[args.command](args)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        print(f"backprop {args.command}: invalid settings:\n{for_cli(problems)}", file=sys.stderr)
+        listed = "".join(f"\n  {p}" for p in problems(exc))
+        print(f"backprop {args.command}: invalid settings:{for_cli(listed)}", file=sys.stderr)
         return 2
-    except Refused as exc:
+    except (Refused, MissingExtra, PreflightError) as exc:
         print(f"backprop {args.command}: {for_cli(str(exc))}", file=sys.stderr)
         return 2
 

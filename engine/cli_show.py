@@ -11,7 +11,10 @@ import math
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.preflight import DataCheck
 
 # API settings that messages name; each is also a flag of the commands (engine/cli.py), spelled by
 # engine.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
@@ -87,10 +90,7 @@ def gpu_text(report: Any) -> str:
                 f"driver {c.driver_version}" if c.driver_version else None,
                 f"CUDA {c.cuda_driver_version}" if c.cuda_driver_version else None,
             ]
-            lines.append(
-                f"GPU {c.index}: {c.name}, {c.memory_free_mb / 1024:.1f} of {c.memory_total_mb / 1024:.1f} GiB free"
-                + "".join(f", {e}" for e in extras if e)
-            )
+            lines.append(c.free_text() + "".join(f", {e}" for e in extras if e))
         lines.append("")
         lines.append(
             f"Presets on GPU {report.gpus[0].index} (QLoRA 4-bit, LoRA rank 16, 2048-token sequences):"
@@ -136,9 +136,9 @@ def gpu_text(report: Any) -> str:
 # -- backprop check-data -----------------------------------------------------------------------
 
 
-def check_data_text(out: dict[str, Any], model: str) -> tuple[str, bool]:
-    """``backprop check-data``: (the report, whether the dataset is ready to train on as it is)."""
-    r = out.get("report", {})
+def check_data_text(out: DataCheck, model: str) -> str:
+    """``backprop check-data``: the report, ending with whether the dataset is ready to train on."""
+    r = out.report
     lines = [
         f"{r.get('path')}: {r.get('format')} format, {r.get('rows_ok')} of {r.get('rows_total')} rows usable"
     ]
@@ -151,28 +151,25 @@ def check_data_text(out: dict[str, Any], model: str) -> tuple[str, bool]:
         lines.append(
             f"Fix them, or add --skip-bad-rows to train on the {r.get('rows_ok')} good rows (the skipped rows are reported)."
         )
-    tokens = out.get("tokens")
-    if tokens:
+    if t := out.tokens:
         lines.append(
-            f"tokens ({model}'s tokenizer and chat template): {tokens['examples']} examples, {tokens['total']} in all; "
-            f"per example min {tokens['min']}, median {tokens['median']}, p95 {tokens['p95']}, max {tokens['max']}"
+            f"tokens ({model}'s tokenizer and chat template): {t.examples} examples, {t.total} in all; "
+            f"per example min {t.min}, median {t.median}, p95 {t.p95}, max {t.max}"
         )
-    if out.get("fits") is False:
-        lines.append(f"does not fit: {for_cli(str(out.get('fit_error')))}")
-    elif out.get("defaults"):
-        d = out["defaults"]
-        mem = (out.get("memory_estimate_gib") or {}).get("total_gib")
+    if out.fits is False:
+        lines.append(f"does not fit: {for_cli(str(out.fit_error))}")
+    elif d := out.defaults:
+        mem = (out.memory_estimate_gib or {}).get("total_gib")
         lines.append(
             f"a fine-tune would use: {d.get('steps')} steps, micro-batch {d.get('micro_batch_size')} x "
             f"{d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} tokens"
             + (", packed" if d.get("packing") else "")
             + f", learning rate {d.get('learning_rate')}"
             + (f", about {mem:.1f} GiB" if isinstance(mem, (int, float)) else "")
-            + f" on {out.get('device')}"
+            + f" on {out.device}"
         )
-    ready = bad == 0 and out.get("fits") is not False and int(r.get("rows_ok") or 0) > 0
-    lines.append("ready to train" if ready else "not ready: fix the problems above first")
-    return "\n".join(lines), ready
+    lines.append("ready to train" if out.ready else "not ready: fix the problems above first")
+    return "\n".join(lines)
 
 
 # -- the end of a job --------------------------------------------------------------------------

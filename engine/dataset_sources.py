@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine.files import PathError, path_kind, quoted, user_path
+from engine.files import PathError, looks_like_path, path_kind, quoted, user_path
 
 if TYPE_CHECKING:
     from engine.data import DatasetReport
@@ -69,16 +69,7 @@ def is_hub_dataset(path: str) -> bool:
         exists = path_kind(user_path(path, "dataset"), "dataset") is not None
     except PathError:  # something is there but unusable (a FIFO, a name too long): not a hub name
         exists = True
-    return not exists and not _looks_like_local_path(path)
-
-
-def _looks_like_local_path(path: str) -> bool:
-    return (
-        path.startswith((".", "/", "~", "\\"))
-        or Path(path).suffix.lower() in FILE_SUFFIXES + (".txt", ".tsv", ".arrow")
-        or (len(path) > 1 and path[1] == ":")  # a Windows drive
-        or path.count("/") > 1
-    )
+    return not exists and not looks_like_path(path)
 
 
 def open_source(path: str, split: str | None) -> Source:
@@ -108,7 +99,7 @@ def open_source(path: str, split: str | None) -> Source:
             return _json_source(p, split) if suffix == ".json" else readers[suffix](p)
         except OSError as e:
             raise DatasetError(f"{quoted(path)}: cannot read the file ({e.strerror or e})") from e
-    if _looks_like_local_path(path):
+    if looks_like_path(path):
         raise DatasetError(f"dataset file not found: {quoted(path)} (looked for {quoted(p.resolve())})")
     return _hub_source(path, split)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -191,6 +192,21 @@ def checked_path(text: str | os.PathLike[str], what: str, *, expect: str = "any"
         return p.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
         raise PathError(f"{what}: {quoted(p)} cannot be resolved ({exc}).") from exc
+
+
+# Data files a dataset argument names (a hub name never ends so).
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".arrow", ".gz")
+
+
+def looks_like_path(text: str) -> bool:
+    """Written as a path on this machine, never a hub name (hub names are ``owner/name``)."""
+    return (
+        text.startswith((".", "/", "~", "\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", text))  # a Windows drive
+        or text.count("/") > 1
+        or "\\" in text
+        or text.lower().endswith(DATA_SUFFIXES)
+    )
 
 
 def local_or_name(text: str | os.PathLike[str]) -> str:

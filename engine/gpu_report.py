@@ -1,6 +1,6 @@
 """What ``inspect_gpu``, ``backprop://gpu`` and ``backprop gpu`` report (torch-free: NVML and psutil).
 
-The cards as NVML sees them, the machine's CPU and memory, and which presets fit (``preflight``).
+The probe.gpus as NVML sees them, the machine's CPU and memory, and which presets fit (``preflight``).
 The models are the tool's output schema too, so the server and the CLI print one report.
 """
 
@@ -8,21 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-
-class GpuCard(BaseModel):
-    index: int
-    name: str
-    memory_total_mb: int
-    memory_free_mb: int
-    memory_used_mb: int
-    utilization_pct: int | None = None
-    temperature_c: int | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None
-    compute_capability: str | None = None
-    bf16_supported: bool = False
-    driver_version: str | None = None
-    cuda_driver_version: str | None = None
+from engine.hardware import GpuInfo
 
 
 class PresetFit(BaseModel):
@@ -36,7 +22,7 @@ class PresetFit(BaseModel):
 
 class GpuReport(BaseModel):
     available: bool
-    gpus: list[GpuCard]
+    gpus: list[GpuInfo]
     reason: str | None = Field(None, description="why no GPU is usable, when none is")
     notes: list[str] = Field(default_factory=list)
     cpu_cores: int | None = None
@@ -51,20 +37,13 @@ class GpuReport(BaseModel):
 def gpu_report() -> GpuReport:
     import psutil
 
-    from engine.hardware import probe_gpus
+    from engine.hardware import probe_gpus  # looked up at call time (tests replace it)
     from engine.preflight import preset_fits
 
     probe = probe_gpus()
     mem = psutil.virtual_memory()
-    cards = [
-        GpuCard.model_validate({k: v for k, v in g.to_dict().items() if k in GpuCard.model_fields})
-        for g in probe.gpus
-    ]
-    if probe.available and cards:
-        summary = ", ".join(
-            f"GPU {c.index}: {c.name}, {c.memory_free_mb / 1024:.1f} of {c.memory_total_mb / 1024:.1f} GiB free"
-            for c in cards
-        )
+    if probe.available and probe.gpus:
+        summary = ", ".join(c.free_text() for c in probe.gpus)
     else:
         summary = (
             f"No usable NVIDIA GPU ({probe.reason}). Fine-tuning still works on the CPU for small models "
@@ -72,7 +51,7 @@ def gpu_report() -> GpuReport:
         )
     return GpuReport(
         available=probe.available,
-        gpus=cards,
+        gpus=probe.gpus,
         reason=probe.reason,
         notes=list(probe.notes),
         cpu_cores=psutil.cpu_count(logical=True),

@@ -46,10 +46,10 @@ class GpuInfo:
     bf16_supported: bool  # compute capability >= 8.0 (Ampere and newer)
     driver_version: str | None
     cuda_driver_version: str | None  # the CUDA version the driver supports, "12.4"
-    uuid: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def free_text(self) -> str:
+        free, total = self.memory_free_mb / 1024, self.memory_total_mb / 1024
+        return f"GPU {self.index}: {self.name}, {free:.1f} of {total:.1f} GiB free"
 
 
 @dataclass
@@ -121,7 +121,6 @@ def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> 
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     limit_mw = _safe(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     cc = _safe(lambda: pynvml.nvmlDeviceGetCudaComputeCapability(handle))
-    uuid = _safe(lambda: pynvml.nvmlDeviceGetUUID(handle))
     return GpuInfo(
         index=index,
         name=_as_str(pynvml.nvmlDeviceGetName(handle)),
@@ -131,7 +130,6 @@ def _gpu_info(pynvml: Any, index: int, driver: str | None, cuda: str | None) -> 
         bf16_supported=cc is not None and cc[0] >= 8,
         driver_version=driver,
         cuda_driver_version=cuda,
-        uuid=_as_str(uuid) if uuid is not None else None,
     )
 
 

@@ -8,13 +8,13 @@ engine's torch-free data, model-catalogue and memory modules when it first runs.
 """
 
 from engine import events, procs
-from engine.events import EventFormatError, read_events
+from engine.events import read_events
 from engine.extras import MissingExtra
 from engine.extras import require as require_extra
 from engine.files import (
     PathError,
-    atomic_write_text,
     backprop_home,
+    looks_like_path,
     missing_message,
     path_kind,
     quoted,
@@ -28,12 +28,12 @@ from engine.jobs import (
     start_worker,
     worker_env,
 )
-from engine.preflight import Caller, PreflightError, check_model, preflight, preset_fits
+from engine.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 from engine.spec import (
-    CANCEL_FILE,
     EVENTS_FILE,
     WORKER_LOG,
     DatasetSettings,
+    DeviceChoice,
     ExportQuant,
     ExportSpec,
     FinetuneSpec,
@@ -41,6 +41,7 @@ from engine.spec import (
     JobState,
     LoraSettings,
     MergeMode,
+    Quantization,
     SeriesSpec,
     TrainSettings,
     read_result,
@@ -49,12 +50,11 @@ from engine.spec import (
 )
 
 __all__ = [
-    "CANCEL_FILE",
     "EVENTS_FILE",
     "WORKER_LOG",
-    "Caller",
     "DatasetSettings",
-    "EventFormatError",
+    "DataCheck",
+    "DeviceChoice",
     "ExportQuant",
     "ExportSpec",
     "FinetuneSpec",
@@ -63,12 +63,14 @@ __all__ = [
     "JobState",
     "LoraSettings",
     "MergeMode",
+    "Quantization",
     "PathError",
     "PreflightError",
     "SeriesSpec",
+    "TokenStats",
     "TrainSettings",
-    "atomic_write_text",
     "backprop_home",
+    "looks_like_path",
     "check_model",
     "engine_command",
     "events",
@@ -76,7 +78,7 @@ __all__ = [
     "new_job_id",
     "path_kind",
     "preflight",
-    "preset_fits",
+    "problems",
     "GpuReport",
     "gpu_report",
     "require_extra",

@@ -16,13 +16,13 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.adapters import is_adapter_folder
-from engine.files import PathError, path_kind, quoted, user_path
-from engine.memory import ModelShape, estimate_memory
+from engine.files import PathError, looks_like_path, path_kind, quoted, user_path
+from engine.memory import ModelShape
 
 
 class ModelError(ValueError):
@@ -33,21 +33,17 @@ class ModelError(ValueError):
 # Privacy: set before transformers / huggingface_hub / unsloth are imported.
 # --------------------------------------------------------------------------------------------
 
-# Each variable, and why. All are set only when the user has not set them already.
-PRIVACY_ENV: dict[str, tuple[str, str]] = {
-    # huggingface_hub: no telemetry pings (it also honours DO_NOT_TRACK).
-    "HF_HUB_DISABLE_TELEMETRY": ("1", "huggingface_hub sends no usage telemetry"),
-    # The cross-tool convention (https://donottrack.sh); huggingface_hub and others honour it.
-    "DO_NOT_TRACK": ("1", "tools that follow the DO_NOT_TRACK convention send no analytics"),
-    # huggingface_hub: a stored login token is sent only to gated/private repos that need it,
-    # not with every public request.
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": ("1", "the stored Hugging Face token is not sent with public requests"),
+# Each is set to "1" unless the user has set it already.
+PRIVACY_ENV = (
+    "HF_HUB_DISABLE_TELEMETRY",  # huggingface_hub sends no usage telemetry (it also honours DO_NOT_TRACK)
+    "DO_NOT_TRACK",  # the cross-tool convention (https://donottrack.sh): no analytics
+    # huggingface_hub sends a stored login token only to the gated/private repos that need it
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN",
     # Unsloth downloads small files from the hub at import/load time to count environments
     # (unsloth/models/_utils.py get_statistics); the variable's presence turns that off.
-    "UNSLOTH_DISABLE_STATISTICS": ("1", "Unsloth does not ping the hub to count usage"),
-    # huggingface_hub's version check of the `hf` CLI.
-    "HF_HUB_DISABLE_UPDATE_CHECK": ("1", "no update check against PyPI by the hub library"),
-}
+    "UNSLOTH_DISABLE_STATISTICS",
+    "HF_HUB_DISABLE_UPDATE_CHECK",  # no update check of the `hf` CLI against PyPI
+)
 
 
 def privacy_environment() -> dict[str, str]:
@@ -57,18 +53,13 @@ def privacy_environment() -> dict[str, str]:
     ``HF_HUB_OFFLINE`` is never touched: if the user set it, models come only from local files.
     """
     set_now: dict[str, str] = {}
-    for name, (value, _why) in PRIVACY_ENV.items():
+    for name in PRIVACY_ENV:
         if name not in os.environ:
-            os.environ[name] = value
-            set_now[name] = value
+            os.environ[name] = set_now[name] = "1"
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         # Imported already (by the caller): update the flags it read at import time.
-        for name in (
-            "HF_HUB_DISABLE_TELEMETRY",
-            "HF_HUB_DISABLE_IMPLICIT_TOKEN",
-            "HF_HUB_DISABLE_UPDATE_CHECK",
-        ):
+        for name in PRIVACY_ENV:
             if hasattr(hub, name) and os.environ.get(name) == "1":
                 setattr(hub, name, True)
     return set_now
@@ -77,8 +68,6 @@ def privacy_environment() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
-
-ChatTemplate = Literal["chatml", "llama3", "mistral"]
 
 
 @dataclass(frozen=True)
@@ -89,45 +78,7 @@ class Preset:
     hf_id: str | None  # None for the offline tiny model
     params_b: float  # billions of parameters
     shape: ModelShape
-    chat_template: ChatTemplate
     gated: bool = False  # the hub asks users to accept a licence before downloading
-    description: str = ""
-
-    @property
-    def family(self) -> str:  # model_type: qwen2, llama, mistral
-        return self.shape.model_type
-
-    def vram_gib(
-        self, quantization: str = "4bit", *, seq_len: int = 2048, micro_batch: int = 1, lora_rank: int = 16
-    ) -> float:
-        """GPU memory to train this model with LoRA (from ``estimate_memory``, chunked loss, checkpointing)."""
-        return estimate_memory(
-            self.shape, quantization, lora_rank, micro_batch, seq_len, device="cuda"
-        ).total_gib
-
-    @property
-    def qlora_vram_gib(self) -> float:
-        """NF4 QLoRA, rank 16, one 2048-token sequence per micro-batch."""
-        return self.vram_gib("4bit")
-
-    @property
-    def lora16_vram_gib(self) -> float:
-        """bf16 LoRA, rank 16, one 2048-token sequence per micro-batch."""
-        return self.vram_gib("16bit")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "hf_id": self.hf_id,
-            "family": self.family,
-            "params_b": self.params_b,
-            "max_context": self.shape.max_context,
-            "chat_template": self.chat_template,
-            "gated": self.gated,
-            "description": self.description,
-            "vram_gib": {"qlora_4bit": self.qlora_vram_gib, "lora_16bit": self.lora16_vram_gib},
-            "vram_setting": "LoRA rank 16, micro-batch 1 x 2048 tokens, gradient checkpointing",
-        }
 
 
 def _tiny_preset() -> Preset:
@@ -139,10 +90,7 @@ def _tiny_preset() -> Preset:
         tiny.HIDDEN_SIZE, tiny.NUM_LAYERS, tiny.MIN_MODEL_VOCAB, tiny.INTERMEDIATE_SIZE, tiny.NUM_HEADS,
         tiny.NUM_KV_HEADS, max_context=tiny.MAX_POSITIONS, attention_bias=True, model_type="qwen2",
     )  # fmt: skip
-    return Preset(
-        "tiny", None, round(shape.params / 1e9, 4), shape, "chatml",
-        description="random-weight Qwen2-architecture model built offline; for tests and demos on CPU",
-    )  # fmt: skip
+    return Preset("tiny", None, round(shape.params / 1e9, 4), shape)
 
 
 def _shape(
@@ -169,25 +117,19 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.62,
-               _shape("qwen2", 3584, 28, 152064, 18944, 28, 4, ctx=32768), "chatml", description="Qwen2.5 7B Instruct"),
+               _shape("qwen2", 3584, 28, 152064, 18944, 28, 4, ctx=32768)),
         Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 3.09,
-               _shape("qwen2", 2048, 36, 151936, 11008, 16, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 3B Instruct"),
+               _shape("qwen2", 2048, 36, 151936, 11008, 16, 2, ctx=32768, tied=True)),
         Preset("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1.54,
-               _shape("qwen2", 1536, 28, 151936, 8960, 12, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 1.5B Instruct"),
+               _shape("qwen2", 1536, 28, 151936, 8960, 12, 2, ctx=32768, tied=True)),
         Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 0.49,
-               _shape("qwen2", 896, 24, 151936, 4864, 14, 2, ctx=32768, tied=True), "chatml",
-               description="Qwen2.5 0.5B Instruct"),
+               _shape("qwen2", 896, 24, 151936, 4864, 14, 2, ctx=32768, tied=True)),
         Preset("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", 3.21,
-               _shape("llama", 3072, 28, 128256, 8192, 24, 8, ctx=131072, tied=True), "llama3", gated=True,
-               description="Llama 3.2 3B Instruct (gated on the hub)"),
+               _shape("llama", 3072, 28, 128256, 8192, 24, 8, ctx=131072, tied=True), gated=True),
         Preset("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.24,
-               _shape("llama", 2048, 16, 128256, 8192, 32, 8, ctx=131072, tied=True), "llama3", gated=True,
-               description="Llama 3.2 1B Instruct (gated on the hub)"),
+               _shape("llama", 2048, 16, 128256, 8192, 32, 8, ctx=131072, tied=True), gated=True),
         Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25,
-               _shape("mistral", 4096, 32, 32768, 14336, 32, 8, ctx=32768), "mistral",
-               description="Mistral 7B Instruct v0.3"),
+               _shape("mistral", 4096, 32, 32768, 14336, 32, 8, ctx=32768)),
         _tiny_preset(),
     )
 }  # fmt: skip
@@ -218,16 +160,6 @@ class ResolvedModel:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~", "\\", ".\\", "..\\"))
-        or bool(re.match(r"^[A-Za-z]:[\\/]", name))  # a Windows drive
-        or name.count("/") > 1
-        or "\\" in name
-        or name in (".", "..")
-    )
 
 
 def _check_model_folder(path: Path, name: str) -> None:
@@ -280,7 +212,7 @@ def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
             raise ModelError(f"{name!r} is a file; a model is a folder with config.json and weights.{hint}")
         _check_model_folder(path, name)
         return ResolvedModel(name, "local", str(path.resolve()), local_path=path.resolve())
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelError(
             f"no folder {quoted(name)} on this machine (resolved to {quoted(path.resolve())}). Check the path, or give a "
             f"preset ({', '.join(PRESETS)}) or a hub name like Qwen/Qwen2.5-0.5B-Instruct."
@@ -434,7 +366,7 @@ def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelSh
         shape = shape_from_config(cfg, str(cfg_path))
         exact = _safetensors_param_count(resolved.local_path)
         if exact:
-            shape = ModelShape(**{**shape.to_dict(), "params": exact})
+            shape = replace(shape, params=exact)
         return shape
     privacy_environment()
     from transformers import AutoConfig

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.preflight import DataCheck, TokenStats
+
 
 class CheckDataArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -44,14 +46,14 @@ class GenerateArgs(BaseModel):
     trust_remote_code: bool = False
 
 
-def check_data(args: CheckDataArgs) -> dict[str, Any]:
+def check_data(args: CheckDataArgs) -> DataCheck:
     from engine.data import load_examples
     from engine.spec import DatasetSettings, TrainSettings
     from engine.training.loading import pick_device, tokenize_all
 
     settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
     examples, report = load_examples(settings)
-    out: dict[str, Any] = {"ok": True, "report": report.to_dict()}
+    out = DataCheck(report=report.to_dict())
     if not examples:
         return out
     from engine.defaults import percentile, resolve_training
@@ -61,14 +63,14 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     lengths = tokenize_all(examples, tokenizer, None).lengths
-    out["tokens"] = {
-        "examples": len(lengths),
-        "total": sum(lengths),
-        "min": min(lengths),
-        "median": round(percentile(lengths, 50)),
-        "p95": round(percentile(lengths, 95)),
-        "max": max(lengths),
-    }
+    out.tokens = TokenStats(
+        examples=len(lengths),
+        total=sum(lengths),
+        min=min(lengths),
+        median=round(percentile(lengths, 50)),
+        p95=round(percentile(lengths, 95)),
+        max=max(lengths),
+    )
     device = pick_device(args.device)
     free_gib = None
     if device.startswith("cuda"):
@@ -93,12 +95,11 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
             free_memory_gib=free_gib,
         )
     except ValueError as exc:  # DoesNotFitError is a ValueError
-        out["fits"] = False
-        out["fit_error"] = str(exc)
+        out.fits, out.fit_error = False, str(exc)
         return out
-    out["fits"] = True
-    out["defaults"] = {k: getattr(resolved, k) for k in resolved.reasons}
-    out["reasons"] = resolved.reasons
+    out.fits = True
+    out.defaults = {k: getattr(resolved, k) for k in resolved.reasons}
+    out.reasons = resolved.reasons
     mem = estimate_memory(
         shape,
         quantization=args.quantization,
@@ -107,8 +108,8 @@ def check_data(args: CheckDataArgs) -> dict[str, Any]:
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
     )
-    out["memory_estimate_gib"] = mem.to_dict()
-    out["device"] = device
+    out.memory_estimate_gib = mem.to_dict()
+    out.device = device
     return out
 
 
@@ -169,7 +170,10 @@ def run_oneshot(command: str, raw_args: str) -> int:
     try:
         data = json.loads(sys.stdin.read() if raw_args == "-" else raw_args)  # "-": the JSON on stdin
         if command == "check-data":
-            result = check_data(CheckDataArgs.model_validate(data))
+            result = {
+                "ok": True,
+                **check_data(CheckDataArgs.model_validate(data)).model_dump(exclude_none=True),
+            }
         else:
             result = generate(GenerateArgs.model_validate(data))
         print(json.dumps(result, default=str))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel, Field, ValidationError
+
 from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
 
 if TYPE_CHECKING:
@@ -25,6 +27,42 @@ MAX_TOOL_INSPECT_BYTES = 256 << 20
 
 class PreflightError(ValueError):
     """A request that would fail: the message says what is wrong and how to fix it."""
+
+
+class TokenStats(BaseModel):
+    examples: int
+    total: int
+    min: int
+    median: int
+    p95: int
+    max: int
+
+
+class DataCheck(BaseModel):
+    """What ``check-data`` finds, for the server's tool and the CLI alike."""
+
+    report: dict[str, Any] = Field(description="engine.data.DatasetReport.to_dict()")
+    tokens: TokenStats | None = None
+    fits: bool | None = None
+    fit_error: str | None = None
+    defaults: dict[str, Any] | None = None
+    reasons: dict[str, str] | None = None
+    memory_estimate_gib: dict[str, Any] | None = None
+    device: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Every row usable and the defaults fit: a fine-tune would accept the dataset as it is."""
+        return (
+            int(self.report.get("rows_ok") or 0) > 0
+            and not self.report.get("bad_rows")
+            and self.fits is not False
+        )
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """pydantic's refusal of a spec, one ``where: what`` line per problem, for every caller."""
+    return [f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
 
 
 def spell(setting: str, value: Any, caller: Caller) -> str:

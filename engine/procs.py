@@ -15,7 +15,6 @@ Untested here: the Windows branches (CI has no Windows runner). They use only do
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -123,8 +122,3 @@ def kill_tree(identity: ProcessIdentity) -> bool:
             pass
     psutil.wait_procs([proc, *children], timeout=5)
     return True
-
-
-def current_identity() -> ProcessIdentity:
-    pid = os.getpid()
-    return ProcessIdentity(pid, process_start_time(pid) or 0.0)

@@ -84,6 +84,12 @@ class ProgressPrinter:
             if event.resume_command:
                 self._line(f"stopped; resume with: {event.resume_command}")
 
+    def __enter__(self) -> ProgressPrinter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

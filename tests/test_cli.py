@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.api import TrainResult
+from engine.events import read_events
 from engine.spec import read_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +176,11 @@ def test_ctrl_c_then_resume_continues_from_the_checkpoint(home: Path) -> None:
     assert f"resuming {job.name} (it had ended cancelled): from the checkpoint at step " in first
     assert first.endswith(" of 40")
     assert done.stdout.startswith("done: 40 steps")
-    assert read_result(job).status == "succeeded"  # type: ignore[union-attr]
+    result = read_result(job)
+    assert result is not None and result.status == "succeeded" and result.metrics["steps"] == 40
+    assert [h["step"] for h in result.loss_history] == list(range(1, 41))  # no step lost or repeated
+    events, _ = read_events(job / "events.jsonl")
+    assert any(e.type == "log" and "resumed from checkpoint" in e.message for e in events)
     again = backprop(home, "resume", job.name)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import slao
-from engine.adapters import ADAPTER_WEIGHTS, load_factors, read_adapter_config, read_factors
+from engine.adapters import load_factors, read_adapter_config, read_factors
 from engine.data import Example
 from engine.events import EventWriter, iter_events
 from engine.hardware import wait_for_safe_gpu
@@ -24,7 +21,6 @@ from engine.spec import (
     SafetySettings,
     SeriesSpec,
     TrainSettings,
-    write_spec,
 )
 from engine.training.evaluation import heldout_loss, tokenize_heldout
 
@@ -290,26 +286,6 @@ def test_interrupted_series_resumes_from_the_last_finished_run(tmp_path, tiny_mo
         "run-003",
     ]
     assert series_metrics(SeriesState.load(state_path))["loss_average"] == result.metrics["loss_average"]
-
-
-def test_series_runs_as_a_job_through_the_worker(tmp_path, tiny_model, task_files):
-    job = tmp_path / "job"
-    job.mkdir()
-    write_spec(job, _spec(tiny_model, task_files, steps_per_run=2))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "BACKPROP_HOME": str(tmp_path / "home")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "engine", "run", str(job)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((job / "result.json").read_text())
-    assert result["status"] == "succeeded"
-    assert _lower_triangle_filled(result["metrics"]["accuracy_matrix"])
-    assert (Path(result["artifacts"]["adapter"]) / ADAPTER_WEIGHTS).is_file()
 
 
 def test_each_run_starts_from_the_previous_finetuned_B_and_a_QR_orthogonalised_A(
