@@ -29,8 +29,9 @@ SETTINGS = (
     "lora_rank",
     "lora_alpha",
     "quantization",
+    "gpus",
 )
-_SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?([\w.]+)'?|\s+'(\w+)')?")
+_SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 
 
 def for_cli(message: str) -> str:

@@ -31,6 +31,8 @@ def spell(setting: str, value: Any, caller: Caller) -> str:
     """How ``caller``'s user sets ``setting`` to ``value``."""
     if caller == "cli":
         flag = "--" + setting.replace("_", "-")
+        if isinstance(value, str) and value.startswith("["):  # a list, as a message quotes it
+            value = value.strip("[]").replace(" ", "")
         return flag if value is True else f"{flag} {value}"
     if isinstance(value, bool):
         return f"{setting}={'true' if caller == 'tool' else str(value)}"
