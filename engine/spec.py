@@ -113,7 +113,9 @@ class _ModelJob(_Strict):
         # gpus sits beside device and gpu_index (not in train): it picks the hardware, as they do
         if isinstance(self.gpus, list):
             if not self.gpus or len(set(self.gpus)) != len(self.gpus):
-                raise ValueError(f"gpus={self.gpus} must list each card once, e.g. gpus=[0, 1] (or gpus='all')")
+                raise ValueError(
+                    f"gpus={self.gpus} must list each card once, e.g. gpus=[0, 1] (or gpus='all')"
+                )
             if self.gpu_index not in (0, *self.gpus[:1]) or (self.gpu_index and len(self.gpus) > 1):
                 raise ValueError("give either gpu_index (one card) or gpus (several), not both")
             if len(self.gpus) == 1:  # one card is the one-device path: gpu_index names it
