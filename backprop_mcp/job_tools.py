@@ -79,9 +79,9 @@ def register_job_tools(
         device: Literal["auto", "cpu", "cuda"] = "auto",
         gpu_index: Annotated[int, Field(ge=0)] = 0,
         gpus: Annotated[
-            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None,
-            Field(description="train on several GPUs at once (DDP): card indices or 'all'; default one card"),
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(FinetuneSpec, "gpus")
         ] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(FinetuneSpec, "parallel")] = "auto",
         eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
         skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
         packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
@@ -106,6 +106,7 @@ def register_job_tools(
                     "device": device,
                     "gpu_index": gpu_index,
                     "gpus": gpus,
+                    "parallel": parallel,
                     "dataset": {
                         "path": data_path,
                         "skip_bad_rows": skip_bad_rows,

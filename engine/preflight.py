@@ -83,49 +83,76 @@ def _file_size(path: str) -> int:
 
 
 def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
-    """Refuse a model that cannot fit on the chosen GPU even at micro-batch 1 and the shortest rows.
+    """Refuse a model that cannot fit on the chosen GPU(s) even at micro-batch 1 and the shortest rows.
 
     Only with a GPU and a known architecture (preset or local folder); a hub model's shape needs a
     download, so the worker checks it. The sequence length the defaults will pick depends on the
     data's token lengths, which need the tokenizer: here the given ``max_seq_length`` is used, or
     the shortest the defaults can choose, so this never refuses a job the worker would accept.
+    A job on several cards is checked on each, with its weights sharded when it uses FSDP.
     """
     if spec.device == "cpu":
         return []
-    from engine.defaults import MIN_SEQ_LENGTH
     from engine.hardware import probe_gpus
-    from engine.memory import estimate_memory, largest_micro_batch
 
     probe = probe_gpus()
     if not probe.available:
         return ["no GPU found: training runs on the CPU (fine for the 'tiny' preset and very small models)"]
-    card = next((g for g in probe.gpus if g.index == spec.gpu_index), None)
-    if card is None:
+    have = [g.index for g in probe.gpus]
+    several = spec.gpus == "all" or len(spec.gpus or []) > 1
+    wanted = (have if spec.gpus == "all" else list(spec.gpus or [])) if several else [spec.gpu_index]
+    if missing := sorted(set(wanted) - set(have)):
+        option = f"gpus={spec.gpus}" if several else f"gpu_index={spec.gpu_index}"
+        also = " (or say 'all')" if several else ""
         raise PreflightError(
-            f"gpu_index={spec.gpu_index} but this machine has GPU(s) {[g.index for g in probe.gpus]}; "
-            "pick one of them (inspect_gpu / backprop gpu lists them)."
+            f"{option} names GPU(s) {missing} but this machine has {have}: use only those{also}; "
+            "inspect_gpu / backprop gpu lists them."
         )
-    missing = sorted(set(spec.gpus) - {g.index for g in probe.gpus}) if isinstance(spec.gpus, list) else []
-    if missing:
-        raise PreflightError(
-            f"gpus={spec.gpus} names GPU(s) {missing} but this machine has {[g.index for g in probe.gpus]}; "
-            "list only those (or say 'all'; inspect_gpu / backprop gpu lists them)."
-        )
+    cards = [g for g in probe.gpus if g.index in wanted]
     shape = known_shape(spec.model)
     if shape is None:
         return ["memory fit is checked by the worker once the model's configuration is downloaded"]
-    quant = "4bit" if spec.quantization == "auto" else spec.quantization
-    seq = spec.train.max_seq_length or MIN_SEQ_LENGTH
-    free = card.memory_free_mb / 1024
-    kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
-    if largest_micro_batch(shape, quant, spec.lora.rank, seq, free, limit=1, **kwargs) == 0:
-        need = estimate_memory(shape, quant, spec.lora.rank, 1, seq, **kwargs).total_gib
-        raise PreflightError(
-            f"{spec.model} does not fit on GPU {card.index} ({card.name}): LoRA training with {quant} weights "
-            f"and {seq}-token sequences needs about {need:.1f} GiB and {free:.1f} GiB is free. Use 4-bit "
-            "quantization, a shorter max_seq_length, a smaller LoRA rank or a smaller model, or free the GPU."
-        )
+    shards = len(cards) if len(cards) > 1 and uses_fsdp(spec, cards, shape) else 1
+    for card in cards:
+        fits, need, seq = card_fit(spec, shape, card, shards)
+        if not fits:
+            how = f" with its weights sharded over {shards} cards (FSDP)" if shards > 1 else ""
+            other = " or parallel='fsdp'" if len(cards) > 1 and shards == 1 else ""
+            raise PreflightError(
+                f"{spec.model} does not fit on GPU {card.index} ({card.name}){how}: LoRA training with "
+                f"{card_quantization(spec)} weights and {seq}-token sequences needs about {need:.1f} GiB and "
+                f"{card.memory_free_mb / 1024:.1f} GiB is free. Use 4-bit quantization{other}, a shorter "
+                "max_seq_length, a smaller LoRA rank or a smaller model, or free the GPU."
+            )
+    if shards > 1 and spec.parallel == "auto":
+        return [f"{spec.model} fits no single card: its base weights are sharded over {shards} cards (FSDP)"]
     return []
+
+
+def card_quantization(spec: FinetuneSpec | SeriesSpec) -> str:
+    return "4bit" if spec.quantization == "auto" else spec.quantization
+
+
+def card_fit(
+    spec: FinetuneSpec | SeriesSpec, shape: Any, card: Any, shards: int = 1
+) -> tuple[bool, float, int]:
+    """Whether ``spec`` trains on ``card`` at micro-batch 1 (weights over ``shards`` cards); GiB needed; seq."""
+    from engine.defaults import MIN_SEQ_LENGTH
+    from engine.memory import estimate_memory, largest_micro_batch
+
+    quant, seq = card_quantization(spec), spec.train.max_seq_length or MIN_SEQ_LENGTH
+    kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported, "shards": shards}
+    free = card.memory_free_mb / 1024
+    fits = largest_micro_batch(shape, quant, spec.lora.rank, seq, free, limit=1, **kwargs) > 0
+    return fits, estimate_memory(shape, quant, spec.lora.rank, 1, seq, **kwargs).total_gib, seq
+
+
+def uses_fsdp(spec: FinetuneSpec | SeriesSpec, cards: list[Any], shape: Any) -> bool:
+    """A job on several cards shards its base weights (FSDP) when it says parallel 'fsdp', or 'auto'
+    and the model fits none of its cards whole (``cards``: their GpuInfo; none on the CPU)."""
+    if spec.parallel != "auto":
+        return spec.parallel == "fsdp"
+    return bool(cards) and shape is not None and not all(card_fit(spec, shape, c)[0] for c in cards)
 
 
 def known_shape(model: str) -> Any:

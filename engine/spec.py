@@ -103,6 +103,11 @@ class _ModelJob(_Strict):
         "indices or 'all'; default: the one device of gpu_index. With device 'cpu' the list's length "
         "is the number of CPU ranks (gloo)",
     )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="with several gpus: ddp (a whole model on each card: fastest), fsdp (the base weights "
+        "sharded over the cards: for a model no single card holds), auto: fsdp when it fits no card",
+    )
     trust_remote_code: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -120,6 +125,8 @@ class _ModelJob(_Strict):
                 raise ValueError("give either gpu_index (one card) or gpus (several), not both")
             if len(self.gpus) == 1:  # one card is the one-device path: gpu_index names it
                 self.gpu_index = self.gpus[0]
+        if self.parallel == "fsdp" and self.gpus != "all" and len(self.gpus or []) < 2:
+            raise ValueError("parallel='fsdp' shards the model over several cards: give gpus=[0, 1] or 'all'")
         if self.train.backend == "unsloth" and (self.gpus == "all" or len(self.gpus or []) > 1):
             raise ValueError(
                 "backend 'unsloth' trains on one GPU (its open-source version); on several cards "

@@ -31,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "examples" / "data" / "chat.jsonl"
 
 
-def _spec(tiny_model_dir: Path, gpus: list[int] | None, **train: object) -> FinetuneSpec:
+def _spec(
+    tiny_model_dir: Path,
+    gpus: list[int] | None,
+    parallel: str = "auto",
+    held_out: float = 0.0,
+    **train: object,
+) -> FinetuneSpec:
     settings = {
         "learning_rate": 3e-3,
         "micro_batch_size": 1,
@@ -46,9 +52,10 @@ def _spec(tiny_model_dir: Path, gpus: list[int] | None, **train: object) -> Fine
         device="cpu",
         quantization="none",  # fp32: the two runs must agree to float noise
         gpus=gpus,
+        parallel=parallel,  # type: ignore[arg-type]
         lora=LoraSettings(rank=8),
         train=TrainSettings(**settings),
-        dataset=DatasetSettings(path=str(CHAT)),
+        dataset=DatasetSettings(path=str(CHAT), eval_fraction=held_out),
     )
 
 
@@ -64,6 +71,8 @@ def test_gpus_setting_is_validated():
         FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], gpu_index=1)
     with pytest.raises(ValidationError, match="one device for now"):
         SeriesSpec(datasets=[DatasetSettings(path="x.jsonl")], num_runs=2, gpus="all")
+    with pytest.raises(ValidationError, match="shards the model over several cards"):
+        FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0], parallel="fsdp")
     with pytest.raises(ValidationError, match="backend 'native' or 'auto'"):
         FinetuneSpec(
             dataset=DatasetSettings(path="x.jsonl"), gpus="all", train=TrainSettings(backend="unsloth")
@@ -91,6 +100,42 @@ def test_a_job_on_several_cards_locks_each_in_sorted_order(monkeypatch):
     assert [p.stem for p in device_lock_paths(one)] == ["gpu-1"]
     cpu = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], device="cpu")
     assert [p.stem for p in device_lock_paths(cpu)] == ["cpu"]
+
+
+def _cards(monkeypatch, free_mb: list[int]) -> None:
+    """No GPU here: NVML's answer is replaced by cards with these free megabytes."""
+    from engine.hardware import GpuInfo, GpuProbe
+
+    cards = [
+        GpuInfo(i, "NVIDIA RTX A4000", 16376, mb, 16376 - mb, 0, 40, 50.0, 140.0, "8.6", True, "570.86", "12.8")
+        for i, mb in enumerate(free_mb)
+    ]
+    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
+
+
+def test_fsdp_is_chosen_when_the_model_fits_no_single_card_and_each_card_is_checked(monkeypatch):
+    from engine.memory import estimate_memory
+    from engine.models import get_preset
+    from engine.preflight import PreflightError, check_fit
+
+    shape = get_preset("qwen2.5-7b").shape  # type: ignore[union-attr]
+    whole, halves = (estimate_memory(shape, "16bit", 16, 1, 512, shards=n) for n in (1, 2))
+    assert halves.weights_gib < 0.7 * whole.weights_gib and halves.lora_gib == whole.lora_gib
+
+    def spec(**kw: object) -> FinetuneSpec:
+        train = TrainSettings(max_seq_length=512)
+        return FinetuneSpec(model="qwen2.5-7b", quantization="16bit", train=train, **kw)  # type: ignore[arg-type]
+
+    _cards(monkeypatch, [16000, 16000])  # bf16 7B: ~18 GiB on one card, ~12 GiB each when sharded
+    notes = check_fit(spec(gpus=[0, 1], dataset=DatasetSettings(path="x.jsonl")))
+    assert notes == ["qwen2.5-7b fits no single card: its base weights are sharded over 2 cards (FSDP)"]
+    with pytest.raises(PreflightError, match=r"does not fit on GPU 0 .*or parallel='fsdp'"):
+        check_fit(spec(gpus=[0, 1], parallel="ddp", dataset=DatasetSettings(path="x.jsonl")))
+    with pytest.raises(PreflightError, match="does not fit on GPU 1 "):  # one card: no sharding
+        check_fit(spec(gpus=[1], dataset=DatasetSettings(path="x.jsonl")))
+    _cards(monkeypatch, [16000, 8000])  # every card of the job must hold its share
+    with pytest.raises(PreflightError, match=r"does not fit on GPU 1 .*sharded over 2 cards \(FSDP\)"):
+        check_fit(spec(gpus="all", dataset=DatasetSettings(path="x.jsonl")))
 
 
 def test_two_ranks_train_the_same_steps_as_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path):
@@ -132,6 +177,39 @@ def test_two_ranks_train_the_same_steps_as_one_rank_on_the_same_global_batch(tin
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in (two / "ranks").iterdir()) == ["rank-0.json", "rank-1.json"]
+
+
+def test_fsdp_ranks_train_the_same_steps_as_one_rank_and_rank_0_writes_a_whole_adapter(
+    tiny_model_dir, tmp_path
+):
+    """FSDP2 (fully_shard) over gloo on the CPU: the frozen weights sharded over two ranks."""
+    from engine.adapters import is_adapter_folder
+
+    # with a held-out split evaluated at the checkpoint of step 2 and at the end (every rank runs it)
+    one = create_job(_spec(tiny_model_dir, None, held_out=0.2, checkpoint_every=2), root=tmp_path / "jobs")
+    two = create_job(_spec(tiny_model_dir, [0, 1], "fsdp", 0.2, checkpoint_every=2), root=tmp_path / "jobs")
+    assert _run(one) == 0
+    assert _run(two) == 0, (two / "worker.log").read_text()[-3000:]
+    r1, r2 = read_result(one), read_result(two)
+    assert r1 is not None and r2 is not None and r2.status == "succeeded"
+    assert r2.metrics["parallel"] == "fsdp" and r2.metrics["devices"] == 2
+    losses1 = [h["loss"] for h in r1.loss_history]
+    assert [h["loss"] for h in r2.loss_history] == pytest.approx(losses1, rel=1e-5, abs=1e-6)
+    assert r2.metrics["eval_loss"] == pytest.approx(r1.metrics["eval_loss"], rel=1e-5)
+
+    # a complete PEFT folder (config, weights, tokenizer), every LoRA tensor whole, written by rank 0 only
+    adapter = two / "adapter"
+    assert is_adapter_folder(adapter) and (adapter / "tokenizer_config.json").exists()
+    w1 = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(adapter / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert w2[name].shape == w1[name].shape
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(("adapter", ".adapter"))) == ["adapter"]
+    events, _ = read_events(two / "events.jsonl")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert any(e.type == "log" and e.message == "FSDP over 2 ranks" for e in events)
 
 
 def test_a_rank_error_fails_the_job_with_its_message(tiny_model_dir, tmp_path):

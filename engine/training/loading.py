@@ -14,6 +14,7 @@ from engine.models import model_shape
 from engine.spec import DatasetSettings
 from engine.training.base_model import load_tokenizer
 from engine.training.batching import IGNORE
+from engine.training.distributed import active_rank
 from engine.training.loop import Tokenized
 
 
@@ -81,6 +82,7 @@ def prepare_training(
         free_memory_gib=free_gib,
         lora_targets=spec.lora.target_modules,
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
+        shards=rank.world if (rank := active_rank()) is not None and rank.sharded else 1,
     )
     for name, reason in resolved.reasons.items():
         events.log(
