@@ -163,6 +163,10 @@ def register_job_tools(
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         quantization: Literal["auto", "4bit", "16bit", "none"] = "auto",
         device: Literal["auto", "cpu", "cuda"] = "auto",
+        gpus: Annotated[
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(SeriesSpec, "gpus")
+        ] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(SeriesSpec, "parallel")] = "auto",
         learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
@@ -184,6 +188,8 @@ def register_job_tools(
                     "model": model_name,
                     "quantization": quantization,
                     "device": device,
+                    "gpus": gpus,
+                    "parallel": parallel,
                     "datasets": datasets,
                     "num_runs": num_runs,
                     "steps_per_run": steps_per_run,

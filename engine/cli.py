@@ -28,6 +28,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
     )
+    p.add_argument(
+        "--parallel",
+        default="auto",
+        choices=["auto", "ddp", "fsdp"],
+        help="with several GPUs: ddp (whole model per card), fsdp (weights sharded), auto (fsdp if it fits no card)",
+    )
     p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=16, help="LoRA rank")
     p.add_argument(
         "--alpha", "--lora-alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2*rank)"
@@ -362,6 +368,7 @@ def _spec(args: argparse.Namespace) -> Any:
             quantization=args.quantization,
             device=args.device,
             gpus=args.gpus,
+            parallel=args.parallel,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
             dataset=S.DatasetSettings(
@@ -376,6 +383,7 @@ def _spec(args: argparse.Namespace) -> Any:
             quantization=args.quantization,
             device=args.device,
             gpus=args.gpus,
+            parallel=args.parallel,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args)),
             datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],

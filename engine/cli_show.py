@@ -30,6 +30,7 @@ SETTINGS = (
     "lora_alpha",
     "quantization",
     "gpus",
+    "parallel",
 )
 _SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 

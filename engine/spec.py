@@ -99,7 +99,7 @@ class _ModelJob(_Strict):
     gpu_index: int = Field(0, ge=0)
     gpus: list[Annotated[int, Field(ge=0)]] | Literal["all"] | None = Field(
         None,
-        description="train on several GPUs at once (DDP, one rank per card, through torchrun): card "
+        description="train on several GPUs at once (one rank per card, through torchrun; see parallel): card "
         "indices or 'all'; default: the one device of gpu_index. With device 'cpu' the list's length "
         "is the number of CPU ranks (gloo)",
     )
@@ -169,10 +169,6 @@ class SeriesSpec(_ModelJob):
             raise ValueError(
                 f"num_runs={self.num_runs} but {len(self.datasets)} datasets were given; "
                 "with several datasets there is one run per dataset, so leave num_runs out"
-            )
-        if self.gpus == "all" or (isinstance(self.gpus, list) and len(self.gpus) > 1):
-            raise ValueError(
-                "a SLAO series trains on one device for now: leave gpus out (or give one card, gpu_index)"
             )
         if len(self.datasets) == 1 and self.num_runs is None:
             raise ValueError("a series over one dataset needs num_runs (how many slices to train in turn)")

@@ -22,7 +22,6 @@ from engine.spec import (
     DatasetSettings,
     FinetuneSpec,
     LoraSettings,
-    SeriesSpec,
     TrainSettings,
     read_result,
 )
@@ -69,8 +68,6 @@ def test_gpus_setting_is_validated():
         FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 0])
     with pytest.raises(ValidationError, match="not both"):
         FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0, 1], gpu_index=1)
-    with pytest.raises(ValidationError, match="one device for now"):
-        SeriesSpec(datasets=[DatasetSettings(path="x.jsonl")], num_runs=2, gpus="all")
     with pytest.raises(ValidationError, match="shards the model over several cards"):
         FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[0], parallel="fsdp")
     with pytest.raises(ValidationError, match="backend 'native' or 'auto'"):
@@ -107,7 +104,9 @@ def _cards(monkeypatch, free_mb: list[int]) -> None:
     from engine.hardware import GpuInfo, GpuProbe
 
     cards = [
-        GpuInfo(i, "NVIDIA RTX A4000", 16376, mb, 16376 - mb, 0, 40, 50.0, 140.0, "8.6", True, "570.86", "12.8")
+        GpuInfo(
+            i, "NVIDIA RTX A4000", 16376, mb, 16376 - mb, 0, 40, 50.0, 140.0, "8.6", True, "570.86", "12.8"
+        )
         for i, mb in enumerate(free_mb)
     ]
     monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
@@ -210,6 +209,38 @@ def test_fsdp_ranks_train_the_same_steps_as_one_rank_and_rank_0_writes_a_whole_a
     events, _ = read_events(two / "events.jsonl")
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert any(e.type == "log" and e.message == "FSDP over 2 ranks" for e in events)
+
+
+def test_a_series_on_several_ranks_trains_merges_and_scores_as_on_one(tiny_model_dir, tmp_path):
+    """Every run trains through the same ranks (DDP, then FSDP); rank 0 writes the merged adapter.
+    The DDP series goes through the Python API (Trainer(gpus=..., parallel=...))."""
+    from engine.api import Trainer
+
+    train = {"learning_rate": 3e-3, "micro_batch_size": 1, "gradient_accumulation": 2, "max_seq_length": 128}
+
+    def series(gpus: list[int] | None, parallel: str = "auto") -> Path:
+        trainer = Trainer(
+            str(tiny_model_dir), quantization="none", lora_rank=8, device="cpu", gpus=gpus, parallel=parallel,
+            workdir=tmp_path / "jobs", verbose=False,
+        )  # fmt: skip
+        return trainer.multi_run(CHAT, num_runs=2, steps_per_run=2, packing=False, **train).job_dir
+
+    one = read_result(series(None))
+    assert one is not None
+    for parallel in ("ddp", "fsdp"):
+        job = series([0, 1], parallel)
+        many = read_result(job)
+        assert many is not None and many.metrics["devices"] == 2 and many.metrics["parallel"] == parallel
+        losses = [h["loss"] for h in many.loss_history]
+        assert losses == pytest.approx([h["loss"] for h in one.loss_history], rel=1e-5, abs=1e-6)
+        for row, expected in zip(many.metrics["loss_matrix"], one.metrics["loss_matrix"], strict=True):
+            assert [v for v in row if v is not None] == pytest.approx([v for v in expected if v is not None])
+        assert (job / "adapter" / "adapter_model.safetensors").exists() and (
+            job / "adapter" / "series.json"
+        ).exists()
+        assert sorted(p.name for p in (job / "series").iterdir()) == ["finetuned", "merged", "state.json"]
+        events, _ = read_events(job / "events.jsonl")
+        assert [e.type for e in events].count("run_finished") == 2
 
 
 def test_a_rank_error_fails_the_job_with_its_message(tiny_model_dir, tmp_path):

@@ -113,13 +113,14 @@ class RankContext:
             dist.broadcast(p.data, src=0)
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import FSDPModule, fully_shard
 
-            mesh = init_device_mesh(self.device.split(":")[0], (self.world,))
             decoder = _causal_lm(model).model
-            for module in [*decoder.layers, decoder]:
-                fully_shard(module, mesh=mesh, ignored_params=set(lora))  # moves its shards to the card
-            model.to(self.device)  # what FSDP leaves alone (LoRA, head), from host memory
+            if not isinstance(decoder, FSDPModule):  # a series' later runs train the same sharded model
+                mesh = init_device_mesh(self.device.split(":")[0], (self.world,))
+                for module in [*decoder.layers, decoder]:
+                    fully_shard(module, mesh=mesh, ignored_params=set(lora))  # moves its shards to the card
+                model.to(self.device)  # what FSDP leaves alone (LoRA, head), from host memory
             return _StepLoss(model)
         return torch.nn.parallel.DistributedDataParallel(
             _StepLoss(model), broadcast_buffers=False, init_sync=False, find_unused_parameters=False
