@@ -187,36 +187,60 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
 
 
 def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[PresetFit]:
-    """Which presets train on GPU 0 (QLoRA 4-bit) and with what micro-batch, or on the CPU."""
+    """Which presets train (QLoRA 4-bit), on which cards and with what micro-batch, or on the CPU.
+
+    With several cards, a preset that no card holds whole is tried with its weights sharded over all
+    of them (FSDP), each card holding its share.
+    """
     from engine.gpu_report import PresetFit
-    from engine.memory import estimate_memory, largest_micro_batch
+    from engine.memory import estimate_memory, fits, largest_micro_batch
     from engine.models import PRESETS
 
-    card = probe.gpus[0] if probe.available and probe.gpus else None
-    fits = []
+    cards = list(probe.gpus) if probe.available else []
+    out = []
     for preset in PRESETS.values():
         model = preset.hf_id or "built offline"
-        if card is None:
+        if not cards:
             small = preset.hf_id is None or preset.params_b <= 0.6
             note = ("trains on the CPU" + (" (slowly)" if preset.hf_id else "")) if small else "needs a GPU"
-            fits.append(PresetFit(preset=preset.name, model=model, fits=small, note=note))
+            out.append(PresetFit(preset=preset.name, model=model, fits=small, note=note))
             continue
         seq = min(seq_length, preset.shape.max_context)
-        kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
-        free = card.memory_free_mb / 1024
-        micro = largest_micro_batch(preset.shape, "4bit", rank, seq, free, limit=16, **kwargs)
-        need = estimate_memory(preset.shape, "4bit", rank, 1, seq, **kwargs).total_gib
+
+        micro = {
+            c.index: largest_micro_batch(
+                preset.shape, "4bit", rank, seq, c.memory_free_mb / 1024, limit=16, **_on(c)
+            )
+            for c in cards
+        }
+        best = max(cards, key=lambda c: c.memory_free_mb)
+        need = estimate_memory(preset.shape, "4bit", rank, 1, seq, **_on(best)).total_gib
+        whole = [i for i, m in micro.items() if m > 0]
+        sharded = None
+        if not whole and len(cards) > 1:
+            per_card = [
+                estimate_memory(preset.shape, "4bit", rank, 1, seq, **_on(c, len(cards))) for c in cards
+            ]
+            if all(fits(e, c.memory_free_mb / 1024, False) for e, c in zip(per_card, cards, strict=True)):
+                sharded = round(max(e.total_gib for e in per_card), 2)
         note = f"QLoRA 4-bit, rank {rank}, {seq}-token sequences" + (
             ", gated: accept the licence on the hub first" if preset.gated else ""
         )
-        fits.append(
+        out.append(
             PresetFit(
                 preset=preset.name,
                 model=model,
-                fits=micro > 0,
-                micro_batch_size=micro or None,
+                fits=bool(whole) or sharded is not None,
+                micro_batch_size=micro[best.index] or None,
                 estimated_memory_gib=round(need, 2),
+                cards=whole,
+                fsdp_memory_per_card_gib=sharded,
                 note=note,
             )
         )
-    return fits
+    return out
+
+
+def _on(card: Any, shards: int = 1) -> dict[str, Any]:
+    """The memory estimate's keywords for ``card`` (weights sharded over ``shards`` cards)."""
+    return {"device": "cuda", "bf16_supported": card.bf16_supported, "shards": shards}

@@ -137,6 +137,47 @@ def test_fsdp_is_chosen_when_the_model_fits_no_single_card_and_each_card_is_chec
         check_fit(spec(gpus="all", dataset=DatasetSettings(path="x.jsonl")))
 
 
+def _smallest_free_memory(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from engine.training.distributed import RankContext
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    Path(out, f"rank-{rank}").write_text(str(RankContext(rank, 2, "cpu").smallest([10.5, 3.25][rank])))
+    dist.destroy_process_group()
+
+
+def test_every_rank_sizes_its_settings_for_the_tightest_card(tmp_path):
+    """Each rank reads its own card's free memory; the defaults (micro-batch, accumulation, hence the
+    step plan) must be the same on every rank, so they are sized for the smallest figure."""
+    torch.multiprocessing.spawn(
+        _smallest_free_memory, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2
+    )
+    assert [float((tmp_path / f"rank-{r}").read_text()) for r in (0, 1)] == [3.25, 3.25]
+
+
+def test_the_gpu_report_says_which_cards_hold_each_preset(monkeypatch):
+    """NVML cannot exist here: two 16 GB cards with 7.3 GiB free each are its stand-in."""
+    from engine.cli_show import gpu_text
+    from engine.gpu_report import gpu_report
+
+    _cards(monkeypatch, [7500, 7500])
+    report = gpu_report()
+    fits = {p.preset: p for p in report.presets}
+    assert fits["qwen2.5-3b"].cards == [0, 1] and fits["qwen2.5-3b"].fsdp_memory_per_card_gib is None
+    seven = fits["qwen2.5-7b"]  # ~8.4 GiB whole: no card holds it, each holds its half (FSDP)
+    assert seven.fits and seven.cards == [] and seven.micro_batch_size is None
+    assert seven.fsdp_memory_per_card_gib is not None and seven.fsdp_memory_per_card_gib < 7.3 * 0.95
+    text = gpu_text(report)
+    assert "Presets on GPUs 0, 1" in text
+    assert f"all, FSDP ({seven.fsdp_memory_per_card_gib:.1f} GiB each)" in text
+
+    _cards(monkeypatch, [16000, 4000])  # a busy second card: the big presets fit card 0 only
+    fits = {p.preset: p for p in gpu_report().presets}
+    assert fits["qwen2.5-7b"].cards == [0] and fits["qwen2.5-7b"].micro_batch_size
+    assert fits["tiny"].cards == [0, 1]
+
+
 def test_two_ranks_train_the_same_steps_as_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path):
     one = create_job(_spec(tiny_model_dir, None), root=tmp_path / "jobs")
     two = create_job(_spec(tiny_model_dir, [0, 1]), root=tmp_path / "jobs")

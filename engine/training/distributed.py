@@ -92,6 +92,12 @@ class RankContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def smallest(self, value: float) -> float:
+        """The smallest of every rank's ``value`` (a collective): settings sized for the tightest card."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
+
     def wrap(self, model: Any) -> Any:
         """The model inside DDP (or sharded by FSDP), with rank 0's LoRA weights on every rank.
 

@@ -68,9 +68,12 @@ def prepare_training(
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     free_gib = None
+    rank = active_rank()
     if device.startswith("cuda"):
         free_b, _ = torch.cuda.mem_get_info(torch.device(device))
         free_gib = free_b / 1024**3
+        if rank is not None:  # every rank must resolve the same settings (the same step plan)
+            free_gib = rank.smallest(free_gib)
     resolved = resolve_training(
         spec.train,
         n_examples=len(full.input_ids),
@@ -82,7 +85,7 @@ def prepare_training(
         free_memory_gib=free_gib,
         lora_targets=spec.lora.target_modules,
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
-        shards=rank.world if (rank := active_rank()) is not None and rank.sharded else 1,
+        shards=rank.world if rank is not None and rank.sharded else 1,
     )
     for name, reason in resolved.reasons.items():
         events.log(
