@@ -316,3 +316,25 @@ def test_cancel_stops_every_rank_after_a_checkpoint_and_the_job_resumes(tiny_mod
     assert (job / "adapter" / "adapter_model.safetensors").exists()
     events, _ = read_events(job / "events.jsonl")
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+def test_train_speed_benchmark_runs_ddp_and_fsdp_over_nf4_in_its_cpu_smoke_mode(tmp_path):
+    """benchmarks/train_speed.py --tiny --gpus 0,1 --fsdp: the engine's NF4 job (bitsandbytes' CPU
+    backend, 4-bit codes stored as fp32, the CPU compute dtype) on one rank, two DDP ranks and two
+    FSDP ranks over gloo; the same losses, and the records the GPU measurement reads."""
+    import json
+
+    records = tmp_path / "speed.jsonl"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--arch", "qwen2.5-0.5b", "--tiny",
+        "--seq-len", "64", "--batch", "2", "--grad-accum", "2", "--steps", "2", "--warmup", "1",
+        "--gpus", "0,1", "--fsdp", "--workdir", str(tmp_path / "work"), "--jsonl", str(records),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, ddp, fsdp = (json.loads(line) for line in records.read_text().splitlines())
+    assert (one["devices"], ddp["parallel"], fsdp["parallel"]) == (1, "ddp", "fsdp")
+    for rec in (ddp, fsdp):
+        assert rec["devices"] == 2 and rec["tokens_per_s"] > 0 and len(rec["losses"]) == 3
+        assert rec["losses"] == pytest.approx(one["losses"], abs=2e-4)
+        assert f"{rec['variant']}: " in done.stdout and "x one card's tokens/s" in done.stdout

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,9 @@ def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
         )
     result = JobResult.model_validate(first["result"])
     result.metrics["devices"] = len(devices)
+    peaks = [outcomes[r].get("peak_gpu_memory_gib") for r in sorted(outcomes)]
+    if any(p is not None for p in peaks):
+        result.metrics["peak_gpu_memory_gib_per_device"] = peaks
     return result
 
 
@@ -323,7 +326,9 @@ def run_rank(job_dir: str | Path) -> int:
         # safety.max_pause_s, while the others wait in the next collective: allow for that.
         wait = timedelta(seconds=max(1800.0, 2 * spec.safety.max_pause_s))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=wait)
-        _ACTIVE = RankContext(rank=rank, world=world, device=device, sharded=_sharded(spec, devices, device))
+        _ACTIVE = RankContext(rank=rank, world=world, device=device)
+        # rank 0's choice on every rank (each reads the free memory at its own moment)
+        _ACTIVE = replace(_ACTIVE, sharded=_ACTIVE.agree(_sharded(spec, devices, device)))
         mode = "fsdp" if _ACTIVE.sharded else "ddp"
         events.log(f"{mode.upper()} over {world} ranks", parallel=mode)
         cancel_file = job_dir / CANCEL_FILE
@@ -331,6 +336,8 @@ def run_rank(job_dir: str | Path) -> int:
         with reporting(spec, job_dir, events) if rank == 0 else contextlib.nullcontext():
             result = _dispatch(spec, job_dir, events, cancel_check)
         outcome: dict[str, Any] = {"status": "succeeded"}
+        if device.startswith("cuda"):  # each card's peak (rank 0's result has its own only)
+            outcome["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
         if rank == 0:
             result.metrics["parallel"] = mode
             outcome["result"] = result.model_dump(mode="json")
