@@ -226,8 +226,11 @@ def test_fsdp_ranks_train_the_same_steps_as_one_rank_and_rank_0_writes_a_whole_a
     from engine.adapters import is_adapter_folder
 
     # with a held-out split evaluated at the checkpoint of step 2 and at the end (every rank runs it)
-    one = create_job(_spec(tiny_model_dir, None, held_out=0.2, checkpoint_every=2), root=tmp_path / "jobs")
-    two = create_job(_spec(tiny_model_dir, [0, 1], "fsdp", 0.2, checkpoint_every=2), root=tmp_path / "jobs")
+    # 3 rows a step: rank 0 trains two micro-batches, rank 1 one and a weightless repeat (FSDP gathers
+    # weights from every rank at every forward, so all run as many)
+    settings = {"checkpoint_every": 2, "gradient_accumulation": 3}
+    one = create_job(_spec(tiny_model_dir, None, held_out=0.2, **settings), root=tmp_path / "jobs")
+    two = create_job(_spec(tiny_model_dir, [0, 1], "fsdp", 0.2, **settings), root=tmp_path / "jobs")
     assert _run(one) == 0
     assert _run(two) == 0, (two / "worker.log").read_text()[-3000:]
     r1, r2 = read_result(one), read_result(two)

@@ -151,6 +151,10 @@ class RankContext:
         quiet = getattr(ddp, "no_sync", contextlib.nullcontext)
         varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
         batches = prepare_batches(rows[self.rank :: self.world], data, micro, pad_id, device, varlen=varlen)
+        mine = len(batches)
+        real = sum(b.real_tokens for b in batches)
+        if self.sharded:  # each forward gathers from every rank: all run as many micro-batches as rank 0
+            batches += batches[:1] * (-(-len(rows[:: self.world]) // micro) - mine)  # weightless repeats
         # The whole step's target count, from the labels on the host (every rank has all the data):
         # scaled by it, DDP's mean of the ranks' gradients is the one-rank gradient.
         n_targets = sum(sum(1 for v in data.labels[i][1:] if v != IGNORE) for row in rows for i in row)
@@ -166,8 +170,9 @@ class RankContext:
                         device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
                     ):
                         part = ddp(b)
-                    (part * scale).backward()
-                total = part.detach() if total is None else total + part.detach()
+                    (part * (scale if i < mine else 0.0)).backward()
+                if i < mine:
+                    total = part.detach() if total is None else total + part.detach()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.sharded:  # the LoRA gradients, averaged over the ranks in one collective
             grads = [p.grad for p in params if p.grad is not None]
@@ -180,7 +185,6 @@ class RankContext:
         weights_updated()
         optimizer.zero_grad(set_to_none=True)
         assert total is not None
-        real = sum(b.real_tokens for b in batches)
         stats = torch.stack([total.float(), total.new_tensor(float(real), dtype=torch.float32)])
         dist.all_reduce(stats)  # the step's loss sum and tokens over every rank
         loss_total, tokens = stats.tolist()
