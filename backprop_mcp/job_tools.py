@@ -96,6 +96,8 @@ def register_job_tools(
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
         extras.require("train", "start_finetune")
+        if backend == "unsloth":
+            extras.require("unsloth", "start_finetune with backend 'unsloth'")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
         try:

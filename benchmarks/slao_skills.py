@@ -44,10 +44,13 @@ fit, and reports the counts it used. ``--smoke`` is the CPU check that everythin
 (hidden 128, 4 layers, 4 tasks, 1 seed, 1 order, short pretraining): its numbers are not claims.
 
     python benchmarks/slao_skills.py --smoke          # CPU, offline: that it runs end to end
-    # the design on one H200, one seed per 10-minute call (6,000 pretraining steps ≈ 230 s there):
-    python benchmarks/slao_skills.py --device cuda --workers 15 --seeds 1 --first-seed 0 \
-        --pretrain-budget-s 240 --budget-s 520 --json seed0.json
-    python benchmarks/slao_skills.py --combine seed0.json seed1.json seed2.json
+    # the design on one H200 in 10-minute calls (6,000 pretraining steps ≈ 230 s there): pretrain,
+    # calibrate and run what fits, saving the base; later calls load it and run the other seeds
+    python benchmarks/slao_skills.py --device cuda --workers 15 --seeds 2 --regimes main \
+        --pretrain-budget-s 245 --budget-s 570 --base-out base --json a.json
+    python benchmarks/slao_skills.py --device cuda --workers 15 --base base --lr LR --first-seed 1 \
+        --seeds 2 --regimes main --json b.json
+    python benchmarks/slao_skills.py --combine a.json b.json ...
 """
 
 from __future__ import annotations
@@ -172,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-budget-s", type=float, help="cut pretraining to fit this many seconds")
     p.add_argument("--steps-per-task", type=int)
     p.add_argument("--lr", type=float, help="skip the calibration and use this lr (main regime)")
-    p.add_argument("--no-control", action="store_true", help="run the main regime only")
+    p.add_argument("--regimes", nargs="+", choices=["main", "control"], default=["main", "control"])
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     p.add_argument("--json", help="write every R matrix, diagnostic and log line here")
+    p.add_argument("--base-out", help="also save the pretrained base here (bf16 safetensors shards ≤ 15 MB)")
+    p.add_argument("--base", help="load the base that --base-out saved instead of pretraining one")
     p.add_argument(
         "--combine", nargs="+", metavar="JSON", help="tables over the units of earlier runs' --json"
     )
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps_per_task:
         cfg = replace(cfg, steps_per_task=args.steps_per_task)
     runner = Runner(args, cfg, t_start)
-    regimes = [MAIN] if args.no_control else [MAIN, CONTROL]
+    regimes = [r for r in (MAIN, CONTROL) if r.name in args.regimes]
     try:
         return _main(runner, cfg, args, regimes)
     finally:
@@ -206,18 +211,27 @@ def _main(runner: Runner, cfg: Config, args: argparse.Namespace, regimes: list) 
     log = runner.log
     res = runner.results
     res["args"] = {k: v for k, v in vars(args).items()}
-    # 1. pretraining corpus, generated in the workers (which import torch/peft meanwhile)
-    n_rows = cfg.pretrain_steps * cfg.pretrain_batch
-    chunk = max(1000, n_rows // (4 * args.workers))
-    jobs = [(min(chunk, n_rows - k), k // chunk) for k in range(0, n_rows, chunk)]
-    chunks = [runner.pool.submit(_rows_chunk, j) for j in jobs]
-    warm = [runner.pool.submit(_warm, k) for k in range(args.workers)]
-    rows = torch.cat([f.result() for f in chunks]).long()
-    log(f"pretraining corpus: {rows.shape[0]:,} rows × 128 tokens")
-    # 2. pretraining
-    base, res["pretrain_steps"] = pretrain(cfg, rows, args.device, log, args.pretrain_budget_s)
+    if args.base:
+        warm = [runner.pool.submit(_warm, k) for k in range(args.workers)]
+        base, res["pretrain_steps"] = load_base(Path(args.base))
+        log(f"base loaded from {args.base}")
+    else:
+        # 1. pretraining corpus, generated in the workers (which import torch/peft meanwhile)
+        n_rows = cfg.pretrain_steps * cfg.pretrain_batch
+        chunk = max(1000, n_rows // (4 * args.workers))
+        jobs = [(min(chunk, n_rows - k), k // chunk) for k in range(0, n_rows, chunk)]
+        chunks = [runner.pool.submit(_rows_chunk, j) for j in jobs]
+        warm = [runner.pool.submit(_warm, k) for k in range(args.workers)]
+        rows = torch.cat([f.result() for f in chunks]).long()
+        log(f"pretraining corpus: {rows.shape[0]:,} rows × 128 tokens")
+        # 2. pretraining; the base every unit starts from is its bf16 rounding, so that a base saved
+        # with --base-out and loaded with --base in a later call is exactly the same base
+        base, res["pretrain_steps"] = pretrain(cfg, rows, args.device, log, args.pretrain_budget_s)
+        base = {k: v.to(torch.bfloat16).float() for k, v in base.items()}
+        del rows
+        if args.base_out:
+            save_base(base, res["pretrain_steps"], Path(args.base_out))
     torch.save(base, runner.tmp / "base.pt")
-    del rows
     model = build_model(cfg, args.device)
     model.load_state_dict(base)
     res["probes"] = probe_scores(model, args.device)
@@ -279,6 +293,34 @@ def _main(runner: Runner, cfg: Config, args: argparse.Namespace, regimes: list) 
     return 0
 
 
+def save_base(base: dict[str, torch.Tensor], steps: int, out: Path) -> None:
+    """bf16 safetensors in shards of ≤ 15 MB (a device call returns files of at most 16 MiB)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    names = []
+    for name, t in [*base.items(), ("", None)]:
+        full = sum(v.numel() * 2 for v in shard.values())
+        if shard and (t is None or full + t.numel() * 2 > 15_000_000):
+            names.append(f"base-{len(names)}.safetensors")
+            save_file(shard, str(out / names[-1]))
+            shard = {}
+        if t is not None:
+            shard[name] = t.to(torch.bfloat16).contiguous().clone()  # clone: tied weights share storage
+    (out / "base.json").write_text(json.dumps({"pretrain_steps": steps, "shards": names}), encoding="utf-8")
+
+
+def load_base(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "base.json").read_text(encoding="utf-8"))
+    base: dict[str, torch.Tensor] = {}
+    for name in meta["shards"]:
+        base.update({k: v.float() for k, v in load_file(str(folder / name)).items()})
+    return base, meta["pretrain_steps"]
+
+
 def combine(paths: list[str], out: str | None) -> int:
     """One analysis over several runs (e.g. seeds run in separate calls), each of which pretrained
     the same base from the same seed: their probe scores must agree within 0.01."""
@@ -291,7 +333,8 @@ def combine(paths: list[str], out: str | None) -> int:
     config = {**first["config"], "tasks": tuple(first["config"]["tasks"])}
     cfg = Config(**config)
     res = {**first, "units": [u for run in runs for u in run["units"]], "combined_from": paths}
-    regimes = [r for r in (MAIN, CONTROL) if r.name in first["counts"]["regimes"]]
+    names = {name for run in runs for name in run["counts"]["regimes"]}
+    regimes = [r for r in (MAIN, CONTROL) if r.name in names]
     res["analysis"] = report.analyse(res, cfg, regimes)
     print(report.render(res, cfg))
     if out:

@@ -25,6 +25,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "export": ("gguf", "llama_cpp"),
     "tensorboard": ("tensorboard",),
     "wandb": ("wandb",),
+    "unsloth": ("unsloth",),
 }
 # What each kind of work needs: an export merges with torch before it converts.
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -32,6 +33,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "export": ("train", "export"),
     "tensorboard": ("tensorboard",),
     "wandb": ("wandb",),
+    "unsloth": ("unsloth",),
 }
 
 
@@ -105,7 +107,10 @@ def require(work: str, what: str) -> None:
 
 
 def require_for_spec(spec: Any, what: str) -> None:
-    """``require`` for everything a job spec will use: its kind's extras and its ``train.report_to``."""
+    """``require`` for everything a job spec will use: its kind's extras, ``train.report_to`` and ``train.backend``."""
     require("export" if spec.kind == "export" else "train", what)
-    for name in getattr(getattr(spec, "train", None), "report_to", None) or []:
+    train = getattr(spec, "train", None)
+    for name in getattr(train, "report_to", None) or []:
         require(name, f"{what} with report_to {name}")
+    if getattr(train, "backend", None) == "unsloth":
+        require("unsloth", f"{what} with backend 'unsloth'")

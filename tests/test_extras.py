@@ -78,6 +78,13 @@ def test_a_missing_module_names_the_extra_and_the_command(monkeypatch: pytest.Mo
     require("wandb", "x")  # jobs run in another Python: its packages can't be checked from here
 
 
+def test_backend_unsloth_needs_the_unsloth_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(EXTRA_MODULES, "unsloth", ("no_such_module_for_backprop_tests",))
+    with pytest.raises(MissingExtra, match=r"(?s)backend 'unsloth' needs the 'unsloth' extra.*\[unsloth\]"):
+        require_for_spec(FinetuneSpec(dataset={"path": str(CHAT)}, train={"backend": "unsloth"}), "x")
+    require_for_spec(FinetuneSpec(dataset={"path": str(CHAT)}, train={"backend": "native"}), "x")
+
+
 def test_cli_without_torch_refuses_before_any_job(python_without_ml: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     done = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -282,6 +283,13 @@ def test_unsloth_rules_on_cpu(tiny_dir):
     assert loaded.info["path"] == "transformers" and "native" in loaded.info["path_reason"]
     auto = base_model._unsloth_decision("auto", "cpu", "fp32")
     assert auto[0] is False and "CPU" in auto[1]
+    if (
+        importlib.util.find_spec("unsloth") is None
+    ):  # as here: on a GPU, the refusal names the extra's command
+        with pytest.raises(ModelError, match=r"not installed.*'unsloth' extra.*pip install.*\[unsloth\]"):
+            base_model._unsloth_decision("require", "cuda:0", "nf4")
+        auto = base_model._unsloth_decision("auto", "cuda:0", "nf4")
+        assert auto[0] is False and "not installed" in auto[1]
 
 
 def test_load_for_inference_and_tokenizer(tiny_dir, tmp_path):

@@ -8,6 +8,7 @@ The real engine worker runs in ``test_server_e2e.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -361,6 +362,10 @@ async def test_bad_arguments_answer_actionable_errors_and_keep_the_store(
             cases.append(("start_finetune", {"dataset_path": str(bad)}, "bad.jsonl:2"))
         except ImportError:
             pass
+        if importlib.util.find_spec("unsloth") is None:  # the extra is not installed here
+            cases.append(
+                ("start_finetune", {"dataset_path": str(dataset), "backend": "unsloth"}, "'unsloth' extra")
+            )
         for tool, args, expected in cases:
             text = error_text(await client.call_tool(tool, args))
             assert expected in text, (tool, args, text)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.adapters import is_adapter_folder
+from engine.extras import install_command, missing_modules
 from engine.files import PathError, checked_path, quoted
 from engine.memory import StorageDtype, storage_dtype
 from engine.models import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
@@ -61,24 +62,24 @@ def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bo
     """Whether to load through Unsloth, and why (raises for 'require' when it cannot be used)."""
     if mode == "never":
         return False, "train.backend is 'native'"
-    problem = None
+    problem, fix = None, "Set train.backend to 'auto' or 'native'"
     if not device.startswith("cuda"):
         problem = "Unsloth needs a CUDA GPU and the device is the CPU"
     elif storage == "fp32":
         problem = "Unsloth trains in 4-bit or 16-bit, and fp32 (quantization 'none') was asked for"
+    elif missing_modules("unsloth"):
+        problem = "Unsloth is not installed in this Python"
+        fix = f"Install the 'unsloth' extra ({install_command(['unsloth'])}), or set train.backend to 'auto' or 'native'"
     else:
         try:
             import unsloth  # noqa: F401  (import for its patches, as Unsloth asks)
-        except Exception as exc:  # ImportError, or its own checks failing (no GPU, versions)
+        except Exception as exc:  # its own checks failing (no GPU, versions)
             problem = f"Unsloth is not usable here ({type(exc).__name__}: {str(exc).strip()[:200] or 'import failed'})"
     if problem is None:
         asked = "unsloth" if mode == "require" else "auto"
         return True, f"train.backend is '{asked}' and Unsloth imported on a CUDA GPU"
     if mode == "require":
-        raise ModelError(
-            f"train.backend is 'unsloth' but {problem}. Install it (pip install "
-            "unsloth) on a machine with an NVIDIA GPU, or set train.backend to 'auto' or 'native'."
-        )
+        raise ModelError(f"train.backend is 'unsloth' but {problem}. {fix}.")
     return False, f"{problem}: using transformers"
 
 
