@@ -23,7 +23,7 @@ Usage (GPU machine):
   python benchmarks/train_speed.py --baseline ... --arch qwen2.5-0.5b
   python benchmarks/train_speed.py --arch qwen2.5-7b --grad-accum 2 --gpus 0,1 --fsdp   # DDP, FSDP vs 1 card
   python benchmarks/train_speed.py --arch qwen2.5-7b --grad-accum 2 --gpus 0,1 --skip-ddp --fsdp \
-      --quantization 16bit --batch 2 --memory-fraction 0.114   # FSDP within a 16 GiB cap per card
+      --quantization 16bit --memory-fraction 0.114   # FSDP within a 16 GiB cap per card
 CPU smoke test (tiny shapes, seconds; --gpus 0,1 on a CPU runs two gloo ranks):
   python benchmarks/train_speed.py --arch qwen2.5-0.5b --tiny --seq-len 64 --batch 2 --steps 2 --warmup 1
 """
