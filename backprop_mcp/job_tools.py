@@ -76,6 +76,7 @@ def register_job_tools(
         gpus: Annotated[
             list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(FinetuneSpec, "gpus")
         ] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(FinetuneSpec, "parallel")] = "auto",
         eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
         skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
         packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
@@ -115,6 +116,7 @@ def register_job_tools(
                 "device": device,
                 "gpu_index": gpu_index,
                 "gpus": gpus,
+                "parallel": parallel,
                 "dataset": dataset,
                 "lora": {"rank": lora_rank, "alpha": lora_alpha},
                 "train": train,
@@ -148,6 +150,10 @@ def register_job_tools(
         lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
         quantization: Annotated[Quantization, setting(SeriesSpec, "quantization")] = "auto",
         device: Annotated[DeviceChoice, setting(SeriesSpec, "device")] = "auto",
+        gpus: Annotated[
+            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(SeriesSpec, "gpus")
+        ] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(SeriesSpec, "parallel")] = "auto",
         learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
         max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
         skip_bad_rows: bool = False,
@@ -166,6 +172,8 @@ def register_job_tools(
                 "model": model_name,
                 "quantization": quantization,
                 "device": device,
+                "gpus": gpus,
+                "parallel": parallel,
                 "datasets": datasets,
                 "num_runs": num_runs,
                 "steps_per_run": steps_per_run,

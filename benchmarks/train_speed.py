@@ -10,12 +10,21 @@ For each architecture asked for, this script
   3. runs the engine exactly as a job runs (``python -m engine run <job_dir>``: from_pretrained with
      NF4, LoRA r=16 on all linear layers, the engine's loop, loss, packing and speed-ups), and reads
      tokens/s (non-padding tokens, timed steps only) and peak GPU memory from its events;
-  4. prints one table with the ratios to the plain baseline.
+  4. prints one table with the ratios to the plain baseline;
+  5. with ``--gpus 0,1``: the same engine run (same global batch, same data) on those cards with DDP
+     and (``--fsdp``) FSDP, tokens/s against the one-card run and peak memory per card;
+     ``--memory-fraction F`` caps the several-card runs at F of each card's memory
+     (``torch.cuda.set_per_process_memory_fraction``, through BACKPROP_CUDA_MEMORY_FRACTION) while the
+     one-card run is measured uncapped: a configuration whose one-card peak is above the cap trains
+     with FSDP within it.
 
 Usage (GPU machine):
   python benchmarks/train_speed.py --baseline .device/qlora_baseline.py --arch qwen2.5-7b --variable
   python benchmarks/train_speed.py --baseline ... --arch qwen2.5-0.5b
-CPU smoke test (tiny shapes, seconds):
+  python benchmarks/train_speed.py --arch qwen2.5-7b --grad-accum 2 --gpus 0,1 --fsdp   # DDP, FSDP vs 1 card
+  python benchmarks/train_speed.py --arch qwen2.5-7b --grad-accum 2 --gpus 0,1 --skip-ddp --fsdp \
+      --quantization 16bit --memory-fraction 0.114   # FSDP within a 16 GiB cap per card
+CPU smoke test (tiny shapes, seconds; --gpus 0,1 on a CPU runs two gloo ranks):
   python benchmarks/train_speed.py --arch qwen2.5-0.5b --tiny --seq-len 64 --batch 2 --steps 2 --warmup 1
 """
 
@@ -153,27 +162,34 @@ def run_engine(
     packing: bool,
     label: str,
     extra: dict | None = None,
+    gpus: list[int] | None = None,
+    parallel: str = "auto",
 ) -> dict:
     from engine.events import read_events
     from engine.jobs import create_job
     from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
 
     train = dict(
-        steps=args.warmup + args.steps, micro_batch_size=args.batch, gradient_accumulation=1,
+        steps=args.warmup + args.steps, micro_batch_size=args.batch, gradient_accumulation=args.grad_accum,
         max_seq_length=args.seq_len, packing=packing, learning_rate=1e-4, warmup_steps=0,
         lr_scheduler="constant", seed=0,
     )  # fmt: skip
     train.update(extra or {})
     spec = FinetuneSpec(
-        model=str(model_dir), quantization="4bit", lora=LoraSettings(rank=16, alpha=32),
-        train=TrainSettings(**train), dataset=DatasetSettings(path=str(data)),
+        model=str(model_dir), quantization=args.quantization, lora=LoraSettings(rank=16, alpha=32),
+        train=TrainSettings(**train), dataset=DatasetSettings(path=str(data)), gpus=gpus, parallel=parallel,
     )  # fmt: skip
+    env = dict(os.environ)
+    if (
+        args.memory_fraction and gpus
+    ):  # the one-card run is measured uncapped: its peak is what one card needs
+        env["BACKPROP_CUDA_MEMORY_FRACTION"] = str(args.memory_fraction)
     job_dir = create_job(spec, root=Path(args.workdir))
     log(f"engine [{label}]: python -m engine run {job_dir}")
     t0 = time.perf_counter()
     with open(job_dir / "worker.log", "wb") as err:
         rc = subprocess.run(
-            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
+            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT, env=env
         ).returncode
     wall = time.perf_counter() - t0
     events, _ = read_events(job_dir / "events.jsonl")
@@ -200,6 +216,9 @@ def run_engine(
         losses=[round(p["loss"], 4) for p in progress],
         speedups=[e.details.get("speedups") for e in events if e.type == "log" and e.details.get("speedups")],
         backend=result.metrics.get("backend"),
+        devices=result.metrics.get("devices", 1),
+        parallel=result.metrics.get("parallel"),
+        peak_mem_gib_per_card=result.metrics.get("peak_gpu_memory_gib_per_device"),
     )
     return rec
 
@@ -214,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--liger-baseline", action="store_true", help="also run the baseline with Liger kernels")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument(
+        "--quantization", choices=["4bit", "16bit"], default="4bit", help="the engine's base weights"
+    )
+    p.add_argument("--gpus", type=str, default="", help="also run on these cards, e.g. 0,1 (DDP)")
+    p.add_argument("--skip-ddp", action="store_true", help="with --gpus: no DDP run")
+    p.add_argument("--fsdp", action="store_true", help="with --gpus: also an FSDP run")
+    p.add_argument(
+        "--memory-fraction", type=float, default=None, help="cap the several-card runs' cards at this share"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variable", action="store_true", help="also train on log-normal lengths with packing")
@@ -261,11 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         args.arch, args.tiny, Path(args.workdir) / f"model-{args.arch}{'-tiny' if args.tiny else ''}"
     )
     vocab = ARCHS[args.arch]["vocab_size"]
-    rows = args.batch * (args.steps + args.warmup)
+    rows = args.batch * args.grad_accum * (args.steps + args.warmup)
     fixed = Path(args.workdir) / "fixed.jsonl"
     info = write_tokens(fixed, vocab, rows, args.seq_len, variable=False)
     if not args.skip_fixed:
         add(run_engine(model_dir, fixed, args, packing=False, label=f"fixed {args.seq_len}") | {"data": info})
+    gpus = [int(x) for x in args.gpus.split(",") if x]
+    for parallel in [m for m, on in (("ddp", not args.skip_ddp), ("fsdp", args.fsdp)) if on and gpus]:
+        label = f"fixed {args.seq_len} {len(gpus)} GPUs {parallel}"
+        add(
+            run_engine(model_dir, fixed, args, packing=False, label=label, gpus=gpus, parallel=parallel)
+            | {"data": info}
+        )
     for b in [int(x) for x in args.batches.split(",") if x]:
         data_b = Path(args.workdir) / f"fixed-b{b}.jsonl"
         info_b = write_tokens(data_b, vocab, b * (args.steps + args.warmup), args.seq_len, variable=False)
@@ -328,6 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         sx = f"{tps / base['tokens_per_s']:.2f}" if base and tps else "-"
         mx = f"{mem / base['peak_mem_gib']:.2f}" if base and mem and base.get("peak_mem_gib") else "-"
         print(f"{name:<34} {tps or r.get('error', '-')!s:>10.10} {mem or '-'!s:>9.9} {sx:>8} {mx:>7}")
+    one = next((r for r in records if r.get("devices") == 1 and r.get("tokens_per_s")), None)
+    for r in (r for r in records if (r.get("devices") or 1) > 1):
+        speed = (
+            f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x one card's tokens/s"
+            if one and r.get("tokens_per_s")
+            else "-"
+        )
+        print(
+            f"{r['variant']}: {speed}; peak GiB per card {r.get('peak_mem_gib_per_card') or r.get('error', '-')}"
+        )
     return 0
 
 

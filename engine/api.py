@@ -97,6 +97,7 @@ class Trainer:
         lora_alpha: float | None = None,
         device: str = "auto",
         gpus: list[int] | str | None = None,
+        parallel: str = "auto",
         workdir: str | Path | None = None,
         verbose: bool = True,
     ):
@@ -104,7 +105,8 @@ class Trainer:
         self.quantization = quantization
         self.lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
         self.device = device
-        self.gpus = gpus  # several GPUs (DDP) for train(); a multi_run uses one device
+        self.gpus = gpus  # several GPUs: DDP, or FSDP for a model no card holds (parallel)
+        self.parallel = parallel
         self.workdir = Path(workdir) if workdir else None
         self.verbose = verbose
         self.last: TrainResult | None = None
@@ -140,6 +142,7 @@ class Trainer:
             quantization=self.quantization,  # type: ignore[arg-type]
             device=self.device,  # type: ignore[arg-type]
             gpus=self.gpus,  # type: ignore[arg-type]
+            parallel=self.parallel,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
             dataset=DatasetSettings(
@@ -170,6 +173,8 @@ class Trainer:
             model=self.model,
             quantization=self.quantization,  # type: ignore[arg-type]
             device=self.device,  # type: ignore[arg-type]
+            gpus=self.gpus,  # type: ignore[arg-type]
+            parallel=self.parallel,  # type: ignore[arg-type]
             lora=self.lora,
             train=self._train_settings(settings),
             datasets=[DatasetSettings(path=local_or_name(p)) for p in paths],

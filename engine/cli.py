@@ -24,6 +24,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quantization", default="auto", choices=["auto", "4bit", "16bit", "none"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--gpus",
+        type=_gpus,
+        default=None,
+        help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
+    )
+    p.add_argument(
+        "--parallel",
+        default="auto",
+        choices=["auto", "ddp", "fsdp"],
+        help="with several GPUs: ddp (whole model per card), fsdp (weights sharded), auto (fsdp if it fits no card)",
+    )
     p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=16, help="LoRA rank")
     p.add_argument(
         "--alpha", "--lora-alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2*rank)"
@@ -76,6 +88,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
     )
     _add_json(p)
+
+
+def _gpus(text: str) -> list[int] | str:
+    """``--gpus 0,1`` or ``--gpus all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of GPU indices: give card indices separated by commas, e.g. --gpus 0,1 "
+            "(backprop gpu lists the cards), or --gpus all"
+        ) from None
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -333,6 +358,8 @@ def _spec(args: argparse.Namespace) -> Any:
             model=args.model,
             quantization=args.quantization,
             device=args.device,
+            gpus=args.gpus,
+            parallel=args.parallel,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
             dataset=S.DatasetSettings(
@@ -346,6 +373,8 @@ def _spec(args: argparse.Namespace) -> Any:
             model=args.model,
             quantization=args.quantization,
             device=args.device,
+            gpus=args.gpus,
+            parallel=args.parallel,
             lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
             train=S.TrainSettings(**_train_settings(args)),
             datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],

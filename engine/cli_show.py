@@ -32,8 +32,10 @@ SETTINGS = (
     "lora_rank",
     "lora_alpha",
     "quantization",
+    "gpus",
+    "parallel",
 )
-_SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?([\w.]+)'?|\s+'(\w+)')?")
+_SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 
 
 def for_cli(message: str) -> str:
@@ -92,9 +94,19 @@ def gpu_text(report: Any) -> str:
             ]
             lines.append(c.free_text() + "".join(f", {e}" for e in extras if e))
         lines.append("")
-        lines.append(
-            f"Presets on GPU {report.gpus[0].index} (QLoRA 4-bit, LoRA rank 16, 2048-token sequences):"
+        several = len(report.gpus) > 1
+        where = (
+            f"GPUs {', '.join(str(c.index) for c in report.gpus)}"
+            if several
+            else f"GPU {report.gpus[0].index}"
         )
+        lines.append(f"Presets on {where} (QLoRA 4-bit, LoRA rank 16, 2048-token sequences):")
+
+        def on(p: Any) -> str:
+            if p.fsdp_memory_per_card_gib is not None:
+                return f"all, FSDP ({p.fsdp_memory_per_card_gib:.1f} GiB each)"
+            return ",".join(str(i) for i in p.cards) or "-"
+
         rows = [
             [
                 p.preset,
@@ -102,11 +114,21 @@ def gpu_text(report: Any) -> str:
                 "yes" if p.fits else "no",
                 p.micro_batch_size or "-",
                 f"{p.estimated_memory_gib:.1f} GiB" if p.estimated_memory_gib is not None else "-",
+                *([on(p)] if several else []),
                 "gated on the hub" if "gated" in (p.note or "") else "",
             ]
             for p in report.presets
         ]
-        lines.append(table(["preset", "model", "fits", "micro-batch", "memory at batch 1", "note"], rows))
+        head = [
+            "preset",
+            "model",
+            "fits",
+            "micro-batch",
+            "memory at batch 1",
+            *(["cards"] if several else []),
+            "note",
+        ]
+        lines.append(table(head, rows))
     else:
         lines.append(f"No usable NVIDIA GPU: {report.reason or 'none found'}.")
         lines.append(

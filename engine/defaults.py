@@ -133,6 +133,7 @@ def resolve_training(
     chunked_loss: bool = True,
     bf16_supported: bool = True,
     context_in_use: bool = False,
+    shards: int = 1,
 ) -> ResolvedTraining:
     """Fill every ``None`` of ``train``; keep what the user gave. Raises DoesNotFitError.
 
@@ -153,6 +154,7 @@ def resolve_training(
         "lora_targets": lora_targets,
         "device": device,
         "bf16_supported": bf16_supported,
+        "shards": shards,  # > 1: FSDP splits the base weights over that many cards
     }
 
     # --- sequence length: cover the data, not the model's whole context ---

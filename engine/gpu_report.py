@@ -15,8 +15,18 @@ class PresetFit(BaseModel):
     preset: str
     model: str
     fits: bool
-    micro_batch_size: int | None = Field(None, description="the largest micro-batch (up to 16) that fits")
+    micro_batch_size: int | None = Field(
+        None,
+        description="the largest micro-batch (up to 16) that fits, on the card with the most free memory",
+    )
     estimated_memory_gib: float | None = Field(None, description="GPU memory needed at micro-batch 1")
+    cards: list[int] = Field(
+        default_factory=list, description="the cards that hold it whole (a DDP job may use any of them)"
+    )
+    fsdp_memory_per_card_gib: float | None = Field(
+        None,
+        description="when no card holds it whole: memory per card with its weights sharded over all (FSDP)",
+    )
     note: str | None = None
 
 
@@ -29,7 +39,7 @@ class GpuReport(BaseModel):
     ram_total_gib: float | None = None
     ram_available_gib: float | None = None
     presets: list[PresetFit] = Field(
-        default_factory=list, description="which model presets fit, per GPU 0 or CPU"
+        default_factory=list, description="which model presets fit, on which cards, or on the CPU"
     )
     summary: str
 

@@ -219,11 +219,14 @@ def estimate_memory(
     lora_targets: list[str] | str = "all-linear",
     device: str = "cuda",
     bf16_supported: bool = True,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of one training step (micro_batch sequences of seq_len tokens), in GiB.
 
     Packed and padded batches cost the same here: the estimate is for full rows of ``seq_len``
-    tokens, the worst case of either.
+    tokens, the worst case of either. ``shards`` > 1: the decoder layers' weights are sharded over
+    that many cards (FSDP, engine.training.distributed); each card holds its share plus about two
+    whole layers (the one computing and the one being gathered); embeddings, head and LoRA stay whole.
     """
     if micro_batch < 1 or seq_len < 1 or lora_rank < 1:
         raise ValueError("micro_batch, seq_len and lora_rank must be at least 1")
@@ -235,10 +238,11 @@ def estimate_memory(
     other_bytes = 4 if dtype == "fp32" or (dtype == "nf4" and not on_gpu) else 2
 
     non_linear = shape.params - shape.layer_linear_params
-    if dtype == "nf4":
-        weights = shape.layer_linear_params * NF4_BYTES_PER_WEIGHT + non_linear * other_bytes
-    else:
-        weights = shape.params * {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    per_weight = {"nf4": NF4_BYTES_PER_WEIGHT, "bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    layer_weights = shape.layer_linear_params * per_weight
+    if shards > 1:
+        layer_weights = layer_weights / shards + min(2 / shape.num_layers, 1 - 1 / shards) * layer_weights
+    weights = layer_weights + non_linear * (other_bytes if dtype == "nf4" else per_weight)
 
     lora = shape.lora_params(lora_rank, lora_targets) * LORA_BYTES_PER_PARAM
 

@@ -69,6 +69,8 @@ def spell(setting: str, value: Any, caller: Caller) -> str:
     """How ``caller``'s user sets ``setting`` to ``value``."""
     if caller == "cli":
         flag = "--" + setting.replace("_", "-")
+        if isinstance(value, str) and value.startswith("["):  # a list, as a message quotes it
+            value = value.strip("[]").replace(" ", "")
         return flag if value is True else f"{flag} {value}"
     if isinstance(value, bool):
         return f"{setting}={'true' if caller == 'tool' else str(value)}"
@@ -119,49 +121,76 @@ def _file_size(path: str) -> int:
 
 
 def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
-    """Refuse a model that cannot fit on the chosen GPU even at micro-batch 1 and the shortest rows.
+    """Refuse a model that cannot fit on the chosen GPU(s) even at micro-batch 1 and the shortest rows.
 
     Only with a GPU and a known architecture (preset or local folder); a hub model's shape needs a
     download, so the worker checks it. The sequence length the defaults will pick depends on the
     data's token lengths, which need the tokenizer: here the given ``max_seq_length`` is used, or
     the shortest the defaults can choose, so this never refuses a job the worker would accept.
+    A job on several cards is checked on each, with its weights sharded when it uses FSDP.
     """
     if spec.device == "cpu":
         return []
-    from engine.defaults import MIN_SEQ_LENGTH
     from engine.hardware import probe_gpus
-    from engine.memory import estimate_memory, largest_micro_batch
 
     probe = probe_gpus()
     if not probe.available:
         return ["no GPU found: training runs on the CPU (fine for the 'tiny' preset and very small models)"]
-    card = next((g for g in probe.gpus if g.index == spec.gpu_index), None)
-    if card is None:
+    have = [g.index for g in probe.gpus]
+    several = spec.gpus == "all" or len(spec.gpus or []) > 1
+    wanted = (have if spec.gpus == "all" else list(spec.gpus or [])) if several else [spec.gpu_index]
+    if missing := sorted(set(wanted) - set(have)):
+        option = f"gpus={spec.gpus}" if several else f"gpu_index={spec.gpu_index}"
+        also = " (or say 'all')" if several else ""
         raise PreflightError(
-            f"gpu_index={spec.gpu_index} but this machine has GPU(s) {[g.index for g in probe.gpus]}; "
-            "pick one of them (inspect_gpu / backprop gpu lists them)."
+            f"{option} names GPU(s) {missing} but this machine has {have}: use only those{also}; "
+            "inspect_gpu / backprop gpu lists them."
         )
-    missing = sorted(set(spec.gpus) - {g.index for g in probe.gpus}) if isinstance(spec.gpus, list) else []
-    if missing:
-        raise PreflightError(
-            f"gpus={spec.gpus} names GPU(s) {missing} but this machine has {[g.index for g in probe.gpus]}; "
-            "list only those (or say 'all'; inspect_gpu / backprop gpu lists them)."
-        )
+    cards = [g for g in probe.gpus if g.index in wanted]
     shape = known_shape(spec.model)
     if shape is None:
         return ["memory fit is checked by the worker once the model's configuration is downloaded"]
-    quant = "4bit" if spec.quantization == "auto" else spec.quantization
-    seq = spec.train.max_seq_length or MIN_SEQ_LENGTH
-    free = card.memory_free_mb / 1024
-    kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
-    if largest_micro_batch(shape, quant, spec.lora.rank, seq, free, limit=1, **kwargs) == 0:
-        need = estimate_memory(shape, quant, spec.lora.rank, 1, seq, **kwargs).total_gib
-        raise PreflightError(
-            f"{spec.model} does not fit on GPU {card.index} ({card.name}): LoRA training with {quant} weights "
-            f"and {seq}-token sequences needs about {need:.1f} GiB and {free:.1f} GiB is free. Use 4-bit "
-            "quantization, a shorter max_seq_length, a smaller LoRA rank or a smaller model, or free the GPU."
-        )
+    shards = len(cards) if len(cards) > 1 and uses_fsdp(spec, cards, shape) else 1
+    for card in cards:
+        fits, need, seq = card_fit(spec, shape, card, shards)
+        if not fits:
+            how = f" with its weights sharded over {shards} cards (FSDP)" if shards > 1 else ""
+            other = " or parallel='fsdp'" if len(cards) > 1 and shards == 1 else ""
+            raise PreflightError(
+                f"{spec.model} does not fit on GPU {card.index} ({card.name}){how}: LoRA training with "
+                f"{card_quantization(spec)} weights and {seq}-token sequences needs about {need:.1f} GiB and "
+                f"{card.memory_free_mb / 1024:.1f} GiB is free. Use 4-bit quantization{other}, a shorter "
+                "max_seq_length, a smaller LoRA rank or a smaller model, or free the GPU."
+            )
+    if shards > 1 and spec.parallel == "auto":
+        return [f"{spec.model} fits no single card: its base weights are sharded over {shards} cards (FSDP)"]
     return []
+
+
+def card_quantization(spec: FinetuneSpec | SeriesSpec) -> str:
+    return "4bit" if spec.quantization == "auto" else spec.quantization
+
+
+def card_fit(
+    spec: FinetuneSpec | SeriesSpec, shape: Any, card: Any, shards: int = 1
+) -> tuple[bool, float, int]:
+    """Whether ``spec`` trains on ``card`` at micro-batch 1 (weights over ``shards`` cards); GiB needed; seq."""
+    from engine.defaults import MIN_SEQ_LENGTH
+    from engine.memory import estimate_memory, largest_micro_batch
+
+    quant, seq = card_quantization(spec), spec.train.max_seq_length or MIN_SEQ_LENGTH
+    kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported, "shards": shards}
+    free = card.memory_free_mb / 1024
+    fits = largest_micro_batch(shape, quant, spec.lora.rank, seq, free, limit=1, **kwargs) > 0
+    return fits, estimate_memory(shape, quant, spec.lora.rank, 1, seq, **kwargs).total_gib, seq
+
+
+def uses_fsdp(spec: FinetuneSpec | SeriesSpec, cards: list[Any], shape: Any) -> bool:
+    """A job on several cards shards its base weights (FSDP) when it says parallel 'fsdp', or 'auto'
+    and the model fits none of its cards whole (``cards``: their GpuInfo; none on the CPU)."""
+    if spec.parallel != "auto":
+        return spec.parallel == "fsdp"
+    return bool(cards) and shape is not None and not all(card_fit(spec, shape, c)[0] for c in cards)
 
 
 def known_shape(model: str) -> Any:
@@ -196,36 +225,60 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
 
 
 def preset_fits(probe: Any, seq_length: int = 2048, rank: int = 16) -> list[PresetFit]:
-    """Which presets train on GPU 0 (QLoRA 4-bit) and with what micro-batch, or on the CPU."""
+    """Which presets train (QLoRA 4-bit), on which cards and with what micro-batch, or on the CPU.
+
+    With several cards, a preset that no card holds whole is tried with its weights sharded over all
+    of them (FSDP), each card holding its share.
+    """
     from engine.gpu_report import PresetFit
-    from engine.memory import estimate_memory, largest_micro_batch
+    from engine.memory import estimate_memory, fits, largest_micro_batch
     from engine.models import PRESETS
 
-    card = probe.gpus[0] if probe.available and probe.gpus else None
-    fits = []
+    cards = list(probe.gpus) if probe.available else []
+    out = []
     for preset in PRESETS.values():
         model = preset.hf_id or "built offline"
-        if card is None:
+        if not cards:
             small = preset.hf_id is None or preset.params_b <= 0.6
             note = ("trains on the CPU" + (" (slowly)" if preset.hf_id else "")) if small else "needs a GPU"
-            fits.append(PresetFit(preset=preset.name, model=model, fits=small, note=note))
+            out.append(PresetFit(preset=preset.name, model=model, fits=small, note=note))
             continue
         seq = min(seq_length, preset.shape.max_context)
-        kwargs: dict[str, Any] = {"device": "cuda", "bf16_supported": card.bf16_supported}
-        free = card.memory_free_mb / 1024
-        micro = largest_micro_batch(preset.shape, "4bit", rank, seq, free, limit=16, **kwargs)
-        need = estimate_memory(preset.shape, "4bit", rank, 1, seq, **kwargs).total_gib
+
+        micro = {
+            c.index: largest_micro_batch(
+                preset.shape, "4bit", rank, seq, c.memory_free_mb / 1024, limit=16, **_on(c)
+            )
+            for c in cards
+        }
+        best = max(cards, key=lambda c: c.memory_free_mb)
+        need = estimate_memory(preset.shape, "4bit", rank, 1, seq, **_on(best)).total_gib
+        whole = [i for i, m in micro.items() if m > 0]
+        sharded = None
+        if not whole and len(cards) > 1:
+            per_card = [
+                estimate_memory(preset.shape, "4bit", rank, 1, seq, **_on(c, len(cards))) for c in cards
+            ]
+            if all(fits(e, c.memory_free_mb / 1024, False) for e, c in zip(per_card, cards, strict=True)):
+                sharded = round(max(e.total_gib for e in per_card), 2)
         note = f"QLoRA 4-bit, rank {rank}, {seq}-token sequences" + (
             ", gated: accept the licence on the hub first" if preset.gated else ""
         )
-        fits.append(
+        out.append(
             PresetFit(
                 preset=preset.name,
                 model=model,
-                fits=micro > 0,
-                micro_batch_size=micro or None,
+                fits=bool(whole) or sharded is not None,
+                micro_batch_size=micro[best.index] or None,
                 estimated_memory_gib=round(need, 2),
+                cards=whole,
+                fsdp_memory_per_card_gib=sharded,
                 note=note,
             )
         )
-    return fits
+    return out
+
+
+def _on(card: Any, shards: int = 1) -> dict[str, Any]:
+    """The memory estimate's keywords for ``card`` (weights sharded over ``shards`` cards)."""
+    return {"device": "cuda", "bf16_supported": card.bf16_supported, "shards": shards}

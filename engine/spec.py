@@ -104,9 +104,14 @@ class _ModelJob(_Strict):
     gpu_index: int = Field(0, ge=0)
     gpus: list[Annotated[int, Field(ge=0)]] | Literal["all"] | None = Field(
         None,
-        description="train on several GPUs at once (DDP, one rank per card, through torchrun): card "
+        description="train on several GPUs at once (one rank per card, through torchrun; see parallel): card "
         "indices or 'all'; default: the one device of gpu_index. With device 'cpu' the list's length "
         "is the number of CPU ranks (gloo)",
+    )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="with several gpus: ddp (a whole model on each card: fastest), fsdp (the base weights "
+        "sharded over the cards: for a model no single card holds), auto: fsdp when it fits no card",
     )
     trust_remote_code: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -118,14 +123,18 @@ class _ModelJob(_Strict):
         # gpus sits beside device and gpu_index (not in train): it picks the hardware, as they do
         if isinstance(self.gpus, list):
             if not self.gpus or len(set(self.gpus)) != len(self.gpus):
-                raise ValueError(f"gpus={self.gpus} must list each card once, e.g. [0, 1] (or say 'all')")
+                raise ValueError(
+                    f"gpus={self.gpus} must list each card once, e.g. gpus=[0, 1] (or gpus='all')"
+                )
             if self.gpu_index not in (0, *self.gpus[:1]) or (self.gpu_index and len(self.gpus) > 1):
                 raise ValueError("give either gpu_index (one card) or gpus (several), not both")
             if len(self.gpus) == 1:  # one card is the one-device path: gpu_index names it
                 self.gpu_index = self.gpus[0]
+        if self.parallel == "fsdp" and self.gpus != "all" and len(self.gpus or []) < 2:
+            raise ValueError("parallel='fsdp' shards the model over several cards: give gpus=[0, 1] or 'all'")
         if self.train.backend == "unsloth" and (self.gpus == "all" or len(self.gpus or []) > 1):
             raise ValueError(
-                "backend 'unsloth' trains on one GPU (its open-source version); with several gpus "
+                "backend 'unsloth' trains on one GPU (its open-source version); on several cards "
                 "use backend 'native' or 'auto'"
             )
         return self
@@ -165,10 +174,6 @@ class SeriesSpec(_ModelJob):
             raise ValueError(
                 f"num_runs={self.num_runs} but {len(self.datasets)} datasets were given; "
                 "with several datasets there is one run per dataset, so leave num_runs out"
-            )
-        if self.gpus == "all" or (isinstance(self.gpus, list) and len(self.gpus) > 1):
-            raise ValueError(
-                "a SLAO series trains on one device for now: leave gpus out (or give one card, gpu_index)"
             )
         if len(self.datasets) == 1 and self.num_runs is None:
             raise ValueError("a series over one dataset needs num_runs (how many slices to train in turn)")

@@ -225,3 +225,26 @@ def test_gpu_table_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     }
     assert rows["qwen2.5-7b"][2] == "yes" and rows["qwen2.5-7b"][3] == "16"  # fits, largest micro-batch
     assert "GiB" in rows["qwen2.5-7b"]
+
+
+def test_gpus_flag_picks_the_cards_and_refuses_what_is_not_a_card_list(home: Path) -> None:
+    from engine.cli import _spec, build_parser
+
+    def spec(*flags: str) -> object:
+        return _spec(build_parser().parse_args(["train", "--data", str(CHAT), *flags]))
+
+    assert spec("--gpus", "0,1").gpus == [0, 1]  # type: ignore[attr-defined]
+    assert spec("--gpus", "ALL").gpus == "all"  # type: ignore[attr-defined]
+    assert spec("--gpus", "0,1", "--parallel", "fsdp").parallel == "fsdp"  # type: ignore[attr-defined]
+    one = spec("--gpus", "1")
+    assert one.gpus == [1] and one.gpu_index == 1  # type: ignore[attr-defined]
+    series = build_parser().parse_args(["multi-run", "--data", str(CHAT), "--num-runs", "2", "--gpus", "2"])
+    assert _spec(series).gpu_index == 2
+
+    before = job_dirs(home)
+    bad = backprop(home, "train", "--data", str(CHAT), "--gpus", "0 and 1")
+    assert bad.returncode == 2 and "--gpus 0,1" in bad.stderr and "separated by commas" in bad.stderr
+    twice = backprop(home, "train", "--data", str(CHAT), "--gpus", "0,0")
+    assert twice.returncode == 2
+    assert "--gpus 0,0 must list each card once, e.g. --gpus 0,1 (or --gpus all)" in twice.stderr
+    assert job_dirs(home) == before  # refused before any job folder exists

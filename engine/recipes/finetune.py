@@ -36,9 +36,9 @@ def run_finetune(
     model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events)
 
     writer = (rank := active_rank()) is None or rank.is_writer  # of several ranks, rank 0 alone writes
-    evaluator = (
+    evaluator = (  # under FSDP every forward is a collective: every rank evaluates (rank 0 reports)
         held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
-        if writer
+        if writer or rank.sharded
         else None
     )
     events.stage("training", total_steps=resolved.steps)

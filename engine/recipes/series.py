@@ -42,6 +42,7 @@ from engine.files import atomic_write_json, write_dir_atomically
 from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
+from engine.training.distributed import active_rank
 from engine.training.evaluation import HeldoutSet, score, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import RunPosition, train_adapter
@@ -180,11 +181,25 @@ def _load_datasets(spec: SeriesSpec, events: EventWriter) -> list[tuple[str, lis
     return [(settings.path, load_dataset_logged(settings, events)) for settings in spec.datasets]
 
 
+def _drop_old_runs(spec: SeriesSpec, job_dir: Path, run: int) -> None:
+    """After run ``run`` is committed: earlier merged adapters, fine-tuned ones no merge reads, checkpoints."""
+    series_dir = job_dir / SERIES_DIR
+    for k in range(1, run):
+        shutil.rmtree(series_dir / "merged" / f"run-{k:03d}", ignore_errors=True)
+        if spec.merge_mode in ("slao", "sequential"):  # only the last fine-tuned adapter is needed
+            shutil.rmtree(series_dir / "finetuned" / f"run-{k:03d}", ignore_errors=True)
+    shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
+
+
 def run_series(
     spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
 ) -> JobResult:
     """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
     job_dir = Path(job_dir)
+    # On several ranks every rank runs the whole series (training through the same ranks, the same
+    # merges, the same evaluation: under FSDP each forward is a collective); rank 0 alone writes.
+    writer = (rank := active_rank()) is None or rank.is_writer
+    save = save_adapter if writer else lambda _model, _tokenizer, path: path
     series_dir = job_dir / SERIES_DIR
     state_path = series_dir / STATE_FILE
     device = pick_device(spec.device, spec.gpu_index)
@@ -266,7 +281,7 @@ def run_series(
             finetuned, other = read_factors(model)
 
             events.stage("merge", run=run, runs=n_runs, merge_mode=spec.merge_mode)
-            ft_dir = save_adapter(model, tokenizer, series_dir / "finetuned" / f"run-{run:03d}")
+            ft_dir = save(model, tokenizer, series_dir / "finetuned" / f"run-{run:03d}")
             history = []  # the ΔW merges read every earlier run's fine-tuned adapter back
             if spec.merge_mode in ("linear", "ties", "dare"):
                 history = [
@@ -274,7 +289,7 @@ def run_series(
                 ]
             merged, report = slao.merge_run(spec, run, merged, [*history, finetuned])
             write_factors(model, merged, other)
-            merged_dir = save_adapter(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
+            merged_dir = save(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
 
             events.stage("evaluate", run=run, runs=n_runs)
             scores = [score(model, tokenizer, heldout[i], device) for i in range(run)]
@@ -314,13 +329,9 @@ def run_series(
                 {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
             )
             state.completed_runs = run
-            state.save(state_path)  # the commit point: the run is done
-            for k in range(1, run):
-                shutil.rmtree(series_dir / "merged" / f"run-{k:03d}", ignore_errors=True)
-            if spec.merge_mode in ("slao", "sequential"):  # only the last fine-tuned adapter is needed
-                for k in range(1, run):
-                    shutil.rmtree(series_dir / "finetuned" / f"run-{k:03d}", ignore_errors=True)
-            shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
+            if writer:
+                state.save(state_path)  # the commit point: the run is done
+                _drop_old_runs(spec, job_dir, run)
             events.emit(
                 RunFinished(
                     run=run,
@@ -339,11 +350,12 @@ def run_series(
 
     final = series_dir / "merged" / f"run-{n_runs:03d}"
     adapter = job_dir / ADAPTER_DIR
-    write_dir_atomically(adapter, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True))
-    (adapter / "series.json").write_text(
-        json.dumps({"merge_mode": spec.merge_mode, "runs": n_runs, "base_model": spec.model}, indent=2),
-        encoding="utf-8",
-    )
+    if writer:
+        write_dir_atomically(adapter, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True))
+        (adapter / "series.json").write_text(
+            json.dumps({"merge_mode": spec.merge_mode, "runs": n_runs, "base_model": spec.model}, indent=2),
+            encoding="utf-8",
+        )
     metrics: dict[str, Any] = {
         "runs": n_runs,
         "merge_mode": spec.merge_mode,

@@ -86,8 +86,7 @@ def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bo
 def _count_params(model: Any) -> int:
     total = 0
     for p in model.parameters():
-        # bitsandbytes packs two 4-bit weights per uint8 element.
-        total += p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+        total += p.quant_state.shape.numel() if type(p).__name__ == "Params4bit" else p.numel()
     return total
 
 
@@ -126,7 +125,10 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
             model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
         else:
-            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code)
+            from engine.training.distributed import active_rank
+
+            sharded = (rank := active_rank()) is not None and rank.sharded
+            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code, sharded)
             tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
     info["parameters"] = _count_params(model)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
@@ -138,8 +140,12 @@ def _torch_dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def bnb_nf4_config(compute: str) -> Any:
-    """The QLoRA quantisation: NF4 codes, double quantisation, 16-bit (GPU) or fp32 (CPU) compute."""
+def bnb_nf4_config(compute: str, sharded: bool = False) -> Any:
+    """The QLoRA quantisation: NF4 codes, double quantisation, 16-bit (GPU) or fp32 (CPU) compute.
+
+    ``sharded`` (FSDP-QLoRA): the 4-bit codes are packed into tensors of the compute dtype, like every
+    other weight, so FSDP can slice and gather them (it shards floating-point tensors only).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -150,19 +156,28 @@ def bnb_nf4_config(compute: str) -> Any:
         # transformers already leaves the output embedding (lm_head) unquantised; naming it keeps
         # that true for architectures whose head it does not detect. Embeddings are never Linear.
         llm_int8_skip_modules=["lm_head"],
+        **({"bnb_4bit_quant_storage": _torch_dtype(compute)} if sharded else {}),
     )
 
 
 def _load_transformers(
-    resolved: ResolvedModel, storage: str, compute: str, device: str, trust_remote_code: bool
+    resolved: ResolvedModel,
+    storage: str,
+    compute: str,
+    device: str,
+    trust_remote_code: bool,
+    sharded: bool = False,
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
+    # Sharded (FSDP) 16/32-bit weights load into host memory; sharding moves each rank's share to its
+    # card. 4-bit weights are quantised on the card by bitsandbytes, so they load there whole first.
+    host = sharded and storage != "nf4"
     kwargs: dict[str, Any] = {
         "dtype": _torch_dtype(compute),
         "attn_implementation": "sdpa",
         "trust_remote_code": trust_remote_code,
-        "device_map": {"": device},
+        "device_map": {"": "cpu" if host else device},
     }
     if storage == "nf4":
         try:
@@ -172,7 +187,7 @@ def _load_transformers(
                 f"4-bit loading needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
                 "Install it (pip install bitsandbytes) or use quantization '16bit' or 'none'."
             ) from exc
-        kwargs["quantization_config"] = bnb_nf4_config(compute)
+        kwargs["quantization_config"] = bnb_nf4_config(compute, sharded)
     return AutoModelForCausalLM.from_pretrained(resolved.target, **kwargs)
 
 

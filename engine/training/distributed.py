@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from engine.files import atomic_write_text
 from engine.training.batching import IGNORE
 from engine.training.fast_step import VARLEN_FLAG, loss_sum, prepare_batches
 from engine.training.fused_lora import weights_updated
+from engine.training.loss import _causal_lm
 from engine.training.varlen_attention import varlen_attention
 
 RANKS_DIR = "ranks"  # ranks/rank-K.json: how rank K ended (and rank 0's result)
@@ -71,6 +72,7 @@ class RankContext:
     rank: int
     world: int
     device: str
+    sharded: bool = False  # FSDP: the frozen base weights sharded over the ranks (else DDP)
 
     @property
     def is_writer(self) -> bool:
@@ -90,17 +92,42 @@ class RankContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def smallest(self, value: float) -> float:
+        """The smallest of every rank's ``value`` (a collective): settings sized for the tightest card."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
+
     def wrap(self, model: Any) -> Any:
-        """The model inside DDP, with rank 0's LoRA weights on every rank.
+        """The model inside DDP (or sharded by FSDP), with rank 0's LoRA weights on every rank.
 
         DDP wraps a module whose forward is the step's loss (the loop never calls the model's own
         forward: the loss comes from hidden states in chunks). Only the trainable LoRA tensors are
         broadcast (``init_sync=False``: the frozen base weights come from the same files on every
         rank); every LoRA tensor is used in every forward, so ``find_unused_parameters`` stays off.
+
+        FSDP (``sharded``, torch's FSDP2 ``fully_shard``, in place): each decoder layer and the
+        decoder itself shard their frozen weights over the ranks (NF4 stored as the compute dtype,
+        engine.training.base_model, so it can be sliced); a layer is gathered for its forward and
+        backward. The LoRA tensors stay whole on every rank (``ignored_params``), so the optimizer,
+        checkpoints and the saved adapter are the one-device ones; their gradients are averaged in
+        ``run_step``, as DDP would. The output head stays whole too (it may be tied to the input
+        embedding). Every call of the decoder is a collective: every rank evaluates.
         """
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
+        lora = [p for p in model.parameters() if p.requires_grad]
+        for p in lora:
+            dist.broadcast(p.data, src=0)
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            decoder = _causal_lm(model).model
+            if not isinstance(decoder, FSDPModule):  # a series' later runs train the same sharded model
+                mesh = init_device_mesh(self.device.split(":")[0], (self.world,))
+                for module in [*decoder.layers, decoder]:
+                    fully_shard(module, mesh=mesh, ignored_params=set(lora))  # moves its shards to the card
+                model.to(self.device)  # what FSDP leaves alone (LoRA, head), from host memory
+            return _StepLoss(model)
         return torch.nn.parallel.DistributedDataParallel(
             _StepLoss(model), broadcast_buffers=False, init_sync=False, find_unused_parameters=False
         )
@@ -119,9 +146,15 @@ class RankContext:
     ) -> tuple[float, int, float]:
         """fast_step.run_step for one rank's share of the step; returns the same global figures."""
         weights_updated()
-        model = ddp.module.model
+        step_loss = getattr(ddp, "module", ddp)  # DDP's module, or the bare one under FSDP
+        model = step_loss.model
+        quiet = getattr(ddp, "no_sync", contextlib.nullcontext)
         varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
         batches = prepare_batches(rows[self.rank :: self.world], data, micro, pad_id, device, varlen=varlen)
+        mine = len(batches)
+        real = sum(b.real_tokens for b in batches)
+        if self.sharded:  # each forward gathers from every rank: all run as many micro-batches as rank 0
+            batches += batches[:1] * (-(-len(rows[:: self.world]) // micro) - mine)  # weightless repeats
         # The whole step's target count, from the labels on the host (every rank has all the data):
         # scaled by it, DDP's mean of the ranks' gradients is the one-rank gradient.
         n_targets = sum(sum(1 for v in data.labels[i][1:] if v != IGNORE) for row in rows for i in row)
@@ -132,20 +165,26 @@ class RankContext:
         with attention:
             for i, b in enumerate(batches):
                 last = i == len(batches) - 1  # gradients are all-reduced in the last backward only
-                with contextlib.nullcontext() if last else ddp.no_sync():
+                with contextlib.nullcontext() if last else quiet():
                     with torch.autocast(
                         device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
                     ):
                         part = ddp(b)
-                    (part * scale).backward()
-                total = part.detach() if total is None else total + part.detach()
+                    (part * (scale if i < mine else 0.0)).backward()
+                if i < mine:
+                    total = part.detach() if total is None else total + part.detach()
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        if self.sharded:  # the LoRA gradients, averaged over the ranks in one collective
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            for g, part in zip(grads, flat.div_(self.world).split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # same on every rank
         optimizer.step()
         weights_updated()
         optimizer.zero_grad(set_to_none=True)
         assert total is not None
-        real = sum(b.real_tokens for b in batches)
         stats = torch.stack([total.float(), total.new_tensor(float(real), dtype=torch.float32)])
         dist.all_reduce(stats)  # the step's loss sum and tokens over every rank
         loss_total, tokens = stats.tolist()
@@ -189,7 +228,7 @@ def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
     outcomes_dir.mkdir(exist_ok=True)
     for old in outcomes_dir.glob("rank-*.json"):  # a resumed job's previous attempt
         old.unlink()
-    events.log(f"training on {len(devices)} devices {devices} (DDP, one rank each, through torchrun)")
+    events.log(f"training on {len(devices)} devices {devices} (one rank each, through torchrun)")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(devices)}",
         "-m", "engine", "rank", str(job_dir),
@@ -216,10 +255,25 @@ def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
         )
     result = JobResult.model_validate(first["result"])
     result.metrics["devices"] = len(devices)
+    peaks = [outcomes[r].get("peak_gpu_memory_gib") for r in sorted(outcomes)]
+    if any(p is not None for p in peaks):
+        result.metrics["peak_gpu_memory_gib_per_device"] = peaks
     return result
 
 
 # -- one rank (``python -m engine rank <job_dir>``, started by torchrun) ---------------------------
+
+
+def _sharded(spec: Any, devices: list[int], device: str) -> bool:
+    """FSDP or DDP for this job (engine.preflight.uses_fsdp; on the CPU, 'auto' is DDP)."""
+    from engine.hardware import probe_gpus
+    from engine.models import model_shape
+    from engine.preflight import uses_fsdp
+
+    cards = [g for g in probe_gpus().gpus if g.index in devices] if device.startswith("cuda") else []
+    auto = cards and spec.parallel == "auto"
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code) if auto else None
+    return uses_fsdp(spec, cards, shape)
 
 
 class _NoEvents:
@@ -277,12 +331,19 @@ def run_rank(job_dir: str | Path) -> int:
         wait = timedelta(seconds=max(1800.0, 2 * spec.safety.max_pause_s))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=wait)
         _ACTIVE = RankContext(rank=rank, world=world, device=device)
+        # rank 0's choice on every rank (each reads the free memory at its own moment)
+        _ACTIVE = replace(_ACTIVE, sharded=_ACTIVE.agree(_sharded(spec, devices, device)))
+        mode = "fsdp" if _ACTIVE.sharded else "ddp"
+        events.log(f"{mode.upper()} over {world} ranks", parallel=mode)
         cancel_file = job_dir / CANCEL_FILE
         cancel_check = lambda: _ACTIVE.agree(rank == 0 and cancel_file.exists())  # noqa: E731
         with reporting(spec, job_dir, events) if rank == 0 else contextlib.nullcontext():
             result = _dispatch(spec, job_dir, events, cancel_check)
         outcome: dict[str, Any] = {"status": "succeeded"}
+        if device.startswith("cuda"):  # each card's peak (rank 0's result has its own only)
+            outcome["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
         if rank == 0:
+            result.metrics["parallel"] = mode
             outcome["result"] = result.model_dump(mode="json")
         atomic_write_text(outcome_path, json.dumps(outcome))
         dist.barrier()

@@ -42,7 +42,7 @@ def weights_updated() -> None:
 
 
 def _is_4bit(base: Any) -> bool:
-    return type(getattr(base, "weight", None)).__name__ == "Params4bit"
+    return type(base).__name__ == "Linear4bit"  # its weight may be FSDP's plain gathered tensor
 
 
 def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -51,7 +51,8 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     if _is_4bit(base):
         import bitsandbytes.functional as bnbf
 
-        state = w.quant_state
+        state = getattr(w, "quant_state", None)
+        state = base.quant_state if state is None else state  # FSDP's gathered weight lost it
         # the CPU backend takes no out= buffer, and compiled code (torch.compile) plans its own memory
         if w.device.type != "cuda" or torch.compiler.is_compiling():
             out = bnbf.dequantize_4bit(w.data, state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -14,7 +15,11 @@ from engine.models import model_shape
 from engine.spec import DatasetSettings
 from engine.training.base_model import load_tokenizer
 from engine.training.batching import IGNORE
+from engine.training.distributed import active_rank
 from engine.training.loop import Tokenized
+
+# Benchmarks (benchmarks/train_speed.py) simulate a smaller card: this share of its memory, at most.
+MEMORY_FRACTION_ENV = "BACKPROP_CUDA_MEMORY_FRACTION"
 
 
 def pick_device(choice: str, gpu_index: int = 0) -> str:
@@ -67,9 +72,15 @@ def prepare_training(
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     free_gib = None
+    rank = active_rank()
     if device.startswith("cuda"):
-        free_b, _ = torch.cuda.mem_get_info(torch.device(device))
+        free_b, total_b = torch.cuda.mem_get_info(torch.device(device))
+        if cap := float(os.environ.get(MEMORY_FRACTION_ENV) or 0):  # a smaller card, for benchmarks
+            torch.cuda.set_per_process_memory_fraction(cap, torch.device(device))
+            free_b = min(free_b, int(cap * total_b))
         free_gib = free_b / 1024**3
+        if rank is not None:  # every rank must resolve the same settings (the same step plan)
+            free_gib = rank.smallest(free_gib)
     resolved = resolve_training(
         spec.train,
         n_examples=len(full.input_ids),
@@ -81,6 +92,7 @@ def prepare_training(
         free_memory_gib=free_gib,
         lora_targets=spec.lora.target_modules,
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
+        shards=rank.world if rank is not None and rank.sharded else 1,
     )
     for name, reason in resolved.reasons.items():
         events.log(

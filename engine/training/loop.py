@@ -173,10 +173,10 @@ def train_adapter(
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            if micro == 1:
+            if micro == 1 or (rank is not None and rank.sharded):  # FSDP ranks cannot back off alone
                 raise RuntimeError(
-                    "CUDA out of memory at micro-batch 1: lower max_seq_length, use quantization '4bit', "
-                    "or a smaller model"
+                    f"CUDA out of memory at micro-batch {micro}: lower micro_batch_size or max_seq_length, "
+                    "use quantization '4bit', or a smaller model"
                 ) from None
             micro //= 2
             events.warning(
