@@ -28,7 +28,7 @@ class ProgressPrinter:
         except ImportError:  # rich is optional: plain lines instead
             return
         if self._progress is None:
-            self._progress = Progress(
+            progress = Progress(
                 TextColumn("[bold]progress"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total}"),
@@ -37,8 +37,11 @@ class ProgressPrinter:
                 transient=False,
                 console=Console(file=self.stream),  # stderr: stdout carries the result (pipes, --json)
             )
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=total, detail="")
+            # the bar and its task become visible together, before it starts: a Ctrl-C landing in
+            # start() (the CLI then asks the job to stop and keeps printing) never leaves a bar
+            # without its task
+            self._progress, self._task = progress, progress.add_task("train", total=total, detail="")
+            progress.start()
         else:
             self._progress.update(self._task, total=total)
 
@@ -93,4 +96,4 @@ class ProgressPrinter:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-            self._progress = None
+            self._progress = self._task = None
