@@ -35,6 +35,7 @@ from engine.interface import (
     SeriesSpec,
     TrainSettings,
     require_extra,
+    training_spec,
 )
 
 
@@ -95,33 +96,31 @@ def register_job_tools(
             require_extra("unsloth", "start_finetune with backend 'unsloth'")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        train = checks.given(
+        spec = checks.validated(
+            training_spec,
+            "settings",
+            FinetuneSpec,
+            data_path,
+            model=model_name,
             steps=steps,
             epochs=epochs,
             learning_rate=learning_rate,
             max_seq_length=max_seq_length,
             micro_batch_size=micro_batch_size,
             gradient_accumulation=gradient_accumulation,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            quantization=quantization,
+            device=device,
+            gpu_index=gpu_index,
+            gpus=gpus,
+            parallel=parallel,
+            eval_fraction=eval_fraction,
+            skip_bad_rows=skip_bad_rows,
             packing=packing,
             checkpoint_every=checkpoint_every,
             seed=seed,
             backend=backend,
-        )
-        dataset = {"path": data_path, "skip_bad_rows": skip_bad_rows, "eval_fraction": eval_fraction}
-        spec = checks.validated(
-            FinetuneSpec,
-            {
-                "model": model_name,
-                "quantization": quantization,
-                "device": device,
-                "gpu_index": gpu_index,
-                "gpus": gpus,
-                "parallel": parallel,
-                "dataset": dataset,
-                "lora": {"rank": lora_rank, "alpha": lora_alpha},
-                "train": train,
-            },
-            "settings",
         )
         return create(spec, f"{Path(model_name).name} on {Path(data_path).name}")
 
@@ -165,28 +164,28 @@ def register_job_tools(
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
         require_extra("train", "run_slao_series")
         model_name = checks.check_model(model)
-        datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         spec = checks.validated(
-            SeriesSpec,
-            {
-                "model": model_name,
-                "quantization": quantization,
-                "device": device,
-                "gpus": gpus,
-                "parallel": parallel,
-                "datasets": datasets,
-                "num_runs": num_runs,
-                "steps_per_run": steps_per_run,
-                "samples_per_run": samples_per_run,
-                "merge_mode": merge_mode,
-                "replay_fraction": replay_fraction,
-                "heldout_fraction": heldout_fraction,
-                "lora": {"rank": lora_rank},
-                "train": checks.given(learning_rate=learning_rate, max_seq_length=max_seq_length),
-            },
+            training_spec,
             "series settings",
+            SeriesSpec,
+            [checks.dataset_path(p) for p in dataset_paths],
+            model=model_name,
+            quantization=quantization,
+            device=device,
+            gpus=gpus,
+            parallel=parallel,
+            num_runs=num_runs,
+            steps_per_run=steps_per_run,
+            samples_per_run=samples_per_run,
+            merge_mode=merge_mode,
+            replay_fraction=replay_fraction,
+            heldout_fraction=heldout_fraction,
+            lora_rank=lora_rank,
+            learning_rate=learning_rate,
+            max_seq_length=max_seq_length,
+            skip_bad_rows=skip_bad_rows,
         )
-        return create(spec, f"{Path(model_name).name}, {spec.num_runs or len(datasets)} SLAO runs")
+        return create(spec, f"{Path(model_name).name}, {num_runs or len(dataset_paths)} SLAO runs")
 
     @server.tool(
         name="export_gguf",
@@ -239,17 +238,15 @@ def register_job_tools(
             raise ToolError("register_ollama=true needs ollama_name (the name to give the model in Ollama).")
         spec = checks.validated(
             ExportSpec,
-            {
-                "source": source,
-                "base_model": checks.check_model(base_model) if base_model else None,
-                "quantizations": quantizations,
-                "adapter_gguf": adapter_gguf,
-                "verify": verify,
-                "register_ollama": register_ollama,
-                "ollama_name": ollama_name,
-                "system_prompt": system_prompt,
-                "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
-            },
             "export settings",
+            source=source,
+            base_model=checks.check_model(base_model) if base_model else None,
+            quantizations=quantizations,
+            adapter_gguf=adapter_gguf,
+            verify=verify,
+            register_ollama=register_ollama,
+            ollama_name=ollama_name,
+            system_prompt=system_prompt,
+            output_dir=str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
         )
         return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}")

@@ -46,6 +46,8 @@ from engine.spec import (
     TrainSettings,
     read_result,
     read_spec,
+    settings_of,
+    training_spec,
     write_spec,
 )
 
@@ -91,5 +93,7 @@ __all__ = [
     "start_worker",
     "user_path",
     "worker_env",
+    "settings_of",
+    "training_spec",
     "write_spec",
 ]

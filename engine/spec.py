@@ -8,6 +8,7 @@ only pydantic and the standard library, so the server can use it without torch.
 from __future__ import annotations
 
 import json
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -54,12 +55,14 @@ class TrainSettings(_Strict):
 
     steps: int | None = Field(None, ge=1, description="optimizer steps; default from dataset size")
     epochs: float | None = Field(None, gt=0, description="used when steps is not given")
-    learning_rate: float | None = Field(None, gt=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="default: chosen for the model")
+    warmup_steps: int | None = Field(None, ge=0, description="default: 4% of the steps")
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    micro_batch_size: int | None = Field(None, ge=1, le=1024)
-    gradient_accumulation: int | None = Field(None, ge=1, le=4096)
-    max_seq_length: int | None = Field(None, ge=16, le=131072)
+    micro_batch_size: int | None = Field(None, ge=1, le=1024, description="default: from free memory")
+    gradient_accumulation: int | None = Field(
+        None, ge=1, le=4096, description="default: reach the target rows per step"
+    )
+    max_seq_length: int | None = Field(None, ge=16, le=131072, description="default: from the data")
     packing: bool | None = Field(
         None,
         description="pack short examples into full rows (padding-free, attention kept per example); default on",
@@ -255,3 +258,51 @@ def read_result(job_dir: str | Path) -> JobResult | None:
     if not path.exists():
         return None
     return JobResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "safety": SafetySettings,
+}
+
+
+def settings_of(model: type[FinetuneSpec] | type[SeriesSpec]) -> list[str]:
+    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data)."""
+    nested = [*(f"lora_{n}" for n in LoraSettings.model_fields), *TrainSettings.model_fields]
+    nested += [*SafetySettings.model_fields, "split", "skip_bad_rows"]
+    nested += ["eval_fraction"] if model is FinetuneSpec else []  # a series holds out heldout_fraction
+    top = [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
+    return sorted({*nested, *top})
+
+
+def training_spec(
+    job: type[FinetuneSpec] | type[SeriesSpec], data: str | list[str], /, **settings: Any
+) -> FinetuneSpec | SeriesSpec:
+    """A fine-tune (one dataset) or series spec from flat settings, as the tools, the CLI and the
+    Python API take them: each goes where the spec declares it (``steps`` to ``train``, ``lora_rank``
+    to ``lora.rank``, ``skip_bad_rows`` to every dataset, ``num_runs`` to the series); ``None``
+    means 'not given', the spec's default. Raises TypeError for a name that is not a setting
+    (``settings_of``) and pydantic's ValidationError for a bad value.
+    """
+    known = settings_of(job)
+    nested: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "dataset")}
+    top: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in known:
+            close = get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"unknown setting {name!r}; {hint}known: {', '.join(known)}")
+        if value is None:
+            continue
+        if name.startswith("lora_"):
+            nested["lora"][name.removeprefix("lora_")] = value
+        elif name in DatasetSettings.model_fields:
+            nested["dataset"][name] = value
+        elif section := next((s for s, m in _SECTIONS.items() if name in m.model_fields), None):
+            nested[section][name] = value
+        else:
+            top[name] = value
+    datasets = [{"path": path, **nested["dataset"]} for path in ([data] if isinstance(data, str) else data)]
+    where = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
+    return job.model_validate({**top, **{s: nested[s] for s in _SECTIONS}, **where})
