@@ -92,6 +92,20 @@ class SafetySettings(_Strict):
     emergency_temperature_c: float = Field(92.0, description="checkpoint and stop above this")
     max_pause_s: float = Field(600.0, ge=0, description="give up (checkpoint, error) after pausing this long")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> SafetySettings:
+        resume, pause, emergency = (
+            self.resume_temperature_c,
+            self.pause_temperature_c,
+            self.emergency_temperature_c,
+        )
+        if not resume <= pause <= emergency:
+            raise ValueError(
+                "GPU temperatures must satisfy resume_temperature_c <= pause_temperature_c <= "
+                f"emergency_temperature_c; got {resume}, {pause}, {emergency}"
+            )
+        return self
+
 
 Quantization = Literal["auto", "4bit", "16bit", "none"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
