@@ -204,9 +204,9 @@ def register_job_tools(
             path_arg("base model; default: the one the job trained"),
         ] = None,
         quantizations: Annotated[list[ExportQuant], Field(min_length=1)] = ["q4_k_m"],  # noqa: B006 - pydantic copies it
-        adapter_gguf: Annotated[bool, Field(description="also write the LoRA adapter as GGUF")] = False,
-        verify: Annotated[bool, Field(description="check the GGUF's logits against the merged model")] = True,
-        register_ollama: bool = False,
+        adapter_gguf: Annotated[bool, setting(ExportSpec, "adapter_gguf")] = False,
+        verify: Annotated[bool, setting(ExportSpec, "verify")] = True,
+        register_ollama: Annotated[bool, setting(ExportSpec, "register_ollama")] = False,
         ollama_name: Annotated[
             str | None,
             name_arg("model name in Ollama, e.g. 'my-assistant'"),

@@ -27,6 +27,8 @@ _ALIASES = {
     "gradient_accumulation": ["--grad-accum"],
     "lora_rank": ["--rank"],
     "lora_alpha": ["--alpha"],
+    "quantizations": ["--quantization"],
+    "register_ollama": ["--ollama"],
 }
 # Settings with a hand-written flag (their own parsing or wording), or not settable from the command line.
 _OWN_FLAGS = {"model", "gpus", "lora_target_modules"}
@@ -51,12 +53,16 @@ def _add_model_args(p: argparse.ArgumentParser, model: Any) -> None:
         (model, "job", ""),
     ]
     sources += [(S.DatasetSettings, "dataset", ""), (S.SafetySettings, "GPU temperature", "")]
-    settings = set(S.settings_of(model)) - _OWN_FLAGS
+    _add_settings(p, sources, set(S.settings_of(model)) - _OWN_FLAGS)
+
+
+def _add_settings(p: argparse.ArgumentParser, sources: list[tuple[Any, str, str]], names: set[str]) -> None:
+    """A flag for each of ``names``, grouped by the model that declares it; then --workdir and --json."""
     for source, title, prefix in sources:
         group = p.add_argument_group(f"{title} settings")
         for field, info in source.model_fields.items():
-            if prefix + field in settings:
-                settings.discard(prefix + field)
+            if prefix + field in names:
+                names.discard(prefix + field)
                 _add_setting(group, prefix + field, info)
     p.add_argument(
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
@@ -74,15 +80,19 @@ def _add_setting(group: Any, name: str, info: Any) -> None:
         kind = next(t for t in get_args(kind) if t is not type(None))
     options = get_args(kind)
     default = info.get_default(call_default_factory=True)
-    text = (info.description or "") + (f" (default {default})" if default not in (None, []) else "")
+    shown = ", ".join(default) if isinstance(default, list) else default
+    text = (info.description or "").replace("%", "%%") + (
+        f" (default {shown})" if shown not in (None, "") else ""
+    )
     flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, [])]
     extra: dict[str, Any] = {"type": kind}
     if kind is bool:
         extra = {"action": argparse.BooleanOptionalAction}
     elif get_origin(kind) is Literal:
         extra = {"choices": list(options)}
-    elif get_origin(kind) is list:  # report_to: repeat the flag
-        extra = {"action": "append", "choices": list(get_args(options[0]))}
+    elif get_origin(kind) is list:  # report_to, quantizations: repeat the flag
+        extra = {"action": "append", "choices": get_args(options[0]), "metavar": name.upper()}
+        text = f"{text}; one of {', '.join(get_args(options[0]))}, repeatable"
     group.add_argument(*flags, dest=name, default=None, help=text or None, **extra)
 
 
@@ -134,24 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="a finished job's id or folder, or a LoRA adapter folder (e.g. ./output/lora)"
     )
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument(
-        "--quantization",
-        action="append",
-        default=None,
-        help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (repeatable)",
+    _add_settings(
+        p, [(spec.ExportSpec, "export", "")], set(spec.ExportSpec.model_fields) - {"kind", "source"}
     )
-    p.add_argument("--adapter-gguf", action="store_true", help="also write the LoRA adapter as GGUF")
-    p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--ollama", action="store_true", help="register the result with Ollama")
-    p.add_argument("--ollama-name", default=None)
-    p.add_argument(
-        "--base-model", default=None, help="base model (default: the one the adapter was trained on)"
-    )
-    p.add_argument(
-        "--output-dir", type=Path, default=None, help="write the GGUF files and the Modelfile here"
-    )
-    p.add_argument("--workdir", type=Path, default=None)
-    _add_json(p)
 
     p = sub.add_parser("resume", help="continue a stopped or failed job from its last checkpoint")
     p.add_argument("job", help="the job's id or folder")
@@ -331,16 +326,11 @@ def _spec(args: argparse.Namespace) -> Any:
             [local_or_name(d) for d in args.data] if isinstance(args.data, list) else local_or_name(args.data)
         )
         return S.training_spec(model, data, **settings)
-    return S.ExportSpec(
-        source=_export_source(args.source, args.workdir),
-        base_model=args.base_model,
-        quantizations=args.quantization or ["q4_k_m"],
-        adapter_gguf=args.adapter_gguf,
-        verify=not args.no_verify,
-        register_ollama=args.ollama,
-        ollama_name=args.ollama_name,
-        output_dir=str(args.output_dir.expanduser().resolve()) if args.output_dir else None,
-    )
+    given = {n: getattr(args, n) for n in S.ExportSpec.model_fields if n in vars(args) and n != "source"}
+    if given["output_dir"]:
+        given["output_dir"] = str(Path(given["output_dir"]).expanduser().resolve())
+    source = _export_source(args.source, args.workdir)
+    return S.ExportSpec(source=source, **{n: v for n, v in given.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:

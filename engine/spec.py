@@ -208,11 +208,13 @@ class ExportSpec(_Strict):
         default_factory=lambda: list[ExportQuant](["q4_k_m"]), min_length=1
     )
     adapter_gguf: bool = Field(False, description="also write the LoRA adapter as GGUF (for Ollama ADAPTER)")
-    verify: bool = True
-    register_ollama: bool = False
-    ollama_name: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,127}$")
-    ollama_host: str | None = None
-    system_prompt: str | None = None
+    verify: bool = Field(True, description="check the GGUF's logits against the merged model")
+    register_ollama: bool = Field(False, description="register the result with Ollama (needs ollama_name)")
+    ollama_name: str | None = Field(
+        None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,127}$", description="the model's name in Ollama"
+    )
+    ollama_host: str | None = Field(None, description="default: $OLLAMA_HOST, else http://127.0.0.1:11434")
+    system_prompt: str | None = Field(None, description="the Modelfile's SYSTEM prompt")
     trust_remote_code: bool = False
     output_dir: str | None = Field(
         None, description="write the GGUF files and Modelfile here, not the job's gguf/"

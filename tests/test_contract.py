@@ -234,6 +234,12 @@ async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp
         flags = set(vars(build_parser().parse_args([command, "--data", "d.jsonl"])))
         assert names - flags == {"lora_target_modules"}, command  # a list: the API's and the spec file's
         assert names - tools[tool] == TOOL_LEAVES_OUT[tool], tool
+    export = vars(build_parser().parse_args(["export", "job"]))
+    assert set(ExportSpec.model_fields) - set(export) == {"kind"}
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert all(
+        "--json" in sub.format_help() for name, sub in commands.items() if name not in ("run", "serve")
+    )
     cli = _spec(
         build_parser().parse_args(
             ["train", "--data", "d.jsonl", "--lr", "0.001", "--lora-rank", "4", "--no-packing",
