@@ -132,15 +132,15 @@ class Trainer:
         format: str = "gguf",
         *,
         quantization: str | list[str] = "q4_k_m",
-        register_ollama: bool = False,
         model_name: str | None = None,
         source: str | Path | None = None,
-        adapter_gguf: bool = False,
-        output_dir: str | Path | None = None,
+        **settings: Any,
     ) -> TrainResult:
         """Merge the last trained adapter (or ``source``) into its base and write verified GGUF files.
 
-        The files and the Modelfile go to ``output_dir`` when given, else to the export job's ``gguf/``.
+        ``model_name`` is the name in Ollama; ``settings`` are ExportSpec's (``register_ollama``,
+        ``output_dir``: where the files and the Modelfile go, else the export job's ``gguf/``,
+        ``adapter_gguf``, ``base_model``, ``system_prompt``, ``verify``, ...).
         """
         if format != "gguf":
             raise ValueError(f"unknown export format {format!r}; only 'gguf' is supported")
@@ -148,14 +148,11 @@ class Trainer:
             if self.last is None:
                 raise ValueError("nothing to export yet: call train() or multi_run() first, or pass source=")
             source = self.last.job_dir
+        if settings.get("output_dir"):
+            settings["output_dir"] = str(Path(settings["output_dir"]).expanduser().resolve())
         quants = [quantization] if isinstance(quantization, str) else list(quantization)
         spec = ExportSpec(
-            source=str(Path(source).resolve()),
-            quantizations=quants,  # type: ignore[arg-type]
-            register_ollama=register_ollama,
-            ollama_name=model_name,
-            adapter_gguf=adapter_gguf,
-            output_dir=str(Path(output_dir).expanduser().resolve()) if output_dir else None,
+            source=str(Path(source).resolve()), quantizations=quants, ollama_name=model_name, **settings
         )
         return self._run(spec)
 
