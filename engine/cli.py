@@ -47,23 +47,22 @@ def _add_model_args(p: argparse.ArgumentParser, model: Any) -> None:
         default=None,
         help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
     )
-    sources: list[tuple[Any, str, str]] = [
-        (S.TrainSettings, "training", ""),
-        (S.LoraSettings, "LoRA", "lora_"),
-        (model, "job", ""),
-    ]
-    sources += [(S.DatasetSettings, "dataset", ""), (S.SafetySettings, "GPU temperature", "")]
-    _add_settings(p, sources, set(S.settings_of(model)) - _OWN_FLAGS)
+    titles = {
+        "train": "training",
+        "lora": "LoRA",
+        None: "job",
+        "dataset": "dataset",
+        "safety": "GPU temperature",
+    }
+    groups = {section: p.add_argument_group(f"{title} settings") for section, title in titles.items()}
+    for name in S.settings_of(model):
+        section, _, info = S.setting_home(name, model)
+        if name not in _OWN_FLAGS:
+            _add_setting(groups[section], name, info)
+    _add_common(p)
 
 
-def _add_settings(p: argparse.ArgumentParser, sources: list[tuple[Any, str, str]], names: set[str]) -> None:
-    """A flag for each of ``names``, grouped by the model that declares it; then --workdir and --json."""
-    for source, title, prefix in sources:
-        group = p.add_argument_group(f"{title} settings")
-        for field, info in source.model_fields.items():
-            if prefix + field in names:
-                names.discard(prefix + field)
-                _add_setting(group, prefix + field, info)
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
     )
@@ -144,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="a finished job's id or folder, or a LoRA adapter folder (e.g. ./output/lora)"
     )
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    _add_settings(
-        p, [(spec.ExportSpec, "export", "")], set(spec.ExportSpec.model_fields) - {"kind", "source"}
-    )
+    group = p.add_argument_group("export settings")
+    for name, info in spec.ExportSpec.model_fields.items():
+        if name not in ("kind", "source"):
+            _add_setting(group, name, info)
+    _add_common(p)
 
     p = sub.add_parser("resume", help="continue a stopped or failed job from its last checkpoint")
     p.add_argument("job", help="the job's id or folder")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from engine.files import atomic_write_text
 
@@ -284,12 +285,12 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def settings_of(model: type[FinetuneSpec] | type[SeriesSpec]) -> list[str]:
-    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data)."""
-    nested = [*(f"lora_{n}" for n in LoraSettings.model_fields), *TrainSettings.model_fields]
-    nested += [*SafetySettings.model_fields, "split", "skip_bad_rows"]
-    nested += ["eval_fraction"] if model is FinetuneSpec else []  # a series holds out heldout_fraction
-    top = [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
-    return sorted({*nested, *top})
+    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data), in the
+    spec's order: training, LoRA, the job's own, dataset, safety."""
+    names = [*TrainSettings.model_fields, *(f"lora_{n}" for n in LoraSettings.model_fields)]
+    names += [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
+    names += ["split", "skip_bad_rows", *(["eval_fraction"] if model is FinetuneSpec else [])]
+    return names + list(SafetySettings.model_fields)  # a series holds out heldout_fraction, not eval_fraction
 
 
 def training_spec(
@@ -309,16 +310,24 @@ def training_spec(
             close = get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise TypeError(f"unknown setting {name!r}; {hint}known: {', '.join(known)}")
-        if value is None:
-            continue
-        if name.startswith("lora_"):
-            nested["lora"][name.removeprefix("lora_")] = value
-        elif name in DatasetSettings.model_fields:
-            nested["dataset"][name] = value
-        elif section := next((s for s, m in _SECTIONS.items() if name in m.model_fields), None):
-            nested[section][name] = value
-        else:
-            top[name] = value
+        if value is not None:
+            section, field, _ = setting_home(name, job)
+            (nested[section] if section else top)[field] = value
     datasets = [{"path": path, **nested["dataset"]} for path in ([data] if isinstance(data, str) else data)]
-    where = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
-    return job.model_validate({**top, **{s: nested[s] for s in _SECTIONS}, **where})
+    where_data = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
+    return job.model_validate({**top, **{s: nested[s] for s in _SECTIONS}, **where_data})
+
+
+def setting_home(
+    name: str, job: type[FinetuneSpec] | type[SeriesSpec] = SeriesSpec
+) -> tuple[str | None, str, FieldInfo]:
+    """Where the flat setting ``name`` lives in ``job``'s spec: its section (``lora``, ``train``,
+    ``safety``, ``dataset``; None: the job itself), its field's name there, and the field."""
+    if name.startswith("lora_"):
+        return "lora", name[5:], LoraSettings.model_fields[name[5:]]
+    if name in DatasetSettings.model_fields:
+        return "dataset", name, DatasetSettings.model_fields[name]
+    for section, model in _SECTIONS.items():
+        if name in model.model_fields:
+            return section, name, model.model_fields[name]
+    return None, name, job.model_fields[name]
