@@ -8,6 +8,7 @@ accepts; this module turns their refusals and pydantic's into ``ToolError``s an 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,17 +26,12 @@ _Spec = TypeVar("_Spec", bound=BaseModel)
 JobSpec = FinetuneSpec | SeriesSpec | ExportSpec
 
 
-def validated(model: type[_Spec], data: dict[str, Any], what: str) -> _Spec:
-    """``model`` validated from a tool's arguments; pydantic's refusal becomes a tool error."""
+def validated(build: Callable[..., _Spec], what: str, *args: Any, **settings: Any) -> _Spec:
+    """``build(*args, **settings)`` (a spec model or ``training_spec``); pydantic's refusal becomes a tool error."""
     try:
-        return model.model_validate(data)
+        return build(*args, **settings)
     except ValidationError as exc:
         raise ToolError(f"invalid {what}: {'; '.join(problems(exc)[:8])}. Fix them and call again.") from exc
-
-
-def given(**settings: Any) -> dict[str, Any]:
-    """The settings a caller gave (not None): the rest keep the spec's defaults."""
-    return {k: v for k, v in settings.items() if v is not None}
 
 
 def trained_job(record: JobRecord, tool: str, otherwise: str = "") -> None:

@@ -24,17 +24,15 @@ from backprop_mcp.state import ServerState
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
-    DatasetSettings,
     DeviceChoice,
     ExportQuant,
     ExportSpec,
     FinetuneSpec,
-    LoraSettings,
     MergeMode,
     Quantization,
     SeriesSpec,
-    TrainSettings,
     require_extra,
+    training_spec,
 )
 
 
@@ -62,27 +60,25 @@ def register_job_tools(
             str,
             path_arg("preset name (e.g. 'tiny'), local model folder, or hub name"),
         ] = "tiny",
-        steps: Annotated[int | None, setting(TrainSettings, "steps")] = None,
-        epochs: Annotated[float | None, setting(TrainSettings, "epochs")] = None,
-        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
-        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
-        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
-        gradient_accumulation: Annotated[int | None, setting(TrainSettings, "gradient_accumulation")] = None,
-        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
-        lora_alpha: Annotated[float | None, setting(LoraSettings, "alpha")] = None,
-        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
-        device: Annotated[DeviceChoice, setting(FinetuneSpec, "device")] = "auto",
-        gpu_index: Annotated[int, setting(FinetuneSpec, "gpu_index")] = 0,
-        gpus: Annotated[
-            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(FinetuneSpec, "gpus")
-        ] = None,
-        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(FinetuneSpec, "parallel")] = "auto",
-        eval_fraction: Annotated[float, setting(DatasetSettings, "eval_fraction")] = 0.0,
-        skip_bad_rows: Annotated[bool, setting(DatasetSettings, "skip_bad_rows")] = False,
-        packing: Annotated[bool | None, setting(TrainSettings, "packing")] = None,
-        checkpoint_every: Annotated[int | None, setting(TrainSettings, "checkpoint_every")] = None,
+        steps: Annotated[int | None, setting("steps")] = None,
+        epochs: Annotated[float | None, setting("epochs")] = None,
+        learning_rate: Annotated[float | None, setting("learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting("max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting("micro_batch_size")] = None,
+        gradient_accumulation: Annotated[int | None, setting("gradient_accumulation")] = None,
+        lora_rank: Annotated[int, setting("lora_rank")] = 16,
+        lora_alpha: Annotated[float | None, setting("lora_alpha")] = None,
+        quantization: Annotated[Quantization, setting("quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting("device")] = "auto",
+        gpu_index: Annotated[int, setting("gpu_index")] = 0,
+        gpus: Annotated[list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting("gpus")] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting("parallel")] = "auto",
+        eval_fraction: Annotated[float, setting("eval_fraction")] = 0.0,
+        skip_bad_rows: Annotated[bool, setting("skip_bad_rows")] = False,
+        packing: Annotated[bool | None, setting("packing")] = None,
+        checkpoint_every: Annotated[int | None, setting("checkpoint_every")] = None,
         seed: int = 42,
-        backend: Annotated[Literal["auto", "native", "unsloth"], setting(TrainSettings, "backend")] = "auto",
+        backend: Annotated[Literal["auto", "native", "unsloth"], setting("backend")] = "auto",
         *,
         roots: ClientRoots,
     ) -> StartedJob:
@@ -95,33 +91,31 @@ def register_job_tools(
             require_extra("unsloth", "start_finetune with backend 'unsloth'")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
-        train = checks.given(
+        spec = checks.validated(
+            training_spec,
+            "settings",
+            FinetuneSpec,
+            data_path,
+            model=model_name,
             steps=steps,
             epochs=epochs,
             learning_rate=learning_rate,
             max_seq_length=max_seq_length,
             micro_batch_size=micro_batch_size,
             gradient_accumulation=gradient_accumulation,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            quantization=quantization,
+            device=device,
+            gpu_index=gpu_index,
+            gpus=gpus,
+            parallel=parallel,
+            eval_fraction=eval_fraction,
+            skip_bad_rows=skip_bad_rows,
             packing=packing,
             checkpoint_every=checkpoint_every,
             seed=seed,
             backend=backend,
-        )
-        dataset = {"path": data_path, "skip_bad_rows": skip_bad_rows, "eval_fraction": eval_fraction}
-        spec = checks.validated(
-            FinetuneSpec,
-            {
-                "model": model_name,
-                "quantization": quantization,
-                "device": device,
-                "gpu_index": gpu_index,
-                "gpus": gpus,
-                "parallel": parallel,
-                "dataset": dataset,
-                "lora": {"rank": lora_rank, "alpha": lora_alpha},
-                "train": train,
-            },
-            "settings",
         )
         return create(spec, f"{Path(model_name).name} on {Path(data_path).name}")
 
@@ -141,21 +135,19 @@ def register_job_tools(
             ),
         ],
         model: Annotated[str, path_arg()] = "tiny",
-        num_runs: Annotated[int | None, setting(SeriesSpec, "num_runs")] = None,
-        steps_per_run: Annotated[int | None, setting(SeriesSpec, "steps_per_run")] = None,
-        samples_per_run: Annotated[int | None, setting(SeriesSpec, "samples_per_run")] = None,
-        merge_mode: Annotated[MergeMode, setting(SeriesSpec, "merge_mode")] = "slao",
-        replay_fraction: Annotated[float, setting(SeriesSpec, "replay_fraction")] = 0.0,
-        heldout_fraction: Annotated[float, setting(SeriesSpec, "heldout_fraction")] = 0.1,
-        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
-        quantization: Annotated[Quantization, setting(SeriesSpec, "quantization")] = "auto",
-        device: Annotated[DeviceChoice, setting(SeriesSpec, "device")] = "auto",
-        gpus: Annotated[
-            list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting(SeriesSpec, "gpus")
-        ] = None,
-        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting(SeriesSpec, "parallel")] = "auto",
-        learning_rate: Annotated[float | None, setting(TrainSettings, "learning_rate")] = None,
-        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
+        num_runs: Annotated[int | None, setting("num_runs")] = None,
+        steps_per_run: Annotated[int | None, setting("steps_per_run")] = None,
+        samples_per_run: Annotated[int | None, setting("samples_per_run")] = None,
+        merge_mode: Annotated[MergeMode, setting("merge_mode")] = "slao",
+        replay_fraction: Annotated[float, setting("replay_fraction")] = 0.0,
+        heldout_fraction: Annotated[float, setting("heldout_fraction")] = 0.1,
+        lora_rank: Annotated[int, setting("lora_rank")] = 16,
+        quantization: Annotated[Quantization, setting("quantization")] = "auto",
+        device: Annotated[DeviceChoice, setting("device")] = "auto",
+        gpus: Annotated[list[Annotated[int, Field(ge=0)]] | Literal["all"] | None, setting("gpus")] = None,
+        parallel: Annotated[Literal["auto", "ddp", "fsdp"], setting("parallel")] = "auto",
+        learning_rate: Annotated[float | None, setting("learning_rate")] = None,
+        max_seq_length: Annotated[int | None, setting("max_seq_length")] = None,
         skip_bad_rows: bool = False,
         *,
         roots: ClientRoots,
@@ -165,28 +157,28 @@ def register_job_tools(
         data is learnt without forgetting the old, and an evaluation matrix across runs."""
         require_extra("train", "run_slao_series")
         model_name = checks.check_model(model)
-        datasets = [{"path": checks.dataset_path(p), "skip_bad_rows": skip_bad_rows} for p in dataset_paths]
         spec = checks.validated(
-            SeriesSpec,
-            {
-                "model": model_name,
-                "quantization": quantization,
-                "device": device,
-                "gpus": gpus,
-                "parallel": parallel,
-                "datasets": datasets,
-                "num_runs": num_runs,
-                "steps_per_run": steps_per_run,
-                "samples_per_run": samples_per_run,
-                "merge_mode": merge_mode,
-                "replay_fraction": replay_fraction,
-                "heldout_fraction": heldout_fraction,
-                "lora": {"rank": lora_rank},
-                "train": checks.given(learning_rate=learning_rate, max_seq_length=max_seq_length),
-            },
+            training_spec,
             "series settings",
+            SeriesSpec,
+            [checks.dataset_path(p) for p in dataset_paths],
+            model=model_name,
+            quantization=quantization,
+            device=device,
+            gpus=gpus,
+            parallel=parallel,
+            num_runs=num_runs,
+            steps_per_run=steps_per_run,
+            samples_per_run=samples_per_run,
+            merge_mode=merge_mode,
+            replay_fraction=replay_fraction,
+            heldout_fraction=heldout_fraction,
+            lora_rank=lora_rank,
+            learning_rate=learning_rate,
+            max_seq_length=max_seq_length,
+            skip_bad_rows=skip_bad_rows,
         )
-        return create(spec, f"{Path(model_name).name}, {spec.num_runs or len(datasets)} SLAO runs")
+        return create(spec, f"{Path(model_name).name}, {num_runs or len(dataset_paths)} SLAO runs")
 
     @server.tool(
         name="export_gguf",
@@ -205,9 +197,9 @@ def register_job_tools(
             path_arg("base model; default: the one the job trained"),
         ] = None,
         quantizations: Annotated[list[ExportQuant], Field(min_length=1)] = ["q4_k_m"],  # noqa: B006 - pydantic copies it
-        adapter_gguf: Annotated[bool, Field(description="also write the LoRA adapter as GGUF")] = False,
-        verify: Annotated[bool, Field(description="check the GGUF's logits against the merged model")] = True,
-        register_ollama: bool = False,
+        adapter_gguf: Annotated[bool, setting("adapter_gguf", ExportSpec)] = False,
+        verify: Annotated[bool, setting("verify", ExportSpec)] = True,
+        register_ollama: Annotated[bool, setting("register_ollama", ExportSpec)] = False,
         ollama_name: Annotated[
             str | None,
             name_arg("model name in Ollama, e.g. 'my-assistant'"),
@@ -239,17 +231,15 @@ def register_job_tools(
             raise ToolError("register_ollama=true needs ollama_name (the name to give the model in Ollama).")
         spec = checks.validated(
             ExportSpec,
-            {
-                "source": source,
-                "base_model": checks.check_model(base_model) if base_model else None,
-                "quantizations": quantizations,
-                "adapter_gguf": adapter_gguf,
-                "verify": verify,
-                "register_ollama": register_ollama,
-                "ollama_name": ollama_name,
-                "system_prompt": system_prompt,
-                "output_dir": str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
-            },
             "export settings",
+            source=source,
+            base_model=checks.check_model(base_model) if base_model else None,
+            quantizations=quantizations,
+            adapter_gguf=adapter_gguf,
+            verify=verify,
+            register_ollama=register_ollama,
+            ollama_name=ollama_name,
+            system_prompt=system_prompt,
+            output_dir=str(resolve_writable_dir(output_dir, "output_dir")) if output_dir else None,
         )
         return create(spec, f"GGUF {','.join(spec.quantizations)} of {label}")

@@ -53,11 +53,8 @@ from backprop_mcp.state import ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tooling import hints, name_arg, path_arg, setting
 from engine.interface import (
-    FinetuneSpec,
     GpuReport,
-    LoraSettings,
     Quantization,
-    TrainSettings,
     gpu_report,
     quoted,
     read_spec,
@@ -291,10 +288,10 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             str,
             path_arg("the model whose tokenizer and chat template to measure with"),
         ] = "tiny",
-        max_seq_length: Annotated[int | None, setting(TrainSettings, "max_seq_length")] = None,
-        micro_batch_size: Annotated[int | None, setting(TrainSettings, "micro_batch_size")] = None,
-        quantization: Annotated[Quantization, setting(FinetuneSpec, "quantization")] = "auto",
-        lora_rank: Annotated[int, setting(LoraSettings, "rank")] = 16,
+        max_seq_length: Annotated[int | None, setting("max_seq_length")] = None,
+        micro_batch_size: Annotated[int | None, setting("micro_batch_size")] = None,
+        quantization: Annotated[Quantization, setting("quantization")] = "auto",
+        lora_rank: Annotated[int, setting("lora_rank")] = 16,
         *,
         roots: ClientRoots,
     ) -> DatasetCheck:

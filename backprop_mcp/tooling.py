@@ -8,14 +8,16 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from backprop_mcp.limits import MAX_NAME_CHARS, MAX_PATH_CHARS
+from engine.interface import setting_home
 
 
-def setting(model: type[BaseModel], name: str) -> Any:
-    """A tool argument's bounds and description, taken from the job spec's field (one source of truth).
+def setting(name: str, model: type[BaseModel] | None = None) -> Any:
+    """A tool argument's bounds and description, taken from the job spec's field (one source of truth):
+    ``model``'s field ``name``, or where the flat setting ``name`` lives (``engine.spec.setting_home``).
 
     Defaults stay in the tool's signature, where the SDK reads them; a test checks they equal the spec's.
     """
-    source = model.model_fields[name]
+    source = model.model_fields[name] if model else setting_home(name)[2]
     field = Field(description=source.description)
     field.metadata = list(source.metadata)
     return field

@@ -21,15 +21,7 @@ from engine.files import local_or_name
 from engine.jobs import create_job, run_and_follow
 from engine.preflight import preflight
 from engine.progress import ProgressPrinter
-from engine.spec import (
-    DatasetSettings,
-    ExportSpec,
-    FinetuneSpec,
-    JobResult,
-    LoraSettings,
-    SeriesSpec,
-    TrainSettings,
-)
+from engine.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec, training_spec
 
 
 class JobFailed(RuntimeError):
@@ -82,31 +74,19 @@ class TrainResult:
         return dest
 
 
-_TRAIN_FIELDS = set(TrainSettings.model_fields)
-
-
 class Trainer:
-    """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name)."""
+    """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name).
+
+    ``settings`` are any of ``engine.spec.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
+    ``device``, ``gpus``, ``parallel``, ``learning_rate``, ...): the defaults of every job this trainer
+    runs, which ``train`` and ``multi_run`` can override. They are checked here, at once.
+    """
 
     def __init__(
-        self,
-        model: str = "tiny",
-        *,
-        quantization: str = "auto",
-        lora_rank: int = 16,
-        lora_alpha: float | None = None,
-        device: str = "auto",
-        gpus: list[int] | str | None = None,
-        parallel: str = "auto",
-        workdir: str | Path | None = None,
-        verbose: bool = True,
+        self, model: str = "tiny", *, workdir: str | Path | None = None, verbose: bool = True, **settings: Any
     ):
-        self.model = model
-        self.quantization = quantization
-        self.lora = LoraSettings(rank=lora_rank, alpha=lora_alpha)
-        self.device = device
-        self.gpus = gpus  # several GPUs: DDP, or FSDP for a model no card holds (parallel)
-        self.parallel = parallel
+        training_spec(FinetuneSpec, "", model=model, **settings)  # TypeError / ValidationError now, not later
+        self.settings = {"model": model, **settings}
         self.workdir = Path(workdir) if workdir else None
         self.verbose = verbose
         self.last: TrainResult | None = None
@@ -129,61 +109,22 @@ class Trainer:
             result,
         )
 
-    def _train_settings(self, settings: dict[str, Any]) -> TrainSettings:
-        unknown = set(settings) - _TRAIN_FIELDS
-        if unknown:
-            raise TypeError(f"unknown training settings {sorted(unknown)}; known: {sorted(_TRAIN_FIELDS)}")
-        return TrainSettings(**settings)
-
-    def train(self, data: str | Path, *, skip_bad_rows: bool = False, **settings: Any) -> TrainResult:
-        """One LoRA/QLoRA fine-tune. ``settings`` are TrainSettings fields (steps, learning_rate, ...)."""
-        spec = FinetuneSpec(
-            model=self.model,
-            quantization=self.quantization,  # type: ignore[arg-type]
-            device=self.device,  # type: ignore[arg-type]
-            gpus=self.gpus,  # type: ignore[arg-type]
-            parallel=self.parallel,  # type: ignore[arg-type]
-            lora=self.lora,
-            train=self._train_settings(settings),
-            dataset=DatasetSettings(
-                path=local_or_name(data),
-                skip_bad_rows=skip_bad_rows,
-            ),
-        )
+    def train(self, data: str | Path, **settings: Any) -> TrainResult:
+        """One LoRA/QLoRA fine-tune. ``settings``: as the constructor's (steps, learning_rate, skip_bad_rows, ...)."""
+        spec = training_spec(FinetuneSpec, local_or_name(data), **{**self.settings, **settings})
         self.last = self._run(spec)
         return self.last
 
-    def multi_run(
-        self,
-        dataset: str | Path | list[str | Path],
-        *,
-        num_runs: int | None = None,
-        steps_per_run: int | None = None,
-        samples_per_run: int | None = None,
-        merge_mode: str = "slao",
-        **settings: Any,
-    ) -> TrainResult:
+    def multi_run(self, dataset: str | Path | list[str | Path], **settings: Any) -> TrainResult:
         """A SLAO series: one dataset cut into ``num_runs`` slices, or a list of datasets (one per task).
 
-        The result's adapter is the merged adapter; ``metrics`` holds the evaluation matrix and
-        average accuracy / backward transfer / forgetting / plasticity.
+        ``settings``: the constructor's and the series' (``num_runs``, ``steps_per_run``,
+        ``samples_per_run``, ``merge_mode``, ...: ``settings_of(SeriesSpec)``). The result's adapter
+        is the merged adapter; ``metrics`` holds the evaluation matrix and average accuracy /
+        backward transfer / forgetting / plasticity.
         """
-        paths = dataset if isinstance(dataset, list) else [dataset]
-        spec = SeriesSpec(
-            model=self.model,
-            quantization=self.quantization,  # type: ignore[arg-type]
-            device=self.device,  # type: ignore[arg-type]
-            gpus=self.gpus,  # type: ignore[arg-type]
-            parallel=self.parallel,  # type: ignore[arg-type]
-            lora=self.lora,
-            train=self._train_settings(settings),
-            datasets=[DatasetSettings(path=local_or_name(p)) for p in paths],
-            num_runs=num_runs,
-            steps_per_run=steps_per_run,
-            samples_per_run=samples_per_run,
-            merge_mode=merge_mode,  # type: ignore[arg-type]
-        )
-        self.last = self._run(spec)
+        paths = [local_or_name(p) for p in (dataset if isinstance(dataset, list) else [dataset])]
+        self.last = self._run(training_spec(SeriesSpec, paths, **{**self.settings, **settings}))
         return self.last
 
     def export(
@@ -191,15 +132,15 @@ class Trainer:
         format: str = "gguf",
         *,
         quantization: str | list[str] = "q4_k_m",
-        register_ollama: bool = False,
         model_name: str | None = None,
         source: str | Path | None = None,
-        adapter_gguf: bool = False,
-        output_dir: str | Path | None = None,
+        **settings: Any,
     ) -> TrainResult:
         """Merge the last trained adapter (or ``source``) into its base and write verified GGUF files.
 
-        The files and the Modelfile go to ``output_dir`` when given, else to the export job's ``gguf/``.
+        ``model_name`` is the name in Ollama; ``settings`` are ExportSpec's (``register_ollama``,
+        ``output_dir``: where the files and the Modelfile go, else the export job's ``gguf/``,
+        ``adapter_gguf``, ``base_model``, ``system_prompt``, ``verify``, ...).
         """
         if format != "gguf":
             raise ValueError(f"unknown export format {format!r}; only 'gguf' is supported")
@@ -207,14 +148,11 @@ class Trainer:
             if self.last is None:
                 raise ValueError("nothing to export yet: call train() or multi_run() first, or pass source=")
             source = self.last.job_dir
+        if settings.get("output_dir"):
+            settings["output_dir"] = str(Path(settings["output_dir"]).expanduser().resolve())
         quants = [quantization] if isinstance(quantization, str) else list(quantization)
         spec = ExportSpec(
-            source=str(Path(source).resolve()),
-            quantizations=quants,  # type: ignore[arg-type]
-            register_ollama=register_ollama,
-            ollama_name=model_name,
-            adapter_gguf=adapter_gguf,
-            output_dir=str(Path(output_dir).expanduser().resolve()) if output_dir else None,
+            source=str(Path(source).resolve()), quantizations=quants, ollama_name=model_name, **settings
         )
         return self._run(spec)
 

@@ -1,7 +1,9 @@
 """The ``backprop`` command line.
 
-Parsing needs nothing but the standard library, so ``backprop --help`` answers at once; each
-command imports what it needs when it runs. Training commands run the job in a child process
+Parsing needs only the standard library and the job spec's models (pydantic, no torch), so
+``backprop --help`` answers at once: a training command's setting flags are made from the spec's
+fields (name, type, bounds' refusals, description), so they cannot drift from what a job takes.
+Each command imports what it needs when it runs. Training commands run the job in a child process
 and draw a live progress bar from its events (Ctrl-C stops the job cleanly, with a checkpoint).
 """
 
@@ -17,77 +19,80 @@ from typing import Any
 
 from engine.files import local_or_name
 
+# Short spellings kept beside the flags generated from the settings' names.
+_ALIASES = {
+    "learning_rate": ["--lr"],
+    "max_seq_length": ["--seq-len"],
+    "micro_batch_size": ["--batch"],
+    "gradient_accumulation": ["--grad-accum"],
+    "lora_rank": ["--rank"],
+    "lora_alpha": ["--alpha"],
+    "quantizations": ["--quantization"],
+    "register_ollama": ["--ollama"],
+}
+# Settings with a hand-written flag (their own parsing or wording), or not settable from the command line.
+_OWN_FLAGS = {"model", "gpus", "lora_target_modules"}
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+
+def _add_model_args(p: argparse.ArgumentParser, model: Any) -> None:
+    """A training command's flags: --model, --gpus, then one per setting of ``model`` (engine.spec)."""
+    from engine import spec as S
+
     p.add_argument(
         "--model", default="tiny", help="preset (tiny, qwen2.5-7b, llama3.2-1b, ...), folder or hub name"
     )
-    p.add_argument("--quantization", default="auto", choices=["auto", "4bit", "16bit", "none"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--gpus",
         type=_gpus,
         default=None,
         help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
     )
-    p.add_argument(
-        "--parallel",
-        default="auto",
-        choices=["auto", "ddp", "fsdp"],
-        help="with several GPUs: ddp (whole model per card), fsdp (weights sharded), auto (fsdp if it fits no card)",
-    )
-    p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=16, help="LoRA rank")
-    p.add_argument(
-        "--alpha", "--lora-alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2*rank)"
-    )
-    p.add_argument(
-        "--lr",
-        "--learning-rate",
-        dest="lr",
-        type=float,
-        default=None,
-        help="learning rate (default: chosen for the model)",
-    )
-    p.add_argument(
-        "--seq-len",
-        "--max-seq-length",
-        dest="seq_len",
-        type=int,
-        default=None,
-        help="max sequence length (default: from the data)",
-    )
-    p.add_argument(
-        "--batch",
-        "--micro-batch-size",
-        dest="batch",
-        type=int,
-        default=None,
-        help="micro-batch size (default: from free memory)",
-    )
-    p.add_argument(
-        "--grad-accum",
-        "--gradient-accumulation",
-        dest="grad_accum",
-        type=int,
-        default=None,
-        help="gradient accumulation steps",
-    )
-    p.add_argument(
-        "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack short examples"
-    )
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument(
-        "--report-to",
-        action="append",
-        choices=["tensorboard", "wandb"],
-        default=None,
-        help="also log metrics to TensorBoard (in the job folder) or W&B (offline unless WANDB_MODE is set)",
-    )
+    titles = {
+        "train": "training",
+        "lora": "LoRA",
+        None: "job",
+        "dataset": "dataset",
+        "safety": "GPU temperature",
+    }
+    groups = {section: p.add_argument_group(f"{title} settings") for section, title in titles.items()}
+    for name in S.settings_of(model):
+        section, _, info = S.setting_home(name, model)
+        if name not in _OWN_FLAGS:
+            _add_setting(groups[section], name, info)
+    _add_common(p)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", type=Path, default=None, help="where job folders go (default $BACKPROP_HOME/jobs)"
     )
     _add_json(p)
+
+
+def _add_setting(group: Any, name: str, info: Any) -> None:
+    """One setting's flag: its type, choices and help from the spec's field; unset means the spec's default."""
+    from types import UnionType
+    from typing import Literal, Union, get_args, get_origin
+
+    kind = info.annotation  # X or X | None
+    if get_origin(kind) in (Union, UnionType):
+        kind = next(t for t in get_args(kind) if t is not type(None))
+    options = get_args(kind)
+    default = info.get_default(call_default_factory=True)
+    shown = ", ".join(default) if isinstance(default, list) else default
+    text = (info.description or "").replace("%", "%%") + (
+        f" (default {shown})" if shown not in (None, "") else ""
+    )
+    flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, [])]
+    extra: dict[str, Any] = {"type": kind}
+    if kind is bool:
+        extra = {"action": argparse.BooleanOptionalAction}
+    elif get_origin(kind) is Literal:
+        extra = {"choices": list(options)}
+    elif get_origin(kind) is list:  # report_to, quantizations: repeat the flag
+        extra = {"action": "append", "choices": get_args(options[0]), "metavar": name.upper()}
+        text = f"{text}; one of {', '.join(get_args(options[0]))}, repeatable"
+    group.add_argument(*flags, dest=name, default=None, help=text or None, **extra)
 
 
 def _gpus(text: str) -> list[int] | str:
@@ -112,60 +117,37 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine import spec
+
     parser = argparse.ArgumentParser(
         prog="backprop", description="Fine-tune open LLMs on your own GPU (QLoRA, SLAO, GGUF)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="one LoRA/QLoRA fine-tune")
-    _add_model_args(p)
     p.add_argument(
         "--data", required=True, help="JSONL/JSON/CSV/Parquet file, saved datasets folder, or hub name"
     )
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument(
-        "--skip-bad-rows", action="store_true", help="train on the good rows, skip (and report) bad ones"
-    )
-    p.add_argument(
-        "--eval-fraction", type=float, default=0.0, help="hold out this fraction of rows for a held-out loss"
-    )
     p.add_argument("--output", type=Path, default=None, help="also copy the adapter here")
+    _add_model_args(p, spec.FinetuneSpec)
 
     p = sub.add_parser("multi-run", help="a SLAO series: learn new data without forgetting the old")
-    _add_model_args(p)
     p.add_argument(
         "--data", required=True, action="append", help="one dataset split into runs, or repeat per task"
     )
-    p.add_argument("--num-runs", type=int, default=None)
-    p.add_argument("--steps-per-run", type=int, default=None)
-    p.add_argument("--samples-per-run", type=int, default=None)
-    p.add_argument("--merge-mode", default="slao", choices=["slao", "sequential", "linear", "ties", "dare"])
     p.add_argument("--output", type=Path, default=None, help="also copy the merged adapter here")
+    _add_model_args(p, spec.SeriesSpec)
 
     p = sub.add_parser("export", help="merge, convert to GGUF, quantize, verify, register with Ollama")
     p.add_argument(
         "source", help="a finished job's id or folder, or a LoRA adapter folder (e.g. ./output/lora)"
     )
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument(
-        "--quantization",
-        action="append",
-        default=None,
-        help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (repeatable)",
-    )
-    p.add_argument("--adapter-gguf", action="store_true", help="also write the LoRA adapter as GGUF")
-    p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--ollama", action="store_true", help="register the result with Ollama")
-    p.add_argument("--ollama-name", default=None)
-    p.add_argument(
-        "--base-model", default=None, help="base model (default: the one the adapter was trained on)"
-    )
-    p.add_argument(
-        "--output-dir", type=Path, default=None, help="write the GGUF files and the Modelfile here"
-    )
-    p.add_argument("--workdir", type=Path, default=None)
-    _add_json(p)
+    group = p.add_argument_group("export settings")
+    for name, info in spec.ExportSpec.model_fields.items():
+        if name not in ("kind", "source"):
+            _add_setting(group, name, info)
+    _add_common(p)
 
     p = sub.add_parser("resume", help="continue a stopped or failed job from its last checkpoint")
     p.add_argument("job", help="the job's id or folder")
@@ -190,21 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_dir", type=Path)
     sub.add_parser("serve", help="serve the MCP server on stdio (same as backprop-mcp)")
     return parser
-
-
-def _train_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    values = {
-        "learning_rate": args.lr,
-        "max_seq_length": args.seq_len,
-        "micro_batch_size": args.batch,
-        "gradient_accumulation": args.grad_accum,
-        "packing": args.packing,
-        "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every,
-        "report_to": args.report_to,
-        **extra,
-    }
-    return {k: v for k, v in values.items() if v is not None}
 
 
 class Refused(Exception):
@@ -353,46 +320,18 @@ def _spec(args: argparse.Namespace) -> Any:
     """The job spec a training or export command describes."""
     from engine import spec as S
 
-    if args.command == "train":
-        return S.FinetuneSpec(
-            model=args.model,
-            quantization=args.quantization,
-            device=args.device,
-            gpus=args.gpus,
-            parallel=args.parallel,
-            lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
-            train=S.TrainSettings(**_train_settings(args, steps=args.steps, epochs=args.epochs)),
-            dataset=S.DatasetSettings(
-                path=local_or_name(args.data),
-                skip_bad_rows=args.skip_bad_rows,
-                eval_fraction=args.eval_fraction,
-            ),
+    if args.command in ("train", "multi-run"):
+        model = S.FinetuneSpec if args.command == "train" else S.SeriesSpec
+        settings = {n: getattr(args, n) for n in S.settings_of(model) if n in vars(args)}
+        data = (
+            [local_or_name(d) for d in args.data] if isinstance(args.data, list) else local_or_name(args.data)
         )
-    if args.command == "multi-run":
-        return S.SeriesSpec(
-            model=args.model,
-            quantization=args.quantization,
-            device=args.device,
-            gpus=args.gpus,
-            parallel=args.parallel,
-            lora=S.LoraSettings(rank=args.rank, alpha=args.alpha),
-            train=S.TrainSettings(**_train_settings(args)),
-            datasets=[S.DatasetSettings(path=local_or_name(d)) for d in args.data],
-            num_runs=args.num_runs,
-            steps_per_run=args.steps_per_run,
-            samples_per_run=args.samples_per_run,
-            merge_mode=args.merge_mode,
-        )
-    return S.ExportSpec(
-        source=_export_source(args.source, args.workdir),
-        base_model=args.base_model,
-        quantizations=args.quantization or ["q4_k_m"],
-        adapter_gguf=args.adapter_gguf,
-        verify=not args.no_verify,
-        register_ollama=args.ollama,
-        ollama_name=args.ollama_name,
-        output_dir=str(args.output_dir.expanduser().resolve()) if args.output_dir else None,
-    )
+        return S.training_spec(model, data, **settings)
+    given = {n: getattr(args, n) for n in S.ExportSpec.model_fields if n in vars(args) and n != "source"}
+    if given["output_dir"]:
+        given["output_dir"] = str(Path(given["output_dir"]).expanduser().resolve())
+    source = _export_source(args.source, args.workdir)
+    return S.ExportSpec(source=source, **{n: v for n, v in given.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,9 @@ SETTINGS = (
     "quantization",
     "gpus",
     "parallel",
+    "pause_temperature_c",
+    "resume_temperature_c",
+    "emergency_temperature_c",
 )
 _SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 

@@ -46,6 +46,9 @@ from engine.spec import (
     TrainSettings,
     read_result,
     read_spec,
+    setting_home,
+    settings_of,
+    training_spec,
     write_spec,
 )
 
@@ -91,5 +94,8 @@ __all__ = [
     "start_worker",
     "user_path",
     "worker_env",
+    "setting_home",
+    "settings_of",
+    "training_spec",
     "write_spec",
 ]

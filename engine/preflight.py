@@ -62,7 +62,10 @@ class DataCheck(BaseModel):
 
 def problems(exc: ValidationError) -> list[str]:
     """pydantic's refusal of a spec, one ``where: what`` line per problem, for every caller."""
-    return [f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+    return [
+        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    ]
 
 
 def spell(setting: str, value: Any, caller: Caller) -> str:

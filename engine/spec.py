@@ -8,10 +8,12 @@ only pydantic and the standard library, so the server can use it without torch.
 from __future__ import annotations
 
 import json
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from engine.files import atomic_write_text
 
@@ -54,12 +56,14 @@ class TrainSettings(_Strict):
 
     steps: int | None = Field(None, ge=1, description="optimizer steps; default from dataset size")
     epochs: float | None = Field(None, gt=0, description="used when steps is not given")
-    learning_rate: float | None = Field(None, gt=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="default: chosen for the model")
+    warmup_steps: int | None = Field(None, ge=0, description="default: 4% of the steps")
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    micro_batch_size: int | None = Field(None, ge=1, le=1024)
-    gradient_accumulation: int | None = Field(None, ge=1, le=4096)
-    max_seq_length: int | None = Field(None, ge=16, le=131072)
+    micro_batch_size: int | None = Field(None, ge=1, le=1024, description="default: from free memory")
+    gradient_accumulation: int | None = Field(
+        None, ge=1, le=4096, description="default: reach the target rows per step"
+    )
+    max_seq_length: int | None = Field(None, ge=16, le=131072, description="default: from the data")
     packing: bool | None = Field(
         None,
         description="pack short examples into full rows (padding-free, attention kept per example); default on",
@@ -88,6 +92,20 @@ class SafetySettings(_Strict):
     resume_temperature_c: float = Field(78.0, description="resume once the card has cooled to this")
     emergency_temperature_c: float = Field(92.0, description="checkpoint and stop above this")
     max_pause_s: float = Field(600.0, ge=0, description="give up (checkpoint, error) after pausing this long")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SafetySettings:
+        resume, pause, emergency = (
+            self.resume_temperature_c,
+            self.pause_temperature_c,
+            self.emergency_temperature_c,
+        )
+        if not resume <= pause <= emergency:
+            raise ValueError(
+                "GPU temperatures must satisfy resume_temperature_c <= pause_temperature_c <= "
+                f"emergency_temperature_c; got {resume}, {pause}, {emergency}"
+            )
+        return self
 
 
 Quantization = Literal["auto", "4bit", "16bit", "none"]
@@ -191,11 +209,13 @@ class ExportSpec(_Strict):
         default_factory=lambda: list[ExportQuant](["q4_k_m"]), min_length=1
     )
     adapter_gguf: bool = Field(False, description="also write the LoRA adapter as GGUF (for Ollama ADAPTER)")
-    verify: bool = True
-    register_ollama: bool = False
-    ollama_name: str | None = Field(None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,127}$")
-    ollama_host: str | None = None
-    system_prompt: str | None = None
+    verify: bool = Field(True, description="check the GGUF's logits against the merged model")
+    register_ollama: bool = Field(False, description="register the result with Ollama (needs ollama_name)")
+    ollama_name: str | None = Field(
+        None, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,127}$", description="the model's name in Ollama"
+    )
+    ollama_host: str | None = Field(None, description="default: $OLLAMA_HOST, else http://127.0.0.1:11434")
+    system_prompt: str | None = Field(None, description="the Modelfile's SYSTEM prompt")
     trust_remote_code: bool = False
     output_dir: str | None = Field(
         None, description="write the GGUF files and Modelfile here, not the job's gguf/"
@@ -255,3 +275,59 @@ def read_result(job_dir: str | Path) -> JobResult | None:
     if not path.exists():
         return None
     return JobResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "safety": SafetySettings,
+}
+
+
+def settings_of(model: type[FinetuneSpec] | type[SeriesSpec]) -> list[str]:
+    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data), in the
+    spec's order: training, LoRA, the job's own, dataset, safety."""
+    names = [*TrainSettings.model_fields, *(f"lora_{n}" for n in LoraSettings.model_fields)]
+    names += [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
+    names += ["split", "skip_bad_rows", *(["eval_fraction"] if model is FinetuneSpec else [])]
+    return names + list(SafetySettings.model_fields)  # a series holds out heldout_fraction, not eval_fraction
+
+
+def training_spec(
+    job: type[FinetuneSpec] | type[SeriesSpec], data: str | list[str], /, **settings: Any
+) -> FinetuneSpec | SeriesSpec:
+    """A fine-tune (one dataset) or series spec from flat settings, as the tools, the CLI and the
+    Python API take them: each goes where the spec declares it (``steps`` to ``train``, ``lora_rank``
+    to ``lora.rank``, ``skip_bad_rows`` to every dataset, ``num_runs`` to the series); ``None``
+    means 'not given', the spec's default. Raises TypeError for a name that is not a setting
+    (``settings_of``) and pydantic's ValidationError for a bad value.
+    """
+    known = settings_of(job)
+    nested: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "dataset")}
+    top: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in known:
+            close = get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"unknown setting {name!r}; {hint}known: {', '.join(known)}")
+        if value is not None:
+            section, field, _ = setting_home(name, job)
+            (nested[section] if section else top)[field] = value
+    datasets = [{"path": path, **nested["dataset"]} for path in ([data] if isinstance(data, str) else data)]
+    where_data = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
+    return job.model_validate({**top, **{s: nested[s] for s in _SECTIONS}, **where_data})
+
+
+def setting_home(
+    name: str, job: type[FinetuneSpec] | type[SeriesSpec] = SeriesSpec
+) -> tuple[str | None, str, FieldInfo]:
+    """Where the flat setting ``name`` lives in ``job``'s spec: its section (``lora``, ``train``,
+    ``safety``, ``dataset``; None: the job itself), its field's name there, and the field."""
+    if name.startswith("lora_"):
+        return "lora", name[5:], LoraSettings.model_fields[name[5:]]
+    if name in DatasetSettings.model_fields:
+        return "dataset", name, DatasetSettings.model_fields[name]
+    for section, model in _SECTIONS.items():
+        if name in model.model_fields:
+            return section, name, model.model_fields[name]
+    return None, name, job.model_fields[name]

@@ -193,3 +193,64 @@ async def test_tool_arguments_agree_with_the_spec_models() -> None:
             assert schema.get("default") == default, (tool.name, arg, schema.get("default"), default)
             checked += 1
     assert checked >= 20
+
+
+# What each tool leaves to its defaults on purpose: an agent sees a short list of the settings that
+# matter; the CLI and the Python API take every one.
+TOOL_LEAVES_OUT = {
+    "start_finetune": {
+        "warmup_steps", "lr_scheduler", "gradient_checkpointing", "weight_decay", "max_grad_norm", "compile",
+        "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
+        "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
+    },
+    "run_slao_series": {
+        "steps", "epochs", "warmup_steps", "lr_scheduler", "micro_batch_size", "gradient_accumulation",
+        "packing", "gradient_checkpointing", "weight_decay", "max_grad_norm", "seed", "checkpoint_every",
+        "backend", "compile", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "trust_remote_code", "split", "gpu_index", "merge_weight", "qr_init", "ties_density", "dare_drop",
+        "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp_path: Path) -> None:
+    """The spec's settings (``settings_of``) are the CLI's flags, the API's keywords and the tools'
+    arguments (less the listed ones), all built into a spec by the one ``training_spec``."""
+    from mcp import Client
+
+    from backprop_mcp.server import build_server
+    from engine.api import Trainer
+    from engine.cli import _spec, build_parser
+    from engine.spec import SeriesSpec, settings_of
+
+    async with Client(build_server()) as client:
+        tools = {t.name: set(t.input_schema["properties"]) for t in (await client.list_tools()).tools}
+    for command, model, tool in (
+        ("train", FinetuneSpec, "start_finetune"),
+        ("multi-run", SeriesSpec, "run_slao_series"),
+    ):
+        names = set(settings_of(model))
+        flags = set(vars(build_parser().parse_args([command, "--data", "d.jsonl"])))
+        assert names - flags == {"lora_target_modules"}, command  # a list: the API's and the spec file's
+        assert names - tools[tool] == TOOL_LEAVES_OUT[tool], tool
+    export = vars(build_parser().parse_args(["export", "job"]))
+    assert set(ExportSpec.model_fields) - set(export) == {"kind"}
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert all(
+        "--json" in sub.format_help() for name, sub in commands.items() if name not in ("run", "serve")
+    )
+    cli = _spec(
+        build_parser().parse_args(
+            ["train", "--data", "d.jsonl", "--lr", "0.001", "--lora-rank", "4", "--no-packing",
+             "--report-to", "wandb", "--max-pause-s", "5", "--skip-bad-rows", "--split", "dev"]
+        )
+    )  # fmt: skip
+    assert (cli.train.learning_rate, cli.lora.rank, cli.train.packing, cli.train.report_to) == (
+        0.001, 4, False, ["wandb"],
+    )  # fmt: skip
+    assert (cli.safety.max_pause_s, cli.dataset.skip_bad_rows, cli.dataset.split) == (5, True, "dev")
+    with pytest.raises(TypeError, match="did you mean 'learning_rate'"):
+        Trainer("tiny", learning_rat=0.1)
+    with pytest.raises(TypeError, match="unknown setting 'eval_fraction'"):  # a series holds out its own
+        Trainer("tiny", workdir=tmp_path).multi_run("d.jsonl", eval_fraction=0.1)

@@ -175,6 +175,6 @@ def test_thermal_guard_pauses_with_hysteresis_and_stops_in_an_emergency():
     assert ThermalGuard(SafetySettings()).decide({"temperature_c": None}).action == "ok"
 
 
-def test_thermal_guard_refuses_inconsistent_limits():
-    with pytest.raises(ValueError, match="resume <= pause <= emergency"):
-        ThermalGuard(SafetySettings(pause_temperature_c=80, resume_temperature_c=85))
+def test_safety_settings_refuse_inconsistent_limits():
+    with pytest.raises(ValueError, match="resume_temperature_c <= pause_temperature_c <= emergency"):
+        SafetySettings(pause_temperature_c=80, resume_temperature_c=85)
