@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ns = argparse.Namespace(
             seq_len=pick(args.fixed_seq, 2048, 64), batch=pick(args.fixed_batch, 4, 2),
             steps=pick(args.fixed_steps, 10, 2), warmup=warmup, workdir=str(work),
+            grad_accum=1, quantization="4bit", memory_fraction=None,  # train_speed's one-card defaults
         )  # fmt: skip
         fixed_data = work / f"fixed-{ns.seq_len}-b{ns.batch}.jsonl"
         info = write_tokens(fixed_data, ARCHS[args.arch]["vocab_size"], ns.batch * (ns.steps + ns.warmup), ns.seq_len,
