@@ -123,3 +123,25 @@ def test_paired_interval_uses_the_t_quantile():
     p = report.paired([0.3, 0.2, 0.4], [0.1, 0.1, 0.1])
     assert p["mean"] == pytest.approx(0.2) and p["wins"] == 3 and p["n"] == 3
     assert p["high"] - p["mean"] == pytest.approx(4.303 * 0.1 / 3**0.5)
+
+
+def test_base_saved_in_shards_loads_back_exactly(tmp_path: Path) -> None:
+    """--base-out / --base: a base larger than one 15 MB shard (what one device call can return per
+    file), tied weights included, comes back bit for bit with its step count."""
+    from slao_skills import load_base, save_base
+
+    tied = torch.randn(1000, 512).to(torch.bfloat16).float()
+    base = {
+        "model.embed_tokens.weight": tied,
+        "lm_head.weight": tied,  # tied embeddings share storage, as in the benchmark's model
+        **{
+            f"model.layers.{i}.mlp.weight": torch.randn(2000, 1408).to(torch.bfloat16).float()
+            for i in range(6)
+        },
+    }
+    save_base(base, 6000, tmp_path / "base")
+    shards = sorted((tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 1 and all(f.stat().st_size <= 15_100_000 for f in shards)
+    loaded, steps = load_base(tmp_path / "base")
+    assert steps == 6000 and loaded.keys() == base.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in base.items())
