@@ -32,6 +32,7 @@ from engine.interface import (
     Quantization,
     SeriesSpec,
     require_extra,
+    require_for_spec,
     training_spec,
 )
 
@@ -86,9 +87,6 @@ def register_job_tools(
         Every setting is optional: smart defaults fill them from the data and the GPU. The dataset and
         settings are checked first (missing file, malformed rows, bad values: an error, nothing created).
         Follow the job with job_status(job_id, wait_s=30)."""
-        require_extra("train", "start_finetune")
-        if backend == "unsloth":
-            require_extra("unsloth", "start_finetune with backend 'unsloth'")
         data_path = checks.dataset_path(dataset_path)
         model_name = checks.check_model(model)
         spec = checks.validated(
@@ -117,6 +115,7 @@ def register_job_tools(
             seed=seed,
             backend=backend,
         )
+        require_for_spec(spec, "start_finetune")  # the extras this spec uses (train; unsloth for its backend)
         return create(spec, f"{Path(model_name).name} on {Path(data_path).name}")
 
     @server.tool(

@@ -9,7 +9,7 @@ engine's torch-free data, model-catalogue and memory modules when it first runs.
 
 from engine import events, procs
 from engine.events import read_events
-from engine.extras import MissingExtra
+from engine.extras import MissingExtra, require_for_spec
 from engine.extras import require as require_extra
 from engine.files import (
     PathError,
@@ -85,6 +85,7 @@ __all__ = [
     "GpuReport",
     "gpu_report",
     "require_extra",
+    "require_for_spec",
     "procs",
     "quoted",
     "read_events",

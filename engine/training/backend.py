@@ -57,7 +57,7 @@ def _layer_forward(layer: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _compiled_layer_call(layer: Any, compiled: Any, checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():  # evaluation and generation stay eager: no compiling for them
-        return type(layer).forward(layer, *args, **kwargs)
+        return _layer_forward(layer, *args, **kwargs)
     if checkpoint is not None and layer.training:  # checkpoint outside, compiled code inside
         return checkpoint(compiled, layer, *args, **kwargs)
     return compiled(layer, *args, **kwargs)
