@@ -18,6 +18,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | Path, folder: bool = False) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the mode a plain open()/mkdir() would have: files
+    we write into a user's folder (an exported GGUF, a Modelfile) must be as readable as theirs."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of it."""
     path = Path(path)
@@ -28,6 +47,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +88,7 @@ def write_dir_atomically(dst: str | Path, write: Callable[[Path], object]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     old = dst.with_name(f".{dst.name}.old")
     try:
+        as_if_created(tmp, folder=True)
         write(tmp)
         if dst.exists():
             shutil.rmtree(old, ignore_errors=True)

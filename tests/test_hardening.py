@@ -27,7 +27,16 @@ from backprop_mcp.guard import guard_tools
 from backprop_mcp.policy import FilePolicy
 from backprop_mcp.server import build_server
 from engine.data import DatasetError, inspect_dataset
-from engine.files import QUOTE_LIMIT, PathError, checked_path, path_kind, quoted, user_path
+from engine.files import (
+    QUOTE_LIMIT,
+    PathError,
+    atomic_write_text,
+    checked_path,
+    path_kind,
+    quoted,
+    user_path,
+    write_dir_atomically,
+)
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
 MODES = ["legacy", "auto"]
@@ -135,6 +144,24 @@ def test_user_path_expands_plain_tilde_only(monkeypatch: pytest.MonkeyPatch, tmp
     assert str(user_path("/a/${HOME}/b", "p")) == "/a/${HOME}/b"
     with pytest.raises(PathError, match="only '~'"):
         user_path("~root/.ssh/id_rsa", "p")
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would_have(tmp_path: Path) -> None:
+    # mkstemp/mkdtemp make 0600/0700; an exported Modelfile or GGUF folder must follow the umask like
+    # any file the user writes (another account, e.g. a service's, may need to read it).
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "Modelfile", "FROM ./model.gguf\n")
+        out = write_dir_atomically(tmp_path / "adapter", lambda d: (d / "a.json").write_text("{}"))
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "Modelfile").stat().st_mode & 0o777 == 0o644
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./model.gguf\n"
 
 
 def test_quoted_keeps_at_most_the_limit_on_one_line() -> None:
