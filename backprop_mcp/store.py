@@ -4,7 +4,9 @@ The job folder is the source of truth for what a job did (spec, events, result);
 indexes jobs (id, kind, state, worker pid and start time, folder, timestamps) so that listing
 is cheap and several server processes sharing one state folder agree. Every write is one short
 transaction; a state change is a compare-and-set that never moves a job out of a final state,
-so two servers refreshing the same job cannot undo each other.
+so two servers refreshing the same job cannot undo each other. The one exception is ``reopen``: a
+failed or cancelled job whose own folder shows a live worker started after it ended (``backprop
+resume``) becomes ``running`` again.
 """
 
 from __future__ import annotations
@@ -179,6 +181,19 @@ class JobStore:
                 )
             db.execute("COMMIT")
             return bool(changed)
+
+    def reopen(self, job_id: str, ended_as: str, pid: int, start_time: float) -> bool:
+        """Back to ``running`` with a new worker, only from the final state ``ended_as`` (failed or
+        cancelled) that the caller saw: a compare-and-set, so two servers reopen it once."""
+        if ended_as not in ("failed", "cancelled"):
+            raise ValueError(f"only a failed or cancelled job can be resumed, not a {ended_as} one")
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'running', error = NULL, finished_at = NULL, cancel_requested_at = NULL, "
+                "pid = ?, pid_start_time = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (pid, start_time, time.time(), job_id, ended_as),
+            )
+            return cur.rowcount > 0
 
     def integrity_ok(self) -> bool:
         with self._connect() as db:

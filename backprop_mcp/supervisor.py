@@ -124,7 +124,9 @@ class Supervisor:
             tail = self.tail(record)
             fresh = tail.poll()
         if record.is_terminal:
-            return Refresh(record, len(fresh), False)
+            record = self._reopen_if_resumed(record, tail)
+            if record.is_terminal:
+                return Refresh(record, len(fresh), False)
         record = self._adopt_worker(record, tail)
         exit_code = self._reap(record.id)
         state, error = self._derive_state(record, tail, exit_code)
@@ -162,6 +164,33 @@ class Supervisor:
             return record
         if self.store.adopt_process(record.id, pid, start):
             log.info("job %s: following its worker (pid %d) named by its started event", record.id, pid)
+        return self.store.get(record.id) or record
+
+    def _reopen_if_resumed(self, record: JobRecord, tail: JobTail) -> JobRecord:
+        """A failed or cancelled job resumed outside this server (``backprop resume`` clears its
+        result and runs a new worker): follow it again instead of showing the old ending.
+
+        Only when its folder says so: no readable ``result.json``, a ``started`` event after the last
+        ``finished`` one, and the process it names alive and begun before that event (so a pid
+        reused by an unrelated process is not taken for the worker).
+        """
+        started = tail.started
+        if record.state == "succeeded" or started is None or tail.finished is not None:
+            return record
+        if self._result(record) is not None:
+            return record
+        start = procs.process_start_time(started.pid)
+        tolerance = procs.START_TIME_TOLERANCE_S
+        if start is None or not (record.created_at - tolerance <= start <= started.time + tolerance):
+            return record
+        if not procs.is_alive(procs.ProcessIdentity(started.pid, start)):
+            return record
+        if self.store.reopen(record.id, record.state, started.pid, start):
+            log.info(
+                "job %s: resumed outside the server (worker pid %d); following it again",
+                record.id,
+                started.pid,
+            )
         return self.store.get(record.id) or record
 
     def _derive_state(

@@ -73,6 +73,8 @@ class JobTail:
             self.last_log = event.message
         elif isinstance(event, ev.RunFinished):
             self.runs_finished.append(event)
+        elif isinstance(event, ev.Started):  # a new attempt (a resume): the last one's end is history
+            self.finished = self.error = None
         if type(event) in _LATEST:  # the latest of its kind
             setattr(self, _LATEST[type(event)], event)
 

@@ -628,6 +628,42 @@ def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: P
     assert record.state == "failed" and "ended without finishing" in (record.error or "")
 
 
+def test_a_job_resumed_from_the_cli_is_followed_again(home: Path) -> None:
+    """`backprop resume` on a job the server had seen cancelled: the server shows it running again
+    (new worker, no old error), then how the new attempt ended; it once kept showing "cancelled"."""
+    from engine.jobs import prepare_resume
+
+    store, supervisor, job_dir = _job_without_pid(home)
+    (job_dir / "cancel.request").write_text("")  # the first attempt stops at its first step
+    proc, identity = _spawn_standin(home, job_dir, steps=5, step_s=0.01)
+    store.set_process("finetune-test", identity.pid, identity.start_time)
+    proc.wait()
+    record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+    assert record.state == "cancelled" and record.finished_at is not None
+
+    prepare_resume(job_dir)  # what `backprop resume` does before it runs the worker again
+    proc, identity = _spawn_standin(home, job_dir, steps=3, step_s=1.0)
+    try:
+        deadline = time.time() + 30
+
+        def starts() -> int:
+            events = (job_dir / "events.jsonl").read_text().splitlines()
+            return [json.loads(line)["type"] for line in events].count("started")
+
+        while starts() < 2:
+            assert time.time() < deadline, "the resumed worker never started"
+            time.sleep(0.05)
+        record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+        assert record.state == "running" and record.pid == identity.pid
+        assert record.error is None and record.finished_at is None and record.cancel_requested_at is None
+    finally:
+        proc.wait(timeout=30)
+    record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+    assert record.state == "succeeded"
+    # A final state that no new worker reopened stays final.
+    assert not store.reopen("finetune-test", "cancelled", identity.pid, identity.start_time)
+
+
 def test_a_started_event_naming_an_older_process_is_not_adopted(home: Path) -> None:
     """A pid that began before the job was created is not its worker (e.g. a reused pid)."""
     from engine.events import EventWriter, Started
