@@ -42,7 +42,7 @@ from engine.files import atomic_write_text
 from engine.training.batching import IGNORE
 from engine.training.fast_step import VARLEN_FLAG, loss_sum, prepare_batches
 from engine.training.fused_lora import weights_updated
-from engine.training.loss import _causal_lm
+from engine.training.loss import causal_lm
 from engine.training.varlen_attention import varlen_attention
 
 RANKS_DIR = "ranks"  # ranks/rank-K.json: how rank K ended (and rank 0's result)
@@ -121,7 +121,7 @@ class RankContext:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import FSDPModule, fully_shard
 
-            decoder = _causal_lm(model).model
+            decoder = causal_lm(model).model
             if not isinstance(decoder, FSDPModule):  # a series' later runs train the same sharded model
                 mesh = init_device_mesh(self.device.split(":")[0], (self.world,))
                 for module in [*decoder.layers, decoder]:

@@ -25,7 +25,7 @@ import torch
 from engine.memory import loss_chunk_tokens
 from engine.training.batching import IGNORE, collate
 from engine.training.fused_lora import weights_updated
-from engine.training.loss import _causal_lm, _chunk_loss, supports_hidden_state_loss
+from engine.training.loss import causal_lm, chunk_loss, supports_hidden_state_loss
 from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
 
 VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
@@ -93,7 +93,7 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
         logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
         flat = logits.logits.reshape(-1, logits.logits.shape[-1]).index_select(0, b.gather_index)
         return torch.nn.functional.cross_entropy(flat.float(), b.gather_targets, reduction="sum")
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     out = lm.model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
     hidden = out.last_hidden_state
     if b.n_targets == 0:
@@ -105,9 +105,9 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
     for start in range(0, b.n_targets, chunk):
         hc, tc = h[start : start + chunk], b.gather_targets[start : start + chunk]
         if torch.is_grad_enabled():
-            part = torch.utils.checkpoint.checkpoint(_chunk_loss, hc, weight, tc, use_reentrant=False)
+            part = torch.utils.checkpoint.checkpoint(chunk_loss, hc, weight, tc, use_reentrant=False)
         else:
-            part = _chunk_loss(hc, weight, tc)
+            part = chunk_loss(hc, weight, tc)
         total = part if total is None else total + part
     assert total is not None
     return total

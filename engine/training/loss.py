@@ -20,7 +20,7 @@ from engine.memory import loss_chunk_tokens
 from engine.training.batching import IGNORE
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits, targets, reduction="sum")
 
@@ -40,13 +40,13 @@ def chunked_lm_loss_sum(
     for start in range(0, t.numel(), chunk):
         hc, tc = h[start : start + chunk], t[start : start + chunk]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hc, lm_head_weight, tc, use_reentrant=False)
+            total = total + checkpoint(chunk_loss, hc, lm_head_weight, tc, use_reentrant=False)
         else:
-            total = total + _chunk_loss(hc, lm_head_weight, tc)
+            total = total + chunk_loss(hc, lm_head_weight, tc)
     return total
 
 
-def _causal_lm(model: Any) -> Any:
+def causal_lm(model: Any) -> Any:
     """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
     inner = model
     if hasattr(inner, "get_base_model"):
@@ -56,7 +56,7 @@ def _causal_lm(model: Any) -> Any:
 
 def supports_hidden_state_loss(model: Any) -> bool:
     """True when logits are exactly lm_head(decoder(x)): no soft-capping or scaling to replicate."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     cfg = lm.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return False
@@ -69,7 +69,7 @@ def causal_lm_loss_sum(
 ) -> torch.Tensor:
     """Summed next-token loss for one micro-batch (targets already shifted, see engine.training.batching)."""
     if supports_hidden_state_loss(model):
-        lm = _causal_lm(model)
+        lm = causal_lm(model)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return chunked_lm_loss_sum(out.last_hidden_state, lm.get_output_embeddings().weight, targets)
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
