@@ -14,11 +14,13 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
          last in --variants (the compiled layers stay compiled).
 
 For each it records per-step losses and times (a CUDA sync after each step, so the time is the
-step's), tokens/s over the timed steps, peak memory, and a torch.profiler table of one more step
-(``--profile``). The loss curves side by side are the parity check: same data, seed and init.
+step's), tokens/s over the timed steps, peak memory, and with ``--profile`` two more steps: one
+under torch.profiler (the kernels, by category) and one under cProfile (the host's Python, which
+is what bounds a small model's step). The loss curves side by side are the parity check: same
+data, seed and init.
 
   python benchmarks/profile_step.py --model-dir DIR --batch 4 --seq-len 2048 --steps 8 --out OUTDIR [--packed]
-CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --seq-len 64 --batch 2 --variants plain,fast,fastc
+CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --seq-len 64 --batch 2 --variants plain,fast,fastc [--profile]
 """
 
 from __future__ import annotations
@@ -128,6 +130,45 @@ def profile_one(fn, out_dir: Path, label: str) -> dict:
     return {"gpu_s_by_category": {k: round(v, 4) for k, v in sorted(cats.items())}, "kernels": kernels}
 
 
+def host_profile(fn, out_dir: Path, label: str) -> dict:
+    """Where the host's time goes in one step (cProfile: Python functions and the C calls they make).
+
+    A small model's step is host-bound (its kernels take a third of the step), and torch.profiler's
+    table shows the kernels, not the Python around them; this shows the Python. Written to
+    ``pyprofile-<label>.txt`` (by own time, then by cumulative time); the top own-time entries return.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    wall = time.perf_counter() - t
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    (out_dir / f"pyprofile-{label}.txt").write_text(text.getvalue())
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]  # type: ignore[attr-defined]
+    top = [
+        {
+            "fn": f"{Path(file).name}:{line}({name})",
+            "calls": calls,
+            "own_s": round(own, 4),
+            "cum_s": round(cum, 4),
+        }
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]
+    return {"step_s_under_cprofile": round(wall, 4), "top_own_time": top}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=None)
@@ -183,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_per_step = args.batch
     n_rows = 64 if args.packed else 16  # a few rows again and again: the loss has something to learn
     data = make_data(vocab, n_rows * (8 if args.packed else 1), args.seq_len, args.packed)
-    total_steps = args.warmup + args.steps + (1 if args.profile else 0)
+    total_steps = (
+        args.warmup + args.steps + (2 if args.profile else 0)
+    )  # + one torch.profiler, one cProfile step
     plan = plan_steps(
         data.lengths, max_seq_length=args.seq_len, packing=args.packed, rows_per_step=rows_per_step,
         total_steps=total_steps, seed=0,
@@ -242,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
             rec["profile"] = profile_one(
                 lambda last=last, step_fn=step_fn, opt=opt: step_fn(
                     model, opt, last, data, args.batch, 0, device, autocast_dtype, 1.0
+                ),
+                args.out,
+                f"{variant}{'-packed' if args.packed else ''}",
+            )
+            host = plan.steps[args.warmup + args.steps + 1]
+            rec["host"] = host_profile(
+                lambda host=host, step_fn=step_fn, opt=opt: step_fn(
+                    model, opt, host, data, args.batch, 0, device, autocast_dtype, 1.0
                 ),
                 args.out,
                 f"{variant}{'-packed' if args.packed else ''}",

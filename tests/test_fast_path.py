@@ -405,3 +405,29 @@ def test_backend_unsloth_without_a_gpu_is_a_clear_error(tiny_model_dir):
     )
     with pytest.raises(ModelError, match="backend is 'unsloth'.*CUDA GPU.*'auto' or 'native'"):
         load_for_training(spec, "cpu")
+
+
+def test_profile_step_benchmark_reports_kernels_and_host_time_in_its_cpu_smoke_mode(tmp_path):
+    """benchmarks/profile_step.py --tiny --profile: the plain and fast steps on the same rows from the
+    same init (equal losses on the CPU, where 'fast' is the same step without the GPU-only pieces), a
+    torch.profiler table and a cProfile breakdown of the host's Python for each."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(root / "benchmarks" / "profile_step.py"), "--tiny", "--model-dir", str(tmp_path / "m"),
+        "--steps", "1", "--warmup", "1", "--seq-len", "32", "--batch", "2", "--variants", "plain,fast",
+        "--profile", "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=root, capture_output=True, timeout=600)
+    report = json.loads((out / "profile_step-fixed-mb2.json").read_text())
+    assert report["parity_max_abs_loss_diff"]["fast"] == 0.0
+    for variant in ("plain", "fast"):
+        host = report["variants"][variant]["host"]
+        assert host["step_s_under_cprofile"] > 0 and host["top_own_time"]
+        assert "run_backward" in (out / f"pyprofile-{variant}.txt").read_text()  # the backward pass is in it
+        assert (out / f"profile-{variant}.txt").read_text().strip()
