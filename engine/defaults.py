@@ -190,7 +190,14 @@ def resolve_training(
     target = TARGET_EXAMPLES_PER_STEP
     if packing:
         target = max(1, round(TARGET_EXAMPLES_PER_STEP * mean_len / max_seq))
-    target_note = f"about {TARGET_EXAMPLES_PER_STEP} examples per optimizer step"
+    # Why ~16 examples, not "as many tokens as the card holds": a step has a fixed cost (launches,
+    # the optimizer), so bigger steps are faster per token on a GPU, but a small dataset then gets
+    # few updates per epoch; 16 is where common LoRA recipes put the batch. Throughput is the
+    # step's job (engine.training.fast_step), not the batch size's (issue 9, benchmarks/RESULTS.md).
+    target_note = (
+        f"about {TARGET_EXAMPLES_PER_STEP} examples per optimizer step: enough updates per epoch on small "
+        "data; a larger step would be faster per token but update less often"
+    )
     if target > max(1, rows // 4):
         target = max(1, rows // 4)
         target_note = f"{target} rows per step, so that each epoch of {rows} rows has at least 4 steps"
