@@ -10,8 +10,11 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
   fast   engine.training.fast_step with fused LoRA (engine.training.fused_lora) and, for packed
          rows, the varlen flash-attention kernel (engine.training.varlen_attention);
   fastc  fast, and each decoder layer compiled (``train.compile``; on the CPU compile only). Its
-         line adds torch.compile's counters (graphs, graph breaks, frames compiled); it must come
-         last in --variants (the compiled layers stay compiled).
+         line adds torch.compile's counters (graphs, graph breaks, frames compiled).
+
+``--rounds N`` runs the variants N times, interleaved (plain fast fastc plain fast fastc ...), and
+reports each variant's median tokens/s: a small model's step time drifts between steps by more
+than the differences being measured.
 
 For each it records per-step losses and times (a CUDA sync after each step, so the time is the
 step's), tokens/s over the timed steps, peak memory, and with ``--profile`` two more steps: one
@@ -29,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -181,15 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="large enough that the loss moves on repeated rows")
     p.add_argument("--packed", action="store_true", help="log-normal lengths, packed rows (varlen attention)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc (fastc last)")
+    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the variants this many times, interleaved; median"
+    )
     p.add_argument(
         "--no-liger", action="store_true", help="leave Liger's kernels out (to compare under compile)"
     )
     p.add_argument("--out", type=Path, default=Path("profile_out"))
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
-    if "fastc" in variants[:-1]:
-        p.error("fastc must be the last of --variants: its layers stay compiled")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
     from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
     from engine.training import accel
-    from engine.training.backend import apply_fast_path, compile_decoder_layers
+    from engine.training.backend import apply_fast_path, compile_decoder_layers, uncompile_decoder_layers
     from engine.training.base_model import load_for_training
     from engine.training.batching import plan_steps
     from engine.training.fast_step import VARLEN_FLAG, run_step
@@ -240,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "variants": {},
     }  # fmt: skip
 
-    for variant in variants:
+    def run_variant(variant: str, first_round: bool) -> dict:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(init[n])
         unfuse_lora_layers(model)
+        uncompile_decoder_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
         applied: list[str] = []
         if variant in ("fast", "fastc") and device != "cpu":
@@ -280,23 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             "median_step_s": round(sorted(times[timed])[len(times[timed]) // 2], 4),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device != "cpu" else None,
         }
-        if args.profile:
-            last = plan.steps[args.warmup + args.steps]
-            rec["profile"] = profile_one(
-                lambda last=last, step_fn=step_fn, opt=opt: step_fn(
-                    model, opt, last, data, args.batch, 0, device, autocast_dtype, 1.0
-                ),
-                args.out,
-                f"{variant}{'-packed' if args.packed else ''}",
-            )
-            host = plan.steps[args.warmup + args.steps + 1]
-            rec["host"] = host_profile(
-                lambda host=host, step_fn=step_fn, opt=opt: step_fn(
-                    model, opt, host, data, args.batch, 0, device, autocast_dtype, 1.0
-                ),
-                args.out,
-                f"{variant}{'-packed' if args.packed else ''}",
-            )
+        if args.profile and first_round:
+            label = f"{variant}{'-packed' if args.packed else ''}"
+            for key, profiler, step in (("profile", profile_one, 0), ("host", host_profile, 1)):
+                rows = plan.steps[args.warmup + args.steps + step]
+                rec[key] = profiler(
+                    lambda rows=rows, step_fn=step_fn, opt=opt: step_fn(
+                        model, opt, rows, data, args.batch, 0, device, autocast_dtype, 1.0
+                    ),
+                    args.out,
+                    label,
+                )
         if variant == "fastc":
             from torch._dynamo.utils import counters
 
@@ -305,8 +305,23 @@ def main(argv: list[str] | None = None) -> int:
                 "graph_breaks": sum(counters["graph_break"].values()),
                 "frames_compiled": counters["frames"]["ok"],
             }
-        report["variants"][variant] = rec
-        print(json.dumps({variant: {k: v for k, v in rec.items() if k != "losses"}}), flush=True)
+        return rec
+
+    # Rounds interleave the variants (A B A B ...): a small model's step time drifts by more than the
+    # differences measured, so each variant's figure is the median of its rounds, all in one process.
+    for r in range(args.rounds):
+        for variant in variants:
+            rec = run_variant(variant, first_round=r == 0)
+            print(
+                json.dumps({variant: {k: v for k, v in rec.items() if k != "losses"}, "round": r + 1}),
+                flush=True,
+            )
+            if r == 0:
+                report["variants"][variant] = rec | {"rounds_tokens_per_s": [rec["tokens_per_s"]]}
+            else:
+                report["variants"][variant]["rounds_tokens_per_s"].append(rec["tokens_per_s"])
+    for rec in report["variants"].values():
+        rec["tokens_per_s"] = round(statistics.median(rec["rounds_tokens_per_s"]), 1)
 
     v = report["variants"]
     others = [name for name in v if name != "plain"] if "plain" in v else []

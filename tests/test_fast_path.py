@@ -319,6 +319,38 @@ def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_mod
     assert train(rows, packed, True)[0] == pytest.approx(train(rows, packed, False)[0], abs=1e-5)
 
 
+def test_uncompiled_layers_are_the_eager_checkpointed_layers_again(tiny_model_dir):
+    """uncompile_decoder_layers restores each layer's own forward and its checkpointing, exactly:
+    a benchmark can switch compile on and off on one loaded model (profile_step.py --rounds)."""
+    from engine.training.backend import compile_decoder_layers, uncompile_decoder_layers
+    from engine.training.fast_step import run_step
+    from engine.training.lora import enable_activation_checkpointing
+
+    data = _data([24] * 4, seed=3)
+    rows = [[0], [1], [2], [3]]
+
+    def losses(model) -> list[float]:
+        init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        out = [run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0)[0] for _ in range(2)]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(init[n])
+        return out
+
+    model = _peft_model(tiny_model_dir)
+    enable_activation_checkpointing(model.base_model.model)
+    layers = [
+        m for m in model.modules() if "GradientCheckpointingLayer" in [c.__name__ for c in type(m).__mro__]
+    ]
+    eager = losses(model)
+    assert compile_decoder_layers(model) == 2 and not any(m.gradient_checkpointing for m in layers)
+    assert uncompile_decoder_layers(model) == 2
+    assert all(m.gradient_checkpointing and "forward" not in m.__dict__ for m in layers)
+    assert losses(model) == eager  # the same eager code: bit for bit
+
+
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 
@@ -408,7 +440,7 @@ def test_backend_unsloth_without_a_gpu_is_a_clear_error(tiny_model_dir):
 
 
 def test_profile_step_benchmark_reports_kernels_and_host_time_in_its_cpu_smoke_mode(tmp_path):
-    """benchmarks/profile_step.py --tiny --profile: the plain and fast steps on the same rows from the
+    """benchmarks/profile_step.py --tiny --profile --rounds 2: the plain and fast steps on the same rows from the
     same init (equal losses on the CPU, where 'fast' is the same step without the GPU-only pieces), a
     torch.profiler table and a cProfile breakdown of the host's Python for each."""
     import json
@@ -421,12 +453,14 @@ def test_profile_step_benchmark_reports_kernels_and_host_time_in_its_cpu_smoke_m
     cmd = [
         sys.executable, str(root / "benchmarks" / "profile_step.py"), "--tiny", "--model-dir", str(tmp_path / "m"),
         "--steps", "1", "--warmup", "1", "--seq-len", "32", "--batch", "2", "--variants", "plain,fast",
-        "--profile", "--out", str(out),
+        "--profile", "--rounds", "2", "--out", str(out),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=root, capture_output=True, timeout=600)
     report = json.loads((out / "profile_step-fixed-mb2.json").read_text())
     assert report["parity_max_abs_loss_diff"]["fast"] == 0.0
     for variant in ("plain", "fast"):
+        rounds = report["variants"][variant]["rounds_tokens_per_s"]  # interleaved rounds, median reported
+        assert len(rounds) == 2 and min(rounds) <= report["variants"][variant]["tokens_per_s"] <= max(rounds)
         host = report["variants"][variant]["host"]
         assert host["step_s_under_cprofile"] > 0 and host["top_own_time"]
         assert "run_backward" in (out / f"pyprofile-{variant}.txt").read_text()  # the backward pass is in it

@@ -87,6 +87,19 @@ def compile_decoder_layers(model: Any) -> int:
     return n
 
 
+def uncompile_decoder_layers(model: Any) -> int:
+    """Undo ``compile_decoder_layers``: each layer's own forward and checkpointing again (benchmarks
+    compare compiled and eager layers on one loaded model). Returns how many layers changed."""
+    n = 0
+    for m in model.modules():
+        call = m.__dict__.get("forward")
+        if isinstance(call, functools.partial) and call.func is _compiled_layer_call:
+            del m.forward
+            m.gradient_checkpointing = call.args[2] is not None
+            n += 1
+    return n
+
+
 def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layers: bool = False) -> list[str]:
     """Switch on the native fast path for a peft-wrapped model on a GPU. Returns what was applied."""
     if backend_name(info) != "native" or not device.startswith("cuda"):
