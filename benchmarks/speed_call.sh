@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 9's 0.5B measurements in one GPU call (about 8 minutes, each part under its own timeout), so a
+# session with little device time spends it in one full call:
+#   1. profile_step.py at micro-batch 4: plain, fast, fastc interleaved over 3 rounds (medians), loss
+#      parity, a kernel profile and a cProfile of the host's Python; Liger on (the default);
+#   2. the same fast/fastc pair with Liger off (Liger's Triton RMSNorm breaks compiled graphs);
+#   3. fast/fastc at micro-batch 16;
+#   4. Unsloth alone at micro-batch 4 and 16 (when UNSLOTH_PACK and UNSLOTH_BENCH are given);
+#   5. the whole server flow with default settings beside the fixed-length rate (server_flow.py).
+# Everything it prints goes to $OUT/log.txt; the JSON records, profiles and tables to $OUT/speed_call.tgz.
+#
+# What the GPU machine lacks travels as wheels (carried, git-ignored), e.g. with the device tool:
+#   run(command="bash benchmarks/speed_call.sh", carry=[".device/speed/whl", ".device/flow/whl",
+#       ".device/speed/unsloth-pack", ".device/speed/unsloth_bench.py"], timeout_s=590)
+# WHEELS: folders of wheels (bitsandbytes, liger-kernel; mcp and its dependencies for the server flow);
+# UNSLOTH_PACK: Unsloth's packed site folder (shared/bench/unsloth/README.md says how to make it);
+# UNSLOTH_BENCH: shared/bench/unsloth/unsloth_bench.py. Unsloth stays off PYTHONPATH outside part 4:
+# with it importable the engine's `backend: auto` would take Unsloth, and parts 1-3 and 5 measure the
+# native path.
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/speed_out}
+WHEELS=${WHEELS:-".device/speed/whl .device/flow/whl"}
+UNSLOTH_PACK=${UNSLOTH_PACK:-.device/speed/unsloth-pack/unsloth_site.tar.xz}
+UNSLOTH_BENCH=${UNSLOTH_BENCH:-.device/speed/unsloth_bench.py}
+mkdir -p "$OUT"
+export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+T0=$(date +%s)
+left() { echo $(( 560 - ($(date +%s) - T0) )); }
+
+# one wheel of each file name (two packs may carry the same one)
+W=$(for d in $WHEELS; do ls "$d"/*.whl 2>/dev/null; done | awk -F/ '!seen[$NF]++')
+[ -n "$W" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site $W 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD
+# SMOKE=1: the same parts on tiny shapes (a CPU check of this script, not a measurement)
+if [ -n "${SMOKE:-}" ]; then SHAPE="--tiny --seq-len 64 --steps 1 --warmup 1 --rounds 2"; FLOW="--tiny"; M=/tmp/m-tiny
+else SHAPE="--arch qwen2.5-0.5b --seq-len 2048 --steps 6 --warmup 2 --rounds 3"; FLOW="--arch qwen2.5-0.5b --steps 80"; M=/tmp/m05; fi
+PROFILE="python3 benchmarks/profile_step.py --model-dir $M $SHAPE"
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
+echo "== 1. mb4 plain/fast/fastc, Liger on $(date -u +%T), $(left) s left"
+timeout 150 $PROFILE --batch 4 --variants plain,fast,fastc --profile --out "$OUT/liger" 2>&1 \
+  | grep -v "Warning\|triton_kernel_wrap" | tail -12
+echo "== 2. mb4 fast/fastc, Liger off $(date -u +%T), $(left) s left"
+timeout 100 $PROFILE --batch 4 --variants fast,fastc --no-liger --profile --out "$OUT/noliger" 2>&1 \
+  | grep -v Warning | tail -8
+echo "== 3. mb16 fast/fastc, Liger on $(date -u +%T), $(left) s left"
+timeout 100 $PROFILE --batch 16 --variants fast,fastc --out "$OUT/liger" 2>&1 \
+  | grep -v "Warning\|triton_kernel_wrap" | tail -8
+if [ -z "${SMOKE:-}" ] && [ -f "$UNSLOTH_PACK" ] && [ -f "$UNSLOTH_BENCH" ]; then
+  echo "== 4. Unsloth alone, mb4 and mb16 $(date -u +%T), $(left) s left"
+  mkdir -p /tmp/us && tar -C /tmp/us -xJf "$UNSLOTH_PACK"
+  PYTHONPATH=/tmp/site:/tmp/us:$PWD timeout 170 python3 benchmarks/train_speed.py --arch qwen2.5-0.5b \
+    --steps 8 --warmup 2 --skip-fixed --unsloth-bench "$UNSLOTH_BENCH" --unsloth-batches 4,16 \
+    --workdir /tmp/ts05 --jsonl "$OUT/unsloth.jsonl" 2>&1 | grep -v Warning | tail -6
+fi
+echo "== 5. server flow, defaults, and the fixed-length rate $(date -u +%T), $(left) s left"
+if [ "$(left)" -gt 60 ]; then
+  timeout $(( $(left) - 5 )) python3 benchmarks/server_flow.py $FLOW --compare-fixed \
+    --workdir /tmp/ts05 --json "$OUT/flow.json" 2>&1 | grep -v Warning | tail -25
+  # a flow cut off by its timeout leaves the server's detached worker training: ask it to stop
+  for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
+fi
+echo "== end $(date -u +%T)"
+} 2>&1 | tee "$OUT/log.txt"
+# The device tool brings back at most 8 files: everything in one archive, and the log beside it.
+tar -C "$OUT" -czf /tmp/speed_call.tgz --exclude=log.txt . && find "$OUT" -mindepth 1 ! -name log.txt -delete \
+  && mv /tmp/speed_call.tgz "$OUT/"
