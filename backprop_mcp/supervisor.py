@@ -171,11 +171,15 @@ class Supervisor:
         result and runs a new worker): follow it again instead of showing the old ending.
 
         Only when its folder says so: no readable ``result.json``, a ``started`` event after the last
-        ``finished`` one, and the process it names alive and begun before that event (so a pid
-        reused by an unrelated process is not taken for the worker).
+        ``finished`` one and after the store recorded the end, and the process it names alive and
+        begun before that event (so a pid reused by an unrelated process is not taken for the worker).
         """
         started = tail.started
         if record.state == "succeeded" or started is None or tail.finished is not None:
+            return record
+        # The attempt that ended started before the store marked the end (a worker killed by force
+        # may still be exiting, and it wrote no ``finished``): only a later ``started`` is a resume.
+        if record.finished_at is None or started.time <= record.finished_at:
             return record
         if self._result(record) is not None:
             return record
