@@ -229,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_per_step = args.batch
     n_rows = 64 if args.packed else 16  # a few rows again and again: the loss has something to learn
     data = make_data(vocab, n_rows * (8 if args.packed else 1), args.seq_len, args.packed)
-    total_steps = (
-        args.warmup + args.steps + (2 if args.profile else 0)
-    )  # + one torch.profiler, one cProfile step
+    # --profile adds two steps: one under torch.profiler, one under cProfile
+    total_steps = args.warmup + args.steps + (2 if args.profile else 0)
     plan = plan_steps(
         data.lengths, max_seq_length=args.seq_len, packing=args.packed, rows_per_step=rows_per_step,
         total_steps=total_steps, seed=0,

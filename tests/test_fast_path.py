@@ -322,6 +322,8 @@ def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_mod
 def test_uncompiled_layers_are_the_eager_checkpointed_layers_again(tiny_model_dir):
     """uncompile_decoder_layers restores each layer's own forward and its checkpointing, exactly:
     a benchmark can switch compile on and off on one loaded model (profile_step.py --rounds)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     from engine.training.backend import compile_decoder_layers, uncompile_decoder_layers
     from engine.training.fast_step import run_step
     from engine.training.lora import enable_activation_checkpointing
@@ -341,9 +343,7 @@ def test_uncompiled_layers_are_the_eager_checkpointed_layers_again(tiny_model_di
 
     model = _peft_model(tiny_model_dir)
     enable_activation_checkpointing(model.base_model.model)
-    layers = [
-        m for m in model.modules() if "GradientCheckpointingLayer" in [c.__name__ for c in type(m).__mro__]
-    ]
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     eager = losses(model)
     assert compile_decoder_layers(model) == 2 and not any(m.gradient_checkpointing for m in layers)
     assert uncompile_decoder_layers(model) == 2
