@@ -10,7 +10,11 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
   fast   engine.training.fast_step with fused LoRA (engine.training.fused_lora) and, for packed
          rows, the varlen flash-attention kernel (engine.training.varlen_attention);
   fastc  fast, and each decoder layer compiled (``train.compile``; on the CPU compile only). Its
-         line adds torch.compile's counters (graphs, graph breaks, frames compiled).
+         line adds torch.compile's counters (graphs, graph breaks, frames compiled);
+  fastg  fast, with each micro-batch's forward and backward replayed from a CUDA graph
+         (``train.cuda_graphs``, engine.training.cuda_graphs; the engine's default); its line says
+         how many graphs were captured and replayed (on the CPU: why none were);
+  fastcg fastc with CUDA graphs.
 
 ``--rounds N`` runs the variants N times, interleaved (plain fast fastc plain fast fastc ...), and
 reports each variant's median tokens/s: a small model's step time drifts between steps by more
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="large enough that the loss moves on repeated rows")
     p.add_argument("--packed", action="store_true", help="log-normal lengths, packed rows (varlen attention)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc")
+    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc,fastg,fastcg")
     p.add_argument(
         "--rounds", type=int, default=1, help="run the variants this many times, interleaved; median"
     )
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.backend import apply_fast_path, compile_decoder_layers, uncompile_decoder_layers
     from engine.training.base_model import load_for_training
     from engine.training.batching import plan_steps
+    from engine.training.cuda_graphs import StepGraphs, why_not
     from engine.training.fast_step import VARLEN_FLAG, run_step
     from engine.training.fused_lora import unfuse_lora_layers
     from engine.training.lora import add_lora
@@ -253,11 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         uncompile_decoder_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
         applied: list[str] = []
-        if variant in ("fast", "fastc") and device != "cpu":
-            applied = apply_fast_path(model, device, loaded.info, compile_layers=variant == "fastc")
-        elif variant == "fastc":  # the CPU has no fast path to switch on: compile alone
+        compiled = variant in ("fastc", "fastcg")
+        if variant != "plain" and device != "cpu":
+            applied = apply_fast_path(model, device, loaded.info, compile_layers=compiled)
+        elif compiled:  # the CPU has no fast path to switch on: compile alone
             applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
         step_fn = old_step if variant == "plain" else run_step
+        graphs, kwargs = None, {}
+        if variant in ("fastg", "fastcg"):
+
+            class Asked:
+                cuda_graphs = True
+
+            no_graphs = why_not(model, device, Asked, distributed=False)
+            if no_graphs is None:
+                graphs = StepGraphs(model, device, args.seq_len, args.packed)
+                kwargs = {"graphs": graphs}
+            else:
+                applied.append(f"no CUDA graphs: {no_graphs}")
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device != "cpu")
         torch.manual_seed(0)
@@ -269,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.warmup + args.steps):
             t = time.perf_counter()
             loss, real, _ = step_fn(
-                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0
+                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs
             )
             if device != "cpu":
                 torch.cuda.synchronize()
@@ -291,12 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows = plan.steps[args.warmup + args.steps + step]
                 rec[key] = profiler(
                     lambda rows=rows, step_fn=step_fn, opt=opt: step_fn(
-                        model, opt, rows, data, args.batch, 0, device, autocast_dtype, 1.0
+                        model, opt, rows, data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs
                     ),
                     args.out,
                     label,
                 )
-        if variant == "fastc":
+        if graphs is not None:
+            rec["cuda_graphs"] = graphs.summary()
+            graphs.reset()
+        if compiled:
             from torch._dynamo.utils import counters
 
             rec["dynamo"] = {

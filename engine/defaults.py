@@ -61,6 +61,7 @@ class ResolvedTraining:
     backend: str = "auto"  # train.backend, decided when the model loads (engine.training.backend)
     report_to: list[str] = field(default_factory=list)  # train.report_to (engine.reporting)
     compile: bool = False  # train.compile (engine.training.backend.compile_decoder_layers)
+    cuda_graphs: bool = True  # train.cuda_graphs (engine.training.cuda_graphs)
 
     @property
     def rows_per_step(self) -> int:
@@ -303,6 +304,7 @@ def resolve_training(
         "backend",
         "report_to",
         "compile",
+        "cuda_graphs",
     ):
         value = getattr(train, name)
         default = TrainSettings.model_fields[name].get_default(call_default_factory=True)
@@ -339,6 +341,7 @@ def resolve_training(
         backend=train.backend,
         report_to=list(train.report_to),
         compile=train.compile,
+        cuda_graphs=train.cuda_graphs,
     )
 
 

@@ -200,13 +200,13 @@ async def test_tool_arguments_agree_with_the_spec_models() -> None:
 TOOL_LEAVES_OUT = {
     "start_finetune": {
         "warmup_steps", "lr_scheduler", "gradient_checkpointing", "weight_decay", "max_grad_norm", "compile",
-        "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
+        "cuda_graphs", "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
         "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
     },
     "run_slao_series": {
         "steps", "epochs", "warmup_steps", "lr_scheduler", "micro_batch_size", "gradient_accumulation",
         "packing", "gradient_checkpointing", "weight_decay", "max_grad_norm", "seed", "checkpoint_every",
-        "backend", "compile", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "backend", "compile", "cuda_graphs", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
         "trust_remote_code", "split", "gpu_index", "merge_weight", "qr_init", "ties_density", "dare_drop",
         "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
     },

@@ -104,8 +104,10 @@ def collate(
     *,
     pad_id: int,
     pad_to_multiple: int = 8,
+    width: int | None = None,
 ) -> MicroBatch:
-    """Lay each row's examples end to end, shift targets inside each example, right-pad."""
+    """Lay each row's examples end to end, shift targets inside each example, right-pad (to ``width``
+    when given, else to the longest row rounded up to ``pad_to_multiple``)."""
     flat_ids: list[list[int]] = []
     flat_pos: list[list[int]] = []
     flat_tgt: list[list[int]] = []
@@ -127,7 +129,7 @@ def collate(
         flat_tgt.append(tgt)
     real = sum(len(r) for r in flat_ids)
     longest = max(len(r) for r in flat_ids)
-    length = -(-longest // pad_to_multiple) * pad_to_multiple
+    length = max(-(-longest // pad_to_multiple) * pad_to_multiple, width or 0)
     for ids, pos, tgt in zip(flat_ids, flat_pos, flat_tgt, strict=True):
         pad = length - len(ids)
         ids.extend([pad_id] * pad)
@@ -143,3 +145,39 @@ def collate(
         real_tokens=real,
         target_tokens=target_tokens,
     )
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+@dataclass(frozen=True)
+class StaticShapes:
+    """How micro-batches are padded so that few shapes recur, for CUDA graphs (one graph per shape,
+    engine.training.cuda_graphs). Padding is never trained on: padded tokens carry no target, padded
+    loss positions have the IGNORE target, padded attention pieces have length zero.
+
+    - row width: ``max_seq_length`` (rounded up to 8) with packing, whose rows are nearly full anyway;
+      without packing the next power of two >= the longest row (at least 128), capped there;
+    - loss positions: rounded up to a quarter of the micro-batch's cells, in whole loss chunks, so at
+      most four loss shapes, and at most one chunk's worth of extra lm_head work per chunk quarter;
+    - cumulative sequence lengths (varlen attention): a power-of-two count.
+    """
+
+    max_seq_length: int
+    packing: bool
+    loss_chunk: int  # tokens per chunk of the loss (engine.memory.loss_chunk_tokens)
+
+    def width(self, longest: int) -> int:
+        cap = _round_up(self.max_seq_length, 8)
+        if self.packing:
+            return max(cap, _round_up(longest, 8))
+        return max(min(cap, max(128, 1 << max(0, longest - 1).bit_length())), _round_up(longest, 8))
+
+    def loss_positions(self, n: int, cells: int) -> int:
+        quarter = self.loss_chunk * max(1, -(-cells // (4 * self.loss_chunk)))
+        return min(cells, _round_up(n, quarter))
+
+    @staticmethod
+    def boundaries(n: int) -> int:
+        return 1 << max(0, n - 1).bit_length()

@@ -8,7 +8,9 @@ What the plain step paid for on every step and micro-batch, and what this one do
   collating and the hidden states are gathered with ``index_select``;
 - host-to-device copies of the batch are made from pinned memory without blocking;
 - packed rows carry their example boundaries (``cu_seq_lens_q``) for the varlen attention kernel
-  (engine.training.varlen_attention) when the model has it switched on.
+  (engine.training.varlen_attention) when the model has it switched on;
+- with CUDA graphs (engine.training.cuda_graphs) each micro-batch is padded to one of a few fixed
+  shapes (batching.StaticShapes) and its forward and backward pass is replayed from a graph.
 
 The maths is the plain step's: the loss is the sum of every target token's cross-entropy over the
 whole step divided by the step's target count, computed in the same checkpointed chunks.
@@ -17,16 +19,19 @@ whole step divided by the step's target count, computed in the same checkpointed
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.memory import loss_chunk_tokens
-from engine.training.batching import IGNORE, collate
+from engine.training.batching import IGNORE, StaticShapes, collate
 from engine.training.fused_lora import weights_updated
 from engine.training.loss import causal_lm, chunk_loss, supports_hidden_state_loss
 from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
+
+if TYPE_CHECKING:
+    from engine.training.cuda_graphs import StepGraphs
 
 VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
 
@@ -35,11 +40,45 @@ VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to us
 class DeviceBatch:
     input_ids: torch.Tensor  # [rows, L]
     position_ids: torch.Tensor  # [rows, L]
-    gather_index: torch.Tensor  # [n] flat positions that carry a target
-    gather_targets: torch.Tensor  # [n] their target ids
-    n_targets: int
+    gather_index: torch.Tensor  # [n] flat positions that carry a target (padded: position 0)
+    gather_targets: torch.Tensor  # [n] their target ids (padded: IGNORE)
+    n_targets: int  # real targets, without the padding
     real_tokens: int
     attn_kwargs: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """What a CUDA graph of this micro-batch depends on besides the tensors' values."""
+        cu = self.attn_kwargs.get("cu_seq_lens_q")
+        return (
+            tuple(self.input_ids.shape),
+            self.gather_index.numel(),
+            None if cu is None else (cu.numel(), self.attn_kwargs["max_length_q"]),
+        )
+
+    def _tensors(self) -> list[torch.Tensor]:
+        cu = self.attn_kwargs.get("cu_seq_lens_q")
+        tensors = [self.input_ids, self.position_ids, self.gather_index, self.gather_targets]
+        return tensors + ([cu] if cu is not None else [])
+
+    def clone(self) -> DeviceBatch:
+        """The same batch in tensors of its own (a graph's static inputs)."""
+        kwargs = dict(self.attn_kwargs)
+        if "cu_seq_lens_q" in kwargs:
+            kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_q"].clone()
+        return replace(
+            self,
+            input_ids=self.input_ids.clone(),
+            position_ids=self.position_ids.clone(),
+            gather_index=self.gather_index.clone(),
+            gather_targets=self.gather_targets.clone(),
+            attn_kwargs=kwargs,
+        )
+
+    def copy_from(self, other: DeviceBatch) -> None:
+        """Write ``other``'s values into this batch's tensors (same shape), on the current stream."""
+        for mine, theirs in zip(self._tensors(), other._tensors(), strict=True):
+            mine.copy_(theirs, non_blocking=True)
 
 
 def _pinned(t: torch.Tensor, device: str) -> torch.Tensor:
@@ -49,23 +88,44 @@ def _pinned(t: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def prepare_batches(
-    rows: list[list[int]], data: Any, micro: int, pad_id: int, device: str, *, varlen: bool
+    rows: list[list[int]],
+    data: Any,
+    micro: int,
+    pad_id: int,
+    device: str,
+    *,
+    varlen: bool,
+    shapes: StaticShapes | None = None,
 ) -> list[DeviceBatch]:
-    """Collate the step's rows into micro-batches, with everything the GPU needs computed on the CPU."""
+    """Collate the step's rows into micro-batches, with everything the GPU needs computed on the CPU.
+
+    With ``shapes`` every micro-batch is padded to one of its few fixed shapes (for CUDA graphs), and
+    with ``varlen`` then even unpacked rows go through the varlen kernel (one attention path)."""
     out = []
     for i in range(0, len(rows), micro):
         chunk = rows[i : i + micro]
-        b = collate(chunk, data.input_ids, data.labels, pad_id=pad_id)
+        longest_row = max(sum(len(data.input_ids[j]) for j in r) for r in chunk)
+        width = shapes.width(longest_row) if shapes is not None else None
+        b = collate(chunk, data.input_ids, data.labels, pad_id=pad_id, width=width)
         flat_t = b.targets.reshape(-1)
         index = (flat_t != IGNORE).nonzero().squeeze(1)  # on the CPU: no device sync
+        targets = flat_t[index]
+        n_targets = int(index.numel())
+        if shapes is not None:
+            extra = shapes.loss_positions(n_targets, flat_t.numel()) - n_targets
+            index = torch.nn.functional.pad(index, (0, extra))  # position 0, with an IGNORE target
+            targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE)
         kwargs: dict[str, Any] = {}
-        if varlen and any(len(r) > 1 for r in chunk):
+        if varlen and (shapes is not None or any(len(r) > 1 for r in chunk)):
             length = b.input_ids.shape[1]
             segments = []
             for r in chunk:
                 sizes = [len(data.input_ids[j]) for j in r]
                 segments.append(sizes + [length - sum(sizes)])
             cu, longest = cu_seqlens_for_rows(segments)
+            if shapes is not None:  # zero-length pieces at the end; the row width bounds every piece
+                cu = torch.cat([cu, cu[-1:].expand(shapes.boundaries(cu.numel()) - cu.numel())])
+                longest = length
             kwargs = {
                 "cu_seq_lens_q": _pinned(cu, device),
                 "cu_seq_lens_k": None,
@@ -78,8 +138,8 @@ def prepare_batches(
                 input_ids=_pinned(b.input_ids, device),
                 position_ids=_pinned(b.position_ids, device),
                 gather_index=_pinned(index, device),
-                gather_targets=_pinned(flat_t[index], device),
-                n_targets=int(index.numel()),
+                gather_targets=_pinned(targets, device),
+                n_targets=n_targets,
                 real_tokens=b.real_tokens,
                 attn_kwargs=kwargs,
             )
@@ -96,16 +156,19 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
     lm = causal_lm(model)
     out = lm.model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
     hidden = out.last_hidden_state
-    if b.n_targets == 0:
+    positions = b.gather_index.numel()  # n_targets, or more when padded to a fixed shape
+    if positions == 0:
         return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b.gather_index)
     weight = lm.get_output_embeddings().weight
     chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
     total: torch.Tensor | None = None
-    for start in range(0, b.n_targets, chunk):
+    for start in range(0, positions, chunk):
         hc, tc = h[start : start + chunk], b.gather_targets[start : start + chunk]
-        if torch.is_grad_enabled():
-            part = torch.utils.checkpoint.checkpoint(chunk_loss, hc, weight, tc, use_reentrant=False)
+        if torch.is_grad_enabled():  # no RNG to preserve in a matmul and a cross-entropy
+            part = torch.utils.checkpoint.checkpoint(
+                chunk_loss, hc, weight, tc, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             part = chunk_loss(hc, weight, tc)
         total = part if total is None else total + part
@@ -123,31 +186,41 @@ def run_step(
     device: str,
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float,
+    *,
+    graphs: StepGraphs | None = None,
 ) -> tuple[float, int, float]:
     """Forward/backward over the step's micro-batches, one optimizer step, one host sync at the end.
 
+    With ``graphs`` (engine.training.cuda_graphs) the micro-batches are padded to fixed shapes and
+    replayed from CUDA graphs; the gradients then stay allocated between steps (zeroed in place),
+    since the graphs accumulate into them where they were when captured.
     Returns (mean loss per target token over the step, non-padding tokens, gradient norm before clipping).
     """
     weights_updated()  # LoRA weights may have been written between steps (resume, merges)
     varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
-    batches = prepare_batches(rows, data, micro, pad_id, device, varlen=varlen)
+    shapes = graphs.shapes if graphs is not None else None
+    batches = prepare_batches(rows, data, micro, pad_id, device, varlen=varlen, shapes=shapes)
     n_targets = sum(b.n_targets for b in batches)
     dev_type = device.split(":")[0]
-    total: torch.Tensor | None = None
+    # 1/targets as a tensor: a graph reads it where it was captured, so its value changes per step
+    scale = graphs.scale if graphs is not None else torch.empty((), device=device)
+    scale.fill_(1.0 / max(1, n_targets))
+
+    def forward_backward(b: DeviceBatch) -> torch.Tensor:
+        with torch.autocast(device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            part = loss_sum(model, b)
+        (part * scale).backward()
+        return part.detach()
+
+    total = torch.zeros((), device=device)
     attention = varlen_attention(model) if varlen else contextlib.nullcontext()
     with attention:  # forward and backward: checkpointed layers re-run attention in backward
         for b in batches:
-            with torch.autocast(
-                device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                part = loss_sum(model, b)
-            (part / max(1, n_targets)).backward()
-            total = part.detach() if total is None else total + part.detach()
+            total += graphs.run(b, forward_backward) if graphs is not None else forward_backward(b)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     weights_updated()  # the fused LoRA layers' cast copies are stale now
-    optimizer.zero_grad(set_to_none=True)
-    assert total is not None
-    loss_value, norm_value = torch.stack([total.float(), grad_norm.float()]).tolist()  # the one sync
+    optimizer.zero_grad(set_to_none=graphs is None)
+    loss_value, norm_value = torch.stack([total, grad_norm.float()]).tolist()  # the one sync
     return loss_value / max(1, n_targets), sum(b.real_tokens for b in batches), norm_value

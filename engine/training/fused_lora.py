@@ -66,12 +66,17 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _cached_cast(module: Any, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``p`` in ``dtype``, cast once per optimizer step (and again if ``p`` was written in place).
 
     Compiled code (torch.compile) casts every call: the cast joins its graph, and a cache keyed on
-    the step would make torch.compile recompile every step."""
-    if p.dtype == dtype or torch.compiler.is_compiling():
+    the step would make torch.compile recompile every step. So does code captured into a CUDA graph
+    (engine.training.cuda_graphs): the replayed cast reads the weights as they are at each replay."""
+    if p.dtype == dtype or torch.compiler.is_compiling() or _capturing(p):
         return p.detach().to(dtype)
     cache = module.__dict__.setdefault("_fused_lora_cache", {})
     key = (_GENERATION[0], p._version)
@@ -191,6 +196,16 @@ def fuse_lora_layers(model: Any) -> tuple[int, dict[str, int]]:
         module.forward = types.MethodType(_fused_forward, module)  # type: ignore[attr-defined]
         fused += 1
     return fused, skipped
+
+
+def all_lora_fused(model: Any) -> bool:
+    """Whether every peft LoRA layer of ``model`` has the fused forward (and there is at least one)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(
+        getattr(m.__dict__.get("forward"), "__func__", None) is _fused_forward for m in layers
+    )
 
 
 def unfuse_lora_layers(model: Any) -> None:

@@ -24,6 +24,7 @@ from engine.spec import SafetySettings
 from engine.training import accel
 from engine.training.batching import StepPlan, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.distributed import active_rank
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 
@@ -143,6 +144,14 @@ def train_adapter(
     model.train()
     # one device: fast_step.run_step on the model; several: this rank's share through DDP
     step_fn, step_model = (rank.run_step, rank.wrap(model)) if rank is not None else (run_step, model)
+    graphs: StepGraphs | None = None
+    no_graphs = why_not(model, device, resolved, distributed=rank is not None)
+    if no_graphs is None:
+        graphs = StepGraphs(model, device, resolved.max_seq_length, resolved.packing)
+    elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
+        events.log(f"CUDA graphs not used: {no_graphs}")
+    step_kwargs = {"graphs": graphs} if graphs is not None else {}
+    graphs_failure_told = False
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t_begin = time.perf_counter()
@@ -169,9 +178,12 @@ def train_adapter(
                 device,
                 autocast_dtype,
                 resolved.max_grad_norm,
+                **step_kwargs,
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)
+            if graphs is not None:  # their shapes and memory were for the old micro-batch size
+                graphs.reset()
             torch.cuda.empty_cache()
             if micro == 1 or (rank is not None and rank.sharded):  # FSDP ranks cannot back off alone
                 raise RuntimeError(
@@ -188,6 +200,9 @@ def train_adapter(
             continue
         scheduler.step()
         step += 1
+        if graphs is not None and graphs.failure and not graphs_failure_told:
+            events.warning(f"CUDA graph capture failed, stepping eagerly from here: {graphs.failure}")
+            graphs_failure_told = True
         dt = time.perf_counter() - t0
         tokens_seen += real_tokens
         elapsed = time.perf_counter() - t_begin
@@ -219,6 +234,9 @@ def train_adapter(
             if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
                 evaluator(where.step_offset + step)
                 model.train()
+    if graphs is not None:
+        events.log(graphs.summary(), cuda_graphs=graphs.captured, replayed=graphs.replays)
+        graphs.reset()
     outcome.steps_done = step
     outcome.train_seconds = time.perf_counter() - t_begin
     outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0

@@ -20,7 +20,11 @@ def add_lora(
     if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
         return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        # Recomputation must redraw the same dropout masks only where there is dropout; without it,
+        # not saving and restoring the RNG state saves host work and lets CUDA graphs capture the step.
+        enable_activation_checkpointing(
+            model, preserve_rng_state=lora.dropout > 0 or config_has_dropout(model.config)
+        )
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -38,13 +42,22 @@ def add_lora(
         return get_peft_model(model, config)
 
 
-def enable_activation_checkpointing(model: Any) -> None:
+def config_has_dropout(config: Any) -> bool:
+    """Whether a model config sets any dropout probability above zero (attention, hidden, ...)."""
+    values = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
+    return any(
+        "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for k, v in values
+    )
+
+
+def enable_activation_checkpointing(model: Any, *, preserve_rng_state: bool = True) -> None:
     """Recompute each layer in the backward pass (non-reentrant: works with frozen inputs and LoRA).
 
     transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
     (the old name warns that it goes away in v6); older releases have only the old name.
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -117,6 +117,8 @@ def reference_varlen(
     bounds = cu.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+        if end == start:  # a zero-length piece: padding of the boundaries to a fixed count
+            continue
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)

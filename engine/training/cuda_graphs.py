@@ -1,0 +1,149 @@
+"""CUDA graphs of a micro-batch's forward and backward pass, for the native fast path on one GPU.
+
+Why: a small model's step is bound by the host, not the GPU. On an H200 a 0.5B QLoRA step at
+micro-batch 4 × 2048 ran ~0.14 s of kernels in a 0.3-0.4 s step (benchmarks/RESULTS.md, v4): the
+rest is Python and the launch of ~8,000 kernels, forward, recompute and backward. A CUDA graph
+records those kernels once and replays them with one launch.
+
+How: ``StepGraphs.run(batch, forward_backward)`` keeps one graph per micro-batch shape
+(``DeviceBatch.shape``). The first micro-batch of a shape runs eagerly (it trains like any other, and
+warms up what capture needs: kernels chosen, buffers allocated); the second is captured and every
+later one replays: its tensors are copied into the graph's static inputs, the graph runs, and its
+static loss output is read. Shapes recur because the fast step pads each micro-batch to one of a
+few fixed shapes (engine.training.batching.StaticShapes); the padding carries no target and no
+attention, so the maths is the eager step's. All graphs share one memory pool (they run one at a
+time, and each output is consumed before the next replay).
+
+What a replay reads where it was captured: the LoRA weights (updated in place by the optimizer),
+the gradients (accumulated in place: they stay allocated between steps and are zeroed in place,
+which ``capture`` checks), the step's ``1/targets`` scale (``scale``, filled each step) and the
+static inputs. What cannot be inside a graph is kept out of the step: host syncs (the fast step has
+none), a dense attention mask (transformers' mask builder syncs: graphs need the varlen attention
+path, which builds none), RNG state saved for recomputation (no dropout: see engine.training.lora).
+Where any of that does not hold, ``why_not`` says so and the step runs eagerly. A capture that fails
+anyway turns graphs off for the run (``failure`` says why) and the micro-batch runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.memory import loss_chunk_tokens
+from engine.training.batching import StaticShapes
+from engine.training.fast_step import VARLEN_FLAG, DeviceBatch
+from engine.training.fused_lora import all_lora_fused
+from engine.training.lora import config_has_dropout
+from engine.training.loss import causal_lm
+
+MAX_GRAPHS = 8  # shapes beyond this many run eagerly (each graph costs a capture)
+
+
+def why_not(model: Any, device: str, resolved: Any, *, distributed: bool) -> str | None:
+    """Why a run cannot use CUDA graphs, or None when it can."""
+    if not getattr(resolved, "cuda_graphs", False):
+        return "train.cuda_graphs is off"
+    if not device.startswith("cuda"):
+        return "not on a CUDA GPU"
+    if distributed:
+        return "several devices (each rank steps eagerly)"
+    if not model.__dict__.get(VARLEN_FLAG):
+        return "no varlen flash-attention kernel for this model (the masked path syncs with the host)"
+    if not all_lora_fused(model):
+        return "not every LoRA layer is fused (dropout, a variant, or a backend of its own)"
+    if config_has_dropout(causal_lm(model).config):
+        return "the model has dropout"
+    return None
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: DeviceBatch  # the static inputs the graph reads
+    loss: torch.Tensor  # the static output it writes
+
+
+class StepGraphs:
+    """One CUDA graph per micro-batch shape, for one training run (one model, one optimizer)."""
+
+    def __init__(self, model: Any, device: str, max_seq_length: int, packing: bool) -> None:
+        vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
+        self.shapes = StaticShapes(max_seq_length, packing, loss_chunk_tokens(vocab))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scale = torch.zeros((), device=device)  # 1/targets of the step, read by every graph
+        self.failure: str | None = None
+        self.replays = 0
+        self.eager = 0
+        self._device = torch.device(device)
+        self._graphs: dict[tuple[Any, ...], _Captured] = {}
+        self._seen: set[tuple[Any, ...]] = set()
+        self._pool: Any = None
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def run(self, b: DeviceBatch, forward_backward: Callable[[DeviceBatch], torch.Tensor]) -> torch.Tensor:
+        """``forward_backward(b)``: the micro-batch's loss sum (gradients accumulated), from a graph
+        when one is captured for its shape. The result is valid until the next call."""
+        key = b.shape
+        entry = self._graphs.get(key)
+        if entry is None:
+            first = key not in self._seen
+            self._seen.add(key)
+            if first or self.failure is not None or len(self._graphs) >= MAX_GRAPHS:
+                self.eager += 1
+                return forward_backward(b)
+            try:
+                entry = self._capture(b, forward_backward)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the loop's back-off: smaller micro-batches, graphs reset
+            except Exception as e:  # any other capture error: graphs off for the run, this batch eager
+                self.failure = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                self.eager += 1
+                return forward_backward(b)
+            self._graphs[key] = entry
+        entry.inputs.copy_from(b)
+        entry.graph.replay()
+        self.replays += 1
+        return entry.loss
+
+    def _capture(self, b: DeviceBatch, forward_backward: Callable[[DeviceBatch], torch.Tensor]) -> _Captured:
+        # The graph accumulates into the gradients where they are now: they must exist, and the
+        # captured backward must add into them in place rather than put new tensors there.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        inputs = b.clone()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                loss = forward_backward(inputs)
+            moved = sum(p.grad is not g for p, g in zip(self.params, grads, strict=True))
+            if moved:
+                raise RuntimeError(f"the captured backward replaced {moved} gradient tensors")
+        except Exception:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g  # a capture runs nothing: the gradients so far are intact
+            raise
+        if self._pool is None:
+            self._pool = graph.pool()
+        return _Captured(graph, inputs, loss)
+
+    def reset(self) -> None:
+        """Drop every graph (and its memory): after an OOM, before the micro-batch size changes."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+        torch.cuda.empty_cache()
+
+    def summary(self) -> str:
+        text = f"CUDA graphs: {self.captured} captured, {self.replays} micro-batches replayed, {self.eager} eager"
+        return text + (f"; off after a failed capture ({self.failure})" if self.failure else "")
