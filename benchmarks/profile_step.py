@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training import accel
     from engine.training.backend import apply_fast_path, compile_decoder_layers, uncompile_decoder_layers
     from engine.training.base_model import load_for_training
-    from engine.training.batching import plan_steps
+    from engine.training.batching import most_pieces_per_row, plan_steps
     from engine.training.cuda_graphs import StepGraphs, why_not
     from engine.training.fast_step import VARLEN_FLAG, run_step
     from engine.training.fused_lora import unfuse_lora_layers
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
             no_graphs = why_not(model, device, Asked, distributed=False)
             if no_graphs is None:
-                graphs = StepGraphs(model, device, args.seq_len, args.packed)
+                graphs = StepGraphs(model, device, args.seq_len, args.packed, most_pieces_per_row(plan))
                 kwargs = {"graphs": graphs}
             else:
                 applied.append(f"no CUDA graphs: {no_graphs}")

@@ -164,7 +164,11 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib"),
         "final_micro_batch": metrics.get("micro_batch_size"),
         "backend": metrics.get("backend"),
-        "path": [e.message for e in events if e.type == "log" and {"backend", "speedups"} & set(e.details)],
+        "path": [
+            e.message
+            for e in events
+            if e.type == "log" and {"backend", "speedups", "cuda_graphs"} & set(e.details)
+        ],
         "oom_warnings": [w for w in status.get("warnings") or [] if "out of memory" in w.lower()],
         "job_wall_s": flow["job_wall_s"],
         "flow_wall_s": flow["flow_wall_s"],

@@ -22,12 +22,12 @@ from engine.training.varlen_attention import varlen_attention
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 
-def _peft_model(tiny_model_dir, device: str = "cpu"):
+def _peft_model(tiny_model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).to(device)
     model = get_peft_model(
         base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     )
@@ -57,7 +57,9 @@ def test_static_shapes_are_few_and_never_smaller_than_the_batch():
     sizes = {packed.loss_positions(n, cells) for n in range(cells + 1)}
     assert len(sizes) <= 5  # zero and at most four quarters, in whole loss chunks
     assert all(packed.loss_positions(n, cells) >= n for n in range(0, cells + 1, 7))
-    assert [StaticShapes.boundaries(n) for n in (1, 2, 5, 8, 9)] == [1, 2, 8, 8, 16]
+    assert [packed.boundaries(n, 4) for n in (1, 2, 5, 8, 9)] == [1, 2, 8, 8, 16]  # pieces unknown
+    known = StaticShapes(max_seq_length=1085, packing=True, loss_chunk=441, pieces_per_row=6)
+    assert {known.boundaries(n, 4) for n in range(2, 26)} == {25}  # one count for the whole run
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -82,7 +84,7 @@ def test_padding_to_a_fixed_shape_changes_neither_loss_nor_gradients(tiny_model_
     assert width == (64 if packing else 128) > plain.input_ids.shape[1]
     assert padded.n_targets == plain.n_targets < padded.gather_index.numel()
     cu = padded.attn_kwargs["cu_seq_lens_q"]
-    assert cu.numel() == StaticShapes.boundaries(cu.numel()) and padded.attn_kwargs["max_length_q"] == width
+    assert cu.numel() == shapes.boundaries(cu.numel(), 3) and padded.attn_kwargs["max_length_q"] == width
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
     for n, g in grads.items():
         assert torch.allclose(g, ref_grads[n], rtol=1e-5, atol=1e-6), n
@@ -97,7 +99,7 @@ def test_graphs_asked_for_where_capture_cannot_happen_train_exactly_like_the_eag
     def train(use_graphs: bool):
         model = _peft_model(tiny_model_dir)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        graphs = StepGraphs(model, "cpu", max_seq_length=64, packing=True) if use_graphs else None
+        graphs = StepGraphs(model, "cpu", 64, True, pieces_per_row=3) if use_graphs else None
         losses = []
         for rows in steps:
             loss, _, _ = run_step(model, opt, rows, data, 1, 0, "cpu", None, 1e9, graphs=graphs)
@@ -111,6 +113,7 @@ def test_graphs_asked_for_where_capture_cannot_happen_train_exactly_like_the_eag
     for a, b in zip(weights, ref_weights, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert graphs.failure and graphs.captured == 0 and graphs.replays == 0 and graphs.eager == 6
+    assert graphs.shapes.pieces_per_row == 3  # two examples and the padding, from the plan
     assert "off after a failed capture" in graphs.summary()
 
 
@@ -152,16 +155,20 @@ def test_checkpointing_keeps_rng_state_only_where_there_is_dropout(tiny_model_di
 
 @_GPU
 def test_gpu_graphed_steps_train_like_eager_steps(tiny_model_dir):
-    """Real capture and replay on the GPU (bf16 autocast, flash varlen): packed rows of varying
-    content in a few padded shapes; losses follow the eager step's within bf16 rounding."""
+    """Real capture and replay on the GPU (a bf16 base as a 4-bit load computes in, fp32 LoRA, flash
+    varlen): packed rows of varying content in a few padded shapes; losses follow the eager step's
+    within bf16 rounding."""
     data = _data([20, 13, 31, 8, 30, 9, 17, 22, 40, 3, 25, 11], seed=7)
     rows = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
     steps = [rows[i % 6 : i % 6 + 2] or rows[:2] for i in range(0, 12, 2)] * 2
 
     def train(use_graphs: bool):
-        model = _peft_model(tiny_model_dir, "cuda")
+        model = _peft_model(tiny_model_dir, "cuda", torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-        graphs = StepGraphs(model, "cuda", max_seq_length=64, packing=True) if use_graphs else None
+        graphs = StepGraphs(model, "cuda", 64, True, pieces_per_row=3) if use_graphs else None
         out = [
             run_step(model, opt, s, data, 1, 0, "cuda", torch.bfloat16, 1.0, graphs=graphs)[0] for s in steps
         ]

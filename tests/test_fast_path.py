@@ -282,6 +282,26 @@ def test_backend_setting_maps_onto_the_loader_and_is_validated():
     assert apply_fast_path(object(), "cpu", {"path": "transformers"}) == []
 
 
+def test_backend_auto_takes_the_native_path_for_small_host_bound_jobs(tiny_model_dir):
+    """auto's measured rule: native with CUDA graphs for small models and small micro-batches."""
+    from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.training.backend import auto_prefers_native
+
+    def spec(**kw):
+        return FinetuneSpec(
+            model=str(tiny_model_dir), train=TrainSettings(**kw), dataset=DatasetSettings(path="d.jsonl")
+        )
+
+    why = auto_prefers_native(spec(), 4 * 2048)
+    assert why is not None and "8,192 tokens a micro-batch" in why and "CUDA graphs" in why
+    assert auto_prefers_native(spec(), 16 * 2048) is None  # Unsloth measured faster there
+    assert auto_prefers_native(spec(), None) is None
+    assert auto_prefers_native(spec(backend="unsloth"), 4 * 2048) is None
+    assert auto_prefers_native(spec(cuda_graphs=False), 4 * 2048) is None
+    big = FinetuneSpec(model="qwen2.5-7b", dataset=DatasetSettings(path="d.jsonl"))
+    assert auto_prefers_native(big, 4 * 2048) is None  # a 7B step is GPU-bound: Unsloth where it imports
+
+
 def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_model_dir):
     """train.compile: torch.compile (inductor, CPU) of each checkpointed decoder layer, with fused
     LoRA and varlen attention on: the same per-step losses as eager layers (fp32, to 1e-5: compiled

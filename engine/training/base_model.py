@@ -90,10 +90,13 @@ def _count_params(model: Any) -> int:
     return total
 
 
-def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
+def load_for_training(
+    spec: Any, device: str, *, max_seq_length: int | None = None, micro_tokens: int | None = None
+) -> LoadedModel:
     """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
 
     ``max_seq_length`` only matters to Unsloth (it sizes its RoPE caches); default: the spec's or 2048.
+    ``micro_tokens`` (rows x tokens of a micro-batch, when known) lets ``backend: auto`` weigh the job.
     """
     privacy_environment()
     if device == "cuda":
@@ -104,9 +107,13 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
     storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
     # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    from engine.training.backend import unsloth_mode  # train.backend decides; see that module
+    from engine.training.backend import auto_prefers_native, unsloth_mode  # train.backend decides
 
-    use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
+    native_why = auto_prefers_native(spec, micro_tokens) if on_gpu and storage != "fp32" else None
+    if native_why is not None:
+        use_unsloth, why = False, f"train.backend is 'auto': {native_why}"
+    else:
+        use_unsloth, why = _unsloth_decision(unsloth_mode(spec), device, storage)
     info: dict[str, Any] = {
         "model": spec.model,
         "model_source": resolved.source,

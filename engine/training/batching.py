@@ -161,12 +161,15 @@ class StaticShapes:
       without packing the next power of two >= the longest row (at least 128), capped there;
     - loss positions: rounded up to a quarter of the micro-batch's cells, in whole loss chunks, so at
       most four loss shapes, and at most one chunk's worth of extra lm_head work per chunk quarter;
-    - cumulative sequence lengths (varlen attention): a power-of-two count.
+    - cumulative sequence lengths (varlen attention): room for ``pieces_per_row`` pieces in every row
+      (the run's most examples in one row, plus its padding; known from the step plan), else a
+      power-of-two count.
     """
 
     max_seq_length: int
     packing: bool
     loss_chunk: int  # tokens per chunk of the loss (engine.memory.loss_chunk_tokens)
+    pieces_per_row: int = 0  # 0: not known
 
     def width(self, longest: int) -> int:
         cap = _round_up(self.max_seq_length, 8)
@@ -178,6 +181,11 @@ class StaticShapes:
         quarter = self.loss_chunk * max(1, -(-cells // (4 * self.loss_chunk)))
         return min(cells, _round_up(n, quarter))
 
-    @staticmethod
-    def boundaries(n: int) -> int:
-        return 1 << max(0, n - 1).bit_length()
+    def boundaries(self, n: int, rows: int) -> int:
+        fixed = rows * self.pieces_per_row + 1
+        return fixed if n <= fixed else 1 << max(0, n - 1).bit_length()
+
+
+def most_pieces_per_row(plan: StepPlan) -> int:
+    """The most examples in one row of the plan, plus one for the row's padding."""
+    return 1 + max((len(row) for step in plan.steps for row in step), default=0)

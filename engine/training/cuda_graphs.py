@@ -6,10 +6,10 @@ rest is Python and the launch of ~8,000 kernels, forward, recompute and backward
 records those kernels once and replays them with one launch.
 
 How: ``StepGraphs.run(batch, forward_backward)`` keeps one graph per micro-batch shape
-(``DeviceBatch.shape``). The first micro-batch of a shape runs eagerly (it trains like any other, and
-warms up what capture needs: kernels chosen, buffers allocated); the second is captured and every
-later one replays: its tensors are copied into the graph's static inputs, the graph runs, and its
-static loss output is read. Shapes recur because the fast step pads each micro-batch to one of a
+(``DeviceBatch.shape``). The run's first micro-batch runs eagerly (it trains like any other, and
+warms up what capture must not do: probing kernels, allocating shared buffers); the first of each
+shape after it is captured, and every micro-batch of a captured shape replays: its tensors are
+copied into the graph's static inputs, the graph runs, and its static loss output is read. Shapes recur because the fast step pads each micro-batch to one of a
 few fixed shapes (engine.training.batching.StaticShapes); the padding carries no target and no
 attention, so the maths is the eager step's. All graphs share one memory pool (they run one at a
 time, and each output is consumed before the next replay).
@@ -26,7 +26,8 @@ anyway turns graphs off for the run (``failure`` says why) and the micro-batch r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,11 @@ class _Captured:
 class StepGraphs:
     """One CUDA graph per micro-batch shape, for one training run (one model, one optimizer)."""
 
-    def __init__(self, model: Any, device: str, max_seq_length: int, packing: bool) -> None:
+    def __init__(
+        self, model: Any, device: str, max_seq_length: int, packing: bool, pieces_per_row: int = 0
+    ) -> None:
         vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
-        self.shapes = StaticShapes(max_seq_length, packing, loss_chunk_tokens(vocab))
+        self.shapes = StaticShapes(max_seq_length, packing, loss_chunk_tokens(vocab), pieces_per_row)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scale = torch.zeros((), device=device)  # 1/targets of the step, read by every graph
         self.failure: str | None = None
@@ -79,9 +82,25 @@ class StepGraphs:
         self.eager = 0
         self._device = torch.device(device)
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
-        self._seen: set[tuple[Any, ...]] = set()
+        self._warm = False  # one eager micro-batch first: lazy set-up (kernels, buffers) stays out of graphs
         self._pool: Any = None
         self._stream: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Run the step's micro-batches on the graphs' own stream, eager ones too: capture cannot use the
+        default stream, and autograd accumulates each gradient on the stream its accumulator was
+        created on, so eager and captured micro-batches must share one stream."""
+        if self._device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device)
+        caller = torch.cuda.current_stream(self._device)
+        self._stream.wait_stream(caller)  # the batch's copies to the GPU were queued on the caller's
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)  # the optimizer step reads the gradients on the caller's
 
     @property
     def captured(self) -> int:
@@ -93,9 +112,8 @@ class StepGraphs:
         key = b.shape
         entry = self._graphs.get(key)
         if entry is None:
-            first = key not in self._seen
-            self._seen.add(key)
-            if first or self.failure is not None or len(self._graphs) >= MAX_GRAPHS:
+            if not self._warm or self.failure is not None or len(self._graphs) >= MAX_GRAPHS:
+                self._warm = True
                 self.eager += 1
                 return forward_backward(b)
             try:
@@ -120,8 +138,6 @@ class StepGraphs:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
         inputs = b.clone()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self._device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
@@ -140,7 +156,7 @@ class StepGraphs:
     def reset(self) -> None:
         """Drop every graph (and its memory): after an OOM, before the micro-batch size changes."""
         self._graphs.clear()
-        self._seen.clear()
+        self._warm = False
         self._pool = None
         torch.cuda.empty_cache()
 

@@ -124,7 +124,7 @@ def prepare_batches(
                 segments.append(sizes + [length - sum(sizes)])
             cu, longest = cu_seqlens_for_rows(segments)
             if shapes is not None:  # zero-length pieces at the end; the row width bounds every piece
-                cu = torch.cat([cu, cu[-1:].expand(shapes.boundaries(cu.numel()) - cu.numel())])
+                cu = torch.cat([cu, cu[-1:].expand(shapes.boundaries(cu.numel(), len(chunk)) - cu.numel())])
                 longest = length
             kwargs = {
                 "cu_seq_lens_q": _pinned(cu, device),
@@ -214,7 +214,8 @@ def run_step(
 
     total = torch.zeros((), device=device)
     attention = varlen_attention(model) if varlen else contextlib.nullcontext()
-    with attention:  # forward and backward: checkpointed layers re-run attention in backward
+    stream = graphs.on_stream() if graphs is not None else contextlib.nullcontext()
+    with attention, stream:  # forward and backward: checkpointed layers re-run attention in backward
         for b in batches:
             total += graphs.run(b, forward_backward) if graphs is not None else forward_backward(b)
     params = [p for g in optimizer.param_groups for p in g["params"]]

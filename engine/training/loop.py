@@ -22,7 +22,7 @@ from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.jobs import JobCancelled
 from engine.spec import SafetySettings
 from engine.training import accel
-from engine.training.batching import StepPlan, plan_steps
+from engine.training.batching import StepPlan, most_pieces_per_row, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.distributed import active_rank
@@ -147,9 +147,11 @@ def train_adapter(
     graphs: StepGraphs | None = None
     no_graphs = why_not(model, device, resolved, distributed=rank is not None)
     if no_graphs is None:
-        graphs = StepGraphs(model, device, resolved.max_seq_length, resolved.packing)
+        graphs = StepGraphs(
+            model, device, resolved.max_seq_length, resolved.packing, most_pieces_per_row(plan)
+        )
     elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
-        events.log(f"CUDA graphs not used: {no_graphs}")
+        events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
     step_kwargs = {"graphs": graphs} if graphs is not None else {}
     graphs_failure_told = False
     if device.startswith("cuda"):
@@ -237,6 +239,7 @@ def train_adapter(
     if graphs is not None:
         events.log(graphs.summary(), cuda_graphs=graphs.captured, replayed=graphs.replays)
         graphs.reset()
+        optimizer.zero_grad(set_to_none=True)  # kept allocated for the graphs; not needed any more
     outcome.steps_done = step
     outcome.train_seconds = time.perf_counter() - t_begin
     outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 9's 7B measurements in one GPU call (about 9 minutes): the plain baseline loop and the engine
+# job at fixed length (train_speed.py), then the whole server flow with default settings (server_flow.py)
+# on the same random-weight Qwen2.5-7B architecture, written once.
+#   run(command="bash benchmarks/speed_call_7b.sh", carry=[".device/speed/whl", ".device/flow/whl",
+#       ".device/speed/qlora_baseline.py"], timeout_s=590)
+# BASELINE: shared/bench/qlora_baseline.py; WHEELS as in speed_call.sh. Output: $OUT/log.txt and JSON records.
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/speed_out}
+WHEELS=${WHEELS:-".device/speed/whl .device/flow/whl"}
+BASELINE=${BASELINE:-.device/speed/qlora_baseline.py}
+mkdir -p "$OUT"
+export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+W=$(for d in $WHEELS; do ls "$d"/*.whl 2>/dev/null; done | awk -F/ '!seen[$NF]++')
+[ -n "$W" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site $W 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${SMOKE:-}" ]; then A="--tiny"; STEPS="--steps 2 --warmup 1"; FLOW="--tiny"
+else A="--arch qwen2.5-7b"; STEPS="--steps 6 --warmup 2"; FLOW="--arch qwen2.5-7b --steps 30"; fi
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+echo "== 1. plain baseline and engine, fixed length $(date -u +%T)"
+timeout 330 python3 benchmarks/train_speed.py --baseline "$BASELINE" $A $STEPS --workdir /tmp/ts7 \
+  --jsonl "$OUT/ts7.jsonl" 2>&1 | grep -v Warning | tail -8
+echo "== 2. server flow, defaults $(date -u +%T)"
+timeout 220 python3 benchmarks/server_flow.py $FLOW --workdir /tmp/ts7 --json "$OUT/flow7.json" 2>&1 \
+  | grep -v Warning | tail -14
+for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
+echo "== end $(date -u +%T)"
+} 2>&1 | tee "$OUT/log.txt"
