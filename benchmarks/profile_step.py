@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm):
-    """The engine's step before the fast path (``_one_step`` of the training loop as of 2026-12-01)."""
+    """The engine's step before the fast path (``_one_step`` of the training loop as of 2026-12-01,
+    with its checkpointed loss chunks)."""
     import torch
 
     from engine.training.batching import collate
@@ -63,7 +64,7 @@ def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype
         with torch.autocast(
             device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
         ):
-            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets)
+            loss_sum = causal_lm_loss_sum(model, b.input_ids, b.position_ids, b.targets, fused=False)
         (loss_sum / n_targets).backward()
         total += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@
 #   4. packed log-normal rows at micro-batch 4 (fast/fastg), against part 1's fixed-length rate;
 #   5. Unsloth alone at micro-batch 4 and 16 (when UNSLOTH_PACK and UNSLOTH_BENCH are given);
 #   6. the whole server flow with default settings beside the fixed-length rate (server_flow.py).
+# PARTS="0 1 3 5" runs only those parts.
 # Everything it prints goes to $OUT/log.txt; the JSON records, profiles and tables to $OUT/speed_call.tgz.
 #
 # What the GPU machine lacks travels as wheels (carried, git-ignored), e.g. with the device tool:
@@ -30,6 +31,8 @@ export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMER
   TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 T0=$(date +%s)
 left() { echo $(( 560 - ($(date +%s) - T0) )); }
+PARTS=${PARTS:-"0 1 2 3 4 5 6"}  # e.g. PARTS="0 1 3 5": only those parts
+want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 # one wheel of each file name (two packs may carry the same one)
 W=$(for d in $WHEELS; do ls "$d"/*.whl 2>/dev/null; done | awk -F/ '!seen[$NF]++')
@@ -47,30 +50,40 @@ PROFILE="python3 benchmarks/profile_step.py --model-dir $M $SHAPE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
+if want 0; then
 echo "== 0. GPU tests $(date -u +%T)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py -k gpu \
   --tb=short 2>&1 | grep -v "Warning\|warn" | tail -12
+fi
+if want 1; then
 echo "== 1. mb4 plain/fast/fastg, Liger on $(date -u +%T), $(left) s left"
 timeout 130 $PROFILE --batch 4 --variants plain,fast,fastg --profile --out "$OUT/liger" 2>&1 \
   | grep -v "Warning\|triton_kernel_wrap" | tail -12
+fi
+if want 2; then
 echo "== 2. mb4 fastg/fastcg, Liger off $(date -u +%T), $(left) s left"
 timeout 80 $PROFILE --batch 4 --variants fastg,fastcg --no-liger --out "$OUT/noliger" 2>&1 \
   | grep -v Warning | tail -8
+fi
+if want 3; then
 echo "== 3. mb16 fast/fastg, Liger on $(date -u +%T), $(left) s left"
 timeout 80 $PROFILE --batch 16 --variants fast,fastg --out "$OUT/liger" 2>&1 \
   | grep -v "Warning\|triton_kernel_wrap" | tail -8
+fi
+if want 4; then
 echo "== 4. mb4 packed fast/fastg $(date -u +%T), $(left) s left"
 timeout 60 $PROFILE --batch 4 --variants fast,fastg --packed --rounds 1 --steps $PACKED_STEPS --out "$OUT/packed" \
   2>&1 | grep -v "Warning\|triton_kernel_wrap" | tail -5
-if [ -z "${SMOKE:-}" ] && [ -f "$UNSLOTH_PACK" ] && [ -f "$UNSLOTH_BENCH" ]; then
+fi
+if want 5 && [ -z "${SMOKE:-}" ] && [ -f "$UNSLOTH_PACK" ] && [ -f "$UNSLOTH_BENCH" ]; then
   echo "== 5. Unsloth alone, mb4 and mb16 $(date -u +%T), $(left) s left"
   mkdir -p /tmp/us && tar -C /tmp/us -xJf "$UNSLOTH_PACK"
   PYTHONPATH=/tmp/site:/tmp/us:$PWD timeout 170 python3 benchmarks/train_speed.py --arch qwen2.5-0.5b \
     --steps 8 --warmup 2 --skip-fixed --unsloth-bench "$UNSLOTH_BENCH" --unsloth-batches 4,16 \
     --workdir /tmp/ts05 --jsonl "$OUT/unsloth.jsonl" 2>&1 | grep -v Warning | tail -6
 fi
-echo "== 6. server flow, defaults, and the fixed-length rate $(date -u +%T), $(left) s left"
-if [ "$(left)" -gt 60 ]; then
+if want 6 && [ "$(left)" -gt 60 ]; then
+  echo "== 6. server flow, defaults, and the fixed-length rate $(date -u +%T), $(left) s left"
   timeout $(( $(left) - 5 )) python3 benchmarks/server_flow.py $FLOW --compare-fixed \
     --workdir /tmp/ts05 --json "$OUT/flow.json" 2>&1 | grep -v Warning | tail -25
   # a flow cut off by its timeout leaves the server's detached worker training: ask it to stop

@@ -89,6 +89,35 @@ def test_chunked_loss_equals_full_cross_entropy_with_gradients():
     )
 
 
+def test_frozen_head_loss_computes_its_gradient_in_the_forward_pass_exactly():
+    """LinearCrossEntropy (a frozen output head, as in LoRA): the same loss and hidden-state gradient as
+    cross-entropy over full logits, with IGNORE rows, several chunks and an upstream scale."""
+    from engine.training.loss import LinearCrossEntropy, token_loss_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(150, 16, requires_grad=True)
+    weight = torch.randn(40_000, 16)  # frozen; large vocab -> several chunks
+    targets = torch.randint(0, 40_000, (150,))
+    targets[:10] = IGNORE
+    targets[-3:] = IGNORE
+    calls = []
+    orig = LinearCrossEntropy.forward
+    LinearCrossEntropy.forward = staticmethod(lambda *a: calls.append(1) or orig(*a))  # type: ignore[method-assign]
+    try:
+        ours = token_loss_sum(hidden, weight, targets)
+    finally:
+        LinearCrossEntropy.forward = staticmethod(orig)  # type: ignore[method-assign]
+    assert calls, "a frozen head takes the fused path"
+    (ours * 3.0).backward()
+    g_ours = hidden.grad.clone()
+    hidden.grad = None
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
+    (ref * 3.0).backward()
+    assert torch.allclose(ours, ref, rtol=1e-6)
+    assert torch.allclose(g_ours, hidden.grad, rtol=1e-5, atol=1e-4)  # fp32, another summation order
+    assert g_ours[:10].abs().max() == 0  # ignored positions get no gradient
+
+
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):
     """Packing must not let examples see each other: same loss as running each alone with HF's own loss."""
     from transformers import AutoModelForCausalLM

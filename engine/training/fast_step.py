@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.memory import loss_chunk_tokens
 from engine.training.batching import IGNORE, StaticShapes, collate
 from engine.training.fused_lora import weights_updated
-from engine.training.loss import causal_lm, chunk_loss, supports_hidden_state_loss
+from engine.training.loss import causal_lm, supports_hidden_state_loss, token_loss_sum
 from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
 
 if TYPE_CHECKING:
@@ -99,8 +98,7 @@ def prepare_batches(
 ) -> list[DeviceBatch]:
     """Collate the step's rows into micro-batches, with everything the GPU needs computed on the CPU.
 
-    With ``shapes`` every micro-batch is padded to one of its few fixed shapes (for CUDA graphs), and
-    with ``varlen`` then even unpacked rows go through the varlen kernel (one attention path)."""
+    With ``shapes`` every micro-batch is padded to one of its few fixed shapes (for CUDA graphs)."""
     out = []
     for i in range(0, len(rows), micro):
         chunk = rows[i : i + micro]
@@ -116,7 +114,9 @@ def prepare_batches(
             index = torch.nn.functional.pad(index, (0, extra))  # position 0, with an IGNORE target
             targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE)
         kwargs: dict[str, Any] = {}
-        if varlen and (shapes is not None or any(len(r) > 1 for r in chunk)):
+        # Rows of one example each (padding at the end) take causal SDPA, the faster kernel on Hopper
+        # (cuDNN): only rows that hold several examples need the varlen kernel's boundaries.
+        if varlen and any(len(r) > 1 for r in chunk):
             length = b.input_ids.shape[1]
             segments = []
             for r in chunk:
@@ -148,7 +148,7 @@ def prepare_batches(
 
 
 def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
-    """Summed next-token cross-entropy of one micro-batch, from hidden states in checkpointed chunks."""
+    """Summed next-token cross-entropy of one micro-batch, from hidden states in chunks (engine.training.loss)."""
     if not supports_hidden_state_loss(model):  # soft-capped or scaled logits: the model's own head
         logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **b.attn_kwargs)
         flat = logits.logits.reshape(-1, logits.logits.shape[-1]).index_select(0, b.gather_index)
@@ -160,20 +160,7 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
     if positions == 0:
         return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b.gather_index)
-    weight = lm.get_output_embeddings().weight
-    chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
-    total: torch.Tensor | None = None
-    for start in range(0, positions, chunk):
-        hc, tc = h[start : start + chunk], b.gather_targets[start : start + chunk]
-        if torch.is_grad_enabled():  # no RNG to preserve in a matmul and a cross-entropy
-            part = torch.utils.checkpoint.checkpoint(
-                chunk_loss, hc, weight, tc, use_reentrant=False, preserve_rng_state=False
-            )
-        else:
-            part = chunk_loss(hc, weight, tc)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+    return token_loss_sum(h, lm.get_output_embeddings().weight, b.gather_targets)
 
 
 def run_step(

@@ -4,8 +4,14 @@ The plain way (``model(...).logits`` then cross-entropy) builds a [tokens, vocab
 for micro-batch 4 × 2048 tokens and Qwen2.5's 152k vocabulary that is 5 GB, the largest single
 item in a QLoRA step's memory. Here the loss is computed from the decoder's hidden states, only
 at positions that carry a target (the assistant tokens of a chat set are often a small part),
-in chunks whose logits exist one at a time: each chunk is checkpointed, so its logits are
-recomputed in the backward pass instead of being kept.
+in chunks whose logits exist one at a time.
+
+When the output head is frozen (LoRA), ``LinearCrossEntropy`` computes each chunk's gradient with
+respect to the hidden states in the forward pass, while its logits are at hand (softmax minus the
+one-hot target), and keeps only that [tokens, hidden] gradient: the backward pass scales it. That is
+two matmuls and one softmax per chunk instead of checkpointing's four matmul-sized passes (forward,
+recompute, backward) and two softmaxes, with no host sync (CUDA graphs capture it). Where the head
+is trained, each chunk is checkpointed: its logits are recomputed in the backward pass instead of kept.
 """
 
 from __future__ import annotations
@@ -22,11 +28,61 @@ from engine.training.batching import IGNORE
 
 def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum")  # IGNORE is cross_entropy's ignore_index
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (IGNORE adds nothing), in
+    chunks of ``chunk`` rows; the gradient w.r.t. ``hidden`` is computed here, ``weight`` gets none."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight).float()  # the dtype F.linear gives under autocast, as chunk_loss
+            lse = torch.logsumexp(logits, dim=-1)
+            keep = (t != IGNORE).unsqueeze(1)
+            index = t.clamp_min(0).unsqueeze(1)  # IGNORE rows point anywhere and are masked out
+            total += ((lse.unsqueeze(1) - logits.gather(1, index)) * keep).sum()
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
+            probs.scatter_add_(1, index, -keep.to(probs.dtype)).mul_(keep)  # minus one-hot; 0 if ignored
+            grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad.to(grad_hidden.dtype), None, None, None
+
+
+def token_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, fused: bool = True
+) -> torch.Tensor:
+    """Sum of the cross-entropies of ``hidden`` [n, h] through the output head ``weight`` [vocab, h]
+    against ``targets`` [n] (IGNORE positions add nothing), one chunk of logits at a time.
+    ``fused=False`` keeps checkpointed chunks even for a frozen head (the pre-fusion step, for benchmarks)."""
+    chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
+    if fused and torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
+        return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        hc, tc = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():  # no RNG to preserve in a matmul and a cross-entropy
+            total = total + checkpoint(
+                chunk_loss, hc, weight, tc, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            total = total + chunk_loss(hc, weight, tc)
+    return total
 
 
 def chunked_lm_loss_sum(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, *, fused: bool = True
 ) -> torch.Tensor:
     """Sum of token cross-entropies over positions whose target is not IGNORE."""
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -35,15 +91,7 @@ def chunked_lm_loss_sum(
     h, t = h[keep], t[keep]
     if t.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected for an all-masked micro-batch
-    chunk = loss_chunk_tokens(lm_head_weight.shape[0])  # the memory estimate assumes the same chunks
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, t.numel(), chunk):
-        hc, tc = h[start : start + chunk], t[start : start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, hc, lm_head_weight, tc, use_reentrant=False)
-        else:
-            total = total + chunk_loss(hc, lm_head_weight, tc)
-    return total
+    return token_loss_sum(h, lm_head_weight, t, fused=fused)
 
 
 def causal_lm(model: Any) -> Any:
@@ -65,13 +113,19 @@ def supports_hidden_state_loss(model: Any) -> bool:
 
 
 def causal_lm_loss_sum(
-    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
+    model: Any,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Summed next-token loss for one micro-batch (targets already shifted, see engine.training.batching)."""
     if supports_hidden_state_loss(model):
         lm = causal_lm(model)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return chunked_lm_loss_sum(out.last_hidden_state, lm.get_output_embeddings().weight, targets)
+        weight = lm.get_output_embeddings().weight
+        return chunked_lm_loss_sum(out.last_hidden_state, weight, targets, fused=fused)
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
