@@ -163,6 +163,7 @@ def test_user_values_are_kept():
         backend="native",
         report_to=["tensorboard"],
         compile=True,
+        cuda_graphs=False,
     )
     r = resolve_training(
         given,

@@ -24,10 +24,10 @@ from engine.training.fast_step import VARLEN_FLAG
 from engine.training.fused_lora import fuse_lora_layers
 from engine.training.varlen_attention import flash_varlen_kv_as_is
 
-# auto, from measurements on one H200 (benchmarks/RESULTS.md, 2026-12-02): with CUDA graphs the native
-# fast path trained a 0.5B model at micro-batch 4 x 2048 tokens 1.79x as fast as Unsloth; Unsloth was
-# faster on the same model at 16 x 2048 (1.38x) and on a 7B model at 4 x 2048 (~1.05x, before graphs,
-# which do not change a GPU-bound 7B step). So auto takes the native path for models under 3B
+# auto, from measurements on one H200 (benchmarks/RESULTS.md v5/v6, 2026-12-02): with CUDA graphs the
+# native fast path trained a 0.5B model at micro-batch 4 x 2048 tokens 1.8-2.0x as fast as Unsloth;
+# Unsloth was faster on the same model at 16 x 2048 (1.24x) and on a 7B model at 4 x 2048 (~1.05x,
+# before graphs, which do not change a GPU-bound 7B step). So auto takes the native path for models under 3B
 # parameters whose micro-batches hold at most 8,192 tokens (the host-bound steps that graphs cut),
 # Unsloth elsewhere where it imports on a CUDA GPU, and native everywhere else. Only two sizes were
 # measured: the boundary between them is a judgement, not a measurement.
@@ -56,7 +56,7 @@ def auto_prefers_native(spec: Any, micro_tokens: int | None) -> str | None:
         return None
     return (
         f"{params / 1e9:.2g}B parameters and {micro_tokens:,} tokens a micro-batch: the native path with "
-        "CUDA graphs (measured 1.8x Unsloth's speed on a 0.5B model at 4 x 2048 tokens)"
+        "CUDA graphs (measured ~2x Unsloth's speed on a 0.5B model at 4 x 2048 tokens)"
     )
 
 

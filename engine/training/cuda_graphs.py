@@ -9,15 +9,17 @@ How: ``StepGraphs.run(batch, forward_backward)`` keeps one graph per micro-batch
 (``DeviceBatch.shape``). The run's first micro-batch runs eagerly (it trains like any other, and
 warms up what capture must not do: probing kernels, allocating shared buffers); the first of each
 shape after it is captured, and every micro-batch of a captured shape replays: its tensors are
-copied into the graph's static inputs, the graph runs, and its static loss output is read. Shapes recur because the fast step pads each micro-batch to one of a
-few fixed shapes (engine.training.batching.StaticShapes); the padding carries no target and no
-attention, so the maths is the eager step's. All graphs share one memory pool (they run one at a
+copied into the graph's static inputs, the graph runs, and its static loss output is read. Shapes
+recur because the fast step pads each micro-batch to one of a few fixed shapes
+(engine.training.batching.StaticShapes); the padding carries no target and no attention, so the
+maths is the eager step's. All graphs share one memory pool (they run one at a
 time, and each output is consumed before the next replay).
 
 What a replay reads where it was captured: the LoRA weights (updated in place by the optimizer),
 the gradients (accumulated in place: they stay allocated between steps and are zeroed in place,
 which ``capture`` checks), the step's ``1/targets`` scale (``scale``, filled each step) and the
-static inputs. What cannot be inside a graph is kept out of the step: host syncs (the fast step has
+static inputs; the fused LoRA layers' bf16 weight copies are made inside the graph, not taken from
+their per-step cache. What cannot be inside a graph is kept out of the step: host syncs (the fast step has
 none), a dense attention mask (transformers' mask builder syncs: graphs need the varlen attention
 path, which builds none), RNG state saved for recomputation (no dropout: see engine.training.lora).
 Where any of that does not hold, ``why_not`` says so and the step runs eagerly. A capture that fails
