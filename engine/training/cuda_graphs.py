@@ -53,10 +53,10 @@ def why_not(model: Any, device: str, resolved: Any, *, distributed: bool) -> str
         return "not on a CUDA GPU"
     if distributed:
         return "several devices (each rank steps eagerly)"
+    if not all_lora_fused(model):
+        return "not every LoRA layer is fused (LoRA dropout, a variant, or the Unsloth backend's own layers)"
     if not model.__dict__.get(VARLEN_FLAG):
         return "no varlen flash-attention kernel for this model (the masked path syncs with the host)"
-    if not all_lora_fused(model):
-        return "not every LoRA layer is fused (dropout, a variant, or a backend of its own)"
     if config_has_dropout(causal_lm(model).config):
         return "the model has dropout"
     return None
