@@ -153,6 +153,12 @@ def test_checkpointing_keeps_rng_state_only_where_there_is_dropout(tiny_model_di
         return layer._gradient_checkpointing_func.keywords["preserve_rng_state"]
 
     assert preserve(0.0) is False and preserve(0.1) is True
+    from transformers import GPT2Config, Qwen2Config
+
+    from engine.training.lora import config_has_dropout
+
+    assert config_has_dropout(GPT2Config())  # resid_pdrop/attn_pdrop 0.1 by default
+    assert not config_has_dropout(Qwen2Config())  # attention_dropout 0.0
 
 
 @_GPU

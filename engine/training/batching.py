@@ -159,8 +159,8 @@ class StaticShapes:
 
     - row width: ``max_seq_length`` (rounded up to 8) with packing, whose rows are nearly full anyway;
       without packing the next power of two >= the longest row (at least 128), capped there;
-    - loss positions: rounded up to a quarter of the micro-batch's cells, in whole loss chunks, so at
-      most four loss shapes, and at most one chunk's worth of extra lm_head work per chunk quarter;
+    - loss positions: rounded up to a multiple of a quarter of the micro-batch's cells (in whole loss
+      chunks), so at most four loss shapes, for at most a quarter's worth of padded positions;
     - cumulative sequence lengths (varlen attention): room for ``pieces_per_row`` pieces in every row
       (the run's most examples in one row, plus its padding; known from the step plan), else a
       power-of-two count.
