@@ -9,8 +9,8 @@ in chunks whose logits exist one at a time.
 When the output head is frozen (LoRA), ``LinearCrossEntropy`` computes each chunk's gradient with
 respect to the hidden states in the forward pass, while its logits are at hand (softmax minus the
 one-hot target), and keeps only that [tokens, hidden] gradient: the backward pass scales it. That is
-two matmuls and one softmax per chunk instead of checkpointing's four matmul-sized passes (forward,
-recompute, backward) and two softmaxes, with no host sync (CUDA graphs capture it). Where the head
+two matmuls and one softmax per chunk instead of checkpointing's three matmuls (forward, recompute,
+backward), two softmaxes and a softmax backward, with no host sync (CUDA graphs capture it). Where the head
 is trained, each chunk is checkpointed: its logits are recomputed in the backward pass instead of kept.
 """
 
