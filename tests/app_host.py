@@ -167,11 +167,17 @@ class Dashboard:
     async def attr(self, selector: str, name: str) -> str:
         return await (await self.frame()).get_attribute(selector, name) or ""
 
-    async def screenshot(self, *paths: Path) -> None:
+    async def screenshot(self, *paths: Path, min_bytes: int = 0) -> None:
+        """Screenshots of the app's frame. With ``min_bytes``, retake (for up to ~5 s) while the image
+        is smaller: on a loaded machine the frame can be captured before it has painted (a blank PNG)."""
         await self.page.wait_for_timeout(300)  # let the progress bar's width transition settle
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            await self.page.locator("#app").screenshot(path=str(path))
+            for _ in range(10):
+                await self.page.locator("#app").screenshot(path=str(path))
+                if path.stat().st_size >= min_bytes:
+                    break
+                await self.page.wait_for_timeout(500)
 
 
 async def at_least(value: Awaitable[float], bound: float) -> bool:

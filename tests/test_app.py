@@ -351,7 +351,7 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
             frame = await board.frame()
             await frame.get_by_role("button", name="Cancel job").click()
             await board.until("the cancelled state", lambda: equals(board.text("#state"), "cancelled"))
-            await board.screenshot(tmp_path / "dashboard-cancelled.png")
+            await board.screenshot(tmp_path / "dashboard-cancelled.png", min_bytes=10_000)
             status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
             assert status["state"] == "cancelled"
             calls = await board.page.evaluate("window.toolCalls")
