@@ -43,14 +43,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight).float()  # the dtype F.linear gives under autocast, as chunk_loss
-            lse = torch.logsumexp(logits, dim=-1)
             keep = (t != IGNORE).unsqueeze(1)
-            index = t.clamp_min(0).unsqueeze(1)  # IGNORE rows point anywhere and are masked out
-            total += ((lse.unsqueeze(1) - logits.gather(1, index)) * keep).sum()
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
-            probs.scatter_add_(1, index, -keep.to(probs.dtype)).mul_(keep)  # minus one-hot; 0 if ignored
-            grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
+            index = t.clamp_min(0).unsqueeze(1)  # IGNORE rows point anywhere; their rows are masked out
+            # Three passes over the [chunk, vocab] logits: log-softmax in fp32 (read in the dtype F.linear
+            # gives under autocast, as chunk_loss), its exp in place, the cast for the matmul.
+            logp = torch.log_softmax(F.linear(h, weight), dim=-1, dtype=torch.float32)
+            total -= (logp.gather(1, index) * keep).sum()
+            probs = logp.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logp.dtype))
+            grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight) * keep  # 0 if ignored
         ctx.save_for_backward(grad_hidden)
         return total
 
