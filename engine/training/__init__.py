@@ -5,7 +5,7 @@ loading      device choice, dataset loading with its events, tokenizing, setting
 base_model   loading the base model and tokenizer (NF4 / 16-bit / fp32; Unsloth or transformers)
 lora         the model a recipe trains (base model, speed-ups, fresh LoRA), saving the adapter
 batching     packed rows, step plans fixed up front, collation with shifted targets
-loss         next-token loss from hidden states in checkpointed chunks
+loss         next-token loss from hidden states in chunks (a frozen head's gradient in the forward)
 loop         the optimizer loop (OOM back-off, heat pauses, cancel, checkpoints)
 checkpoints  atomic, resumable training checkpoints
 evaluation   held-out loss and greedy exact match
