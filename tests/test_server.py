@@ -250,7 +250,11 @@ async def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(
         job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(dataset)}))[
             "job_id"
         ]
-        await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0.5})
+        for _ in range(100):  # a job cancelled while still queued never meets the grace period
+            status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            if status["state"] == "running":
+                break
+            await anyio.sleep(0.1)
         structured(await client.call_tool("cancel_job", {"job_id": job_id}))
         status = await wait_until_done(client, job_id)
         assert status["state"] == "cancelled"
