@@ -72,6 +72,9 @@ class Supervisor:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._tails: dict[str, JobTail] = {}
         self._lock = threading.RLock()  # tails and children are touched from several threads
+        # Why this server is killing a job's worker, while it does: a refresh on another thread that
+        # finds the worker gone before force_stop records the end must record the same reason.
+        self._stop_reasons: dict[str, str] = {}
 
     # -- creating jobs -------------------------------------------------------------------------
 
@@ -219,7 +222,8 @@ class Supervisor:
         if result is not None:
             return result.status, _result_error(result)
         if record.cancel_requested_at is not None:
-            return "cancelled", None
+            with self._lock:
+                return "cancelled", self._stop_reasons.get(record.id)
         return "failed", self.death_reason(record, tail, exit_code)
 
     @staticmethod
@@ -257,18 +261,24 @@ class Supervisor:
         self.store.mark_cancel_requested(record.id)
 
     def force_stop(self, record: JobRecord, why: str) -> None:
-        if record.pid is not None:
-            procs.kill_tree(procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0))
-        self._reap(record.id)
-        latest = self.store.get(record.id) or record
-        # A result written in the meantime wins: the job really finished.
-        result = self._result(latest)
-        if result is not None:
-            self.store.transition(
-                record.id, result.status, error=_result_error(result), finished_at=time.time()
-            )
-        else:
-            self.store.transition(record.id, "cancelled", error=why, finished_at=time.time())
+        with self._lock:
+            self._stop_reasons[record.id] = why
+        try:
+            if record.pid is not None:
+                procs.kill_tree(procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0))
+            self._reap(record.id)
+            latest = self.store.get(record.id) or record
+            # A result written in the meantime wins: the job really finished.
+            result = self._result(latest)
+            if result is not None:
+                self.store.transition(
+                    record.id, result.status, error=_result_error(result), finished_at=time.time()
+                )
+            else:
+                self.store.transition(record.id, "cancelled", error=why, finished_at=time.time())
+        finally:
+            with self._lock:
+                self._stop_reasons.pop(record.id, None)
 
     def enforce_cancel_deadlines(self) -> list[str]:
         """Kill workers that ignored a cancel request for longer than the grace period."""

@@ -250,11 +250,7 @@ async def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(
         job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(dataset)}))[
             "job_id"
         ]
-        for _ in range(100):  # a job cancelled while still queued never meets the grace period
-            status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
-            if status["state"] == "running":
-                break
-            await anyio.sleep(0.1)
+        await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0.5})
         structured(await client.call_tool("cancel_job", {"job_id": job_id}))
         status = await wait_until_done(client, job_id)
         assert status["state"] == "cancelled"
@@ -612,6 +608,33 @@ def test_refresh_answers_what_the_store_holds_not_the_record_it_was_given(home: 
     finally:
         procs.kill_tree(identity)
         proc.wait()
+
+
+def test_a_refresh_between_the_kill_and_its_record_keeps_the_force_message(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """force_stop kills the worker, then records why; the watcher thread can refresh in between, find
+    the worker gone and a cancel requested: it must record the same reason (it once recorded none).
+    The interleaving is forced by refreshing right after the real kill."""
+    from backprop_mcp import supervisor as supervisor_module
+
+    store, supervisor, job_dir = _job_without_pid(home)
+    proc, identity = _spawn_standin(home, job_dir, steps=1000, step_s=0.05)
+    store.set_process("finetune-test", identity.pid, identity.start_time)
+    _wait_for_event(job_dir, "started")
+    supervisor.request_cancel(store.get("finetune-test"))  # type: ignore[arg-type]
+    real_kill = procs.kill_tree
+
+    def kill_then_refresh(identity: procs.ProcessIdentity) -> None:
+        real_kill(identity)
+        proc.wait()
+        supervisor.refresh(store.get("finetune-test"))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(supervisor_module.procs, "kill_tree", kill_then_refresh)
+    supervisor.force_stop(store.get("finetune-test"), "cancelled by force: test")  # type: ignore[arg-type]
+    record = store.get("finetune-test")
+    assert record is not None and record.state == "cancelled"
+    assert record.error == "cancelled by force: test"
 
 
 def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: Path) -> None:
