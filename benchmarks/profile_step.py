@@ -15,6 +15,9 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
          (``train.cuda_graphs``, engine.training.cuda_graphs; the engine's default); its line says
          how many graphs were captured and replayed (on the CPU: why none were);
   fastcg fastc with CUDA graphs.
+A variant may end in ``+nr`` (no recomputation: gradient checkpointing off, as the defaults choose
+where memory allows) or ``+off`` (checkpointed layer inputs offloaded to pinned host memory,
+``train.offload_activations``, engine.training.offload), e.g. ``fastg+nr``, ``fast+off``.
 
 ``--rounds N`` runs the variants N times, interleaved (plain fast fastc plain fast fastc ...), and
 reports each variant's median tokens/s: a small model's step time drifts between steps by more
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="large enough that the loss moves on repeated rows")
     p.add_argument("--packed", action="store_true", help="log-normal lengths, packed rows (varlen attention)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc,fastg,fastcg")
+    p.add_argument("--variants", default="plain,fast", help="plain,fast,fastc,fastg,fastcg[+nr|+off]")
     p.add_argument(
         "--rounds", type=int, default=1, help="run the variants this many times, interleaved; median"
     )
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.fast_step import VARLEN_FLAG, run_step
     from engine.training.fused_lora import unfuse_lora_layers
     from engine.training.lora import add_lora
+    from engine.training.offload import ActivationOffload
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model_dir = args.model_dir or Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"
@@ -231,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     speedups = [] if args.no_liger else accel.apply_speedups(loaded.model, device, loaded.info)
     model = add_lora(loaded.model, spec.lora, gradient_checkpointing=True, loaded_info=loaded.info)
     load_s = time.perf_counter() - t0
+    checkpointing = {
+        m: m._gradient_checkpointing_func
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    }
     vocab = model.config.vocab_size
     rows_per_step = args.batch
     n_rows = 64 if args.packed else 16  # a few rows again and again: the loss has something to learn
@@ -250,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "variants": {},
     }  # fmt: skip
 
-    def run_variant(variant: str, first_round: bool) -> dict:
+    def run_variant(name: str, first_round: bool) -> dict:
+        variant, _, modifier = name.partition("+")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -258,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         unfuse_lora_layers(model)
         uncompile_decoder_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
-        applied: list[str] = []
+        offload = ActivationOffload() if modifier == "off" else None
+        for m, func in checkpointing.items():  # +nr: no recomputation; +off: inputs offloaded
+            m.gradient_checkpointing = modifier != "nr"
+            m._gradient_checkpointing_func = offload.wrap(func) if offload else func
+        applied: list[str] = (
+            [{"nr": "no recomputation", "off": "offloaded layer inputs"}[modifier]] if modifier else []
+        )
         compiled = variant in ("fastc", "fastcg")
         if variant != "plain" and device != "cpu":
             applied = apply_fast_path(model, device, loaded.info, compile_layers=compiled)
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
         step_fn = old_step if variant == "plain" else run_step
         graphs, kwargs = None, {}
-        if variant in ("fastg", "fastcg"):
+        if variant in ("fastg", "fastcg") and offload is None:
 
             class Asked:
                 cuda_graphs = True
@@ -304,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             "median_step_s": round(sorted(times[timed])[len(times[timed]) // 2], 4),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device != "cpu" else None,
         }
+        if offload is not None:
+            rec["offloaded_gib_per_micro_batch"] = round(offload.offloaded_bytes / 2**30, 3)
         if args.profile and first_round:
-            label = f"{variant}{'-packed' if args.packed else ''}"
+            label = f"{name}{'-packed' if args.packed else ''}"
             for key, profiler, step in (("profile", profile_one, 0), ("host", host_profile, 1)):
                 rows = plan.steps[args.warmup + args.steps + step]
                 rec[key] = profiler(

@@ -2,11 +2,12 @@
 # Issue 9's 0.5B measurements in one GPU call (about 9 minutes, each part under its own timeout), so a
 # session with little device time spends it in one full call:
 #   0. the GPU-only tests (CUDA graphs, flash varlen, fused LoRA on NF4);
-#   1. profile_step.py at micro-batch 4: plain, fast, fastg (fast + CUDA graphs, the default)
-#      interleaved over 3 rounds (medians), loss parity, a kernel profile and a cProfile of the host;
+#   1. profile_step.py at micro-batch 4: plain, fast, fastg (fast + CUDA graphs) and fastg+nr (no
+#      recomputation: the default where memory allows) interleaved over 3 rounds (medians), loss
+#      parity, a kernel profile and a cProfile of the host;
 #   2. fastg and fastcg (compile + graphs) with Liger off (Liger's Triton RMSNorm breaks compiled graphs);
-#   3. fast/fastg at micro-batch 16;
-#   4. packed log-normal rows at micro-batch 4 (fast/fastg), against part 1's fixed-length rate;
+#   3. fastg/fastg+nr at micro-batch 16;
+#   4. packed log-normal rows at micro-batch 4 (fastg/fastg+nr), against part 1's fixed-length rate;
 #   5. Unsloth alone at micro-batch 4 and 16 (when UNSLOTH_PACK and UNSLOTH_BENCH are given);
 #   6. the whole server flow with default settings beside the fixed-length rate (server_flow.py).
 # PARTS="0 1 3 5" runs only those parts.
@@ -52,12 +53,12 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch
 transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 if want 0; then
 echo "== 0. GPU tests $(date -u +%T)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py -k gpu \
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py -k gpu \
   --tb=short 2>&1 | grep -v "Warning\|warn" | tail -12
 fi
 if want 1; then
-echo "== 1. mb4 plain/fast/fastg, Liger on $(date -u +%T), $(left) s left"
-timeout 130 $PROFILE --batch 4 --variants plain,fast,fastg --profile --out "$OUT/liger" 2>&1 \
+echo "== 1. mb4 plain/fast/fastg/fastg+nr, Liger on $(date -u +%T), $(left) s left"
+timeout 150 $PROFILE --batch 4 --variants plain,fast,fastg,fastg+nr --profile --out "$OUT/liger" 2>&1 \
   | grep -v "Warning\|triton_kernel_wrap" | tail -12
 fi
 if want 2; then
@@ -66,13 +67,13 @@ timeout 80 $PROFILE --batch 4 --variants fastg,fastcg --no-liger --out "$OUT/nol
   | grep -v Warning | tail -8
 fi
 if want 3; then
-echo "== 3. mb16 fast/fastg, Liger on $(date -u +%T), $(left) s left"
-timeout 80 $PROFILE --batch 16 --variants fast,fastg --out "$OUT/liger" 2>&1 \
+echo "== 3. mb16 fastg/fastg+nr, Liger on $(date -u +%T), $(left) s left"
+timeout 100 $PROFILE --batch 16 --variants fastg,fastg+nr --profile --out "$OUT/liger" 2>&1 \
   | grep -v "Warning\|triton_kernel_wrap" | tail -8
 fi
 if want 4; then
-echo "== 4. mb4 packed fast/fastg $(date -u +%T), $(left) s left"
-timeout 60 $PROFILE --batch 4 --variants fast,fastg --packed --rounds 1 --steps $PACKED_STEPS --out "$OUT/packed" \
+echo "== 4. mb4 packed fastg/fastg+nr $(date -u +%T), $(left) s left"
+timeout 60 $PROFILE --batch 4 --variants fastg,fastg+nr --packed --rounds 1 --steps $PACKED_STEPS --out "$OUT/packed" \
   2>&1 | grep -v "Warning\|triton_kernel_wrap" | tail -5
 fi
 if want 5 && [ -z "${SMOKE:-}" ] && [ -f "$UNSLOTH_PACK" ] && [ -f "$UNSLOTH_BENCH" ]; then

@@ -62,6 +62,7 @@ class ResolvedTraining:
     report_to: list[str] = field(default_factory=list)  # train.report_to (engine.reporting)
     compile: bool = False  # train.compile (engine.training.backend.compile_decoder_layers)
     cuda_graphs: bool = True  # train.cuda_graphs (engine.training.cuda_graphs)
+    offload_activations: bool = False  # engine.training.offload
 
     @property
     def rows_per_step(self) -> int:
@@ -150,7 +151,9 @@ def resolve_training(
     device = "cuda" if device.startswith("cuda") else "cpu"
     reasons: dict[str, str] = {}
     est_kwargs: dict[str, Any] = {
-        "gradient_checkpointing": train.gradient_checkpointing,
+        # Batch sizes are fitted with recomputation on unless it was switched off: the lean choice;
+        # whether to skip it is decided afterwards, at the chosen batch (below).
+        "gradient_checkpointing": train.gradient_checkpointing is not False,
         "chunked_loss": chunked_loss,
         "lora_targets": lora_targets,
         "device": device,
@@ -295,9 +298,17 @@ def resolve_training(
             else f"a short run of {steps} steps: no intermediate checkpoint (one is written on cancel)"
         )
 
+    recompute, reasons["gradient_checkpointing"], full = _decide_recompute(train, fit, memory, micro, max_seq)
+    if full is not None:
+        memory = full
+    offload, reasons["offload_activations"] = _decide_offload(
+        train, recompute, shape, micro * max_seq, device
+    )
+    if offload and memory is not None:
+        memory = fit.estimate(micro, max_seq, offload_activations=True)
+
     for name in (
         "lr_scheduler",
-        "gradient_checkpointing",
         "weight_decay",
         "max_grad_norm",
         "seed",
@@ -309,12 +320,6 @@ def resolve_training(
         value = getattr(train, name)
         default = TrainSettings.model_fields[name].get_default(call_default_factory=True)
         reasons[name] = "default" if value == default else "given"
-    if not train.gradient_checkpointing:
-        reasons["gradient_checkpointing"] = "given: off (faster, but keeps every layer's activations)"
-    else:
-        reasons["gradient_checkpointing"] += (
-            ": on (recompute each layer in the backward pass, far less memory)"
-        )
 
     if memory is not None:
         reasons["micro_batch_size"] += f"; estimate {memory.summary()}"
@@ -329,7 +334,7 @@ def resolve_training(
         gradient_accumulation=accum,
         max_seq_length=max_seq,
         packing=packing,
-        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing=recompute,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
@@ -342,6 +347,85 @@ def resolve_training(
         report_to=list(train.report_to),
         compile=train.compile,
         cuda_graphs=train.cuda_graphs,
+        offload_activations=offload,
+    )
+
+
+# Recomputation is skipped only where keeping every layer's activations leaves this share of the free
+# memory unused: the estimate is an estimate, and another program may take some of the card later.
+NO_RECOMPUTE_SHARE = 0.75
+# Checkpointed layer inputs are moved to host memory by default only where they add up to this much:
+# below it the copies save little (engine.training.offload).
+OFFLOAD_MIN_GIB = 1.0
+
+
+def _decide_recompute(
+    train: TrainSettings, fit: _FitCheck, memory: MemoryEstimate | None, micro: int, seq: int
+) -> tuple[bool, str, MemoryEstimate | None]:
+    """Whether to recompute each layer in the backward pass, why, and the estimate without it when off."""
+    if train.gradient_checkpointing is not None:
+        on = train.gradient_checkpointing
+        return (
+            on,
+            "given: "
+            + (
+                "on (recompute each layer in the backward pass)"
+                if on
+                else "off (faster, but keeps every layer's activations)"
+            ),
+            None,
+        )
+    if train.offload_activations:
+        return True, "on: offload_activations=true moves its checkpointed layer inputs to host memory", None
+    if memory is None or fit.est_kwargs.get("device") != "cuda" or fit.est_kwargs.get("shards", 1) > 1:
+        why = (
+            "sharded over several cards"
+            if fit.est_kwargs.get("shards", 1) > 1
+            else "no free GPU memory figure"
+        )
+        return True, f"on ({why}): recompute each layer in the backward pass, far less memory", None
+    full = fit.estimate(micro, seq, gradient_checkpointing=False)
+    budget = NO_RECOMPUTE_SHARE * fit.free_gib
+    if full.total_gib <= budget:
+        return (
+            False,
+            (
+                f"off: keeping every layer's activations ({full.total_gib:.1f} GiB estimated) fits in "
+                f"{NO_RECOMPUTE_SHARE:.0%} of the {fit.free_gib:.1f} GiB free, and skipping the recomputation "
+                "saves about a third of the step's compute"
+            ),
+            full,
+        )
+    return (
+        True,
+        (
+            f"on: keeping every layer's activations would need about {full.total_gib:.1f} GiB, more than "
+            f"{NO_RECOMPUTE_SHARE:.0%} of the {fit.free_gib:.1f} GiB free; each layer is recomputed in the backward pass"
+        ),
+        None,
+    )
+
+
+def _decide_offload(
+    train: TrainSettings, recompute: bool, shape: ModelShape, micro_tokens: int, device: str
+) -> tuple[bool, str]:
+    """Whether to keep the checkpointed layer inputs in pinned host memory during the step, and why."""
+    inputs_gib = shape.num_layers * micro_tokens * shape.hidden_size * 2 / 2**30
+    if train.offload_activations is not None:  # (on without checkpointing is refused by TrainSettings)
+        on = train.offload_activations and device == "cuda"
+        return on, "given" + (": no effect off a GPU" if train.offload_activations and not on else "")
+    if not recompute:
+        return False, "off: no gradient checkpointing, so no checkpointed layer inputs"
+    if device != "cuda":
+        return False, "off: not on a GPU"
+    if inputs_gib >= OFFLOAD_MIN_GIB:
+        return True, (
+            f"on: the {shape.num_layers} layers' checkpointed inputs ({inputs_gib:.2f} GiB) wait in pinned host "
+            "memory, copied on a side stream while the card computes"
+        )
+    return (
+        False,
+        f"off: the checkpointed layer inputs are small ({inputs_gib:.2f} GiB, under {OFFLOAD_MIN_GIB:g})",
     )
 
 
@@ -356,9 +440,12 @@ class _FitCheck:
     context_in_use: bool
     est_kwargs: dict[str, Any]
 
-    def estimate(self, micro: int, seq: int, quantization: str | None = None) -> MemoryEstimate:
+    def estimate(
+        self, micro: int, seq: int, quantization: str | None = None, **changed: Any
+    ) -> MemoryEstimate:
+        """The estimate at this shape; ``changed``: settings other than the ones being fitted."""
         q = quantization or self.quantization
-        return estimate_memory(self.shape, q, self.rank, micro, seq, **self.est_kwargs)
+        return estimate_memory(self.shape, q, self.rank, micro, seq, **(self.est_kwargs | changed))
 
     def fits(self, micro: int, seq: int, quantization: str | None = None) -> bool:
         return fits(self.estimate(micro, seq, quantization), self.free_gib, self.context_in_use)

@@ -220,6 +220,7 @@ def estimate_memory(
     device: str = "cuda",
     bf16_supported: bool = True,
     shards: int = 1,
+    offload_activations: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one training step (micro_batch sequences of seq_len tokens), in GiB.
 
@@ -227,6 +228,8 @@ def estimate_memory(
     tokens, the worst case of either. ``shards`` > 1: the decoder layers' weights are sharded over
     that many cards (FSDP, engine.training.distributed); each card holds its share plus about two
     whole layers (the one computing and the one being gathered); embeddings, head and LoRA stay whole.
+    ``offload_activations``: the checkpointed layer inputs wait in host memory (engine.training.offload);
+    the card holds about two of them at a time (the one copying, the one in use).
     """
     if micro_batch < 1 or seq_len < 1 or lora_rank < 1:
         raise ValueError("micro_batch, seq_len and lora_rank must be at least 1")
@@ -259,7 +262,9 @@ def estimate_memory(
     dequant = max(a * b for a, b in shape.linear_dims().values()) * act if dtype == "nf4" else 0
     one_layer = tokens * (saved_per_token + grads_per_token) + dequant
     if gradient_checkpointing:
-        checkpointed = shape.num_layers * tokens * h * act
+        checkpointed = (
+            (min(2, shape.num_layers) if offload_activations else shape.num_layers) * tokens * h * act
+        )
         layer_acts = one_layer
     else:
         checkpointed = 0
@@ -301,6 +306,7 @@ def estimate_memory(
             "micro_batch": micro_batch,
             "seq_len": seq_len,
             "gradient_checkpointing": gradient_checkpointing,
+            "offload_activations": offload_activations and gradient_checkpointing,
             "chunked_loss": chunked_loss,
             "device": "cuda" if on_gpu else "cpu",
         },

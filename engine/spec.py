@@ -68,7 +68,16 @@ class TrainSettings(_Strict):
         None,
         description="pack short examples into full rows (padding-free, attention kept per example); default on",
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute each layer in the backward pass: far less memory, about a third more compute; "
+        "default: off on a GPU whose free memory holds every layer's activations with room to spare, else on",
+    )
+    offload_activations: bool | None = Field(
+        None,
+        description="with gradient checkpointing on a GPU: keep each layer's checkpointed input in pinned host "
+        "memory (copied on a side stream) instead of on the card; default: on where those inputs are large",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
@@ -90,6 +99,15 @@ class TrainSettings(_Strict):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="also log metrics to TensorBoard (job folder) / W&B (offline)"
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> TrainSettings:
+        if self.offload_activations and self.gradient_checkpointing is False:
+            raise ValueError(
+                "offload_activations=true moves gradient checkpointing's saved layer inputs to host memory, "
+                "but gradient_checkpointing is false: set gradient_checkpointing=true, or drop offload_activations"
+            )
+        return self
 
 
 class SafetySettings(_Strict):

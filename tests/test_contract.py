@@ -199,14 +199,14 @@ async def test_tool_arguments_agree_with_the_spec_models() -> None:
 # matter; the CLI and the Python API take every one.
 TOOL_LEAVES_OUT = {
     "start_finetune": {
-        "warmup_steps", "lr_scheduler", "gradient_checkpointing", "weight_decay", "max_grad_norm", "compile",
-        "cuda_graphs", "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
+        "warmup_steps", "lr_scheduler", "gradient_checkpointing", "offload_activations", "weight_decay",
+        "max_grad_norm", "compile", "cuda_graphs", "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
         "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
     },
     "run_slao_series": {
         "steps", "epochs", "warmup_steps", "lr_scheduler", "micro_batch_size", "gradient_accumulation",
-        "packing", "gradient_checkpointing", "weight_decay", "max_grad_norm", "seed", "checkpoint_every",
-        "backend", "compile", "cuda_graphs", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "packing", "gradient_checkpointing", "offload_activations", "weight_decay", "max_grad_norm", "seed",
+        "checkpoint_every", "backend", "compile", "cuda_graphs", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
         "trust_remote_code", "split", "gpu_index", "merge_weight", "qr_init", "ties_density", "dare_drop",
         "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
     },

@@ -156,6 +156,7 @@ def test_user_values_are_kept():
         max_seq_length=256,
         packing=True,
         gradient_checkpointing=False,
+        offload_activations=False,
         weight_decay=0.01,
         max_grad_norm=0.5,
         seed=7,
@@ -296,3 +297,43 @@ def test_bad_inputs_are_refused_clearly():
         estimate_memory(TINY, "none", 8, 0, 128)
     with pytest.raises(ValueError, match="positive sizes"):
         ModelShape(0, 2, 2048, 768, 4, 2)
+
+
+def test_recomputation_is_skipped_only_where_the_card_holds_every_layer_with_room_to_spare():
+    lengths = [1800 + (i * 7) % 200 for i in range(400)]  # long rows: seq 2048, micro-batch 4
+
+    def resolve(free: float, **given) -> object:
+        return resolve_training(
+            TrainSettings(micro_batch_size=4, **given), n_examples=400, token_lengths=lengths, shape=QWEN7B,
+            quantization="4bit", lora_rank=16, device="cuda", free_memory_gib=free,
+        )  # fmt: skip
+
+    big = resolve(139.0)  # an H200: every layer's activations fit in 75% of it
+    assert big.gradient_checkpointing is False and big.reasons["gradient_checkpointing"].startswith("off:")
+    assert big.memory.settings["gradient_checkpointing"] is False and big.memory.total_gib <= 0.75 * 139
+    assert (
+        big.offload_activations is False and "no gradient checkpointing" in big.reasons["offload_activations"]
+    )
+    tight = resolve(24.0)  # a 24 GB card: recompute, and keep the 1.8 GiB of layer inputs in host memory
+    assert tight.gradient_checkpointing is True and tight.reasons["gradient_checkpointing"].startswith("on:")
+    assert tight.offload_activations is True and "pinned host memory" in tight.reasons["offload_activations"]
+    assert tight.memory.settings["offload_activations"] is True
+    kept = estimate_memory(QWEN7B, "4bit", 16, 4, 2048)
+    assert tight.memory.total_gib < kept.total_gib - 1.0  # ~26 of 28 layer inputs off the card
+    # What the user says wins; asking for offload asks for checkpointing.
+    assert resolve(139.0, gradient_checkpointing=True).offload_activations is True
+    assert resolve(139.0, offload_activations=True).gradient_checkpointing is True
+    assert resolve(24.0, offload_activations=False).offload_activations is False
+    # No free-memory figure, or a CPU: checkpointing stays on, nothing is offloaded.
+    cpu = resolve_training(
+        TrainSettings(), n_examples=30, token_lengths=_lengths(30), shape=TINY, quantization="none",
+        lora_rank=8, device="cpu", free_memory_gib=None,
+    )  # fmt: skip
+    assert cpu.gradient_checkpointing is True and cpu.offload_activations is False
+
+
+def test_offload_without_checkpointing_is_refused_with_the_fix():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set gradient_checkpointing=true, or drop offload_activations"):
+        TrainSettings(gradient_checkpointing=False, offload_activations=True)

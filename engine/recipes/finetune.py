@@ -34,7 +34,9 @@ def run_finetune(
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
     micro_tokens = resolved.micro_batch_size * resolved.max_seq_length
-    model, info = load_lora_model(spec, device, resolved.gradient_checkpointing, events, micro_tokens)
+    model, info = load_lora_model(
+        spec, device, resolved.gradient_checkpointing, events, micro_tokens, resolved.offload_activations
+    )
 
     writer = (rank := active_rank()) is None or rank.is_writer  # of several ranks, rank 0 alone writes
     evaluator = (  # under FSDP every forward is a collective: every rank evaluates (rank 0 reports)

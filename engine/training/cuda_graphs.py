@@ -53,6 +53,8 @@ def why_not(model: Any, device: str, resolved: Any, *, distributed: bool) -> str
         return "not on a CUDA GPU"
     if distributed:
         return "several devices (each rank steps eagerly)"
+    if getattr(resolved, "offload_activations", False):
+        return "offload_activations is on (its copies to and from host memory cannot be captured)"
     if not all_lora_fused(model):
         return "not every LoRA layer is fused (LoRA dropout, a variant, or the Unsloth backend's own layers)"
     if not model.__dict__.get(VARLEN_FLAG):

@@ -14,9 +14,18 @@ from engine.training.base_model import load_for_training
 
 
 def add_lora(
-    model: Any, lora: LoraSettings, *, gradient_checkpointing: bool, loaded_info: dict[str, Any]
+    model: Any,
+    lora: LoraSettings,
+    *,
+    gradient_checkpointing: bool,
+    loaded_info: dict[str, Any],
+    offload_activations: bool = False,
 ) -> Any:
-    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model)."""
+    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model).
+
+    ``offload_activations`` (with checkpointing): the checkpointed layer inputs wait in host memory
+    (engine.training.offload).
+    """
     if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
         return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
@@ -25,6 +34,10 @@ def add_lora(
         enable_activation_checkpointing(
             model, preserve_rng_state=lora.dropout > 0 or config_has_dropout(model.config)
         )
+        if offload_activations:
+            from engine.training.offload import offload_checkpointed_inputs
+
+            offload_checkpointed_inputs(model)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -74,6 +87,7 @@ def load_lora_model(
     gradient_checkpointing: bool,
     events: EventWriter,
     micro_tokens: int | None = None,
+    offload_activations: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The spec's base model with the speed-ups that apply and a fresh LoRA adapter; also how it loaded.
 
@@ -93,7 +107,11 @@ def load_lora_model(
         events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
     torch.manual_seed(spec.train.seed)
     model = add_lora(
-        loaded.model, spec.lora, gradient_checkpointing=gradient_checkpointing, loaded_info=loaded.info
+        loaded.model,
+        spec.lora,
+        gradient_checkpointing=gradient_checkpointing,
+        loaded_info=loaded.info,
+        offload_activations=offload_activations and device.startswith("cuda"),
     )
     from engine.training.backend import apply_fast_path, backend_name, backend_reason
 
