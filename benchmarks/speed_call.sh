@@ -53,7 +53,7 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch
 transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 if want 0; then
 echo "== 0. GPU tests $(date -u +%T)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py -k gpu \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py tests/test_train.py -k gpu \
   --tb=short 2>&1 | grep -v "Warning\|warn" | tail -12
 fi
 if want 1; then

@@ -42,7 +42,7 @@ fi
 if want 3; then
 echo "== 3. plain step and default step, profiled, one process $(date -u +%T)"
 M7=/tmp/ts7/model-qwen2.5-7b; [ -n "${SMOKE:-}" ] && M7=/tmp/ts7/model-tiny
-timeout 200 python3 benchmarks/profile_step.py $A --model-dir "$M7" --batch 4 $STEPS --variants plain,fastg,fast+off,fastg+nr \
+timeout 200 python3 benchmarks/profile_step.py $A --model-dir "$M7" --batch 4 $STEPS --variants plain,fastg,fastg+nr,fast+off \
   --profile --out "$OUT/prof7" 2>&1 | grep -v "Warning\|triton_kernel_wrap" | tail -4
 fi
 echo "== end $(date -u +%T)"

@@ -118,6 +118,46 @@ def test_frozen_head_loss_computes_its_gradient_in_the_forward_pass_exactly():
     assert g_ours[:10].abs().max() == 0  # ignored positions get no gradient
 
 
+def _chunk(n: int = 64, vocab: int = 3000, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(device, dtype)
+    index = torch.randint(0, vocab, (n, 1), generator=g).to(device)
+    keep = torch.ones(n, 1, dtype=torch.bool, device=device)
+    keep[::5] = False  # IGNORE rows
+    return logits, index, keep
+
+
+def test_the_compilable_chunk_loss_equals_cross_entropy_and_the_eager_ops_exactly():
+    """softmax_cross_entropy_grad (what runs compiled on a GPU), run eagerly in fp32: the same loss and
+    logit gradient as F.cross_entropy's, and as the eager in-place ops that the CPU uses."""
+    from engine.training.loss import _chunk_grad, softmax_cross_entropy_grad
+
+    logits, index, keep = _chunk()
+    loss, grad = softmax_cross_entropy_grad(logits, index, keep.float())
+    x = logits.clone().requires_grad_(True)
+    targets = torch.where(keep[:, 0], index[:, 0], torch.full_like(index[:, 0], IGNORE))
+    ref = torch.nn.functional.cross_entropy(x, targets, ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert torch.allclose(grad, x.grad, atol=1e-6)
+    eager_loss, eager_grad = _chunk_grad(logits, index, keep)  # the CPU takes the in-place ops
+    assert torch.allclose(eager_loss, loss, rtol=1e-6) and torch.allclose(eager_grad, grad, atol=1e-6)
+    assert grad[::5].abs().max() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_gpu_compiled_chunk_loss_follows_the_eager_ops():
+    """The compiled kernel on bf16 logits against the eager ops: within bf16 rounding."""
+    from engine.training import loss as loss_module
+
+    logits, index, keep = _chunk(512, 151_936, torch.bfloat16, "cuda")
+    loss, grad = loss_module._chunk_grad(logits, index, keep)
+    assert "failed" not in loss_module._COMPILED, loss_module._COMPILED.get("failed")
+    ref_loss, ref_grad = loss_module.softmax_cross_entropy_grad(logits, index, keep.float())
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=2e-3, rtol=1e-2)
+
+
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):
     """Packing must not let examples see each other: same loss as running each alone with HF's own loss."""
     from transformers import AutoModelForCausalLM
