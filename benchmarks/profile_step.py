@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         for s in range(args.warmup + args.steps):
             t = time.perf_counter()
+            ahead = {"next_rows": plan.steps[s + 1]} if variant != "plain" else {}  # as the loop does
             loss, real, _ = step_fn(
-                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs
+                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs, **ahead
             )
             if device != "cpu":
                 torch.cuda.synchronize()

@@ -2,7 +2,7 @@
 # Issue 9's 0.5B measurements in one GPU call (about 9 minutes, each part under its own timeout), so a
 # session with little device time spends it in one full call:
 #   0. the GPU-only tests (CUDA graphs, flash varlen, fused LoRA on NF4);
-#   1. profile_step.py at micro-batch 4: plain, fast, fastg (fast + CUDA graphs) and fastg+nr (no
+#   1. profile_step.py at micro-batch 4: plain, fastg (the fast path + CUDA graphs) and fastg+nr (no
 #      recomputation: the default where memory allows) interleaved over 3 rounds (medians), loss
 #      parity, a kernel profile and a cProfile of the host;
 #   2. fastg and fastcg (compile + graphs) with Liger off (Liger's Triton RMSNorm breaks compiled graphs);
@@ -53,12 +53,12 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch
 transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 if want 0; then
 echo "== 0. GPU tests $(date -u +%T)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py tests/test_train.py -k gpu \
-  --tb=short 2>&1 | grep -v "Warning\|warn" | tail -12
+timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py tests/test_train.py -k gpu \
+  --tb=short 2>&1 | grep -v "Warning\|warn\|DEBUG" | grep -B2 -A25 "FAILURES\|short test summary" | tail -40
 fi
 if want 1; then
-echo "== 1. mb4 plain/fast/fastg/fastg+nr, Liger on $(date -u +%T), $(left) s left"
-timeout 150 $PROFILE --batch 4 --variants plain,fast,fastg,fastg+nr --profile --out "$OUT/liger" 2>&1 \
+echo "== 1. mb4 plain/fastg/fastg+nr, Liger on $(date -u +%T), $(left) s left"
+timeout 150 $PROFILE --batch 4 --variants plain,fastg,fastg+nr --profile --out "$OUT/liger" 2>&1 \
   | grep -v "Warning\|triton_kernel_wrap" | tail -12
 fi
 if want 2; then

@@ -264,6 +264,31 @@ def test_fast_step_loop_with_every_piece_on_matches_the_plain_peft_loop(tiny_mod
     assert run(True) == pytest.approx(run(False), abs=1e-5)
 
 
+def test_the_next_step_collated_ahead_trains_exactly_like_collating_each_step(tiny_model_dir):
+    """run_step's ``next_rows``: the next step's batches, collated while the current step runs, give the
+    same losses as collating each step when it comes; batches collated for other rows are not used."""
+    from engine.training.fast_step import _NEXT_BATCHES, run_step
+
+    data = _data([24, 11, 30, 7, 19, 26, 14, 9], seed=4)
+    steps = [[[0, 1], [2]], [[3, 4], [5]], [[6], [7]], [[1], [0, 2]]]
+
+    def train(ahead: bool, wrong: bool = False) -> list[float]:
+        model = _peft_model(tiny_model_dir)
+        fused_lora.fuse_lora_layers(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for i, rows in enumerate(steps):
+            nxt = steps[(i + 2) % 4] if wrong else steps[i + 1] if i + 1 < len(steps) else None
+            kwargs = {"next_rows": nxt} if ahead and nxt is not None else {}
+            losses.append(run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0, **kwargs)[0])
+            assert (_NEXT_BATCHES in model.__dict__) == bool(kwargs)
+        return losses
+
+    ref = train(ahead=False)
+    assert train(ahead=True) == ref
+    assert train(ahead=True, wrong=True) == ref  # a mismatch is collated again, not reused
+
+
 def test_backend_setting_maps_onto_the_loader_and_is_validated():
     from pydantic import ValidationError
 

@@ -51,9 +51,12 @@ def _same_training(tiny_model_dir, device: str):
     ref_losses, ref_weights, _ = _train(tiny_model_dir, device, offload=False)
     losses, weights, offloader = _train(tiny_model_dir, device, offload=True)
     assert offloader is not None
-    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=1e-7)
+    # On the CPU the two runs are bitwise the same maths; on a GPU, fp32 SDPA's backward (the
+    # memory-efficient kernel) adds in no fixed order, so two identical runs differ in the last bits.
+    rel = 1e-6 if device == "cpu" else 1e-4
+    assert losses == pytest.approx(ref_losses, rel=rel, abs=1e-7)
     for name, w in ref_weights.items():
-        torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(weights[name], w, rtol=10 * rel, atol=1e-6)
     return offloader
 
 

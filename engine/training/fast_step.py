@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from engine.training.cuda_graphs import StepGraphs
 
 VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
+_NEXT_BATCHES = "_engine_next_batches"  # on a model: the next step's batches, collated ahead (run_step)
 
 
 @dataclass
@@ -175,8 +176,13 @@ def run_step(
     max_grad_norm: float,
     *,
     graphs: StepGraphs | None = None,
+    next_rows: list[list[int]] | None = None,
 ) -> tuple[float, int, float]:
     """Forward/backward over the step's micro-batches, one optimizer step, one host sync at the end.
+
+    ``next_rows``: the next step's rows. They are collated, and their copies to the GPU queued, while
+    the GPU still runs this step (before the sync that ends it); the next call picks them up. Without
+    it the GPU would idle while the host collates each step (up to 8% of a small model's step).
 
     With ``graphs`` (engine.training.cuda_graphs) the micro-batches are padded to fixed shapes and
     replayed from CUDA graphs; the gradients then stay allocated between steps (zeroed in place),
@@ -186,7 +192,16 @@ def run_step(
     weights_updated()  # LoRA weights may have been written between steps (resume, merges)
     varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
     shapes = graphs.shapes if graphs is not None else None
-    batches = prepare_batches(rows, data, micro, pad_id, device, varlen=varlen, shapes=shapes)
+
+    def prepare(step_rows: list[list[int]]) -> list[DeviceBatch]:
+        return prepare_batches(step_rows, data, micro, pad_id, device, varlen=varlen, shapes=shapes)
+
+    def key(step_rows: list[list[int]]) -> tuple[Any, ...]:
+        return (micro, varlen, tuple(map(tuple, step_rows)))
+
+    ready = model.__dict__.pop(_NEXT_BATCHES, None)  # (data, shapes, key, batches): same objects only
+    hit = ready is not None and ready[0] is data and ready[1] is shapes and ready[2] == key(rows)
+    batches = ready[3] if hit else prepare(rows)
     n_targets = sum(b.n_targets for b in batches)
     dev_type = device.split(":")[0]
     # 1/targets as a tensor: a graph reads it where it was captured, so its value changes per step
@@ -210,5 +225,8 @@ def run_step(
     optimizer.step()
     weights_updated()  # the fused LoRA layers' cast copies are stale now
     optimizer.zero_grad(set_to_none=graphs is None)
-    loss_value, norm_value = torch.stack([total, grad_norm.float()]).tolist()  # the one sync
+    result = torch.stack([total, grad_norm.float()])
+    if next_rows is not None:  # the host collates the next step while the GPU runs this one
+        model.__dict__[_NEXT_BATCHES] = (data, shapes, key(next_rows), prepare(next_rows))
+    loss_value, norm_value = result.tolist()  # the one sync
     return loss_value / max(1, n_targets), sum(b.real_tokens for b in batches), norm_value

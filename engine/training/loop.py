@@ -181,6 +181,11 @@ def train_adapter(
                 autocast_dtype,
                 resolved.max_grad_norm,
                 **step_kwargs,
+                **(
+                    {"next_rows": plan.steps[step + 1]}
+                    if rank is None and step + 1 < plan.total_steps
+                    else {}
+                ),
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)
