@@ -54,7 +54,8 @@ transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes
 if want 0; then
 echo "== 0. GPU tests $(date -u +%T)"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py tests/test_fast_path.py tests/test_offload.py tests/test_train.py -k gpu \
-  --tb=short 2>&1 | grep -v "Warning\|warn\|DEBUG" | grep -B2 -A25 "FAILURES\|short test summary" | tail -40
+  --tb=short > /tmp/gpu_tests.txt 2>&1
+grep -v "Warning\|warn\|DEBUG" /tmp/gpu_tests.txt | grep -A30 "^=* FAILURES" | head -60; tail -1 /tmp/gpu_tests.txt
 fi
 if want 1; then
 echo "== 1. mb4 plain/fastg/fastg+nr, Liger on $(date -u +%T), $(left) s left"
