@@ -74,7 +74,7 @@ timeout 100 $PROFILE --batch 16 --variants fastg,fastg+nr --profile --out "$OUT/
 fi
 if want 4; then
 echo "== 4. mb4 packed fastg/fastg+nr $(date -u +%T), $(left) s left"
-timeout 60 $PROFILE --batch 4 --variants fastg,fastg+nr --packed --rounds 1 --steps $PACKED_STEPS --out "$OUT/packed" \
+timeout 80 $PROFILE --batch 4 --variants fastg,fastg+nr --packed --steps $PACKED_STEPS --out "$OUT/packed" \
   2>&1 | grep -v "Warning\|triton_kernel_wrap" | tail -5
 fi
 if want 5 && [ -z "${SMOKE:-}" ] && [ -f "$UNSLOTH_PACK" ] && [ -f "$UNSLOTH_BENCH" ]; then
