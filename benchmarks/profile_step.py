@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         for s in range(args.warmup + args.steps):
             t = time.perf_counter()
-            ahead = {"next_rows": plan.steps[s + 1]} if variant != "plain" else {}  # as the loop does
+            last = s + 1 >= len(plan.steps)
+            ahead = {"next_rows": plan.steps[s + 1]} if variant != "plain" and not last else {}  # as the loop
             loss, real, _ = step_fn(
                 model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs, **ahead
             )

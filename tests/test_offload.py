@@ -33,9 +33,13 @@ def _train(tiny_model_dir, device: str, offload: bool) -> tuple[list[float], dic
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+    model.train()  # (layers checkpoint only in training mode)
     offloader = model.get_base_model().__dict__.get("_engine_offload")
+    seen: list[int] = []
     if offloader is not None:
         offloader.min_bytes = 0  # the tiny model's layer inputs are a few KB: move them all
+        pack = offloader._pack
+        offloader._pack = lambda t: seen.append(1) or pack(t)  # counts what the hooks are given
     g = torch.Generator().manual_seed(5)
     lengths = [30, 17, 44, 9, 26, 38, 12, 21]
     ids = [torch.randint(10, 200, (n,), generator=g).tolist() for n in lengths]
@@ -44,6 +48,7 @@ def _train(tiny_model_dir, device: str, offload: bool) -> tuple[list[float], dic
     steps = ([[0, 1], [2, 3]], [[4, 5], [6, 7]])
     losses = [run_step(model, opt, s, data, 2, 0, device, None, 1.0)[0] for s in steps]
     lora = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert (len(seen) > 0) == offload  # every checkpointed layer's saved inputs went through the hooks
     return losses, lora, offloader
 
 
