@@ -324,6 +324,12 @@ def test_recomputation_is_skipped_only_where_the_card_holds_every_layer_with_roo
     assert resolve(139.0, gradient_checkpointing=True).offload_activations is True
     assert resolve(139.0, offload_activations=True).gradient_checkpointing is True
     assert resolve(24.0, offload_activations=False).offload_activations is False
+    # A small model keeps its layer inputs on the card: CUDA graphs pay more there than offloading frees.
+    small = resolve_training(
+        TrainSettings(gradient_checkpointing=True), n_examples=30, token_lengths=_lengths(30), shape=TINY,
+        quantization="4bit", lora_rank=8, device="cuda", free_memory_gib=24.0,
+    )  # fmt: skip
+    assert small.offload_activations is False and "CUDA graphs" in small.reasons["offload_activations"]
     # No free-memory figure, or a CPU: checkpointing stays on, nothing is offloaded.
     cpu = resolve_training(
         TrainSettings(), n_examples=30, token_lengths=_lengths(30), shape=TINY, quantization="none",

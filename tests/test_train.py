@@ -318,11 +318,11 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
     real_step = train_module.run_step
     seen: list[int] = []
 
-    def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest):
+    def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest, **kwargs):
         seen.append(micro)
         if len(seen) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(model, optimizer, rows, data, micro, *rest)
+        return real_step(model, optimizer, rows, data, micro, *rest, **kwargs)
 
     monkeypatch.setattr(train_module, "run_step", step_that_runs_out_of_memory_once)
     g = torch.Generator().manual_seed(3)

@@ -33,9 +33,8 @@ def run_finetune(
         events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
-    micro_tokens = resolved.micro_batch_size * resolved.max_seq_length
     model, info = load_lora_model(
-        spec, device, resolved.gradient_checkpointing, events, micro_tokens, resolved.offload_activations
+        spec, device, resolved.gradient_checkpointing, events, resolved.offload_activations
     )
 
     writer = (rank := active_rank()) is None or rank.is_writer  # of several ranks, rank 0 alone writes

@@ -253,11 +253,9 @@ def run_series(
             tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
             if model is None:
                 tokenizer = tok
-                micro_tokens = resolved.micro_batch_size * resolved.max_seq_length
                 model, _ = load_lora_model(
-                    spec, device, resolved.gradient_checkpointing, events, micro_tokens,
-                    resolved.offload_activations,
-                )  # fmt: skip
+                    spec, device, resolved.gradient_checkpointing, events, resolved.offload_activations
+                )
                 heldout = [tokenize_heldout(x.heldout, tokenizer, resolved.max_seq_length) for x in slices]
                 if run > 1:  # resuming: the last finished run's adapters come back from disk
                     finetuned, other = load_factors(series_dir / "finetuned" / f"run-{run - 1:03d}", device)

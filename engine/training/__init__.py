@@ -13,6 +13,7 @@ accel        optional accelerators (Liger, Unsloth) and the autocast dtype
 backend      train.backend (auto | native | unsloth) and switching on the native fast path
 fast_step    one optimizer step with no host sync inside
 cuda_graphs  the step's micro-batches replayed from CUDA graphs, one per padded shape
+offload      checkpointed layer inputs kept in pinned host memory during the step
 fused_lora   base matmul and LoRA adapter in one autograd node
 varlen_attention  packed rows through flash-attention's varlen kernel (no dense mask)
 distributed  a job on several devices: torchrun launch, one DDP rank, rank outcomes

@@ -3,8 +3,8 @@
 ``train.backend`` (engine.spec.TrainSettings):
 - ``native``: the engine's own path (transformers + peft + bitsandbytes, with the fast path below);
 - ``unsloth``: Unsloth's FastLanguageModel (an error when it cannot be used here);
-- ``auto``: Unsloth where it is installed and usable (measured faster, see ``_AUTO_RULE``), else
-  native.
+- ``auto``: the native path while CUDA graphs are on (measured at least as fast, see ``_AUTO_RULE``),
+  else Unsloth where it is installed and usable, else native.
 
 The native fast path (GPU only): peft's LoRA layers get the fused forward
 (engine.training.fused_lora), and packed rows use the varlen flash-attention kernel
@@ -24,40 +24,26 @@ from engine.training.fast_step import VARLEN_FLAG
 from engine.training.fused_lora import fuse_lora_layers
 from engine.training.varlen_attention import flash_varlen_kv_as_is
 
-# auto, from measurements on one H200 (benchmarks/RESULTS.md v5/v6, 2026-12-02): with CUDA graphs the
-# native fast path trained a 0.5B model at micro-batch 4 x 2048 tokens 1.8-2.0x as fast as Unsloth;
-# Unsloth was faster on the same model at 16 x 2048 (1.24x) and on a 7B model at 4 x 2048 (~1.05x,
-# before graphs, which do not change a GPU-bound 7B step). So auto takes the native path for models under 3B
-# parameters whose micro-batches hold at most 8,192 tokens (the host-bound steps that graphs cut),
-# Unsloth elsewhere where it imports on a CUDA GPU, and native everywhere else. Only two sizes were
-# measured: the boundary between them is a judgement, not a measurement.
-NATIVE_MAX_PARAMS = 3_000_000_000
-NATIVE_MAX_MICRO_TOKENS = 8192
+# auto, from measurements on one H200 (benchmarks/RESULTS.md v7/v8, 2026-12-03): the native fast path
+# with its defaults (CUDA graphs, no recomputation where the card holds every layer's activations, the
+# compiled loss kernel) ran ahead of Unsloth at every size measured: a 0.5B model at 4 x 2048 tokens
+# 3.06x and at 16 x 2048 1.30x (same call), a 7B model at 4 x 2048 1.43x (Unsloth's figure from
+# 2026-12-01); with recomputation on it was level (0.5B at 16 x 2048 1.00x; 7B 1.00x at 0.96x Unsloth's
+# memory, offloaded). So auto takes the native path for every job while CUDA graphs are on (the
+# default); with them off, Unsloth where it imports on a CUDA GPU (the eager native step of a small
+# model is host-bound and was measured behind it), else native.
 _AUTO_RULE = (
-    "native with CUDA graphs for models under 3B parameters with micro-batches of at most 8,192 tokens "
-    "(measured faster there), else Unsloth where it imports on a CUDA GPU, else native"
+    "native while train.cuda_graphs is on (measured at least as fast as Unsloth at 0.5B and 7B), else "
+    "Unsloth where it imports on a CUDA GPU, else native"
 )
 
 
-def auto_prefers_native(spec: Any, micro_tokens: int | None) -> str | None:
+def auto_prefers_native(spec: Any) -> str | None:
     """Why ``backend: auto`` takes the native path for this job even where Unsloth is usable, or None."""
     train = getattr(spec, "train", None)
     if getattr(train, "backend", "auto") != "auto" or not getattr(train, "cuda_graphs", False):
         return None
-    if micro_tokens is None or micro_tokens > NATIVE_MAX_MICRO_TOKENS:
-        return None
-    from engine.models import ModelError, model_shape
-
-    try:
-        params = model_shape(spec.model, getattr(spec, "trust_remote_code", False)).params
-    except (ModelError, ValueError, OSError, KeyError):  # no readable config: the general rule decides
-        return None
-    if params >= NATIVE_MAX_PARAMS:
-        return None
-    return (
-        f"{params / 1e9:.2g}B parameters and {micro_tokens:,} tokens a micro-batch: the native path with "
-        "CUDA graphs (measured ~2x Unsloth's speed on a 0.5B model at 4 x 2048 tokens)"
-    )
+    return "the native fast path with CUDA graphs (measured ahead of Unsloth at 0.5B and 7B, or level)"
 
 
 def unsloth_mode(spec: Any) -> str:

@@ -90,13 +90,10 @@ def _count_params(model: Any) -> int:
     return total
 
 
-def load_for_training(
-    spec: Any, device: str, *, max_seq_length: int | None = None, micro_tokens: int | None = None
-) -> LoadedModel:
+def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
     """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
 
     ``max_seq_length`` only matters to Unsloth (it sizes its RoPE caches); default: the spec's or 2048.
-    ``micro_tokens`` (rows x tokens of a micro-batch, when known) lets ``backend: auto`` weigh the job.
     """
     privacy_environment()
     if device == "cuda":
@@ -109,7 +106,7 @@ def load_for_training(
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
     from engine.training.backend import auto_prefers_native, unsloth_mode  # train.backend decides
 
-    native_why = auto_prefers_native(spec, micro_tokens) if on_gpu and storage != "fp32" else None
+    native_why = auto_prefers_native(spec) if on_gpu and storage != "fp32" else None
     if native_why is not None:
         use_unsloth, why = False, f"train.backend is 'auto': {native_why}"
     else:

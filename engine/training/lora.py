@@ -86,18 +86,16 @@ def load_lora_model(
     device: str,
     gradient_checkpointing: bool,
     events: EventWriter,
-    micro_tokens: int | None = None,
     offload_activations: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The spec's base model with the speed-ups that apply and a fresh LoRA adapter; also how it loaded.
 
-    The LoRA initialisation is seeded with the spec's seed, so a run is reproducible. ``micro_tokens``:
-    rows x tokens of a micro-batch, for ``backend: auto`` (engine.training.backend).
+    The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
     """
     import torch
 
     events.stage("loading_model", model=spec.model)
-    loaded = load_for_training(spec, device, micro_tokens=micro_tokens)
+    loaded = load_for_training(spec, device)
     events.log(
         f"model loaded: {loaded.summary()}",
         **{k: v for k, v in loaded.info.items() if isinstance(v, (str, int, float, bool))},
