@@ -152,7 +152,7 @@ def train_adapter(
         )
     elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
         events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
-    step_kwargs = {"graphs": graphs} if graphs is not None else {}
+    step_kwargs: dict[str, Any] = {"graphs": graphs} if graphs is not None else {}
     graphs_failure_told = False
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -168,6 +168,10 @@ def train_adapter(
             save_progress=lambda s=step: checkpoint(s),
         )  # fmt: skip
         rows = plan.steps[step]
+        # one device: the next step is collated while the GPU runs this one (fast_step.run_step)
+        ahead: dict[str, Any] = (
+            {"next_rows": plan.steps[step + 1]} if rank is None and step + 1 < plan.total_steps else {}
+        )
         t0 = time.perf_counter()
         try:
             loss_value, real_tokens, grad_norm = step_fn(
@@ -181,11 +185,7 @@ def train_adapter(
                 autocast_dtype,
                 resolved.max_grad_norm,
                 **step_kwargs,
-                **(
-                    {"next_rows": plan.steps[step + 1]}
-                    if rank is None and step + 1 < plan.total_steps
-                    else {}
-                ),
+                **ahead,
             )
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
             optimizer.zero_grad(set_to_none=True)
