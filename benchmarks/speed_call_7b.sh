@@ -8,7 +8,7 @@
 # PARTS="1 3" runs only those parts.
 #   run(command="bash benchmarks/speed_call_7b.sh", carry=[".device/speed/whl", ".device/flow/whl",
 #       ".device/speed/qlora_baseline.py"], timeout_s=590)
-# BASELINE: shared/bench/qlora_baseline.py; WHEELS as in speed_call.sh. Output: $OUT/log.txt and JSON records.
+# BASELINE: shared/bench/qlora_baseline.py; WHEELS as in speed_call.sh. Output: $OUT/log.txt and an archive of the rest.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/speed_out}
@@ -47,3 +47,6 @@ timeout 200 python3 benchmarks/profile_step.py $A --model-dir "$M7" --batch 4 $S
 fi
 echo "== end $(date -u +%T)"
 } 2>&1 | tee "$OUT/log.txt"
+# As speed_call.sh: one archive beside the log (the device tool returns few files, none with "+" in its name).
+tar -C "$OUT" -czf /tmp/speed_call_7b.tgz --exclude=log.txt . && find "$OUT" -mindepth 1 ! -name log.txt -delete \
+  && mv /tmp/speed_call_7b.tgz "$OUT/"
