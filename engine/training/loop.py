@@ -27,6 +27,7 @@ from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.distributed import active_rank
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
+from engine.training.lora import switch_on_recomputation
 
 
 @dataclass
@@ -154,6 +155,7 @@ def train_adapter(
         events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
     step_kwargs: dict[str, Any] = {"graphs": graphs} if graphs is not None else {}
     graphs_failure_told = False
+    recomputing = getattr(resolved, "gradient_checkpointing", True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t_begin = time.perf_counter()
@@ -192,6 +194,16 @@ def train_adapter(
             if graphs is not None:  # their shapes and memory were for the old micro-batch size
                 graphs.reset()
             torch.cuda.empty_cache()
+            # Recomputation skipped (the defaults do where memory seemed to allow it): switch it on
+            # first, which keeps the batch; then halve the micro-batch. (One device: ranks back off alike.)
+            if not recomputing and rank is None and switch_on_recomputation(model):
+                recomputing = True
+                events.warning(
+                    f"CUDA out of memory without recomputation: gradient checkpointing switched on at "
+                    f"micro-batch {micro} (same batch; each layer is recomputed in the backward pass from here)",
+                    gradient_checkpointing=True,
+                )
+                continue
             if micro == 1 or (rank is not None and rank.sharded):  # FSDP ranks cannot back off alone
                 raise RuntimeError(
                     f"CUDA out of memory at micro-batch {micro}: lower micro_batch_size or max_seq_length, "
