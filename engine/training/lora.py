@@ -84,7 +84,7 @@ def enable_activation_checkpointing(model: Any, *, preserve_rng_state: bool = Tr
 def switch_on_recomputation(model: Any) -> bool:
     """Turn gradient checkpointing on in a model that trains without it (the first answer to a CUDA
     out-of-memory error when the defaults had skipped recomputation); False where it cannot be done
-    here: no checkpointing layers, or layers compiled around their own checkpoint call."""
+    here (no checkpointing layers, layers compiled around their own checkpoint call) or already on."""
     import torch
 
     from engine.training.loss import causal_lm
@@ -92,6 +92,8 @@ def switch_on_recomputation(model: Any) -> bool:
     lm = causal_lm(model)
     layers = [m for m in lm.modules() if hasattr(m, "gradient_checkpointing")]
     if not layers or any("forward" in m.__dict__ for m in layers):  # (backend.compile_decoder_layers)
+        return False
+    if all(m.gradient_checkpointing for m in layers):  # (a series' earlier run switched it on)
         return False
     dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     enable_activation_checkpointing(lm, preserve_rng_state=dropout or config_has_dropout(lm.config))
