@@ -26,12 +26,11 @@ import torch
 class _Offloaded:
     """One saved tensor living in host memory, and its way back to the card."""
 
-    __slots__ = ("host", "device", "copied", "gpu", "fetched", "previous", "used")
+    __slots__ = ("host", "device", "gpu", "fetched", "previous", "used")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, copied: torch.cuda.Event, previous: Any):
-        self.host: torch.Tensor | None = host
+    def __init__(self, host: torch.Tensor, device: torch.device, previous: Any):
+        self.host: torch.Tensor | None = host  # filled by a copy on the side stream (fetches queue after it)
         self.device = device
-        self.copied = copied  # the device-to-host copy is done
         self.gpu: torch.Tensor | None = None  # the copy back, once fetched
         self.fetched: torch.cuda.Event | None = None
         self.previous = previous  # saved just before this one: the next one the backward pass needs
@@ -75,11 +74,9 @@ class ActivationOffload:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(tensor, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
         tensor.record_stream(stream)  # the card's memory is reused only after the copy
         self.offloaded_bytes += host.numel() * host.element_size()
-        self._last = _Offloaded(host, tensor.device, copied, self._last)
+        self._last = _Offloaded(host, tensor.device, self._last)
         return self._last
 
     def _fetch(self, saved: _Offloaded) -> None:
