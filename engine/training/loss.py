@@ -71,6 +71,8 @@ def _chunk_grad(
     if logits.is_cuda and (fused := _compiled_softmax_grad()) is not None:
         try:
             return fused(logits, index, keep.to(torch.float32))
+        except torch.OutOfMemoryError:  # the loop's back-off answers it; the kernel itself is fine
+            raise
         except Exception as exc:  # no Triton, a compiler error: the eager ops compute the same
             _COMPILED["failed"] = repr(exc)
             warnings.warn(f"compiled loss kernel unavailable, using eager ops: {exc!r}", stacklevel=2)
