@@ -304,52 +304,9 @@ def test_cli_help_does_not_import_the_ml_stack():
     assert "multi-run" in help_text.stdout and "export" in help_text.stdout
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    """CUDA OOM cannot happen on a CPU, so the first step raises it (simulated); the rest is real."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    import engine.training.loop as train_module
-    from engine.events import EventWriter
-    from engine.training.loop import Tokenized
-
-    real_step = train_module.run_step
-    seen: list[int] = []
-
-    def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest, **kwargs):
-        seen.append(micro)
-        if len(seen) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(model, optimizer, rows, data, micro, *rest, **kwargs)
-
-    monkeypatch.setattr(train_module, "run_step", step_that_runs_out_of_memory_once)
-    g = torch.Generator().manual_seed(3)
-    ids = [torch.randint(10, 200, (16,), generator=g).tolist() for _ in range(8)]
-
-    class R:
-        steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
-        micro_batch_size, gradient_accumulation, max_seq_length, packing = 4, 1, 16, False
-        weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, None
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    with EventWriter(tmp_path / "events.jsonl") as ev:
-        out = train_module.train_adapter(
-            model, _Tok(), Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
-        )
-    assert seen == [4, 2, 2]
-    assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2
-    warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
-    assert "micro-batch halved to 2" in warnings[0].message
-
-
-def test_out_of_memory_without_recomputation_switches_it_on_before_halving(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    """The defaults skip recomputation where memory seems to allow it; an OOM then switches gradient
-    checkpointing on at the same micro-batch (simulated OOM, as above; the rest is real)."""
+def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, recompute: bool | None):
+    """CUDA OOM cannot happen on a CPU, so the first step raises it (simulated); the rest is real.
+    Returns each step call's (micro-batch, layers recomputing), the outcome and the warning events."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -375,15 +332,34 @@ def test_out_of_memory_without_recomputation_switches_it_on_before_halving(
         steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
         micro_batch_size, gradient_accumulation, max_seq_length, packing = 4, 1, 16, False
         weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, None
-        gradient_checkpointing = False
 
+    if recompute is not None:
+        R.gradient_checkpointing = recompute  # type: ignore[attr-defined]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     with EventWriter(tmp_path / "events.jsonl") as ev:
         out = train_module.train_adapter(
             model, _Tok(), Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
         )
+    warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
+    return seen, out, warnings
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, None)
+    assert [micro for micro, _ in seen] == [4, 2, 2]
+    assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2
+    assert "micro-batch halved to 2" in warnings[0].message
+
+
+def test_out_of_memory_without_recomputation_switches_it_on_before_halving(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The defaults skip recomputation where memory seems to allow it; an OOM then switches gradient
+    checkpointing on at the same micro-batch."""
+    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, False)
     assert seen == [(4, False), (4, True), (4, True)]  # same micro-batch, recomputing from the retry on
     assert out.steps_done == 2 and out.micro_batch_size == 4
-    warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
     assert len(warnings) == 1 and "gradient checkpointing switched on" in warnings[0].message
