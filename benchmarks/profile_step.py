@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     def run_variant(name: str, first_round: bool) -> dict:
-        variant, _, modifier = name.partition("+")
+        variant, *modifiers = name.split("+")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -268,16 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         unfuse_lora_layers(model)
         uncompile_decoder_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
-        offload = ActivationOffload() if modifier == "off" else None
+        offload = ActivationOffload() if "off" in modifiers else None
         for m, func in checkpointing.items():  # +nr: no recomputation; +off: inputs offloaded
-            m.gradient_checkpointing = modifier != "nr"
+            m.gradient_checkpointing = "nr" not in modifiers
             m._gradient_checkpointing_func = offload.wrap(func) if offload else func
-        applied: list[str] = (
-            [{"nr": "no recomputation", "off": "offloaded layer inputs"}[modifier]] if modifier else []
-        )
+        labels = {"nr": "no recomputation", "off": "offloaded layer inputs"}
+        applied: list[str] = [labels[m] for m in modifiers]
         compiled = variant in ("fastc", "fastcg")
         if variant != "plain" and device != "cpu":
-            applied = apply_fast_path(model, device, loaded.info, compile_layers=compiled)
+            applied += apply_fast_path(model, device, loaded.info, compile_layers=compiled)
         elif compiled:  # the CPU has no fast path to switch on: compile alone
             applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
         step_fn = old_step if variant == "plain" else run_step
