@@ -18,6 +18,7 @@ from engine.memory import (
     estimate_memory,
     fits,
     largest_micro_batch,
+    liger_kernels_apply,
     storage_dtype,
 )
 from engine.spec import TrainSettings
@@ -159,6 +160,8 @@ def resolve_training(
         "device": device,
         "bf16_supported": bf16_supported,
         "shards": shards,  # > 1: FSDP splits the base weights over that many cards
+        # the native path's Liger kernels keep fewer activations (Unsloth's path does not take them)
+        "liger_kernels": train.backend != "unsloth" and liger_kernels_apply(shape.model_type, device),
     }
 
     # --- sequence length: cover the data, not the model's whole context ---

@@ -34,6 +34,7 @@ Memory in use on the card (context included) stayed at or below ``total_gib`` wi
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -221,6 +222,7 @@ def estimate_memory(
     bf16_supported: bool = True,
     shards: int = 1,
     offload_activations: bool = False,
+    liger_kernels: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one training step (micro_batch sequences of seq_len tokens), in GiB.
 
@@ -230,6 +232,8 @@ def estimate_memory(
     whole layers (the one computing and the one being gathered); embeddings, head and LoRA stay whole.
     ``offload_activations``: the checkpointed layer inputs wait in host memory (engine.training.offload);
     the card holds about two of them at a time (the one copying, the one in use).
+    ``liger_kernels``: the run's norms and SwiGLU are Liger's kernels (``liger_kernels_apply``), which keep
+    fewer activations; it changes the estimate without recomputation, where every layer keeps its own.
     """
     if micro_batch < 1 or seq_len < 1 or lora_rank < 1:
         raise ValueError("micro_batch, seq_len and lora_rank must be at least 1")
@@ -256,6 +260,15 @@ def estimate_memory(
     # One layer's saved intermediates per token: norm in/out (x2), q, k, v, attention out,
     # gate, up, act(gate), act*up, LoRA's rank-sized products; RMSNorm's fp32 upcasts.
     saved_per_token = act * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i + n_lora * lora_rank) + 4 * 2 * h
+    # With Liger's kernels a layer keeps gate and up but not act(gate) (its SwiGLU recomputes it), and its
+    # RMSNorm no fp32 copies. Measured without recomputation on an H200 (benchmarks/RESULTS.md v9:
+    # 0.5B and 7B, micro-batch 4 and 16, sequence 1,088 and 2,048) the peak came out 1-6% under this
+    # estimate, and 31-42% under the one above.
+    kept_per_token = (
+        act * (4 * h + 2 * q_dim + 2 * kv_dim + 3 * i + n_lora * lora_rank)
+        if liger_kernels
+        else saved_per_token
+    )
     # Gradients alive while one layer's backward runs: about two MLP-sized and two hidden-sized tensors.
     grads_per_token = act * (2 * i + 2 * h)
     # NF4 dequantises one weight at a time into the compute dtype.
@@ -268,7 +281,7 @@ def estimate_memory(
         layer_acts = one_layer
     else:
         checkpointed = 0
-        layer_acts = shape.num_layers * tokens * saved_per_token + tokens * grads_per_token + dequant
+        layer_acts = shape.num_layers * tokens * kept_per_token + tokens * grads_per_token + dequant
 
     loss_tokens = min(tokens, loss_chunk_tokens(shape.vocab_size)) if chunked_loss else tokens
     logits = loss_tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * h * act
@@ -307,9 +320,29 @@ def estimate_memory(
             "seq_len": seq_len,
             "gradient_checkpointing": gradient_checkpointing,
             "offload_activations": offload_activations and gradient_checkpointing,
+            "liger_kernels": liger_kernels,
             "chunked_loss": chunked_loss,
             "device": "cuda" if on_gpu else "cpu",
         },
+    )
+
+
+# Liger's patch function for each model family whose RMSNorm, RoPE and SwiGLU it replaces (applied by
+# engine.training.accel on a GPU where liger-kernel is installed; the memory estimate counts it).
+LIGER_PATCHES = {
+    "qwen2": "apply_liger_kernel_to_qwen2",
+    "llama": "apply_liger_kernel_to_llama",
+    "mistral": "apply_liger_kernel_to_mistral",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+}
+
+
+def liger_kernels_apply(model_type: str, device: str) -> bool:
+    """Whether a run of this model family on ``device`` gets Liger's kernels (checked without importing)."""
+    return (
+        device.startswith("cuda")
+        and model_type in LIGER_PATCHES
+        and importlib.util.find_spec("liger_kernel") is not None
     )
 
 

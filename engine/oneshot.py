@@ -100,13 +100,15 @@ def check_data(args: CheckDataArgs) -> DataCheck:
     out.fits = True
     out.defaults = {k: getattr(resolved, k) for k in resolved.reasons}
     out.reasons = resolved.reasons
-    mem = estimate_memory(
+    # the defaults' own estimate where they had a memory figure (it has their recompute/offload choice)
+    mem = resolved.memory or estimate_memory(
         shape,
         quantization=args.quantization,
         lora_rank=args.lora_rank,
         micro_batch=resolved.micro_batch_size,
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
+        gradient_checkpointing=resolved.gradient_checkpointing,
     )
     out.memory_estimate_gib = mem.to_dict()
     out.device = device

@@ -6,20 +6,12 @@ present, and the run reports which ones it took (``apply_speedups`` returns thei
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
 
+from engine.memory import LIGER_PATCHES, liger_kernels_apply
 from engine.spec import LoraSettings
-
-# Liger's per-family patch functions (RMSNorm, RoPE, SwiGLU kernels); the loss is ours (engine.training.loss).
-_LIGER_PATCHES = {
-    "qwen2": "apply_liger_kernel_to_qwen2",
-    "llama": "apply_liger_kernel_to_llama",
-    "mistral": "apply_liger_kernel_to_mistral",
-    "qwen3": "apply_liger_kernel_to_qwen3",
-}
 
 
 def autocast_dtype(device: str) -> torch.dtype | None:
@@ -34,22 +26,15 @@ def autocast_dtype(device: str) -> torch.dtype | None:
     )
 
 
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def apply_speedups(model: Any, device: str, info: dict[str, Any]) -> list[str]:
     """Patch the loaded model's modules with fused kernels where that is safe. Returns what was applied."""
     applied: list[str] = []
-    if not device.startswith("cuda") or info.get("path") == "unsloth" or not liger_available():
-        return applied
     family = getattr(model.config, "model_type", "")
-    name = _LIGER_PATCHES.get(family)
-    if name is None:
+    if info.get("path") == "unsloth" or not liger_kernels_apply(family, device):
         return applied
     from liger_kernel import transformers as liger
 
-    patch = getattr(liger, name, None)
+    patch = getattr(liger, LIGER_PATCHES[family], None)
     if patch is None:
         return applied
     # Patch the instance (model=...) so other models in this process are untouched. The loss stays ours.
