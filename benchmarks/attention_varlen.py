@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(fn, *inputs) -> float:
         for _ in range(3):
-            fn(*inputs).float().sum().backward()
+            fn(*inputs).sum().backward()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()

@@ -109,6 +109,7 @@ def check_data(args: CheckDataArgs) -> DataCheck:
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
         gradient_checkpointing=resolved.gradient_checkpointing,
+        offload_activations=resolved.offload_activations,
     )
     out.memory_estimate_gib = mem.to_dict()
     out.device = device

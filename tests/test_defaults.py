@@ -16,17 +16,9 @@ QWEN7B = ModelShape(
 )
 # Qwen2.5-0.5B's (tied embeddings).
 QWEN05B = ModelShape(
-    896,
-    24,
-    151936,
-    4864,
-    14,
-    2,
-    max_context=32768,
-    tie_word_embeddings=True,
-    attention_bias=True,
+    896, 24, 151936, 4864, 14, 2, max_context=32768, tie_word_embeddings=True, attention_bias=True,
     model_type="qwen2",
-)
+)  # fmt: skip
 # A tiny Qwen2-like model, the size of engine.tiny's.
 TINY = ModelShape(256, 2, 2048, 768, 4, 2, max_context=4096, attention_bias=True, model_type="qwen2")
 
