@@ -1,6 +1,6 @@
 """Checking what an agent asks for before any job exists, as tool errors.
 
-The checks themselves are the engine's preflight (``engine.preflight``, torch-free), the same
+The checks themselves are the engine's preflight (``engine.planning.preflight``, torch-free), the same
 that the CLI, the Python API and the worker run, so a job the server accepts is one the worker
 accepts; this module turns their refusals and pydantic's into ``ToolError``s an agent can act on.
 """

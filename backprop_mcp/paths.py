@@ -2,7 +2,7 @@
 
 Agents make path mistakes (a relative path from the wrong folder, a typo, a file in another
 user's home), and a steered agent may try worse. Each check here says what was wrong and what to
-do; every path goes through the file policy (``policy.py``) and a type check (``engine.files``)
+do; every path goes through the file policy (``policy.py``) and a type check (``engine.contract.files``)
 before anything opens it. Nothing built from these paths ever reaches a shell: workers get argv
 lists and read paths from ``spec.json``.
 """

@@ -64,7 +64,7 @@ class Supervisor:
         self.jobs_dir = home / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
-        self.worker_command = worker_command  # None: python -P -m engine run (engine.jobs)
+        self.worker_command = worker_command  # None: python -P -m engine run (engine.jobs.runner)
         env_grace = os.environ.get("BACKPROP_CANCEL_GRACE_S")
         self.cancel_grace_s = (
             cancel_grace_s if cancel_grace_s is not None else float(env_grace or DEFAULT_CANCEL_GRACE_S)

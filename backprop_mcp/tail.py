@@ -1,7 +1,7 @@
 """Following one job's ``events.jsonl``: read only what is new, keep a summary of what matters.
 
 The server never re-reads a whole log on every poll: each ``JobTail`` remembers its byte offset
-(``engine.events.read_events`` resumes from any offset without losing or repeating events) and
+(``engine.contract.events.read_events`` resumes from any offset without losing or repeating events) and
 folds new events into a small summary — the latest progress, the loss curve, the last error —
 plus a bounded window of recent events for the ``.../events`` resource.
 """

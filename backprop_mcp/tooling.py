@@ -13,7 +13,7 @@ from engine.interface import setting_home
 
 def setting(name: str, model: type[BaseModel] | None = None) -> Any:
     """A tool argument's bounds and description, taken from the job spec's field (one source of truth):
-    ``model``'s field ``name``, or where the flat setting ``name`` lives (``engine.spec.setting_home``).
+    ``model``'s field ``name``, or where the flat setting ``name`` lives (``engine.contract.spec.setting_home``).
 
     Defaults stay in the tool's signature, where the SDK reads them; a test checks they equal the spec's.
     """

@@ -1,6 +1,6 @@
 """One model, loaded once, trained with the plain step and with the fast path: speed, profile, loss parity.
 
-Loads a model folder the way a job does (engine.models.load_for_training: NF4 on a GPU, Liger
+Loads a model folder the way a job does (engine.models.presets.load_for_training: NF4 on a GPU, Liger
 where installed, peft LoRA r=16 on all linear layers, gradient checkpointing), keeps a copy of the
 fresh LoRA weights, and then trains the same steps on the same rows from the same start twice:
 
@@ -207,17 +207,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
-    from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
+    from engine.contract.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
     from engine.training import accel
     from engine.training.backend import apply_fast_path, compile_decoder_layers, uncompile_decoder_layers
     from engine.training.base_model import load_for_training
     from engine.training.batching import most_pieces_per_row, plan_steps
     from engine.training.cuda_graphs import StepGraphs, why_not
-    from engine.training.fast_step import VARLEN_FLAG, run_step
+    from engine.training.fast_step import run_step
     from engine.training.fused_lora import unfuse_lora_layers
     from engine.training.lora import add_lora
     from engine.training.offload import ActivationOffload
+    from engine.training.varlen_attention import VARLEN_FLAG
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model_dir = args.model_dir or Path("/tmp") / f"profile-model-{args.arch}-{args.tiny}"

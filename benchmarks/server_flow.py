@@ -126,7 +126,7 @@ async def user_flow(model_dir: Path, data: Path, home: Path, steps: int | None) 
 
 def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
     """The numbers a user sees, from the job's status and its events (as train_speed.run_engine reads them)."""
-    from engine.events import read_events
+    from engine.contract.events import read_events
 
     status = flow["status"]
     metrics = status.get("metrics") or {}

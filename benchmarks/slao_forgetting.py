@@ -11,7 +11,7 @@ The setup, built from scratch so that it runs offline on a CPU in minutes:
 * one LoRA adapter trained on the tasks in turn (``steps`` optimizer steps each), merged after
   every run by each method, and the merged adapter evaluated by exact match (greedy decoding)
   on held-out inputs of every task seen so far: R[t][i]; then AA, BWT, forgetting, plasticity
-  (``engine.slao.forgetting_metrics``) and how much of the base's copy skill is left;
+  (``engine.training.slao.forgetting_metrics``) and how much of the base's copy skill is left;
 * methods: ``slao`` (QR init of A, B from the last fine-tuned B, time-aware B merge),
   ``slao_noqr`` (the ablation: A continues from the last fine-tuned A), ``sequential`` (one
   adapter trained on and on; the deliverable is the last run) and ``linear`` (running average of
@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import slao  # noqa: E402
-from engine.adapters import Adapter, clone_adapter, read_factors, write_factors  # noqa: E402
+from engine.models.adapters import Adapter, clone_adapter, read_factors, write_factors  # noqa: E402
+from engine.training import slao  # noqa: E402
 
 LETTERS = "abcdefghij"
 WORD = 5

@@ -1,7 +1,7 @@
 """Does SLAO forget less than sequential LoRA in the paper's regime? (issue 13)
 
 A pretrained multi-skill base, small task deltas (rank-8 LoRA on q_proj/v_proj), six tasks
-that share pretrained skills, and the project's own merge code (``engine.slao``: ``slao_init``,
+that share pretrained skills, and the project's own merge code (``engine.training.slao``: ``slao_init``,
 ``slao_merge``, ``linear_merge``, ``forgetting_metrics``). ``slao_forgetting.py`` stays as it
 is; the ``control`` regime here (LoRA on all seven projections, lr × 10) is its large-delta
 counterpart on the same base and data.

@@ -33,8 +33,8 @@ from slao_skills_world import (  # noqa: E402
     retention_probes,
 )
 
-from engine import slao  # noqa: E402
-from engine.adapters import read_factors, write_factors  # noqa: E402
+from engine.models.adapters import read_factors, write_factors  # noqa: E402
+from engine.training import slao  # noqa: E402
 
 IGNORE = -100
 TASK_LEN = 24  # every task example fits (the longest, T6, has 18 tokens)

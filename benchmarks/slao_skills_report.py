@@ -9,7 +9,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.slao import forgetting_metrics  # noqa: E402
+from engine.training.slao import forgetting_metrics  # noqa: E402
 
 METHODS = ["sequential", "slao", "slao_noqr", "slao_inv", "linear", "replay"]
 CHAIN_OF = {"slao": "qr", "slao_inv": "qr", "linear": "qr", "sequential": "plain", "slao_noqr": "plain"}

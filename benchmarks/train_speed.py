@@ -70,7 +70,7 @@ def write_random_model(arch: str, tiny: bool, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from engine.tiny import ensure_tiny_model
+    from engine.models.tiny import ensure_tiny_model
 
     if (out / "config.json").exists():
         return out
@@ -165,9 +165,9 @@ def run_engine(
     gpus: list[int] | None = None,
     parallel: str = "auto",
 ) -> dict:
-    from engine.events import read_events
-    from engine.jobs import create_job
-    from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+    from engine.contract.events import read_events
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+    from engine.jobs.runner import create_job
 
     train = dict(
         steps=args.warmup + args.steps, micro_batch_size=args.batch, gradient_accumulation=args.grad_accum,

@@ -18,15 +18,15 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "run":
-        from engine.worker import run_job
+        from engine.jobs.worker import run_job
 
         return run_job(args[1])
     if len(args) == 2 and args[0] == "rank":
-        from engine.training.distributed import run_rank
+        from engine.jobs.rank_launcher import run_rank
 
         return run_rank(args[1])
     if len(args) == 2 and args[0] in ("check-data", "generate"):
-        from engine.oneshot import run_oneshot
+        from engine.jobs.commands import run_oneshot
 
         return run_oneshot(args[0], args[1])
     print(__doc__, file=sys.stderr)

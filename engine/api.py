@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.extras import require_for_spec
-from engine.files import local_or_name
-from engine.jobs import create_job, run_and_follow
-from engine.preflight import preflight
-from engine.progress import ProgressPrinter
-from engine.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec, training_spec
+from engine.contract.files import local_or_name
+from engine.contract.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec, training_spec
+from engine.hardware.installed import require_for_spec
+from engine.jobs.progress import ProgressPrinter
+from engine.jobs.runner import create_job, run_and_follow
+from engine.planning.preflight import preflight
 
 
 class JobFailed(RuntimeError):
@@ -77,7 +77,7 @@ class TrainResult:
 class Trainer:
     """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name).
 
-    ``settings`` are any of ``engine.spec.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
+    ``settings`` are any of ``engine.contract.spec.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
     ``device``, ``gpus``, ``parallel``, ``learning_rate``, ...): the defaults of every job this trainer
     runs, which ``train`` and ``multi_run`` can override. They are checked here, at once.
     """

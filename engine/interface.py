@@ -7,11 +7,9 @@ torch, transformers or other heavy library (also checked by a test); the preflig
 engine's torch-free data, model-catalogue and memory modules when it first runs.
 """
 
-from engine import events, procs
-from engine.events import read_events
-from engine.extras import MissingExtra, require_for_spec
-from engine.extras import require as require_extra
-from engine.files import (
+from engine.contract import events
+from engine.contract.events import read_events
+from engine.contract.files import (
     PathError,
     backprop_home,
     looks_like_path,
@@ -20,16 +18,7 @@ from engine.files import (
     quoted,
     user_path,
 )
-from engine.gpu_report import GpuReport, gpu_report
-from engine.jobs import (
-    engine_command,
-    new_job_id,
-    request_cancel,
-    start_worker,
-    worker_env,
-)
-from engine.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
-from engine.spec import (
+from engine.contract.spec import (
     EVENTS_FILE,
     WORKER_LOG,
     DatasetSettings,
@@ -51,6 +40,18 @@ from engine.spec import (
     training_spec,
     write_spec,
 )
+from engine.hardware.installed import MissingExtra, require_for_spec
+from engine.hardware.installed import require as require_extra
+from engine.jobs import processes as procs
+from engine.jobs.runner import (
+    engine_command,
+    new_job_id,
+    request_cancel,
+    start_worker,
+    worker_env,
+)
+from engine.planning.gpu_report import GpuReport, gpu_report
+from engine.planning.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 
 __all__ = [
     "EVENTS_FILE",

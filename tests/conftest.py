@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from tokenizers
-# An event the reader does not know fails loudly here instead of being skipped (engine.events).
+# An event the reader does not know fails loudly here instead of being skipped (engine.contract.events).
 os.environ["BACKPROP_STRICT_EVENTS"] = "1"
 
 
@@ -50,6 +50,6 @@ def test_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(test_cache_dir: Path) -> Path:
     """The tiny random-weight Qwen2 chat model (ChatML template), built once per session."""
-    from engine.tiny import ensure_tiny_model
+    from engine.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(test_cache_dir / "models", family="qwen2")

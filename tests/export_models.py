@@ -199,7 +199,7 @@ def build_adapter(cache: Path, family: str, model_dir: Path) -> Path:
 
 def build_job(root: Path, family: str, model_dir: Path, adapter_dir: Path) -> Path:
     """A finished fine-tune job folder (spec.json + result.json naming the adapter), as the worker leaves it."""
-    from engine.spec import DatasetSettings, FinetuneSpec, JobResult, write_result, write_spec
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, JobResult, write_result, write_spec
 
     job = root / f"job-{family}"
     job.mkdir(parents=True, exist_ok=True)

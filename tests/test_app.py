@@ -35,8 +35,8 @@ from mcp.server.apps import APP_MIME_TYPE
 from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
 from backprop_mcp.server import build_server
 from backprop_mcp.tail import JobTail
-from engine import events as ev
-from engine.events import EventWriter
+from engine.contract import events as ev
+from engine.contract.events import EventWriter
 
 REPO = Path(__file__).resolve().parents[1]
 LINKED = {"start_finetune", "run_slao_series", "job_status", "export_gguf"}
@@ -130,14 +130,14 @@ def test_the_forgetting_matrix_grows_with_each_finished_run(tmp_path: Path) -> N
 
 
 # A stand-in for a worker that ran out of GPU memory on a card: no GPU exists here, so this real
-# process writes what engine.worker writes in that case (a step with its NVML sample, the error with
+# process writes what engine.jobs.worker writes in that case (a step with its NVML sample, the error with
 # its hint, result.json, the finished event) through the engine's own EventWriter and write_result.
 FAILING_GPU_WORKER = """
 import sys
 from pathlib import Path
-from engine import events as ev
-from engine.events import EventWriter
-from engine.spec import EVENTS_FILE, JobResult, write_result
+from engine.contract import events as ev
+from engine.contract.events import EventWriter
+from engine.contract.spec import EVENTS_FILE, JobResult, write_result
 job_dir = Path(sys.argv[-1])
 error = {"type": "OutOfMemoryError", "message": "CUDA out of memory at micro-batch 1",
          "hint": "Use quantization='4bit' or a shorter max_seq_length."}
@@ -220,11 +220,11 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
 EXPORT_WORKER = """
 import sys
 from pathlib import Path
-from engine import events as ev
-from engine.events import EventWriter
+from engine.contract import events as ev
+from engine.contract.events import EventWriter
 from engine.export.run import human_size
 from engine.export.verify import ParityReport
-from engine.spec import EVENTS_FILE, JobResult, write_result
+from engine.contract.spec import EVENTS_FILE, JobResult, write_result
 job_dir = Path(sys.argv[-1])
 def parity(quant, passed):
     return ParityReport(quant, passed, 0.99 if passed else 0.41, 1.0 if passed else 0.5, 0.9, 0.01, 0.05,

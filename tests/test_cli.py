@@ -1,6 +1,6 @@
 """The ``backprop`` command line as a person meets it: real subprocesses, real jobs on the tiny model.
 
-Each command runs as ``python -m engine.cli`` in a child process with its own state folder, as a
+Each command runs as ``python -m engine.cli.main`` in a child process with its own state folder, as a
 user's shell would run ``backprop``: what is printed, the exit codes, and which files exist after.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from engine.api import TrainResult
-from engine.events import read_events
-from engine.spec import read_result
+from engine.contract.events import read_events
+from engine.contract.spec import read_result
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "examples" / "data" / "chat.jsonl"
@@ -34,7 +34,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def backprop(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BACKPROP_HOME": str(home), "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "engine.cli.main", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -150,7 +150,7 @@ def test_ctrl_c_then_resume_continues_from_the_checkpoint(home: Path) -> None:
     before = set(job_dirs(home))
     env = {**os.environ, "BACKPROP_HOME": str(home), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "train", "--data", str(CHAT), "--steps", "40"],
+        [sys.executable, "-m", "engine.cli.main", "train", "--data", str(CHAT), "--steps", "40"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -210,12 +210,12 @@ def test_export_refuses_a_folder_that_is_no_adapter(home: Path, tmp_path: Path) 
 def test_gpu_table_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU here: NVML's answer is replaced by an H200's (as measured on one); the preset fitting
     and the table are the real code."""
-    from engine import gpu_report as gpu
-    from engine.cli_show import gpu_text
-    from engine.hardware import GpuInfo, GpuProbe
+    from engine.cli.show import gpu_text
+    from engine.hardware.gpus import GpuInfo, GpuProbe
+    from engine.planning import gpu_report as gpu
 
     h200 = GpuInfo(0, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
-    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=[h200]))
+    monkeypatch.setattr("engine.hardware.gpus.probe_gpus", lambda: GpuProbe(available=True, gpus=[h200]))
     text = gpu_text(gpu.gpu_report())
     assert text.startswith("GPU 0: NVIDIA H200, 139.6 of 140.4 GiB free, 31 °C")
     rows = {
@@ -228,7 +228,7 @@ def test_gpu_table_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_gpus_flag_picks_the_cards_and_refuses_what_is_not_a_card_list(home: Path) -> None:
-    from engine.cli import _spec, build_parser
+    from engine.cli.main import _spec, build_parser
 
     def spec(*flags: str) -> object:
         return _spec(build_parser().parse_args(["train", "--data", str(CHAT), *flags]))

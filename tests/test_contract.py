@@ -20,10 +20,10 @@ from filelock import FileLock
 
 from backprop_mcp.state import progress_of
 from backprop_mcp.tail import JobTail
-from engine import events as ev
-from engine.jobs import create_job, request_cancel, start_worker
-from engine.preflight import PreflightError, preflight, spell
-from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, read_result
+from engine.contract import events as ev
+from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, read_result
+from engine.jobs.runner import create_job, request_cancel, start_worker
+from engine.planning.preflight import PreflightError, preflight, spell
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def _wait_for(path: Path, text: str, timeout: float = 60.0) -> None:
 
 def test_an_export_waits_for_the_device_lock_and_a_queued_job_can_be_cancelled(tmp_path: Path) -> None:
     """Export holds the device lock like training (here the CPU's: this machine has no GPU)."""
-    from engine.worker import device_lock_paths
+    from engine.jobs.worker import device_lock_paths
 
     spec = ExportSpec(source=str(tmp_path))
     held = FileLock(str(device_lock_paths(spec)[0]))
@@ -117,7 +117,7 @@ def test_the_worker_never_imports_the_callers_own_engine_package(tmp_path: Path)
         FinetuneSpec(model="tiny", dataset=DatasetSettings(path=str(data))), root=tmp_path / "j"
     )
     code = (
-        "import sys; from engine.jobs import run_and_follow; from pathlib import Path; "
+        "import sys; from engine.jobs.runner import run_and_follow; from pathlib import Path; "
         f"r = run_and_follow(Path({str(job_dir)!r}), lambda e: None); print(r.error['type'])"
     )
     done = subprocess.run(
@@ -151,7 +151,7 @@ async def test_tool_arguments_agree_with_the_spec_models() -> None:
     from mcp import Client
 
     from backprop_mcp.server import build_server
-    from engine.spec import LoraSettings, SeriesSpec, TrainSettings
+    from engine.contract.spec import LoraSettings, SeriesSpec, TrainSettings
 
     def flat(schema: dict) -> dict:
         return {
@@ -221,8 +221,8 @@ async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp
 
     from backprop_mcp.server import build_server
     from engine.api import Trainer
-    from engine.cli import _spec, build_parser
-    from engine.spec import SeriesSpec, settings_of
+    from engine.cli.main import _spec, build_parser
+    from engine.contract.spec import SeriesSpec, settings_of
 
     async with Client(build_server()) as client:
         tools = {t.name: set(t.input_schema["properties"]) for t in (await client.list_tools()).tools}

@@ -15,9 +15,9 @@ import torch
 from engine.training import fused_lora
 from engine.training.batching import IGNORE, StaticShapes
 from engine.training.cuda_graphs import StepGraphs, why_not
-from engine.training.fast_step import VARLEN_FLAG, loss_sum, prepare_batches, run_step
+from engine.training.fast_step import loss_sum, prepare_batches, run_step
 from engine.training.loop import Tokenized
-from engine.training.varlen_attention import varlen_attention
+from engine.training.varlen_attention import VARLEN_FLAG, varlen_attention
 
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
@@ -141,7 +141,7 @@ def test_why_graphs_are_not_used_is_said(tiny_model_dir):
 def test_checkpointing_keeps_rng_state_only_where_there_is_dropout(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from engine.spec import LoraSettings
+    from engine.contract.spec import LoraSettings
     from engine.training.lora import add_lora
 
     def preserve(dropout: float) -> bool:
@@ -155,7 +155,7 @@ def test_checkpointing_keeps_rng_state_only_where_there_is_dropout(tiny_model_di
     assert preserve(0.0) is False and preserve(0.1) is True
     from transformers import GPT2Config, Qwen2Config
 
-    from engine.training.lora import config_has_dropout
+    from engine.training.fused_lora import config_has_dropout
 
     assert config_has_dropout(GPT2Config())  # resid_pdrop/attn_pdrop 0.1 by default
     assert not config_has_dropout(Qwen2Config())  # attention_dropout 0.0

@@ -1,4 +1,4 @@
-"""engine.data: every source and row format loads; every kind of bad row is named with file and line."""
+"""engine.data.formats: every source and row format loads; every kind of bad row is named with file and line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import DatasetError, Example, inspect_dataset, load_examples, split_for_eval
-from engine.spec import DatasetSettings
+from engine.contract.datasets import DatasetError
+from engine.contract.spec import DatasetSettings
+from engine.data.formats import Example, inspect_dataset, load_examples, split_for_eval
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 CHAT_ROW = {
@@ -383,5 +384,5 @@ def test_split_for_eval_is_reproducible_and_disjoint() -> None:
 
 
 def test_data_module_imports_without_torch() -> None:
-    code = "import sys, engine.data, engine.formatting; assert not {'torch', 'transformers', 'datasets', 'pyarrow'} & set(sys.modules)"
+    code = "import sys, engine.data.formats, engine.data.tokenizing; assert not {'torch', 'transformers', 'datasets', 'pyarrow'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

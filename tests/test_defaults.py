@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from engine.defaults import DoesNotFitError, resolve_training
-from engine.memory import ModelShape, estimate_memory, largest_micro_batch, loss_chunk_tokens, storage_dtype
-from engine.spec import TrainSettings
+from engine.contract.spec import TrainSettings
+from engine.models.shape import ModelShape
+from engine.planning.defaults import DoesNotFitError, resolve_training
+from engine.planning.memory import estimate_memory, largest_micro_batch, loss_chunk_tokens, storage_dtype
 
 # Qwen2.5-7B-Instruct's config.json numbers.
 QWEN7B = ModelShape(
@@ -19,7 +20,7 @@ QWEN05B = ModelShape(
     896, 24, 151936, 4864, 14, 2, max_context=32768, tie_word_embeddings=True, attention_bias=True,
     model_type="qwen2",
 )  # fmt: skip
-# A tiny Qwen2-like model, the size of engine.tiny's.
+# A tiny Qwen2-like model, the size of engine.models.tiny's.
 TINY = ModelShape(256, 2, 2048, 768, 4, 2, max_context=4096, attention_bias=True, model_type="qwen2")
 
 
@@ -368,8 +369,8 @@ def test_recomputation_is_skipped_only_where_the_card_holds_every_layer_with_roo
 def test_with_liger_kernels_an_80gb_card_keeps_every_layer_of_a_7b(monkeypatch):
     """Liger's kernels keep fewer activations, so the estimate without recomputation is smaller where
     they apply. Whether liger-kernel is installed is this environment's fact: both answers are set here."""
-    import engine.defaults as defaults
-    from engine.memory import liger_kernels_apply
+    import engine.planning.defaults as defaults
+    from engine.planning.memory import liger_kernels_apply
 
     assert not liger_kernels_apply("qwen2", "cpu") and not liger_kernels_apply("gpt_neox", "cuda:0")
     lengths = [1800 + (i * 7) % 200 for i in range(400)]  # long rows: seq 2048, micro-batch 4

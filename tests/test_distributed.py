@@ -15,9 +15,8 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from engine.events import read_events
-from engine.jobs import create_job, prepare_resume, request_cancel
-from engine.spec import (
+from engine.contract.events import read_events
+from engine.contract.spec import (
     CHECKPOINT_DIR,
     DatasetSettings,
     FinetuneSpec,
@@ -25,6 +24,7 @@ from engine.spec import (
     TrainSettings,
     read_result,
 )
+from engine.jobs.runner import create_job, prepare_resume, request_cancel
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "examples" / "data" / "chat.jsonl"
@@ -81,14 +81,14 @@ def test_gpus_setting_is_validated():
 
 def test_a_job_on_several_cards_locks_each_in_sorted_order(monkeypatch):
     """No GPU here: NVML's answer is replaced by two cards; the lock choice is the real code."""
-    from engine.hardware import GpuInfo, GpuProbe
-    from engine.worker import device_lock_paths
+    from engine.hardware.gpus import GpuInfo, GpuProbe
+    from engine.jobs.worker import device_lock_paths
 
     cards = [
         GpuInfo(i, "NVIDIA H200", 143771, 142900, 871, 0, 31, 74.0, 700.0, "9.0", True, "570.86", "12.8")
         for i in (0, 1)
     ]
-    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
+    monkeypatch.setattr("engine.hardware.gpus.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
     spec = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus=[1, 0])
     assert [p.stem for p in device_lock_paths(spec)] == ["gpu-0", "gpu-1"]
     every = FinetuneSpec(dataset=DatasetSettings(path="x.jsonl"), gpus="all")
@@ -101,7 +101,7 @@ def test_a_job_on_several_cards_locks_each_in_sorted_order(monkeypatch):
 
 def _cards(monkeypatch, free_mb: list[int]) -> None:
     """No GPU here: NVML's answer is replaced by cards with these free megabytes."""
-    from engine.hardware import GpuInfo, GpuProbe
+    from engine.hardware.gpus import GpuInfo, GpuProbe
 
     cards = [
         GpuInfo(
@@ -109,13 +109,13 @@ def _cards(monkeypatch, free_mb: list[int]) -> None:
         )
         for i, mb in enumerate(free_mb)
     ]
-    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
+    monkeypatch.setattr("engine.hardware.gpus.probe_gpus", lambda: GpuProbe(available=True, gpus=cards))
 
 
 def test_fsdp_is_chosen_when_the_model_fits_no_single_card_and_each_card_is_checked(monkeypatch):
-    from engine.memory import estimate_memory
-    from engine.models import get_preset
-    from engine.preflight import PreflightError, check_fit
+    from engine.models.presets import get_preset
+    from engine.planning.memory import estimate_memory
+    from engine.planning.preflight import PreflightError, check_fit
 
     shape = get_preset("qwen2.5-7b").shape  # type: ignore[union-attr]
     whole, halves = (estimate_memory(shape, "16bit", 16, 1, 512, shards=n) for n in (1, 2))
@@ -140,7 +140,7 @@ def test_fsdp_is_chosen_when_the_model_fits_no_single_card_and_each_card_is_chec
 def _smallest_free_memory(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from engine.training.distributed import RankContext
+    from engine.training.ranks import RankContext
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     Path(out, f"rank-{rank}").write_text(str(RankContext(rank, 2, "cpu").smallest([10.5, 3.25][rank])))
@@ -158,8 +158,8 @@ def test_every_rank_sizes_its_settings_for_the_tightest_card(tmp_path):
 
 def test_the_gpu_report_says_which_cards_hold_each_preset(monkeypatch):
     """NVML cannot exist here: two 16 GB cards with 7.3 GiB free each are its stand-in."""
-    from engine.cli_show import gpu_text
-    from engine.gpu_report import gpu_report
+    from engine.cli.show import gpu_text
+    from engine.planning.gpu_report import gpu_report
 
     _cards(monkeypatch, [7500, 7500])
     report = gpu_report()
@@ -223,7 +223,7 @@ def test_fsdp_ranks_train_the_same_steps_as_one_rank_and_rank_0_writes_a_whole_a
     tiny_model_dir, tmp_path
 ):
     """FSDP2 (fully_shard) over gloo on the CPU: the frozen weights sharded over two ranks."""
-    from engine.adapters import is_adapter_folder
+    from engine.models.adapters import is_adapter_folder
 
     # with a held-out split evaluated at the checkpoint of step 2 and at the end (every rank runs it)
     # 3 rows a step: rank 0 trains two micro-batches, rank 1 one and a weightless repeat (FSDP gathers

@@ -27,8 +27,8 @@ from export_models import (
     read_gguf,
 )
 
-from engine.events import EventWriter, read_events
-from engine.spec import EVENTS_FILE, ExportSpec, JobResult
+from engine.contract.events import EventWriter, read_events
+from engine.contract.spec import EVENTS_FILE, ExportSpec, JobResult
 
 pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install 'backprop-mcp[export]')"

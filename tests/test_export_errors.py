@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapters import AdapterError
+from engine.contract.spec import (
+    DatasetSettings,
+    ExportSpec,
+    FinetuneSpec,
+    JobResult,
+    write_result,
+    write_spec,
+)
 from engine.export.convert import ConversionError, convert_to_gguf
 from engine.export.merge import load_lora
 from engine.export.source import SourceError, resolve_source
 from engine.export.vocab import TokenizerExportError, detect_pre_tokenizer
-from engine.spec import DatasetSettings, ExportSpec, FinetuneSpec, JobResult, write_result, write_spec
+from engine.models.adapters import AdapterError
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from mcp.types import TextContent
 
 from backprop_mcp.server import build_server
 from engine import Trainer
-from engine.spec import read_spec
+from engine.contract.spec import read_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")

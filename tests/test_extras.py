@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from mcp import Client, StdioServerParameters
 
-from engine.extras import EXTRA_MODULES, MissingExtra, require, require_for_spec
-from engine.spec import FinetuneSpec
+from engine.contract.spec import FinetuneSpec
+from engine.hardware.installed import EXTRA_MODULES, MissingExtra, require, require_for_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "examples" / "data" / "chat.jsonl"
@@ -88,7 +88,7 @@ def test_backend_unsloth_needs_the_unsloth_extra(monkeypatch: pytest.MonkeyPatch
 def test_cli_without_torch_refuses_before_any_job(python_without_ml: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     done = subprocess.run(
-        [str(python_without_ml), "-m", "engine.cli", "train", "--data", str(CHAT), "--steps", "2"],
+        [str(python_without_ml), "-m", "engine.cli.main", "train", "--data", str(CHAT), "--steps", "2"],
         capture_output=True,
         text=True,
         env=env_for(home),
@@ -100,7 +100,7 @@ def test_cli_without_torch_refuses_before_any_job(python_without_ml: Path, tmp_p
     assert "pip install" in done.stderr and "uv tool install" in done.stderr
     assert not (home / "jobs").exists()
     gpu = subprocess.run(
-        [str(python_without_ml), "-m", "engine.cli", "gpu"],
+        [str(python_without_ml), "-m", "engine.cli.main", "gpu"],
         capture_output=True,
         text=True,
         env=env_for(home),

@@ -14,11 +14,12 @@ import torch
 
 from engine.training import fused_lora
 from engine.training.batching import collate
-from engine.training.fast_step import VARLEN_FLAG, loss_sum, prepare_batches
+from engine.training.fast_step import loss_sum, prepare_batches
 from engine.training.loop import Tokenized
 from engine.training.loss import causal_lm_loss_sum
 from engine.training.varlen_attention import (
     NAME,
+    VARLEN_FLAG,
     cu_seqlens_for_rows,
     flash_varlen_available,
     reference_varlen,
@@ -239,7 +240,7 @@ def test_packed_loss_with_varlen_attention_equals_the_dense_block_mask_path(tiny
 
 def test_fast_step_loop_with_every_piece_on_matches_the_plain_peft_loop(tiny_model_dir, tmp_path):
     """train_adapter on a fused, varlen-flagged model: same per-step losses as peft's own loop."""
-    from engine.events import EventWriter
+    from engine.contract.events import EventWriter
     from engine.training.loop import train_adapter
 
     data = _data([24] * 8, seed=2)
@@ -292,7 +293,7 @@ def test_the_next_step_collated_ahead_trains_exactly_like_collating_each_step(ti
 def test_backend_setting_maps_onto_the_loader_and_is_validated():
     from pydantic import ValidationError
 
-    from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings
     from engine.training.backend import apply_fast_path, backend_name, unsloth_mode
 
     def spec(**kw):
@@ -311,7 +312,7 @@ def test_backend_setting_maps_onto_the_loader_and_is_validated():
 
 def test_backend_auto_takes_the_native_path_while_cuda_graphs_are_on(tiny_model_dir):
     """auto's measured rule: the native path with CUDA graphs, at every size (RESULTS v7/v8)."""
-    from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings
     from engine.training.backend import auto_prefers_native
 
     def spec(**kw):
@@ -472,8 +473,8 @@ def test_gpu_fused_lora_on_nf4_equals_peft_under_autocast():
 
 
 def test_backend_unsloth_without_a_gpu_is_a_clear_error(tiny_model_dir):
-    from engine.models import ModelError
-    from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings
+    from engine.models.presets import ModelError
     from engine.training.base_model import load_for_training
 
     spec = FinetuneSpec(

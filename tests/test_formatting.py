@@ -1,4 +1,4 @@
-"""engine.formatting: loss masks checked by decoding exactly the tokens that carry loss."""
+"""engine.data.tokenizing: loss masks checked by decoding exactly the tokens that carry loss."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from engine.data import Example, load_examples
-from engine.formatting import (
+from engine.contract.spec import DatasetSettings
+from engine.data.formats import Example, load_examples
+from engine.data.tokenizing import (
     IGNORE_INDEX,
     FormattingError,
     render_prompt,
     tokenize_example,
 )
-from engine.spec import DatasetSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 CONVERSATION = [

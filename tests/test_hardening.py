@@ -26,8 +26,8 @@ from mcp.types import ListRootsResult, Root, TextContent
 from backprop_mcp.guard import guard_tools
 from backprop_mcp.policy import FilePolicy
 from backprop_mcp.server import build_server
-from engine.data import DatasetError, inspect_dataset
-from engine.files import (
+from engine.contract.datasets import DatasetError
+from engine.contract.files import (
     QUOTE_LIMIT,
     PathError,
     atomic_write_text,
@@ -37,6 +37,7 @@ from engine.files import (
     user_path,
     write_dir_atomically,
 )
+from engine.data.formats import inspect_dataset
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
 MODES = ["legacy", "auto"]
@@ -99,7 +100,7 @@ def roots_callback(*folders: Path) -> Any:
     return list_roots
 
 
-# -- engine.files: the type check and the quoting ------------------------------------------------
+# -- engine.contract.files: the type check and the quoting ------------------------------------------------
 
 
 def test_path_kind_refuses_fifos_sockets_and_devices_without_opening_them(tmp_path: Path) -> None:
@@ -423,7 +424,7 @@ async def test_an_unexpected_exception_names_its_type_not_just_the_tool() -> Non
 
 
 def test_cli_and_api_paths_never_crash_on_a_bad_name(tmp_path: Path) -> None:
-    from engine.files import local_or_name
+    from engine.contract.files import local_or_name
 
     fifo = tmp_path / "f.jsonl"
     os.mkfifo(fifo)
@@ -436,7 +437,7 @@ def test_cli_and_api_paths_never_crash_on_a_bad_name(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_a_huge_dataset_is_left_to_the_worker_not_read_in_the_call(home: Path, tmp_path: Path) -> None:
-    from engine.preflight import MAX_TOOL_INSPECT_BYTES as MAX_INSPECT_BYTES
+    from engine.planning.preflight import MAX_TOOL_INSPECT_BYTES as MAX_INSPECT_BYTES
 
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as f:  # sparse: takes no disk space, but reading it would take minutes

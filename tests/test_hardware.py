@@ -12,9 +12,9 @@ import types
 import pynvml
 import pytest
 
-from engine import hardware
-from engine.hardware import GpuMonitor, ThermalGuard, probe_gpus
-from engine.spec import SafetySettings
+from engine.contract.spec import SafetySettings
+from engine.hardware import gpus as hardware
+from engine.hardware.gpus import GpuMonitor, ThermalGuard, probe_gpus
 
 NO_NVML = ctypes.util.find_library("nvidia-ml") is None
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import models
-from engine.memory import ModelShape, estimate_memory
-from engine.models import PRESETS, ModelError, model_shape, privacy_environment, resolve_model
-from engine.spec import DatasetSettings, FinetuneSpec, TrainSettings
+from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings
+from engine.models import presets as models
+from engine.models.presets import PRESETS, ModelError, model_shape, privacy_environment, resolve_model
+from engine.models.shape import ModelShape
+from engine.planning.memory import estimate_memory
 from engine.training import base_model
 from engine.training.base_model import load_for_inference, load_for_training, load_tokenizer
 
@@ -141,7 +142,7 @@ def test_bad_names_give_clear_errors(tmp_path):
 def test_unreachable_hub_gives_an_actionable_message():
     """The hub is unreachable here; HF_HUB_OFFLINE makes that immediate instead of minutes of retries."""
     code = (
-        "from engine.models import model_shape, ModelError\n"
+        "from engine.models.presets import model_shape, ModelError\n"
         "from engine.training.base_model import load_tokenizer\n"
         "for name in ('Qwen/Qwen2.5-0.5B-Instruct', 'someone/not-cached'):\n"
         "    for f in (load_tokenizer, model_shape):\n"
@@ -180,7 +181,7 @@ def test_model_shape_reads_config_without_weights(tiny_dir):
     assert model_shape("tiny") == shape
     # The count from the safetensors headers equals the formula for this architecture.
     assert shape.params == ModelShape(**{**shape.to_dict(), "params": 0}).params
-    # The tiny preset's nominal numbers follow engine.tiny.
+    # The tiny preset's nominal numbers follow engine.models.tiny.
     p = PRESETS["tiny"].shape
     assert (p.hidden_size, p.num_layers, p.intermediate_size, p.num_heads) == (
         shape.hidden_size,

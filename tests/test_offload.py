@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.spec import LoraSettings
+from engine.contract.spec import LoraSettings
+from engine.data.tokenizing import Tokenized
 from engine.training.fast_step import run_step
-from engine.training.loop import Tokenized
 
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 

@@ -80,7 +80,7 @@ def test_lora_setup_warns_nothing_about_checkpointing(tiny_model_dir: Path) -> N
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from engine.spec import LoraSettings
+    from engine.contract.spec import LoraSettings
     from engine.training.lora import add_lora
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

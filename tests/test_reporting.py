@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.spec import read_result
+from engine.contract.spec import read_result
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "examples" / "data" / "chat.jsonl"
@@ -30,7 +30,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = ["train", "--data", str(CHAT), "--steps", str(STEPS), "--eval-fraction", "0.1"]
     argv += ["--report-to", "tensorboard", "--report-to", "wandb"]
     done = subprocess.run(
-        [sys.executable, "-m", "engine.cli", *argv], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-m", "engine.cli.main", *argv], capture_output=True, text=True, env=env, check=False
     )
     assert done.returncode == 0, done.stderr
     (job_dir,) = (home / "jobs").iterdir()

@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import slao
-from engine.adapters import load_factors, read_adapter_config, read_factors
-from engine.data import Example
-from engine.events import EventWriter, iter_events
-from engine.hardware import wait_for_safe_gpu
-from engine.recipes.series import STATE_FILE, SeriesState, build_slices, run_series, series_metrics
-from engine.spec import (
+from engine.contract.events import EventWriter, iter_events
+from engine.contract.spec import (
     EVENTS_FILE,
     DatasetSettings,
     LoraSettings,
@@ -22,6 +17,11 @@ from engine.spec import (
     SeriesSpec,
     TrainSettings,
 )
+from engine.data.formats import Example
+from engine.hardware.gpus import wait_for_safe_gpu
+from engine.models.adapters import load_factors, read_adapter_config, read_factors
+from engine.recipes.series import STATE_FILE, SeriesState, build_slices, run_series, series_metrics
+from engine.training import slao
 from engine.training.evaluation import heldout_loss, tokenize_heldout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ class _FakeMonitor:
 
 
 def test_gpu_check_between_runs_delays_rather_than_crashes(tmp_path):
-    from engine.hardware import GpuOverheated, ThermalGuard
+    from engine.hardware.gpus import GpuOverheated, ThermalGuard
 
     clock = {"t": 0.0}
 
@@ -243,13 +243,13 @@ def test_three_run_series_fills_R_and_delivers_the_merged_adapter(tmp_path, tiny
 
 
 def _load(path: Path) -> list[Example]:
-    from engine.data import load_examples
+    from engine.data.formats import load_examples
 
     return load_examples(DatasetSettings(path=str(path)))[0]
 
 
 def test_interrupted_series_resumes_from_the_last_finished_run(tmp_path, tiny_model, task_files):
-    from engine.jobs import JobCancelled
+    from engine.contract.errors import JobCancelled
 
     spec = _spec(tiny_model, task_files, merge_mode="linear")
     job = tmp_path / "job"

@@ -27,8 +27,8 @@ from mcp.types import ResourceUpdatedNotification, TextContent
 from backprop_mcp.server import build_server
 from backprop_mcp.store import JobStore
 from backprop_mcp.supervisor import Supervisor
-from engine import procs
-from engine.jobs import worker_env
+from engine.jobs import processes as procs
+from engine.jobs.runner import worker_env
 
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")
 MODES = ["legacy", "auto"]
@@ -357,7 +357,7 @@ async def test_bad_arguments_answer_actionable_errors_and_keep_the_store(
             ("export_gguf", {"adapter_path": str(tmp_path), "quantizations": ["q3_xx"]}, "quantizations"),
         ]
         try:
-            import engine.data  # noqa: F401 - the malformed-row check needs the engine's data module
+            import engine.data.formats  # noqa: F401 - the malformed-row check needs the engine's data module
 
             cases.append(("start_finetune", {"dataset_path": str(bad)}, "bad.jsonl:2"))
         except ImportError:
@@ -452,7 +452,7 @@ def test_a_new_server_reattaches_and_marks_dead_jobs_failed(home: Path, dataset:
 @pytest.fixture
 def one_small_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """An 8 GiB card as NVML would describe it: the one thing faked here (this machine has no GPU)."""
-    from engine.hardware import GpuInfo, GpuProbe
+    from engine.hardware.gpus import GpuInfo, GpuProbe
 
     card = GpuInfo(
         index=0,
@@ -469,7 +469,7 @@ def one_small_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         driver_version="560.35",
         cuda_driver_version="12.6",
     )
-    monkeypatch.setattr("engine.hardware.probe_gpus", lambda: GpuProbe(True, [card]))
+    monkeypatch.setattr("engine.hardware.gpus.probe_gpus", lambda: GpuProbe(True, [card]))
 
 
 @pytest.mark.anyio
@@ -658,7 +658,7 @@ def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: P
 def test_a_job_resumed_from_the_cli_is_followed_again(home: Path) -> None:
     """`backprop resume` on a job the server had seen cancelled: the server shows it running again
     (new worker, no old error), then how the new attempt ended; it once kept showing "cancelled"."""
-    from engine.jobs import prepare_resume
+    from engine.jobs.runner import prepare_resume
 
     store, supervisor, job_dir = _job_without_pid(home)
     (job_dir / "cancel.request").write_text("")  # the first attempt stops at its first step
@@ -693,7 +693,7 @@ def test_a_job_resumed_from_the_cli_is_followed_again(home: Path) -> None:
 
 def test_a_started_event_naming_an_older_process_is_not_adopted(home: Path) -> None:
     """A pid that began before the job was created is not its worker (e.g. a reused pid)."""
-    from engine.events import EventWriter, Started
+    from engine.contract.events import EventWriter, Started
 
     store, supervisor, job_dir = _job_without_pid(home)
     EventWriter(job_dir / "events.jsonl").emit(Started(kind="finetune", pid=os.getpid()))

@@ -20,7 +20,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from engine import procs
+from engine.jobs import processes as procs
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).with_name("test_server_worker_standin.py")

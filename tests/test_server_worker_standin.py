@@ -2,7 +2,7 @@
 
 The server's job machinery (spawning, reattaching, tailing, cancelling, killing) is exercised
 against a real detached process that keeps the worker's side of the job-folder contract the way
-``engine.worker`` does — the same typed events through the same ``EventWriter``, the same device file lock under
+``engine.jobs.worker`` does — the same typed events through the same ``EventWriter``, the same device file lock under
 ``$BACKPROP_HOME/locks``, ``queued`` while waiting for it, ``cancel.request`` honoured between
 steps, ``result.json`` then ``finished`` at the end — but trains nothing, so each test takes a
 second instead of loading torch. End-to-end tests with the real worker are in
@@ -24,9 +24,9 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     from filelock import FileLock, Timeout
 
-    from engine import events as ev
-    from engine.events import EventWriter
-    from engine.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_result
+    from engine.contract import events as ev
+    from engine.contract.events import EventWriter
+    from engine.contract.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_result
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)

@@ -1,4 +1,4 @@
-"""The SLAO math (engine.slao): initialisation, merges, metrics, and PEFT round trips."""
+"""The SLAO math (engine.training.slao): initialisation, merges, metrics, and PEFT round trips."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from engine import adapters, slao
-from engine.adapters import Adapter, LoraFactors
+from engine.models import adapters
+from engine.models.adapters import Adapter, LoraFactors
+from engine.training import slao
 
 
 def _random_adapter(gen: torch.Generator, modules=("m.a", "m.b"), r=4, n=12, m=10) -> Adapter:

@@ -1,7 +1,7 @@
 """The pieces of ``benchmarks/slao_skills.py`` on a tiny configuration (CPU): world, units, report.
 
 The benchmark's numbers are not checked here (a few steps teach nothing); what is checked is that
-every unit runs through the real model, peft and ``engine.slao`` code and returns well-formed
+every unit runs through the real model, peft and ``engine.training.slao`` code and returns well-formed
 matrices, and that the report turns them into metrics, gates and a verdict.
 """
 

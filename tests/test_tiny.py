@@ -1,4 +1,4 @@
-"""engine.tiny: the offline tiny model builds, loads like a downloaded one, and is cached safely."""
+"""engine.models.tiny: the offline tiny model builds, loads like a downloaded one, and is cached safely."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import engine.tiny as tiny
-from engine.tiny import MARKER_FILE, ensure_tiny_model, tiny_model_path
+import engine.models.tiny as tiny
+from engine.models.tiny import MARKER_FILE, ensure_tiny_model, tiny_model_path
 
 
 def digests(folder: Path) -> dict[str, str]:

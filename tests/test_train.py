@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.events import read_events
-from engine.jobs import create_job
-from engine.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+from engine.contract.events import read_events
+from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+from engine.jobs.runner import create_job
 from engine.training.batching import IGNORE, collate, pack_rows, plan_steps
 from engine.training.loss import causal_lm_loss_sum, chunked_lm_loss_sum
 
@@ -182,9 +182,10 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.defaults import ResolvedTraining  # noqa: F401 - the real type train_adapter gets
-    from engine.events import EventWriter
-    from engine.training.loop import Tokenized, train_adapter
+    from engine.contract.events import EventWriter
+    from engine.data.tokenizing import Tokenized
+    from engine.planning.defaults import ResolvedTraining  # noqa: F401 - the real type train_adapter gets
+    from engine.training.loop import train_adapter
 
     g = torch.Generator().manual_seed(2)
     ids = [torch.randint(10, 200, (24,), generator=g).tolist() for _ in range(8)]
@@ -295,11 +296,11 @@ def test_python_api_in_three_lines(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_cli_help_does_not_import_the_ml_stack():
-    code = "import sys, engine.cli; engine.cli.build_parser(); print(sorted(m for m in ('torch','transformers') if m in sys.modules))"
+    code = "import sys, engine.cli.main; engine.cli.main.build_parser(); print(sorted(m for m in ('torch','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
     help_text = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "engine.cli.main", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert "multi-run" in help_text.stdout and "export" in help_text.stdout
 
@@ -311,7 +312,7 @@ def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, recompu
     from transformers import AutoModelForCausalLM
 
     import engine.training.loop as train_module
-    from engine.events import EventWriter
+    from engine.contract.events import EventWriter
     from engine.training.loop import Tokenized
 
     real_step = train_module.run_step

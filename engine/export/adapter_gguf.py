@@ -15,9 +15,9 @@ import gguf
 import numpy as np
 import torch
 
-from engine.adapters import AdapterError
 from engine.export.convert import ARCHITECTURES, arch_of, permute_for_rope, read_config
 from engine.export.merge import LoraMerger
+from engine.models.adapters import AdapterError
 
 
 def convert_adapter_to_gguf(

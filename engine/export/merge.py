@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.adapters import ADAPTER_WEIGHTS, AdapterError, read_adapter, split_lora_state
+from engine.models.adapters import ADAPTER_WEIGHTS, AdapterError, read_adapter, split_lora_state
 
 _PEFT_PREFIX = "base_model.model."
 

@@ -16,8 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.contract.files import atomic_write_text
 from engine.export.templates import OllamaTemplate
-from engine.files import atomic_write_text
 
 MODELFILE = "Modelfile"
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.events import EventWriter, Progress
-from engine.jobs import JobCancelled
-from engine.spec import ExportSpec, JobResult
+from engine.contract.errors import JobCancelled
+from engine.contract.events import EventWriter, Progress
+from engine.contract.spec import ExportSpec, JobResult
 
 GGUF_DIR = "gguf"
 
@@ -242,7 +242,7 @@ def _publish(
     files: dict[str, Path], artifacts: dict[str, str], metrics: dict[str, Any], folder: Path
 ) -> None:
     """Move the verified files (and the adapter GGUF) into ``folder``; every record follows them."""
-    from engine.files import move_into
+    from engine.contract.files import move_into
 
     for quant, path in list(files.items()):
         if artifacts.get(f"gguf_{quant}") != str(path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.adapters import ADAPTER_CONFIG, is_adapter_folder, read_adapter_config
-from engine.files import PathError, checked_path, user_path
-from engine.spec import RESULT_FILE, SPEC_FILE, ExportSpec, read_result, read_spec
+from engine.contract.files import PathError, checked_path, user_path
+from engine.contract.spec import RESULT_FILE, SPEC_FILE, ExportSpec, read_result, read_spec
+from engine.models.adapters import ADAPTER_CONFIG, is_adapter_folder, read_adapter_config
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -39,7 +39,7 @@ def local_model_dir(name: str) -> Path:
     except (PathError, OSError) as exc:  # OSError: a name too long for the file system
         raise SourceError(str(exc)) from None
     try:
-        from engine.models import resolve_model
+        from engine.models.presets import resolve_model
 
         resolved = resolve_model(name)
     except Exception as e:

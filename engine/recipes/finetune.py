@@ -11,15 +11,15 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.data import split_for_eval
-from engine.events import EventWriter
-from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
+from engine.contract.events import EventWriter
+from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
+from engine.data.formats import split_for_eval
 from engine.training.backend import backend_name
-from engine.training.distributed import active_rank
 from engine.training.evaluation import held_out_evaluator
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import train_adapter
 from engine.training.lora import load_lora_model, save_adapter
+from engine.training.ranks import active_rank
 
 
 def run_finetune(

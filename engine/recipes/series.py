@@ -4,7 +4,7 @@
       -> for run i = 1..N:
            initialise the adapter (run 1: fresh LoRA; later: from run i−1's fine-tuned adapter,
              A orthogonalised by QR for SLAO) -> train on slice i (+ replay of earlier slices)
-           -> merge (engine.slao) -> evaluate the MERGED adapter on the held-out parts of
+           -> merge (engine.training.slao) -> evaluate the MERGED adapter on the held-out parts of
              slices 1..i (row i of the matrix R) -> checkpoint -> ``run_finished`` event
       -> AA, BWT, forgetting, plasticity; the merged adapter is the deliverable.
 
@@ -34,19 +34,19 @@ from typing import Any
 
 import torch
 
-from engine import slao
-from engine.adapters import Adapter, load_factors, read_factors, write_factors
-from engine.data import Example
-from engine.events import Eval, EventWriter, RunFinished
-from engine.files import atomic_write_json, write_dir_atomically
-from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
-from engine.jobs import JobCancelled
-from engine.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
-from engine.training.distributed import active_rank
+from engine.contract.errors import JobCancelled
+from engine.contract.events import Eval, EventWriter, RunFinished
+from engine.contract.files import atomic_write_json, write_dir_atomically
+from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, JobResult, SeriesSpec
+from engine.data.formats import Example
+from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
+from engine.models.adapters import Adapter, load_factors, read_factors, write_factors
+from engine.training import slao
 from engine.training.evaluation import HeldoutSet, score, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
 from engine.training.loop import RunPosition, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
+from engine.training.ranks import active_rank
 
 SERIES_DIR = "series"
 STATE_FILE = "state.json"

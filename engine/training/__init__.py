@@ -16,5 +16,7 @@ cuda_graphs  the step's micro-batches replayed from CUDA graphs, one per padded 
 offload      checkpointed layer inputs kept in pinned host memory during the step
 fused_lora   base matmul and LoRA adapter in one autograd node
 varlen_attention  packed rows through flash-attention's varlen kernel (no dense mask)
-distributed  a job on several devices: torchrun launch, one DDP rank, rank outcomes
+ranks        one rank of a job on several devices: its place, DDP or FSDP wrapping, its step
+slao         SLAO merge maths between a series' runs
+cl_metrics   continual-learning metrics of the evaluation matrix
 """

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from engine.memory import LIGER_PATCHES, liger_kernels_apply
-from engine.spec import LoraSettings
+from engine.contract.spec import LoraSettings
+from engine.planning.memory import LIGER_PATCHES, liger_kernels_apply
 
 
 def autocast_dtype(device: str) -> torch.dtype | None:

@@ -1,6 +1,6 @@
 """Which training backend a run takes, and the native fast path's set-up.
 
-``train.backend`` (engine.spec.TrainSettings):
+``train.backend`` (engine.contract.spec.TrainSettings):
 - ``native``: the engine's own path (transformers + peft + bitsandbytes, with the fast path below);
 - ``unsloth``: Unsloth's FastLanguageModel (an error when it cannot be used here);
 - ``auto``: the native path while CUDA graphs are on (measured at least as fast, see ``_AUTO_RULE``),
@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from engine.training.fast_step import VARLEN_FLAG
 from engine.training.fused_lora import fuse_lora_layers
-from engine.training.varlen_attention import flash_varlen_kv_as_is
+from engine.training.varlen_attention import VARLEN_FLAG, flash_varlen_kv_as_is
 
 # auto, from measurements on one H200 (benchmarks/RESULTS.md v7/v8, 2026-12-03): the native fast path
 # with its defaults (CUDA graphs, no recomputation where the card holds every layer's activations, the

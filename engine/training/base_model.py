@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.adapters import is_adapter_folder
-from engine.extras import install_command, missing_modules
-from engine.files import PathError, checked_path, quoted
-from engine.memory import StorageDtype, storage_dtype
-from engine.models import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
+from engine.contract.files import PathError, checked_path, quoted
+from engine.hardware.installed import install_command, missing_modules
+from engine.models.adapters import is_adapter_folder
+from engine.models.presets import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
+from engine.planning.memory import StorageDtype, storage_dtype
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -129,7 +129,7 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
             model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
         else:
-            from engine.training.distributed import active_rank
+            from engine.training.ranks import active_rank
 
             sharded = (rank := active_rank()) is not None and rank.sharded
             model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code, sharded)

@@ -12,11 +12,12 @@ never predicts an example's first token from the end of the previous one.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from engine.formatting import IGNORE_INDEX as IGNORE
+from engine.data.tokenizing import IGNORE_INDEX as IGNORE
 
 
 @dataclass
@@ -168,7 +169,7 @@ class StaticShapes:
 
     max_seq_length: int
     packing: bool
-    loss_chunk: int  # tokens per chunk of the loss (engine.memory.loss_chunk_tokens)
+    loss_chunk: int  # tokens per chunk of the loss (engine.planning.memory.loss_chunk_tokens)
     pieces_per_row: int = 0  # 0: not known
 
     def width(self, longest: int) -> int:
@@ -189,3 +190,48 @@ class StaticShapes:
 def most_pieces_per_row(plan: StepPlan) -> int:
     """The most examples in one row of the plan, plus one for the row's padding."""
     return 1 + max((len(row) for step in plan.steps for row in step), default=0)
+
+
+@dataclass
+class DeviceBatch:
+    input_ids: torch.Tensor  # [rows, L]
+    position_ids: torch.Tensor  # [rows, L]
+    gather_index: torch.Tensor  # [n] flat positions that carry a target (padded: position 0)
+    gather_targets: torch.Tensor  # [n] their target ids (padded: IGNORE)
+    n_targets: int  # real targets, without the padding
+    real_tokens: int
+    attn_kwargs: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """What a CUDA graph of this micro-batch depends on besides the tensors' values."""
+        cu = self.attn_kwargs.get("cu_seq_lens_q")
+        return (
+            tuple(self.input_ids.shape),
+            self.gather_index.numel(),
+            None if cu is None else (cu.numel(), self.attn_kwargs["max_length_q"]),
+        )
+
+    def _tensors(self) -> list[torch.Tensor]:
+        cu = self.attn_kwargs.get("cu_seq_lens_q")
+        tensors = [self.input_ids, self.position_ids, self.gather_index, self.gather_targets]
+        return tensors + ([cu] if cu is not None else [])
+
+    def clone(self) -> DeviceBatch:
+        """The same batch in tensors of its own (a graph's static inputs)."""
+        kwargs = dict(self.attn_kwargs)
+        if "cu_seq_lens_q" in kwargs:
+            kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_q"].clone()
+        return replace(
+            self,
+            input_ids=self.input_ids.clone(),
+            position_ids=self.position_ids.clone(),
+            gather_index=self.gather_index.clone(),
+            gather_targets=self.gather_targets.clone(),
+            attn_kwargs=kwargs,
+        )
+
+    def copy_from(self, other: DeviceBatch) -> None:
+        """Write ``other``'s values into this batch's tensors (same shape), on the current stream."""
+        for mine, theirs in zip(self._tensors(), other._tensors(), strict=True):
+            mine.copy_(theirs, non_blocking=True)

@@ -17,7 +17,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from engine.files import write_dir_atomically
+from engine.contract.files import write_dir_atomically
 
 STATE = "state.json"
 

@@ -35,12 +35,11 @@ from typing import Any
 
 import torch
 
-from engine.memory import loss_chunk_tokens
-from engine.training.batching import StaticShapes
-from engine.training.fast_step import VARLEN_FLAG, DeviceBatch
-from engine.training.fused_lora import all_lora_fused
-from engine.training.lora import config_has_dropout
+from engine.planning.memory import loss_chunk_tokens
+from engine.training.batching import DeviceBatch, StaticShapes
+from engine.training.fused_lora import all_lora_fused, config_has_dropout
 from engine.training.loss import causal_lm
+from engine.training.varlen_attention import VARLEN_FLAG
 
 MAX_GRAPHS = 8  # shapes beyond this many run eagerly (each graph costs a capture)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from engine.data import Example
-from engine.events import Eval, EventWriter
+from engine.contract.events import Eval, EventWriter
+from engine.data.formats import Example
 from engine.training.batching import IGNORE
 
 EXACT_MATCH_MAX_ROWS = 100  # per held-out set: greedy generation is the slow part of evaluation
@@ -50,7 +50,7 @@ def _has_reference(ex: Example) -> bool:
 
 
 def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> HeldoutSet:
-    from engine.formatting import tokenize_example
+    from engine.data.tokenizing import tokenize_example
 
     out = HeldoutSet([], [], [], [])
     for ex in examples:

@@ -19,66 +19,19 @@ whole step divided by the step's target count, computed in the same checkpointed
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.training.batching import IGNORE, StaticShapes, collate
+from engine.training.batching import IGNORE, DeviceBatch, StaticShapes, collate
 from engine.training.fused_lora import weights_updated
 from engine.training.loss import causal_lm, supports_hidden_state_loss, token_loss_sum
-from engine.training.varlen_attention import cu_seqlens_for_rows, varlen_attention
+from engine.training.varlen_attention import VARLEN_FLAG, cu_seqlens_for_rows, varlen_attention
 
 if TYPE_CHECKING:
     from engine.training.cuda_graphs import StepGraphs
 
-VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
 _NEXT_BATCHES = "_engine_next_batches"  # on a model: the next step's batches, collated ahead (run_step)
-
-
-@dataclass
-class DeviceBatch:
-    input_ids: torch.Tensor  # [rows, L]
-    position_ids: torch.Tensor  # [rows, L]
-    gather_index: torch.Tensor  # [n] flat positions that carry a target (padded: position 0)
-    gather_targets: torch.Tensor  # [n] their target ids (padded: IGNORE)
-    n_targets: int  # real targets, without the padding
-    real_tokens: int
-    attn_kwargs: dict[str, Any]
-
-    @property
-    def shape(self) -> tuple[Any, ...]:
-        """What a CUDA graph of this micro-batch depends on besides the tensors' values."""
-        cu = self.attn_kwargs.get("cu_seq_lens_q")
-        return (
-            tuple(self.input_ids.shape),
-            self.gather_index.numel(),
-            None if cu is None else (cu.numel(), self.attn_kwargs["max_length_q"]),
-        )
-
-    def _tensors(self) -> list[torch.Tensor]:
-        cu = self.attn_kwargs.get("cu_seq_lens_q")
-        tensors = [self.input_ids, self.position_ids, self.gather_index, self.gather_targets]
-        return tensors + ([cu] if cu is not None else [])
-
-    def clone(self) -> DeviceBatch:
-        """The same batch in tensors of its own (a graph's static inputs)."""
-        kwargs = dict(self.attn_kwargs)
-        if "cu_seq_lens_q" in kwargs:
-            kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_q"].clone()
-        return replace(
-            self,
-            input_ids=self.input_ids.clone(),
-            position_ids=self.position_ids.clone(),
-            gather_index=self.gather_index.clone(),
-            gather_targets=self.gather_targets.clone(),
-            attn_kwargs=kwargs,
-        )
-
-    def copy_from(self, other: DeviceBatch) -> None:
-        """Write ``other``'s values into this batch's tensors (same shape), on the current stream."""
-        for mine, theirs in zip(self._tensors(), other._tensors(), strict=True):
-            mine.copy_(theirs, non_blocking=True)
 
 
 def _pinned(t: torch.Tensor, device: str) -> torch.Tensor:

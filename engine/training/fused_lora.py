@@ -213,3 +213,16 @@ def unfuse_lora_layers(model: Any) -> None:
     for module in model.modules():
         if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _fused_forward:
             del module.forward
+
+
+def config_has_dropout(config: Any) -> bool:
+    """Whether a model config sets any dropout probability above zero (``attention_dropout``,
+    ``hidden_dropout``, GPT-2-style ``resid_pdrop``, ...)."""
+    values = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
+    return any(
+        ("dropout" in k or k.endswith("pdrop"))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and v > 0
+        for k, v in values
+    )

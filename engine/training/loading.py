@@ -7,16 +7,14 @@ from typing import Any
 
 import torch
 
-from engine.data import Example, load_examples
-from engine.defaults import resolve_training
-from engine.events import EventWriter
-from engine.formatting import tokenize_example
-from engine.models import model_shape
-from engine.spec import DatasetSettings
+from engine.contract.events import EventWriter
+from engine.contract.spec import DatasetSettings
+from engine.data.formats import Example, load_examples
+from engine.data.tokenizing import Tokenized, tokenize_all
+from engine.models.presets import model_shape
+from engine.planning.defaults import resolve_training
 from engine.training.base_model import load_tokenizer
-from engine.training.batching import IGNORE
-from engine.training.distributed import active_rank
-from engine.training.loop import Tokenized
+from engine.training.ranks import active_rank
 
 # Benchmarks (benchmarks/train_speed.py) simulate a smaller card: this share of its memory, at most.
 MEMORY_FRACTION_ENV = "BACKPROP_CUDA_MEMORY_FRACTION"
@@ -32,19 +30,6 @@ def pick_device(choice: str, gpu_index: int = 0) -> str:
             "device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'"
         )
     return "cpu"
-
-
-def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
-    ids, labels, dropped = [], [], 0
-    for ex in examples:
-        t = tokenize_example(ex, tokenizer, max_seq_length)
-        # an example needs at least one labelled token after the first position to teach anything
-        if not any(v != IGNORE for v in t.labels[1:]):
-            dropped += 1
-            continue
-        ids.append(t.input_ids)
-        labels.append(t.labels)
-    return Tokenized(ids, labels, dropped)
 
 
 def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:

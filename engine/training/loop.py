@@ -17,28 +17,18 @@ from typing import Any
 
 import torch
 
-from engine.events import Checkpoint, EventWriter, Progress
-from engine.hardware import GpuMonitor, ThermalGuard, wait_for_safe_gpu
-from engine.jobs import JobCancelled
-from engine.spec import SafetySettings
+from engine.contract.errors import JobCancelled
+from engine.contract.events import Checkpoint, EventWriter, Progress
+from engine.contract.spec import SafetySettings
+from engine.data.tokenizing import Tokenized
+from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.training import accel
 from engine.training.batching import StepPlan, most_pieces_per_row, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.training.cuda_graphs import StepGraphs, why_not
-from engine.training.distributed import active_rank
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 from engine.training.lora import switch_on_recomputation
-
-
-@dataclass
-class Tokenized:
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    dropped: int  # examples with no token to learn from after truncation
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.input_ids]
+from engine.training.ranks import active_rank
 
 
 @dataclass

@@ -6,11 +6,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from engine.events import EventWriter
-from engine.files import write_dir_atomically
-from engine.spec import LoraSettings
+from engine.contract.events import EventWriter
+from engine.contract.files import write_dir_atomically
+from engine.contract.spec import LoraSettings
 from engine.training import accel
 from engine.training.base_model import load_for_training
+from engine.training.fused_lora import config_has_dropout
 
 
 def add_lora(
@@ -53,19 +54,6 @@ def add_lora(
         # peft reads the deprecated `is_gradient_checkpointing` property of current transformers models
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
-
-
-def config_has_dropout(config: Any) -> bool:
-    """Whether a model config sets any dropout probability above zero (``attention_dropout``,
-    ``hidden_dropout``, GPT-2-style ``resid_pdrop``, ...)."""
-    values = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
-    return any(
-        ("dropout" in k or k.endswith("pdrop"))
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and v > 0
-        for k, v in values
-    )
 
 
 def enable_activation_checkpointing(model: Any, *, preserve_rng_state: bool = True) -> None:

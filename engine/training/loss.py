@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from engine.memory import loss_chunk_tokens
+from engine.planning.memory import loss_chunk_tokens
 from engine.training.batching import IGNORE
 
 

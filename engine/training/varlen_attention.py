@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+VARLEN_FLAG = "_engine_varlen"  # set on a model (by the native fast path) to use varlen attention
+
 NAME = "engine_varlen"
 _KV_AS_IS: dict[tuple[Any, ...], bool | None] = {}  # flash_varlen_kv_as_is's answers
 

@@ -1,0 +1,299 @@
+"""Turn an ``Example`` into token ids and labels, with the loss only where the model should learn.
+
+Takes a Hugging Face tokenizer object and never imports torch, so it can be tested (and used
+for token statistics) without a model.
+
+What gets the loss
+    chat        the assistant turns only: their content and the template's end-of-turn token
+                (``<|im_end|>``, ``<|eot_id|>``, ...), so the model learns to stop. Whitespace the
+                template puts between turns after that token is not trained.
+    completion  with a chat template: the prompt becomes a user turn and the completion the
+                assistant turn, so a model trained on prompt/completion data is prompted the
+                same way at inference (Ollama and llama.cpp apply the template too); loss on
+                the completion and end-of-turn token. Without a chat template (a base model):
+                prompt + completion as plain text, loss on the completion plus EOS. For raw
+                continuation with a chat-template tokenizer, use the ``text`` format.
+    text        every token, plus EOS appended so the model learns where a document ends.
+    (Alpaca and ShareGPT rows arrive here as chat examples; see ``engine.data.formats``.)
+
+How the assistant tokens are found
+    The conversation is rendered with the tokenizer's OWN chat template (never a hard-coded
+    ChatML). If the template marks assistant text with ``{% generation %}``, transformers'
+    assistant mask is used. Otherwise each assistant turn's character span is found by
+    rendering the conversation up to that turn with and without it (the first ends with the
+    generation prompt, the second after the turn's end-of-turn token), and tokens are mapped
+    to spans with the fast tokenizer's offset mapping (slow tokenizers: each segment is encoded
+    separately). Truncation to ``max_seq_length`` keeps the start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from engine.data.formats import Example
+
+IGNORE_INDEX = -100  # the label that excludes a token from the loss (transformers' convention)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where there is no loss
+    truncated: bool = False  # cut to max_seq_length
+    source: str = ""
+
+    @property
+    def num_trained(self) -> int:
+        """Tokens that carry loss (0 means the example teaches nothing, e.g. truncated away)."""
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+class FormattingError(ValueError):
+    """An example cannot be rendered with this tokenizer; the message says why and what to do."""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The text to generate from: the chat template with the assistant's turn opened.
+
+    Without a chat template (a base model) the contents are joined by blank lines.
+    """
+    if not messages:
+        raise FormattingError("no messages to render; give at least one user message")
+    if not has_chat_template(tokenizer):
+        return "\n\n".join(m["content"] for m in messages)
+    return _render(tokenizer, messages, add_generation_prompt=True, source="prompt")
+
+
+def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) -> TokenizedExample:
+    if ex.kind == "tokens":  # pre-tokenized: taken as given
+        if ex.input_ids is None:
+            raise FormattingError(f"{ex.source}: a tokens example has no input_ids")
+        ids = list(ex.input_ids)
+        labels = list(ex.labels) if ex.labels is not None else list(ids)
+    elif ex.kind == "text":
+        if ex.text is None:
+            raise FormattingError(f"{ex.source}: a text example has no text")
+        ids = _encode(tokenizer, ex.text, add_special_tokens=True)
+        ids = _with_eos(ids, tokenizer)
+        labels = list(ids)
+    elif ex.kind == "completion":
+        if ex.prompt is None or ex.completion is None:
+            raise FormattingError(f"{ex.source}: a completion example needs a prompt and a completion")
+        if has_chat_template(tokenizer):
+            messages = [
+                {"role": "user", "content": ex.prompt},
+                {"role": "assistant", "content": ex.completion},
+            ]
+            ids, labels = _tokenize_chat(messages, tokenizer, ex.source)
+        else:
+            ids, labels = _tokenize_plain_completion(ex.prompt, ex.completion, tokenizer)
+    elif ex.kind == "chat":
+        if not ex.messages:
+            raise FormattingError(f"{ex.source}: a chat example has no messages")
+        if not has_chat_template(tokenizer):
+            raise FormattingError(
+                f"{ex.source}: this tokenizer has no chat template, so a conversation cannot be rendered. "
+                "Use an instruct/chat model, or give the data as prompt/completion or text rows."
+            )
+        ids, labels = _tokenize_chat(ex.messages, tokenizer, ex.source)
+    else:
+        raise FormattingError(f"{ex.source}: unknown example kind {ex.kind!r}")
+
+    truncated = max_seq_length is not None and len(ids) > max_seq_length
+    if truncated:
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    return TokenizedExample(input_ids=list(ids), labels=list(labels), truncated=truncated, source=ex.source)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _render(
+    tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool, source: str
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja2 errors, raise_exception() in templates, ValueError
+        raise FormattingError(
+            f"{source}: the model's chat template refused this conversation: {e}. "
+            "Some templates require strictly alternating user/assistant turns or no system message."
+        ) from e
+    if not isinstance(text, str):  # pragma: no cover - a batched render is never requested
+        raise FormattingError(f"{source}: the chat template did not render text")
+    return text
+
+
+def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return [*ids, eos]
+
+
+def _template_marks_generation(tokenizer: Any) -> bool:
+    template = tokenizer.chat_template
+    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
+
+
+def _tokenize_chat(
+    messages: list[dict[str, str]], tokenizer: Any, source: str
+) -> tuple[list[int], list[int]]:
+    if _template_marks_generation(tokenizer):
+        try:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        except Exception as e:
+            raise FormattingError(
+                f"{source}: the model's chat template refused this conversation: {e}"
+            ) from e
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"])
+        if any(mask):
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        # A template whose generation block did not fire for these messages: locate by prefixes.
+    full = _render(tokenizer, messages, add_generation_prompt=False, source=source)
+    spans = _assistant_spans(messages, tokenizer, full, source)
+    return _tokenize_with_spans(full, spans, tokenizer, add_special_tokens=False)
+
+
+def _assistant_spans(
+    messages: list[dict[str, str]], tokenizer: Any, full: str, source: str
+) -> list[tuple[int, int]]:
+    """Character spans of ``full`` that belong to assistant turns (content + end-of-turn)."""
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, source=source)
+        if i == 0:
+            # No earlier turn to render: the turn starts where its content does.
+            start = max(0, through.find(message["content"]))
+        else:
+            before = _render(tokenizer, messages[:i], add_generation_prompt=True, source=source)
+            if not full.startswith(before):
+                raise _prefix_error(source)
+            start = len(before)
+        if not full.startswith(through):
+            raise _prefix_error(source)
+        end = len(through)
+        while end > start and full[end - 1].isspace():
+            end -= 1
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def _prefix_error(source: str) -> FormattingError:
+    return FormattingError(
+        f"{source}: this chat template renders earlier turns differently once later turns follow "
+        "(for example it removes past reasoning), so the assistant tokens cannot be located. "
+        "Train on single-turn conversations, or use a template that marks assistant text with "
+        "{% generation %}."
+    )
+
+
+def _tokenize_with_spans(
+    text: str, spans: list[tuple[int, int]], tokenizer: Any, *, add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """Tokenize ``text`` once; label the tokens that overlap one of ``spans``.
+
+    Overlap (as transformers' own assistant mask does) rather than "starts inside": a token
+    that straddles the start of an answer, like SentencePiece's "▁Paris" whose space belongs
+    to the template, still carries loss.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return _tokenize_segments(text, spans, tokenizer, add_special_tokens=add_special_tokens)
+    enc = tokenizer(
+        text,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        verbose=False,
+    )
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    span_idx = 0
+    for k, ((start, end), added) in enumerate(
+        zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+    ):
+        if added and start == end:
+            continue  # BOS/EOS the tokenizer added itself, not part of the text
+        while span_idx < len(spans) and start >= spans[span_idx][1]:
+            span_idx += 1
+        if span_idx == len(spans):
+            break
+        if end > spans[span_idx][0]:
+            labels[k] = ids[k]
+    return ids, labels
+
+
+def _tokenize_segments(
+    text: str, spans: list[tuple[int, int]], tokenizer: Any, *, add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """For tokenizers without offsets: encode the text piece by piece at span boundaries."""
+    ids: list[int] = []
+    labels: list[int] = []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_special_tokens and bos is not None and getattr(tokenizer, "add_bos_token", False):
+        ids.append(bos)
+        labels.append(IGNORE_INDEX)
+    pos = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        if start > pos:
+            part = _encode(tokenizer, text[pos:start], add_special_tokens=False)
+            ids += part
+            labels += [IGNORE_INDEX] * len(part)
+        if end > start:
+            part = _encode(tokenizer, text[start:end], add_special_tokens=False)
+            ids += part
+            labels += part
+        pos = max(pos, end)
+    return ids, labels
+
+
+def _tokenize_plain_completion(prompt: str, completion: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    text = prompt + completion
+    ids, labels = _tokenize_with_spans(text, [(len(prompt), len(text))], tokenizer, add_special_tokens=True)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    dropped: int  # examples with no token to learn from after truncation
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
+    ids, labels, dropped = [], [], 0
+    for ex in examples:
+        t = tokenize_example(ex, tokenizer, max_seq_length)
+        # an example needs at least one labelled token after the first position to teach anything
+        if not any(v != IGNORE_INDEX for v in t.labels[1:]):
+            dropped += 1
+            continue
+        ids.append(t.input_ids)
+        labels.append(t.labels)
+    return Tokenized(ids, labels, dropped)

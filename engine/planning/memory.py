@@ -1,0 +1,297 @@
+"""The GPU memory of one LoRA/QLoRA training step, from the model's shape alone (torch-free).
+
+``estimate_memory`` predicts the peak; ``largest_micro_batch`` finds what fits in the free memory;
+``engine.planning.defaults`` builds the smart defaults on them.
+
+The memory model (per GPU, one training step, AdamW, LoRA weights in fp32 as peft keeps them):
+
+- weights: NF4 stores 4 bits per weight of every decoder-layer linear, plus its block statistics
+  (one 8-bit absmax per 64 weights and, with double quantisation, one fp32 per 256 blocks);
+  embeddings, lm_head, norms and biases stay in the compute dtype. 16-bit: 2 bytes, fp32: 4.
+- LoRA: r·(in+out) parameters per adapted linear; fp32 weight + gradient + two Adam moments.
+- activations: with gradient checkpointing, each layer's input hidden state is kept
+  (tokens × hidden per layer) and one layer at a time is recomputed during the backward pass, with
+  its intermediates (attention and MLP projections, norms upcast to fp32) and their gradients;
+  without it, every layer's intermediates are kept.
+- logits and loss: an unfused loss materialises [tokens, vocab] logits — about 12 bytes per
+  element at its peak (bf16 logits, their fp32 copy, log-softmax and its gradient); this is what
+  dominates a 7B QLoRA step at 4×2048 tokens. A chunked loss (engine.training.loss) holds one chunk at a time.
+- overhead: the CUDA context (~0.75 GiB, outside torch's allocator) and allocator slack (~10%).
+
+``peak_allocated_gib`` is what ``torch.cuda.max_memory_allocated`` should report;
+``total_gib`` is what must be free on the card (adds the overhead).
+Attention is assumed to run through SDPA's flash / memory-efficient kernels (no tokens² matrix).
+
+Checked on an H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2, peft; Qwen2.5 architectures
+with random weights, LoRA r=16 on all linears, bf16 autocast, AdamW, gradient checkpointing unless
+noted, engine.training.loss's chunked loss unless noted). Peak allocated, measured vs estimated, GiB:
+7B NF4 4x2048 unfused loss 21.30 vs 21.28; 7B NF4 4x2048 9.52 vs 9.83; 7B NF4 1x2048 6.93 vs 6.91;
+7B NF4 8x4096 20.86 vs 21.65; 7B bf16 2x2048 17.02 vs 16.76; 7B NF4 2x2048 without checkpointing
+29.19 vs 31.10; 0.5B NF4 8x1024 1.72 vs 1.65; 0.5B bf16 8x1024 2.22 vs 2.14 (all within 6%).
+Memory in use on the card (context included) stayed at or below ``total_gib`` within 3%, except
+0.5B NF4 (3.07 measured vs 3.0).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from engine.models.shape import ModelShape, lora_target_names
+
+GIB = 1024**3
+StorageDtype = Literal["nf4", "bf16", "fp16", "fp32"]
+
+# Calibration constants (bytes unless named otherwise); see the module docstring.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax + fp32 per 256 blocks
+LOSS_BYTES_PER_LOGIT = 12.0  # peak bytes per [token, vocab] element of an unfused cross-entropy
+LORA_BYTES_PER_PARAM = 16.0  # fp32 weight, gradient, Adam exp_avg and exp_avg_sq
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace outside torch's allocator (measured 0.75 on H200)
+ALLOCATOR_SLACK = 0.10  # torch's reserved memory exceeds its peak allocation by ~2-11% ...
+ALLOCATOR_SLACK_UNFUSED = 0.20  # ... and by ~19% when multi-GiB logits come and go
+ALLOCATOR_SLACK_MIN_GIB = 0.6  # ... and by at least ~0.6 GiB for small models
+CPU_RUNTIME_GIB = 0.75  # torch + transformers resident in RAM before any tensor
+CHUNKED_LOSS_BYTES = 256 * 1024**2  # fp32 logits per chunk in engine.training.loss
+
+
+def storage_dtype(quantization: str, device: str = "cuda", bf16_supported: bool = True) -> StorageDtype:
+    """How base weights are stored for a spec's ``quantization`` on ``device``.
+
+    auto: NF4 on a GPU, fp32 on CPU; 4bit: NF4; 16bit: bf16 (fp16 on GPUs without bf16); none: fp32.
+    Already-resolved names (nf4, bf16, fp16, fp32) pass through.
+    """
+    q = quantization.lower()
+    if q in ("nf4", "bf16", "fp16", "fp32"):
+        return q  # type: ignore[return-value]
+    if q == "auto":
+        return "nf4" if device.startswith("cuda") else "fp32"
+    if q == "4bit":
+        return "nf4"
+    if q == "16bit":
+        return "bf16" if bf16_supported or not device.startswith("cuda") else "fp16"
+    if q == "none":
+        return "fp32"
+    raise ValueError(f"unknown quantization {quantization!r}: use auto, 4bit, 16bit or none")
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of engine.training.loss's chunked cross-entropy (256 MiB of fp32 logits, at least 64)."""
+    return max(64, CHUNKED_LOSS_BYTES // (4 * vocab_size))
+
+
+@dataclass
+class MemoryEstimate:
+    weights_gib: float
+    lora_gib: float  # LoRA weights + gradients + Adam states
+    checkpointed_activations_gib: float  # layer inputs kept for the backward pass
+    layer_activations_gib: float  # one layer's (or, without checkpointing, every layer's) intermediates
+    logits_gib: float  # logits and loss working set
+    cuda_context_gib: float
+    allocator_slack_gib: float
+    peak_allocated_gib: float  # comparable with torch.cuda.max_memory_allocated
+    total_gib: float  # what must be free on the device
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def activations_gib(self) -> float:
+        return self.checkpointed_activations_gib + self.layer_activations_gib
+
+    def breakdown(self) -> dict[str, float]:
+        return {
+            "weights": self.weights_gib,
+            "lora_params_grads_adam": self.lora_gib,
+            "checkpointed_activations": self.checkpointed_activations_gib,
+            "layer_activations": self.layer_activations_gib,
+            "logits_and_loss": self.logits_gib,
+            "cuda_context": self.cuda_context_gib,
+            "allocator_slack": self.allocator_slack_gib,
+            "total": self.total_gib,
+        }
+
+    def summary(self) -> str:
+        parts = ", ".join(
+            f"{k.replace('_', ' ')} {v:.2f}" for k, v in self.breakdown().items() if k != "total"
+        )
+        return f"{self.total_gib:.1f} GiB ({parts})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["activations_gib"] = self.activations_gib
+        return d
+
+
+def estimate_memory(
+    shape: ModelShape,
+    quantization: str,
+    lora_rank: int,
+    micro_batch: int,
+    seq_len: int,
+    *,
+    gradient_checkpointing: bool = True,
+    chunked_loss: bool = True,
+    lora_targets: list[str] | str = "all-linear",
+    device: str = "cuda",
+    bf16_supported: bool = True,
+    shards: int = 1,
+    offload_activations: bool = False,
+    liger_kernels: bool = False,
+) -> MemoryEstimate:
+    """Peak memory of one training step (micro_batch sequences of seq_len tokens), in GiB.
+
+    Packed and padded batches cost the same here: the estimate is for full rows of ``seq_len``
+    tokens, the worst case of either. ``shards`` > 1: the decoder layers' weights are sharded over
+    that many cards (FSDP, engine.training.ranks); each card holds its share plus about two
+    whole layers (the one computing and the one being gathered); embeddings, head and LoRA stay whole.
+    ``offload_activations``: the checkpointed layer inputs wait in host memory (engine.training.offload);
+    the card holds about two of them at a time (the one copying, the one in use).
+    ``liger_kernels``: the run's norms and SwiGLU are Liger's kernels (``liger_kernels_apply``), which keep
+    fewer activations; it changes the estimate without recomputation, where every layer keeps its own.
+    """
+    if micro_batch < 1 or seq_len < 1 or lora_rank < 1:
+        raise ValueError("micro_batch, seq_len and lora_rank must be at least 1")
+    dtype = storage_dtype(quantization, device, bf16_supported)
+    on_gpu = device.startswith("cuda")
+    # Compute dtype of activations: 16-bit on a GPU (and for bf16 weights anywhere); NF4 on CPU
+    # computes in fp32 (engine.models.presets), fp32 weights compute in fp32.
+    act = 2 if dtype in ("bf16", "fp16") or (dtype == "nf4" and on_gpu) else 4
+    other_bytes = 4 if dtype == "fp32" or (dtype == "nf4" and not on_gpu) else 2
+
+    non_linear = shape.params - shape.layer_linear_params
+    per_weight = {"nf4": NF4_BYTES_PER_WEIGHT, "bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    layer_weights = shape.layer_linear_params * per_weight
+    if shards > 1:
+        layer_weights = layer_weights / shards + min(2 / shape.num_layers, 1 - 1 / shards) * layer_weights
+    weights = layer_weights + non_linear * (other_bytes if dtype == "nf4" else per_weight)
+
+    lora = shape.lora_params(lora_rank, lora_targets) * LORA_BYTES_PER_PARAM
+
+    tokens = micro_batch * seq_len
+    h, i = shape.hidden_size, shape.intermediate_size
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    n_lora = len(lora_target_names(lora_targets))
+    # One layer's saved intermediates per token: norm in/out (x2), q, k, v, attention out,
+    # gate, up, act(gate), act*up, LoRA's rank-sized products; RMSNorm's fp32 upcasts.
+    saved_per_token = act * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i + n_lora * lora_rank) + 4 * 2 * h
+    # With Liger's kernels a layer keeps gate and up but not act(gate) (its SwiGLU recomputes it), and its
+    # RMSNorm no fp32 copies. Measured without recomputation on an H200 (benchmarks/RESULTS.md v9:
+    # 0.5B and 7B, micro-batch 4 and 16, sequence 1,088 and 2,048) the peak came out 1-6% under this
+    # estimate, and 31-42% under the one above.
+    kept_per_token = (
+        act * (4 * h + 2 * q_dim + 2 * kv_dim + 3 * i + n_lora * lora_rank)
+        if liger_kernels
+        else saved_per_token
+    )
+    # Gradients alive while one layer's backward runs: about two MLP-sized and two hidden-sized tensors.
+    grads_per_token = act * (2 * i + 2 * h)
+    # NF4 dequantises one weight at a time into the compute dtype.
+    dequant = max(a * b for a, b in shape.linear_dims().values()) * act if dtype == "nf4" else 0
+    one_layer = tokens * (saved_per_token + grads_per_token) + dequant
+    if gradient_checkpointing:
+        checkpointed = (
+            (min(2, shape.num_layers) if offload_activations else shape.num_layers) * tokens * h * act
+        )
+        layer_acts = one_layer
+    else:
+        checkpointed = 0
+        layer_acts = shape.num_layers * tokens * kept_per_token + tokens * grads_per_token + dequant
+
+    loss_tokens = min(tokens, loss_chunk_tokens(shape.vocab_size)) if chunked_loss else tokens
+    logits = loss_tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * h * act
+
+    # With checkpointing the loss peak (all layer inputs kept, logits alive) and the per-layer
+    # backward peak come one after the other; without it, all activations are alive at the loss.
+    transient = max(layer_acts, logits) if gradient_checkpointing else layer_acts + logits
+    peak = weights + lora + checkpointed + transient
+    if on_gpu:
+        context = CUDA_CONTEXT_GIB * GIB
+        slack = max(
+            ALLOCATOR_SLACK_MIN_GIB * GIB,
+            (ALLOCATOR_SLACK if chunked_loss else ALLOCATOR_SLACK_UNFUSED) * peak,
+        )
+    else:
+        context, slack = CPU_RUNTIME_GIB * GIB, 0.0
+    total = peak + context + slack
+
+    def g(x: float) -> float:
+        return round(x / GIB, 3)
+
+    return MemoryEstimate(
+        weights_gib=g(weights),
+        lora_gib=g(lora),
+        checkpointed_activations_gib=g(checkpointed),
+        layer_activations_gib=g(layer_acts),
+        logits_gib=g(logits),
+        cuda_context_gib=g(context),
+        allocator_slack_gib=g(slack),
+        peak_allocated_gib=g(peak),
+        total_gib=g(total),
+        settings={
+            "storage": dtype,
+            "lora_rank": lora_rank,
+            "micro_batch": micro_batch,
+            "seq_len": seq_len,
+            "gradient_checkpointing": gradient_checkpointing,
+            "offload_activations": offload_activations and gradient_checkpointing,
+            "liger_kernels": liger_kernels,
+            "chunked_loss": chunked_loss,
+            "device": "cuda" if on_gpu else "cpu",
+        },
+    )
+
+
+# Liger's patch function for each model family whose RMSNorm, RoPE and SwiGLU it replaces (applied by
+# engine.training.accel on a GPU where liger-kernel is installed; the memory estimate counts it).
+LIGER_PATCHES = {
+    "qwen2": "apply_liger_kernel_to_qwen2",
+    "llama": "apply_liger_kernel_to_llama",
+    "mistral": "apply_liger_kernel_to_mistral",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+}
+
+
+def liger_kernels_apply(model_type: str, device: str) -> bool:
+    """Whether a run of this model family on ``device`` gets Liger's kernels (checked without importing)."""
+    return (
+        device.startswith("cuda")
+        and model_type in LIGER_PATCHES
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
+
+
+# Leave a little of the free memory unused: other processes and the driver move it around.
+FREE_MEMORY_USABLE = 0.95
+MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def fits(estimate: MemoryEstimate, free_gib: float, context_in_use: bool) -> bool:
+    need = estimate.total_gib - (estimate.cuda_context_gib if context_in_use else 0.0)
+    return need <= free_gib * FREE_MEMORY_USABLE
+
+
+def largest_micro_batch(
+    shape: ModelShape,
+    quantization: str,
+    lora_rank: int,
+    seq_len: int,
+    free_memory_gib: float,
+    *,
+    limit: int = 64,
+    context_in_use: bool = False,
+    **estimate_kwargs: Any,
+) -> int:
+    """The largest micro-batch (power of two, at most ``limit``) that fits; 0 if not even one does."""
+    best = 0
+    for mb in MICRO_BATCH_CHOICES:
+        if mb > limit:
+            break
+        est = estimate_memory(shape, quantization, lora_rank, mb, seq_len, **estimate_kwargs)
+        if not fits(est, free_memory_gib, context_in_use):
+            break
+        best = mb
+    return best
+
+
+def card_keywords(card: Any, shards: int = 1) -> dict[str, Any]:
+    """The estimate's keywords for a GPU ``card`` (a GpuInfo) with the weights sharded over ``shards`` cards."""
+    return {"device": "cuda", "bf16_supported": card.bf16_supported, "shards": shards}
