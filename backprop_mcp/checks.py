@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ValidationError
 
-from backprop_mcp.models import DatasetCheck
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
+from backprop_mcp.tool_outputs import DatasetCheck
 from engine.interface import DataCheck, ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
 from engine.interface import check_model as engine_check_model
 from engine.interface import preflight as run_preflight
@@ -64,7 +64,7 @@ def check_model(model: str) -> str:
     text = model.strip()
     if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
         model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
-    return engine_check_model(model)  # its PreflightError reaches the model as a tool error (guard.py)
+    return engine_check_model(model)  # its PreflightError reaches the model as a tool error (tool_errors.py)
 
 
 def dataset_path(path: str) -> str:

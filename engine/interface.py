@@ -38,14 +38,13 @@ from engine.contract.spec import (
     setting_home,
     settings_of,
     training_spec,
-    write_spec,
 )
 from engine.hardware.installed import MissingExtra, require_for_spec
 from engine.hardware.installed import require as require_extra
 from engine.jobs import processes as procs
 from engine.jobs.runner import (
+    create_job,
     engine_command,
-    new_job_id,
     request_cancel,
     start_worker,
     worker_env,
@@ -79,7 +78,7 @@ __all__ = [
     "engine_command",
     "events",
     "missing_message",
-    "new_job_id",
+    "create_job",
     "path_kind",
     "preflight",
     "problems",
@@ -99,5 +98,4 @@ __all__ = [
     "setting_home",
     "settings_of",
     "training_spec",
-    "write_spec",
 ]
