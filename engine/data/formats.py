@@ -32,7 +32,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from engine.contract.datasets import (
     FORMAT_HELP,
@@ -42,10 +42,8 @@ from engine.contract.datasets import (
     RowProblem,
     row_place,
 )
+from engine.contract.spec import DatasetSettings
 from engine.data.sources import RawRow, open_source, type_name
-
-if TYPE_CHECKING:
-    from engine.contract.spec import DatasetSettings
 
 ExampleKind = Literal["chat", "completion", "text", "tokens"]
 RowFormat = Literal["chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"]

@@ -41,7 +41,7 @@ def run_recipe(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Call
     for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
         events.log(note)
     if spec.kind == "finetune":
-        from engine.recipes.finetune import run_finetune
+        from engine.recipes.finetune import run_finetune  # each recipe with its kind (docstring)
 
         result = run_finetune(spec, job_dir, events, cancel_check)
     elif spec.kind == "slao_series":

@@ -41,7 +41,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config, state dict) of a PEFT adapter folder."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch and peft load where used: the server imports this module
 
     config = read_adapter_config(folder)
     weights = Path(folder) / ADAPTER_WEIGHTS

@@ -21,15 +21,7 @@ The memory model (per GPU, one training step, AdamW, LoRA weights in fp32 as pef
 ``peak_allocated_gib`` is what ``torch.cuda.max_memory_allocated`` should report;
 ``total_gib`` is what must be free on the card (adds the overhead).
 Attention is assumed to run through SDPA's flash / memory-efficient kernels (no tokens² matrix).
-
-Checked on an H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2, peft; Qwen2.5 architectures
-with random weights, LoRA r=16 on all linears, bf16 autocast, AdamW, gradient checkpointing unless
-noted, engine.training.loss's chunked loss unless noted). Peak allocated, measured vs estimated, GiB:
-7B NF4 4x2048 unfused loss 21.30 vs 21.28; 7B NF4 4x2048 9.52 vs 9.83; 7B NF4 1x2048 6.93 vs 6.91;
-7B NF4 8x4096 20.86 vs 21.65; 7B bf16 2x2048 17.02 vs 16.76; 7B NF4 2x2048 without checkpointing
-29.19 vs 31.10; 0.5B NF4 8x1024 1.72 vs 1.65; 0.5B bf16 8x1024 2.22 vs 2.14 (all within 6%).
-Memory in use on the card (context included) stayed at or below ``total_gib`` within 3%, except
-0.5B NF4 (3.07 measured vs 3.0).
+The constants are calibrated against measured peaks (the figures: CHANGELOG.md).
 """
 
 from __future__ import annotations
@@ -47,7 +39,7 @@ StorageDtype = Literal["nf4", "bf16", "fp16", "fp32"]
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax + fp32 per 256 blocks
 LOSS_BYTES_PER_LOGIT = 12.0  # peak bytes per [token, vocab] element of an unfused cross-entropy
 LORA_BYTES_PER_PARAM = 16.0  # fp32 weight, gradient, Adam exp_avg and exp_avg_sq
-CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace outside torch's allocator (measured 0.75 on H200)
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # torch's reserved memory exceeds its peak allocation by ~2-11% ...
 ALLOCATOR_SLACK_UNFUSED = 0.20  # ... and by ~19% when multi-GiB logits come and go
 ALLOCATOR_SLACK_MIN_GIB = 0.6  # ... and by at least ~0.6 GiB for small models
@@ -234,8 +226,7 @@ def _activation_bytes(
     # gate, up, act(gate), act*up, LoRA's rank-sized products; RMSNorm's fp32 upcasts.
     saved_per_token = act * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i + n_lora * lora_rank) + 4 * 2 * h
     # With Liger's kernels a layer keeps gate and up but not act(gate) (its SwiGLU recomputes it), and its
-    # RMSNorm no fp32 copies: without recomputation, where every layer keeps its own, this matters
-    # (measured peaks: CHANGELOG.md).
+    # RMSNorm no fp32 copies: it matters without recomputation, where every layer keeps its own.
     kept_per_token = (
         act * (4 * h + 2 * q_dim + 2 * kv_dim + 3 * i + n_lora * lora_rank)
         if liger_kernels

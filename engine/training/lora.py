@@ -6,12 +6,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import LoraConfig, get_peft_model
+
 from engine.contract.events import EventWriter
 from engine.contract.files import write_dir_atomically
 from engine.contract.spec import LoraSettings
 from engine.training import accel
+from engine.training.backend import apply_fast_path, backend_name, backend_reason
 from engine.training.base_model import load_for_training
 from engine.training.fused_lora import config_has_dropout
+from engine.training.loss import causal_lm
+from engine.training.offload import offload_checkpointed_inputs
 
 
 def add_lora(
@@ -36,11 +42,7 @@ def add_lora(
             model, preserve_rng_state=lora.dropout > 0 or config_has_dropout(model.config)
         )
         if offload_activations:
-            from engine.training.offload import offload_checkpointed_inputs
-
             offload_checkpointed_inputs(model)
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
@@ -73,10 +75,6 @@ def switch_on_recomputation(model: Any) -> bool:
     """Turn gradient checkpointing on in a model that trains without it (the first answer to a CUDA
     out-of-memory error when the defaults had skipped recomputation); False where it cannot be done
     here (no checkpointing layers, layers compiled around their own checkpoint call) or already on."""
-    import torch
-
-    from engine.training.loss import causal_lm
-
     lm = causal_lm(model)
     layers = [m for m in lm.modules() if hasattr(m, "gradient_checkpointing")]
     if not layers or any("forward" in m.__dict__ for m in layers):  # (backend.compile_decoder_layers)
@@ -99,8 +97,6 @@ def load_lora_model(
 
     The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
     """
-    import torch
-
     events.stage("loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
@@ -118,8 +114,6 @@ def load_lora_model(
         loaded_info=loaded.info,
         offload_activations=offload_activations and device.startswith("cuda"),
     )
-    from engine.training.backend import apply_fast_path, backend_name, backend_reason
-
     fast = apply_fast_path(model, device, loaded.info, compile_layers=spec.train.compile)
     events.log(
         f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"

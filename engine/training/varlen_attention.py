@@ -141,6 +141,7 @@ def varlen_attention_forward(
     """transformers' attention signature: q/k/v [batch, heads, length, dim] -> [batch, length, heads, dim]."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or attention_mask is not None or dropout:
+        # transformers loads after privacy_environment(): one-shot commands import this module first
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -160,7 +161,7 @@ def varlen_attention_forward(
 
 
 def register() -> None:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # after privacy_environment(), as above
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, varlen_attention_forward)
