@@ -98,7 +98,7 @@ def _takes_settings(job: type[FinetuneSpec] | type[SeriesSpec]) -> Callable[[_Me
 class Trainer:
     """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name).
 
-    ``settings`` are any of ``engine.contract.spec.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
+    ``settings`` are any of ``engine.contract.settings.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
     ``device``, ``gpus``, ``parallel``, ``learning_rate``, ...): the defaults of every job this trainer
     runs, which ``train`` and ``multi_run`` can override. They are checked here, at once.
     """
