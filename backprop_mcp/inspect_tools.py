@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -18,8 +18,8 @@ from backprop_mcp.limits import MAX_PROMPT_CHARS, MAX_SYSTEM_CHARS
 from backprop_mcp.policy import ClientRoots
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tool_outputs import DatasetCheck, Generation
-from backprop_mcp.tooling import hints, name_arg, path_arg, setting
-from engine.interface import GpuReport, Quantization, gpu_report, quoted, read_spec, require_extra
+from backprop_mcp.tooling import CHECK_DATASET_TAKES, hints, name_arg, path_arg, takes_settings
+from engine.interface import FinetuneSpec, GpuReport, gpu_report, quoted, read_spec, require_extra
 
 CHECK_DATA_TIMEOUT_S = 55.0  # under the ~60 s after which clients drop a call
 TRY_MODEL_LOAD_ALLOWANCE_S = 30.0
@@ -42,31 +42,23 @@ def register_inspect_tools(
         return gpu_report()
 
     @server.tool(name="check_dataset", title="Check a dataset", annotations=READ_ONLY_OPEN)
+    @takes_settings(
+        FinetuneSpec,
+        only=CHECK_DATASET_TAKES,
+        model=path_arg("the model whose tokenizer and chat template to measure with"),
+    )
     def check_dataset(
         path: Annotated[str, path_arg("absolute path of the dataset file or folder (or a hub dataset name)")],
-        model: Annotated[
-            str, path_arg("the model whose tokenizer and chat template to measure with")
-        ] = "tiny",
-        max_seq_length: Annotated[int | None, setting("max_seq_length")] = None,
-        micro_batch_size: Annotated[int | None, setting("micro_batch_size")] = None,
-        quantization: Annotated[Quantization, setting("quantization")] = "auto",
-        lora_rank: Annotated[int, setting("lora_rank")] = 16,
         *,
         roots: ClientRoots,
+        **settings: Any,
     ) -> DatasetCheck:
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
         require_extra("train", "check_dataset")
         data_path = checks.dataset_path(path)
-        args = {
-            "path": data_path,
-            "model": checks.check_model(model),
-            "max_seq_length": max_seq_length,
-            "micro_batch_size": micro_batch_size,
-            "quantization": quantization,
-            "lora_rank": lora_rank,
-        }
+        args = {**settings, "path": data_path, "model": checks.permitted_model(settings["model"])}
         try:
             out = call_engine("check-data", args, timeout_s=CHECK_DATA_TIMEOUT_S, home=get_state().home)
         except EngineCallError as exc:
@@ -111,7 +103,7 @@ def _try_model(
         elif not model:
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
         else:
-            base = checks.check_model(model)
+            base = checks.permitted_model(model)
             adapter = str(checks.adapter_folder(adapter_path)) if adapter_path else None
         args = {"model": base, "adapter": adapter, "prompt": prompt, "system": system,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "max_time_s": max_time_s}  # fmt: skip

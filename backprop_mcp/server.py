@@ -111,7 +111,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             next_step=f"Call job_status(job_id='{record.id}', wait_s=30) to follow it.",
         )
 
-    register_job_tools(server, lazy.get, find_job, start)  # start_finetune, run_slao_series, export_gguf
+    register_job_tools(server, find_job, start)  # start_finetune, run_slao_series, export_gguf
     register_follow_tools(server, lazy.get, find_job, poll_s)  # job_status, list_jobs, cancel_job
     register_inspect_tools(server, lazy.get, find_job)  # inspect_gpu, check_dataset, try_model
     register_resources(server, lazy.get, find_job, legacy)

@@ -14,22 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.contract.settings import training_spec
+from engine.contract.spec import FinetuneSpec
 from engine.planning.preflight import DataCheck, TokenStats
-
-
-class CheckDataArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    model: str = "tiny"
-    split: str | None = None
-    skip_bad_rows: bool = False
-    quantization: str = "auto"
-    lora_rank: int = Field(16, ge=1)
-    max_seq_length: int | None = Field(None, ge=16)
-    micro_batch_size: int | None = Field(None, ge=1)
-    steps: int | None = Field(None, ge=1)
-    device: str = "auto"
-    trust_remote_code: bool = False
 
 
 class GenerateArgs(BaseModel):
@@ -46,14 +33,14 @@ class GenerateArgs(BaseModel):
     trust_remote_code: bool = False
 
 
-def check_data(args: CheckDataArgs) -> DataCheck:
-    from engine.contract.spec import DatasetSettings, TrainSettings
+def check_data(spec: FinetuneSpec) -> DataCheck:
+    """What a fine-tune of ``spec`` meets: its dataset's rows (every bad one reported), their token lengths
+    with its model's tokenizer, and the defaults it would resolve on this machine (or why it cannot fit)."""
     from engine.data.formats import load_examples
     from engine.data.tokenizing import tokenize_all
     from engine.training.loading import pick_device
 
-    settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
-    examples, report = load_examples(settings)
+    examples, report = load_examples(spec.dataset.model_copy(update={"skip_bad_rows": True}))
     out = DataCheck(report=report.to_dict())
     if not examples:
         return out
@@ -62,7 +49,7 @@ def check_data(args: CheckDataArgs) -> DataCheck:
     from engine.planning.memory import estimate_memory
     from engine.training.base_model import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     lengths = tokenize_all(examples, tokenizer, None).lengths
     out.tokens = TokenStats(
         examples=len(lengths),
@@ -72,28 +59,25 @@ def check_data(args: CheckDataArgs) -> DataCheck:
         p95=round(percentile(lengths, 95)),
         max=max(lengths),
     )
-    device = pick_device(args.device)
+    device = pick_device(spec.device, spec.gpu_index)
     free_gib = None
     if device.startswith("cuda"):
         from engine.hardware.gpus import probe_gpus
 
-        probe = probe_gpus()
-        if probe.gpus:
-            free_gib = probe.gpus[0].memory_free_mb / 1024
-    shape = model_shape(args.model, trust_remote_code=args.trust_remote_code)
-    train = TrainSettings(
-        max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps
-    )
+        card = next((g for g in probe_gpus().gpus if g.index == spec.gpu_index), None)
+        free_gib = card.memory_free_mb / 1024 if card else None
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     try:
         resolved = resolve_training(
-            train,
+            spec.train,
             n_examples=len(lengths),
             token_lengths=lengths,
             shape=shape,
-            quantization=args.quantization,
-            lora_rank=args.lora_rank,
+            quantization=spec.quantization,
+            lora_rank=spec.lora.rank,
             device=device,
             free_memory_gib=free_gib,
+            lora_targets=spec.lora.target_modules,
         )
     except ValueError as exc:  # DoesNotFitError is a ValueError
         out.fits, out.fit_error = False, str(exc)
@@ -104,8 +88,8 @@ def check_data(args: CheckDataArgs) -> DataCheck:
     # the defaults' own estimate where they had a memory figure (it has their recompute/offload choice)
     mem = resolved.memory or estimate_memory(
         shape,
-        quantization=args.quantization,
-        lora_rank=args.lora_rank,
+        quantization=spec.quantization,
+        lora_rank=spec.lora.rank,
         micro_batch=resolved.micro_batch_size,
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
@@ -173,11 +157,9 @@ def run_oneshot(command: str, raw_args: str) -> int:
     privacy_environment()
     try:
         data = json.loads(sys.stdin.read() if raw_args == "-" else raw_args)  # "-": the JSON on stdin
-        if command == "check-data":
-            result = {
-                "ok": True,
-                **check_data(CheckDataArgs.model_validate(data)).model_dump(exclude_none=True),
-            }
+        if command == "check-data":  # {"path": ..., any fine-tune setting: value}
+            spec = training_spec(FinetuneSpec, data.pop("path"), **data)
+            result = {"ok": True, **check_data(spec).model_dump(exclude_none=True)}
         else:
             result = generate(GenerateArgs.model_validate(data))
         print(json.dumps(result, default=str))
