@@ -54,6 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser, model: Any) -> None:
         None: "job",
         "dataset": "dataset",
         "safety": "GPU temperature",
+        "preference": "preference tuning (dpo, kto, orpo)",
     }
     groups = {section: p.add_argument_group(f"{title} settings") for section, title in titles.items()}
     for name in S.settings_of(model):
