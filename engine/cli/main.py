@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="check a dataset: format, bad rows, token lengths, defaults")
     p.add_argument("path")
     p.add_argument("--model", default="tiny")
+    p.add_argument(
+        "--method",
+        choices=["sft", "dpo", "kto", "orpo"],
+        default=None,
+        help="the defaults' training method (default: dpo for pairs, kto for judged answers, else sft)",
+    )
     _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
@@ -290,7 +296,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     require("train", "backprop check-data")
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
-        out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
+        out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model, method=args.method))
     print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, args.model))
     return 0 if out.ready else 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,10 @@ class CheckDataArgs(BaseModel):
     steps: int | None = Field(None, ge=1)
     device: str = "auto"
     trust_remote_code: bool = False
+    method: Literal["sft", "dpo", "kto", "orpo"] | None = Field(
+        None, description="the defaults' method; default: dpo for pairs, kto for judged answers, else sft"
+    )
+    max_prompt_length: int | None = Field(None, ge=1)
 
 
 class GenerateArgs(BaseModel):
@@ -47,9 +51,12 @@ class GenerateArgs(BaseModel):
 
 
 def check_data(args: CheckDataArgs) -> DataCheck:
-    from engine.contract.spec import DatasetSettings, TrainSettings
+    from engine.contract.spec import DatasetSettings
     from engine.data.formats import load_examples
-    from engine.data.tokenizing import tokenize_all
+    from engine.data.methods import examples_for_method, format_problem
+    from engine.data.preference import PREFERENCE_FORMATS
+    from engine.models.presets import model_shape
+    from engine.training.base_model import load_tokenizer
     from engine.training.loading import pick_device
 
     settings = DatasetSettings(path=args.path, split=args.split, skip_bad_rows=True)
@@ -57,21 +64,13 @@ def check_data(args: CheckDataArgs) -> DataCheck:
     out = DataCheck(report=report.to_dict())
     if not examples:
         return out
-    from engine.models.presets import model_shape
-    from engine.planning.defaults import percentile, resolve_training
-    from engine.planning.memory import estimate_memory
-    from engine.training.base_model import load_tokenizer
-
+    paired = report.format in ("preference", "preference_implicit")
+    out.method = args.method or ("dpo" if paired else "kto" if report.format in PREFERENCE_FORMATS else "sft")
+    out.method_problem = format_problem(out.method, report.format)
+    if out.method_problem:
+        return out
+    examples, out.method_note = examples_for_method(examples, out.method)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    lengths = tokenize_all(examples, tokenizer, None).lengths
-    out.tokens = TokenStats(
-        examples=len(lengths),
-        total=sum(lengths),
-        min=min(lengths),
-        median=round(percentile(lengths, 50)),
-        p95=round(percentile(lengths, 95)),
-        max=max(lengths),
-    )
     device = pick_device(args.device)
     free_gib = None
     if device.startswith("cuda"):
@@ -81,40 +80,109 @@ def check_data(args: CheckDataArgs) -> DataCheck:
         if probe.gpus:
             free_gib = probe.gpus[0].memory_free_mb / 1024
     shape = model_shape(args.model, trust_remote_code=args.trust_remote_code)
-    train = TrainSettings(
-        max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps
-    )
+    fit = {
+        "shape": shape, "quantization": args.quantization, "lora_rank": args.lora_rank, "device": device,
+        "free_memory_gib": free_gib,
+    }  # fmt: skip
+    extra: dict[str, Any] = {}  # decided beside the fine-tune's settings (a preference job's prompt length)
     try:
-        resolved = resolve_training(
-            train,
-            n_examples=len(lengths),
-            token_lengths=lengths,
-            shape=shape,
-            quantization=args.quantization,
-            lora_rank=args.lora_rank,
-            device=device,
-            free_memory_gib=free_gib,
-        )
+        if out.method == "sft":
+            resolved = _supervised_defaults(out, args, examples, tokenizer, fit)
+        else:
+            resolved = _preference_defaults(out, args, examples, tokenizer, fit, extra)
     except ValueError as exc:  # DoesNotFitError is a ValueError
         out.fits, out.fit_error = False, str(exc)
         return out
     out.fits = True
-    out.defaults = {k: getattr(resolved, k) for k in resolved.reasons}
+    out.defaults = {k: extra[k] if k in extra else getattr(resolved, k) for k in resolved.reasons}
     out.reasons = resolved.reasons
-    # the defaults' own estimate where they had a memory figure (it has their recompute/offload choice)
-    mem = resolved.memory or estimate_memory(
+    out.memory_estimate_gib = _estimate(resolved, args, shape, device, out.method).to_dict()
+    out.device = device
+    return out
+
+
+def _stats(lengths: list[int]) -> TokenStats:
+    from engine.planning.defaults import percentile
+
+    return TokenStats(
+        examples=len(lengths),
+        total=sum(lengths),
+        min=min(lengths),
+        median=round(percentile(lengths, 50)),
+        p95=round(percentile(lengths, 95)),
+        max=max(lengths),
+    )
+
+
+def _train_settings(args: CheckDataArgs, max_seq_length: int | None) -> Any:
+    from engine.contract.spec import TrainSettings
+
+    return TrainSettings(
+        max_seq_length=max_seq_length, micro_batch_size=args.micro_batch_size, steps=args.steps
+    )
+
+
+def _supervised_defaults(
+    out: DataCheck, args: CheckDataArgs, examples: list[Any], tokenizer: Any, fit: dict[str, Any]
+) -> Any:
+    from engine.data.tokenizing import tokenize_all
+    from engine.planning.defaults import resolve_training
+
+    lengths = tokenize_all(examples, tokenizer, None).lengths
+    out.tokens = _stats(lengths)
+    return resolve_training(
+        _train_settings(args, args.max_seq_length), n_examples=len(lengths), token_lengths=lengths, **fit
+    )
+
+
+def _preference_defaults(
+    out: DataCheck,
+    args: CheckDataArgs,
+    examples: list[Any],
+    tokenizer: Any,
+    fit: dict[str, Any],
+    extra: dict[str, Any],
+) -> Any:
+    """Token statistics of prompts, answers and sequences; the two lengths and the defaults they give."""
+    from engine.data.preference_tokens import tokenize_preferences, truncated
+    from engine.planning.preference import resolve_preference, sequence_lengths
+
+    whole = tokenize_preferences(examples, tokenizer)
+    out.tokens = _stats(whole.sequence_lengths())
+    out.prompt_tokens = _stats(whole.prompt_token_lengths())
+    out.completion_tokens = _stats(whole.completion_lengths())
+    seq, prompt, reasons = sequence_lengths(
+        whole.prompt_token_lengths(), whole.sequence_lengths(), whole.completion_lengths(),
+        max_seq_length=args.max_seq_length, max_prompt_length=args.max_prompt_length,
+        max_context=fit["shape"].max_context,
+    )  # fmt: skip
+    data = truncated(whole, prompt, seq)
+    resolved = resolve_preference(
+        _train_settings(args, None), out.method or "dpo", units=len(data.units), max_seq_length=seq,
+        truncated_sequences=data.truncated, **fit,
+    )  # fmt: skip
+    resolved.reasons.update(reasons)
+    extra["max_prompt_length"] = prompt
+    return resolved
+
+
+def _estimate(resolved: Any, args: CheckDataArgs, shape: Any, device: str, method: str | None) -> Any:
+    """The defaults' own estimate where they had a memory figure (it has their recompute/offload choice)."""
+    from engine.planning.memory import estimate_memory
+    from engine.planning.preference import PAIRED
+
+    if resolved.memory is not None:
+        return resolved.memory
+    return estimate_memory(
         shape,
         quantization=args.quantization,
         lora_rank=args.lora_rank,
-        micro_batch=resolved.micro_batch_size,
+        micro_batch=resolved.micro_batch_size * (2 if method in PAIRED else 1),
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
         gradient_checkpointing=resolved.gradient_checkpointing,
         offload_activations=resolved.offload_activations,
     )
-    out.memory_estimate_gib = mem.to_dict()
-    out.device = device
-    return out
 
 
 def generate(args: GenerateArgs) -> dict[str, Any]:
