@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from engine.contract.datasets import DatasetError
 from engine.contract.events import EventWriter
 from engine.contract.spec import DatasetSettings
 from engine.data.formats import Example, load_examples
+from engine.data.methods import examples_for_method, format_problem
 from engine.data.tokenizing import Tokenized, tokenize_all
 from engine.models.presets import model_shape
 from engine.planning.defaults import resolve_training
@@ -32,8 +34,9 @@ def pick_device(choice: str, gpu_index: int = 0) -> str:
     return "cpu"
 
 
-def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
-    """Load and validate a dataset, recording its format, size and any skipped rows as events."""
+def load_dataset_logged(settings: DatasetSettings, events: EventWriter, method: str = "sft") -> list[Example]:
+    """Load and validate a dataset, recording its format, size and any skipped rows as events; the examples
+    ``method`` trains on (engine.data.methods: a preference file's chosen answers for sft, unpaired for kto)."""
     examples, report = load_examples(settings)
     events.log(
         f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
@@ -45,6 +48,11 @@ def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[
         events.warning(
             f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped
         )
+    if problem := format_problem(method, report.format):
+        raise DatasetError(f"{report.path}: {problem}", report)
+    examples, note = examples_for_method(examples, method)
+    if note:
+        events.log(note, method=method, examples=len(examples))
     return examples
 
 
