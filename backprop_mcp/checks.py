@@ -18,8 +18,16 @@ from pydantic import BaseModel, ValidationError
 from backprop_mcp.models import DatasetCheck
 from backprop_mcp.paths import looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
-from engine.interface import DataCheck, ExportSpec, FinetuneSpec, PreflightError, SeriesSpec, problems, quoted
-from engine.interface import check_model as engine_check_model
+from engine.interface import (
+    DataCheck,
+    ExportSpec,
+    FinetuneSpec,
+    PreflightError,
+    SeriesSpec,
+    check_model,
+    problems,
+    quoted,
+)
 from engine.interface import preflight as run_preflight
 
 _Spec = TypeVar("_Spec", bound=BaseModel)
@@ -60,11 +68,13 @@ def preflight(spec: JobSpec) -> list[str]:
         raise ToolError(f"{exc} Nothing was started.") from None
 
 
-def check_model(model: str) -> str:
+def permitted_model(model: str) -> str:
+    """A tool's model argument: a folder only where the file policy lets tools read (a name passes as it
+    is), then the engine's ``check_model`` (its PreflightError reaches the model as a tool error, guard.py)."""
     text = model.strip()
     if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
         model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
-    return engine_check_model(model)  # its PreflightError reaches the model as a tool error (guard.py)
+    return check_model(model)
 
 
 def dataset_path(path: str) -> str:

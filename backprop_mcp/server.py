@@ -51,10 +51,10 @@ from backprop_mcp.policy import ClientRoots, listen_for_roots_changes
 from backprop_mcp.resources import LegacySubscriptions, register_resources
 from backprop_mcp.state import ServerState, job_uri, progress_of
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tooling import hints, name_arg, path_arg, setting
+from backprop_mcp.tooling import CHECK_DATASET_TAKES, hints, name_arg, path_arg, takes_settings
 from engine.interface import (
+    FinetuneSpec,
     GpuReport,
-    Quantization,
     gpu_report,
     quoted,
     read_spec,
@@ -173,7 +173,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
 
     # -- tools --------------------------------------------------------------------------------
 
-    register_job_tools(server, lazy.get, find_job, create)  # start_finetune, run_slao_series, export_gguf
+    register_job_tools(server, find_job, create)  # start_finetune, run_slao_series, export_gguf
 
     @server.tool(
         name="inspect_gpu",
@@ -279,36 +279,26 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         title="Check a dataset",
         annotations=hints(read_only=True, destructive=False, idempotent=True, open_world=True),
     )
+    @takes_settings(
+        FinetuneSpec,
+        only=CHECK_DATASET_TAKES,
+        model=path_arg("the model whose tokenizer and chat template to measure with"),
+    )
     def check_dataset(
         path: Annotated[
             str,
             path_arg("absolute path of the dataset file or folder (or a hub dataset name)"),
         ],
-        model: Annotated[
-            str,
-            path_arg("the model whose tokenizer and chat template to measure with"),
-        ] = "tiny",
-        max_seq_length: Annotated[int | None, setting("max_seq_length")] = None,
-        micro_batch_size: Annotated[int | None, setting("micro_batch_size")] = None,
-        quantization: Annotated[Quantization, setting("quantization")] = "auto",
-        lora_rank: Annotated[int, setting("lora_rank")] = 16,
         *,
         roots: ClientRoots,
+        **settings: Any,
     ) -> DatasetCheck:
         """Check a dataset before training: format detected, row count, bad rows with line numbers,
         token-length statistics with the model's tokenizer and chat template, whether it fits, and the
         defaults (sequence length, batch, steps, memory) a fine-tune would use."""
         require_extra("train", "check_dataset")
         data_path = checks.dataset_path(path)
-        model_name = checks.check_model(model)
-        args = {
-            "path": data_path,
-            "model": model_name,
-            "max_seq_length": max_seq_length,
-            "micro_batch_size": micro_batch_size,
-            "quantization": quantization,
-            "lora_rank": lora_rank,
-        }
+        args = {**settings, "path": data_path, "model": checks.permitted_model(settings["model"])}
         try:
             out = call_engine("check-data", args, timeout_s=CHECK_DATA_TIMEOUT_S, home=lazy.get().home)
         except EngineCallError as exc:
@@ -393,7 +383,9 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             return str(getattr(spec, "model", "tiny")), adapter
         if not model:
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
-        return checks.check_model(model), str(checks.adapter_folder(adapter_path)) if adapter_path else None
+        return checks.permitted_model(model), str(
+            checks.adapter_folder(adapter_path)
+        ) if adapter_path else None
 
     register_resources(server, lazy.get, find_job, legacy)
     for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation

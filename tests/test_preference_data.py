@@ -216,13 +216,16 @@ def test_check_data_and_the_preflight_know_the_preference_formats(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     from engine.contract.spec import FinetuneSpec
-    from engine.jobs.commands import CheckDataArgs, check_data
+    from engine.jobs.commands import check_data
     from engine.planning.preflight import PreflightError, preflight
+
+    def spec(path: Path, **settings: object) -> FinetuneSpec:
+        return FinetuneSpec(model=str(tiny_model_dir), dataset=DatasetSettings(path=str(path)), **settings)  # type: ignore[arg-type]
 
     pairs = _write(
         tmp_path, [{"prompt": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": "7"} for i in range(8)]
     )
-    out = check_data(CheckDataArgs(path=str(pairs), model=str(tiny_model_dir)))
+    out = check_data(spec(pairs, method="dpo"))
     assert out.ready and out.method == "dpo" and out.defaults is not None and out.reasons is not None
     assert out.prompt_tokens is not None and out.completion_tokens is not None and out.tokens is not None
     assert out.tokens.examples == 16 and out.prompt_tokens.examples == 8  # two sequences a pair, one prompt
@@ -230,10 +233,10 @@ def test_check_data_and_the_preflight_know_the_preference_formats(
         out.defaults["max_prompt_length"] >= out.prompt_tokens.max
         and "prompts" in out.reasons["max_prompt_length"]
     )
-    kto = check_data(CheckDataArgs(path=str(pairs), model=str(tiny_model_dir), method="kto"))
+    kto = check_data(spec(pairs, method="kto"))
     assert kto.method_note is not None and "16 examples from 8 pairs" in kto.method_note
     chat = _write(tmp_path, [{"messages": [USER, {"role": "assistant", "content": "Paris"}]}], "chat.jsonl")
-    refused = check_data(CheckDataArgs(path=str(chat), model=str(tiny_model_dir), method="dpo"))
+    refused = check_data(spec(chat, method="dpo"))
     assert not refused.ready and "pairs of answers" in str(refused.method_problem)
     with pytest.raises(PreflightError, match="method 'dpo' learns from pairs of answers"):
         preflight(

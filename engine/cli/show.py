@@ -13,31 +13,15 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.contract.settings import settings_of
+from engine.contract.spec import ExportSpec, FinetuneSpec, SeriesSpec
+
 if TYPE_CHECKING:
     from engine.planning.preflight import DataCheck
 
-# API settings that messages name; each is also a flag of the commands (engine/cli/main.py), spelled by
-# engine.planning.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
-SETTINGS = (
-    "skip_bad_rows",
-    "max_seq_length",
-    "micro_batch_size",
-    "gradient_accumulation",
-    "learning_rate",
-    "checkpoint_every",
-    "steps_per_run",
-    "samples_per_run",
-    "num_runs",
-    "merge_mode",
-    "lora_rank",
-    "lora_alpha",
-    "quantization",
-    "gpus",
-    "parallel",
-    "pause_temperature_c",
-    "resume_temperature_c",
-    "emergency_temperature_c",
-)
+# The settings' names, as messages write them; each is also a flag of the commands (engine/cli/main.py), spelled
+# by engine.planning.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
+SETTINGS = sorted({*settings_of(FinetuneSpec), *settings_of(SeriesSpec), *settings_of(ExportSpec)})
 _SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 
 
@@ -46,12 +30,13 @@ def for_cli(message: str) -> str:
     from engine.planning.preflight import spell
 
     def flag(m: re.Match[str]) -> str:
-        value: object = m.group(2) or m.group(3)
-        if value is None and m.group(1) == "quantization":  # the English word, not the setting
+        name, value = m.group(1), m.group(2) or m.group(3)
+        english = value is None and "_" not in name  # "a smaller model", not the setting
+        if english or value == "[]":
             return m.group(0)
-        if value is None or value in ("true", "True"):
-            value = True
-        return spell(m.group(1), value, "cli")
+        if value in ("false", "False"):
+            return "--no-" + name.replace("_", "-")
+        return spell(name, True if value in (None, "true", "True") else value, "cli")
 
     return _SETTING_RE.sub(flag, message)
 

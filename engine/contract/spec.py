@@ -8,12 +8,10 @@ only pydantic and the standard library, so the server can use it without torch.
 from __future__ import annotations
 
 import json
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
-from pydantic.fields import FieldInfo
 
 from engine.contract.files import atomic_write_text
 
@@ -136,7 +134,9 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 class _ModelJob(_Strict):
-    model: str = Field("tiny", description="preset name, local folder, or hub name")
+    model: str = Field(
+        "tiny", description="preset name (e.g. 'tiny', 'qwen2.5-7b'), local model folder, or hub name"
+    )
     quantization: Quantization = Field(
         "auto",
         description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32",
@@ -384,63 +384,3 @@ def read_result(job_dir: str | Path) -> JobResult | None:
     if not path.exists():
         return None
     return JobResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "lora": LoraSettings,
-    "train": TrainSettings,
-    "safety": SafetySettings,
-    "preference": PreferenceSettings,  # a fine-tune's only
-}
-
-
-def settings_of(model: type[FinetuneSpec] | type[SeriesSpec]) -> list[str]:
-    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data), in the
-    spec's order: training, LoRA, the job's own, dataset, safety, and a fine-tune's preference settings."""
-    names = [*TrainSettings.model_fields, *(f"lora_{n}" for n in LoraSettings.model_fields)]
-    names += [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
-    # a series holds out heldout_fraction, not eval_fraction
-    names += ["split", "skip_bad_rows", *(["eval_fraction"] if model is FinetuneSpec else [])]
-    names += list(SafetySettings.model_fields)
-    return names + [*(PreferenceSettings.model_fields if "preference" in model.model_fields else ())]
-
-
-def training_spec(
-    job: type[FinetuneSpec] | type[SeriesSpec], data: str | list[str], /, **settings: Any
-) -> FinetuneSpec | SeriesSpec:
-    """A fine-tune (one dataset) or series spec from flat settings, as the tools, the CLI and the
-    Python API take them: each goes where the spec declares it (``steps`` to ``train``, ``lora_rank``
-    to ``lora.rank``, ``skip_bad_rows`` to every dataset, ``num_runs`` to the series); ``None``
-    means 'not given', the spec's default. Raises TypeError for a name that is not a setting
-    (``settings_of``) and pydantic's ValidationError for a bad value.
-    """
-    known = settings_of(job)
-    nested: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "dataset")}
-    top: dict[str, Any] = {}
-    for name, value in settings.items():
-        if name not in known:
-            close = get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TypeError(f"unknown setting {name!r}; {hint}known: {', '.join(known)}")
-        if value is not None:
-            section, field, _ = setting_home(name, job)
-            (nested[section] if section else top)[field] = value
-    datasets = [{"path": path, **nested["dataset"]} for path in ([data] if isinstance(data, str) else data)]
-    where_data = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
-    sections = {s: nested[s] for s in _SECTIONS if s in job.model_fields}
-    return job.model_validate({**top, **sections, **where_data})
-
-
-def setting_home(
-    name: str, job: type[FinetuneSpec] | type[SeriesSpec] = SeriesSpec
-) -> tuple[str | None, str, FieldInfo]:
-    """Where the flat setting ``name`` lives in ``job``'s spec: its section (``lora``, ``train``,
-    ``safety``, ``dataset``; None: the job itself), its field's name there, and the field."""
-    if name.startswith("lora_"):
-        return "lora", name[5:], LoraSettings.model_fields[name[5:]]
-    if name in DatasetSettings.model_fields:
-        return "dataset", name, DatasetSettings.model_fields[name]
-    for section, model in _SECTIONS.items():
-        if name in model.model_fields:
-            return section, name, model.model_fields[name]
-    return None, name, job.model_fields[name]

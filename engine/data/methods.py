@@ -51,7 +51,10 @@ def examples_for_method(examples: list[Example], method: str) -> tuple[list[Exam
             if "preference" in kinds
             else f"desirable answers ({len(kept)} of {len(examples)})"
         )
-        return kept, f"a preference file given to method 'sft': it trains on the {what}"
+        return kept, (
+            f"a preference file given to method 'sft': it trains on the {what} (method dpo, kto or orpo tunes "
+            "on the preferences)"
+        )
     if method in UNPAIRED_METHODS and "preference" in kinds:
         out = [half for ex in examples for half in _unpaired(ex)]
         return out, (

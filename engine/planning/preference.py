@@ -16,13 +16,19 @@ What differs from supervised data:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from engine.contract.spec import TrainSettings
 from engine.planning.defaults import MIN_SEQ_LENGTH, ResolvedTraining, percentile, resolve_training
 
 PAIRED = ("dpo", "orpo")
+
+
+def rows_per_unit(method: str) -> int:
+    """Sequences (rows of a micro-batch) per unit of the plan: two for a pair, else one."""
+    return 2 if method in PAIRED else 1
+
+
 MIN_ANSWER_ROOM = 16  # tokens a default prompt length leaves for the answer, at least
 
 
@@ -82,7 +88,7 @@ def resolve_preference(
 ) -> ResolvedTraining:
     """A fine-tune's defaults (``resolve_training``, with ``estimate``'s model, device and memory figures)
     for ``units`` pairs or judged answers of at most ``max_seq_length`` tokens per sequence."""
-    per_unit = 2 if method in PAIRED else 1
+    per_unit = rows_per_unit(method)
     width = per_unit * max_seq_length
     planned = train.model_copy(update={"max_seq_length": width, "packing": False})
     resolved = resolve_training(planned, n_examples=units, token_lengths=[width] * units, **estimate)
@@ -107,10 +113,11 @@ def resolve_preference(
             f"a tenth of the supervised default ({resolved.learning_rate:g}): {method} starts from a trained "
             f"policy and moves it a little; the supervised default would be: {reasons['learning_rate']}"
         )
-    return replace(
-        resolved,
-        max_seq_length=max_seq_length,
-        learning_rate=learning_rate,
-        reasons=reasons,
-        truncated_examples=truncated_sequences,
+    return resolved.model_copy(
+        update={
+            "max_seq_length": max_seq_length,
+            "learning_rate": learning_rate,
+            "reasons": reasons,
+            "truncated_examples": truncated_sequences,
+        }
     )

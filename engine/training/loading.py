@@ -14,7 +14,7 @@ from engine.data.formats import Example, load_examples
 from engine.data.methods import examples_for_method, format_problem
 from engine.data.tokenizing import Tokenized, tokenize_all
 from engine.models.presets import model_shape
-from engine.planning.defaults import resolve_training
+from engine.planning.defaults import ResolvedTraining, resolve_training
 from engine.training.base_model import load_tokenizer
 from engine.training.ranks import active_rank
 
@@ -58,7 +58,7 @@ def load_dataset_logged(settings: DatasetSettings, events: EventWriter, method: 
 
 def prepare_training(
     spec: Any, examples: list[Example], device: str, events: EventWriter
-) -> tuple[Any, Tokenized, Any]:
+) -> tuple[Any, Tokenized, ResolvedTraining]:
     """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
     events.stage("tokenizing")
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)

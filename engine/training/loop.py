@@ -22,6 +22,7 @@ from engine.contract.events import Checkpoint, EventWriter, Progress
 from engine.contract.spec import SafetySettings
 from engine.data.tokenizing import Tokenized
 from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
+from engine.planning.defaults import ResolvedTraining
 from engine.training import accel
 from engine.training.batching import StepPlan, most_pieces_per_row, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -72,7 +73,7 @@ def train_adapter(
     model: Any,
     tokenizer: Any,
     data: Tokenized,
-    resolved: Any,
+    resolved: ResolvedTraining,
     *,
     device: str,
     events: EventWriter,
