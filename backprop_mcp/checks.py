@@ -16,7 +16,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ValidationError
 
 from backprop_mcp.models import DatasetCheck
-from backprop_mcp.paths import looks_like_hub_name, resolve_readable
+from backprop_mcp.paths import JOB_ID_RE, looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
 from engine.interface import (
     DataCheck,
@@ -66,6 +66,17 @@ def preflight(spec: JobSpec) -> list[str]:
         return run_preflight(spec, "tool")
     except PreflightError as exc:
         raise ToolError(f"{exc} Nothing was started.") from None
+
+
+def initial_adapter(value: str, find_job: Callable[[str], JobRecord]) -> str:
+    """A tool's init_adapter: a succeeded training job's id (its folder, whose adapter the engine takes), or
+    an absolute path the file policy lets tools read (an adapter folder or a finished job's folder)."""
+    text = value.strip()
+    if JOB_ID_RE.match(text):
+        record = find_job(text)
+        trained_job(record, "init_adapter")
+        return str(record.job_dir)
+    return str(resolve_readable(text, "init_adapter"))
 
 
 def permitted_model(model: str) -> str:
