@@ -56,6 +56,26 @@ def load_dataset_logged(settings: DatasetSettings, events: EventWriter, method: 
     return examples
 
 
+def free_memory_gib(device: str) -> float | None:
+    """The device's free memory for the defaults (None off a GPU): the smallest of every rank's, under the
+    benchmarks' cap (``MEMORY_FRACTION_ENV``)."""
+    if not device.startswith("cuda"):
+        return None
+    free_b, total_b = torch.cuda.mem_get_info(torch.device(device))
+    if cap := float(os.environ.get(MEMORY_FRACTION_ENV) or 0):  # a smaller card, for benchmarks
+        torch.cuda.set_per_process_memory_fraction(cap, torch.device(device))
+        free_b = min(free_b, int(cap * total_b))
+    rank = active_rank()  # every rank must resolve the same settings (the same step plan)
+    return rank.smallest(free_b / 1024**3) if rank is not None else free_b / 1024**3
+
+
+def log_reasons(resolved: Any, events: EventWriter, decided: dict[str, Any] | None = None) -> None:
+    """One log line per decided setting, with its reason (``decided``: values kept beside ``resolved``)."""
+    for name, reason in resolved.reasons.items():
+        value = (decided or {}).get(name, getattr(resolved, name, None))
+        events.log(f"{name} = {value}: {reason}", setting=name, value=value)
+
+
 def prepare_training(
     spec: Any, examples: list[Example], device: str, events: EventWriter
 ) -> tuple[Any, Tokenized, ResolvedTraining]:
@@ -64,16 +84,8 @@ def prepare_training(
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
-    free_gib = None
+    free_gib = free_memory_gib(device)
     rank = active_rank()
-    if device.startswith("cuda"):
-        free_b, total_b = torch.cuda.mem_get_info(torch.device(device))
-        if cap := float(os.environ.get(MEMORY_FRACTION_ENV) or 0):  # a smaller card, for benchmarks
-            torch.cuda.set_per_process_memory_fraction(cap, torch.device(device))
-            free_b = min(free_b, int(cap * total_b))
-        free_gib = free_b / 1024**3
-        if rank is not None:  # every rank must resolve the same settings (the same step plan)
-            free_gib = rank.smallest(free_gib)
     resolved = resolve_training(
         spec.train,
         n_examples=len(full.input_ids),
@@ -87,10 +99,7 @@ def prepare_training(
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
         shards=rank.world if rank is not None and rank.sharded else 1,
     )
-    for name, reason in resolved.reasons.items():
-        events.log(
-            f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name)
-        )
+    log_reasons(resolved, events)
     data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
     if data.dropped:
         events.warning(
