@@ -269,6 +269,8 @@ class FinetuneSpec(_ModelJob):
             raise ValueError(f"loss_type '{loss}' is not one of {self.method}'s losses: use {choices}")
         if loss == "exo_pair" and self.preference.label_smoothing == 0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its paper suggests 0.001)")
+        if self.method != "sft" and (self.gpus == "all" or len(self.gpus or []) > 1):
+            raise ValueError(f"method '{self.method}' trains on one device: give gpu_index, not several gpus")
         return self
 
 

@@ -46,7 +46,9 @@ def prepare_preference(
             f"and max_seq_length={seq}: raise max_seq_length or lower max_prompt_length"
         )
     # a job that starts from an adapter trains that adapter's rank (the memory estimate counts it)
-    rank = read_adapter_config(initial_adapter(spec.init_adapter))["r"] if spec.init_adapter else spec.lora.rank
+    rank = (
+        read_adapter_config(initial_adapter(spec.init_adapter))["r"] if spec.init_adapter else spec.lora.rank
+    )
     free = free_memory_gib(device)
     resolved = resolve_preference(
         spec.train, spec.method, units=len(data.units), max_seq_length=seq, truncated_sequences=data.truncated,

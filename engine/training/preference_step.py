@@ -11,13 +11,16 @@ the step: the loss, the gradient norm and the method's figures (trl's names: ``r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from engine.contract.events import Eval
 from engine.training.fused_lora import weights_updated
 from engine.training.preference_objectives import Objective
+from engine.training.step import StepInputs, StepResult
 
 
 @dataclass
@@ -73,3 +76,35 @@ def preference_scores(objective: Objective, model: Any, units: list[int], micro:
     names = list(sums)
     values = torch.stack([loss, *(sums[k] for k in names)]).tolist()
     return {"loss": values[0], **objective.means(dict(zip(names, values[1:], strict=True)), len(units))}
+
+
+@dataclass
+class PreferenceTrainStep:
+    """The loop's step (engine.training.step) for ``objective``: a row of the plan is one unit."""
+
+    objective: Objective
+
+    def __call__(self, inputs: StepInputs) -> StepResult:
+        units = [u for row in inputs.rows for u in row]
+        r = preference_step(
+            self.objective, inputs.model, inputs.optimizer, units, inputs.micro, inputs.max_grad_norm
+        )
+        return StepResult(loss=r.loss, tokens=r.tokens, grad_norm=r.grad_norm, metrics=r.metrics)
+
+
+def preference_evaluator(
+    objective: Objective | None, model: Any, micro: int, events: Any
+) -> Callable[[int], dict[str, float]] | None:
+    """A function that scores the held-out units at a global step and records an ``Eval`` event: the method's
+    loss, and its figures (``rewards/accuracies``, ...) in ``Eval.metrics``. None without held-out units."""
+    if objective is None:
+        return None
+    units = list(range(len(objective.data.units)))
+
+    def evaluate(global_step: int) -> dict[str, float]:
+        scores = preference_scores(objective, model, units, micro)
+        loss = scores.pop("loss")
+        events.emit(Eval(global_step=global_step, loss=loss, examples=len(units), metrics=scores))
+        return {"eval_loss": loss, **{f"eval_{k}": v for k, v in scores.items()}}
+
+    return evaluate

@@ -64,6 +64,12 @@ class Reference:
         finally:
             weights_updated()
 
+    def release(self) -> None:
+        """Drop the frozen copy (before saving: the adapter folder holds the trained adapter alone)."""
+        if self.adapter is not None and self.adapter in self.model.peft_config:
+            self.model.delete_adapter(self.adapter)
+            self.model.set_adapter("default")
+
 
 def attach_reference(model: Any, init_adapter: Path | None) -> Reference:
     """The reference of ``model`` (a peft model whose ``default`` adapter trains): a frozen copy of
