@@ -108,19 +108,21 @@ def kto_losses(
 
 
 def kto_figures(
-    logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, beta: float
+    logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float
 ) -> dict[str, torch.Tensor]:
     """trl's KTO figures as sums; ``rewards/chosen`` and ``logps/chosen`` over desirable answers (count:
-    ``count/chosen``), the rejected ones over undesirable answers, and ``rewards/accuracies``: the share of
-    answers whose reward has their label's sign (the held-out measure; trl logs none for KTO)."""
-    rewards = beta * (logps - ref_logps).detach()
+    ``count/chosen``), the rejected ones over undesirable answers, and ``rewards/accuracies`` (trl logs none
+    for KTO): the share of answers on their label's side of the loss's reference point (desirable ones above
+    it: log-ratio > z0, undesirable ones below)."""
+    ratio = (logps - ref_logps).detach()
+    rewards = beta * ratio
     good, bad = desirable.float(), (~desirable).float()
     return {
         "rewards/chosen": (rewards * good).sum(),
         "rewards/rejected": (rewards * bad).sum(),
         "logps/chosen": (logps.detach() * good).sum(),
         "logps/rejected": (logps.detach() * bad).sum(),
-        "rewards/accuracies": torch.where(desirable, rewards > 0, rewards < 0).float().sum(),
+        "rewards/accuracies": torch.where(desirable, ratio > kl, ratio < kl).float().sum(),
         "count/chosen": good.sum(),
         "count/rejected": bad.sum(),
     }

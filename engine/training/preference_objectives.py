@@ -174,7 +174,7 @@ class Kto(Objective):
             f.answer, ref, good, self.kl, loss_type=self.loss_type, beta=self.beta,
             desirable_weight=s.desirable_weight, undesirable_weight=s.undesirable_weight,
         )  # fmt: skip
-        figures = kto_figures(f.answer, ref, good, self.beta)
+        figures = kto_figures(f.answer, ref, good, self.kl, self.beta)
         figures["kl"] = self.kl * len(units)  # so that the step's mean is the kl of its units
         return losses.sum() / self.units_in_step, figures, f.real_tokens
 
