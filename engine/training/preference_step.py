@@ -31,7 +31,7 @@ class PreferenceStepResult:
     metrics: dict[str, float]
 
 
-def _totals(
+def step_totals(
     objective: Objective, model: Any, units: list[int], micro: int, *, train: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """The units' loss (backward after each micro-batch when ``train``), figure sums and tokens."""
@@ -55,7 +55,7 @@ def preference_step(
 ) -> PreferenceStepResult:
     """Forward and backward over ``units`` in micro-batches of ``micro``, one optimizer step."""
     weights_updated()  # LoRA weights may have been written between steps (resume)
-    loss, sums, tokens = _totals(objective, model, units, micro, train=True)
+    loss, sums, tokens = step_totals(objective, model, units, micro, train=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -72,7 +72,7 @@ def preference_scores(objective: Objective, model: Any, units: list[int], micro:
     """The method's loss (``loss``) and figures on ``units`` (held-out), without gradients; ``model`` is left
     in eval mode."""
     model.eval()
-    loss, sums, _ = _totals(objective, model, units, micro, train=False)
+    loss, sums, _ = step_totals(objective, model, units, micro, train=False)
     names = list(sums)
     values = torch.stack([loss, *(sums[k] for k in names)]).tolist()
     return {"loss": values[0], **objective.means(dict(zip(names, values[1:], strict=True)), len(units))}
