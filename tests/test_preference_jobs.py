@@ -289,3 +289,25 @@ def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, met
         torch.testing.assert_close(loss, seen[0][0], atol=1e-6, rtol=1e-5)
         assert sums == pytest.approx(seen[0][1], abs=1e-5)
         torch.testing.assert_close(grads, seen[0][2], atol=1e-6, rtol=1e-4)
+
+
+def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/preference_speed.py --tiny: the engine's DPO job and trl's DPOTrainer (and trl with its
+    precomputed reference) on the same tokens, order and initial adapter: the same per-step losses, and the
+    records and headline the GPU measurement reads (Unsloth needs a GPU: skipped here)."""
+    pytest.importorskip("trl")
+    records = tmp_path / "speed.jsonl"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "preference_speed.py"), "--tiny", "--prompt-len", "24",
+        "--answer-len", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--trl-precompute",
+        "--workdir", str(tmp_path / "work"), "--jsonl", str(records),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine, trl, precomputed = (json.loads(line) for line in records.read_text().splitlines())
+    assert (engine["variant"], trl["variant"]) == ("engine", "trl") and "precompute" in precomputed["variant"]
+    for rec in (engine, trl, precomputed):
+        assert rec["pairs_per_s"] > 0 and len(rec["losses"]) == 3
+    assert engine["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert precomputed["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
