@@ -100,6 +100,8 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
     problems = [str(p) for p in (report.get("problems") or [])]
     if not report.get("rows_ok"):
         next_step = "No usable rows: fix the format (see problems) and check again."
+    elif check.method_problem:
+        next_step = f"{check.method_problem}. Give data in the method's format, or another method."
     elif report.get("bad_rows"):
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
@@ -109,9 +111,8 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."
         )
     else:
-        next_step = (
-            f"Ready: start_finetune(dataset_path='{path}', ...) with these defaults or your own settings."
-        )
+        method = f", method='{check.method}'" if check.method not in (None, "sft") else ""
+        next_step = f"Ready: start_finetune(dataset_path='{path}'{method}, ...) with these defaults or your own settings."
     return DatasetCheck(
         **check.model_dump(exclude={"report"}),
         path=path,
