@@ -311,3 +311,33 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
     assert engine["losses"] == pytest.approx(trl["losses"], abs=1e-4)
     assert precomputed["losses"] == pytest.approx(trl["losses"], abs=1e-4)
     assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
+
+
+def test_an_sft_job_continues_from_init_adapter_with_its_rank(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    """init_adapter is general (any method): an sft job trains that adapter, with its own rank and targets."""
+    from engine.jobs.dispatch import run_recipe
+
+    def run(name: str, **settings: Any) -> Any:
+        job = tmp_path / name
+        job.mkdir()
+        spec = FinetuneSpec(
+            model=str(tiny_model_dir), dataset=DatasetSettings(path=str(task["sft"])), **settings
+        )
+        with EventWriter(job / "events.jsonl") as events:
+            return run_recipe(spec, job, events, lambda: False)
+
+    first = run(
+        "first",
+        lora=LoraSettings(rank=4),
+        train=TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=1),
+    )
+    second = run(
+        "second", lora=LoraSettings(rank=8), init_adapter=first.artifacts["adapter"],
+        train=TrainSettings(steps=1, micro_batch_size=4, gradient_accumulation=1),
+    )  # fmt: skip
+    log = read_events(tmp_path / "second" / "events.jsonl")[0]
+    assert any(e.type == "log" and e.message.startswith("LoRA from init_adapter") for e in log)
+    config = json.loads((Path(second.artifacts["adapter"]) / "adapter_config.json").read_text())
+    assert config["r"] == 4
