@@ -98,7 +98,9 @@ def test_the_train_extra_brings_liger_on_linux_x86_64_only() -> None:
     Windows x86_64 and Linux aarch64: the extra resolves there)."""
     from packaging.requirements import Requirement
 
-    (liger,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["train"] if "liger" in r]
+    (liger,) = [
+        Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["train"] if "liger" in r
+    ]
     assert liger.name == "liger-kernel" and liger.marker is not None
     where = {
         ("linux", "x86_64"): True,
