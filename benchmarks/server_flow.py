@@ -167,6 +167,18 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
     all_tokens = sum(p.tokens or 0 for p in progress)
     step_rate = tokens / secs if secs else None
     warm_note = next((e.message for e in events if e.type == "log" and "kept warm" in e.message), None)
+    # where the loop's own time goes (from the training stage to the last step)
+    at_step = {p.step: p.time for p in progress}
+    checkpoints = [e for e in events if e.type == "checkpoint"]
+    loop = {
+        "loop_s": round(progress[-1].time - (training + answered), 3) if progress and training else None,
+        "steps_s": round(sum(p.step_s or 0.0 for p in progress), 3),
+        "first_two_steps_s": [p.step_s for p in progress[:2]],
+        "checkpoints": len(checkpoints),
+        "checkpoint_s": round(sum(c.time - at_step.get(c.step, c.time) for c in checkpoints), 3),
+    }
+    if loop["loop_s"] is not None:
+        loop["between_steps_s"] = round(loop["loop_s"] - loop["steps_s"] - loop["checkpoint_s"], 3)
     return {
         "state": status["state"],
         "error": status.get("error"),
@@ -190,6 +202,7 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "first_step_after_s": round(first, 2) if first is not None else None,
         "finished_after_s": round(ended, 2) if ended is not None else None,
         "warm_worker": warm_note,
+        "loop": loop,
         "warm_wait_s": flow.get("warm_wait_s"),
         # the whole job against its step rate: the job's own figure (its loop, warm-up steps included)
         # and every step's tokens over the time from start_finetune's answer to the job's end
@@ -283,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"whole job: the job's figure / step rate = {out['job_over_step_rate']}; from the answer to the "
           f"end {out['answer_to_end_tokens_per_s']} tokens/s = {out['answer_to_end_over_step_rate']} "
           f"of the step rate")  # fmt: skip
+    print(f"the loop: {out['loop']}")
 
     if args.compare_fixed:
         ns = argparse.Namespace(

@@ -113,6 +113,29 @@ def phases_from_events(events: list[Any], t_spawn: float) -> list[dict[str, Any]
     return rows
 
 
+def check_warm_worker(pool: Any) -> dict[str, Any]:
+    """What the waiting warm worker holds: its own report (imports, CUDA initialised or not) and whether
+    nvidia-smi lists it among the processes with a context on a GPU."""
+    import shutil
+
+    warm = pool._warm
+    report = json.loads((warm.folder / "ready").read_text())
+    check: dict[str, Any] = {
+        "pid": warm.proc.pid,
+        "imports_s": report.get("seconds"),
+        "cuda_initialised": report.get("cuda_initialised"),
+        "skipped": report.get("skipped"),
+    }
+    if shutil.which("nvidia-smi"):
+        apps = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        check["on_gpu"] = any(line.split(",")[0].strip() == str(warm.proc.pid) for line in apps.splitlines())
+        check["gpu_processes"] = apps.strip()
+    return check
+
+
 def run_job(model_dir: Path, data: Path, steps: int, workdir: Path, env: dict[str, str], warm: bool) -> dict:
     """One fine-tune with the defaults, started as the server starts it; its phases from its events."""
     from engine.contract.events import read_events
@@ -124,13 +147,14 @@ def run_job(model_dir: Path, data: Path, steps: int, workdir: Path, env: dict[st
     )
     job_dir = create_job(spec, root=workdir / "jobs")
     t_spawn = time.time()
-    ready_s = 0.0
+    ready_s, warm_check = 0.0, None
     if warm:
         from engine.jobs.warm_worker import WarmPool
 
         pool = WarmPool(Path(env["BACKPROP_HOME"]), env=env)
         pool.keep_warm()
         ready_s = pool.wait_ready(timeout_s=180)
+        warm_check = check_warm_worker(pool)
         t_spawn = time.time()
         taken = pool.take(job_dir)
         if taken is None:
@@ -149,6 +173,7 @@ def run_job(model_dir: Path, data: Path, steps: int, workdir: Path, env: dict[st
         "job_dir": str(job_dir),
         "warm": warm,
         "warm_ready_after_s": round(ready_s, 2) if warm else None,
+        "warm_check": warm_check,
         "state": result.status if result else None,
         "error": (result.error if result else None) or None,
         "wall_s": round(wall, 2),
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"after the spawn, job {job['wall_s']} s)", job["phases"])  # fmt: skip
         if job["error"]:
             print(f"  error: {job['error']}")
+        if job.get("warm_check"):
+            print(f"  the warm worker while it waited: {job['warm_check']}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0 if all(j["state"] == "succeeded" for j in out["jobs"]) else 1
