@@ -52,7 +52,7 @@ if want 1; then
   for run in "a 0 0" "b 1 90" "c 0 0"; do
     set -- $run
     echo "== 1$1. server flow, 0.5B, $FLOWSTEPS steps, warm worker ${2}, $(date -u +%T), $(left) s left"
-    BACKPROP_WARM_WORKER=$2 timeout 150 $PY benchmarks/server_flow.py $ARCH --steps $FLOWSTEPS --wait-warm $3 \
+    BACKPROP_WARM_WORKER=$2 timeout 100 $PY benchmarks/server_flow.py $ARCH --steps $FLOWSTEPS --wait-warm $3 \
       --workdir /tmp/ts05 --json "$OUT/flow_$1.json" 2>&1 | grep -v "Warning\|INFO" | tail -10
     for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
   done
