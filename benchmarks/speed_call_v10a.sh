@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 T0=$(date +%s)
-left() { echo $(( 560 - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET_S:-500} - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-"1 2 3"}
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 if [ -z "${SMOKE:-}" ]; then
@@ -49,10 +49,10 @@ date -u +"%F %T UTC"
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'peft', peft.__version__)"
 if want 1; then
-  for run in "a 0 0" "b 1 90" "c 0 0"; do
+  for run in "a 0 0 $FLOWSTEPS" "b 1 90 $FLOWSTEPS" "c 0 0 30"; do
     set -- $run
-    echo "== 1$1. server flow, 0.5B, $FLOWSTEPS steps, warm worker ${2}, $(date -u +%T), $(left) s left"
-    BACKPROP_WARM_WORKER=$2 timeout 100 $PY benchmarks/server_flow.py $ARCH --steps $FLOWSTEPS --wait-warm $3 \
+    echo "== 1$1. server flow, 0.5B, $4 steps, warm worker ${2}, $(date -u +%T), $(left) s left"
+    BACKPROP_WARM_WORKER=$2 timeout 100 $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
       --workdir /tmp/ts05 --json "$OUT/flow_$1.json" 2>&1 | grep -v "Warning\|INFO" | tail -10
     for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
   done
