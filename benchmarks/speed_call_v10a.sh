@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 T0=$(date +%s)
-left() { echo $(( ${BUDGET_S:-500} - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET_S:-430} - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-"1 2 3"}
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 if [ -z "${SMOKE:-}" ]; then
@@ -71,11 +71,11 @@ if want 2; then
   done
   if [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ]; then
     mkdir -p /tmp/us && tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
-    for cfg in "4 unsloth" "4 off" "16 unsloth" "16 off"; do
+    for cfg in "4 off" "16 off" "4 unsloth" "16 unsloth"; do
       set -- $cfg
-      [ "$(left)" -lt 40 ] && { echo "(no time left for Unsloth mb$1 $2)"; continue; }
+      [ "$(left)" -lt 45 ] && { echo "(no time left for Unsloth mb$1 $2)"; continue; }
       echo "-- Unsloth mb$1 --grad-ckpt $2 $(date -u +%T), $(left) s left"
-      PYTHONPATH=/tmp/site:/tmp/us timeout $(( $(left) < 110 ? $(left) - 5 : 110 )) $PY "$PK/unsloth_bench.py" --small \
+      PYTHONPATH=/tmp/site:/tmp/us timeout $(( $(left) < 100 ? $(left) - 5 : 100 )) $PY "$PK/unsloth_bench.py" --small \
         --batch $1 $US --grad-ckpt $2 --model-dir /tmp/us-model-05 --jsonl "$OUT/unsloth.jsonl" --tag "mb$1-$2" \
         2>&1 | grep "^{" | tail -1 | cut -c1-400
     done

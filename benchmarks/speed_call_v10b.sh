@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 T0=$(date +%s)
-left() { echo $(( 560 - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET_S:-330} - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-"1 2 3"}
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 if [ -z "${SMOKE:-}" ]; then
