@@ -31,6 +31,7 @@ export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMER
 T0=$(date +%s)
 left() { echo $(( ${BUDGET_S:-430} - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-"1 2 3"}
+cap() { local l; l=$(left); echo $(( l < $1 ? (l > 6 ? l - 5 : 1) : $1 )); }  # a part's timeout within the budget
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 if [ -z "${SMOKE:-}" ]; then
   mkdir -p /tmp/site && tar -C /tmp/site -xJf "$PK/bnb_site.tar.xz"
@@ -52,7 +53,7 @@ if want 1; then
   for run in "a 0 0 $FLOWSTEPS" "b 1 90 $FLOWSTEPS" "c 0 0 30"; do
     set -- $run
     echo "== 1$1. server flow, 0.5B, $4 steps, warm worker ${2}, $(date -u +%T), $(left) s left"
-    BACKPROP_WARM_WORKER=$2 timeout 100 $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
+    BACKPROP_WARM_WORKER=$2 timeout $(cap 100) $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
       --workdir /tmp/ts05 --json "$OUT/flow_$1.json" 2>&1 | grep -v "Warning\|INFO" | tail -10
     for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
   done
@@ -66,7 +67,7 @@ fi
 if want 2; then
   echo "== 2. engine, mb4 and mb16: fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"
   for mb in 4 16; do
-    timeout 130 $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants fastg,fastg+nr \
+    timeout $(cap 130) $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants fastg,fastg+nr \
       --out "$OUT/engine_mb$mb" 2>&1 | grep -v "Warning\|triton_kernel_wrap\|Loading weights" | tail -4
   done
   if [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ]; then
