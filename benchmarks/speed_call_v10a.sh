@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
 T0=$(date +%s)
-left() { echo $(( ${BUDGET_S:-430} - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET_S:-370} - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-"1 2 3"}
 cap() { local l; l=$(left); echo $(( l < $1 ? (l > 6 ? l - 5 : 1) : $1 )); }  # a part's timeout within the budget
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
@@ -39,7 +39,7 @@ if [ -z "${SMOKE:-}" ]; then
     "$PK"/whl/*.whl 2>&1 | grep -v WARNING | tail -2
   export PYTHONPATH=/tmp/site:$PWD
   ARCH="--arch qwen2.5-0.5b"; FLOWSTEPS=200; SHAPE="--arch qwen2.5-0.5b --seq-len 2048 --steps 6 --warmup 2 --rounds 3"
-  M=/tmp/m05; US="--seq-len 2048 --steps 8 --warmup 2"
+  SHAPE="${SHAPE/--rounds 3/--rounds 2}"; M=/tmp/m05; US="--seq-len 2048 --steps 8 --warmup 2"
 else
   export PYTHONPATH=$PWD
   ARCH="--tiny"; FLOWSTEPS=6; SHAPE="--tiny --seq-len 64 --steps 2 --warmup 1 --rounds 1"; M=/tmp/m-tiny
@@ -63,6 +63,7 @@ from engine.hardware.gpus import GpuMonitor
 m = GpuMonitor(0); m.sample(); t = time.perf_counter()
 for _ in range(50): m.sample()
 print(f'GpuMonitor.sample(): {(time.perf_counter() - t) / 50 * 1000:.2f} ms a call (the loop takes two a step)')"
+  timeout $(cap 40) $PY benchmarks/startup_profile.py $ARCH --imports-only --json "$OUT/imports.json" 2>&1 | tail -13
 fi
 if want 2; then
   echo "== 2. engine, mb4 and mb16: fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=None, help="chat rows (1200; --tiny: 96)")
     p.add_argument("--warm", action="store_true", help="also run the job through a warm worker")
     p.add_argument("--skip-imports", action="store_true")
+    p.add_argument("--imports-only", action="store_true", help="only the import table (no job)")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_imports:
         out["imports"] = time_imports(env)
         print_table("imports in a fresh interpreter, one after another", out["imports"])
+    if args.imports_only:
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        return 0
     model_dir = write_random_model(
         args.arch, args.tiny, work / f"model-{args.arch}{'-tiny' if args.tiny else ''}"
     )
