@@ -66,22 +66,23 @@ print(f'GpuMonitor.sample(): {(time.perf_counter() - t) / 50 * 1000:.2f} ms a ca
   timeout $(cap 40) $PY benchmarks/startup_profile.py $ARCH --imports-only --json "$OUT/imports.json" 2>&1 | tail -13
 fi
 if want 2; then
-  echo "== 2. engine, mb4 and mb16: fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"
-  for mb in 4 16; do
+  # pairing by pairing (engine, then Unsloth without and with recomputation), so that a call cut short
+  # still leaves whole pairings
+  [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ] && mkdir -p /tmp/us && tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
+  for mb in ${MBS:-4 16}; do
+    [ "$(left)" -lt 50 ] && { echo "(no time left for mb$mb)"; continue; }
+    echo "== 2. mb$mb: engine fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"
     timeout $(cap 130) $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants fastg,fastg+nr \
       --out "$OUT/engine_mb$mb" 2>&1 | grep -v "Warning\|triton_kernel_wrap\|Loading weights" | tail -4
-  done
-  if [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ]; then
-    mkdir -p /tmp/us && tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
-    for cfg in "4 off" "16 off" "4 unsloth" "16 unsloth"; do
-      set -- $cfg
-      [ "$(left)" -lt 45 ] && { echo "(no time left for Unsloth mb$1 $2)"; continue; }
-      echo "-- Unsloth mb$1 --grad-ckpt $2 $(date -u +%T), $(left) s left"
-      PYTHONPATH=/tmp/site:/tmp/us timeout $(( $(left) < 100 ? $(left) - 5 : 100 )) $PY "$PK/unsloth_bench.py" --small \
-        --batch $1 $US --grad-ckpt $2 --model-dir /tmp/us-model-05 --jsonl "$OUT/unsloth.jsonl" --tag "mb$1-$2" \
+    [ -n "${SMOKE:-}" ] || [ ! -d /tmp/us ] && continue
+    for ck in off unsloth; do
+      [ "$(left)" -lt 45 ] && { echo "(no time left for Unsloth mb$mb $ck)"; continue; }
+      echo "-- Unsloth mb$mb --grad-ckpt $ck $(date -u +%T), $(left) s left"
+      PYTHONPATH=/tmp/site:/tmp/us timeout $(cap 100) $PY "$PK/unsloth_bench.py" --small \
+        --batch $mb $US --grad-ckpt $ck --model-dir /tmp/us-model-05 --jsonl "$OUT/unsloth.jsonl" --tag "mb$mb-$ck" \
         2>&1 | grep "^{" | tail -1 | cut -c1-400
     done
-  fi
+  done
 fi
 if want 3 && [ -z "${SMOKE:-}" ]; then
   echo "== 3. FlashAttention-4 part 1 to /tmp/fa4stage $(date -u +%T)"
