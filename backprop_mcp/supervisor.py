@@ -21,20 +21,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from backprop_mcp.job_events import JobTail, describe_error
 from backprop_mcp.store import TERMINAL_STATES, JobRecord, JobStore
-from backprop_mcp.tail import JobTail, describe_error
 from engine.interface import (
     EVENTS_FILE,
     WORKER_LOG,
     JobResult,
     JobState,
     WarmPool,
-    new_job_id,
+    create_job,
     procs,
     read_result,
     request_cancel,
     start_worker,
-    write_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -81,13 +80,11 @@ class Supervisor:
 
     # -- creating jobs -------------------------------------------------------------------------
 
-    def create_job(self, spec: BaseModel, *, label: str) -> JobRecord:
-        """Write the job folder, index it, and start its worker detached."""
+    def start_job(self, spec: BaseModel, *, label: str) -> JobRecord:
+        """Create the job's folder (the engine's ``create_job``), index it, and start its worker detached."""
         kind = str(getattr(spec, "kind"))  # noqa: B009 - every JobSpec has a kind
-        job_id = new_job_id(kind)
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True)
-        write_spec(job_dir, spec)
+        job_dir = create_job(spec, root=self.jobs_dir)
+        job_id = job_dir.name
         self.store.create(job_id, kind, job_dir, label)
         try:
             warm = self.warm.take(job_dir) if self.warm is not None else None

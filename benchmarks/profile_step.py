@@ -45,19 +45,30 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype, max_grad_norm):
+def old_step(inputs):
     """The engine's step before the fast path (``_one_step`` of the training loop as of 2026-12-01,
     with its checkpointed loss chunks)."""
     import torch
 
     from engine.training.batching import collate
     from engine.training.loss import causal_lm_loss_sum
+    from engine.training.step import StepResult
+
+    model, optimizer, rows, data, micro = (
+        inputs.model,
+        inputs.optimizer,
+        inputs.rows,
+        inputs.data,
+        inputs.micro,
+    )
+    pad_id, device, autocast_dtype = inputs.pad_id, inputs.device, inputs.autocast_dtype
 
     batches = [
         collate(rows[i : i + micro], data.input_ids, data.labels, pad_id=pad_id)
@@ -74,10 +85,10 @@ def old_step(model, optimizer, rows, data, micro, pad_id, device, autocast_dtype
         (loss_sum / n_targets).backward()
         total += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, inputs.max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm
+    return StepResult(total / max(1, n_targets), sum(b.real_tokens for b in batches), grad_norm)
 
 
 def make_data(vocab: int, rows: int, seq_len: int, packed: bool, seed: int = 0):
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.fused_lora import unfuse_lora_layers
     from engine.training.lora import add_lora
     from engine.training.offload import ActivationOffload
+    from engine.training.step import StepInputs
     from engine.training.varlen_attention import VARLEN_FLAG
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -290,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         elif compiled:  # the CPU has no fast path to switch on: compile alone
             applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
         step_fn = old_step if variant == "plain" else run_step
-        graphs, kwargs = None, {}
+        graphs = None
         if variant in ("fastg", "fastcg") and offload is None:
 
             class Asked:
@@ -299,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             no_graphs = why_not(model, device, Asked, distributed=False)
             if no_graphs is None:
                 graphs = StepGraphs(model, device, args.seq_len, args.packed, most_pieces_per_row(plan))
-                kwargs = {"graphs": graphs}
             else:
                 applied.append(f"no CUDA graphs: {no_graphs}")
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device != "cpu")
+        inputs = StepInputs(model, opt, [], data, args.batch, 0, device, autocast_dtype, 1.0, graphs)
         torch.manual_seed(0)
         if device != "cpu":
             torch.cuda.synchronize()
@@ -313,15 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.warmup + args.steps):
             t = time.perf_counter()
             last = s + 1 >= len(plan.steps)
-            ahead = {"next_rows": plan.steps[s + 1]} if variant != "plain" and not last else {}  # as the loop
-            loss, real, _ = step_fn(
-                model, opt, plan.steps[s], data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs, **ahead
-            )
+            ahead = plan.steps[s + 1] if variant != "plain" and not last else None  # as the loop
+            result = step_fn(replace(inputs, rows=plan.steps[s], next_rows=ahead))
             if device != "cpu":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            losses.append(loss)
-            tokens.append(real)
+            losses.append(result.loss)
+            tokens.append(result.tokens)
         timed = slice(args.warmup, None)
         rec = {
             "applied": applied,
@@ -338,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, profiler, step in (("profile", profile_one, 0), ("host", host_profile, 1)):
                 rows = plan.steps[args.warmup + args.steps + step]
                 rec[key] = profiler(
-                    lambda rows=rows, step_fn=step_fn, opt=opt: step_fn(
-                        model, opt, rows, data, args.batch, 0, device, autocast_dtype, 1.0, **kwargs
-                    ),
+                    lambda rows=rows, step_fn=step_fn, inputs=inputs: step_fn(replace(inputs, rows=rows)),
                     args.out,
                     label,
                 )

@@ -19,7 +19,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "run":
+    if len(args) == 2 and args[0] == "run":  # each entry loads only its own stack
         from engine.jobs.worker import run_job
 
         return run_job(args[1])

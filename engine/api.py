@@ -11,13 +11,16 @@ cannot take the caller down, and the job folder keeps the events, checkpoints an
 
 from __future__ import annotations
 
+import inspect
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.contract.files import local_or_name
-from engine.contract.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec, training_spec
+from engine.contract.settings import setting_parameters, training_spec
+from engine.contract.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec
 from engine.hardware.installed import require_for_spec
 from engine.jobs.progress import ProgressPrinter
 from engine.jobs.runner import create_job, run_and_follow
@@ -74,19 +77,43 @@ class TrainResult:
         return dest
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _takes_settings(job: type[FinetuneSpec] | type[SeriesSpec]) -> Callable[[_Method], _Method]:
+    """The method's signature (``help``, ``inspect``, completion) lists ``job``'s settings as keywords, each with
+    its type, bounds, description and default from the spec; the method takes them in its ``**settings``
+    (last) and names any it takes itself (``model``)."""
+
+    def declare(method: _Method) -> _Method:
+        own, spec = inspect.signature(method), {p.name: p for p in setting_parameters(job)}
+        named = [spec[p.name].replace(kind=p.kind) if p.name in spec else p for p in own.parameters.values()]
+        settings = [p for name, p in spec.items() if name not in own.parameters]
+        method.__signature__ = own.replace(parameters=[*named[:-1], *settings])  # type: ignore[attr-defined]
+        return method
+
+    return declare
+
+
 class Trainer:
     """Fine-tune ``model`` (a preset such as ``"tiny"`` or ``"qwen2.5-7b"``, a folder, or a hub name).
 
-    ``settings`` are any of ``engine.contract.spec.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
+    ``settings`` are any of ``engine.contract.settings.settings_of(FinetuneSpec)`` (``quantization``, ``lora_rank``,
     ``device``, ``gpus``, ``parallel``, ``learning_rate``, ...): the defaults of every job this trainer
     runs, which ``train`` and ``multi_run`` can override. They are checked here, at once.
     """
 
+    @_takes_settings(FinetuneSpec)
     def __init__(
-        self, model: str = "tiny", *, workdir: str | Path | None = None, verbose: bool = True, **settings: Any
+        self,
+        model: str | None = None,
+        *,
+        workdir: str | Path | None = None,
+        verbose: bool = True,
+        **settings: Any,
     ):
         training_spec(FinetuneSpec, "", model=model, **settings)  # TypeError / ValidationError now, not later
-        self.settings = {"model": model, **settings}
+        self.settings = {"model": model, **settings}  # model None: the spec's default
         self.workdir = Path(workdir) if workdir else None
         self.verbose = verbose
         self.last: TrainResult | None = None
@@ -109,12 +136,14 @@ class Trainer:
             result,
         )
 
+    @_takes_settings(FinetuneSpec)
     def train(self, data: str | Path, **settings: Any) -> TrainResult:
         """One LoRA/QLoRA fine-tune. ``settings``: as the constructor's (steps, learning_rate, skip_bad_rows, ...)."""
         spec = training_spec(FinetuneSpec, local_or_name(data), **{**self.settings, **settings})
         self.last = self._run(spec)
         return self.last
 
+    @_takes_settings(SeriesSpec)
     def multi_run(self, dataset: str | Path | list[str | Path], **settings: Any) -> TrainResult:
         """A SLAO series: one dataset cut into ``num_runs`` slices, or a list of datasets (one per task).
 

@@ -3,8 +3,8 @@
 The server imports this module and nothing else of the engine (a test checks it), so what crosses
 between the two processes is declared here: the job specifications and result, the typed events,
 the job runner, the preflight, process identity and the state folder. Importing it loads no
-torch, transformers or other heavy library (also checked by a test); the preflight imports the
-engine's torch-free data, model-catalogue and memory modules when it first runs.
+torch, transformers or other heavy library (also checked by a test): the preflight's data,
+model-catalogue and memory modules are torch-free too.
 """
 
 from engine.contract import events
@@ -18,34 +18,27 @@ from engine.contract.files import (
     quoted,
     user_path,
 )
+from engine.contract.settings import setting_parameters, settings_of, training_spec
 from engine.contract.spec import (
     EVENTS_FILE,
     WORKER_LOG,
     DatasetSettings,
-    DeviceChoice,
-    ExportQuant,
     ExportSpec,
     FinetuneSpec,
     JobResult,
     JobState,
     LoraSettings,
-    MergeMode,
-    Quantization,
     SeriesSpec,
     TrainSettings,
     read_result,
     read_spec,
-    setting_home,
-    settings_of,
-    training_spec,
-    write_spec,
 )
 from engine.hardware.installed import MissingExtra, require_for_spec
 from engine.hardware.installed import require as require_extra
 from engine.jobs import processes as procs
 from engine.jobs.runner import (
+    create_job,
     engine_command,
-    new_job_id,
     request_cancel,
     start_worker,
     worker_env,
@@ -59,16 +52,12 @@ __all__ = [
     "WORKER_LOG",
     "DatasetSettings",
     "DataCheck",
-    "DeviceChoice",
-    "ExportQuant",
     "ExportSpec",
     "FinetuneSpec",
     "JobResult",
     "MissingExtra",
     "JobState",
     "LoraSettings",
-    "MergeMode",
-    "Quantization",
     "PathError",
     "PreflightError",
     "SeriesSpec",
@@ -81,7 +70,7 @@ __all__ = [
     "engine_command",
     "events",
     "missing_message",
-    "new_job_id",
+    "create_job",
     "path_kind",
     "preflight",
     "problems",
@@ -98,8 +87,7 @@ __all__ = [
     "start_worker",
     "user_path",
     "worker_env",
-    "setting_home",
+    "setting_parameters",
     "settings_of",
     "training_spec",
-    "write_spec",
 ]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from backprop_mcp.state import progress_of
-from backprop_mcp.tail import JobTail
+from backprop_mcp.job_events import JobTail
+from backprop_mcp.job_views import progress_of
 from engine.contract import events as ev
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, read_result
 from engine.jobs.runner import create_job, request_cancel, start_worker
@@ -195,24 +195,6 @@ async def test_tool_arguments_agree_with_the_spec_models() -> None:
     assert checked >= 20
 
 
-# What each tool leaves to its defaults on purpose: an agent sees a short list of the settings that
-# matter; the CLI and the Python API take every one.
-TOOL_LEAVES_OUT = {
-    "start_finetune": {
-        "warmup_steps", "lr_scheduler", "gradient_checkpointing", "offload_activations", "weight_decay",
-        "max_grad_norm", "compile", "cuda_graphs", "report_to", "lora_dropout", "lora_target_modules", "trust_remote_code", "split",
-        "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
-    },
-    "run_slao_series": {
-        "steps", "epochs", "warmup_steps", "lr_scheduler", "micro_batch_size", "gradient_accumulation",
-        "packing", "gradient_checkpointing", "offload_activations", "weight_decay", "max_grad_norm", "seed",
-        "checkpoint_every", "backend", "compile", "cuda_graphs", "report_to", "lora_alpha", "lora_dropout", "lora_target_modules",
-        "trust_remote_code", "split", "gpu_index", "merge_weight", "qr_init", "ties_density", "dare_drop",
-        "pause_temperature_c", "resume_temperature_c", "emergency_temperature_c", "max_pause_s",
-    },
-}  # fmt: skip
-
-
 @pytest.mark.anyio
 async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp_path: Path) -> None:
     """The spec's settings (``settings_of``) are the CLI's flags, the API's keywords and the tools'
@@ -220,9 +202,11 @@ async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp
     from mcp import Client
 
     from backprop_mcp.server import build_server
+    from backprop_mcp.tooling import LEFT_OUT
     from engine.api import Trainer
     from engine.cli.main import _spec, build_parser
-    from engine.contract.spec import SeriesSpec, settings_of
+    from engine.contract.settings import settings_of
+    from engine.contract.spec import SeriesSpec
 
     async with Client(build_server()) as client:
         tools = {t.name: set(t.input_schema["properties"]) for t in (await client.list_tools()).tools}
@@ -233,9 +217,10 @@ async def test_every_setting_is_reachable_from_the_cli_the_api_and_the_tools(tmp
         names = set(settings_of(model))
         flags = set(vars(build_parser().parse_args([command, "--data", "d.jsonl"])))
         assert names - flags == {"lora_target_modules"}, command  # a list: the API's and the spec file's
-        assert names - tools[tool] == TOOL_LEAVES_OUT[tool], tool
+        assert names - tools[tool] == LEFT_OUT[tool] and {"model", "lora_rank", "quantization"} <= tools[tool]
     export = vars(build_parser().parse_args(["export", "job"]))
     assert set(ExportSpec.model_fields) - set(export) == {"kind"}
+    assert set(settings_of(ExportSpec)) - tools["export_gguf"] == LEFT_OUT["export_gguf"]
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert all(
         "--json" in sub.format_help() for name, sub in commands.items() if name not in ("run", "serve")

@@ -17,6 +17,7 @@ from engine.training.batching import IGNORE, StaticShapes
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.fast_step import loss_sum, prepare_batches, run_step
 from engine.training.loop import Tokenized
+from engine.training.step import StepInputs
 from engine.training.varlen_attention import VARLEN_FLAG, varlen_attention
 
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -105,8 +106,7 @@ def test_graphs_asked_for_where_capture_cannot_happen_train_exactly_like_the_eag
         graphs = StepGraphs(model, "cpu", 64, True, pieces_per_row=3) if use_graphs else None
         losses = []
         for rows in steps:
-            loss, _, _ = run_step(model, opt, rows, data, 1, 0, "cpu", None, 1e9, graphs=graphs)
-            losses.append(loss)
+            losses.append(run_step(StepInputs(model, opt, rows, data, 1, 0, "cpu", None, 1e9, graphs)).loss)
         weights = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         return losses, weights, graphs
 
@@ -178,7 +178,8 @@ def test_gpu_graphed_steps_train_like_eager_steps(tiny_model_dir):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
         graphs = StepGraphs(model, "cuda", 64, True, pieces_per_row=3) if use_graphs else None
         out = [
-            run_step(model, opt, s, data, 1, 0, "cuda", torch.bfloat16, 1.0, graphs=graphs)[0] for s in steps
+            run_step(StepInputs(model, opt, s, data, 1, 0, "cuda", torch.bfloat16, 1.0, graphs)).loss
+            for s in steps
         ]
         return out, graphs
 

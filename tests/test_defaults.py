@@ -8,7 +8,8 @@ import pytest
 
 from engine.contract.spec import TrainSettings
 from engine.models.shape import ModelShape
-from engine.planning.defaults import DoesNotFitError, resolve_training
+from engine.planning.defaults import resolve_training
+from engine.planning.fitting import DoesNotFitError
 from engine.planning.memory import estimate_memory, largest_micro_batch, loss_chunk_tokens, storage_dtype
 
 # Qwen2.5-7B-Instruct's config.json numbers.

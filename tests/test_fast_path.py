@@ -80,6 +80,7 @@ def test_fused_lora_refreshes_its_cast_weights_after_a_fused_optimizer_step(tiny
     """bf16 casts are cached within a step and renewed after it, also with fused AdamW (which
     updates parameters without bumping their version counter: the GPU loop's optimizer)."""
     from engine.training.fast_step import run_step
+    from engine.training.step import StepInputs
 
     model = _peft_model(tiny_model_dir)
     data = _data([16, 16])
@@ -90,7 +91,7 @@ def test_fused_lora_refreshes_its_cast_weights_after_a_fused_optimizer_step(tiny
     assert fused_lora._cached_cast(layer, "a", a, torch.bfloat16) is bf  # cached within a step
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
     before = a.detach().clone()
-    run_step(model, opt, [[0], [1]], data, 2, 0, "cpu", torch.bfloat16, 1.0)
+    run_step(StepInputs(model, opt, [[0], [1]], data, 2, 0, "cpu", torch.bfloat16, 1.0))
     assert not torch.equal(a.detach(), before)
     fresh = fused_lora._cached_cast(layer, "a", a, torch.bfloat16)
     assert fresh is not bf and torch.equal(fresh, a.detach().to(torch.bfloat16))
@@ -100,6 +101,7 @@ def test_fused_lora_under_bf16_autocast_learns_like_peft(tiny_model_dir):
     """Several steps with bf16 autocast and fused AdamW (the GPU's set-up, on the CPU): the fused
     path's losses follow peft's within bf16 noise, on rows seen again (where stale weights show)."""
     from engine.training.fast_step import run_step
+    from engine.training.step import StepInputs
 
     data = _data([24] * 4, seed=5)
     runs = []
@@ -108,8 +110,8 @@ def test_fused_lora_under_bf16_autocast_learns_like_peft(tiny_model_dir):
         if fused:
             fused_lora.fuse_lora_layers(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, fused=True)
-        runs.append([run_step(model, opt, [[0], [1], [2], [3]], data, 4, 0, "cpu", torch.bfloat16, 1.0)[0]
-                     for _ in range(6)])  # fmt: skip
+        inputs = StepInputs(model, opt, [[0], [1], [2], [3]], data, 4, 0, "cpu", torch.bfloat16, 1.0)
+        runs.append([run_step(inputs).loss for _ in range(6)])
     assert runs[0][-1] < runs[0][0] - 0.4 and runs[1][-1] < runs[1][0] - 0.4  # both learn the rows
     assert runs[1] == pytest.approx(runs[0], abs=0.15)  # bf16 rounding differs, and compounds
 
@@ -269,6 +271,7 @@ def test_the_next_step_collated_ahead_trains_exactly_like_collating_each_step(ti
     """run_step's ``next_rows``: the next step's batches, collated while the current step runs, give the
     same losses as collating each step when it comes; batches collated for other rows are not used."""
     from engine.training.fast_step import _NEXT_BATCHES, run_step
+    from engine.training.step import StepInputs
 
     data = _data([24, 11, 30, 7, 19, 26, 14, 9], seed=4)
     steps = [[[0, 1], [2]], [[3, 4], [5]], [[6], [7]], [[1], [0, 2]]]
@@ -280,9 +283,11 @@ def test_the_next_step_collated_ahead_trains_exactly_like_collating_each_step(ti
         losses = []
         for i, rows in enumerate(steps):
             nxt = steps[(i + 2) % 4] if wrong else steps[i + 1] if i + 1 < len(steps) else None
-            kwargs = {"next_rows": nxt} if ahead and nxt is not None else {}
-            losses.append(run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0, **kwargs)[0])
-            assert (_NEXT_BATCHES in model.__dict__) == bool(kwargs)
+            nxt = nxt if ahead else None
+            losses.append(
+                run_step(StepInputs(model, opt, rows, data, 2, 0, "cpu", None, 1.0, next_rows=nxt)).loss
+            )
+            assert (_NEXT_BATCHES in model.__dict__) == (nxt is not None)
         return losses
 
     ref = train(ahead=False)
@@ -340,6 +345,7 @@ def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_mod
     from engine.training.backend import compile_decoder_layers
     from engine.training.fast_step import run_step
     from engine.training.lora import enable_activation_checkpointing
+    from engine.training.step import StepInputs
 
     def train(rows: list[list[int]], data: Tokenized, compiled: bool) -> tuple[list[float], object]:
         model = _peft_model(tiny_model_dir)
@@ -349,7 +355,9 @@ def test_compiled_decoder_layers_train_like_eager_ones_fixed_and_packed(tiny_mod
         if compiled:
             assert compile_decoder_layers(model) == 2
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        return [run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0)[0] for _ in range(3)], model
+        return [
+            run_step(StepInputs(model, opt, rows, data, 2, 0, "cpu", None, 1.0)).loss for _ in range(3)
+        ], model
 
     torch._dynamo.reset()
     counters.clear()
@@ -374,6 +382,7 @@ def test_uncompiled_layers_are_the_eager_checkpointed_layers_again(tiny_model_di
     from engine.training.backend import compile_decoder_layers, uncompile_decoder_layers
     from engine.training.fast_step import run_step
     from engine.training.lora import enable_activation_checkpointing
+    from engine.training.step import StepInputs
 
     data = _data([24] * 4, seed=3)
     rows = [[0], [1], [2], [3]]
@@ -381,7 +390,7 @@ def test_uncompiled_layers_are_the_eager_checkpointed_layers_again(tiny_model_di
     def losses(model) -> list[float]:
         init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        out = [run_step(model, opt, rows, data, 2, 0, "cpu", None, 1.0)[0] for _ in range(2)]
+        out = [run_step(StepInputs(model, opt, rows, data, 2, 0, "cpu", None, 1.0)).loss for _ in range(2)]
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:

@@ -15,6 +15,7 @@ import torch
 from engine.contract.spec import LoraSettings
 from engine.data.tokenizing import Tokenized
 from engine.training.fast_step import run_step
+from engine.training.step import StepInputs
 
 _GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
@@ -46,7 +47,7 @@ def _train(tiny_model_dir, device: str, offload: bool) -> tuple[list[float], dic
     data = Tokenized(ids, [list(x) for x in ids], dropped=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = ([[0, 1], [2, 3]], [[4, 5], [6, 7]])
-    losses = [run_step(model, opt, s, data, 2, 0, device, None, 1.0)[0] for s in steps]
+    losses = [run_step(StepInputs(model, opt, s, data, 2, 0, device, None, 1.0)).loss for s in steps]
     lora = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert (len(seen) > 0) == offload  # every checkpointed layer's saved inputs went through the hooks
     return losses, lora, offloader

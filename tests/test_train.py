@@ -305,27 +305,30 @@ def test_cli_help_does_not_import_the_ml_stack():
     assert "multi-run" in help_text.stdout and "export" in help_text.stdout
 
 
-def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, recompute: bool | None):
+def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, recompute: bool | None):
     """CUDA OOM cannot happen on a CPU, so the first step raises it (simulated); the rest is real.
+    The step is plugged in as an objective would be, with figures of its own (Progress.metrics).
     Returns each step call's (micro-batch, layers recomputing), the outcome and the warning events."""
+    from dataclasses import replace
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     import engine.training.loop as train_module
     from engine.contract.events import EventWriter
+    from engine.training.fast_step import run_step
     from engine.training.loop import Tokenized
+    from engine.training.step import StepInputs, StepResult
 
-    real_step = train_module.run_step
     seen: list[tuple[int, bool]] = []
 
-    def step_that_runs_out_of_memory_once(model, optimizer, rows, data, micro, *rest, **kwargs):
-        layers = model.get_base_model().model.layers
-        seen.append((micro, all(m.gradient_checkpointing for m in layers)))
+    def step_that_runs_out_of_memory_once(inputs: StepInputs) -> StepResult:  # a plugged-in step
+        layers = inputs.model.get_base_model().model.layers
+        seen.append((inputs.micro, all(m.gradient_checkpointing for m in layers)))
         if len(seen) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(model, optimizer, rows, data, micro, *rest, **kwargs)
+        return replace(run_step(inputs), metrics={"step_calls": float(len(seen))})
 
-    monkeypatch.setattr(train_module, "run_step", step_that_runs_out_of_memory_once)
     g = torch.Generator().manual_seed(3)
     ids = [torch.randint(10, 200, (16,), generator=g).tolist() for _ in range(8)]
 
@@ -340,27 +343,25 @@ def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, recompu
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     with EventWriter(tmp_path / "events.jsonl") as ev:
         out = train_module.train_adapter(
-            model, _Tok(), Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev
-        )
-    warnings = [e for e in read_events(tmp_path / "events.jsonl")[0] if e.type == "warning"]
-    return seen, out, warnings
+            model, _Tok(), Tokenized(ids, [list(x) for x in ids], 0), R, device="cpu", events=ev,
+            step_fn=step_that_runs_out_of_memory_once,
+        )  # fmt: skip
+    events = read_events(tmp_path / "events.jsonl")[0]
+    assert [e.metrics for e in events if e.type == "progress"] == [{"step_calls": 2.0}, {"step_calls": 3.0}]
+    return seen, out, [e for e in events if e.type == "warning"]
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, None)
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model_dir, tmp_path):
+    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, None)
     assert [micro for micro, _ in seen] == [4, 2, 2]
     assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 2
     assert "micro-batch halved to 2" in warnings[0].message
 
 
-def test_out_of_memory_without_recomputation_switches_it_on_before_halving(
-    tiny_model_dir, tmp_path, monkeypatch
-):
+def test_out_of_memory_without_recomputation_switches_it_on_before_halving(tiny_model_dir, tmp_path):
     """The defaults skip recomputation where memory seems to allow it; an OOM then switches gradient
     checkpointing on at the same micro-batch."""
-    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, monkeypatch, False)
+    seen, out, warnings = _train_with_one_simulated_oom(tiny_model_dir, tmp_path, False)
     assert seen == [(4, False), (4, True), (4, True)]  # same micro-batch, recomputing from the retry on
     assert out.steps_done == 2 and out.micro_batch_size == 4
     assert len(warnings) == 1 and "gradient checkpointing switched on" in warnings[0].message

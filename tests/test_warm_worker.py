@@ -47,7 +47,7 @@ def test_the_supervisor_hands_the_next_job_to_the_warm_worker(tiny_model_dir, tm
         model=str(tiny_model_dir), lora=LoraSettings(rank=4), dataset=DatasetSettings(path=str(CHAT)),
         train=TrainSettings(steps=2, micro_batch_size=2, max_seq_length=64),
     )  # fmt: skip
-    record = supervisor.create_job(spec, label="warm")
+    record = supervisor.start_job(spec, label="warm")
     assert record.pid == warm.proc.pid  # the job runs in the process that was warm
     _wait(lambda: supervisor.refresh(supervisor.store.get(record.id)).record.is_terminal, 300, "the job")
     final = supervisor.store.get(record.id)

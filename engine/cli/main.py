@@ -31,36 +31,36 @@ _ALIASES = {
     "quantizations": ["--quantization"],
     "register_ollama": ["--ollama"],
 }
-# Settings with a hand-written flag (their own parsing or wording), or not settable from the command line.
-_OWN_FLAGS = {"model", "gpus", "lora_target_modules"}
+# Settings with a flag of their own (its parsing), or not settable from the command line.
+_OWN_FLAGS = {"gpus", "lora_target_modules"}
+# The setting groups of --help, in this order (a section not named here is titled by its name).
+_TITLES = {
+    "train": "training",
+    "lora": "LoRA",
+    None: "job",
+    "dataset": "dataset",
+    "safety": "GPU temperature",
+    "preference": "preference tuning (dpo, kto, orpo)",
+}
 
 
-def _add_model_args(p: argparse.ArgumentParser, model: Any) -> None:
-    """A training command's flags: --model, --gpus, then one per setting of ``model`` (engine.contract.spec)."""
-    from engine.contract import spec as S
+def _add_settings(p: argparse.ArgumentParser, job: Any, own: str = "job") -> None:
+    """A command's setting flags: one per setting of ``job`` (engine.contract.settings), grouped by section."""
+    from engine.contract.settings import setting_home, settings_of
 
-    p.add_argument(
-        "--model", default="tiny", help="preset (tiny, qwen2.5-7b, llama3.2-1b, ...), folder or hub name"
-    )
-    p.add_argument(
-        "--gpus",
-        type=_gpus,
-        default=None,
-        help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
-    )
-    titles = {
-        "train": "training",
-        "lora": "LoRA",
-        None: "job",
-        "dataset": "dataset",
-        "safety": "GPU temperature",
-    }
-    groups = {section: p.add_argument_group(f"{title} settings") for section, title in titles.items()}
-    for name in S.settings_of(model):
-        section, _, info = S.setting_home(name, model)
-        if name not in _OWN_FLAGS:
-            _add_setting(groups[section], name, info)
-    _add_common(p)
+    groups = {s: p.add_argument_group(f"{own if s is None else t} settings") for s, t in _TITLES.items()}
+    for name in settings_of(job):
+        section, _, info = setting_home(name, job)
+        group = groups.get(section) or groups.setdefault(section, p.add_argument_group(f"{section} settings"))
+        if name == "gpus":
+            group.add_argument(
+                "--gpus",
+                type=_gpus,
+                default=None,
+                help="train on several GPUs at once: card indices (--gpus 0,1) or --gpus all; one index picks that card",
+            )
+        elif name not in _OWN_FLAGS:
+            _add_setting(group, name, info)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -130,24 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="JSONL/JSON/CSV/Parquet file, saved datasets folder, or hub name"
     )
     p.add_argument("--output", type=Path, default=None, help="also copy the adapter here")
-    _add_model_args(p, spec.FinetuneSpec)
+    _add_settings(p, spec.FinetuneSpec)
+    _add_common(p)
 
     p = sub.add_parser("multi-run", help="a SLAO series: learn new data without forgetting the old")
     p.add_argument(
         "--data", required=True, action="append", help="one dataset split into runs, or repeat per task"
     )
     p.add_argument("--output", type=Path, default=None, help="also copy the merged adapter here")
-    _add_model_args(p, spec.SeriesSpec)
+    _add_settings(p, spec.SeriesSpec)
+    _add_common(p)
 
     p = sub.add_parser("export", help="merge, convert to GGUF, quantize, verify, register with Ollama")
     p.add_argument(
         "source", help="a finished job's id or folder, or a LoRA adapter folder (e.g. ./output/lora)"
     )
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    group = p.add_argument_group("export settings")
-    for name, info in spec.ExportSpec.model_fields.items():
-        if name not in ("kind", "source"):
-            _add_setting(group, name, info)
+    _add_settings(p, spec.ExportSpec, own="export")
     _add_common(p)
 
     p = sub.add_parser("resume", help="continue a stopped or failed job from its last checkpoint")
@@ -157,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="check a dataset: format, bad rows, token lengths, defaults")
     p.add_argument("path")
-    p.add_argument("--model", default="tiny")
+    _add_setting(p, "model", spec.FinetuneSpec.model_fields["model"])
+    _add_setting(p, "method", spec.FinetuneSpec.model_fields["method"])
     _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
@@ -284,13 +284,16 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _check_data(args: argparse.Namespace) -> int:
     from engine.cli.show import check_data_text
+    from engine.contract.settings import training_spec
+    from engine.contract.spec import FinetuneSpec
     from engine.hardware.installed import require
-    from engine.jobs.commands import CheckDataArgs, check_data
+    from engine.jobs.commands import check_data
 
     require("train", "backprop check-data")
+    spec = training_spec(FinetuneSpec, local_or_name(args.path), model=args.model, method=args.method)
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
-        out = check_data(CheckDataArgs(path=local_or_name(args.path), model=args.model))
-    print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, args.model))
+        out = check_data(spec)
+    print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, spec.model))
     return 0 if out.ready else 1
 
 
@@ -320,15 +323,15 @@ def _generate(args: argparse.Namespace) -> int:
 def _spec(args: argparse.Namespace) -> Any:
     """The job spec a training or export command describes."""
     from engine.contract import spec as S
+    from engine.contract.settings import settings_of, training_spec
 
-    if args.command in ("train", "multi-run"):
-        model = S.FinetuneSpec if args.command == "train" else S.SeriesSpec
-        settings = {n: getattr(args, n) for n in S.settings_of(model) if n in vars(args)}
+    job = {"train": S.FinetuneSpec, "multi-run": S.SeriesSpec}.get(args.command, S.ExportSpec)
+    given = {n: getattr(args, n) for n in settings_of(job) if n in vars(args)}
+    if job is not S.ExportSpec:
         data = (
             [local_or_name(d) for d in args.data] if isinstance(args.data, list) else local_or_name(args.data)
         )
-        return S.training_spec(model, data, **settings)
-    given = {n: getattr(args, n) for n in S.ExportSpec.model_fields if n in vars(args) and n != "source"}
+        return training_spec(job, data, **given)
     if given["output_dir"]:
         given["output_dir"] = str(Path(given["output_dir"]).expanduser().resolve())
     source = _export_source(args.source, args.workdir)

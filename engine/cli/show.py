@@ -13,31 +13,15 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.contract.settings import settings_of
+from engine.contract.spec import ExportSpec, FinetuneSpec, SeriesSpec
+
 if TYPE_CHECKING:
     from engine.planning.preflight import DataCheck
 
-# API settings that messages name; each is also a flag of the commands (engine/cli/main.py), spelled by
-# engine.planning.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
-SETTINGS = (
-    "skip_bad_rows",
-    "max_seq_length",
-    "micro_batch_size",
-    "gradient_accumulation",
-    "learning_rate",
-    "checkpoint_every",
-    "steps_per_run",
-    "samples_per_run",
-    "num_runs",
-    "merge_mode",
-    "lora_rank",
-    "lora_alpha",
-    "quantization",
-    "gpus",
-    "parallel",
-    "pause_temperature_c",
-    "resume_temperature_c",
-    "emergency_temperature_c",
-)
+# The settings' names, as messages write them; each is also a flag of the commands (engine/cli/main.py), spelled
+# by engine.planning.preflight.spell the same way the preflight spells ``--skip-bad-rows``.
+SETTINGS = sorted({*settings_of(FinetuneSpec), *settings_of(SeriesSpec), *settings_of(ExportSpec)})
 _SETTING_RE = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b(?:\s*=\s*'?(\[[\d, ]*\]|[\w.]+)'?|\s+'(\w+)')?")
 
 
@@ -46,12 +30,13 @@ def for_cli(message: str) -> str:
     from engine.planning.preflight import spell
 
     def flag(m: re.Match[str]) -> str:
-        value: object = m.group(2) or m.group(3)
-        if value is None and m.group(1) == "quantization":  # the English word, not the setting
+        name, value = m.group(1), m.group(2) or m.group(3)
+        english = value is None and "_" not in name  # "a smaller model", not the setting
+        if english or value == "[]":
             return m.group(0)
-        if value is None or value in ("true", "True"):
-            value = True
-        return spell(m.group(1), value, "cli")
+        if value in ("false", "False"):
+            return "--no-" + name.replace("_", "-")
+        return spell(name, True if value in (None, "true", "True") else value, "cli")
 
     return _SETTING_RE.sub(flag, message)
 
@@ -176,18 +161,30 @@ def check_data_text(out: DataCheck, model: str) -> str:
         lines.append(
             f"Fix them, or add --skip-bad-rows to train on the {r.get('rows_ok')} good rows (the skipped rows are reported)."
         )
-    if t := out.tokens:
-        lines.append(
-            f"tokens ({model}'s tokenizer and chat template): {t.examples} examples, {t.total} in all; "
-            f"per example min {t.min}, median {t.median}, p95 {t.p95}, max {t.max}"
-        )
+    for note in (out.method_problem, out.method_note):
+        if note:
+            lines.append(note)
+    counted = (  # a preference file: each sequence (a prompt and one answer), its prompts and its answers
+        [("tokens", "sequences", "sequence", out.tokens), ("prompt tokens", "prompts", "prompt", out.prompt_tokens),
+         ("answer tokens", "answers", "answer", out.completion_tokens)]
+        if out.prompt_tokens else [("tokens", "examples", "example", out.tokens)]
+    )  # fmt: skip
+    for what, many, one, t in counted:
+        if t is not None:
+            lines.append(
+                f"{what} ({model}'s tokenizer and chat template): {t.examples} {many}, {t.total} in all; "
+                f"per {one} min {t.min}, median {t.median}, p95 {t.p95}, max {t.max}"
+            )
     if out.fits is False:
         lines.append(f"does not fit: {for_cli(str(out.fit_error))}")
     elif d := out.defaults:
         mem = (out.memory_estimate_gib or {}).get("total_gib")
+        prompt = d.get("max_prompt_length")
         lines.append(
-            f"a fine-tune would use: {d.get('steps')} steps, micro-batch {d.get('micro_batch_size')} x "
-            f"{d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} tokens"
+            f"a {out.method or 'sft'} fine-tune would use: {d.get('steps')} steps, micro-batch "
+            f"{d.get('micro_batch_size')} x {d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} "
+            "tokens"
+            + (f" (prompts up to {prompt})" if prompt else "")
             + (", packed" if d.get("packing") else "")
             + f", learning rate {d.get('learning_rate')}"
             + (f", about {mem:.1f} GiB" if isinstance(mem, (int, float)) else "")

@@ -8,12 +8,10 @@ only pydantic and the standard library, so the server can use it without torch.
 from __future__ import annotations
 
 import json
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
-from pydantic.fields import FieldInfo
 
 from engine.contract.files import atomic_write_text
 
@@ -136,7 +134,9 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 class _ModelJob(_Strict):
-    model: str = Field("tiny", description="preset name, local folder, or hub name")
+    model: str = Field(
+        "tiny", description="preset name (e.g. 'tiny', 'qwen2.5-7b'), local model folder, or hub name"
+    )
     quantization: Quantization = Field(
         "auto",
         description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32",
@@ -181,9 +181,97 @@ class _ModelJob(_Strict):
         return self
 
 
+Method = Literal["sft", "dpo", "kto", "orpo"]
+# trl's DPO loss variants the engine computes (each proven equal to DPOTrainer's in tests/test_preference_maths.py);
+# trl's list-valued loss_type takes one here. aot/aot_unpaired (sorted over a batch) and discopop are left out.
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "sigmoid_norm",
+]  # fmt: skip
+KtoLoss = Literal["kto", "apo_zero_unpaired"]
+DPO_LOSSES: tuple[str, ...] = DpoLoss.__args__  # type: ignore[attr-defined]
+KTO_LOSSES: tuple[str, ...] = KtoLoss.__args__  # type: ignore[attr-defined]
+PreferenceLoss = Literal[DpoLoss, KtoLoss]  # one Literal (nested ones flatten): one list of choices
+
+
+class PreferenceSettings(_Strict):
+    """The preference methods' own settings (dpo, kto, orpo), with trl's names, defaults and meanings."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="dpo/kto: how far the model may move from the reference (higher: closer to it); "
+        "orpo: the weight of the odds-ratio term beside the answers' negative log-likelihood",
+    )
+    loss_type: PreferenceLoss | None = Field(
+        None,
+        description="dpo: sigmoid (DPO, the default), hinge (SLiC), ipo, robust (noisy labels), exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm; kto: kto (the default) or "
+        "apo_zero_unpaired",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo's robust and exo_pair losses: the assumed share of preference labels that are flipped",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, le=100, description="kto: weight of the desirable (label true) examples' losses"
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, le=100, description="kto: weight of the undesirable (label false) examples' losses"
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        le=131072,
+        description="prompt tokens kept (the end, nearest the answer); default: from the data's prompts",
+    )
+
+    def loss_for(self, method: str) -> str:
+        """The loss the method computes: the one given, else trl's default for it."""
+        return self.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(method, method)
+
+
 class FinetuneSpec(_ModelJob):
     kind: Literal["finetune"] = "finetune"
+    method: Method = Field(
+        "sft",
+        description="sft: learn the answers (supervised); dpo: prefer the chosen answer of each pair over the "
+        "rejected one; kto: from answers labelled good or bad (unpaired); orpo: sft and preference in one pass, "
+        "no reference model",
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="start from this LoRA adapter (a finished job's folder or a PEFT adapter folder) instead of "
+        "a fresh one; for dpo and kto its frozen copy is the reference",
+    )
     dataset: DatasetSettings
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> FinetuneSpec:
+        # values away from their defaults (a spec read back from spec.json has every field set)
+        given = [
+            n for n, f in PreferenceSettings.model_fields.items() if getattr(self.preference, n) != f.default
+        ]
+        if self.method == "sft" and given:
+            what = "is a setting" if len(given) == 1 else "are settings"
+            raise ValueError(
+                f"{', '.join(given)} {what} of the preference methods (dpo, kto, orpo) but method is 'sft': "
+                "set method, or leave them out"
+            )
+        loss = self.preference.loss_type
+        allowed = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(self.method, ())
+        if loss is not None and loss not in allowed:
+            choices = f"one of {', '.join(allowed)}" if allowed else "none (orpo has one loss)"
+            raise ValueError(f"loss_type '{loss}' is not one of {self.method}'s losses: use {choices}")
+        if loss == "exo_pair" and self.preference.label_smoothing == 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its paper suggests 0.001)")
+        if self.method != "sft" and (self.gpus == "all" or len(self.gpus or []) > 1):
+            raise ValueError(f"method '{self.method}' trains on one device: give gpu_index, not several gpus")
+        return self
 
 
 MergeMode = Literal["slao", "sequential", "linear", "ties", "dare"]
@@ -298,59 +386,3 @@ def read_result(job_dir: str | Path) -> JobResult | None:
     if not path.exists():
         return None
     return JobResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "lora": LoraSettings,
-    "train": TrainSettings,
-    "safety": SafetySettings,
-}
-
-
-def settings_of(model: type[FinetuneSpec] | type[SeriesSpec]) -> list[str]:
-    """The flat setting names ``training_spec`` takes for ``model``'s jobs (besides the data), in the
-    spec's order: training, LoRA, the job's own, dataset, safety."""
-    names = [*TrainSettings.model_fields, *(f"lora_{n}" for n in LoraSettings.model_fields)]
-    names += [n for n in model.model_fields if n not in ("kind", "dataset", "datasets", *_SECTIONS)]
-    names += ["split", "skip_bad_rows", *(["eval_fraction"] if model is FinetuneSpec else [])]
-    return names + list(SafetySettings.model_fields)  # a series holds out heldout_fraction, not eval_fraction
-
-
-def training_spec(
-    job: type[FinetuneSpec] | type[SeriesSpec], data: str | list[str], /, **settings: Any
-) -> FinetuneSpec | SeriesSpec:
-    """A fine-tune (one dataset) or series spec from flat settings, as the tools, the CLI and the
-    Python API take them: each goes where the spec declares it (``steps`` to ``train``, ``lora_rank``
-    to ``lora.rank``, ``skip_bad_rows`` to every dataset, ``num_runs`` to the series); ``None``
-    means 'not given', the spec's default. Raises TypeError for a name that is not a setting
-    (``settings_of``) and pydantic's ValidationError for a bad value.
-    """
-    known = settings_of(job)
-    nested: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "dataset")}
-    top: dict[str, Any] = {}
-    for name, value in settings.items():
-        if name not in known:
-            close = get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TypeError(f"unknown setting {name!r}; {hint}known: {', '.join(known)}")
-        if value is not None:
-            section, field, _ = setting_home(name, job)
-            (nested[section] if section else top)[field] = value
-    datasets = [{"path": path, **nested["dataset"]} for path in ([data] if isinstance(data, str) else data)]
-    where_data = {"dataset": datasets[0]} if job is FinetuneSpec else {"datasets": datasets}
-    return job.model_validate({**top, **{s: nested[s] for s in _SECTIONS}, **where_data})
-
-
-def setting_home(
-    name: str, job: type[FinetuneSpec] | type[SeriesSpec] = SeriesSpec
-) -> tuple[str | None, str, FieldInfo]:
-    """Where the flat setting ``name`` lives in ``job``'s spec: its section (``lora``, ``train``,
-    ``safety``, ``dataset``; None: the job itself), its field's name there, and the field."""
-    if name.startswith("lora_"):
-        return "lora", name[5:], LoraSettings.model_fields[name[5:]]
-    if name in DatasetSettings.model_fields:
-        return "dataset", name, DatasetSettings.model_fields[name]
-    for section, model in _SECTIONS.items():
-        if name in model.model_fields:
-            return section, name, model.model_fields[name]
-    return None, name, job.model_fields[name]

@@ -16,12 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
+from engine.contract.events import EventWriter
 from engine.contract.spec import SafetySettings
-
-if TYPE_CHECKING:
-    from engine.contract.events import EventWriter
 
 _MIB = 1024 * 1024
 _T = TypeVar("_T")
@@ -64,7 +62,7 @@ class GpuProbe:
 
 
 def _import_pynvml() -> Any:
-    import pynvml
+    import pynvml  # in a function: tests replace it with a fake NVML
 
     return pynvml
 

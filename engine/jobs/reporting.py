@@ -2,9 +2,10 @@
 
 Off by default; ``train.report_to: ["tensorboard", "wandb"]`` turns them on. The reporters listen to
 the job's own events (``EventWriter.listeners``), so the training loop needs no code for them: each
-``Progress`` event of a training step (loss, learning rate, gradient norm, tokens/s, GPU memory)
-becomes one step of scalars, each ``Eval`` an ``eval/loss`` point (and ``eval/exact_match`` where
-rows have answers), on the job's global step (a series' runs lie end to end).
+``Progress`` event of a training step (loss, learning rate, gradient norm, tokens/s, GPU memory, and a
+method's own figures as ``train/rewards/chosen`` and the like) becomes one step of scalars, each ``Eval``
+an ``eval/loss`` point (with ``eval/exact_match`` where rows have answers, ``eval/rewards/accuracies``
+and the like for a preference method), on the job's global step (a series' runs lie end to end).
 
 - TensorBoard: ``<job_dir>/tensorboard/`` (``tensorboard --logdir <job_dir>/tensorboard``).
 - W&B: offline unless the user set ``WANDB_MODE`` (nothing leaves the machine by default); the run
@@ -42,12 +43,14 @@ def _scalars(p: Progress) -> dict[str, float]:
         out["gpu/memory_used_gib"] = sample["memory_used_mb"] / 1024
     if isinstance(sample.get("temperature_c"), (int, float)):
         out["gpu/temperature_c"] = sample["temperature_c"]
+    # the method's own figures under trl's names, as trl's trainers report them: train/rewards/chosen, ...
+    out.update({f"train/{name}": value for name, value in (p.metrics or {}).items()})
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
 class _TensorBoard:
     def __init__(self, job_dir: Path, config: dict[str, Any]):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional extras: loaded only when asked for
 
         self.writer = SummaryWriter(log_dir=str(job_dir / TENSORBOARD_DIR))
         self.writer.add_text("job", f"`{job_dir.name}`: {config.get('kind')} of {config.get('model')}")
@@ -63,7 +66,7 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, job_dir: Path, config: dict[str, Any]):
-        import wandb
+        import wandb  # optional extra, as above
 
         os.environ.setdefault("WANDB_MODE", "offline")  # the user's own setting wins
         os.environ.setdefault("WANDB_SILENT", "true")  # its console lines would land in worker.log
@@ -110,7 +113,7 @@ class Reporters:
             step = event.global_step if event.global_step is not None else event.step
             self._log(_scalars(event), step)
         elif isinstance(event, Eval):
-            scalars = {"eval/loss": event.loss}
+            scalars = {"eval/loss": event.loss, **{f"eval/{k}": v for k, v in (event.metrics or {}).items()}}
             if event.accuracy is not None:
                 scalars["eval/exact_match"] = event.accuracy
             self._log(scalars, event.global_step)

@@ -9,12 +9,21 @@ tool, ``--skip-bad-rows`` on the command line, ``skip_bad_rows=True`` in Python)
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from engine.contract.datasets import DatasetError
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
+from engine.data.formats import inspect_dataset
+from engine.data.methods import format_problem
+from engine.data.sources import is_hub_dataset
+from engine.models.presets import ModelError, get_preset, resolve_model, shape_from_config
+from engine.planning.defaults import MIN_SEQ_LENGTH
+from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
 
 Caller = Literal["tool", "cli", "python"]
 # A tool call reads at most this much of a dataset itself (JSONL parses at ~50 MB/s, and clients drop
@@ -39,7 +48,12 @@ class DataCheck(BaseModel):
     """What ``check-data`` finds, for the server's tool and the CLI alike."""
 
     report: dict[str, Any] = Field(description="engine.data.formats.DatasetReport.to_dict()")
-    tokens: TokenStats | None = None
+    tokens: TokenStats | None = None  # per example; preference data: per sequence (a prompt and one answer)
+    method: str | None = None  # the training method the defaults are for
+    method_note: str | None = None  # what the method makes of the file (a pair unpaired for kto, ...)
+    method_problem: str | None = None  # why the method cannot train on the file
+    prompt_tokens: TokenStats | None = None  # preference data: per prompt
+    completion_tokens: TokenStats | None = None  # preference data: per answer
     fits: bool | None = None
     fit_error: str | None = None
     defaults: dict[str, Any] | None = None
@@ -54,6 +68,7 @@ class DataCheck(BaseModel):
             int(self.report.get("rows_ok") or 0) > 0
             and not self.report.get("bad_rows")
             and self.fits is not False
+            and self.method_problem is None
         )
 
 
@@ -79,8 +94,6 @@ def spell(setting: str, value: Any, caller: Caller) -> str:
 
 def check_model(name: str) -> str:
     """A preset, a model folder (config.json) or a hub name; refuses adapter folders, files and typos."""
-    from engine.models.presets import ModelError, resolve_model
-
     try:
         resolved = resolve_model(name, build_tiny=False)
     except ModelError as exc:
@@ -88,15 +101,10 @@ def check_model(name: str) -> str:
     return str(resolved.local_path) if resolved.source == "local" else resolved.name
 
 
-def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
-    """Every row of a local dataset is valid (or ``skip_bad_rows`` is on); returns notes for the user.
-
-    Hub datasets are checked by the worker once downloaded.
+def check_dataset(settings: DatasetSettings, caller: Caller, method: str = "sft") -> list[str]:
+    """Every row of a local dataset is valid (or ``skip_bad_rows`` is on) and in a format ``method`` trains
+    on; returns notes for the user. Hub datasets are checked by the worker once downloaded.
     """
-    from engine.contract.datasets import DatasetError
-    from engine.data.formats import inspect_dataset
-    from engine.data.sources import is_hub_dataset
-
     if is_hub_dataset(settings.path):
         return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
     if caller == "tool" and _file_size(settings.path) > MAX_TOOL_INSPECT_BYTES:
@@ -109,6 +117,8 @@ def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
         raise PreflightError(str(exc)) from None
     if report.rows_ok == 0:
         raise PreflightError(report.message(skip_option=None))
+    if problem := format_problem(method, report.format):
+        raise PreflightError(f"{settings.path}: {problem}")
     if report.bad_rows and not settings.skip_bad_rows:
         raise PreflightError(report.message(skip_option=spell("skip_bad_rows", True, caller)))
     return [f"{report.bad_rows} bad row(s) will be skipped"] if report.bad_rows else []
@@ -132,7 +142,7 @@ def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
     """
     if spec.device == "cpu":
         return []
-    from engine.hardware.gpus import probe_gpus
+    from engine.hardware.gpus import probe_gpus  # looked up at call time (tests replace it)
 
     probe = probe_gpus()
     if not probe.available:
@@ -176,9 +186,6 @@ def card_fit(
     spec: FinetuneSpec | SeriesSpec, shape: Any, card: Any, shards: int = 1
 ) -> tuple[bool, float, int]:
     """Whether ``spec`` trains on ``card`` at micro-batch 1 (weights over ``shards`` cards); GiB needed; seq."""
-    from engine.planning.defaults import MIN_SEQ_LENGTH
-    from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
-
     quant, seq = card_quantization(spec), spec.train.max_seq_length or MIN_SEQ_LENGTH
     kwargs = card_keywords(card, shards)
     free = card.memory_free_mb / 1024
@@ -196,11 +203,6 @@ def uses_fsdp(spec: FinetuneSpec | SeriesSpec, cards: list[Any], shape: Any) -> 
 
 def known_shape(model: str) -> Any:
     """The architecture of a preset or a local folder, without torch; None when it needs a download."""
-    import json
-    from pathlib import Path
-
-    from engine.models.presets import get_preset, shape_from_config
-
     preset = get_preset(model)
     if preset is not None:
         return preset.shape
@@ -221,5 +223,13 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
         return []
     check_model(spec.model)
     datasets = [spec.dataset] if isinstance(spec, FinetuneSpec) else spec.datasets
-    notes = [note for settings in datasets for note in check_dataset(settings, caller)]
+    method = spec.method if isinstance(spec, FinetuneSpec) else "sft"
+    notes = [note for settings in datasets for note in check_dataset(settings, caller, method)]
+    if isinstance(spec, FinetuneSpec) and spec.init_adapter is not None:
+        from engine.models.adapters import initial_adapter
+
+        try:
+            initial_adapter(spec.init_adapter)
+        except ValueError as exc:
+            raise PreflightError(f"init_adapter: {exc}") from None
     return notes + check_fit(spec)

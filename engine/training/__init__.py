@@ -11,6 +11,7 @@ checkpoints  atomic, resumable training checkpoints
 evaluation   held-out loss and greedy exact match
 accel        optional accelerators (Liger, Unsloth) and the autocast dtype
 backend      train.backend (auto | native | unsloth) and switching on the native fast path
+step         what one optimizer step gets and returns: where an objective plugs into the loop
 fast_step    one optimizer step with no host sync inside
 cuda_graphs  the step's micro-batches replayed from CUDA graphs, one per padded shape
 offload      checkpointed layer inputs kept in pinned host memory during the step

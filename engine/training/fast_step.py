@@ -19,17 +19,15 @@ whole step divided by the step's target count, computed in the same checkpointed
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from engine.training.batching import IGNORE, DeviceBatch, StaticShapes, collate
 from engine.training.fused_lora import weights_updated
 from engine.training.loss import causal_lm, supports_hidden_state_loss, token_loss_sum
+from engine.training.step import StepInputs, StepResult
 from engine.training.varlen_attention import VARLEN_FLAG, cu_seqlens_for_rows, varlen_attention
-
-if TYPE_CHECKING:
-    from engine.training.cuda_graphs import StepGraphs
 
 _NEXT_BATCHES = "_engine_next_batches"  # on a model: the next step's batches, collated ahead (run_step)
 
@@ -117,20 +115,7 @@ def loss_sum(model: Any, b: DeviceBatch) -> torch.Tensor:
     return token_loss_sum(h, lm.get_output_embeddings().weight, b.gather_targets)
 
 
-def run_step(
-    model: Any,
-    optimizer: Any,
-    rows: list[list[int]],
-    data: Any,
-    micro: int,
-    pad_id: int,
-    device: str,
-    autocast_dtype: torch.dtype | None,
-    max_grad_norm: float,
-    *,
-    graphs: StepGraphs | None = None,
-    next_rows: list[list[int]] | None = None,
-) -> tuple[float, int, float]:
+def run_step(inputs: StepInputs) -> StepResult:
     """Forward/backward over the step's micro-batches, one optimizer step, one host sync at the end.
 
     ``next_rows``: the next step's rows. They are collated, and their copies to the GPU queued, while
@@ -140,14 +125,21 @@ def run_step(
     With ``graphs`` (engine.training.cuda_graphs) the micro-batches are padded to fixed shapes and
     replayed from CUDA graphs; the gradients then stay allocated between steps (zeroed in place),
     since the graphs accumulate into them where they were when captured.
-    Returns (mean loss per target token over the step, non-padding tokens, gradient norm before clipping).
     """
+    model, optimizer, rows, data, micro = (
+        inputs.model,
+        inputs.optimizer,
+        inputs.rows,
+        inputs.data,
+        inputs.micro,
+    )
+    device, graphs, dtype = inputs.device, inputs.graphs, inputs.autocast_dtype
     weights_updated()  # LoRA weights may have been written between steps (resume, merges)
     varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
     shapes = graphs.shapes if graphs is not None else None
 
     def prepare(step_rows: list[list[int]]) -> list[DeviceBatch]:
-        return prepare_batches(step_rows, data, micro, pad_id, device, varlen=varlen, shapes=shapes)
+        return prepare_batches(step_rows, data, micro, inputs.pad_id, device, varlen=varlen, shapes=shapes)
 
     def key(step_rows: list[list[int]]) -> tuple[Any, ...]:
         return (micro, varlen, tuple(map(tuple, step_rows)))
@@ -162,7 +154,7 @@ def run_step(
     scale.fill_(1.0 / max(1, n_targets))
 
     def forward_backward(b: DeviceBatch) -> torch.Tensor:
-        with torch.autocast(device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device_type=dev_type, dtype=dtype, enabled=dtype is not None):
             part = loss_sum(model, b)
         (part * scale).backward()
         return part.detach()
@@ -174,12 +166,12 @@ def run_step(
         for b in batches:
             total += graphs.run(b, forward_backward) if graphs is not None else forward_backward(b)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, inputs.max_grad_norm)
     optimizer.step()
     weights_updated()  # the fused LoRA layers' cast copies are stale now
     optimizer.zero_grad(set_to_none=graphs is None)
     result = torch.stack([total, grad_norm.float()])
-    if next_rows is not None:  # the host collates the next step while the GPU runs this one
-        model.__dict__[_NEXT_BATCHES] = (data, shapes, key(next_rows), prepare(next_rows))
+    if inputs.next_rows is not None:  # the host collates the next step while the GPU runs this one
+        model.__dict__[_NEXT_BATCHES] = (data, shapes, key(inputs.next_rows), prepare(inputs.next_rows))
     loss_value, norm_value = result.tolist()  # the one sync
-    return loss_value / max(1, n_targets), sum(b.real_tokens for b in batches), norm_value
+    return StepResult(loss_value / max(1, n_targets), sum(b.real_tokens for b in batches), norm_value)

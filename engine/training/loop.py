@@ -11,24 +11,27 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
 from engine.contract.errors import JobCancelled
 from engine.contract.events import Checkpoint, EventWriter, Progress
 from engine.contract.spec import SafetySettings
 from engine.data.tokenizing import Tokenized
 from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
+from engine.planning.defaults import ResolvedTraining
 from engine.training import accel
 from engine.training.batching import StepPlan, most_pieces_per_row, plan_steps
 from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 from engine.training.lora import switch_on_recomputation
-from engine.training.ranks import active_rank
+from engine.training.ranks import RankContext, active_rank
+from engine.training.step import StepInputs, StepResult, TrainStep
 
 
 @dataclass
@@ -56,8 +59,6 @@ class RunPosition:
 
 
 def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
-    from transformers import get_scheduler
-
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
@@ -68,11 +69,124 @@ def _gpu_memory_gib(device: str) -> float | None:
     return None
 
 
+@dataclass
+class _Run:
+    """One training run in motion: what the loop's parts share, and what OOM back-off changes
+    (``micro``, ``recomputing``)."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    plan: StepPlan
+    device: str
+    events: EventWriter
+    checkpoint_dir: Path | None
+    rank: RankContext | None
+    where: RunPosition
+    micro: int
+    rows_per_step: int
+    recomputing: bool
+    outcome: TrainOutcome = field(default_factory=lambda: TrainOutcome(steps_done=0))
+    tokens_seen: int = 0
+    t_begin: float = 0.0
+
+    def checkpoint(self, step: int) -> None:
+        if self.checkpoint_dir is None or (self.rank is not None and not self.rank.is_writer):
+            return
+        path = save_checkpoint(
+            self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler,
+            {"loss_history": self.outcome.loss_history, "micro_batch_size": self.micro},
+        )  # fmt: skip
+        self.events.emit(Checkpoint(step=step, path=str(path), run=self.where.run))
+
+    def resume(self) -> int:
+        """The step to start from: the newest checkpoint's (its state loaded), else 0."""
+        if self.checkpoint_dir is None or (ckpt := latest_checkpoint(self.checkpoint_dir)) is None:
+            return 0
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        step = int(state["step"])
+        self.outcome.loss_history = list(state.get("loss_history", []))
+        self.micro = int(state.get("micro_batch_size", self.micro))
+        self.events.log(f"resumed from checkpoint at step {step}", step=step)
+        return step
+
+    def back_off(self, graphs: StepGraphs | None) -> None:
+        """After a CUDA OOM, before the step is retried: less memory for the same effective batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if graphs is not None:  # their shapes and memory were for the old micro-batch size
+            graphs.reset()
+        torch.cuda.empty_cache()
+        # Recomputation skipped (the defaults do where memory seemed to allow it): switch it on
+        # first, which keeps the batch; then halve the micro-batch. (One device: ranks back off alike.)
+        if not self.recomputing and self.rank is None and switch_on_recomputation(self.model):
+            self.recomputing = True
+            self.events.warning(
+                f"CUDA out of memory without recomputation: gradient checkpointing switched on at "
+                f"micro-batch {self.micro} (same batch; each layer is recomputed in the backward pass from here)",
+                gradient_checkpointing=True,
+            )
+            return
+        if self.micro == 1 or (self.rank is not None and self.rank.sharded):  # FSDP: not one rank alone
+            raise RuntimeError(
+                f"CUDA out of memory at micro-batch {self.micro}: lower micro_batch_size or max_seq_length, "
+                "use quantization '4bit', or a smaller model"
+            ) from None
+        self.micro //= 2
+        self.events.warning(
+            f"CUDA out of memory: micro-batch halved to {self.micro}, gradient accumulation doubled to "
+            f"{self.rows_per_step // self.micro} (same effective batch)",
+            micro_batch_size=self.micro,
+            gradient_accumulation=self.rows_per_step // self.micro,
+        )
+
+    def report(
+        self, step: int, start: int, result: StepResult, step_s: float, gpu: dict[str, Any] | None
+    ) -> None:
+        """The step's Progress event and its row of the loss history."""
+        self.tokens_seen += result.tokens
+        elapsed = time.perf_counter() - self.t_begin
+        lr = self.scheduler.get_last_lr()[0]
+        self.outcome.loss_history.append({"step": step, "loss": result.loss, "lr": lr})
+        self.events.emit(
+            Progress(
+                run=self.where.run,
+                runs=self.where.runs,
+                global_step=self.where.step_offset + step,
+                step=step,
+                total=self.plan.total_steps,
+                loss=round(result.loss, 6),
+                lr=lr,
+                grad_norm=round(result.grad_norm, 6),
+                tokens=result.tokens,
+                tokens_per_s=round(self.tokens_seen / elapsed if elapsed > 0 else 0.0, 1),
+                step_s=round(step_s, 4),
+                eta_s=round((self.plan.total_steps - step) * elapsed / max(1, step - start), 1),
+                gpu_memory_gib=_gpu_memory_gib(self.device),
+                gpu=gpu,
+                metrics=result.metrics,
+            )
+        )
+
+    def finish(self, step: int, graphs: StepGraphs | None) -> TrainOutcome:
+        if graphs is not None:
+            self.events.log(graphs.summary(), cuda_graphs=graphs.captured, replayed=graphs.replays)
+            graphs.reset()
+            self.optimizer.zero_grad(set_to_none=True)  # kept allocated for the graphs; not needed any more
+        out = self.outcome
+        out.steps_done = step
+        out.train_seconds = time.perf_counter() - self.t_begin
+        out.tokens_per_s = self.tokens_seen / out.train_seconds if out.train_seconds > 0 else 0.0
+        out.peak_memory_gib = _gpu_memory_gib(self.device)
+        out.micro_batch_size = self.micro
+        out.gradient_accumulation = self.rows_per_step // self.micro
+        return out
+
+
 def train_adapter(
     model: Any,
     tokenizer: Any,
     data: Tokenized,
-    resolved: Any,
+    resolved: ResolvedTraining,
     *,
     device: str,
     events: EventWriter,
@@ -82,15 +196,17 @@ def train_adapter(
     gpu_index: int = 0,
     position: RunPosition | None = None,
     evaluator: Callable[[int], Any] | None = None,
+    step_fn: TrainStep | None = None,
 ) -> TrainOutcome:
     """Train the LoRA parameters of ``model`` in place for ``resolved.steps`` optimizer steps.
 
-    Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one.
+    ``step_fn`` is the objective: by default next-token loss (fast_step.run_step on one device, this
+    rank's share of it through DDP/FSDP on several); a preference objective passes its own, which gets
+    the bare model. Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one.
     """
     torch.manual_seed(resolved.seed)
     random.seed(resolved.seed)
-    micro = resolved.micro_batch_size
-    rows_per_step = micro * resolved.gradient_accumulation
+    rows_per_step = resolved.micro_batch_size * resolved.gradient_accumulation
     rank = active_rank()  # None on one device; else this process is one DDP rank of several
     if rank is not None:
         rank.check_plan(rows_per_step)
@@ -103,154 +219,83 @@ def train_adapter(
         seed=resolved.seed,
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.startswith("cuda")
     optimizer = torch.optim.AdamW(
-        params, lr=resolved.learning_rate, weight_decay=resolved.weight_decay, betas=(0.9, 0.999), fused=fused
-    )
+        params, lr=resolved.learning_rate, weight_decay=resolved.weight_decay, betas=(0.9, 0.999),
+        fused=device.startswith("cuda"),
+    )  # fmt: skip
     scheduler = _scheduler(optimizer, resolved.lr_scheduler, resolved.warmup_steps, plan.total_steps)
-    outcome = TrainOutcome(steps_done=0)
-    start_step = 0
-    if checkpoint_dir is not None and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start_step = int(state["step"])
-        outcome.loss_history = list(state.get("loss_history", []))
-        micro = int(state.get("micro_batch_size", micro))
-        events.log(f"resumed from checkpoint at step {start_step}", step=start_step)
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    autocast_dtype = accel.autocast_dtype(device)
-    monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
-    guard = ThermalGuard(safety or SafetySettings())
-    where = position or RunPosition()
-
-    def checkpoint(step: int) -> None:
-        if checkpoint_dir is None or (rank is not None and not rank.is_writer):
-            return
-        path = save_checkpoint(
-            checkpoint_dir, step, model, optimizer, scheduler,
-            {"loss_history": outcome.loss_history, "micro_batch_size": micro},
-        )  # fmt: skip
-        events.emit(Checkpoint(step=step, path=str(path), run=where.run))
-
+    run = _Run(
+        model, optimizer, scheduler, plan, device, events, checkpoint_dir, rank, position or RunPosition(),
+        micro=resolved.micro_batch_size, rows_per_step=rows_per_step,
+        recomputing=getattr(resolved, "gradient_checkpointing", True),
+    )  # fmt: skip
+    start_step = run.resume()
     model.train()
-    # one device: fast_step.run_step on the model; several: this rank's share through DDP
-    step_fn, step_model = (rank.run_step, rank.wrap(model)) if rank is not None else (run_step, model)
     graphs: StepGraphs | None = None
-    no_graphs = why_not(model, device, resolved, distributed=rank is not None)
-    if no_graphs is None:
-        graphs = StepGraphs(
-            model, device, resolved.max_seq_length, resolved.packing, most_pieces_per_row(plan)
-        )
-    elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
-        events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
-    step_kwargs: dict[str, Any] = {"graphs": graphs} if graphs is not None else {}
-    graphs_failure_told = False
-    recomputing = getattr(resolved, "gradient_checkpointing", True)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    t_begin = time.perf_counter()
-    tokens_seen = 0
-    step = start_step
+    step_model = model
+    if step_fn is None:  # one device: fast_step.run_step on the model; several: this rank's share
+        step_fn, step_model = (rank.run_share, rank.wrap(model)) if rank is not None else (run_step, model)
+        no_graphs = why_not(model, device, resolved, distributed=rank is not None)
+        if no_graphs is None:
+            graphs = StepGraphs(
+                model, device, resolved.max_seq_length, resolved.packing, most_pieces_per_row(plan)
+            )
+        elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
+            events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = StepInputs(
+        step_model, optimizer, [], data, run.micro, pad_id, device, accel.autocast_dtype(device),
+        resolved.max_grad_norm, graphs,
+    )  # fmt: skip
+    monitor = GpuMonitor(gpu_index) if device.startswith("cuda") else None
+    return _train_steps(
+        run, step_fn, inputs, start_step, cancel_check, monitor, ThermalGuard(safety or SafetySettings()),
+        resolved.checkpoint_every, evaluator,
+    )  # fmt: skip
+
+
+def _train_steps(
+    run: _Run,
+    step_fn: TrainStep,
+    inputs: StepInputs,
+    start: int,
+    cancel_check: Callable[[], bool],
+    monitor: GpuMonitor | None,
+    guard: ThermalGuard,
+    checkpoint_every: int | None,
+    evaluator: Callable[[int], Any] | None,
+) -> TrainOutcome:
+    """The optimizer steps from ``start`` to the plan's end: one ``step_fn`` call each."""
+    plan, events, graphs = run.plan, run.events, inputs.graphs
+    if run.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.t_begin = time.perf_counter()
+    step, graphs_failure_told = start, False
     while step < plan.total_steps:
         if cancel_check():
-            checkpoint(step)
+            run.checkpoint(step)
             raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
         wait_for_safe_gpu(
             monitor, guard, events, before=f"step {step + 1}", max_wait_s=guard.settings.max_pause_s,
-            save_progress=lambda s=step: checkpoint(s),
+            save_progress=lambda s=step: run.checkpoint(s),
         )  # fmt: skip
-        rows = plan.steps[step]
         # one device: the next step is collated while the GPU runs this one (fast_step.run_step)
-        ahead: dict[str, Any] = (
-            {"next_rows": plan.steps[step + 1]} if rank is None and step + 1 < plan.total_steps else {}
-        )
+        ahead = plan.steps[step + 1] if run.rank is None and step + 1 < plan.total_steps else None
         t0 = time.perf_counter()
         try:
-            loss_value, real_tokens, grad_norm = step_fn(
-                step_model,
-                optimizer,
-                rows,
-                data,
-                micro,
-                pad_id,
-                device,
-                autocast_dtype,
-                resolved.max_grad_norm,
-                **step_kwargs,
-                **ahead,
-            )
+            result = step_fn(replace(inputs, rows=plan.steps[step], micro=run.micro, next_rows=ahead))
         except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5; same class)
-            optimizer.zero_grad(set_to_none=True)
-            if graphs is not None:  # their shapes and memory were for the old micro-batch size
-                graphs.reset()
-            torch.cuda.empty_cache()
-            # Recomputation skipped (the defaults do where memory seemed to allow it): switch it on
-            # first, which keeps the batch; then halve the micro-batch. (One device: ranks back off alike.)
-            if not recomputing and rank is None and switch_on_recomputation(model):
-                recomputing = True
-                events.warning(
-                    f"CUDA out of memory without recomputation: gradient checkpointing switched on at "
-                    f"micro-batch {micro} (same batch; each layer is recomputed in the backward pass from here)",
-                    gradient_checkpointing=True,
-                )
-                continue
-            if micro == 1 or (rank is not None and rank.sharded):  # FSDP ranks cannot back off alone
-                raise RuntimeError(
-                    f"CUDA out of memory at micro-batch {micro}: lower micro_batch_size or max_seq_length, "
-                    "use quantization '4bit', or a smaller model"
-                ) from None
-            micro //= 2
-            events.warning(
-                f"CUDA out of memory: micro-batch halved to {micro}, gradient accumulation doubled to "
-                f"{rows_per_step // micro} (same effective batch)",
-                micro_batch_size=micro,
-                gradient_accumulation=rows_per_step // micro,
-            )
+            run.back_off(graphs)
             continue
-        scheduler.step()
+        run.scheduler.step()
         step += 1
         if graphs is not None and graphs.failure and not graphs_failure_told:
             events.warning(f"CUDA graph capture failed, stepping eagerly from here: {graphs.failure}")
             graphs_failure_told = True
-        dt = time.perf_counter() - t0
-        tokens_seen += real_tokens
-        elapsed = time.perf_counter() - t_begin
-        tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-        lr = scheduler.get_last_lr()[0]
-        outcome.loss_history.append({"step": step, "loss": loss_value, "lr": lr})
-        remaining = plan.total_steps - step
-        sample = monitor.sample() if monitor else None
-        events.emit(
-            Progress(
-                run=where.run,
-                runs=where.runs,
-                global_step=where.step_offset + step,
-                step=step,
-                total=plan.total_steps,
-                loss=round(loss_value, 6),
-                lr=lr,
-                grad_norm=round(grad_norm, 6),
-                tokens=real_tokens,
-                tokens_per_s=round(tps, 1),
-                step_s=round(dt, 4),
-                eta_s=round(remaining * elapsed / max(1, step - start_step), 1),
-                gpu_memory_gib=_gpu_memory_gib(device),
-                gpu=sample,
-            )
-        )
-        if resolved.checkpoint_every and step % resolved.checkpoint_every == 0 and step < plan.total_steps:
-            checkpoint(step)
+        run.report(step, start, result, time.perf_counter() - t0, monitor.sample() if monitor else None)
+        if checkpoint_every and step % checkpoint_every == 0 and step < plan.total_steps:
+            run.checkpoint(step)
             if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
-                evaluator(where.step_offset + step)
-                model.train()
-    if graphs is not None:
-        events.log(graphs.summary(), cuda_graphs=graphs.captured, replayed=graphs.replays)
-        graphs.reset()
-        optimizer.zero_grad(set_to_none=True)  # kept allocated for the graphs; not needed any more
-    outcome.steps_done = step
-    outcome.train_seconds = time.perf_counter() - t_begin
-    outcome.tokens_per_s = tokens_seen / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
-    outcome.peak_memory_gib = _gpu_memory_gib(device)
-    outcome.micro_batch_size = micro
-    outcome.gradient_accumulation = rows_per_step // micro
-    return outcome
+                evaluator(run.where.step_offset + step)
+                run.model.train()
+    return run.finish(step, graphs)

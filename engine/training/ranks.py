@@ -29,6 +29,7 @@ from engine.training.batching import IGNORE
 from engine.training.fast_step import loss_sum, prepare_batches
 from engine.training.fused_lora import weights_updated
 from engine.training.loss import causal_lm
+from engine.training.step import StepInputs, StepResult
 from engine.training.varlen_attention import VARLEN_FLAG, varlen_attention
 
 
@@ -78,13 +79,14 @@ class RankContext:
         engine.training.base_model, so it can be sliced); a layer is gathered for its forward and
         backward. The LoRA tensors stay whole on every rank (``ignored_params``), so the optimizer,
         checkpoints and the saved adapter are the one-device ones; their gradients are averaged in
-        ``run_step``, as DDP would. The output head stays whole too (it may be tied to the input
+        ``run_share``, as DDP would. The output head stays whole too (it may be tied to the input
         embedding). Every call of the decoder is a collective: every rank evaluates.
         """
         lora = [p for p in model.parameters() if p.requires_grad]
         for p in lora:
             dist.broadcast(p.data, src=0)
         if self.sharded:
+            # FSDP2's public names (torch >= 2.6): the one-device and DDP paths never need them
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -99,25 +101,25 @@ class RankContext:
             _StepLoss(model), broadcast_buffers=False, init_sync=False, find_unused_parameters=False
         )
 
-    def run_step(
-        self,
-        ddp: Any,
-        optimizer: Any,
-        rows: list[list[int]],
-        data: Any,
-        micro: int,
-        pad_id: int,
-        device: str,
-        autocast_dtype: torch.dtype | None,
-        max_grad_norm: float,
-    ) -> tuple[float, int, float]:
-        """fast_step.run_step for one rank's share of the step; returns the same global figures."""
+    def run_share(self, inputs: StepInputs) -> StepResult:
+        """fast_step.run_step for this rank's share of the step (``inputs.model`` wrapped by ``wrap``);
+        returns the same global figures on every rank."""
+        ddp, optimizer, rows, data, micro = (
+            inputs.model,
+            inputs.optimizer,
+            inputs.rows,
+            inputs.data,
+            inputs.micro,
+        )
+        device, dtype = inputs.device, inputs.autocast_dtype
         weights_updated()
         step_loss = getattr(ddp, "module", ddp)  # DDP's module, or the bare one under FSDP
         model = step_loss.model
         quiet = getattr(ddp, "no_sync", contextlib.nullcontext)
         varlen = bool(model.__dict__.get(VARLEN_FLAG, False))
-        batches = prepare_batches(rows[self.rank :: self.world], data, micro, pad_id, device, varlen=varlen)
+        batches = prepare_batches(
+            rows[self.rank :: self.world], data, micro, inputs.pad_id, device, varlen=varlen
+        )
         mine = len(batches)
         real = sum(b.real_tokens for b in batches)
         if self.sharded:  # each forward gathers from every rank: all run as many micro-batches as rank 0
@@ -133,9 +135,7 @@ class RankContext:
             for i, b in enumerate(batches):
                 last = i == len(batches) - 1  # gradients are all-reduced in the last backward only
                 with contextlib.nullcontext() if last else quiet():
-                    with torch.autocast(
-                        device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-                    ):
+                    with torch.autocast(device_type=dev_type, dtype=dtype, enabled=dtype is not None):
                         part = ddp(b)
                     (part * (scale if i < mine else 0.0)).backward()
                 if i < mine:
@@ -147,7 +147,7 @@ class RankContext:
             dist.all_reduce(flat)
             for g, part in zip(grads, flat.div_(self.world).split([g.numel() for g in grads]), strict=True):
                 g.copy_(part.view_as(g))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # same on every rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, inputs.max_grad_norm)  # same on every rank
         optimizer.step()
         weights_updated()
         optimizer.zero_grad(set_to_none=True)
@@ -155,7 +155,7 @@ class RankContext:
         stats = torch.stack([total.float(), total.new_tensor(float(real), dtype=torch.float32)])
         dist.all_reduce(stats)  # the step's loss sum and tokens over every rank
         loss_total, tokens = stats.tolist()
-        return loss_total / max(1, n_targets), round(tokens), float(grad_norm)
+        return StepResult(loss_total / max(1, n_targets), round(tokens), float(grad_norm))
 
 
 class _StepLoss(torch.nn.Module):

@@ -220,6 +220,7 @@ def varlen_attention_forward(
                 *(t.transpose(1, 2) for t in (query, key, value)), softmax_scale=scale, causal=True
             )
             return out, None
+        # transformers loads after privacy_environment(): one-shot commands import this module first
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -244,7 +245,7 @@ def varlen_attention_forward(
 
 
 def register() -> None:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # after privacy_environment(), as above
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, varlen_attention_forward)

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backprop_mcp.models import JobList, JobStatus, JobSummary, Progress
+from backprop_mcp.job_events import JobTail
 from backprop_mcp.store import JobRecord, JobStore
 from backprop_mcp.supervisor import Supervisor, read_job_result
-from backprop_mcp.tail import JobTail
+from backprop_mcp.tool_outputs import JobList, JobStatus, JobSummary, Progress
 from engine.interface import backprop_home
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def progress_of(tail: JobTail) -> Progress | None:
         learning_rate=p.lr,
         tokens_per_s=p.tokens_per_s,
         eta_s=p.eta_s,
+        metrics=p.metrics,
     )
 
 

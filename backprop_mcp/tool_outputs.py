@@ -21,6 +21,11 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = Field(None, description="estimated seconds left in the current run")
+    metrics: dict[str, float] | None = Field(
+        None,
+        description="the method's own figures at this step, named as trl logs them "
+        "(DPO/KTO/ORPO: rewards/chosen, rewards/accuracies, ...; GRPO: reward, reward/<function>, kl, ...)",
+    )
 
 
 class JobStatus(BaseModel):
@@ -91,7 +96,18 @@ class DatasetCheck(BaseModel):
         default_factory=list, description="bad rows as 'file:line: what is wrong' (first 20)"
     )
     tokens: TokenStats | None = Field(
-        None, description="token lengths with the model's tokenizer and chat template"
+        None,
+        description="token lengths with the model's tokenizer and chat template (preference data: per "
+        "sequence, a prompt and one answer)",
+    )
+    method: str | None = Field(None, description="the training method the defaults are for")
+    method_note: str | None = Field(None, description="what the method makes of the file")
+    method_problem: str | None = Field(None, description="why the method cannot train on the file")
+    prompt_tokens: TokenStats | None = Field(
+        None, description="preference data: token lengths of the prompts"
+    )
+    completion_tokens: TokenStats | None = Field(
+        None, description="preference data: token lengths of the answers"
     )
     fits: bool | None = None
     fit_error: str | None = None
