@@ -163,6 +163,7 @@ class ServerState:
         """Refresh every unfinished job; return the resource URIs whose content changed."""
         changed: list[str] = []
         self.supervisor.enforce_cancel_deadlines()
+        self.supervisor.keep_worker_warm()
         unfinished = self.store.list(states={"queued", "running"})
         if not self._reattached:
             self._reattached = True

@@ -28,6 +28,7 @@ from engine.interface import (
     WORKER_LOG,
     JobResult,
     JobState,
+    WarmPool,
     create_job,
     procs,
     read_result,
@@ -64,6 +65,8 @@ class Supervisor:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.worker_command = worker_command  # None: python -P -m engine run (engine.jobs.runner)
+        # With the engine's own worker: one kept warm for the next job (engine.jobs.warm_worker)
+        self.warm = WarmPool(home) if worker_command is None else None
         env_grace = os.environ.get("BACKPROP_CANCEL_GRACE_S")
         self.cancel_grace_s = (
             cancel_grace_s if cancel_grace_s is not None else float(env_grace or DEFAULT_CANCEL_GRACE_S)
@@ -84,7 +87,8 @@ class Supervisor:
         job_id = job_dir.name
         self.store.create(job_id, kind, job_dir, label)
         try:
-            proc, identity = start_worker(job_dir, home=self.home, command=self.worker_command)
+            warm = self.warm.take(job_dir) if self.warm is not None else None
+            proc, identity = warm or start_worker(job_dir, home=self.home, command=self.worker_command)
         except OSError as exc:
             self.store.transition(
                 job_id, "failed", error=f"could not start the worker: {exc}", finished_at=time.time()
@@ -97,6 +101,11 @@ class Supervisor:
         record = self.store.get(job_id)
         assert record is not None
         return record
+
+    def keep_worker_warm(self) -> None:
+        """Start a warm worker where none waits (the watcher calls this; engine.jobs.warm_worker)."""
+        if self.warm is not None:
+            self.warm.keep_warm()
 
     # -- following jobs -----------------------------------------------------------------------
 

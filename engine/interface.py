@@ -43,6 +43,7 @@ from engine.jobs.runner import (
     start_worker,
     worker_env,
 )
+from engine.jobs.warm_worker import WarmPool
 from engine.planning.gpu_report import GpuReport, gpu_report
 from engine.planning.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 
@@ -62,6 +63,7 @@ __all__ = [
     "SeriesSpec",
     "TokenStats",
     "TrainSettings",
+    "WarmPool",
     "backprop_home",
     "looks_like_path",
     "check_model",

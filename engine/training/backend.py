@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from engine.training.fused_lora import fuse_lora_layers
-from engine.training.varlen_attention import VARLEN_FLAG, flash_varlen_kv_as_is
+from engine.training.varlen_attention import VARLEN_FLAG, kernel_description, varlen_kernel
 
 # auto: the native fast path with its defaults (CUDA graphs, no recomputation where the card holds every
 # layer's activations, the compiled loss kernel) is as fast as Unsloth or faster at every size measured
@@ -132,9 +132,9 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layer
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(info.get("compute_dtype")))
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    if dtype is not None and flash_varlen_kv_as_is(device, dtype, head_dim, heads, kv_heads) is not None:
-        model.__dict__[VARLEN_FLAG] = True
-        applied.append("varlen flash attention for packed rows")
+    if dtype is not None and (kernel := varlen_kernel(device, dtype, head_dim, heads, kv_heads)) is not None:
+        model.__dict__[VARLEN_FLAG] = kernel
+        applied.append(f"packed rows' attention: {kernel_description(kernel)}")
     if compile_layers:
         applied.append(f"torch.compile on {compile_decoder_layers(model)} decoder layers")
     return applied
