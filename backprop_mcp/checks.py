@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ValidationError
 
-from backprop_mcp.paths import looks_like_hub_name, resolve_readable
+from backprop_mcp.paths import JOB_ID_RE, looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tool_outputs import DatasetCheck
 from engine.interface import (
@@ -68,6 +68,17 @@ def preflight(spec: JobSpec) -> list[str]:
         raise ToolError(f"{exc} Nothing was started.") from None
 
 
+def initial_adapter(value: str, find_job: Callable[[str], JobRecord]) -> str:
+    """A tool's init_adapter: a succeeded training job's id (its folder, whose adapter the engine takes), or
+    an absolute path the file policy lets tools read (an adapter folder or a finished job's folder)."""
+    text = value.strip()
+    if JOB_ID_RE.match(text):
+        record = find_job(text)
+        trained_job(record, "init_adapter")
+        return str(record.job_dir)
+    return str(resolve_readable(text, "init_adapter"))
+
+
 def permitted_model(model: str) -> str:
     """A tool's model argument: a folder only where the file policy lets tools read (a name passes as it
     is), then the engine's ``check_model`` (its PreflightError reaches the model as a tool error, tool_errors.py)."""
@@ -89,6 +100,8 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
     problems = [str(p) for p in (report.get("problems") or [])]
     if not report.get("rows_ok"):
         next_step = "No usable rows: fix the format (see problems) and check again."
+    elif check.method_problem:
+        next_step = f"{check.method_problem}. Give data in the method's format, or another method."
     elif report.get("bad_rows"):
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
@@ -98,9 +111,8 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."
         )
     else:
-        next_step = (
-            f"Ready: start_finetune(dataset_path='{path}', ...) with these defaults or your own settings."
-        )
+        method = f", method='{check.method}'" if check.method not in (None, "sft") else ""
+        next_step = f"Ready: start_finetune(dataset_path='{path}'{method}, ...) with these defaults or your own settings."
     return DatasetCheck(
         **check.model_dump(exclude={"report"}),
         path=path,

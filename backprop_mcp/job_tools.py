@@ -36,25 +36,34 @@ _STARTS_A_JOB = hints(read_only=False, destructive=False, idempotent=False, open
 
 
 def register_job_tools(server: MCPServer, find_job: Callable[[str], JobRecord], create: Create) -> None:
-    _start_finetune(server, create)
+    _start_finetune(server, find_job, create)
     _run_slao_series(server, create)
     _export_gguf(server, find_job, create)
 
 
-def _start_finetune(server: MCPServer, create: Create) -> None:
+def _start_finetune(server: MCPServer, find_job: Callable[[str], JobRecord], create: Create) -> None:
     @server.tool(
         name="start_finetune",
         title="Start a LoRA/QLoRA fine-tune",
         annotations=_STARTS_A_JOB,
         meta=LINKED_TOOL_META,
     )
-    @takes_settings(FinetuneSpec, leave_out=LEFT_OUT["start_finetune"], model=path_arg())
+    @takes_settings(
+        FinetuneSpec,
+        leave_out=LEFT_OUT["start_finetune"],
+        model=path_arg(),
+        init_adapter=path_arg(
+            "start from this LoRA adapter: a succeeded fine-tune's job id, or an absolute path of a PEFT adapter "
+            "folder; for dpo and kto its frozen copy is the reference"
+        ),
+    )
     def start_finetune(
         dataset_path: Annotated[
             str,
             path_arg(
                 "absolute path of a JSONL/JSON/CSV/Parquet file or saved `datasets` folder "
-                "(chat 'messages', 'prompt'/'completion' or 'text' rows), or a hub dataset name"
+                "(chat 'messages', 'prompt'/'completion' or 'text' rows; for method dpo/orpo 'prompt'/'chosen'/"
+                "'rejected' pairs, for kto 'prompt'/'completion'/'label'), or a hub dataset name"
             ),
         ],
         *,
@@ -67,6 +76,8 @@ def _start_finetune(server: MCPServer, create: Create) -> None:
         Follow the job with job_status(job_id, wait_s=30)."""
         data_path = checks.dataset_path(dataset_path)
         settings["model"] = checks.permitted_model(settings["model"])
+        if settings.get("init_adapter"):
+            settings["init_adapter"] = checks.initial_adapter(settings["init_adapter"], find_job)
         spec = checks.validated(training_spec, "settings", FinetuneSpec, data_path, **settings)
         require_for_spec(spec, "start_finetune")  # the extras this spec uses (train; unsloth for its backend)
         return create(spec, f"{Path(spec.model).name} on {Path(data_path).name}")

@@ -35,7 +35,9 @@ LEFT_OUT = {
     "export_gguf": frozenset({"ollama_host", "trust_remote_code"}),
 }  # fmt: skip
 # check_dataset measures a dataset with a fine-tune's tokenizer and memory settings, and no others
-CHECK_DATASET_TAKES = ("model", "max_seq_length", "micro_batch_size", "quantization", "lora_rank")
+CHECK_DATASET_TAKES = (
+    "model", "method", "max_seq_length", "max_prompt_length", "micro_batch_size", "quantization", "lora_rank",
+)  # fmt: skip
 
 
 def takes_settings(

@@ -299,7 +299,10 @@ def test_missing_unknown_and_hub_sources(tmp_path: Path) -> None:
         ({"prompt": "P", "completion": ""}, "field 'completion' is empty"),
         ({"text": 5}, "field 'text' must be a string, got a number"),
         ({"question": "Q", "answer": "A"}, "no known field (found: answer, question)"),
-        ({"chosen": "A", "rejected": "B"}, "preference data"),
+        (
+            {"chosen": "A", "rejected": "B"},
+            "this row is in preference_implicit format but most rows of the file are chat",
+        ),
     ],
 )
 def test_each_bad_row_is_named_with_file_and_line(tmp_path: Path, row: object, expected: str) -> None:

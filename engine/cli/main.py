@@ -40,6 +40,7 @@ _TITLES = {
     None: "job",
     "dataset": "dataset",
     "safety": "GPU temperature",
+    "preference": "preference tuning (dpo, kto, orpo)",
 }
 
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="check a dataset: format, bad rows, token lengths, defaults")
     p.add_argument("path")
     _add_setting(p, "model", spec.FinetuneSpec.model_fields["model"])
+    _add_setting(p, "method", spec.FinetuneSpec.model_fields["method"])
     _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
@@ -288,7 +290,7 @@ def _check_data(args: argparse.Namespace) -> int:
     from engine.jobs.commands import check_data
 
     require("train", "backprop check-data")
-    spec = training_spec(FinetuneSpec, local_or_name(args.path), model=args.model)
+    spec = training_spec(FinetuneSpec, local_or_name(args.path), model=args.model, method=args.method)
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
         out = check_data(spec)
     print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, spec.model))

@@ -161,18 +161,30 @@ def check_data_text(out: DataCheck, model: str) -> str:
         lines.append(
             f"Fix them, or add --skip-bad-rows to train on the {r.get('rows_ok')} good rows (the skipped rows are reported)."
         )
-    if t := out.tokens:
-        lines.append(
-            f"tokens ({model}'s tokenizer and chat template): {t.examples} examples, {t.total} in all; "
-            f"per example min {t.min}, median {t.median}, p95 {t.p95}, max {t.max}"
-        )
+    for note in (out.method_problem, out.method_note):
+        if note:
+            lines.append(note)
+    counted = (  # a preference file: each sequence (a prompt and one answer), its prompts and its answers
+        [("tokens", "sequences", "sequence", out.tokens), ("prompt tokens", "prompts", "prompt", out.prompt_tokens),
+         ("answer tokens", "answers", "answer", out.completion_tokens)]
+        if out.prompt_tokens else [("tokens", "examples", "example", out.tokens)]
+    )  # fmt: skip
+    for what, many, one, t in counted:
+        if t is not None:
+            lines.append(
+                f"{what} ({model}'s tokenizer and chat template): {t.examples} {many}, {t.total} in all; "
+                f"per {one} min {t.min}, median {t.median}, p95 {t.p95}, max {t.max}"
+            )
     if out.fits is False:
         lines.append(f"does not fit: {for_cli(str(out.fit_error))}")
     elif d := out.defaults:
         mem = (out.memory_estimate_gib or {}).get("total_gib")
+        prompt = d.get("max_prompt_length")
         lines.append(
-            f"a fine-tune would use: {d.get('steps')} steps, micro-batch {d.get('micro_batch_size')} x "
-            f"{d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} tokens"
+            f"a {out.method or 'sft'} fine-tune would use: {d.get('steps')} steps, micro-batch "
+            f"{d.get('micro_batch_size')} x {d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} "
+            "tokens"
+            + (f" (prompts up to {prompt})" if prompt else "")
             + (", packed" if d.get("packing") else "")
             + f", learning rate {d.get('learning_rate')}"
             + (f", about {mem:.1f} GiB" if isinstance(mem, (int, float)) else "")

@@ -12,7 +12,9 @@ MAX_PROBLEMS_KEPT = 1000  # a report keeps this many problems; the count covers 
 PROBLEMS_IN_MESSAGE = 5
 FORMAT_HELP = (
     "each row needs one of: messages (chat), conversations (ShareGPT), "
-    "instruction+output (Alpaca), prompt+completion, text, or input_ids (pre-tokenized)"
+    "instruction+output (Alpaca), prompt+completion, text, or input_ids (pre-tokenized); "
+    "for preference tuning: prompt+chosen+rejected, chosen+rejected (the shared start is the prompt), "
+    "or prompt+completion+label (true/false, KTO)"
 )
 
 

@@ -181,9 +181,97 @@ class _ModelJob(_Strict):
         return self
 
 
+Method = Literal["sft", "dpo", "kto", "orpo"]
+# trl's DPO loss variants the engine computes (each proven equal to DPOTrainer's in tests/test_preference_maths.py);
+# trl's list-valued loss_type takes one here. aot/aot_unpaired (sorted over a batch) and discopop are left out.
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "sigmoid_norm",
+]  # fmt: skip
+KtoLoss = Literal["kto", "apo_zero_unpaired"]
+DPO_LOSSES: tuple[str, ...] = DpoLoss.__args__  # type: ignore[attr-defined]
+KTO_LOSSES: tuple[str, ...] = KtoLoss.__args__  # type: ignore[attr-defined]
+PreferenceLoss = Literal[DpoLoss, KtoLoss]  # one Literal (nested ones flatten): one list of choices
+
+
+class PreferenceSettings(_Strict):
+    """The preference methods' own settings (dpo, kto, orpo), with trl's names, defaults and meanings."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="dpo/kto: how far the model may move from the reference (higher: closer to it); "
+        "orpo: the weight of the odds-ratio term beside the answers' negative log-likelihood",
+    )
+    loss_type: PreferenceLoss | None = Field(
+        None,
+        description="dpo: sigmoid (DPO, the default), hinge (SLiC), ipo, robust (noisy labels), exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm; kto: kto (the default) or "
+        "apo_zero_unpaired",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo's robust and exo_pair losses: the assumed share of preference labels that are flipped",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, le=100, description="kto: weight of the desirable (label true) examples' losses"
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, le=100, description="kto: weight of the undesirable (label false) examples' losses"
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        le=131072,
+        description="prompt tokens kept (the end, nearest the answer); default: from the data's prompts",
+    )
+
+    def loss_for(self, method: str) -> str:
+        """The loss the method computes: the one given, else trl's default for it."""
+        return self.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(method, method)
+
+
 class FinetuneSpec(_ModelJob):
     kind: Literal["finetune"] = "finetune"
+    method: Method = Field(
+        "sft",
+        description="sft: learn the answers (supervised); dpo: prefer the chosen answer of each pair over the "
+        "rejected one; kto: from answers labelled good or bad (unpaired); orpo: sft and preference in one pass, "
+        "no reference model",
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="start from this LoRA adapter (a finished job's folder or a PEFT adapter folder) instead of "
+        "a fresh one; for dpo and kto its frozen copy is the reference",
+    )
     dataset: DatasetSettings
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> FinetuneSpec:
+        # values away from their defaults (a spec read back from spec.json has every field set)
+        given = [
+            n for n, f in PreferenceSettings.model_fields.items() if getattr(self.preference, n) != f.default
+        ]
+        if self.method == "sft" and given:
+            what = "is a setting" if len(given) == 1 else "are settings"
+            raise ValueError(
+                f"{', '.join(given)} {what} of the preference methods (dpo, kto, orpo) but method is 'sft': "
+                "set method, or leave them out"
+            )
+        loss = self.preference.loss_type
+        allowed = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(self.method, ())
+        if loss is not None and loss not in allowed:
+            choices = f"one of {', '.join(allowed)}" if allowed else "none (orpo has one loss)"
+            raise ValueError(f"loss_type '{loss}' is not one of {self.method}'s losses: use {choices}")
+        if loss == "exo_pair" and self.preference.label_smoothing == 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its paper suggests 0.001)")
+        if self.method != "sft" and (self.gpus == "all" or len(self.gpus or []) > 1):
+            raise ValueError(f"method '{self.method}' trains on one device: give gpu_index, not several gpus")
+        return self
 
 
 MergeMode = Literal["slao", "sequential", "linear", "ties", "dare"]

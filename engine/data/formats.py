@@ -16,6 +16,9 @@ Row formats (one per file, detected from the rows)
     ``text``        ``{"text": str}``
     ``tokens``      ``{"input_ids": [int, ...], "labels": [int, ...] (optional, -100 = no loss)}``:
                     already tokenized for the model being trained (no template is applied)
+    ``preference``, ``preference_implicit``, ``unpaired_preference``: trl's preference formats
+                    (``{"prompt", "chosen", "rejected"}``, ``{"chosen", "rejected"}``,
+                    ``{"prompt", "completion", "label"}``), see ``engine.data.preference``
     Other keys are ignored. Roles ``tool``/``function``/``ipython`` are refused: tool-calling
     conversations need tool-call structure that these formats do not carry, and silently
     dropping the turns would teach the model broken conversations.
@@ -28,7 +31,6 @@ Where a problem is reported
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -43,14 +45,17 @@ from engine.contract.datasets import (
     row_place,
 )
 from engine.contract.spec import DatasetSettings
+from engine.data.preference import Preference, normalise_paired, normalise_unpaired
+from engine.data.rows import ROLES, TOOL_ROLES, RowError, content_text, json_cell, text_field
 from engine.data.sources import RawRow, open_source, type_name
 
-ExampleKind = Literal["chat", "completion", "text", "tokens"]
-RowFormat = Literal["chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"]
-FORMATS: tuple[RowFormat, ...] = ("chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens")
+ExampleKind = Literal["chat", "completion", "text", "tokens", "preference", "unpaired"]
+RowFormat = Literal[
+    "chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
+    "preference", "preference_implicit", "unpaired_preference",
+]  # fmt: skip
+FORMATS: tuple[RowFormat, ...] = RowFormat.__args__  # type: ignore[attr-defined]
 
-ROLES = ("system", "user", "assistant")
-TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -71,11 +76,8 @@ class Example:
     text: str | None = None  # text
     input_ids: list[int] | None = None  # tokens
     labels: list[int] | None = None  # tokens (None: loss on every token)
+    preference: Preference | None = None  # preference (a pair) and unpaired (one judged answer)
     source: str = ""  # "file.jsonl:12", for error messages
-
-
-class _BadRow(Exception):
-    """Raised while normalising one row; becomes a RowProblem."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,14 +148,14 @@ def _read(path: str, split: str | None) -> tuple[list[Example], DatasetReport]:
         where = row_place(source.label, raw.position, source.unit)
         try:
             if why is not None:
-                raise _BadRow(why)
+                raise RowError(why)
             if fmt != file_format:
-                raise _BadRow(
+                raise RowError(
                     f"this row is in {fmt} format but most rows of the file are {file_format}; "
                     "one file must use one format (split it into one file per format)"
                 )
             examples.append(_NORMALISERS[str(fmt)](raw.value, where))
-        except _BadRow as bad:
+        except RowError as bad:
             report.bad_rows += 1
             if len(report.problems) < MAX_PROBLEMS_KEPT:
                 report.problems.append(RowProblem(source.label, raw.position, str(bad), source.unit))
@@ -177,6 +179,15 @@ def _preview(ex: Example, limit: int = 200) -> dict[str, Any]:
         value = getattr(ex, name)
         if value is not None:
             out[name] = cut(value)
+    if ex.preference is not None:
+        for name in ("prompt", "chosen", "rejected", "completion", "label"):
+            value = getattr(ex.preference, name)
+            if isinstance(value, str):
+                out[name] = cut(value)
+            elif isinstance(value, list):
+                out[name] = [{"role": m["role"], "content": cut(m["content"])} for m in value]
+            elif value is not None:
+                out[name] = value
     return out
 
 
@@ -185,7 +196,14 @@ def _char_length(ex: Example) -> int:
         return sum(len(m["content"]) for m in ex.messages)
     if ex.input_ids is not None:
         return len(ex.input_ids)
+    if ex.preference is not None:
+        p = ex.preference
+        return sum(_text_chars(t) for t in (p.prompt, p.chosen, p.rejected, p.completion) if t is not None)
     return len(ex.prompt or "") + len(ex.completion or "") + len(ex.text or "")
+
+
+def _text_chars(text: str | list[dict[str, str]]) -> int:
+    return len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
 
 
 def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
@@ -197,6 +215,10 @@ def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
         return "chat", None
     if "conversations" in present:
         return "sharegpt", None
+    if present & {"chosen", "rejected"}:
+        return ("preference" if "prompt" in present else "preference_implicit"), None
+    if "label" in present and "completion" in present:
+        return "unpaired_preference", None
     if present & {"prompt", "completion"}:
         return "prompt_completion", None
     if present & {"instruction", "output"}:
@@ -206,62 +228,21 @@ def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
     if "input_ids" in present:
         return "tokens", None
     keys = ", ".join(sorted(str(k) for k in row)) or "none"
-    if present & {"chosen", "rejected"}:
-        hint = "preference data (chosen/rejected) is for DPO-style training, which is not supported"
-    else:
-        hint = FORMAT_HELP
-    return None, f"no known field (found: {keys}); {hint}"
-
-
-def _text_field(row: dict[str, Any], key: str, *, required: bool = True, allow_empty: bool = False) -> str:
-    value = row.get(key)
-    if value is None:
-        if required:
-            raise _BadRow(f"missing field '{key}'")
-        return ""
-    if not isinstance(value, str):
-        raise _BadRow(f"field '{key}' must be a string, got {type_name(value)}")
-    if not allow_empty and not value.strip():
-        raise _BadRow(f"field '{key}' is empty")
-    return value
-
-
-def _content_text(content: Any, what: str) -> str:
-    """Message content: a string, or OpenAI-style text parts joined together."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _BadRow(f"{what}: only text content is supported (found a '{part.get('type')}' part)")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _BadRow(f"{what}: content must be a string, got {type_name(content)}")
-
-
-def _maybe_json_cell(value: Any, key: str) -> Any:
-    # CSV cells are strings; a messages/conversations cell holds the list as JSON text.
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _BadRow(f"field '{key}' is text but not a JSON list of messages ({e.msg})") from None
-    return value
+    return None, f"no known field (found: {keys}); {FORMAT_HELP}"
 
 
 def _check_conversation(messages: list[dict[str, str]], key: str) -> list[dict[str, str]]:
     if not messages:
-        raise _BadRow(f"empty conversation: '{key}' has no messages")
+        raise RowError(f"empty conversation: '{key}' has no messages")
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
-            raise _BadRow(f"{key}[{i}]: a system message is only allowed first")
+            raise RowError(f"{key}[{i}]: a system message is only allowed first")
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistants:
-        raise _BadRow("no assistant turn: there is nothing for the model to learn to answer")
+        raise RowError("no assistant turn: there is nothing for the model to learn to answer")
     for i in assistants:
         if not messages[i]["content"].strip():
-            raise _BadRow(f"{key}[{i}]: the assistant turn is empty")
+            raise RowError(f"{key}[{i}]: the assistant turn is empty")
     return messages
 
 
@@ -275,39 +256,39 @@ _CONVERSATIONS: dict[str, tuple[str, str, tuple[str, str], dict[str, str], tuple
 
 def _normalise_conversation(row: dict[str, Any], where: str, key: str) -> Example:
     speaker_key, text_key, (alt_speaker, alt_text), roles, shown = _CONVERSATIONS[key]
-    turns = _maybe_json_cell(row[key], key)
+    turns = json_cell(row[key], key)
     if not isinstance(turns, list):
-        raise _BadRow(f"field '{key}' must be a list of messages, got {type_name(turns)}")
+        raise RowError(f"field '{key}' must be a list of messages, got {type_name(turns)}")
     out: list[dict[str, str]] = []
     for i, t in enumerate(turns):
         what = f"{key}[{i}]"
         if not isinstance(t, dict):
-            raise _BadRow(f"{what} must be an object with {speaker_key} and {text_key}, got {type_name(t)}")
+            raise RowError(f"{what} must be an object with {speaker_key} and {text_key}, got {type_name(t)}")
         speaker, text = t.get(speaker_key, t.get(alt_speaker)), t.get(text_key, t.get(alt_text))
         if speaker is None:
-            raise _BadRow(f"{what}: missing field '{speaker_key}'")
+            raise RowError(f"{what}: missing field '{speaker_key}'")
         if not isinstance(speaker, str):
-            raise _BadRow(f"{what}: '{speaker_key}' must be a string, got {type_name(speaker)}")
+            raise RowError(f"{what}: '{speaker_key}' must be a string, got {type_name(speaker)}")
         if speaker in TOOL_ROLES or (speaker == "assistant" and t.get("tool_calls")):
-            raise _BadRow(
+            raise RowError(
                 f"{what}: tool-calling turns ({speaker_key} '{speaker}') are not supported; remove the tool turns or the row"
             )
         if speaker not in roles:
             # human/gpt: ShareGPT speakers written as chat roles
             hint = f"; did you mean '{SHAREGPT_ROLES[speaker]}'?" if speaker in SHAREGPT_ROLES else ""
             word = "role" if key == "messages" else "speaker"
-            raise _BadRow(f"{what}: unknown {word} '{speaker}' (expected one of: {', '.join(shown)}){hint}")
+            raise RowError(f"{what}: unknown {word} '{speaker}' (expected one of: {', '.join(shown)}){hint}")
         if text is None:
-            raise _BadRow(f"{what}: missing field '{text_key}'")
-        out.append({"role": roles[speaker], "content": _content_text(text, what)})
+            raise RowError(f"{what}: missing field '{text_key}'")
+        out.append({"role": roles[speaker], "content": content_text(text, what)})
     return Example(kind="chat", messages=_check_conversation(out, key), source=where)
 
 
 def _normalise_alpaca(row: dict[str, Any], where: str) -> Example:
-    instruction = _text_field(row, "instruction")
-    extra = _text_field(row, "input", required=False, allow_empty=True)
-    output = _text_field(row, "output")
-    system = _text_field(row, "system", required=False, allow_empty=True)
+    instruction = text_field(row, "instruction")
+    extra = text_field(row, "input", required=False, allow_empty=True)
+    output = text_field(row, "output")
+    system = text_field(row, "system", required=False, allow_empty=True)
     # Alpaca becomes a two-turn chat: instruction (and input, after a blank line) from the
     # user, output from the assistant; an optional `system` column becomes the system turn.
     user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
@@ -318,22 +299,22 @@ def _normalise_alpaca(row: dict[str, Any], where: str) -> Example:
 
 
 def _normalise_prompt_completion(row: dict[str, Any], where: str) -> Example:
-    prompt = _text_field(row, "prompt")
-    completion = _text_field(row, "completion")
+    prompt = text_field(row, "prompt")
+    completion = text_field(row, "completion")
     return Example(kind="completion", prompt=prompt, completion=completion, source=where)
 
 
 def _normalise_text(row: dict[str, Any], where: str) -> Example:
-    return Example(kind="text", text=_text_field(row, "text"), source=where)
+    return Example(kind="text", text=text_field(row, "text"), source=where)
 
 
 def _token_list(row: dict[str, Any], key: str, *, allow_ignore: bool) -> list[int]:
-    value = _maybe_json_cell(row.get(key), key)
+    value = json_cell(row.get(key), key)
     if not isinstance(value, list) or not value:
-        raise _BadRow(f"field '{key}' must be a non-empty list of token ids, got {type_name(value)}")
+        raise RowError(f"field '{key}' must be a non-empty list of token ids, got {type_name(value)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not (allow_ignore and v == -100)):
-            raise _BadRow(
+            raise RowError(
                 f"field '{key}' must hold non-negative integers{' or -100' if allow_ignore else ''}, found {v!r}"
             )
     return value
@@ -343,8 +324,12 @@ def _normalise_tokens(row: dict[str, Any], where: str) -> Example:
     ids = _token_list(row, "input_ids", allow_ignore=False)
     labels = _token_list(row, "labels", allow_ignore=True) if row.get("labels") is not None else None
     if labels is not None and len(labels) != len(ids):
-        raise _BadRow(f"'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; they must match")
+        raise RowError(f"'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}; they must match")
     return Example(kind="tokens", input_ids=ids, labels=labels, source=where)
+
+
+def _preference(pref: Preference, where: str) -> Example:
+    return Example(kind="preference" if pref.paired else "unpaired", preference=pref, source=where)
 
 
 _NORMALISERS = {
@@ -354,4 +339,9 @@ _NORMALISERS = {
     "prompt_completion": _normalise_prompt_completion,
     "text": _normalise_text,
     "tokens": _normalise_tokens,
+    "preference": lambda row, where: _preference(normalise_paired(row, explicit_prompt=True), where),
+    "preference_implicit": lambda row, where: _preference(
+        normalise_paired(row, explicit_prompt=False), where
+    ),
+    "unpaired_preference": lambda row, where: _preference(normalise_unpaired(row), where),
 }

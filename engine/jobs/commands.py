@@ -34,31 +34,25 @@ class GenerateArgs(BaseModel):
 
 
 def check_data(spec: FinetuneSpec) -> DataCheck:
-    """What a fine-tune of ``spec`` meets: its dataset's rows (every bad one reported), their token lengths
-    with its model's tokenizer, and the defaults it would resolve on this machine (or why it cannot fit)."""
+    """What a fine-tune of ``spec`` meets: its dataset's rows (every bad one reported), what its method makes
+    of them, their token lengths with its model's tokenizer, and the defaults it would resolve on this machine
+    (or why it cannot fit)."""
     from engine.data.formats import load_examples
-    from engine.data.tokenizing import tokenize_all
+    from engine.data.methods import examples_for_method, format_problem
     from engine.training.loading import pick_device
 
     examples, report = load_examples(spec.dataset.model_copy(update={"skip_bad_rows": True}))
-    out = DataCheck(report=report.to_dict())
+    out = DataCheck(report=report.to_dict(), method=spec.method)
     if not examples:
         return out
+    out.method_problem = format_problem(spec.method, report.format)
+    if out.method_problem:
+        return out
+    examples, out.method_note = examples_for_method(examples, spec.method)
     from engine.models.presets import model_shape
-    from engine.planning.defaults import percentile, resolve_training
-    from engine.planning.memory import estimate_memory
     from engine.training.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-    lengths = tokenize_all(examples, tokenizer, None).lengths
-    out.tokens = TokenStats(
-        examples=len(lengths),
-        total=sum(lengths),
-        min=min(lengths),
-        median=round(percentile(lengths, 50)),
-        p95=round(percentile(lengths, 95)),
-        max=max(lengths),
-    )
     device = pick_device(spec.device, spec.gpu_index)
     free_gib = None
     if device.startswith("cuda"):
@@ -67,38 +61,99 @@ def check_data(spec: FinetuneSpec) -> DataCheck:
         card = next((g for g in probe_gpus().gpus if g.index == spec.gpu_index), None)
         free_gib = card.memory_free_mb / 1024 if card else None
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
+    fit = {
+        "shape": shape, "quantization": spec.quantization, "lora_rank": spec.lora.rank, "device": device,
+        "free_memory_gib": free_gib, "lora_targets": spec.lora.target_modules,
+    }  # fmt: skip
+    extra: dict[str, Any] = {}  # decided beside the training settings (a preference job's prompt length)
     try:
-        resolved = resolve_training(
-            spec.train,
-            n_examples=len(lengths),
-            token_lengths=lengths,
-            shape=shape,
-            quantization=spec.quantization,
-            lora_rank=spec.lora.rank,
-            device=device,
-            free_memory_gib=free_gib,
-            lora_targets=spec.lora.target_modules,
-        )
+        if spec.method == "sft":
+            resolved = _supervised_defaults(out, spec, examples, tokenizer, fit)
+        else:
+            resolved = _preference_defaults(out, spec, examples, tokenizer, fit, extra)
     except ValueError as exc:  # DoesNotFitError is a ValueError
         out.fits, out.fit_error = False, str(exc)
         return out
     out.fits = True
-    out.defaults = {k: getattr(resolved, k) for k in resolved.reasons}
+    out.defaults = {k: extra[k] if k in extra else getattr(resolved, k) for k in resolved.reasons}
     out.reasons = resolved.reasons
-    # the defaults' own estimate where they had a memory figure (it has their recompute/offload choice)
-    mem = resolved.memory or estimate_memory(
+    out.memory_estimate_gib = _estimate(resolved, spec, shape, device).to_dict()
+    out.device = device
+    return out
+
+
+def _stats(lengths: list[int]) -> TokenStats:
+    from engine.planning.defaults import percentile
+
+    return TokenStats(
+        examples=len(lengths),
+        total=sum(lengths),
+        min=min(lengths),
+        median=round(percentile(lengths, 50)),
+        p95=round(percentile(lengths, 95)),
+        max=max(lengths),
+    )
+
+
+def _supervised_defaults(
+    out: DataCheck, spec: FinetuneSpec, examples: list[Any], tokenizer: Any, fit: dict[str, Any]
+) -> Any:
+    from engine.data.tokenizing import tokenize_all
+    from engine.planning.defaults import resolve_training
+
+    lengths = tokenize_all(examples, tokenizer, None).lengths
+    out.tokens = _stats(lengths)
+    return resolve_training(spec.train, n_examples=len(lengths), token_lengths=lengths, **fit)
+
+
+def _preference_defaults(
+    out: DataCheck,
+    spec: FinetuneSpec,
+    examples: list[Any],
+    tokenizer: Any,
+    fit: dict[str, Any],
+    extra: dict[str, Any],
+) -> Any:
+    """Token statistics of prompts, answers and sequences; the two lengths and the defaults they give."""
+    from engine.data.preference_tokens import tokenize_preferences, truncated
+    from engine.planning.preference import resolve_preference, sequence_lengths
+
+    whole = tokenize_preferences(examples, tokenizer)
+    out.tokens = _stats(whole.sequence_lengths())
+    out.prompt_tokens = _stats(whole.prompt_token_lengths())
+    out.completion_tokens = _stats(whole.completion_lengths())
+    seq, prompt, reasons = sequence_lengths(
+        whole.prompt_token_lengths(), whole.sequence_lengths(), whole.completion_lengths(),
+        max_seq_length=spec.train.max_seq_length, max_prompt_length=spec.preference.max_prompt_length,
+        max_context=fit["shape"].max_context,
+    )  # fmt: skip
+    data = truncated(whole, prompt, seq)
+    resolved = resolve_preference(
+        spec.train, spec.method, units=len(data.units), max_seq_length=seq, truncated_sequences=data.truncated,
+        **fit,
+    )  # fmt: skip
+    resolved.reasons.update(reasons)
+    extra["max_prompt_length"] = prompt
+    return resolved
+
+
+def _estimate(resolved: Any, spec: FinetuneSpec, shape: Any, device: str) -> Any:
+    """The defaults' own estimate where they had a memory figure (it has their recompute/offload choice)."""
+    from engine.planning.memory import estimate_memory
+    from engine.planning.preference import rows_per_unit
+
+    if resolved.memory is not None:
+        return resolved.memory
+    return estimate_memory(
         shape,
         quantization=spec.quantization,
         lora_rank=spec.lora.rank,
-        micro_batch=resolved.micro_batch_size,
+        micro_batch=resolved.micro_batch_size * rows_per_unit(spec.method),
         seq_len=resolved.max_seq_length,
         device="cuda" if device.startswith("cuda") else "cpu",
         gradient_checkpointing=resolved.gradient_checkpointing,
         offload_activations=resolved.offload_activations,
     )
-    out.memory_estimate_gib = mem.to_dict()
-    out.device = device
-    return out
 
 
 def generate(args: GenerateArgs) -> dict[str, Any]:

@@ -40,8 +40,12 @@ def run_recipe(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Call
     t0 = time.time()
     for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
         events.log(note)
-    if spec.kind == "finetune":
-        from engine.recipes.finetune import run_finetune  # each recipe with its kind (docstring)
+    if spec.kind == "finetune" and spec.method != "sft":
+        from engine.recipes.preference import run_preference  # each recipe with its kind (docstring)
+
+        result = run_preference(spec, job_dir, events, cancel_check)
+    elif spec.kind == "finetune":
+        from engine.recipes.finetune import run_finetune
 
         result = run_finetune(spec, job_dir, events, cancel_check)
     elif spec.kind == "slao_series":

@@ -2,9 +2,10 @@
 
 Off by default; ``train.report_to: ["tensorboard", "wandb"]`` turns them on. The reporters listen to
 the job's own events (``EventWriter.listeners``), so the training loop needs no code for them: each
-``Progress`` event of a training step (loss, learning rate, gradient norm, tokens/s, GPU memory)
-becomes one step of scalars, each ``Eval`` an ``eval/loss`` point (and ``eval/exact_match`` where
-rows have answers), on the job's global step (a series' runs lie end to end).
+``Progress`` event of a training step (loss, learning rate, gradient norm, tokens/s, GPU memory, and a
+method's own figures as ``train/rewards/chosen`` and the like) becomes one step of scalars, each ``Eval``
+an ``eval/loss`` point (with ``eval/exact_match`` where rows have answers, ``eval/rewards/accuracies``
+and the like for a preference method), on the job's global step (a series' runs lie end to end).
 
 - TensorBoard: ``<job_dir>/tensorboard/`` (``tensorboard --logdir <job_dir>/tensorboard``).
 - W&B: offline unless the user set ``WANDB_MODE`` (nothing leaves the machine by default); the run
@@ -42,6 +43,8 @@ def _scalars(p: Progress) -> dict[str, float]:
         out["gpu/memory_used_gib"] = sample["memory_used_mb"] / 1024
     if isinstance(sample.get("temperature_c"), (int, float)):
         out["gpu/temperature_c"] = sample["temperature_c"]
+    # the method's own figures under trl's names, as trl's trainers report them: train/rewards/chosen, ...
+    out.update({f"train/{name}": value for name, value in (p.metrics or {}).items()})
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
@@ -110,7 +113,7 @@ class Reporters:
             step = event.global_step if event.global_step is not None else event.step
             self._log(_scalars(event), step)
         elif isinstance(event, Eval):
-            scalars = {"eval/loss": event.loss}
+            scalars = {"eval/loss": event.loss, **{f"eval/{k}": v for k, v in (event.metrics or {}).items()}}
             if event.accuracy is not None:
                 scalars["eval/exact_match"] = event.accuracy
             self._log(scalars, event.global_step)

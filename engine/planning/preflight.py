@@ -19,7 +19,9 @@ from pydantic import BaseModel, Field, ValidationError
 from engine.contract.datasets import DatasetError
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
 from engine.data.formats import inspect_dataset
+from engine.data.methods import format_problem
 from engine.data.sources import is_hub_dataset
+from engine.models.adapters import initial_adapter
 from engine.models.presets import ModelError, get_preset, resolve_model, shape_from_config
 from engine.planning.defaults import MIN_SEQ_LENGTH
 from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
@@ -47,7 +49,12 @@ class DataCheck(BaseModel):
     """What ``check-data`` finds, for the server's tool and the CLI alike."""
 
     report: dict[str, Any] = Field(description="engine.data.formats.DatasetReport.to_dict()")
-    tokens: TokenStats | None = None
+    tokens: TokenStats | None = None  # per example; preference data: per sequence (a prompt and one answer)
+    method: str | None = None  # the training method the defaults are for
+    method_note: str | None = None  # what the method makes of the file (a pair unpaired for kto, ...)
+    method_problem: str | None = None  # why the method cannot train on the file
+    prompt_tokens: TokenStats | None = None  # preference data: per prompt
+    completion_tokens: TokenStats | None = None  # preference data: per answer
     fits: bool | None = None
     fit_error: str | None = None
     defaults: dict[str, Any] | None = None
@@ -62,6 +69,7 @@ class DataCheck(BaseModel):
             int(self.report.get("rows_ok") or 0) > 0
             and not self.report.get("bad_rows")
             and self.fits is not False
+            and self.method_problem is None
         )
 
 
@@ -94,10 +102,9 @@ def check_model(name: str) -> str:
     return str(resolved.local_path) if resolved.source == "local" else resolved.name
 
 
-def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
-    """Every row of a local dataset is valid (or ``skip_bad_rows`` is on); returns notes for the user.
-
-    Hub datasets are checked by the worker once downloaded.
+def check_dataset(settings: DatasetSettings, caller: Caller, method: str = "sft") -> list[str]:
+    """Every row of a local dataset is valid (or ``skip_bad_rows`` is on) and in a format ``method`` trains
+    on; returns notes for the user. Hub datasets are checked by the worker once downloaded.
     """
     if is_hub_dataset(settings.path):
         return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
@@ -111,6 +118,8 @@ def check_dataset(settings: DatasetSettings, caller: Caller) -> list[str]:
         raise PreflightError(str(exc)) from None
     if report.rows_ok == 0:
         raise PreflightError(report.message(skip_option=None))
+    if problem := format_problem(method, report.format):
+        raise PreflightError(f"{settings.path}: {problem}")
     if report.bad_rows and not settings.skip_bad_rows:
         raise PreflightError(report.message(skip_option=spell("skip_bad_rows", True, caller)))
     return [f"{report.bad_rows} bad row(s) will be skipped"] if report.bad_rows else []
@@ -215,5 +224,11 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
         return []
     check_model(spec.model)
     datasets = [spec.dataset] if isinstance(spec, FinetuneSpec) else spec.datasets
-    notes = [note for settings in datasets for note in check_dataset(settings, caller)]
+    method = spec.method if isinstance(spec, FinetuneSpec) else "sft"
+    notes = [note for settings in datasets for note in check_dataset(settings, caller, method)]
+    if isinstance(spec, FinetuneSpec) and spec.init_adapter is not None:
+        try:
+            initial_adapter(spec.init_adapter)
+        except ValueError as exc:
+            raise PreflightError(f"init_adapter: {exc}") from None
     return notes + check_fit(spec)

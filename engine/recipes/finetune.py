@@ -27,7 +27,7 @@ def run_finetune(
 ) -> JobResult:
     device = pick_device(spec.device, spec.gpu_index)
     events.stage("loading_data")
-    examples = load_dataset_logged(spec.dataset, events)
+    examples = load_dataset_logged(spec.dataset, events, spec.method)
     examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
     if held_out:
         events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))

@@ -7,10 +7,13 @@ from typing import Any
 
 import torch
 
+from engine.contract.datasets import DatasetError
 from engine.contract.events import EventWriter
 from engine.contract.spec import DatasetSettings
 from engine.data.formats import Example, load_examples
+from engine.data.methods import examples_for_method, format_problem
 from engine.data.tokenizing import Tokenized, tokenize_all
+from engine.models.adapters import trained_rank
 from engine.models.presets import model_shape
 from engine.planning.defaults import ResolvedTraining, resolve_training
 from engine.training.base_model import load_tokenizer
@@ -32,8 +35,9 @@ def pick_device(choice: str, gpu_index: int = 0) -> str:
     return "cpu"
 
 
-def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[Example]:
-    """Load and validate a dataset, recording its format, size and any skipped rows as events."""
+def load_dataset_logged(settings: DatasetSettings, events: EventWriter, method: str = "sft") -> list[Example]:
+    """Load and validate a dataset, recording its format, size and any skipped rows as events; the examples
+    ``method`` trains on (engine.data.methods: a preference file's chosen answers for sft, unpaired for kto)."""
     examples, report = load_examples(settings)
     events.log(
         f"dataset {report.path}: format {report.format}, {report.rows_ok} rows",
@@ -45,7 +49,32 @@ def load_dataset_logged(settings: DatasetSettings, events: EventWriter) -> list[
         events.warning(
             f"{report.path}: skipped {report.skipped} bad rows (skip_bad_rows is on)", skipped=report.skipped
         )
+    if problem := format_problem(method, report.format):
+        raise DatasetError(f"{report.path}: {problem}", report)
+    examples, note = examples_for_method(examples, method)
+    if note:
+        events.log(note, method=method, examples=len(examples))
     return examples
+
+
+def free_memory_gib(device: str) -> float | None:
+    """The device's free memory for the defaults (None off a GPU): the smallest of every rank's, under the
+    benchmarks' cap (``MEMORY_FRACTION_ENV``)."""
+    if not device.startswith("cuda"):
+        return None
+    free_b, total_b = torch.cuda.mem_get_info(torch.device(device))
+    if cap := float(os.environ.get(MEMORY_FRACTION_ENV) or 0):  # a smaller card, for benchmarks
+        torch.cuda.set_per_process_memory_fraction(cap, torch.device(device))
+        free_b = min(free_b, int(cap * total_b))
+    rank = active_rank()  # every rank must resolve the same settings (the same step plan)
+    return rank.smallest(free_b / 1024**3) if rank is not None else free_b / 1024**3
+
+
+def log_reasons(resolved: Any, events: EventWriter, decided: dict[str, Any] | None = None) -> None:
+    """One log line per decided setting, with its reason (``decided``: values kept beside ``resolved``)."""
+    for name, reason in resolved.reasons.items():
+        value = (decided or {}).get(name, getattr(resolved, name, None))
+        events.log(f"{name} = {value}: {reason}", setting=name, value=value)
 
 
 def prepare_training(
@@ -56,33 +85,22 @@ def prepare_training(
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     full = tokenize_all(examples, tokenizer, None)
     shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
-    free_gib = None
+    free_gib = free_memory_gib(device)
     rank = active_rank()
-    if device.startswith("cuda"):
-        free_b, total_b = torch.cuda.mem_get_info(torch.device(device))
-        if cap := float(os.environ.get(MEMORY_FRACTION_ENV) or 0):  # a smaller card, for benchmarks
-            torch.cuda.set_per_process_memory_fraction(cap, torch.device(device))
-            free_b = min(free_b, int(cap * total_b))
-        free_gib = free_b / 1024**3
-        if rank is not None:  # every rank must resolve the same settings (the same step plan)
-            free_gib = rank.smallest(free_gib)
     resolved = resolve_training(
         spec.train,
         n_examples=len(full.input_ids),
         token_lengths=full.lengths,
         shape=shape,
         quantization=spec.quantization,
-        lora_rank=spec.lora.rank,
+        lora_rank=trained_rank(getattr(spec, "init_adapter", None), spec.lora.rank),
         device=device,
         free_memory_gib=free_gib,
         lora_targets=spec.lora.target_modules,
         context_in_use=free_gib is not None,  # mem_get_info made this process's CUDA context
         shards=rank.world if rank is not None and rank.sharded else 1,
     )
-    for name, reason in resolved.reasons.items():
-        events.log(
-            f"{name} = {getattr(resolved, name)}: {reason}", setting=name, value=getattr(resolved, name)
-        )
+    log_reasons(resolved, events)
     data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
     if data.dropped:
         events.warning(

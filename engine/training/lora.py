@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from engine.contract.events import EventWriter
 from engine.contract.files import write_dir_atomically
 from engine.contract.spec import LoraSettings
+from engine.models.adapters import initial_adapter
 from engine.training import accel
 from engine.training.backend import apply_fast_path, backend_name, backend_reason
 from engine.training.base_model import load_for_training
@@ -27,13 +28,19 @@ def add_lora(
     gradient_checkpointing: bool,
     loaded_info: dict[str, Any],
     offload_activations: bool = False,
+    init_adapter: Path | None = None,
 ) -> Any:
-    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model).
+    """Wrap the base model with a fresh LoRA adapter (peft, or Unsloth's path when it loaded the model), or
+    with ``init_adapter``'s, trainable (its own rank and target modules then; ``lora`` is not used).
 
     ``offload_activations`` (with checkpointing): the checkpointed layer inputs wait in host memory
     (engine.training.offload).
     """
     if loaded_info.get("path") == "unsloth":  # Unsloth sets up its own (offloaded) checkpointing
+        if init_adapter is not None:
+            raise ValueError(
+                "init_adapter is loaded by the native backend: set train.backend to 'native' or 'auto'"
+            )
         return accel.unsloth_add_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
         # Recomputation must redraw the same dropout masks only where there is dropout; without it,
@@ -43,6 +50,9 @@ def add_lora(
         )
         if offload_activations:
             offload_checkpointed_inputs(model)
+    model.config.use_cache = False
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
@@ -51,7 +61,6 @@ def add_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model.config.use_cache = False
     with warnings.catch_warnings():
         # peft reads the deprecated `is_gradient_checkpointing` property of current transformers models
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -93,7 +102,8 @@ def load_lora_model(
     events: EventWriter,
     offload_activations: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """The spec's base model with the speed-ups that apply and a fresh LoRA adapter; also how it loaded.
+    """The spec's base model with the speed-ups that apply and a fresh LoRA adapter (or ``init_adapter``'s,
+    trainable); also how it loaded.
 
     The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
     """
@@ -107,13 +117,22 @@ def load_lora_model(
     if speedups:
         events.log(f"speed-ups: {', '.join(speedups)}", speedups=speedups)
     torch.manual_seed(spec.train.seed)
+    init = initial_adapter(spec.init_adapter) if getattr(spec, "init_adapter", None) else None
     model = add_lora(
         loaded.model,
         spec.lora,
         gradient_checkpointing=gradient_checkpointing,
         loaded_info=loaded.info,
         offload_activations=offload_activations and device.startswith("cuda"),
+        init_adapter=init,
     )
+    if init is not None:
+        config = model.peft_config["default"]
+        events.log(
+            f"LoRA from init_adapter {init} (rank {config.r}, alpha {config.lora_alpha}, its target modules)",
+            init_adapter=str(init),
+            lora_rank=config.r,
+        )
     fast = apply_fast_path(model, device, loaded.info, compile_layers=spec.train.compile)
     events.log(
         f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"

@@ -1,0 +1,343 @@
+"""Preference jobs as people run them: through the MCP tools (sft, then dpo from its adapter, then try and
+export), the command line, the Python API; cancelled and resumed; and the step's independence from the
+micro-batch that the out-of-memory back-off relies on. Real workers and the tiny model; nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from preference_tasks import write_task
+
+from engine.contract.errors import JobCancelled
+from engine.contract.events import EventWriter, Progress, read_events
+from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return write_task(tmp_path_factory.mktemp("colours"), per_colour=4)
+
+
+def _structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+async def _until_done(client: Any, job_id: str) -> dict[str, Any]:
+    for _ in range(40):
+        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
+        if status["state"] not in ("queued", "running"):
+            return status
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_sft_then_dpo_from_its_adapter_then_try_then_export_through_the_tools(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    from mcp import Client
+
+    from backprop_mcp.server import build_server
+
+    common = {"model": str(tiny_model_dir), "device": "cpu", "lora_rank": 4, "learning_rate": 3e-3}
+    async with Client(build_server(tmp_path / "home")) as client:
+        check = _structured(
+            await client.call_tool(
+                "check_dataset", {"path": str(task["pairs"]), "model": str(tiny_model_dir), "method": "dpo"}
+            )
+        )
+        assert check["format"] == "preference", check
+        sft = _structured(
+            await client.call_tool(
+                "start_finetune", {"dataset_path": str(task["pairs"]), "steps": 4, **common}
+            )
+        )
+        assert (await _until_done(client, sft["job_id"]))["state"] == "succeeded"
+        dpo = _structured(
+            await client.call_tool(
+                "start_finetune",
+                {
+                    "dataset_path": str(task["pairs"]),
+                    "method": "dpo",
+                    "init_adapter": sft["job_id"],
+                    "beta": 0.2,
+                    "steps": 4,
+                    "checkpoint_every": 2,
+                    "eval_fraction": 0.25,
+                    **common,
+                },
+            )  # fmt: skip
+        )
+        status = await _until_done(client, dpo["job_id"])
+        assert status["state"] == "succeeded", status
+        tried = _structured(
+            await client.call_tool("try_model", {"job_id": dpo["job_id"], "prompt": "Name the color: red."})
+        )
+        assert isinstance(tried["text"], str)
+        pytest.importorskip("llama_cpp")
+        export = _structured(
+            await client.call_tool("export_gguf", {"job_id": dpo["job_id"], "quantizations": ["f16"]})
+        )
+        exported = await _until_done(client, export["job_id"])
+        assert exported["state"] == "succeeded", exported
+
+    sft_log = read_events(Path(status["job_dir"]).parent / sft["job_id"] / "events.jsonl")[0]
+    assert any("trains on the chosen answers" in (getattr(e, "message", None) or "") for e in sft_log)
+    events = read_events(Path(status["job_dir"]) / "events.jsonl")[0]
+    assert any(
+        e.type == "log" and e.message.startswith("reference: a frozen copy of init_adapter") for e in events
+    )
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4]
+    assert set(progress[0].metrics or {}) >= {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    }
+    # the policy starts as its reference (init_adapter's frozen copy): no reward before the first update
+    assert progress[0].metrics["rewards/chosen"] == 0 and progress[0].metrics["rewards/rejected"] == 0  # type: ignore[index]
+    evals = [e for e in events if e.type == "eval"]
+    assert [e.global_step for e in evals] == [2, 4] and all(
+        "rewards/accuracies" in (e.metrics or {}) for e in evals
+    )
+    assert any(e.type == "checkpoint" for e in events)
+    result = read_result(status["job_dir"])
+    assert (
+        result is not None
+        and result.metrics["method"] == "dpo"
+        and "eval_rewards/accuracies" in result.metrics
+    )
+    adapter = Path(result.artifacts["adapter"])
+    assert (
+        sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []
+    )  # one adapter: the frozen copy was not saved
+    parity = json.loads((Path(exported["job_dir"]) / "result.json").read_text())["metrics"]["parity"]["f16"]
+    assert parity["passed"] is True, parity
+
+
+def _spec(tiny: Path, data: Path, **train: Any) -> FinetuneSpec:
+    settings = {
+        "steps": 4,
+        "learning_rate": 3e-3,
+        "micro_batch_size": 2,
+        "gradient_accumulation": 2,
+        "checkpoint_every": 2,
+        **train,
+    }
+    return FinetuneSpec(
+        model=str(tiny),
+        method="dpo",
+        lora=LoraSettings(rank=4),
+        train=TrainSettings(**settings),
+        dataset=DatasetSettings(path=str(data)),
+    )
+
+
+def test_a_cancelled_dpo_job_resumes_to_the_uninterrupted_run(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    from engine.jobs.dispatch import run_recipe
+    from engine.models.adapters import load_factors
+
+    spec = _spec(tiny_model_dir, task["pairs"])
+
+    def run(job: Path, cancel_after: int | None = None) -> Any:
+        job.mkdir(exist_ok=True)
+        with EventWriter(job / "events.jsonl") as events:
+            done = [0]
+            events.listeners.append(lambda e: done.__setitem__(0, done[0] + isinstance(e, Progress)))
+            return run_recipe(spec, job, events, lambda: cancel_after is not None and done[0] >= cancel_after)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(JobCancelled, match="cancelled at step 2"):
+        run(tmp_path / "stopped", cancel_after=2)
+    resumed = run(tmp_path / "stopped")
+    assert [h["loss"] for h in resumed.loss_history] == pytest.approx(
+        [h["loss"] for h in whole.loss_history], abs=1e-6
+    )
+    log = read_events(tmp_path / "stopped" / "events.jsonl")[0]
+    assert any(e.type == "log" and e.message == "resumed from checkpoint at step 2" for e in log)
+    assert any(
+        e.type == "log" and e.message.startswith("reference: the base model with the adapter switched off")
+        for e in log
+    )
+    a, _ = load_factors(whole.artifacts["adapter"])
+    b, _ = load_factors(resumed.artifacts["adapter"])
+    for key, f in a.items():
+        torch.testing.assert_close(f.B, b[key].B, atol=1e-6, rtol=0)
+
+
+def _backprop(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BACKPROP_HOME": str(home), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=900,
+    )
+
+
+def test_the_command_line_trains_orpo_and_reports_its_figures_to_tensorboard(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = _backprop(
+        tmp_path, "train", "--data", str(task["pairs"]), "--model", str(tiny_model_dir), "--method", "orpo", "--beta", "0.2",
+        "--steps", "3", "--eval-fraction", "0.25", "--lora-rank", "4", "--report-to", "tensorboard",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (job,) = (tmp_path / "jobs").iterdir()
+    assert read_result(job).metrics["method"] == "orpo"  # type: ignore[union-attr]
+    acc = EventAccumulator(str(job / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/accuracies", "train/nll_loss", "eval/rewards/accuracies"} <= tags, (
+        tags
+    )
+
+
+def test_the_python_api_trains_kto_on_a_paired_file_unpaired_by_rule(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKPROP_HOME", str(tmp_path / "home"))
+    from engine import Trainer
+
+    result = Trainer(str(tiny_model_dir), lora_rank=4, verbose=False).train(
+        task["pairs"], method="kto", steps=2
+    )
+    assert (
+        result.metrics["method"] == "kto" and result.metrics["examples"] == 40
+    )  # 20 pairs, two answers each
+    log = read_events(result.job_dir / "events.jsonl")[0]
+    assert any("each pair is two judged answers" in (getattr(e, "message", None) or "") for e in log)
+    assert (result.adapter_path / "adapter_config.json").exists()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
+def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, method: str) -> None:
+    """The out-of-memory back-off halves the micro-batch mid-run: the step's loss, figures and gradients must
+    not change with it (fp32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.contract.spec import PreferenceSettings
+    from engine.data.preference_tokens import PreferenceTokens
+    from engine.training.preference_objectives import Compute, objective_for
+    from engine.training.preference_step import step_totals
+    from engine.training.reference import Reference, reference_logps
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    seqs = [
+        torch.randint(10, 500, (int(n),), generator=g).tolist()
+        for n in torch.randint(6, 14, (8,), generator=g)
+    ]
+    data = PreferenceTokens(
+        seqs, [[-100] * 4 + s[4:] for s in seqs], [4] * 8,
+        [[i] for i in range(8)] if method == "kto" else [[2 * i, 2 * i + 1] for i in range(4)],
+        desirable=[i % 2 == 0 for i in range(8)] if method == "kto" else [],
+    )  # fmt: skip
+    objective = objective_for(method, data, PreferenceSettings(), Compute(0, "cpu"))
+    if objective.needs_reference:
+        seqs_needed = objective.reference_sequences()
+        objective.set_reference(
+            reference_logps(
+                Reference(model, None),
+                objective.view,
+                seqs_needed,
+                pad_id=0,
+                device="cpu",
+                autocast_dtype=None,
+            )
+        )
+    units = list(range(len(data.units)))
+    seen = []
+    for micro in (len(units), 2, 1):
+        model.zero_grad(set_to_none=True)
+        loss, sums, _ = step_totals(objective, model, units, micro, train=True)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        seen.append((loss, {k: v.item() for k, v in sums.items()}, grads))
+    for loss, sums, grads in seen[1:]:
+        torch.testing.assert_close(loss, seen[0][0], atol=1e-6, rtol=1e-5)
+        assert sums == pytest.approx(seen[0][1], abs=1e-5)
+        torch.testing.assert_close(grads, seen[0][2], atol=1e-6, rtol=1e-4)
+
+
+def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/preference_speed.py --tiny: the engine's DPO job and trl's DPOTrainer (and trl with its
+    precomputed reference) on the same tokens, order and initial adapter: the same per-step losses, and the
+    records and headline the GPU measurement reads (Unsloth needs a GPU: skipped here)."""
+    pytest.importorskip("trl")
+    records = tmp_path / "speed.jsonl"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "preference_speed.py"), "--tiny", "--prompt-len", "24",
+        "--answer-len", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--trl-precompute",
+        "--workdir", str(tmp_path / "work"), "--jsonl", str(records),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine, trl, precomputed = (json.loads(line) for line in records.read_text().splitlines())
+    assert (engine["variant"], trl["variant"]) == ("engine", "trl") and "precompute" in precomputed["variant"]
+    for rec in (engine, trl, precomputed):
+        assert rec["pairs_per_s"] > 0 and len(rec["losses"]) == 3
+    assert engine["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert precomputed["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
+
+
+def test_an_sft_job_continues_from_init_adapter_with_its_rank(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    """init_adapter is general (any method): an sft job trains that adapter, with its own rank and targets."""
+    from engine.jobs.dispatch import run_recipe
+
+    def run(name: str, **settings: Any) -> Any:
+        job = tmp_path / name
+        job.mkdir()
+        spec = FinetuneSpec(
+            model=str(tiny_model_dir), dataset=DatasetSettings(path=str(task["sft"])), **settings
+        )
+        with EventWriter(job / "events.jsonl") as events:
+            return run_recipe(spec, job, events, lambda: False)
+
+    first = run(
+        "first",
+        lora=LoraSettings(rank=4),
+        train=TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=1),
+    )
+    second = run(
+        "second", lora=LoraSettings(rank=8), init_adapter=first.artifacts["adapter"],
+        train=TrainSettings(steps=1, micro_batch_size=4, gradient_accumulation=1),
+    )  # fmt: skip
+    log = read_events(tmp_path / "second" / "events.jsonl")[0]
+    assert any(e.type == "log" and e.message.startswith("LoRA from init_adapter") for e in log)
+    config = json.loads((Path(second.artifacts["adapter"]) / "adapter_config.json").read_text())
+    assert config["r"] == 4
