@@ -21,6 +21,7 @@ from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, Seri
 from engine.data.formats import inspect_dataset
 from engine.data.methods import format_problem
 from engine.data.sources import is_hub_dataset
+from engine.models.adapters import initial_adapter
 from engine.models.presets import ModelError, get_preset, resolve_model, shape_from_config
 from engine.planning.defaults import MIN_SEQ_LENGTH
 from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
@@ -226,8 +227,6 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
     method = spec.method if isinstance(spec, FinetuneSpec) else "sft"
     notes = [note for settings in datasets for note in check_dataset(settings, caller, method)]
     if isinstance(spec, FinetuneSpec) and spec.init_adapter is not None:
-        from engine.models.adapters import initial_adapter
-
         try:
             initial_adapter(spec.init_adapter)
         except ValueError as exc:

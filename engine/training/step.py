@@ -9,8 +9,9 @@ progress events and resume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -42,5 +43,4 @@ class StepResult:
     metrics: dict[str, float] | None = None  # the objective's own figures, into Progress.metrics
 
 
-class TrainStep(Protocol):
-    def __call__(self, inputs: StepInputs) -> StepResult: ...
+TrainStep = Callable[[StepInputs], StepResult]  # a function, or an object with __call__
