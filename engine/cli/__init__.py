@@ -1,5 +1,1 @@
-"""The ``backprop`` command line.
-
-main      parsing and dispatch
-show      what the CLI prints for people (tables, reports, summaries with next commands)
-"""
+"""The ``backprop`` command line: parsing and dispatch (main), what it prints for people (show)."""

@@ -1,4 +1,1 @@
-"""Recipes: one job kind each, read top to bottom, built from engine.training's blocks.
-
-A recipe never imports another recipe.
-"""
+"""Recipes: one job kind each, read top to bottom, built from engine.training; never another recipe."""
