@@ -21,7 +21,6 @@ from typing import Any, Literal
 from engine.contract.datasets import DatasetError
 from engine.contract.files import PathError, looks_like_path, path_kind, quoted, user_path
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 JSON_LIST_KEYS = ("data", "rows", "train")
 
 
