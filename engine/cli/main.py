@@ -344,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.jobs.worker import run_job
 
         return run_job(args.job_dir)
-    if (
-        args.command == "serve"
-    ):  # the server's own entry point in this process's place (the engine never imports the server)
+    if args.command == "serve":  # the server takes this process's place (the engine never imports it)
         os.execv(sys.executable, [sys.executable, "-m", "backprop_mcp"])
     from pydantic import ValidationError
 

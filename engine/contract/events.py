@@ -161,21 +161,9 @@ class Finished(_Event):
 
 
 Event = Annotated[
-    Union[
-        Queued,
-        Started,
-        Stage,
-        Progress,
-        Log,
-        WarningEvent,
-        Checkpoint,
-        Eval,
-        RunFinished,
-        ErrorEvent,
-        Finished,
-    ],
+    Union[Queued, Started, Stage, Progress, Log, WarningEvent, Checkpoint, Eval, RunFinished, ErrorEvent, Finished],
     Field(discriminator="type"),
-]
+]  # fmt: skip
 _EVENT: TypeAdapter[Any] = TypeAdapter(Event)
 
 

@@ -1,13 +1,9 @@
 """Loading a base model and its tokenizer, for LoRA/QLoRA training or for generation.
 
-Loading rules (``load_for_training``):
-- quantization "auto": NF4 4-bit on a GPU (bitsandbytes, double quantisation, bf16 compute, or
-  fp16 on GPUs without bf16); fp32 on CPU. "4bit": NF4 anywhere (bitsandbytes does 4-bit on
-  CPU too, computing in fp32 there). "16bit": bf16 (fp16 without bf16). "none": fp32.
-  Embeddings and lm_head are never quantised. Attention is SDPA.
-- Unsloth's ``FastLanguageModel`` loads the model when ``train.backend`` allows it ("auto" or
-  "unsloth"), a CUDA GPU is the device and ``import unsloth`` works; "unsloth" without it is an
-  error. Otherwise transformers.
+The weights are stored as ``engine.planning.memory.storage_dtype`` decides (NF4 codes through
+bitsandbytes with double quantisation; embeddings and lm_head never quantised) and computed in
+16-bit on a GPU, fp32 on the CPU; attention is SDPA. Unsloth's ``FastLanguageModel`` loads the
+model where ``train.backend`` allows it and it can run (``_unsloth_decision``), else transformers.
 
 transformers, peft and bitsandbytes load inside the functions, after ``privacy_environment()``
 (the hub library reads its settings when first imported; one-shot commands import this module
@@ -87,13 +83,6 @@ def _unsloth_decision(mode: str, device: str, storage: StorageDtype) -> tuple[bo
     return False, f"{problem}: using transformers"
 
 
-def _count_params(model: Any) -> int:
-    total = 0
-    for p in model.parameters():
-        total += p.quant_state.shape.numel() if type(p).__name__ == "Params4bit" else p.numel()
-    return total
-
-
 def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = None) -> LoadedModel:
     """Load the base model and tokenizer of a FinetuneSpec/SeriesSpec on ``device`` ("cpu", "cuda", "cuda:N").
 
@@ -134,7 +123,10 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             sharded = (rank := active_rank()) is not None and rank.sharded
             model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code, sharded)
             tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
-    info["parameters"] = _count_params(model)
+    info["parameters"] = sum(  # a 4-bit parameter counts the weights it packs, not its bytes
+        p.quant_state.shape.numel() if type(p).__name__ == "Params4bit" else p.numel()
+        for p in model.parameters()
+    )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -203,7 +195,7 @@ def _load_unsloth(
 ) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
+    return FastLanguageModel.from_pretrained(  # (model, tokenizer)
         model_name=resolved.target,
         max_seq_length=max_seq_length,
         dtype=_torch_dtype(compute),
@@ -212,7 +204,6 @@ def _load_unsloth(
         trust_remote_code=trust_remote_code,
         device_map={"": device},
     )
-    return model, tokenizer
 
 
 def load_for_inference(

@@ -12,29 +12,16 @@ SLAO (Qiao & Mahdavi, "Merge before Forget", arXiv:2512.23017) trains one LoRA a
   B_m ← B_m + λ(i)·(B_ft(i) − B_m).
 
 The other merge modes work on ΔW = B·A (the scaling s is the same for every adapter of a
-series, so it factors out and is left to the adapter config):
-
-* ``sequential`` — no merge: the deliverable is the last fine-tuned adapter. Exact.
-* ``slao`` — exact: the merged adapter is a rank-r LoRA by construction.
-* ``linear`` — the average (1/t)·Σ B_k·A_k over the t runs so far, re-factorised to rank r
-  by SVD. Exact whenever that average has rank ≤ r (for instance when every run shares the
-  same A); otherwise it is the best rank-r approximation of the average (Eckart–Young),
-  and the relative error of the truncation is reported.
-* ``ties`` — TIES merging of the task vectors ΔW_k (trim each to its largest-magnitude
-  ``density`` fraction, elect a sign per entry by the summed trimmed values, average the
-  entries that agree with it), then truncated to rank r by SVD. Approximate: the trimmed,
-  sign-elected result is in general full rank.
-* ``dare`` — DARE: drop each entry of every ΔW_k with probability p, rescale the survivors
-  by 1/(1−p), average, truncate to rank r. Approximate for the same reason (and random,
-  with a seeded generator so that a resumed series reproduces it).
+series, so it factors out and is left to the adapter config). ``sequential`` (no merge: the last
+fine-tuned adapter) and ``slao`` are exact; ``linear`` averages the runs' ΔW, exact whenever the
+average has rank ≤ r and otherwise its best rank-r approximation (Eckart–Young); ``ties`` and
+``dare`` (below) are in general full rank, so their truncation to rank r is approximate. Every
+merge reports the relative error of its truncation.
 
 peft's own ``add_weighted_adapter`` merges A and B separately for its ``linear``/``ties``/
 ``dare_*`` combinations, which is not a merge of ΔW; hence this module. The element-wise steps
 of TIES and DARE (trim, sign election, disjoint mean, random drop) are peft's
 ``peft.utils.merge_utils``, applied to the ΔW matrices.
-
-Adapters are ``engine.models.adapters.Adapter`` (``dict[module_key, LoraFactors]``); reading and
-writing them is ``engine.models.adapters``'s job, not this module's.
 """
 
 from __future__ import annotations

@@ -17,12 +17,8 @@ rows) it is plain SDPA with ``is_causal``. Evaluation and generation run outside
 on plain SDPA. No mask function is registered for the name, so transformers builds no mask.
 
 Which kernel (``varlen_kernel``, decided once per model by the fast path and named in the run's
-log): FlashAttention-4 (``flash-attn-4``, the CuTeDSL kernels: Hopper and Blackwell forward and
-backward, key/value heads taken as they are) where it imports and supports the GPU, else torch's
-flash kernel. ``BACKPROP_VARLEN_KERNEL`` = ``torch`` or ``fa4`` picks one (benchmarks compare them);
-``fa4`` where FlashAttention-4 cannot run is an error. With FlashAttention-4, rows of one example
-each (no ``cu_seq_lens_q``) take its fixed-length causal kernel where ``FA4_FIXED_ROWS`` is on, else
-SDPA (cuDNN on Hopper).
+log): FlashAttention-4 (``flash-attn-4``: Hopper and Blackwell, key/value heads taken as they are)
+where it imports and supports the GPU, else torch's flash kernel; ``BACKPROP_VARLEN_KERNEL`` picks one.
 
 On the CPU, or where the flash kernel is missing, the same interface computes each example with
 SDPA one by one (``reference_varlen``): the path tests check against.
