@@ -7,7 +7,6 @@ data -> tokenizer -> tokenized examples -> smart defaults (refuse what won't fit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,18 +62,8 @@ def run_finetune(
         eval_metrics = evaluator(outcome.steps_done)
     events.stage("saving")
     adapter = save_adapter(model, tokenizer, job_dir / ADAPTER_DIR) if writer else job_dir / ADAPTER_DIR
-    losses = [h["loss"] for h in outcome.loss_history]
-    window = max(1, min(5, len(losses) // 4 or 1))
     metrics = {
-        "steps": outcome.steps_done,
-        "first_loss": losses[0] if losses else math.nan,
-        "final_loss": losses[-1] if losses else math.nan,
-        "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
-        "tokens_per_s": round(outcome.tokens_per_s, 1),
-        "train_seconds": round(outcome.train_seconds, 2),
-        "peak_gpu_memory_gib": outcome.peak_memory_gib,
-        "micro_batch_size": outcome.micro_batch_size,
-        "gradient_accumulation": outcome.gradient_accumulation,
+        **outcome.figures(),
         "max_seq_length": resolved.max_seq_length,
         "learning_rate": resolved.learning_rate,
         "packing": resolved.packing,

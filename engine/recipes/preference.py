@@ -13,7 +13,6 @@ try_model and export_gguf take it as they take any other.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -124,26 +123,16 @@ def _reference(
 def _metrics(
     spec: FinetuneSpec, prep: PreparedPreference, outcome: TrainOutcome, device: str, info: dict[str, Any]
 ) -> dict[str, Any]:
-    losses = [h["loss"] for h in outcome.loss_history]
-    window = max(1, min(5, len(losses) // 4 or 1))
     units = len(prep.train.units)
     per_step = outcome.micro_batch_size * outcome.gradient_accumulation
     return {
         "method": spec.method,
         "loss_type": spec.preference.loss_for(spec.method),
         "beta": spec.preference.beta,
-        "steps": outcome.steps_done,
-        "first_loss": losses[0] if losses else math.nan,
-        "final_loss": losses[-1] if losses else math.nan,
-        "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
-        "tokens_per_s": round(outcome.tokens_per_s, 1),
+        **outcome.figures(),
         ("pairs_per_s" if prep.train.paired else "examples_per_s"): round(
             outcome.steps_done * per_step / outcome.train_seconds if outcome.train_seconds > 0 else 0.0, 3
         ),
-        "train_seconds": round(outcome.train_seconds, 2),
-        "peak_gpu_memory_gib": outcome.peak_memory_gib,
-        "micro_batch_size": outcome.micro_batch_size,
-        "gradient_accumulation": outcome.gradient_accumulation,
         "max_seq_length": prep.resolved.max_seq_length,
         "max_prompt_length": prep.max_prompt_length,
         "learning_rate": prep.resolved.learning_rate,

@@ -1,16 +1,8 @@
-"""Which training backend a run takes, and the native fast path's set-up.
-
-``train.backend`` (engine.contract.spec.TrainSettings):
-- ``native``: the engine's own path (transformers + peft + bitsandbytes, with the fast path below);
-- ``unsloth``: Unsloth's FastLanguageModel (an error when it cannot be used here);
-- ``auto``: the native path while CUDA graphs are on (measured at least as fast, see ``_AUTO_RULE``),
-  else Unsloth where it is installed and usable, else native.
-
-The native fast path (GPU only): peft's LoRA layers get the fused forward
-(engine.training.fused_lora), and packed rows use the varlen flash-attention kernel
-(engine.training.varlen_attention) when torch has it for the model's dtype and head size. The step
-itself (engine.training.fast_step) is the same on every device. With ``train.compile`` each decoder
-layer is also compiled (``compile_decoder_layers``).
+"""Which training backend a run takes (``train.backend``: native, unsloth, or auto by ``_AUTO_RULE``),
+and the native fast path's set-up on a GPU: peft's LoRA layers get the fused forward
+(engine.training.fused_lora), packed rows the varlen flash-attention kernel where the model's dtype
+and head size allow it (engine.training.varlen_attention), and with ``train.compile`` each decoder
+layer is compiled. The step itself (engine.training.fast_step) is the same on every device.
 """
 
 from __future__ import annotations
@@ -23,11 +15,9 @@ import torch
 from engine.training.fused_lora import fuse_lora_layers
 from engine.training.varlen_attention import VARLEN_FLAG, kernel_description, varlen_kernel
 
-# auto: the native fast path with its defaults (CUDA graphs, no recomputation where the card holds every
-# layer's activations, the compiled loss kernel) is as fast as Unsloth or faster at every size measured
-# (figures: CHANGELOG.md), so auto takes it for every job while CUDA graphs are on (the default); with
-# them off, Unsloth where it imports on a CUDA GPU (the eager native step of a small model is host-bound
-# and slower), else native.
+# The native fast path with its defaults (CUDA graphs, no recomputation where the card holds every layer's
+# activations, the compiled loss kernel) measured as fast as Unsloth or faster at every size (CHANGELOG.md);
+# without CUDA graphs a small model's eager native step is host-bound and slower.
 _AUTO_RULE = (
     "native while train.cuda_graphs is on (measured at least as fast as Unsloth at 0.5B and 7B), else "
     "Unsloth where it imports on a CUDA GPU, else native"
@@ -118,14 +108,10 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layer
     applied = []
     fused, skipped = fuse_lora_layers(model)
     if fused:
-        note = f"fused LoRA on {fused} layers"
-        if skipped:
-            note += (
-                " (peft's forward kept for "
-                + ", ".join(f"{n} with {why}" for why, n in skipped.items())
-                + ")"
-            )
-        applied.append(note)
+        kept = ", ".join(f"{n} with {why}" for why, n in skipped.items())
+        applied.append(
+            f"fused LoRA on {fused} layers" + (f" (peft's forward kept for {kept})" if kept else "")
+        )
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # the dtype attention runs in: the compute dtype of a 4-bit/16-bit load (fp32 never takes flash)

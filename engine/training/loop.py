@@ -8,6 +8,7 @@ a SLAO series (engine.recipes.series), which trains one adapter per run.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -43,6 +44,22 @@ class TrainOutcome:
     micro_batch_size: int = 0
     gradient_accumulation: int = 0
     train_seconds: float = 0.0
+
+    def figures(self) -> dict[str, Any]:
+        """What a recipe reports of its training: the losses (the last few averaged), speed, memory, batch."""
+        losses = [h["loss"] for h in self.loss_history]
+        window = max(1, min(5, len(losses) // 4 or 1))
+        return {
+            "steps": self.steps_done,
+            "first_loss": losses[0] if losses else math.nan,
+            "final_loss": losses[-1] if losses else math.nan,
+            "final_loss_avg": sum(losses[-window:]) / window if losses else math.nan,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "train_seconds": round(self.train_seconds, 2),
+            "peak_gpu_memory_gib": self.peak_memory_gib,
+            "micro_batch_size": self.micro_batch_size,
+            "gradient_accumulation": self.gradient_accumulation,
+        }
 
 
 @dataclass(frozen=True)
