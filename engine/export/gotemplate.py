@@ -233,16 +233,8 @@ def parse(template: str) -> list[Node]:
 # ----- evaluation -----
 
 
-def _truth(v: Any) -> bool:
-    return bool(v)
-
-
 def _get_field(v: Any, name: str) -> Any:
-    if isinstance(v, dict):
-        if name not in v:
-            return None
-        return v[name]
-    return getattr(v, name, None)
+    return v.get(name) if isinstance(v, dict) else getattr(v, name, None)
 
 
 class _Scope:
@@ -271,35 +263,21 @@ def _eval(e: Expr, dot: Any, scope: _Scope) -> Any:
         return e.value
     if e.kind == "dot":
         return dot
-    if e.kind == "var":
-        v = scope.get(e.value)
-        for f in e.fields:
-            v = _get_field(v, f)
-        return v
-    if e.kind == "field":
-        v = dot
-        for f in e.fields:
-            v = _get_field(v, f)
-        return v
-    if e.kind == "sub":
-        v = _eval(e.args[0], dot, scope)
+    if e.kind in ("var", "field", "sub"):  # a value, then its fields
+        if e.kind == "sub":
+            v = _eval(e.args[0], dot, scope)
+        else:
+            v = scope.get(e.value) if e.kind == "var" else dot
         for f in e.fields:
             v = _get_field(v, f)
         return v
     args = e.args
     name = e.value
-    if name == "and":
+    if name in ("and", "or"):  # as Go's: the first false (and) or true (or) argument, else the last
         v = None
         for a in args:
             v = _eval(a, dot, scope)
-            if not _truth(v):
-                return v
-        return v
-    if name == "or":
-        v = None
-        for a in args:
-            v = _eval(a, dot, scope)
-            if _truth(v):
+            if bool(v) != (name == "and"):
                 return v
         return v
     vals = [_eval(a, dot, scope) for a in args]
@@ -308,7 +286,7 @@ def _eval(e: Expr, dot: Any, scope: _Scope) -> Any:
     if name == "ne":
         return vals[0] != vals[1]
     if name == "not":
-        return not _truth(vals[0])
+        return not vals[0]
     if name == "len":
         return len(vals[0]) if vals[0] is not None else 0
     if name == "index":
@@ -339,17 +317,11 @@ def _run(nodes: list[Node], dot: Any, scope: _Scope, out: list[str]) -> None:
         elif n.kind == "set":
             assert n.expr is not None
             scope.set(n.names[0], _eval(n.expr, dot, scope), n.declare)
-        elif n.kind == "if":
-            for cond, body in n.branches:
-                if _truth(_eval(cond, dot, scope)):
-                    scope.frames.append({})
-                    _run(body, dot, scope, out)
-                    scope.frames.pop()
-                    break
-            else:
-                scope.frames.append({})
-                _run(n.else_body, dot, scope, out)
-                scope.frames.pop()
+        elif n.kind == "if":  # the first branch whose condition holds, else the else branch
+            body = next((b for cond, b in n.branches if _eval(cond, dot, scope)), n.else_body)
+            scope.frames.append({})
+            _run(body, dot, scope, out)
+            scope.frames.pop()
         elif n.kind == "range":
             assert n.expr is not None
             seq = _eval(n.expr, dot, scope) or []
