@@ -50,63 +50,22 @@ _ROOTS_KEY = "backprop_mcp.roots"  # in the connection's scratch state (2025-11-
 
 # Pseudo-files, devices, system configuration and service state: never a dataset or a model.
 SYSTEM_DIRS = (
-    "/etc",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/boot",
-    "/run",
-    "/var/run",
-    "/var/log",
-    "/var/lib",
-    "/var/spool",
-    "/var/mail",
-    "/root",  # unless it is the user's home
+    "/etc", "/proc", "/sys", "/dev", "/boot", "/run", "/var/run", "/var/log", "/var/lib", "/var/spool",
+    "/var/mail", "/root",  # /root: unless it is the user's home
     "/lost+found",
-    "/private/etc",  # macOS resolves /etc here
-    "/private/var/run",
-    "/private/var/log",
-    "/private/var/db",
-)
+    "/private/etc", "/private/var/run", "/private/var/log", "/private/var/db",  # macOS resolves /etc here
+)  # fmt: skip
 # Under the user's home: where credentials live.
 CREDENTIAL_DIRS = (
-    ".ssh",
-    ".aws",
-    ".gnupg",
-    ".config/gcloud",
-    ".kube",
-    ".docker",
-    ".azure",
-    ".config/gh",
-    ".password-store",
-    ".local/share/keyrings",
-    ".pki",
-    ".cache/huggingface/token",
-    ".cache/huggingface/stored_tokens",
-    ".huggingface/token",
-    ".netrc",
-    ".git-credentials",
-    ".pgpass",
-    ".pypirc",
-    ".npmrc",
-)
+    ".ssh", ".aws", ".gnupg", ".config/gcloud", ".kube", ".docker", ".azure", ".config/gh", ".password-store",
+    ".local/share/keyrings", ".pki", ".cache/huggingface/token", ".cache/huggingface/stored_tokens",
+    ".huggingface/token", ".netrc", ".git-credentials", ".pgpass", ".pypirc", ".npmrc",
+)  # fmt: skip
 # Key and secret files by name, anywhere.
 KEY_FILE_PATTERNS = (
-    "id_rsa*",
-    "id_dsa*",
-    "id_ecdsa*",
-    "id_ed25519*",
-    "*.pem",
-    "*.key",
-    "*.p12",
-    "*.pfx",
-    "*.kdbx",
-    ".env",
-    ".env.*",
-    ".netrc",
-    ".pgpass",
-    ".git-credentials",
-)
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx", "*.kdbx",
+    ".env", ".env.*", ".netrc", ".pgpass", ".git-credentials",
+)  # fmt: skip
 
 
 def _real(path: Path | str) -> Path:

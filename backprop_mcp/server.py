@@ -7,8 +7,6 @@ waits; a background watcher (owned by the server's lifespan, never by a request)
 unfinished job and tells subscribers which resources changed, on both protocol versions:
 2026-07-28 ``subscriptions/listen`` through the subscription bus, 2025-11-25
 ``resources/subscribe`` through the sessions that subscribed.
-
-This module imports no torch/transformers: whatever needs them runs in an engine subprocess.
 """
 
 from __future__ import annotations

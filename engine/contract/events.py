@@ -171,10 +171,6 @@ class EventFormatError(ValueError):
     """A line of events.jsonl that is JSON but no known event (strict mode only)."""
 
 
-def _strict() -> bool:
-    return os.environ.get("BACKPROP_STRICT_EVENTS") == "1"
-
-
 def parse_event(raw: bytes | str) -> Event | None:
     """One line -> its event; None for a fragment left by a killed writer or (lenient) an unknown event."""
     try:
@@ -184,7 +180,7 @@ def parse_event(raw: bytes | str) -> Event | None:
     try:
         return _EVENT.validate_python(obj)
     except ValidationError as exc:
-        if _strict():
+        if os.environ.get("BACKPROP_STRICT_EVENTS") == "1":
             raise EventFormatError(f"unknown or malformed event {str(raw)[:200]!r}: {exc}") from exc
         log.warning("skipping an event this version does not know: %s", str(raw)[:200])
         return None

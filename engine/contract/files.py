@@ -111,8 +111,7 @@ def backprop_home() -> Path:
     return Path(user_data_dir("backprop-mcp", appauthor=False)).resolve()
 
 
-# ---------------------------------------------------------------------------------------------
-# User-given paths and text in messages
+# -- User-given paths and text in messages -------------------------------------------------------------------
 
 QUOTE_LIMIT = 200  # characters of any user input that an error message repeats
 

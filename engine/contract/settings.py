@@ -19,10 +19,8 @@ from pydantic.fields import FieldInfo
 
 from engine.contract.spec import DatasetSettings, FinetuneSpec, SeriesSpec
 
-# A job's flat settings, as training_spec, the tools, the CLI and the Python API take them: the job's own
-# fields, and the fields of each of its sections (a field whose value is a settings model: lora, train,
-# safety, the dataset) under their own names, or with the section's prefix where _PREFIXES gives one.
-# A field or a section added to a job model is a setting everywhere; nothing else lists them.
+# A section's fields (a field whose value is a settings model: lora, train, safety, the dataset) are settings
+# under their own names, or with the section's prefix where _PREFIXES gives one.
 _PREFIXES = {"lora": "lora_"}  # lora_rank is lora.rank
 # where a flat setting lives: its section (None: the job itself), its field's name there, the field
 SettingHome = tuple[str | None, str, FieldInfo]

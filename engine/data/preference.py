@@ -11,10 +11,7 @@ Formats (one per file, detected from the keys by ``engine.data.formats``)
 
 A row whose ``prompt`` is text while its answers are whole conversations takes its prompt from the
 conversations (trl's ``maybe_extract_prompt`` does the same: such datasets repeat the question in a column).
-
-What each method makes of them (``engine.data.methods``): dpo and orpo take pairs; kto takes unpaired rows, and a
-pair becomes two of them (chosen desirable, rejected undesirable, trl's ``unpair_preference_dataset``);
-sft trains on the chosen answers (or the desirable ones).
+What each method makes of them is ``engine.data.methods``.
 """
 
 from __future__ import annotations

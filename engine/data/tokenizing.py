@@ -112,9 +112,6 @@ def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) ->
     return TokenizedExample(input_ids=list(ids), labels=list(labels), truncated=truncated, source=ex.source)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def _render(
     tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool, source: str
 ) -> str:
@@ -143,15 +140,10 @@ def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     return [*ids, eos]
 
 
-def _template_marks_generation(tokenizer: Any) -> bool:
-    template = tokenizer.chat_template
-    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
-
-
 def _tokenize_chat(
     messages: list[dict[str, str]], tokenizer: Any, source: str
 ) -> tuple[list[int], list[int]]:
-    if _template_marks_generation(tokenizer):
+    if isinstance(tokenizer.chat_template, str) and _GENERATION_TAG.search(tokenizer.chat_template):
         try:
             out = tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

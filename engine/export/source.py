@@ -29,10 +29,6 @@ class ExportSource:
     name: str  # a default model name (job folder or adapter folder name)
 
 
-def _has_tokenizer(d: Path) -> bool:
-    return any((d / f).is_file() for f in _TOKENIZER_FILES)
-
-
 def local_model_dir(name: str) -> Path:
     """A local folder for a preset, folder or hub name (hub: from the local cache, or downloaded)."""
     try:
@@ -100,7 +96,7 @@ def _from_job(job_dir: Path, spec: ExportSpec) -> ExportSource:
 
 def _with_adapter(base: str, adapter_dir: Path, name: str) -> ExportSource:
     base_dir = local_model_dir(base)
-    tokenizer_dir = adapter_dir if _has_tokenizer(adapter_dir) else base_dir
+    tokenizer_dir = adapter_dir if any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES) else base_dir
     return ExportSource(
         base_name=base, base_dir=base_dir, adapter_dir=adapter_dir, tokenizer_dir=tokenizer_dir, name=name
     )

@@ -92,13 +92,6 @@ def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _cuda_version_string(raw: int | None) -> str | None:
-    # NVML encodes the CUDA driver version as 1000*major + 10*minor (12040 -> "12.4").
-    if raw is None:
-        return None
-    return f"{raw // 1000}.{(raw % 1000) // 10}"
-
-
 def _readings(pynvml: Any, handle: Any) -> dict[str, Any]:
     """What changes from moment to moment: memory, load, temperature, power (None where unsupported)."""
     mem = _safe(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
@@ -152,7 +145,8 @@ def probe_gpus() -> GpuProbe:
             return GpuProbe(False, reason=reason)
         try:
             driver = _safe(lambda: _as_str(pynvml.nvmlSystemGetDriverVersion()))
-            cuda = _cuda_version_string(_safe(pynvml.nvmlSystemGetCudaDriverVersion))
+            raw = _safe(pynvml.nvmlSystemGetCudaDriverVersion)  # 1000*major + 10*minor: 12040 is "12.4"
+            cuda = f"{raw // 1000}.{(raw % 1000) // 10}" if raw is not None else None
             count = pynvml.nvmlDeviceGetCount()
             gpus = [_gpu_info(pynvml, i, driver, cuda) for i in range(count)]
         except pynvml.NVMLError as exc:

@@ -1,14 +1,10 @@
 """The one job runner (torch-free): create a job folder, start its worker, follow it, cancel, resume.
 
-The CLI, the Python API and the server all start workers through ``start_worker``:
-- ``python -P -m engine run <job_dir>`` with the job folder as working directory and ``-P``, so
-  neither the caller's folder nor the job folder is on ``sys.path`` (a user's own ``engine/``
-  package can never be imported in place of ours); ``PYTHONPATH`` names our package's root so a
-  source checkout works too;
-- in its own process session, stdout discarded (it must never write into an MCP stdio stream),
-  stderr to ``worker.log``. A Ctrl-C in the terminal therefore reaches only the caller, which
-  asks the worker to stop gracefully (``cancel.request``: checkpoint first), then prints the
-  exact command that resumes the job.
+The CLI, the Python API and the server all start workers through ``start_worker``: ``python -P -m
+engine run <job_dir>`` in the job folder, so neither the caller's folder nor the job folder is on
+``sys.path`` (a user's own ``engine/`` package can never be imported in place of ours), and in its
+own process session (``processes.spawn_detached``), so a Ctrl-C in a terminal reaches only the
+caller, which asks the worker to stop gracefully (``run_and_follow``).
 """
 
 from __future__ import annotations

@@ -30,9 +30,7 @@ class ModelError(ValueError):
     """A model that cannot be found or loaded; the message says what to do."""
 
 
-# --------------------------------------------------------------------------------------------
-# Privacy: set before transformers / huggingface_hub / unsloth are imported.
-# --------------------------------------------------------------------------------------------
+# -- privacy: set before transformers / huggingface_hub / unsloth are imported --------------------------------
 
 # Each is set to "1" unless the user has set it already.
 PRIVACY_ENV = (
@@ -66,9 +64,7 @@ def privacy_environment() -> dict[str, str]:
     return set_now
 
 
-# --------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------
+# -- presets --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -142,9 +138,7 @@ def get_preset(name: str) -> Preset | None:
     return next((p for p in PRESETS.values() if p.hf_id and p.hf_id.lower() == key), None)
 
 
-# --------------------------------------------------------------------------------------------
-# Resolving a name
-# --------------------------------------------------------------------------------------------
+# -- resolving a name -----------------------------------------------------------------------------------------
 
 ModelSource = Literal["preset", "local", "hub"]
 
@@ -274,9 +268,7 @@ def hub_errors(resolved: ResolvedModel, what: str) -> Iterator[None]:
         raise
 
 
-# --------------------------------------------------------------------------------------------
-# Shapes without weights
-# --------------------------------------------------------------------------------------------
+# -- shapes without weights -----------------------------------------------------------------------------------
 
 
 def _first(d: dict[str, Any], *keys: str) -> Any:

@@ -70,7 +70,8 @@ def tiny_model_path(root: Path | None = None, family: TinyFamily = "qwen2") -> P
 
     ``root`` defaults to ``backprop_home()/models``.
     """
-    _check_family(family)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
     base = Path(root) if root is not None else backprop_home() / "models"
     return base / f"tiny-{family}-v{TINY_VERSION}"
 
@@ -99,11 +100,6 @@ def ensure_tiny_model(root: Path | None = None, family: TinyFamily = "qwen2") ->
     if not is_complete(final):
         raise RuntimeError(f"building the tiny model failed: {final} is incomplete; delete it and try again")
     return final
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -191,10 +187,6 @@ def build_tokenizer(family: TinyFamily = "qwen2") -> Any:
     return hf_tok
 
 
-def _padded_vocab(n: int) -> int:
-    return max(MIN_MODEL_VOCAB, -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
-
-
 def build_config(family: TinyFamily, vocab_size: int, eos_id: int, pad_id: int) -> Any:
     from transformers import LlamaConfig, Qwen2Config
 
@@ -231,7 +223,8 @@ def _build(out: Path, family: TinyFamily) -> None:
     tokenizer = build_tokenizer(family)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    config = build_config(family, _padded_vocab(len(tokenizer)), eos_id, pad_id)
+    vocab = max(MIN_MODEL_VOCAB, -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    config = build_config(family, vocab, eos_id, pad_id)
 
     # Seed a private generator state so that building never disturbs (or depends on) the
     # caller's random state, and the weights are the same on every machine.

@@ -1,8 +1,5 @@
 """The GPU memory of one LoRA/QLoRA training step, from the model's shape alone (torch-free).
 
-``estimate_memory`` predicts the peak; ``largest_micro_batch`` finds what fits in the free memory;
-``engine.planning.defaults`` builds the smart defaults on them.
-
 The memory model (per GPU, one training step, AdamW, LoRA weights in fp32 as peft keeps them):
 
 - weights: NF4 stores 4 bits per weight of every decoder-layer linear, plus its block statistics

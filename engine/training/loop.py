@@ -75,11 +75,6 @@ class RunPosition:
     step_offset: int = 0
 
 
-def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-
-
 def _gpu_memory_gib(device: str) -> float | None:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 1024**3
@@ -240,7 +235,10 @@ def train_adapter(
         params, lr=resolved.learning_rate, weight_decay=resolved.weight_decay, betas=(0.9, 0.999),
         fused=device.startswith("cuda"),
     )  # fmt: skip
-    scheduler = _scheduler(optimizer, resolved.lr_scheduler, resolved.warmup_steps, plan.total_steps)
+    scheduler = get_scheduler(
+        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[resolved.lr_scheduler],
+        optimizer, num_warmup_steps=resolved.warmup_steps, num_training_steps=plan.total_steps,
+    )  # fmt: skip
     run = _Run(
         model, optimizer, scheduler, plan, device, events, checkpoint_dir, rank, position or RunPosition(),
         micro=resolved.micro_batch_size, rows_per_step=rows_per_step,

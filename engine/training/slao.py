@@ -52,8 +52,7 @@ def _check_same_modules(first: Adapter, second: Adapter, what: str) -> None:
             raise ValueError(f"{what}: {key} has different shapes in the two adapters (different ranks?)")
 
 
-# ---------------------------------------------------------------------------------------------
-# SLAO initialisation and merge
+# -- SLAO initialisation and merge ---------------------------------------------------------------------------
 
 
 def orthogonal_init_A(A_prev: torch.Tensor) -> torch.Tensor:
@@ -113,8 +112,7 @@ def slao_merge(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# merges of ΔW and re-factorisation to rank r
+# -- merges of ΔW and re-factorisation to rank r -------------------------------------------------------------
 
 
 @dataclass
@@ -256,8 +254,7 @@ def dare_merge(
     return _merge_deltas(finetuned, rank, combine)
 
 
-# ---------------------------------------------------------------------------------------------
-# a series' merge step
+# -- a series' merge step ------------------------------------------------------------------------------------
 
 
 def initial_factors(spec: SeriesSpec, previous_finetuned: Adapter) -> Adapter:
