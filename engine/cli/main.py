@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -249,10 +249,8 @@ def _export_source(source: str, workdir: Path | None) -> str:
     path = Path(source).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("adapter_config.json", "config.json")):
         return str(path.resolve())
-    try:
+    with suppress(Refused):
         return str(_job_folder(source, workdir))
-    except Refused:
-        pass
     if path.is_dir():
         raise Refused(
             f"{path} has no adapter_config.json (a LoRA adapter), config.json (a model) or spec.json (a job); "

@@ -83,11 +83,7 @@ def gpu_text(report: Any) -> str:
             lines.append(c.free_text() + "".join(f", {e}" for e in extras if e))
         lines.append("")
         several = len(report.gpus) > 1
-        where = (
-            f"GPUs {', '.join(str(c.index) for c in report.gpus)}"
-            if several
-            else f"GPU {report.gpus[0].index}"
-        )
+        where = f"GPU{'s' if several else ''} {', '.join(str(c.index) for c in report.gpus)}"
         lines.append(f"Presets on {where} (QLoRA 4-bit, LoRA rank 16, 2048-token sequences):")
 
         def on(p: Any) -> str:
@@ -107,15 +103,8 @@ def gpu_text(report: Any) -> str:
             ]
             for p in report.presets
         ]
-        head = [
-            "preset",
-            "model",
-            "fits",
-            "micro-batch",
-            "memory at batch 1",
-            *(["cards"] if several else []),
-            "note",
-        ]
+        cards = ["cards"] if several else []
+        head = ["preset", "model", "fits", "micro-batch", "memory at batch 1", *cards, "note"]
         lines.append(table(head, rows))
     else:
         lines.append(f"No usable NVIDIA GPU: {report.reason or 'none found'}.")

@@ -15,6 +15,7 @@ Untested here: the Windows branches (CI has no Windows runner). They use only do
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -122,9 +123,7 @@ def kill_tree(identity: ProcessIdentity) -> bool:
     except psutil.Error:
         children = []
     for p in [proc, *children]:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()  # SIGKILL on POSIX, TerminateProcess on Windows
-        except psutil.Error:
-            pass
     psutil.wait_procs([proc, *children], timeout=5)
     return True

@@ -64,7 +64,6 @@ class RankFailed(Exception):
 
 def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
     """Run the job's ranks through torchrun and return rank 0's JobResult (or raise its failure)."""
-
     outcomes_dir = job_dir / RANKS_DIR
     outcomes_dir.mkdir(exist_ok=True)
     for old in outcomes_dir.glob("rank-*.json"):  # a resumed job's previous attempt
@@ -123,16 +122,13 @@ class _NoEvents:
     def emit(self, event: Any) -> Any:
         return event
 
-    def log(self, message: str, **details: Any) -> None:
-        pass
+    def log(self, message: str, **details: Any) -> None: ...
 
     warning = log
 
-    def stage(self, name: str, **fields: Any) -> None:
-        pass
+    def stage(self, name: str, **fields: Any) -> None: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None: ...
 
 
 def run_rank(job_dir: str | Path) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +128,8 @@ class Reporters:
 
     def close(self) -> None:
         for backend in self.backends.values():
-            try:
+            with suppress(Exception):  # closing is best effort at the end of a job
                 backend.close()
-            except Exception:  # noqa: BLE001, S110 - closing is best effort at the end of a job
-                pass
         self.backends.clear()
 
 

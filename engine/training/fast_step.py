@@ -8,9 +8,7 @@ What the plain step paid for on every step and micro-batch, and what this one do
   collating and the hidden states are gathered with ``index_select``;
 - host-to-device copies of the batch are made from pinned memory without blocking;
 - packed rows carry their example boundaries (``cu_seq_lens_q``) for the varlen attention kernel
-  (engine.training.varlen_attention) when the model has it switched on;
-- with CUDA graphs (engine.training.cuda_graphs) each micro-batch is padded to one of a few fixed
-  shapes (batching.StaticShapes) and its forward and backward pass is replayed from a graph.
+  (engine.training.varlen_attention) when the model has it switched on; with CUDA graphs, see ``run_step``.
 
 The maths is the plain step's: the loss is the sum of every target token's cross-entropy over the
 whole step divided by the step's target count, computed in the same checkpointed chunks.
