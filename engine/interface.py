@@ -36,13 +36,7 @@ from engine.contract.spec import (
 from engine.hardware.installed import MissingExtra, require_for_spec
 from engine.hardware.installed import require as require_extra
 from engine.jobs import processes as procs
-from engine.jobs.runner import (
-    create_job,
-    engine_command,
-    request_cancel,
-    start_worker,
-    worker_env,
-)
+from engine.jobs.runner import create_job, engine_command, request_cancel, start_worker, worker_env
 from engine.jobs.warm_worker import WarmPool
 from engine.planning.gpu_report import GpuReport, gpu_report
 from engine.planning.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems

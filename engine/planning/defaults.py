@@ -66,7 +66,7 @@ class ResolvedTraining(_DecidedTraining):
         }
 
 
-def _round_up(x: float, multiple: int) -> int:
+def round_up(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
@@ -183,7 +183,7 @@ class _Plan:
     def shape_rows(self, lengths: list[int], max_context: int) -> None:
         """Sequence length (cover the data, not the model's whole context), packing, rows per step."""
         p99 = percentile(lengths, 99)
-        seq = max(MIN_SEQ_LENGTH, _round_up(p99, 64))
+        seq = max(MIN_SEQ_LENGTH, round_up(p99, 64))
         why = f"99th percentile of example lengths is {p99:.0f} tokens (longest {max(lengths)}), rounded up to a multiple of 64"
         if seq > max_context:
             seq, why = max_context, f"{why}, capped at the model's context of {max_context}"

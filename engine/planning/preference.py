@@ -15,11 +15,10 @@ What differs from supervised data:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from engine.contract.spec import TrainSettings
-from engine.planning.defaults import MIN_SEQ_LENGTH, ResolvedTraining, percentile, resolve_training
+from engine.planning.defaults import MIN_SEQ_LENGTH, ResolvedTraining, percentile, resolve_training, round_up
 
 PAIRED = ("dpo", "orpo")
 
@@ -30,10 +29,6 @@ def rows_per_unit(method: str) -> int:
 
 
 MIN_ANSWER_ROOM = 16  # tokens a default prompt length leaves for the answer, at least
-
-
-def _round_up(x: float, multiple: int) -> int:
-    return int(math.ceil(x / multiple) * multiple)
 
 
 def sequence_lengths(
@@ -52,7 +47,7 @@ def sequence_lengths(
         seq, reasons["max_seq_length"] = max_seq_length, "given"
     else:
         p99 = percentile(sequence_lengths, 99)
-        seq = min(max(MIN_SEQ_LENGTH, _round_up(p99, 64)), max_context)
+        seq = min(max(MIN_SEQ_LENGTH, round_up(p99, 64)), max_context)
         reasons["max_seq_length"] = (
             f"per sequence (a prompt and one answer): 99th percentile {p99:.0f} tokens (longest "
             f"{max(sequence_lengths)}), rounded up to a multiple of 64"
@@ -63,7 +58,7 @@ def sequence_lengths(
     else:
         p99 = percentile(prompt_lengths, 99)
         room = max(MIN_ANSWER_ROOM, min(round(percentile(completion_lengths, 50)), seq // 2))
-        prompt = max(1, min(_round_up(p99, 8), seq - room))
+        prompt = max(1, min(round_up(p99, 8), seq - room))
         reasons["max_prompt_length"] = (
             f"99th percentile of prompts is {p99:.0f} tokens (longest {max(prompt_lengths)}), rounded up to a "
             f"multiple of 8"

@@ -147,14 +147,7 @@ def held_out_evaluator(
         out = {"eval_loss": loss}
         if accuracy is not None:
             out["eval_exact_match"] = accuracy
-        events.emit(
-            Eval(
-                global_step=global_step,
-                loss=out["eval_loss"],
-                accuracy=accuracy,
-                examples=len(held.input_ids),
-            )
-        )
+        events.emit(Eval(global_step=global_step, loss=loss, accuracy=accuracy, examples=len(held.input_ids)))
         return out
 
     return evaluate
