@@ -12,8 +12,9 @@ middleware) removes ``job_view``, the ``ui`` metadata and the ``ui://`` resource
 
 ``job_view`` reads the same job views as ``job_status`` (``ServerState.status``, the job's
 ``JobTail``) and only reshapes them for drawing: the loss curves on the global step axis with a
-series' run boundaries, the GPU sample of the last step, the series' forgetting matrix, the
-export's files and verification, the error with its hint.
+series' run boundaries, the method's own figures (named as trl logs them, drawn without knowing
+the method), the GPU sample of the last step, the series' forgetting matrix, the export's files
+and verification, the error with its hint, and a cancelled job's end in words for a person.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mcp.server.apps import APP_MIME_TYPE, Apps, client_supports_apps
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from pydantic import BaseModel, Field
 
+from backprop_mcp.figures import grouped, is_share, label_of
 from backprop_mcp.models import JobStatus
 from backprop_mcp.state import ServerState, percent_done
 from backprop_mcp.store import JobRecord
@@ -62,6 +64,19 @@ class LossCurve(BaseModel):
     run_starts: list[RunStart] = Field(
         default_factory=list, description="a series' runs 2..N: where each begins on the step axis"
     )
+
+
+class MetricCurve(BaseModel):
+    """One of the method's own figures over the steps: training points and held-out points."""
+
+    name: str = Field(
+        description="as trl logs it: rewards/chosen, rewards/accuracies, reward/<function>, kl, ..."
+    )
+    group: str = Field(description="the chart it belongs to: its name's part before '/'")
+    label: str = Field(description="its name within the chart: chosen, total, <function>, ...")
+    share: bool = Field(description="a value between 0 and 1 (an accuracy, a fraction)")
+    train: list[tuple[float, float]] = Field(default_factory=list, description="(step, value)")
+    eval: list[tuple[float, float]] = Field(default_factory=list, description="(step, held-out value)")
 
 
 class DeviceView(BaseModel):
@@ -106,14 +121,27 @@ class ErrorView(BaseModel):
     hint: str | None = None
 
 
+class StoppedView(BaseModel):
+    """A cancelled job's end, written for a person: where it stopped, what was kept, how to go on."""
+
+    message: str = Field(description="e.g. 'Cancelled at step 4 of 40.'")
+    detail: str | None = Field(None, description="what was kept, e.g. the checkpoint")
+    resume_command: str | None = Field(None, description="the command that continues the job")
+
+
 class JobView(BaseModel):
     job: JobStatus
     percent: float | None = Field(None, description="0..100 over the whole job")
     loss: LossCurve
+    metrics: list[MetricCurve] = Field(
+        default_factory=list,
+        description="the method's own figures by chart, the reward chart first, else in the order they came",
+    )
     device: DeviceView
     forgetting: ForgettingView | None = None
     export: ExportView | None = None
     error: ErrorView | None = None
+    stopped: StoppedView | None = None
     can_export: bool = Field(description="a succeeded fine-tune or series: export_gguf accepts it")
     poll_after_s: float | None = Field(description="ask again after this long; null once the job ended")
 
@@ -191,8 +219,48 @@ def _export(metrics: dict[str, Any], artifacts: dict[str, str]) -> ExportView | 
     )
 
 
+def _metrics(tail: JobTail) -> list[MetricCurve]:
+    names = list(tail.metrics) + [n for n in tail.eval_metrics if n not in tail.metrics]
+    return [
+        MetricCurve(
+            name=name,
+            group=group,
+            label=label_of(name, len(members)),
+            share=is_share(name),
+            train=_thin(tail.metrics.get(name, [])),
+            eval=_thin(tail.eval_metrics.get(name, [])),
+        )
+        for group, members in grouped(names)
+        for name in members
+    ]
+
+
+def _stopped(record: JobRecord, tail: JobTail, status: JobStatus) -> StoppedView | None:
+    """Where a cancelled job stopped, from its own events (not the engine's message to an agent)."""
+    if record.state != "cancelled":
+        return None
+    forced = (status.error or "").startswith("cancelled by force")
+    verb = "Stopped by force" if forced else "Cancelled"
+    p = status.progress
+    if record.kind == "export":  # its files so far stay listed in the view's export section
+        return StoppedView(message=f"Export {verb.lower()}.", detail="The files made so far are kept.")
+    if p is None or p.step is None:
+        where = " before it started" if tail.started is None else " before its first step"
+    else:
+        where = f" at step {p.step}" + (f" of {p.total}" if p.total else "")
+        if p.run and p.num_runs and p.num_runs > 1:
+            where += f", in run {p.run} of {p.num_runs}"
+    detail = None
+    if tail.checkpoint is not None:
+        c = tail.checkpoint
+        run = f" of run {c.run}" if c.run and p is not None and (p.num_runs or 0) > 1 else ""
+        detail = f"Its checkpoint at step {c.step}{run} is kept."
+    resume = tail.finished.resume_command if tail.finished is not None else None
+    return StoppedView(message=f"{verb}{where}.", detail=detail, resume_command=resume)
+
+
 def _error(record: JobRecord, tail: JobTail, status: JobStatus) -> ErrorView | None:
-    if status.error is None:
+    if status.error is None or record.state == "cancelled":  # a cancel is no error: see _stopped
         return None
     if tail.error is not None:
         hint = tail.error.hint
@@ -215,10 +283,12 @@ def job_view(state: ServerState, record: JobRecord) -> JobView:
         job=status,
         percent=percent_done(record, status.progress),
         loss=LossCurve(train=_thin(tail.loss), eval=_thin(tail.eval_loss), run_starts=starts),
+        metrics=_metrics(tail),
         device=_device(tail),
         forgetting=_forgetting(tail, status.metrics) if series else None,
         export=_export(status.metrics, status.artifacts) if record.kind == "export" else None,
         error=_error(record, tail, status),
+        stopped=_stopped(record, tail, status),
         can_export=record.trained,
         poll_after_s=None if record.is_terminal else POLL_S,
     )
@@ -235,7 +305,8 @@ def dashboard_extension(get_state: Callable[[], ServerState], find_job: Callable
         dashboard_html(),
         name="dashboard",
         title="Training dashboard",
-        description="A job's live progress, loss curves, GPU, forgetting matrix and export, with Cancel and Export.",
+        description="A job's live progress, loss curves, the method's own figures (rewards, ...), GPU, "
+        "forgetting matrix and export, with Cancel and Export.",
         prefers_border=True,
     )
 

@@ -21,6 +21,11 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = Field(None, description="estimated seconds left in the current run")
+    metrics: dict[str, float] | None = Field(
+        None,
+        description="the method's own figures at this step, named as trl logs them "
+        "(DPO/KTO/ORPO: rewards/chosen, rewards/accuracies, ...; GRPO: reward, reward/<function>, kl, ...)",
+    )
 
 
 class JobStatus(BaseModel):

@@ -89,10 +89,13 @@ def register_resources(
         f"{JOBS_URI}/{{job_id}}/loss.png", name="job_loss", title="Loss curve", mime_type="image/png"
     )
     def job_loss_resource(job_id: str) -> bytes:
-        """The training loss (blue), held-out loss (orange) and a series' run starts against the step, as a PNG."""
+        """The training loss (blue), held-out loss (orange) and a series' run starts against the step, as a PNG;
+        a method that reports rewards (DPO, KTO, ORPO, GRPO) gets them in a second panel under the loss."""
         record = resource_job(job_id)
         tail = state().supervisor.tail(record)
-        return render_loss_png(list(tail.loss), list(tail.eval_loss), list(tail.run_starts))
+        return render_loss_png(
+            list(tail.loss), list(tail.eval_loss), list(tail.run_starts), dict(tail.metrics)
+        )
 
     @server.resource(GPU_URI, name="gpu", title="GPU state", mime_type="application/json")
     def gpu_resource() -> str:

@@ -383,9 +383,8 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
             return str(getattr(spec, "model", "tiny")), adapter
         if not model:
             raise ToolError("give job_id (a finished fine-tune) or model (a preset, folder or hub name).")
-        return checks.permitted_model(model), str(
-            checks.adapter_folder(adapter_path)
-        ) if adapter_path else None
+        folder = str(checks.adapter_folder(adapter_path)) if adapter_path else None
+        return checks.permitted_model(model), folder
 
     register_resources(server, lazy.get, find_job, legacy)
     for tool in server._tool_manager.list_tools():  # Python < 3.13 keeps the docstrings' indentation

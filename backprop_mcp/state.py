@@ -51,6 +51,7 @@ def progress_of(tail: JobTail) -> Progress | None:
         learning_rate=p.lr,
         tokens_per_s=p.tokens_per_s,
         eta_s=p.eta_s,
+        metrics=p.metrics,
     )
 
 

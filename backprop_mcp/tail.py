@@ -8,6 +8,7 @@ plus a bounded window of recent events for the ``.../events`` resource.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from engine.interface import read_events
 
 RECENT_EVENTS = 200
 MAX_LOSS_POINTS = 5000
+MAX_SERIES = 32  # a user's reward file may name many functions: the first ones are followed
 _LATEST: dict[type, str] = {
     ev.Queued: "queued",
     ev.Started: "started",
@@ -41,6 +43,10 @@ class JobTail:
     progress: ev.Progress | None = None
     loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, training loss)
     eval_loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, held-out loss)
+    # The method's own figures, named as trl logs them ("rewards/chosen", "reward", "kl", ...):
+    # name -> (global step, value), from Progress.metrics and Eval.metrics.
+    metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    eval_metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     run_starts: list[float] = field(default_factory=list)  # global step where each run of a series began
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=10))
     last_log: str | None = None
@@ -60,13 +66,12 @@ class JobTail:
     def _fold(self, event: ev.Event) -> None:
         self.last_seq = event.seq
         self.recent.append(event)
-        if isinstance(event, ev.Progress) and event.loss is not None and len(self.loss) < MAX_LOSS_POINTS:
-            x = float(event.global_step if event.global_step is not None else event.step)
-            if event.run is not None and event.run > len(self.run_starts):
-                self.run_starts.append(x - 1)
-            self.loss.append((x, event.loss))
-        elif isinstance(event, ev.Eval) and len(self.eval_loss) < MAX_LOSS_POINTS:
-            self.eval_loss.append((float(event.global_step), event.loss))
+        if isinstance(event, ev.Progress):
+            self._fold_progress(event)
+        elif isinstance(event, ev.Eval):
+            if len(self.eval_loss) < MAX_LOSS_POINTS:
+                self.eval_loss.append((float(event.global_step), event.loss))
+            _add_points(self.eval_metrics, float(event.global_step), event.metrics)
         elif isinstance(event, ev.WarningEvent):
             self.warnings.append(event.message)
         elif isinstance(event, ev.Log):
@@ -78,12 +83,34 @@ class JobTail:
         if type(event) in _LATEST:  # the latest of its kind
             setattr(self, _LATEST[type(event)], event)
 
+    def _fold_progress(self, event: ev.Progress) -> None:
+        x = float(event.global_step if event.global_step is not None else event.step)
+        if event.loss is not None and len(self.loss) < MAX_LOSS_POINTS:
+            if event.run is not None and event.run > len(self.run_starts):
+                self.run_starts.append(x - 1)
+            self.loss.append((x, event.loss))
+        _add_points(self.metrics, x, event.metrics)
+
     def error_message(self) -> str | None:
         if self.error is None:
             return None
         return describe_error(
             {"type": self.error.exception, "message": self.error.message, "hint": self.error.hint}
         )
+
+
+def _add_points(
+    series: dict[str, list[tuple[float, float]]], x: float, values: dict[str, float] | None
+) -> None:
+    """One point per finite value, per series name (bounded in names and in points)."""
+    for name, value in (values or {}).items():
+        points = series.get(name)
+        if points is None:
+            if len(series) >= MAX_SERIES:
+                continue
+            points = series[name] = []
+        if len(points) < MAX_LOSS_POINTS and isinstance(value, int | float) and math.isfinite(value):
+            points.append((x, float(value)))
 
 
 def describe_error(error: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
@@ -56,7 +56,7 @@ def takes_settings(
         own = inspect.signature(fn, eval_str=True)
         skip = set(settings_of(job)) - set(only) if only else leave_out
         settings = [
-            p.replace(annotation=Annotated[p.annotation, tightened[p.name]]) if p.name in tightened else p
+            p.replace(annotation=Annotated[p.annotation, tightened.get(p.name) or _text_limit(p.annotation)])
             for p in setting_parameters(job, skip)
         ]
         first = [p for p in own.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -65,6 +65,12 @@ def takes_settings(
         return fn
 
     return declare
+
+
+def _text_limit(kind: Any) -> FieldInfo:
+    """Every text argument has a length limit (limits.py): a text setting no tool tightened gets a path's."""
+    text = str in (get_args(get_args(kind)[0]) or [get_args(kind)[0]])  # kind: Annotated[str | None, ...]
+    return Field(max_length=MAX_PATH_CHARS) if text else Field()
 
 
 def path_arg(description: str | None = None) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,9 @@ import pytest
 from app_host import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    SPEC_HOST_START_HEIGHT,
     Dashboard,
+    SpecHostDashboard,
     apps_host,
     at_least,
     browser_or_skip,
@@ -33,6 +36,7 @@ from mcp import Client, StdioServerParameters
 from mcp.server.apps import APP_MIME_TYPE
 
 from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
+from backprop_mcp.figures import grouped, is_share, label_of
 from backprop_mcp.server import build_server
 from backprop_mcp.tail import JobTail
 from engine.contract import events as ev
@@ -354,6 +358,9 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
             await board.screenshot(tmp_path / "dashboard-cancelled.png", min_bytes=10_000)
             status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
             assert status["state"] == "cancelled"
+            step = status["progress"]["step"]  # the real training loop's cancel, told for a person
+            said = f"Cancelled at step {step} of {STEPS_UNTIL_CANCEL}. Its checkpoint at step {step} is kept."
+            await board.until("where it stopped", lambda: equals(board.text("#stopped-message"), said))
             calls = await board.page.evaluate("window.toolCalls")
             assert VIEW_TOOL in calls and "cancel_job" in calls
             assert await frame.get_by_role("button", name="Cancel job").is_disabled()
@@ -427,3 +434,311 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
             await board.screenshot(tmp_path / "dashboard-series.png", *_docs_paths("dashboard-series.png"))
         finally:
             await browser.close()
+
+
+# -- the method's own figures, the frame's height, the bar's contrast, a cancel in words ------------
+
+# A stand-in for a preference or GRPO job: the engine's real worker (engine.jobs.worker.run_job: its
+# lock, cancel handling, result.json and finished event with the resume command) with the recipe
+# replaced by one that reports what those methods' steps report — Progress and Eval events whose
+# `metrics` carry trl's names — without a model, so a browser sees many steps in seconds. The real
+# recipes' figures are tested with the recipes. Arguments: steps, seconds per step, method.
+METRICS_WORKER = """
+import math, sys, time
+import engine.jobs.worker as worker
+from engine.contract import events as ev
+from engine.contract.errors import JobCancelled
+from engine.contract.spec import JobResult
+
+STEPS, DELAY, METHOD = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+
+def figures(step):
+    t = step / STEPS
+    if METHOD == "grpo":
+        fmt, answer = min(1.0, 0.1 + t), 0.6 * t
+        return {"reward": 0.5 * (fmt + answer), "reward_std": 0.4 * (1 - t), "reward/format": fmt,
+                "reward/answer": answer, "kl": 0.002 * step, "completion_length": 40 - 10 * t,
+                "frac_reward_zero_std": 0.5 * (1 - t)}
+    chosen, rejected = 0.8 * t, -1.2 * t
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": min(1.0, 0.5 + t), "logps/chosen": -60 + 8 * t,
+            "logps/rejected": -62 - 15 * t}
+
+HELD_OUT = ("rewards/accuracies", "rewards/margins", "reward")
+
+def recipe(spec, job_dir, events, cancel_check):
+    events.stage("training")
+    for step in range(1, STEPS + 1):
+        if cancel_check():  # as engine.training.loop does: checkpoint, then stop
+            events.emit(ev.Checkpoint(step=step - 1, path=str(job_dir / "checkpoint")))
+            raise JobCancelled(f"cancelled at step {step - 1} of {STEPS}; a checkpoint was saved")
+        events.emit(ev.Progress(step=step, total=STEPS, global_step=step, loss=0.7 * math.exp(-step / STEPS),
+                                metrics=figures(step), eta_s=DELAY * (STEPS - step)))
+        if step % 5 == 0:
+            held = {k: v for k, v in figures(step).items() if k in HELD_OUT}
+            events.emit(ev.Eval(global_step=step, loss=0.8 * math.exp(-step / STEPS), examples=8, metrics=held))
+        time.sleep(DELAY)
+    return JobResult(status="succeeded", kind="finetune", metrics={"train_loss": 0.7 * math.exp(-1)})
+
+worker.run_recipe = recipe
+sys.exit(worker.run_job(sys.argv[-1]))
+"""
+DPO_NAMES = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+
+def _metrics_server(home: Path, steps: int, delay_s: float, method: str) -> Any:
+    command = [sys.executable, "-c", METRICS_WORKER, str(steps), str(delay_s), method]
+    return build_server(home, worker_command=command)
+
+
+@pytest.fixture
+def engine_from_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in workers run in their job folder: make them import this checkout's engine."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("engine_from_this_checkout")
+async def test_job_status_and_the_view_carry_the_methods_figures(tmp_path: Path) -> None:
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = _metrics_server(tmp_path / "home", steps=10, delay_s=0, method="dpo")
+    async with Client(server, extensions=apps_host()) as client:
+        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        status = await _wait_until_done(client, job_id)
+        view = _structured(await client.call_tool(VIEW_TOOL, {"job_id": job_id}))
+    assert status["state"] == "succeeded"
+    latest = status["progress"]["metrics"]  # job_status: the figures of the last step
+    assert list(latest) == DPO_NAMES
+    assert latest["rewards/chosen"] == pytest.approx(0.8) and latest["rewards/accuracies"] == 1.0
+    curves = {c["name"]: c for c in view["metrics"]}
+    assert list(curves) == DPO_NAMES  # in the order the engine first reported them
+    assert all(len(c["train"]) == 10 for c in curves.values())
+    assert curves["rewards/margins"]["train"][-1] == [10.0, pytest.approx(2.0)]
+    assert [p[0] for p in curves["rewards/accuracies"]["eval"]] == [5.0, 10.0]  # held-out, at each evaluation
+    assert curves["logps/chosen"]["eval"] == []
+
+
+def test_the_tail_keeps_finite_figures_and_a_bounded_number_of_series(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    many = {f"reward/f{i}": float(i) for i in range(40)}  # a user's reward file with 40 functions
+    with EventWriter(path) as events:
+        events.emit(ev.Progress(step=1, total=2, metrics=many))
+        events.emit(ev.Progress(step=2, total=2, loss=1.0, metrics={"reward/f0": 2.0, "kl": 0.1}))
+        events.emit(ev.Eval(global_step=2, loss=1.0, examples=4, metrics={"reward/f0": 1.5}))
+    tail = JobTail(path)
+    tail.poll()
+    assert len(tail.metrics) == 32 and "kl" not in tail.metrics  # the first 32 names are followed
+    assert tail.metrics["reward/f0"] == [(1.0, 0.0), (2.0, 2.0)]  # a step without loss still counts
+    assert tail.loss == [(2.0, 1.0)] and tail.eval_metrics == {"reward/f0": [(2.0, 1.5)]}
+
+
+def test_figures_are_sorted_into_charts_without_knowing_the_method() -> None:
+    grpo = ["kl", "reward_std", "reward", "reward/format", "completion_length", "reward/answer"]
+    assert grouped(grpo) == [
+        ("reward", ["reward", "reward/format", "reward/answer"]),  # the reward chart first
+        ("kl", ["kl"]),
+        ("reward_std", ["reward_std"]),
+        ("completion_length", ["completion_length"]),
+    ]
+    assert [label_of(n, 3) for n in ("reward", "reward/format")] == ["total", "format"]
+    assert label_of("kl", 1) == "kl" and label_of("rewards/chosen", 4) == "chosen"
+    assert (
+        is_share("rewards/accuracies")
+        and is_share("frac_reward_zero_std")
+        and not is_share("rewards/margins")
+    )
+    assert grouped(["logps/chosen", "rewards/chosen"])[0][0] == "rewards"
+    assert grouped(["entropy"]) == [("entropy", ["entropy"])]  # a method with no reward: its own first
+
+
+def _luminance(css: str) -> float:
+    """WCAG relative luminance of a computed CSS colour: rgb()/rgba() or color(srgb ...)."""
+    numbers = [float(x) for x in re.findall(r"[\d.]+", css)]
+    channels = [v / 255 for v in numbers[:3]] if css.startswith("rgb") else numbers[:3]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+async def _bar_contrasts(frame: Any) -> tuple[float, float]:
+    """(the empty bar's edge against the panel it sits on, the filled part against the empty part)."""
+
+    def style(selector: str, prop: str) -> Any:
+        return frame.locator(selector).evaluate(f"e => getComputedStyle(e).{prop}")
+
+    panel = await style("#progress-section", "backgroundColor")
+    edge = await style("#progress", "borderTopColor")
+    track = await style("#progress", "backgroundColor")
+    fill = await style("#progress-fill", "backgroundColor")
+    return _contrast(edge, panel), _contrast(fill, track)
+
+
+def test_the_contrast_check_itself() -> None:
+    assert _contrast("rgb(0, 0, 0)", "rgb(255, 255, 255)") == pytest.approx(21)
+    assert _contrast("color(srgb 1 1 1)", "rgb(255, 255, 255)") == pytest.approx(1)
+    # issue 24: the old empty bar (#21262d) on a dark host's panel (#262624) was invisible
+    assert _contrast("rgb(33, 38, 45)", "rgb(38, 38, 36)") < 1.1
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("engine_from_this_checkout")
+@pytest.mark.parametrize(("method", "theme"), [("dpo", "light"), ("grpo", "dark")])
+async def test_the_dashboard_charts_the_methods_figures_beside_the_loss(
+    tmp_path: Path, method: str, theme: str
+) -> None:
+    async_playwright = browser_or_skip()
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = _metrics_server(tmp_path / "home", steps=20, delay_s=0, method=method)
+    async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
+        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await _wait_until_done(client, job_id)
+        args = {"job_id": job_id, "wait_s": 0}
+        result = await client.call_tool("job_status", args)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            board = await Dashboard.open(browser, client, "job_status", args, result, theme)
+            await board.until("the finished state", lambda: equals(board.text("#state"), "succeeded"))
+            await board.until(
+                "the figures' chart", lambda: at_least(board.number("#metrics-chart", "data-series"), 1)
+            )
+            frame = await board.frame()
+            chart = frame.locator("#metrics-chart")
+            assert await board.number("#chart", "data-train-points") == 20  # the loss, as before
+            if method == "dpo":
+                primary = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+                assert await frame.locator("#metrics-chart-h").text_content() == "Rewards"
+                assert await board.attr("#metrics-chart", "data-names") == ",".join(primary)
+                assert (
+                    await board.number("#metrics-chart", "data-eval-points") == 8
+                )  # 2 figures x 4 evaluations
+                legend = await board.text("#metrics-legend")
+                for label in ("chosen", "rejected", "margins", "accuracies 100%", "held-out 100%"):
+                    assert label in legend, legend
+                others = ["logps"]
+            else:
+                primary = ["reward", "reward/format", "reward/answer"]
+                assert await frame.locator("#metrics-chart-h").text_content() == "Reward"
+                assert await board.attr("#metrics-chart", "data-names") == ",".join(primary)
+                assert await board.number("#metrics-chart", "data-eval-points") == 4  # the total, held out
+                legend = await board.text("#metrics-legend")
+                assert "total" in legend and "format" in legend and "answer" in legend
+                others = ["reward_std", "kl", "completion_length", "frac_reward_zero_std"]
+            assert await board.number("#metrics-chart", "data-points") == 20 * len(primary)
+            for name in primary:  # one line per figure, named for what it draws
+                assert await chart.locator(f"path.series[data-name='{name}']").count() == 1
+            groups = frame.locator("#more-figures svg")
+            assert [
+                await groups.nth(i).get_attribute("data-group") for i in range(await groups.count())
+            ] == others
+            # beside the loss: the same row, to its right
+            loss_box = await frame.locator("#loss-section").bounding_box()
+            metrics_box = await frame.locator("#metrics-chart-section").bounding_box()
+            assert loss_box and metrics_box
+            assert (
+                abs(loss_box["y"] - metrics_box["y"]) < 1
+                and metrics_box["x"] > loss_box["x"] + loss_box["width"]
+            )
+            edge, fill = await _bar_contrasts(frame)
+            assert edge >= 3 and fill >= 3, (edge, fill)  # WCAG 1.4.11: 3:1 for a component's parts
+            await board.screenshot(tmp_path / f"dashboard-{method}.png")
+        finally:
+            await browser.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("engine_from_this_checkout")
+@pytest.mark.parametrize("theme", ["dark", "light"])
+async def test_in_a_host_written_from_the_spec_the_frame_fits_the_content(tmp_path: Path, theme: str) -> None:
+    async_playwright = browser_or_skip()
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = _metrics_server(tmp_path / "home", steps=10, delay_s=0, method="dpo")
+    async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
+        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await _wait_until_done(client, job_id)
+        args = {"job_id": job_id, "wait_s": 0}
+        result = await client.call_tool("job_status", args)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            board = await SpecHostDashboard.open_in_spec_host(
+                browser, client, "job_status", args, result, theme
+            )
+            await board.until("the finished state", lambda: equals(board.text("#state"), "succeeded"))
+            await board.until(
+                "the figures' chart", lambda: at_least(board.number("#metrics-chart", "data-series"), 1)
+            )
+            frame = await board.frame()
+            assert await frame.locator("html").get_attribute("data-theme") == theme
+
+            async def blank_below() -> float:  # the frame's bottom minus the content's bottom, in px
+                outer = await board.page.locator("#sandbox").bounding_box()
+                inner = await frame.locator("main").bounding_box()
+                assert outer and inner
+                return (outer["y"] + outer["height"]) - (inner["y"] + inner["height"])
+
+            async def fits() -> bool:
+                return abs(await blank_below()) <= 1
+
+            await board.until("a frame sized to its content", fits)
+            outer = await board.page.locator("#sandbox").bounding_box()
+            assert outer and outer["height"] < SPEC_HOST_START_HEIGHT  # it shrank to the content
+            reports = await board.page.evaluate("window.sizeReports")
+            assert reports and reports[-1]["height"] == pytest.approx(outer["height"], abs=1)
+            edge, fill = await _bar_contrasts(frame)
+            assert edge >= 3 and fill >= 3, (edge, fill)
+            await board.screenshot(tmp_path / f"spec-host-{theme}.png")
+        finally:
+            await browser.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("engine_from_this_checkout")
+async def test_a_cancel_from_the_dashboard_is_told_in_words_for_a_person(tmp_path: Path) -> None:
+    async_playwright = browser_or_skip()
+    data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
+    server = _metrics_server(tmp_path / "home", steps=40, delay_s=1.0, method="dpo")
+    async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
+        args = {"dataset_path": str(data)}
+        started = await client.call_tool("start_finetune", args)
+        job_id = _structured(started)["job_id"]
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            board = await Dashboard.open(browser, client, "start_finetune", args, started, "dark")
+            await board.until("a few steps", lambda: at_least(board.number("#steps", "data-step"), 2))
+            frame = await board.frame()
+            await frame.locator("#notice").evaluate(  # keep every notice the app shows, however brief
+                "n => { window.notices = []; new MutationObserver(() => window.notices.push(n.textContent))"
+                ".observe(n, { childList: true, characterData: true, subtree: true }); }"
+            )
+            await frame.get_by_role("button", name="Cancel job").click()
+            await board.until("the cancelled state", lambda: equals(board.text("#state"), "cancelled"))
+            await board.until(
+                "where it stopped", lambda: contains(board.text("#stopped-message"), "Cancelled")
+            )
+            status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            step = status["progress"]["step"]
+            notices = await frame.evaluate("window.notices")
+            assert "Stopping: the job saves a checkpoint at its next step, then ends." in notices
+            assert await board.text("#notice") == ""  # the job's end now says it
+            said = await board.text("#stopped-message")
+            assert said == f"Cancelled at step {step} of 40. Its checkpoint at step {step} is kept."
+            assert await board.text("#resume-command") == f"backprop resume {status['job_dir']}"
+            assert not await frame.locator("#error").is_visible()  # a cancel is no error
+            page_text = await board.text("main")
+            assert "job_status" not in page_text and "Cancelled: cancelled" not in page_text
+            doubled = re.search(r"\b([A-Za-z]+)[^\w\n]+\1\b", page_text, re.IGNORECASE)  # on one line
+            assert doubled is None, doubled
+            await board.screenshot(tmp_path / "dashboard-cancelled-for-a-person.png")
+        finally:
+            await browser.close()
+            await client.call_tool("cancel_job", {"job_id": job_id, "force": True})

@@ -90,3 +90,48 @@ def test_an_empty_job_gets_a_labelled_frame() -> None:
     pixels = decode(render_loss_png([]))
     assert count(pixels, lossplot._TRAIN) == 0
     assert ink(pixels, (0, HEIGHT - 30, WIDTH, HEIGHT)) > 40  # "step" is there already
+
+
+def test_rewards_get_a_panel_under_the_loss_on_the_same_step_axis() -> None:
+    train, eval_points, run_starts = series()
+    steps = [p[0] for p in train]
+    metrics = {  # a preference method's figures, as trl names them
+        "rewards/chosen": [(s, 0.01 * s) for s in steps],
+        "rewards/rejected": [(s, -0.02 * s) for s in steps],
+        "rewards/accuracies": [(s, 0.9) for s in steps],  # a share: the dashboard's, not drawn here
+        "logps/chosen": [(s, -50.0) for s in steps],  # another chart: not drawn here
+    }
+    png = render_loss_png(train, eval_points, run_starts, metrics)
+    pixels = decode(png)
+    assert len(pixels) == HEIGHT + lossplot.REWARD_HEIGHT
+    loss_panel = (lossplot._MARGIN_L + 1, 0, WIDTH - lossplot._MARGIN_R, HEIGHT - lossplot._MARGIN_B)
+    reward_panel = (lossplot._MARGIN_L + 1, HEIGHT, WIDTH - lossplot._MARGIN_R, len(pixels))
+    chosen, rejected = lossplot._NAMED["chosen"], lossplot._NAMED["rejected"]
+    assert count(pixels, chosen, reward_panel) > 500 and count(pixels, rejected, reward_panel) > 500
+    assert count(pixels, chosen, loss_panel) == 0 and count(pixels, lossplot._TRAIN, loss_panel) > 500
+    assert ink(pixels, (0, HEIGHT + 60, 30, len(pixels) - 60)) > 40  # "reward" up the left side
+    # one step axis: a run starts at the same column in both panels
+    left, right = lossplot._MARGIN_L, WIDTH - lossplot._MARGIN_R
+
+    def boundaries(y0: int, y1: int) -> list[int]:
+        return [x for x in range(left + 2, right) if count(pixels, lossplot._RUN, (x, y0, x + 1, y1)) > 40]
+
+    assert boundaries(100, HEIGHT - 100) == boundaries(HEIGHT + 60, len(pixels) - 80) != []
+
+
+def test_grpo_rewards_per_function_and_no_panel_without_rewards() -> None:
+    train, _, _ = series()
+    steps = [p[0] for p in train]
+    metrics = {
+        "reward": [(s, s / 90) for s in steps],
+        "reward/format": [(s, min(1.0, s / 45)) for s in steps],
+        "kl": [(s, 0.01) for s in steps],
+    }
+    pixels = decode(render_loss_png(train, [], [], metrics))
+    panel = (lossplot._MARGIN_L + 1, HEIGHT, WIDTH - lossplot._MARGIN_R, len(pixels))
+    # the total and the function take the palette's first two colours
+    assert (
+        count(pixels, lossplot._PALETTE[0], panel) > 500 and count(pixels, lossplot._PALETTE[1], panel) > 500
+    )
+    assert len(decode(render_loss_png(train, [], [], {"kl": metrics["kl"]}))) == HEIGHT
+    assert len(decode(render_loss_png(train, [], [], {}))) == HEIGHT

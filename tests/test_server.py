@@ -619,7 +619,8 @@ def test_a_refresh_between_the_kill_and_its_record_keeps_the_force_message(
     from backprop_mcp import supervisor as supervisor_module
 
     store, supervisor, job_dir = _job_without_pid(home)
-    proc, identity = _spawn_standin(home, job_dir, steps=1000, step_s=0.05)
+    # one long step: the stand-in cannot honour the cancel itself before the kill, however busy the machine
+    proc, identity = _spawn_standin(home, job_dir, steps=1, step_s=60)
     store.set_process("finetune-test", identity.pid, identity.start_time)
     _wait_for_event(job_dir, "started")
     supervisor.request_cancel(store.get("finetune-test"))  # type: ignore[arg-type]

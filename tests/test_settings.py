@@ -38,7 +38,7 @@ def last_field(name):
 additions = sorted([  # bottom first, so that the line numbers above stay right
     (last_field("_ModelJob"), "    probe: ProbeSettings = Field(default_factory=ProbeSettings)\n"),
     (classes["_ModelJob"].lineno - 1, "class ProbeSettings(_Strict):\n    probe_strength: float = "
-        "Field(0.5, gt=0, le=1, description='a section added by a test')\n\n\n"),
+        "Field(0.5, gt=0, le=1, description='a section added by a test')\n    probe_note: str | None = None\n\n\n"),
     (last_field("TrainSettings"), "    probe_setting: int = Field(3, ge=1, le=9, description='a setting added by a test')\n"),
 ], reverse=True)
 for at, text in additions:
@@ -65,7 +65,7 @@ async def tools():
     return listed, refused.is_error, str(refused.content[0].text)
 
 listed, out["tool_refused"], out["tool_message"] = anyio.run(tools)
-out["tools"] = {name: {k: props.get(k) for k in ("probe_setting", "probe_strength")} for name, props in listed.items()}
+out["tools"] = {name: {k: props.get(k) for k in ("probe_setting", "probe_strength", "probe_note")} for name, props in listed.items()}
 help_text = io.StringIO()
 with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
     build_parser().parse_args(["train", "--help"])
@@ -105,7 +105,11 @@ def test_a_setting_added_to_the_spec_is_a_tool_argument_with_its_bounds(probe: d
             "title": "Probe Setting", "type": "integer",
         }  # fmt: skip
         assert probe["tools"][tool]["probe_strength"]["exclusiveMinimum"] == 0  # a new section's too
-    assert probe["tools"]["check_dataset"] == {"probe_setting": None, "probe_strength": None}  # its own few
+        assert probe["tools"][tool]["probe_note"]["anyOf"][0] == {
+            "maxLength": 4096,
+            "type": "string",
+        }  # text: bounded
+    assert set(probe["tools"]["check_dataset"].values()) == {None}  # it takes its own few
     assert probe["tool_refused"] and "probe_setting" in probe["tool_message"]  # the bound, enforced
 
 

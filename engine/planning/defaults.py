@@ -293,6 +293,10 @@ class _Plan:
         for name, info in TrainSettings.model_fields.items():
             if name not in self.value:
                 self.value[name] = getattr(self.train, name)
+                if self.value[name] is None:  # TrainSettings' None means "choose for me"
+                    raise TypeError(
+                        f"train.{name} was left to the defaults, which have no rule for it (defaults.py)"
+                    )
                 default = info.get_default(call_default_factory=True)
                 self.reasons[name] = "default" if self.value[name] == default else "given"
         if self.memory is not None:
