@@ -41,6 +41,7 @@ _TITLES = {
     "dataset": "dataset",
     "safety": "GPU temperature",
     "preference": "preference tuning (dpo, kto, orpo)",
+    "grpo": "GRPO (method grpo)",
 }
 
 
@@ -90,9 +91,12 @@ def _add_setting(group: Any, name: str, info: Any) -> None:
         extra = {"action": argparse.BooleanOptionalAction}
     elif get_origin(kind) is Literal:
         extra = {"choices": list(options)}
-    elif get_origin(kind) is list:  # report_to, quantizations: repeat the flag
+    elif get_origin(kind) is list and get_origin(options[0]) is Literal:  # report_to, quantizations
         extra = {"action": "append", "choices": get_args(options[0]), "metavar": name.upper()}
         text = f"{text}; one of {', '.join(get_args(options[0]))}, repeatable"
+    elif get_origin(kind) is list:  # grpo_rewards: each a name, a .py path or a JSON object
+        extra = {"action": "append", "type": str, "metavar": name.upper()}
+        text = f"{text}; repeatable"
     group.add_argument(*flags, dest=name, default=None, help=text or None, **extra)
 
 

@@ -14,7 +14,7 @@ FORMAT_HELP = (
     "each row needs one of: messages (chat), conversations (ShareGPT), "
     "instruction+output (Alpaca), prompt+completion, text, or input_ids (pre-tokenized); "
     "for preference tuning: prompt+chosen+rejected, chosen+rejected (the shared start is the prompt), "
-    "or prompt+completion+label (true/false, KTO)"
+    "or prompt+completion+label (true/false, KTO); for GRPO: prompt alone (with any other columns)"
 )
 
 
