@@ -182,3 +182,30 @@ def test_advantages_loss_gradients_and_kl_equal_trls(
     assert our_kl == pytest.approx(trl_kl, abs=1e-5)
     if settings["beta"]:
         assert min(our_kl) > 1e-4  # the policy differs from the reference: the KL term is exercised
+
+
+def test_a_lora_on_the_output_head_counts_in_the_log_probs_and_the_loss(tiny_model_dir: Path) -> None:
+    """lora_target_modules with lm_head: the head's adapter is not in its ``.weight``, so the losses from
+    hidden states would leave it out; they use the model's own head instead (engine.training.loss)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.training.loss import causal_lm_loss_sum, supports_hidden_state_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    assert not supports_hidden_state_loss(model)
+    ids = torch.randint(3, 200, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    logits = model(input_ids=ids, position_ids=positions).logits.float()
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    torch.testing.assert_close(causal_lm_loss_sum(model, ids, positions, targets), expected)
+    b = collate_completions([ids[0, :5].tolist()], [ids[0, 5:].tolist()], 0, "cpu")
+    got = completion_logps(model, b.input_ids, b.position_ids, b.where, b.targets, b.mask, 1.0)
+    want = torch.log_softmax(logits[0, 4:11], dim=-1).gather(1, ids[0, 5:].unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(got[0], want)

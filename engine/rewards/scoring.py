@@ -8,7 +8,7 @@ a completion no function scored is ``None`` (trl: NaN, advantage 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ def score(
     prompts: Sequence[Any],
     completions: Sequence[Any],
     completion_ids: Sequence[Sequence[int]],
-    columns: dict[str, Sequence[Any]],
+    columns: Mapping[str, Sequence[Any]],
 ) -> Scores:
     """Call every reward on the completions (one prompt and one row's columns per completion)."""
     per_function: dict[str, list[float]] = {}

@@ -86,9 +86,11 @@ def policy_loss(
     step_tokens: int,
     step_completions: int,
     max_completion_length: int,
+    micro_completions: int | None = None,
 ) -> PolicyLoss:
     """trl's GRPO loss of one micro-batch: ``logps``/``mask``/``ref_logps`` [rows, completion tokens],
-    ``adv`` [rows]; ``step_tokens``/``step_completions``: the whole optimizer step's."""
+    ``adv`` [rows]; ``step_tokens``/``step_completions``: the whole optimizer step's; ``micro_completions``:
+    the micro-batch's completions, counting those left out of it (bnpo's share; default: its rows)."""
     mask = mask.to(logps.dtype)
     coef_1 = torch.exp(logps - logps.detach())
     coef_2 = torch.clamp(coef_1, 1 - EPSILON, 1 + EPSILON)
@@ -105,7 +107,8 @@ def policy_loss(
     if loss_type == "grpo":
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / step_completions
     elif loss_type == "bnpo":
-        rows_share = logps.shape[0] / step_completions  # trl: this micro-batch's mean / accumulation steps
+        # trl: this micro-batch's token mean / accumulation steps
+        rows_share = (micro_completions or logps.shape[0]) / step_completions
         loss = masked.sum() / mask.sum().clamp(min=1.0) * rows_share
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (step_completions * max_completion_length)
