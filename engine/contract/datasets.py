@@ -45,6 +45,7 @@ class DatasetReport:
     bad_rows: int = 0  # every bad row, even past MAX_PROBLEMS_KEPT
     formats_found: dict[str, int] = field(default_factory=dict)  # rows per detected format
     kinds: dict[str, int] = field(default_factory=dict)  # good rows per Example.kind
+    columns: dict[str, int] = field(default_factory=dict)  # prompt rows: good rows with each other column
     chars: dict[str, float] = field(default_factory=dict)  # min/mean/max characters of good rows
     source_type: str = ""  # jsonl, json, csv, parquet, saved_dataset, hub
     preview: dict[str, Any] | None = None  # the first good row as understood (long texts cut)

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+COMPLETIONS_FILE = "completions.jsonl"  # a GRPO job's samples with their rewards (bounded), in its folder
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error
@@ -192,3 +194,20 @@ class GrpoSettings(_Strict):
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         return _reward_items(v)
+
+
+def grpo_settings_problem(method: str, grpo: GrpoSettings) -> None:
+    """Refuse GRPO settings given to another method, and a GRPO job without a reward (ValueError)."""
+    default = (
+        GrpoSettings()
+    )  # values away from their defaults (a spec read back from spec.json has every field set)
+    given = [n for n in GrpoSettings.model_fields if getattr(grpo, n) != getattr(default, n)]
+    if method != "grpo" and given:
+        names = ", ".join(f"grpo_{n}" for n in sorted(given))
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{names} {verb} to method 'grpo', but method is '{method}': set method='grpo'")
+    if method == "grpo" and not grpo.rewards:
+        raise ValueError(
+            "method 'grpo' needs at least one reward in grpo_rewards, e.g. "
+            '[{"name": "answer"}] (the row\'s answer column) or [{"name": "format", "pattern": "..."}]'
+        )

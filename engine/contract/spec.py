@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from engine.contract.files import atomic_write_text
-from engine.contract.grpo import GrpoSettings
+from engine.contract.grpo import GrpoSettings, grpo_settings_problem
 
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
@@ -255,19 +255,7 @@ class FinetuneSpec(_ModelJob):
 
     @model_validator(mode="after")
     def _grpo_settings(self) -> FinetuneSpec:
-        default = GrpoSettings()  # (a spec read back from spec.json has every field set)
-        given = [n for n in GrpoSettings.model_fields if getattr(self.grpo, n) != getattr(default, n)]
-        if self.method != "grpo" and given:
-            names = ", ".join(f"grpo_{n}" for n in sorted(given))
-            verb = "applies" if len(given) == 1 else "apply"
-            raise ValueError(
-                f"{names} {verb} to method 'grpo', but method is '{self.method}': set method='grpo'"
-            )
-        if self.method == "grpo" and not self.grpo.rewards:
-            raise ValueError(
-                "method 'grpo' needs at least one reward in grpo_rewards, e.g. "
-                '[{"name": "answer"}] (the row\'s answer column) or [{"name": "format", "pattern": "..."}]'
-            )
+        grpo_settings_problem(self.method, self.grpo)
         return self
 
     @model_validator(mode="after")

@@ -169,6 +169,9 @@ def _read(path: str, split: str | None) -> tuple[list[Example], DatasetReport]:
                 report.problems.append(RowProblem(source.label, raw.position, str(bad), source.unit))
     report.rows_ok = len(examples)
     report.kinds = dict(Counter(ex.kind for ex in examples))
+    report.columns = dict(
+        Counter(k for ex in examples for k, v in (ex.columns or {}).items() if v is not None)
+    )
     if examples:
         lengths = [_char_length(ex) for ex in examples]
         report.chars = {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}

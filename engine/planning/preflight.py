@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
+from engine.planning.grpo_preflight import GrpoProblem, check_grpo
 
 Caller = Literal["tool", "cli", "python"]
 # A tool call reads at most this much of a dataset itself (JSONL parses at ~50 MB/s, and clients drop
@@ -238,4 +239,9 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
             initial_adapter(spec.init_adapter)
         except ValueError as exc:
             raise PreflightError(f"init_adapter: {exc}") from None
+    if isinstance(spec, FinetuneSpec) and spec.method == "grpo":
+        try:
+            notes += check_grpo(spec, MAX_TOOL_INSPECT_BYTES if caller == "tool" else None)
+        except GrpoProblem as exc:
+            raise PreflightError(str(exc)) from None
     return notes + check_fit(spec)

@@ -59,6 +59,7 @@ class GrpoRun:
     events: EventWriter
     samples: CompletionsLog | None = None
     steps_done: int = 0
+    reward_history: list[float] = field(default_factory=list)  # each step's mean reward (the job's result)
     # the reference policy's context (beta > 0): the adapter switched off, or the initial adapter's copy
     reference: Callable[[Any], AbstractContextManager[Any]] = lambda model: model.disable_adapter()
     _pending: tuple[tuple[int, ...], Rollout] | None = field(default=None, repr=False)
@@ -92,9 +93,11 @@ class GrpoRun:
         self._pending = (key, rollout)
         return rollout
 
-    def done(self, rollout: Rollout) -> None:
+    def done(self, rollout: Rollout, metrics: dict[str, float]) -> None:
         self._pending = None
         self.steps_done += 1
+        if "reward" in metrics:
+            self.reward_history.append(metrics["reward"])
         if self.samples is not None:
             self.samples.add(self.steps_done, self.prompts.prompts, rollout, self.sampling.num_generations)
 
@@ -128,7 +131,7 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     metrics = rollout_metrics(rollout, run.rewards)
     if run.loss.beta != 0.0 and totals.kl_tokens:
         metrics["kl"] = round(kl / totals.kl_tokens, 6)
-    run.done(rollout)
+    run.done(rollout, metrics)
     return StepResult(loss=loss, tokens=totals.tokens, grad_norm=norm, metrics=metrics)
 
 
