@@ -163,3 +163,53 @@ def test_memory_does_not_grow_step_over_step(tiny_model_dir: Path, tmp_path: Pat
     assert max(peaks[10:]) <= max(peaks[:10]) * 1.2 + 256 * 1024, "the Python heap's peak grows"
     lines = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 20 * G
+
+
+def test_out_of_memory_lowers_the_generation_batch_then_the_micro_batch(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the CUDA out-of-memory errors are raised by stand-ins, once while sampling and once
+    while learning. Sampling backs off in the step (its batch halved); learning in the loop (the
+    micro-batch halved), which retries the step with the completions already sampled."""
+    from engine.contract.spec import TrainSettings
+    from engine.models.presets import model_shape
+    from engine.planning.grpo import resolve_grpo
+    from engine.training import grpo_step as step_module
+    from engine.training.loop import train_adapter
+
+    model, _, run = _setup(tiny_model_dir, tmp_path)
+    train = TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=2, learning_rate=1e-3)
+    resolved, _, _ = resolve_grpo(
+        train, GrpoSettings(rewards=["length"], num_generations=G, max_completion_length=8, generation_batch_size=8),
+        prompt_lengths=run.prompts.lengths, shape=model_shape(str(tiny_model_dir)), quantization="none",
+        lora_rank=4, device="cpu", free_memory_gib=None,
+    )  # fmt: skip
+    generated: list[int] = []
+    real_generate, real_logps = model.generate, step_module.completion_logps
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        generated.append(kwargs["input_ids"].shape[0])
+        if len(generated) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, sampling)")
+        return real_generate(*args, **kwargs)
+
+    failed: list[bool] = []
+
+    def logps(model_: Any, *args: Any) -> Any:
+        if torch.is_grad_enabled() and not failed:
+            failed.append(True)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, learning)")
+        return real_logps(model_, *args)
+
+    model.generate = generate
+    monkeypatch.setattr(step_module, "completion_logps", logps)
+    with EventWriter(tmp_path / "loop.jsonl") as events:
+        run.events = events
+        out = train_adapter(
+            model, run.tokenizer, run, resolved, device="cpu", events=events, step_fn=grpo_step
+        )
+    warnings = [e.message for e in read_events(tmp_path / "loop.jsonl")[0] if e.type == "warning"]
+    print(f"\ngenerate batches: {generated}\nwarnings: {warnings}")
+    assert out.steps_done == 2 and out.micro_batch_size == 2 and out.gradient_accumulation == 4
+    assert "generation batch halved to 4" in warnings[0] and "micro-batch halved to 2" in warnings[1]
+    assert generated == [8, 4, 4, 4, 4]  # step 1: 8 fails, 4 + 4; the retry samples nothing; step 2: 4 + 4

@@ -123,6 +123,7 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.contract import spec
+    from engine.contract.grpo import GrpoSettings
 
     parser = argparse.ArgumentParser(
         prog="backprop", description="Fine-tune open LLMs on your own GPU (QLoRA, SLAO, GGUF)."
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     _add_setting(p, "model", spec.FinetuneSpec.model_fields["model"])
     _add_setting(p, "method", spec.FinetuneSpec.model_fields["method"])
+    _add_setting(
+        p, "grpo_rewards", GrpoSettings.model_fields["rewards"]
+    )  # method grpo: the answer column checked
     _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
@@ -294,7 +298,13 @@ def _check_data(args: argparse.Namespace) -> int:
     from engine.jobs.commands import check_data
 
     require("train", "backprop check-data")
-    spec = training_spec(FinetuneSpec, local_or_name(args.path), model=args.model, method=args.method)
+    spec = training_spec(
+        FinetuneSpec,
+        local_or_name(args.path),
+        model=args.model,
+        method=args.method,
+        grpo_rewards=args.grpo_rewards,
+    )
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
         out = check_data(spec)
     print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, spec.model))

@@ -171,12 +171,12 @@ class _GrpoPlan:
                     "grpo_max_completion_length", self.grpo.max_completion_length, CPU_COMPLETION, why
                 )
             )
-        chosen = next((c for c in COMPLETION_CHOICES if self.fits(1, g, c)), None)
+        chosen = next((c for c in COMPLETION_CHOICES if self.fits(1, 1, c)), None)
         if chosen is None and self.grpo.max_completion_length is None:
-            self._does_not_fit(COMPLETION_CHOICES[-1], 1, g)
+            self._does_not_fit(COMPLETION_CHOICES[-1], 1, 1)
         why = (
-            f"the longest of {', '.join(map(str, COMPLETION_CHOICES))} tokens whose sampling ({g} completions at "
-            f"once) and learning (one at a time) fit in {self.free_gib:.1f} GiB free"
+            f"the longest of {', '.join(map(str, COMPLETION_CHOICES))} tokens whose sampling and learning fit in "
+            f"{self.free_gib:.1f} GiB free, one completion at a time (the batches are fitted next)"
         )
         return int(self.decide("grpo_max_completion_length", self.grpo.max_completion_length, chosen, why))
 

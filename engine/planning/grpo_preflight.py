@@ -1,4 +1,5 @@
-"""The checks of a GRPO job before it exists (torch-free): its reward files, and the columns its rewards read.
+"""The checks of a GRPO job before it exists (torch-free): its reward files, the columns its rewards read,
+and the defaults check-data shows for its prompts.
 
 Run by every caller's preflight (engine.planning.preflight), after the dataset's own rows were checked.
 Whether an MCP tool may name a Python reward at all is the server's decision (backprop_mcp.reward_policy).
@@ -7,9 +8,12 @@ Whether an MCP tool may name a Python reward at all is the server's decision (ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from engine.contract.grpo import AnswerReward, PythonReward
 from engine.contract.spec import FinetuneSpec
+from engine.data.prompts import prompt_token_ids
+from engine.planning.grpo import GrpoMemory, GrpoTraining, resolve_grpo
 
 
 class GrpoProblem(ValueError):
@@ -56,3 +60,20 @@ def _size(path: Path) -> int:
         return path.stat().st_size if path.is_file() else 0
     except OSError:
         return 0
+
+
+def grpo_defaults(
+    spec: FinetuneSpec, examples: list[Any], tokenizer: Any, fit: dict[str, Any]
+) -> tuple[GrpoTraining, dict[str, Any], list[int], GrpoMemory | None]:
+    """What check-data shows for a GRPO job: the plan, the GRPO settings decided beside it (``grpo_*``), the
+    prompts' token lengths, and the memory of both phases (where there is a free-memory figure)."""
+    lengths = [prompt_token_ids(ex.prompt, ex.messages, tokenizer) for ex in examples]
+    resolved, grpo, memory = resolve_grpo(
+        spec.train, spec.grpo, prompt_lengths=[len(x) for x in lengths], **fit
+    )
+    decided = {
+        "grpo_num_generations": grpo.num_generations,
+        "grpo_max_completion_length": grpo.max_completion_length,
+        "grpo_generation_batch_size": grpo.generation_batch_size,
+    }
+    return resolved, decided, [len(x) for x in lengths], memory
