@@ -104,6 +104,8 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
         )
+    elif check.method_problem:
+        next_step = f"Not usable for method '{check.method}' as it is: {check.method_problem}"
     elif check.fits is False:
         next_step = (
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."

@@ -98,6 +98,9 @@ class DatasetCheck(BaseModel):
     tokens: TokenStats | None = Field(
         None, description="token lengths with the model's tokenizer and chat template"
     )
+    method: str | None = Field(None, description="the training method the check is for")
+    method_note: str | None = Field(None, description="what the method makes of the file")
+    method_problem: str | None = Field(None, description="why the method cannot train on the file as it is")
     fits: bool | None = None
     fit_error: str | None = None
     defaults: dict[str, Any] | None = Field(None, description="the settings a fine-tune would use")

@@ -149,3 +149,23 @@ async def test_reward_code_from_mcp_needs_the_switch_and_a_chosen_folder(
     async with Client(_server(home)) as client:  # the environment's folders count as chosen too
         refused, text, _ = await _start(client, data, reward)
     assert not refused, text
+
+
+@pytest.mark.anyio
+async def test_check_dataset_shows_the_grpo_plan_and_a_missing_answer_column(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """check_dataset runs the engine's check-data (a real subprocess): the rewards travel as JSON."""
+    good = _jsonl(tmp_path / "math.jsonl", [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(4)])
+    bad = _jsonl(
+        tmp_path / "no_answer.jsonl", [{"prompt": f"{i}+1?", "solution": str(i + 1)} for i in range(4)]
+    )
+    args = {"model": str(tiny_model_dir), "method": "grpo", "grpo_rewards": [{"name": "answer"}]}
+    async with Client(_server(tmp_path / "home")) as client:
+        ok = (await client.call_tool("check_dataset", {"path": str(good), **args})).structured_content
+        refused = (await client.call_tool("check_dataset", {"path": str(bad), **args})).structured_content
+    assert ok is not None and refused is not None
+    print(f"\nplan: {ok['defaults']}\nrefused: {refused['method_problem']}")
+    assert ok["format"] == "prompt" and ok["ready"] and ok["defaults"]["grpo_num_generations"] == 4
+    assert not refused["ready"] and "reads the column 'answer'" in refused["method_problem"]
+    assert "solution" in refused["method_problem"]

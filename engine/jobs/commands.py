@@ -148,8 +148,12 @@ def _grpo_defaults(
     extra: dict[str, Any],
 ) -> Any:
     """The prompts' token statistics and the GRPO plan (completions per prompt, their length, the batches)."""
-    from engine.planning.grpo_preflight import grpo_defaults
+    from engine.planning.grpo_preflight import GrpoProblem, check_grpo, grpo_defaults
 
+    try:
+        check_grpo(spec)  # the rewards' files and the columns they read
+    except GrpoProblem as exc:
+        out.method_problem = str(exc)
     resolved, decided, lengths, memory = grpo_defaults(spec, examples, tokenizer, fit)
     out.tokens = out.prompt_tokens = _stats(lengths)
     extra.update(decided)
