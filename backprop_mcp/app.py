@@ -28,11 +28,11 @@ from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from pydantic import BaseModel, Field
 
 from backprop_mcp.figures import grouped, is_share, label_of
-from backprop_mcp.models import JobStatus
-from backprop_mcp.state import ServerState, percent_done
+from backprop_mcp.job_events import JobTail
+from backprop_mcp.job_views import ServerState, percent_done
 from backprop_mcp.store import JobRecord
 from backprop_mcp.supervisor import read_job_result
-from backprop_mcp.tail import JobTail
+from backprop_mcp.tool_outputs import JobStatus
 from backprop_mcp.tooling import hints
 
 DASHBOARD_URI = "ui://backprop/dashboard.html"

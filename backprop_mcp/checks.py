@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ValidationError
 
-from backprop_mcp.models import DatasetCheck
 from backprop_mcp.paths import JOB_ID_RE, looks_like_hub_name, resolve_readable
 from backprop_mcp.store import JobRecord
+from backprop_mcp.tool_outputs import DatasetCheck
 from engine.interface import (
     DataCheck,
     ExportSpec,
@@ -81,7 +81,7 @@ def initial_adapter(value: str, find_job: Callable[[str], JobRecord]) -> str:
 
 def permitted_model(model: str) -> str:
     """A tool's model argument: a folder only where the file policy lets tools read (a name passes as it
-    is), then the engine's ``check_model`` (its PreflightError reaches the model as a tool error, guard.py)."""
+    is), then the engine's ``check_model`` (its PreflightError reaches the model as a tool error, tool_errors.py)."""
     text = model.strip()
     if text.startswith(("/", "~", ".")) or (os.sep in text and not looks_like_hub_name(text)):
         model = str(resolve_readable(text, "model"))  # a folder: the file policy and type check first
@@ -100,20 +100,19 @@ def dataset_check_result(path: str, out: dict[str, Any]) -> DatasetCheck:
     problems = [str(p) for p in (report.get("problems") or [])]
     if not report.get("rows_ok"):
         next_step = "No usable rows: fix the format (see problems) and check again."
+    elif check.method_problem:
+        next_step = f"{check.method_problem}. Give data in the method's format, or another method."
     elif report.get("bad_rows"):
         next_step = (
             "Fix the bad rows listed, or start_finetune with skip_bad_rows=true to train on the good ones."
         )
-    elif check.method_problem:
-        next_step = f"Not usable for method '{check.method}' as it is: {check.method_problem}"
     elif check.fits is False:
         next_step = (
             "It does not fit as configured: lower max_seq_length or micro_batch_size, or use a smaller model."
         )
     else:
-        next_step = (
-            f"Ready: start_finetune(dataset_path='{path}', ...) with these defaults or your own settings."
-        )
+        method = f", method='{check.method}'" if check.method not in (None, "sft") else ""
+        next_step = f"Ready: start_finetune(dataset_path='{path}'{method}, ...) with these defaults or your own settings."
     return DatasetCheck(
         **check.model_dump(exclude={"report"}),
         path=path,

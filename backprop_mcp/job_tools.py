@@ -17,11 +17,11 @@ from pydantic import Field
 from backprop_mcp import checks
 from backprop_mcp.app import LINKED_TOOL_META
 from backprop_mcp.limits import MAX_DATASETS, MAX_SYSTEM_CHARS
-from backprop_mcp.models import StartedJob
 from backprop_mcp.paths import resolve_writable_dir
 from backprop_mcp.policy import ClientRoots
 from backprop_mcp.reward_policy import check_reward_code
 from backprop_mcp.store import JobRecord
+from backprop_mcp.tool_outputs import StartedJob
 from backprop_mcp.tooling import LEFT_OUT, hints, name_arg, path_arg, takes_settings
 from engine.interface import (
     ExportSpec,

@@ -16,8 +16,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import EmptyResult, SubscribeRequestParams, UnsubscribeRequestParams
 
+from backprop_mcp.job_views import GPU_URI, JOBS_URI, ServerState
 from backprop_mcp.lossplot import render_loss_png
-from backprop_mcp.state import GPU_URI, JOBS_URI, ServerState
 from backprop_mcp.store import JobRecord
 from engine.interface import gpu_report
 

@@ -21,19 +21,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from backprop_mcp.job_events import JobTail, describe_error
 from backprop_mcp.store import TERMINAL_STATES, JobRecord, JobStore
-from backprop_mcp.tail import JobTail, describe_error
 from engine.interface import (
     EVENTS_FILE,
     WORKER_LOG,
     JobResult,
     JobState,
-    new_job_id,
+    WarmPool,
+    create_job,
     procs,
     read_result,
     request_cancel,
     start_worker,
-    write_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class Supervisor:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.worker_command = worker_command  # None: python -P -m engine run (engine.jobs.runner)
+        # With the engine's own worker: one kept warm for the next job (engine.jobs.warm_worker)
+        self.warm = WarmPool(home) if worker_command is None else None
         env_grace = os.environ.get("BACKPROP_CANCEL_GRACE_S")
         self.cancel_grace_s = (
             cancel_grace_s if cancel_grace_s is not None else float(env_grace or DEFAULT_CANCEL_GRACE_S)
@@ -78,16 +80,15 @@ class Supervisor:
 
     # -- creating jobs -------------------------------------------------------------------------
 
-    def create_job(self, spec: BaseModel, *, label: str) -> JobRecord:
-        """Write the job folder, index it, and start its worker detached."""
+    def start_job(self, spec: BaseModel, *, label: str) -> JobRecord:
+        """Create the job's folder (the engine's ``create_job``), index it, and start its worker detached."""
         kind = str(getattr(spec, "kind"))  # noqa: B009 - every JobSpec has a kind
-        job_id = new_job_id(kind)
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir(parents=True)
-        write_spec(job_dir, spec)
+        job_dir = create_job(spec, root=self.jobs_dir)
+        job_id = job_dir.name
         self.store.create(job_id, kind, job_dir, label)
         try:
-            proc, identity = start_worker(job_dir, home=self.home, command=self.worker_command)
+            warm = self.warm.take(job_dir) if self.warm is not None else None
+            proc, identity = warm or start_worker(job_dir, home=self.home, command=self.worker_command)
         except OSError as exc:
             self.store.transition(
                 job_id, "failed", error=f"could not start the worker: {exc}", finished_at=time.time()
@@ -100,6 +101,11 @@ class Supervisor:
         record = self.store.get(job_id)
         assert record is not None
         return record
+
+    def keep_worker_warm(self) -> None:
+        """Start a warm worker where none waits (the watcher calls this; engine.jobs.warm_worker)."""
+        if self.warm is not None:
+            self.warm.keep_warm()
 
     # -- following jobs -----------------------------------------------------------------------
 

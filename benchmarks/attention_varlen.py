@@ -6,10 +6,13 @@ micro-batch 4 x 2048 tokens:
 - ``dense``: causal SDPA on fixed rows through cuDNN (what fixed-length rows run);
 - ``flash``: torch's flash-attention varlen kernel on packed rows (``aten._flash_attention_forward``),
   with the row width as the longest piece (what CUDA graphs fix today) and with the real longest piece;
-- ``cudnn``: cuDNN's ragged (THD) kernel on the same packed rows (``aten._cudnn_attention_forward``
-  with cumulative lengths), with the longest piece as the graphs' fixed bound (2048) and as it is;
-and checks each varlen kernel's output and gradients against SDPA one example at a time, and that a
-CUDA graph captures and replays it. Prints one JSON line per shape.
+- ``fa4``: FlashAttention-4's varlen kernel (``flash-attn-4``, CuTeDSL) on the same packed rows, key/value
+  heads as they are, with the row width and with the real longest piece as the bound;
+- ``fa4_dense``: FlashAttention-4's fixed-length causal kernel on the fixed rows (against ``dense``);
+and checks each kernel's output and gradients against SDPA one example at a time (``fa4_dense``
+against dense SDPA), and that a CUDA graph captures and replays FlashAttention-4's varlen forward and
+backward. Prints one JSON line per shape. (cuDNN's ragged THD kernel, tried in v9, gave wrong
+gradients in torch 2.11 / cuDNN 9.19 and is no longer run.)
 
     python benchmarks/attention_varlen.py --shapes 0.5b,7b
 """
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from engine.training.varlen_attention import _FlashVarlen, cu_seqlens_for_rows, reference_varlen
+    from engine.training.varlen_attention import _fa4, _FlashVarlen, cu_seqlens_for_rows, reference_varlen
+
+    fa4 = _fa4()
 
     dev = "cuda"
     segments = packed_rows(args.rows, args.width)
@@ -66,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     cu = cu_cpu.to(dev)
     total = args.rows * args.width
 
-    def cudnn_varlen(q, k, v, max_len, scale):
-        return torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
-        )[0]
+    def fa4_varlen(q, k, v, max_len, scale):
+        if fa4 is None:
+            raise RuntimeError("flash-attn-4 does not import here")
+        return fa4[0](
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+            softmax_scale=scale, causal=True,
+        )[0]  # fmt: skip
 
     def timed(fn, *inputs) -> float:
         for _ in range(3):
@@ -102,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels = {
             "flash": lambda q, k, v: _FlashVarlen.apply(q, kr, vr, cu, args.width, scale),
             "flash_longest": lambda q, k, v: _FlashVarlen.apply(q, kr, vr, cu, longest, scale),
-            "cudnn": lambda q, k, v: cudnn_varlen(q, k, v, args.width, scale),
-            "cudnn_longest": lambda q, k, v: cudnn_varlen(q, k, v, longest, scale),
+            "fa4": lambda q, k, v: fa4_varlen(q, k, v, args.width, scale),
+            "fa4_longest": lambda q, k, v: fa4_varlen(q, k, v, longest, scale),
         }
         for name, fn in kernels.items():
             try:
@@ -123,24 +131,43 @@ def main(argv: list[str] | None = None) -> int:
                 rec["ms_fwd_bwd"][name] = round(timed(fn, q, k, v), 3)
             except Exception as exc:  # record why a kernel cannot run here, and go on
                 rec["max_err"][name] = f"failed: {exc!r}"[:300]
-        # dense causal SDPA on fixed rows of one example each (cuDNN on Hopper)
+        # dense causal SDPA on fixed rows of one example each (cuDNN on Hopper), and FlashAttention-4 there
         qd, kd, vd = (t.detach().view(args.rows, args.width, -1, dim).transpose(1, 2).requires_grad_(True)
                       for t in (q, k, v))  # fmt: skip
         dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
         rec["ms_fwd_bwd"]["dense"] = round(timed(dense, qd, kd, vd), 3)
-        # a CUDA graph captures cuDNN's varlen forward and backward, and replays them
+        if fa4 is not None:
+            try:
+                fa4_dense = lambda q, k, v: fa4[1](  # noqa: E731
+                    *(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, causal=True
+                )[0].transpose(1, 2)
+                ref_d = dense(qd, kd, vd)
+                grad_d = torch.randn(ref_d.shape, device=dev, dtype=torch.bfloat16, generator=g)
+                want = torch.autograd.grad(ref_d, (qd, kd, vd), grad_d)
+                out_d = fa4_dense(qd, kd, vd)
+                got = torch.autograd.grad(out_d, (qd, kd, vd), grad_d)
+                rec["max_err"]["fa4_dense"] = [round((out_d.float() - ref_d.float()).abs().max().item(), 5)] + [
+                    round(((a.float() - b.float()).abs().max() / b.float().abs().max()).item(), 5)
+                    for a, b in zip(got, want, strict=True)
+                ]  # fmt: skip
+                rec["ms_fwd_bwd"]["fa4_dense"] = round(timed(fa4_dense, qd, kd, vd), 3)
+            except Exception as exc:
+                rec["max_err"]["fa4_dense"] = f"failed: {exc!r}"[:300]
+        # a CUDA graph captures FlashAttention-4's varlen forward and backward, and replays them
         try:
             static_grad = grad.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    torch.autograd.grad(cudnn_varlen(q, k, v, args.width, scale), (q, k, v), static_grad)
+                    torch.autograd.grad(fa4_varlen(q, k, v, args.width, scale), (q, k, v), static_grad)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out_g = cudnn_varlen(q, k, v, args.width, scale)
+                out_g = fa4_varlen(q, k, v, args.width, scale)
                 grads_g = torch.autograd.grad(out_g, (q, k, v), static_grad)
+            with torch.no_grad():
+                out_g.zero_()  # poisoned: the replay must write it
             graph.replay()
             torch.cuda.synchronize()
             rec["cuda_graph"] = {

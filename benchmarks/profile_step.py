@@ -17,7 +17,9 @@ fresh LoRA weights, and then trains the same steps on the same rows from the sam
   fastcg fastc with CUDA graphs.
 A variant may end in ``+nr`` (no recomputation: gradient checkpointing off, as the defaults choose
 where memory allows) or ``+off`` (checkpointed layer inputs offloaded to pinned host memory,
-``train.offload_activations``, engine.training.offload), e.g. ``fastg+nr``, ``fast+off``.
+``train.offload_activations``, engine.training.offload), e.g. ``fastg+nr``, ``fast+off``; and in
+``+tv`` (packed rows through torch's flash varlen kernel even where FlashAttention-4 is installed)
+or ``+fx`` (FlashAttention-4 for fixed rows too), e.g. ``fastg+nr+tv``.
 
 ``--rounds N`` runs the variants N times, interleaved (plain fast fastc plain fast fastc ...), and
 reports each variant's median tokens/s: a small model's step time drifts between steps by more
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.contract.events import EventWriter  # noqa: F401  (the engine's own imports, as a job)
     from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
     from engine.training import accel
+    from engine.training import varlen_attention as va
     from engine.training.backend import apply_fast_path, compile_decoder_layers, uncompile_decoder_layers
     from engine.training.base_model import load_for_training
     from engine.training.batching import most_pieces_per_row, plan_steps
@@ -285,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         for m, func in checkpointing.items():  # +nr: no recomputation; +off: inputs offloaded
             m.gradient_checkpointing = "nr" not in modifiers
             m._gradient_checkpointing_func = offload.wrap(func) if offload else func
-        labels = {"nr": "no recomputation", "off": "offloaded layer inputs"}
+        labels = {
+            "nr": "no recomputation", "off": "offloaded layer inputs", "tv": "torch's varlen kernel asked for",
+            "fx": "FlashAttention-4 for fixed rows too",
+        }  # fmt: skip
         applied: list[str] = [labels[m] for m in modifiers]
+        os.environ[va.KERNEL_ENV] = "torch" if "tv" in modifiers else "auto"
+        va.FA4_FIXED_ROWS = "fx" in modifiers
         compiled = variant in ("fastc", "fastcg")
         if variant != "plain" and device != "cpu":
             applied += apply_fast_path(model, device, loaded.info, compile_layers=compiled)

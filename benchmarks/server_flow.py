@@ -84,7 +84,20 @@ def write_chat_dataset(path: Path, model_dir: Path, rows: int, median: int, p99:
     }
 
 
-async def user_flow(model_dir: Path, data: Path, home: Path, steps: int | None) -> dict[str, Any]:
+async def wait_for_warm_worker(home: Path, limit_s: float) -> float | None:
+    """Seconds until the server's warm worker is ready (engine.jobs.warm_worker's ``ready`` file), or
+    None when none is ready within ``limit_s`` (no GPU, or turned off)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        if any((home / "warm").glob("*/ready")):
+            return round(time.perf_counter() - t0, 2)
+        await anyio.sleep(0.1)
+    return None
+
+
+async def user_flow(
+    model_dir: Path, data: Path, home: Path, steps: int | None, wait_warm_s: float = 0.0
+) -> dict[str, Any]:
     env = {
         **os.environ,
         "BACKPROP_HOME": str(home),
@@ -105,11 +118,12 @@ async def user_flow(model_dir: Path, data: Path, home: Path, steps: int | None) 
 
         gpu = await call("inspect_gpu", {})
         check = await call("check_dataset", {"path": str(data), "model": str(model_dir)})
+        warm_wait = await wait_for_warm_worker(home, wait_warm_s) if wait_warm_s > 0 else None
         started = await call(
             "start_finetune",
             {"dataset_path": str(data), "model": str(model_dir)} | ({"steps": steps} if steps else {}),
         )
-        t_start = time.perf_counter()
+        t_start, t_answer = time.perf_counter(), time.time()  # the events' clock is time.time()
         status = {"state": started["state"]}
         while status["state"] not in TERMINAL:
             status = await call("job_status", {"job_id": started["job_id"], "wait_s": 40})
@@ -121,6 +135,8 @@ async def user_flow(model_dir: Path, data: Path, home: Path, steps: int | None) 
         "job_dir": started["job_dir"],
         "job_wall_s": round(t_end - t_start, 1),
         "flow_wall_s": round(t_end - t0, 1),
+        "answered_at": t_answer,
+        "warm_wait_s": warm_wait,
     }
 
 
@@ -143,6 +159,26 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
     # by the clock, from the end of the last untimed step: also counts what happens between steps
     # (checkpoints, GPU monitoring, event writes)
     clock = timed[-1].time - progress[warmup - 1].time if 0 < warmup < len(progress) else None
+    answered = flow["answered_at"]
+    first = progress[0].time - answered if progress else None
+    started = next((e.time - answered for e in events if e.type == "started"), None)
+    training = next((e.time - answered for e in events if e.type == "stage" and e.name == "training"), None)
+    ended = next((e.time - answered for e in events if e.type == "finished"), None)
+    all_tokens = sum(p.tokens or 0 for p in progress)
+    step_rate = tokens / secs if secs else None
+    warm_note = next((e.message for e in events if e.type == "log" and "kept warm" in e.message), None)
+    # where the loop's own time goes (from the training stage to the last step)
+    at_step = {p.step: p.time for p in progress}
+    checkpoints = [e for e in events if e.type == "checkpoint"]
+    loop = {
+        "loop_s": round(progress[-1].time - (training + answered), 3) if progress and training else None,
+        "steps_s": round(sum(p.step_s or 0.0 for p in progress), 3),
+        "first_two_steps_s": [p.step_s for p in progress[:2]],
+        "checkpoints": len(checkpoints),
+        "checkpoint_s": round(sum(c.time - at_step.get(c.step, c.time) for c in checkpoints), 3),
+    }
+    if loop["loop_s"] is not None:
+        loop["between_steps_s"] = round(loop["loop_s"] - loop["steps_s"] - loop["checkpoint_s"], 3)
     return {
         "state": status["state"],
         "error": status.get("error"),
@@ -160,6 +196,23 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "tokens_per_s": round(tokens / secs, 1) if secs else None,
         "clock_tokens_per_s": round(tokens / clock, 1) if clock else None,
         "job_tokens_per_s": metrics.get("tokens_per_s"),
+        # start-up, from start_finetune's answer (goal: the first step within seconds)
+        "started_after_s": round(started, 2) if started is not None else None,
+        "training_stage_after_s": round(training, 2) if training is not None else None,
+        "first_step_after_s": round(first, 2) if first is not None else None,
+        "finished_after_s": round(ended, 2) if ended is not None else None,
+        "warm_worker": warm_note,
+        "loop": loop,
+        "warm_wait_s": flow.get("warm_wait_s"),
+        # the whole job against its step rate: the job's own figure (its loop, warm-up steps included)
+        # and every step's tokens over the time from start_finetune's answer to the job's end
+        "job_over_step_rate": round(metrics["tokens_per_s"] / step_rate, 3)
+        if step_rate and metrics.get("tokens_per_s")
+        else None,
+        "answer_to_end_tokens_per_s": round(all_tokens / ended, 1) if ended else None,
+        "answer_to_end_over_step_rate": round(all_tokens / ended / step_rate, 3)
+        if ended and step_rate
+        else None,
         "step_s": round(secs / len(timed), 4) if timed else None,
         "peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib"),
         "final_micro_batch": metrics.get("micro_batch_size"),
@@ -185,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p99", type=int, default=None, help="99th percentile (1041; --tiny: 260)")
     p.add_argument("--steps", type=int, default=None, help="cap the job's steps (default: the defaults')")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (3; --tiny: 1)")
+    p.add_argument(
+        "--wait-warm", type=float, default=0.0,
+        help="before start_finetune, wait up to this many seconds for the server's warm worker",
+    )  # fmt: skip
     p.add_argument(
         "--compare-fixed", action="store_true", help="also run train_speed's fixed-length engine run"
     )
@@ -214,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     data_info = write_chat_dataset(data, model_dir, rows, median, p99)
     log(f"dataset {data} in {time.perf_counter() - t0:.1f} s: {data_info}")
 
-    out = summarise(anyio.run(user_flow, model_dir, data, home, steps), warmup)
+    out = summarise(anyio.run(user_flow, model_dir, data, home, steps, args.wait_warm), warmup)
     out = {"arch": args.arch + (" (tiny)" if tiny else ""), "dataset": data_info} | out
     print(f"\n== {out['arch']}: the flow through the server ({out['gpu']})")
     print(f"dataset: {data_info['rows']} rows, median {data_info['median']} tokens, "
@@ -233,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
           f"the job's whole-run figure {out['job_tokens_per_s']}")  # fmt: skip
     print(f"peak GPU memory {out['peak_gpu_memory_gib']} GiB; OOM back-off: {out['oom_warnings'] or 'none'}")
     print(f"wall: job {out['job_wall_s']} s, whole flow {out['flow_wall_s']} s")
+    print(f"start-up after start_finetune's answer: worker started {out['started_after_s']} s, training "
+          f"stage {out['training_stage_after_s']} s, first step done {out['first_step_after_s']} s; "
+          f"{out['warm_worker'] or 'a fresh worker (none warm)'}")  # fmt: skip
+    print(f"whole job: the job's figure / step rate = {out['job_over_step_rate']}; from the answer to the "
+          f"end {out['answer_to_end_tokens_per_s']} tokens/s = {out['answer_to_end_over_step_rate']} "
+          f"of the step rate")  # fmt: skip
+    print(f"the loop: {out['loop']}")
 
     if args.compare_fixed:
         ns = argparse.Namespace(

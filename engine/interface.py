@@ -3,8 +3,8 @@
 The server imports this module and nothing else of the engine (a test checks it), so what crosses
 between the two processes is declared here: the job specifications and result, the typed events,
 the job runner, the preflight, process identity and the state folder. Importing it loads no
-torch, transformers or other heavy library (also checked by a test); the preflight imports the
-engine's torch-free data, model-catalogue and memory modules when it first runs.
+torch, transformers or other heavy library (also checked by a test): the preflight's data,
+model-catalogue and memory modules are torch-free too.
 """
 
 from engine.contract import events
@@ -33,18 +33,18 @@ from engine.contract.spec import (
     TrainSettings,
     read_result,
     read_spec,
-    write_spec,
 )
 from engine.hardware.installed import MissingExtra, require_for_spec
 from engine.hardware.installed import require as require_extra
 from engine.jobs import processes as procs
 from engine.jobs.runner import (
+    create_job,
     engine_command,
-    new_job_id,
     request_cancel,
     start_worker,
     worker_env,
 )
+from engine.jobs.warm_worker import WarmPool
 from engine.planning.gpu_report import GpuReport, gpu_report
 from engine.planning.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 
@@ -65,13 +65,14 @@ __all__ = [
     "SeriesSpec",
     "TokenStats",
     "TrainSettings",
+    "WarmPool",
     "backprop_home",
     "looks_like_path",
     "check_model",
     "engine_command",
     "events",
     "missing_message",
-    "new_job_id",
+    "create_job",
     "path_kind",
     "preflight",
     "problems",
@@ -91,5 +92,4 @@ __all__ = [
     "setting_parameters",
     "settings_of",
     "training_spec",
-    "write_spec",
 ]

@@ -37,8 +37,8 @@ from mcp.server.apps import APP_MIME_TYPE
 
 from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
 from backprop_mcp.figures import grouped, is_share, label_of
+from backprop_mcp.job_events import JobTail
 from backprop_mcp.server import build_server
-from backprop_mcp.tail import JobTail
 from engine.contract import events as ev
 from engine.contract.events import EventWriter
 

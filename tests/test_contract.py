@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from backprop_mcp.state import progress_of
-from backprop_mcp.tail import JobTail
+from backprop_mcp.job_events import JobTail
+from backprop_mcp.job_views import progress_of
 from engine.contract import events as ev
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, read_result
 from engine.jobs.runner import create_job, request_cancel, start_worker

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from backprop_mcp.job_events import JobTail
 from backprop_mcp.server import build_server
-from backprop_mcp.tail import JobTail
 
 
 @pytest.fixture

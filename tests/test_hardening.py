@@ -23,9 +23,9 @@ from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ListRootsResult, Root, TextContent
 
-from backprop_mcp.guard import guard_tools
 from backprop_mcp.policy import FilePolicy
 from backprop_mcp.server import build_server
+from backprop_mcp.tool_errors import guard_tools
 from engine.contract.datasets import DatasetError
 from engine.contract.files import (
     QUOTE_LIMIT,

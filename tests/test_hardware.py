@@ -142,7 +142,7 @@ def test_probe_reports_a_driver_that_is_not_loaded(monkeypatch):
 def test_monitor_samples_and_closes(monkeypatch):
     fake = _FakeNvml(temps=[61, 62])
     monkeypatch.setattr(hardware, "_import_pynvml", lambda: fake)
-    mon = GpuMonitor(0)
+    mon = GpuMonitor(0, max_age_s=0)  # every sample a fresh reading
     assert mon.available
     s1, s2 = mon.sample(), mon.sample()
     assert s1 == {
@@ -159,6 +159,11 @@ def test_monitor_samples_and_closes(monkeypatch):
     assert mon.sample() is None and fake.shutdowns == 1
     bad = GpuMonitor(5)
     assert not bad.available and "GPU 5" in (bad.unavailable_reason or "")
+    # by default a reading younger than half a second is given again (the loop asks twice a step)
+    fake.temps = [70, 71]
+    cached = GpuMonitor(0)
+    t1, t2 = cached.sample(), cached.sample()
+    assert t1 == t2 and t1 is not t2 and t1["temperature_c"] == 70 and fake.temps == [71]  # read once
 
 
 def test_thermal_guard_pauses_with_hysteresis_and_stops_in_an_emergency():

@@ -90,3 +90,23 @@ def test_lora_setup_warns_nothing_about_checkpointing(tiny_model_dir: Path) -> N
     noisy = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
     assert noisy == []
     assert any(getattr(m, "gradient_checkpointing", False) for m in peft_model.modules())  # still on
+
+
+def test_the_train_extra_brings_liger_on_linux_x86_64_only() -> None:
+    """The README's install command trains at the measured figures (Liger's kernels) where Triton ships;
+    elsewhere the requirement's marker leaves it out (checked with uv pip compile for macOS arm64,
+    Windows x86_64 and Linux aarch64: the extra resolves there)."""
+    from packaging.requirements import Requirement
+
+    (liger,) = [
+        Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["train"] if "liger" in r
+    ]
+    assert liger.name == "liger-kernel" and liger.marker is not None
+    where = {
+        ("linux", "x86_64"): True,
+        ("linux", "aarch64"): False,
+        ("darwin", "arm64"): False,
+        ("win32", "AMD64"): False,
+    }
+    for (platform, machine), wanted in where.items():
+        assert liger.marker.evaluate({"sys_platform": platform, "platform_machine": machine}) is wanted

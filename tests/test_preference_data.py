@@ -78,6 +78,7 @@ JUDGED = {"prompt": "P", "completion": "A", "label": True}
     ("good", "row", "expected"),
     [
         (PAIR, {"prompt": "P", "chosen": "A"}, "missing field 'rejected'"),
+        (PAIR, {"prompt": "P", "chosen": "A", "rejected": "A"}, "are the same answer"),
         (PAIR, {"prompt": "P", "chosen": "", "rejected": "B"}, "field 'chosen' is empty"),
         (
             PAIR,

@@ -289,3 +289,55 @@ def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, met
         torch.testing.assert_close(loss, seen[0][0], atol=1e-6, rtol=1e-5)
         assert sums == pytest.approx(seen[0][1], abs=1e-5)
         torch.testing.assert_close(grads, seen[0][2], atol=1e-6, rtol=1e-4)
+
+
+def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/preference_speed.py --tiny: the engine's DPO job and trl's DPOTrainer (and trl with its
+    precomputed reference) on the same tokens, order and initial adapter: the same per-step losses, and the
+    records and headline the GPU measurement reads (Unsloth needs a GPU: skipped here)."""
+    pytest.importorskip("trl")
+    records = tmp_path / "speed.jsonl"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "preference_speed.py"), "--tiny", "--prompt-len", "24",
+        "--answer-len", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--trl-precompute",
+        "--workdir", str(tmp_path / "work"), "--jsonl", str(records),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine, trl, precomputed = (json.loads(line) for line in records.read_text().splitlines())
+    assert (engine["variant"], trl["variant"]) == ("engine", "trl") and "precompute" in precomputed["variant"]
+    for rec in (engine, trl, precomputed):
+        assert rec["pairs_per_s"] > 0 and len(rec["losses"]) == 3
+    assert engine["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert precomputed["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
+
+
+def test_an_sft_job_continues_from_init_adapter_with_its_rank(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    """init_adapter is general (any method): an sft job trains that adapter, with its own rank and targets."""
+    from engine.jobs.dispatch import run_recipe
+
+    def run(name: str, **settings: Any) -> Any:
+        job = tmp_path / name
+        job.mkdir()
+        spec = FinetuneSpec(
+            model=str(tiny_model_dir), dataset=DatasetSettings(path=str(task["sft"])), **settings
+        )
+        with EventWriter(job / "events.jsonl") as events:
+            return run_recipe(spec, job, events, lambda: False)
+
+    first = run(
+        "first",
+        lora=LoraSettings(rank=4),
+        train=TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=1),
+    )
+    second = run(
+        "second", lora=LoraSettings(rank=8), init_adapter=first.artifacts["adapter"],
+        train=TrainSettings(steps=1, micro_batch_size=4, gradient_accumulation=1),
+    )  # fmt: skip
+    log = read_events(tmp_path / "second" / "events.jsonl")[0]
+    assert any(e.type == "log" and e.message.startswith("LoRA from init_adapter") for e in log)
+    config = json.loads((Path(second.artifacts["adapter"]) / "adapter_config.json").read_text())
+    assert config["r"] == 4

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from platformdirs import user_data_dir
+
 
 def _umask() -> int:
     """The process's umask, read without changing it where Linux says it (threads may be creating files)."""
@@ -106,8 +108,6 @@ def backprop_home() -> Path:
     env = os.environ.get("BACKPROP_HOME")
     if env:
         return Path(env).expanduser().resolve()
-    from platformdirs import user_data_dir
-
     return Path(user_data_dir("backprop-mcp", appauthor=False)).resolve()
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from engine.contract.datasets import (
     FORMAT_HELP,
@@ -46,13 +46,11 @@ from engine.contract.datasets import (
     RowProblem,
     row_place,
 )
+from engine.contract.spec import DatasetSettings
 from engine.data.preference import Preference, normalise_paired, normalise_unpaired
 from engine.data.prompts import normalise_prompt_row
 from engine.data.rows import ROLES, TOOL_ROLES, RowError, content_text, json_cell, text_field
 from engine.data.sources import RawRow, open_source, type_name
-
-if TYPE_CHECKING:
-    from engine.contract.spec import DatasetSettings
 
 ExampleKind = Literal["chat", "completion", "text", "tokens", "preference", "unpaired", "prompt"]
 RowFormat = Literal[

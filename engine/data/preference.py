@@ -58,6 +58,10 @@ def normalise_paired(row: dict[str, Any], explicit_prompt: bool) -> Preference:
         raise RowError("'prompt' is a list of messages, so 'chosen' and 'rejected' must be messages too")
     _check_answer(chosen, "chosen")
     _check_answer(rejected, "rejected")
+    if chosen == rejected:
+        raise RowError(
+            "'chosen' and 'rejected' are the same answer: a pair must prefer one answer over another"
+        )
     return Preference(prompt=_check_prompt(prompt), chosen=chosen, rejected=rejected)
 
 

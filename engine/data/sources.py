@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,7 @@ def _csv_source(p: Path) -> Source:
 
 
 def _parquet_source(p: Path) -> Source:
-    try:
+    try:  # pyarrow and datasets load where used: the data checks import this module without them
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow comes with the train extra
         raise DatasetError("reading Parquet needs pyarrow: pip install 'backprop-mcp[train]'") from e
@@ -261,8 +262,6 @@ def _hub_source(name: str, split: str | None) -> Source:
 
 
 def _hub_error_message(name: str, error: Exception) -> str:
-    import os
-
     offline = any(
         os.environ.get(v, "").lower() in ("1", "true", "yes")
         for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -93,7 +93,7 @@ def register(
     host: str | None = None,
 ) -> Registration:
     """Create model ``name`` in Ollama from ``gguf_path`` (raises ``OllamaError`` when it cannot)."""
-    try:
+    try:  # the ollama client is optional: without it, the ollama command line
         import ollama
     except ImportError:
         ollama = None  # type: ignore[assignment]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from engine.contract.files import PathError, checked_path, user_path
 from engine.contract.spec import RESULT_FILE, SPEC_FILE, ExportSpec, read_result, read_spec
 from engine.models.adapters import ADAPTER_CONFIG, is_adapter_folder, read_adapter_config
+from engine.models.presets import resolve_model
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -39,16 +42,12 @@ def local_model_dir(name: str) -> Path:
     except (PathError, OSError) as exc:  # OSError: a name too long for the file system
         raise SourceError(str(exc)) from None
     try:
-        from engine.models.presets import resolve_model
-
         resolved = resolve_model(name)
     except Exception as e:
         raise SourceError(f"cannot find the base model {name!r}: {e}") from e
     if resolved.local_path is not None:
         return resolved.local_path
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(resolved.target, allow_patterns=_HUB_PATTERNS))
     except Exception as e:
         raise SourceError(

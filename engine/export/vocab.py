@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from transformers import AutoTokenizer
 
 # tokenizer.json Split regex -> llama.cpp pre-tokenizer name (llama-vocab.cpp implements each).
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -126,8 +127,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int)
             return _add_sentencepiece(writer, tokenizer_dir, vocab_size)
         raise TokenizerExportError(f"tokenizer model type {model_type!r} is not supported for GGUF export")
     pre = detect_pre_tokenizer(data)
-
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokens, types = bpe_tokens(tokenizer, vocab_size)

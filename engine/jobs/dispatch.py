@@ -43,11 +43,11 @@ def run_recipe(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Call
     for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
         events.log(note)
     if spec.kind == "finetune" and spec.method == "grpo":
-        from engine.recipes.grpo import run_grpo
+        from engine.recipes.grpo import run_grpo  # each recipe with its kind (docstring)
 
         result = run_grpo(spec, job_dir, events, cancel_check)
     elif spec.kind == "finetune" and spec.method != "sft":
-        from engine.recipes.preference import run_preference
+        from engine.recipes.preference import run_preference  # each recipe with its kind (docstring)
 
         result = run_preference(spec, job_dir, events, cancel_check)
     elif spec.kind == "finetune":

@@ -47,18 +47,24 @@ def _detach_kwargs() -> dict[str, object]:
 
 
 def spawn_detached(
-    argv: list[str], *, cwd: Path, stderr_path: Path, env: dict[str, str] | None = None
+    argv: list[str],
+    *,
+    cwd: Path,
+    stderr_path: Path,
+    env: dict[str, str] | None = None,
+    stdin_pipe: bool = False,
 ) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
     """Start ``argv`` (a list, never a shell string) detached, stdout discarded, stderr to a file.
 
-    stdout goes to DEVNULL so a worker can never write into the MCP stdio stream.
+    stdout goes to DEVNULL so a worker can never write into the MCP stdio stream. ``stdin_pipe``: the
+    child reads from a pipe the caller writes (a warm worker waits there for its job).
     Returns the Popen (the caller reaps it if it outlives the child) and the child's identity.
     """
     with open(stderr_path, "ab") as stderr:
         proc = subprocess.Popen(  # noqa: S603 - argv is a list built by the server, no shell
             argv,
             cwd=str(cwd),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             close_fds=True,

@@ -47,7 +47,7 @@ def job_devices(spec: Any) -> list[int]:
     if gpus is None:
         return []
     if gpus == "all":
-        from engine.hardware.gpus import probe_gpus
+        from engine.hardware.gpus import probe_gpus  # looked up at call time (tests replace it)
 
         probe = probe_gpus()
         gpus = [g.index for g in probe.gpus] if spec.device != "cpu" and probe.available else []
@@ -107,7 +107,7 @@ def run_ranks(job_dir: Path, devices: list[int], events: Any) -> Any:
 
 def _sharded(spec: Any, devices: list[int], device: str) -> bool:
     """FSDP or DDP for this job (engine.planning.preflight.uses_fsdp; on the CPU, 'auto' is DDP)."""
-    from engine.hardware.gpus import probe_gpus
+    from engine.hardware.gpus import probe_gpus  # looked up at call time (tests replace it)
 
     cards = [g for g in probe_gpus().gpus if g.index in devices] if device.startswith("cuda") else []
     auto = cards and spec.parallel == "auto"

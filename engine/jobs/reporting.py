@@ -50,7 +50,7 @@ def _scalars(p: Progress) -> dict[str, float]:
 
 class _TensorBoard:
     def __init__(self, job_dir: Path, config: dict[str, Any]):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional extras: loaded only when asked for
 
         self.writer = SummaryWriter(log_dir=str(job_dir / TENSORBOARD_DIR))
         self.writer.add_text("job", f"`{job_dir.name}`: {config.get('kind')} of {config.get('model')}")
@@ -66,7 +66,7 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, job_dir: Path, config: dict[str, Any]):
-        import wandb
+        import wandb  # optional extra, as above
 
         os.environ.setdefault("WANDB_MODE", "offline")  # the user's own setting wins
         os.environ.setdefault("WANDB_SILENT", "true")  # its console lines would land in worker.log

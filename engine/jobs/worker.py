@@ -45,8 +45,11 @@ def device_lock_paths(spec: Any) -> list[Path]:
     return [root / f"{name}.lock" for name in names]
 
 
-def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
-    """Run one job to its end. Returns the process exit code (0 succeeded, 1 failed, 2 cancelled)."""
+def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] | None = None) -> int:
+    """Run one job to its end. Returns the process exit code (0 succeeded, 1 failed, 2 cancelled).
+
+    ``notes``: lines logged right after ``started`` (a warm worker says how it was started).
+    """
     job_dir = Path(job_dir).resolve()
     privacy_environment()  # before anything imports huggingface_hub
     events = EventWriter(job_dir / EVENTS_FILE)
@@ -77,6 +80,8 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5) -> int:
                     except Timeout:
                         continue
         events.emit(Started(kind=kind, pid=os.getpid(), device_lock="+".join(p.stem for p in lock_paths)))
+        for note in notes or []:
+            events.log(note)
         if devices := job_devices(spec):  # several devices: the ranks run the job (and report)
             result = run_ranks(job_dir, devices, events)
         else:

@@ -59,6 +59,11 @@ def initial_adapter(path: str | Path) -> Path:
     )
 
 
+def trained_rank(init_adapter: str | None, rank: int) -> int:
+    """The LoRA rank a job trains: its ``init_adapter``'s where it starts from one, else ``rank``."""
+    return int(read_adapter_config(initial_adapter(init_adapter))["r"]) if init_adapter else rank
+
+
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if not is_adapter_folder(folder):
         raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}: it is not a PEFT adapter folder")
@@ -68,7 +73,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config, state dict) of a PEFT adapter folder."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch and peft load where used: the server imports this module
 
     config = read_adapter_config(folder)
     weights = Path(folder) / ADAPTER_WEIGHTS

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.contract.files import PathError, looks_like_path, path_kind, quoted, user_path
+from engine.models import tiny
 from engine.models.adapters import is_adapter_folder
 from engine.models.shape import ModelShape
 
@@ -82,8 +83,6 @@ class Preset:
 
 
 def _tiny_preset() -> Preset:
-    from engine.models import tiny
-
     # The real vocabulary depends on the trained tokenizer (at least MIN_MODEL_VOCAB rows);
     # model_shape("tiny") reads the built config.json.
     shape = ModelShape(
@@ -192,9 +191,7 @@ def resolve_model(name: str, *, build_tiny: bool = True) -> ResolvedModel:
         if preset.hf_id is None:
             if not build_tiny:
                 return ResolvedModel(name, "preset", name, preset=preset)
-            from engine.models.tiny import ensure_tiny_model
-
-            path = ensure_tiny_model()
+            path = tiny.ensure_tiny_model()
             return ResolvedModel(name, "preset", str(path), preset=preset, local_path=path)
         return ResolvedModel(name, "preset", preset.hf_id, preset=preset)
     try:  # by type, before anything opens it
@@ -330,7 +327,7 @@ def shape_from_config(config: dict[str, Any], where: str = "config.json") -> Mod
 
 def _safetensors_param_count(folder: Path) -> int | None:
     """Exact parameter count from the safetensors headers (no weights read); None if unusable."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # the server imports this module: no weights library at its top
 
     files = sorted(folder.glob("*.safetensors"))
     total = 0
@@ -369,7 +366,7 @@ def model_shape(name_or_config: Any, trust_remote_code: bool = False) -> ModelSh
             shape = replace(shape, params=exact)
         return shape
     privacy_environment()
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # after privacy_environment(); the server imports this module
 
     with hub_errors(resolved, "configuration"):
         config = AutoConfig.from_pretrained(resolved.target, trust_remote_code=trust_remote_code)

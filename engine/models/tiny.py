@@ -138,6 +138,7 @@ def _corpus_lines() -> list[str]:
 
 def build_tokenizer(family: TinyFamily = "qwen2") -> Any:
     """Train the byte-level BPE tokenizer and wrap it as a transformers tokenizer."""
+    # the tokenizer and model libraries load only when the model is built: the server imports this module
     from tokenizers import (
         Regex,
         Tokenizer,

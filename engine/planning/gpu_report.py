@@ -49,7 +49,7 @@ class GpuReport(BaseModel):
 
 
 def gpu_report() -> GpuReport:
-    import psutil
+    import psutil  # in a function: the server imports this module (cold start, see jobs/processes)
 
     from engine.hardware.gpus import probe_gpus  # looked up at call time (tests replace it)
 

@@ -21,15 +21,7 @@ The memory model (per GPU, one training step, AdamW, LoRA weights in fp32 as pef
 ``peak_allocated_gib`` is what ``torch.cuda.max_memory_allocated`` should report;
 ``total_gib`` is what must be free on the card (adds the overhead).
 Attention is assumed to run through SDPA's flash / memory-efficient kernels (no tokens² matrix).
-
-Checked on an H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2, peft; Qwen2.5 architectures
-with random weights, LoRA r=16 on all linears, bf16 autocast, AdamW, gradient checkpointing unless
-noted, engine.training.loss's chunked loss unless noted). Peak allocated, measured vs estimated, GiB:
-7B NF4 4x2048 unfused loss 21.30 vs 21.28; 7B NF4 4x2048 9.52 vs 9.83; 7B NF4 1x2048 6.93 vs 6.91;
-7B NF4 8x4096 20.86 vs 21.65; 7B bf16 2x2048 17.02 vs 16.76; 7B NF4 2x2048 without checkpointing
-29.19 vs 31.10; 0.5B NF4 8x1024 1.72 vs 1.65; 0.5B bf16 8x1024 2.22 vs 2.14 (all within 6%).
-Memory in use on the card (context included) stayed at or below ``total_gib`` within 3%, except
-0.5B NF4 (3.07 measured vs 3.0).
+The constants are calibrated against measured peaks (the figures: CHANGELOG.md).
 """
 
 from __future__ import annotations
@@ -47,7 +39,7 @@ StorageDtype = Literal["nf4", "bf16", "fp16", "fp32"]
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax + fp32 per 256 blocks
 LOSS_BYTES_PER_LOGIT = 12.0  # peak bytes per [token, vocab] element of an unfused cross-entropy
 LORA_BYTES_PER_PARAM = 16.0  # fp32 weight, gradient, Adam exp_avg and exp_avg_sq
-CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace outside torch's allocator (measured 0.75 on H200)
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # torch's reserved memory exceeds its peak allocation by ~2-11% ...
 ALLOCATOR_SLACK_UNFUSED = 0.20  # ... and by ~19% when multi-GiB logits come and go
 ALLOCATOR_SLACK_MIN_GIB = 0.6  # ... and by at least ~0.6 GiB for small models
@@ -155,60 +147,23 @@ def estimate_memory(
     # Compute dtype of activations: 16-bit on a GPU (and for bf16 weights anywhere); NF4 on CPU
     # computes in fp32 (engine.models.presets), fp32 weights compute in fp32.
     act = 2 if dtype in ("bf16", "fp16") or (dtype == "nf4" and on_gpu) else 4
-    other_bytes = 4 if dtype == "fp32" or (dtype == "nf4" and not on_gpu) else 2
-
-    non_linear = shape.params - shape.layer_linear_params
-    per_weight = {"nf4": NF4_BYTES_PER_WEIGHT, "bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    layer_weights = shape.layer_linear_params * per_weight
-    if shards > 1:
-        layer_weights = layer_weights / shards + min(2 / shape.num_layers, 1 - 1 / shards) * layer_weights
-    weights = layer_weights + non_linear * (other_bytes if dtype == "nf4" else per_weight)
-
+    weights = _weight_bytes(shape, dtype, on_gpu, shards)
     lora = shape.lora_params(lora_rank, lora_targets) * LORA_BYTES_PER_PARAM
-
     tokens = micro_batch * seq_len
-    h, i = shape.hidden_size, shape.intermediate_size
-    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    n_lora = len(lora_target_names(lora_targets))
-    # One layer's saved intermediates per token: norm in/out (x2), q, k, v, attention out,
-    # gate, up, act(gate), act*up, LoRA's rank-sized products; RMSNorm's fp32 upcasts.
-    saved_per_token = act * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i + n_lora * lora_rank) + 4 * 2 * h
-    # With Liger's kernels a layer keeps gate and up but not act(gate) (its SwiGLU recomputes it), and its
-    # RMSNorm no fp32 copies. Measured without recomputation on an H200 (benchmarks/RESULTS.md v9:
-    # 0.5B and 7B, micro-batch 4 and 16, sequence 1,088 and 2,048) the peak came out 1-6% under this
-    # estimate, and 31-42% under the one above.
-    kept_per_token = (
-        act * (4 * h + 2 * q_dim + 2 * kv_dim + 3 * i + n_lora * lora_rank)
-        if liger_kernels
-        else saved_per_token
-    )
-    # Gradients alive while one layer's backward runs: about two MLP-sized and two hidden-sized tensors.
-    grads_per_token = act * (2 * i + 2 * h)
-    # NF4 dequantises one weight at a time into the compute dtype.
-    dequant = max(a * b for a, b in shape.linear_dims().values()) * act if dtype == "nf4" else 0
-    one_layer = tokens * (saved_per_token + grads_per_token) + dequant
-    if gradient_checkpointing:
-        checkpointed = (
-            (min(2, shape.num_layers) if offload_activations else shape.num_layers) * tokens * h * act
-        )
-        layer_acts = one_layer
-    else:
-        checkpointed = 0
-        layer_acts = shape.num_layers * tokens * kept_per_token + tokens * grads_per_token + dequant
-
+    checkpointed, layer_acts = _activation_bytes(
+        shape, tokens, act, dtype, lora_rank, lora_targets, gradient_checkpointing, offload_activations,
+        liger_kernels,
+    )  # fmt: skip
     loss_tokens = min(tokens, loss_chunk_tokens(shape.vocab_size)) if chunked_loss else tokens
-    logits = loss_tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * h * act
-
+    logits = loss_tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * shape.hidden_size * act
     # With checkpointing the loss peak (all layer inputs kept, logits alive) and the per-layer
     # backward peak come one after the other; without it, all activations are alive at the loss.
     transient = max(layer_acts, logits) if gradient_checkpointing else layer_acts + logits
     peak = weights + lora + checkpointed + transient
     if on_gpu:
         context = CUDA_CONTEXT_GIB * GIB
-        slack = max(
-            ALLOCATOR_SLACK_MIN_GIB * GIB,
-            (ALLOCATOR_SLACK if chunked_loss else ALLOCATOR_SLACK_UNFUSED) * peak,
-        )
+        slack_share = ALLOCATOR_SLACK if chunked_loss else ALLOCATOR_SLACK_UNFUSED
+        slack = max(ALLOCATOR_SLACK_MIN_GIB * GIB, slack_share * peak)
     else:
         context, slack = CPU_RUNTIME_GIB * GIB, 0.0
     total = peak + context + slack
@@ -238,6 +193,53 @@ def estimate_memory(
             "device": "cuda" if on_gpu else "cpu",
         },
     )
+
+
+def _weight_bytes(shape: ModelShape, dtype: StorageDtype, on_gpu: bool, shards: int) -> float:
+    """The base weights on one card: the decoder layers' linears in ``dtype`` (their share when sharded,
+    plus about two whole layers), everything else in the compute dtype."""
+    other_bytes = 4 if dtype == "fp32" or (dtype == "nf4" and not on_gpu) else 2
+    non_linear = shape.params - shape.layer_linear_params
+    per_weight = {"nf4": NF4_BYTES_PER_WEIGHT, "bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    layer_weights = shape.layer_linear_params * per_weight
+    if shards > 1:
+        layer_weights = layer_weights / shards + min(2 / shape.num_layers, 1 - 1 / shards) * layer_weights
+    return layer_weights + non_linear * (other_bytes if dtype == "nf4" else per_weight)
+
+
+def _activation_bytes(
+    shape: ModelShape,
+    tokens: int,
+    act: int,
+    dtype: StorageDtype,
+    lora_rank: int,
+    lora_targets: list[str] | str,
+    gradient_checkpointing: bool,
+    offload_activations: bool,
+    liger_kernels: bool,
+) -> tuple[float, float]:
+    """(checkpointed layer inputs, the intermediates and gradients alive in the backward pass)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    n_lora = len(lora_target_names(lora_targets))
+    # One layer's saved intermediates per token: norm in/out (x2), q, k, v, attention out,
+    # gate, up, act(gate), act*up, LoRA's rank-sized products; RMSNorm's fp32 upcasts.
+    saved_per_token = act * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i + n_lora * lora_rank) + 4 * 2 * h
+    # With Liger's kernels a layer keeps gate and up but not act(gate) (its SwiGLU recomputes it), and its
+    # RMSNorm no fp32 copies: it matters without recomputation, where every layer keeps its own.
+    kept_per_token = (
+        act * (4 * h + 2 * q_dim + 2 * kv_dim + 3 * i + n_lora * lora_rank)
+        if liger_kernels
+        else saved_per_token
+    )
+    # Gradients alive while one layer's backward runs: about two MLP-sized and two hidden-sized tensors.
+    grads_per_token = act * (2 * i + 2 * h)
+    # NF4 dequantises one weight at a time into the compute dtype.
+    dequant = max(a * b for a, b in shape.linear_dims().values()) * act if dtype == "nf4" else 0
+    if gradient_checkpointing:
+        kept_inputs = min(2, shape.num_layers) if offload_activations else shape.num_layers
+        return kept_inputs * tokens * h * act, tokens * (saved_per_token + grads_per_token) + dequant
+    return 0, shape.num_layers * tokens * kept_per_token + tokens * grads_per_token + dequant
 
 
 # Liger's patch function for each model family whose RMSNorm, RoPE and SwiGLU it replaces (applied by

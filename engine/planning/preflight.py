@@ -9,13 +9,22 @@ tool, ``--skip-bad-rows`` on the command line, ``skip_bad_rows=True`` in Python)
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from engine.contract.datasets import DatasetError
 from engine.contract.spec import DatasetSettings, ExportSpec, FinetuneSpec, SeriesSpec
+from engine.data.formats import inspect_dataset
+from engine.data.methods import format_problem
+from engine.data.sources import is_hub_dataset
+from engine.models.presets import ModelError, get_preset, resolve_model, shape_from_config
+from engine.planning.defaults import MIN_SEQ_LENGTH
 from engine.planning.grpo_preflight import GrpoProblem, check_grpo
+from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
 
 Caller = Literal["tool", "cli", "python"]
 # A tool call reads at most this much of a dataset itself (JSONL parses at ~50 MB/s, and clients drop
@@ -86,8 +95,6 @@ def spell(setting: str, value: Any, caller: Caller) -> str:
 
 def check_model(name: str) -> str:
     """A preset, a model folder (config.json) or a hub name; refuses adapter folders, files and typos."""
-    from engine.models.presets import ModelError, resolve_model
-
     try:
         resolved = resolve_model(name, build_tiny=False)
     except ModelError as exc:
@@ -99,11 +106,6 @@ def check_dataset(settings: DatasetSettings, caller: Caller, method: str = "sft"
     """Every row of a local dataset is valid (or ``skip_bad_rows`` is on) and in a format ``method`` trains
     on; returns notes for the user. Hub datasets are checked by the worker once downloaded.
     """
-    from engine.contract.datasets import DatasetError
-    from engine.data.formats import inspect_dataset
-    from engine.data.methods import format_problem
-    from engine.data.sources import is_hub_dataset
-
     if is_hub_dataset(settings.path):
         return [f"{settings.path} is a hub dataset: its rows are checked once the worker downloads it"]
     if caller == "tool" and _file_size(settings.path) > MAX_TOOL_INSPECT_BYTES:
@@ -141,7 +143,7 @@ def check_fit(spec: FinetuneSpec | SeriesSpec) -> list[str]:
     """
     if spec.device == "cpu":
         return []
-    from engine.hardware.gpus import probe_gpus
+    from engine.hardware.gpus import probe_gpus  # looked up at call time (tests replace it)
 
     probe = probe_gpus()
     if not probe.available:
@@ -185,9 +187,6 @@ def card_fit(
     spec: FinetuneSpec | SeriesSpec, shape: Any, card: Any, shards: int = 1
 ) -> tuple[bool, float, int]:
     """Whether ``spec`` trains on ``card`` at micro-batch 1 (weights over ``shards`` cards); GiB needed; seq."""
-    from engine.planning.defaults import MIN_SEQ_LENGTH
-    from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
-
     quant, seq = card_quantization(spec), spec.train.max_seq_length or MIN_SEQ_LENGTH
     kwargs = card_keywords(card, shards)
     free = card.memory_free_mb / 1024
@@ -205,11 +204,6 @@ def uses_fsdp(spec: FinetuneSpec | SeriesSpec, cards: list[Any], shape: Any) -> 
 
 def known_shape(model: str) -> Any:
     """The architecture of a preset or a local folder, without torch; None when it needs a download."""
-    import json
-    from pathlib import Path
-
-    from engine.models.presets import get_preset, shape_from_config
-
     preset = get_preset(model)
     if preset is not None:
         return preset.shape

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.contract.events import EventWriter
 from engine.contract.grpo import COMPLETIONS_FILE
@@ -71,8 +71,9 @@ def run_grpo(
     if (ckpt := latest_checkpoint(job_dir / CHECKPOINT_DIR)) is not None:  # a resumed job numbers on
         run.steps_done = int(ckpt.name.rsplit("-", 1)[-1])
     events.stage("training", total_steps=resolved.steps, method="grpo")
+    # the loop plans over the run's ``lengths`` (a row: one prompt) and hands it to the step as its data
     outcome = train_adapter(
-        model, prep.tokenizer, run, resolved, device=device, events=events,
+        model, prep.tokenizer, cast(Any, run), resolved, device=device, events=events,
         checkpoint_dir=job_dir / CHECKPOINT_DIR, cancel_check=cancel_check, safety=spec.safety,
         gpu_index=spec.gpu_index, step_fn=grpo_step,
     )  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.contract.events import EventWriter
 from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
@@ -57,7 +57,7 @@ def run_preference(
     outcome = train_adapter(
         model,
         prep.tokenizer,
-        prep.train,
+        cast(Any, prep.train),  # the loop plans over its ``lengths`` (units) and hands it to the step
         resolved,
         device=device,
         events=events,

@@ -44,16 +44,12 @@ from engine.models.adapters import Adapter, load_factors, read_factors, write_fa
 from engine.training import slao
 from engine.training.evaluation import HeldoutSet, score, tokenize_heldout
 from engine.training.loading import load_dataset_logged, pick_device, prepare_training
-from engine.training.loop import RunPosition, train_adapter
+from engine.training.loop import RunPosition, TrainOutcome, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.ranks import active_rank
 
 SERIES_DIR = "series"
 STATE_FILE = "state.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# slices
 
 
 @dataclass
@@ -119,12 +115,10 @@ def build_slices(spec: SeriesSpec, datasets: list[tuple[str, list[Example]]]) ->
     return slices
 
 
-# ---------------------------------------------------------------------------------------------
-# the series state (the checkpoint between runs)
-
-
 @dataclass
 class SeriesState:
+    """The checkpoint between runs (``series/state.json``)."""
+
     completed_runs: int = 0
     num_runs: int = 0
     merge_mode: str = "slao"
@@ -165,20 +159,12 @@ def series_metrics(state: SeriesState) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the job
-
-
 def _run_spec(spec: SeriesSpec, run: int) -> SeriesSpec:
     """The spec a run's training settings are resolved from: steps_per_run, and a seed per run."""
     train = spec.train.model_copy(update={"seed": spec.train.seed + run - 1})
     if spec.steps_per_run is not None:
         train = train.model_copy(update={"steps": spec.steps_per_run})
     return spec.model_copy(update={"train": train})
-
-
-def _load_datasets(spec: SeriesSpec, events: EventWriter) -> list[tuple[str, list[Example]]]:
-    return [(settings.path, load_dataset_logged(settings, events)) for settings in spec.datasets]
 
 
 def _drop_old_runs(spec: SeriesSpec, job_dir: Path, run: int) -> None:
@@ -191,21 +177,10 @@ def _drop_old_runs(spec: SeriesSpec, job_dir: Path, run: int) -> None:
     shutil.rmtree(job_dir / CHECKPOINT_DIR / f"run-{run:03d}", ignore_errors=True)
 
 
-def run_series(
-    spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
-) -> JobResult:
-    """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
-    job_dir = Path(job_dir)
-    # On several ranks every rank runs the whole series (training through the same ranks, the same
-    # merges, the same evaluation: under FSDP each forward is a collective); rank 0 alone writes.
-    writer = (rank := active_rank()) is None or rank.is_writer
-    save = save_adapter if writer else lambda _model, _tokenizer, path: path
-    series_dir = job_dir / SERIES_DIR
-    state_path = series_dir / STATE_FILE
-    device = pick_device(spec.device, spec.gpu_index)
-
-    events.stage("loading_data")
-    slices = build_slices(spec, _load_datasets(spec, events))
+def _open_state(
+    spec: SeriesSpec, slices: list[RunSlice], state_path: Path, events: EventWriter
+) -> SeriesState:
+    """The series' state: a fresh one, or the one a killed series left (checked against this spec)."""
     n_runs = len(slices)
     state = SeriesState.load(state_path)
     if state is None:
@@ -215,144 +190,184 @@ def run_series(
             f"{state_path} belongs to a series of {state.num_runs} runs ({state.merge_mode}), but this spec makes "
             f"{n_runs} runs ({spec.merge_mode}); use a new job folder for a different series"
         )
-    else:
-        events.log(
-            f"resuming the series after run {state.completed_runs} of {n_runs}",
-            completed=state.completed_runs,
-        )
+    elif done := state.completed_runs:
+        events.log(f"resuming the series after run {done} of {n_runs}", completed=done)
     for s in slices:
         events.log(
             f"run {s.index}: {s.name}: {len(s.train)} training rows, {len(s.replay)} replayed, {len(s.heldout)} held out",
             run=s.index,
         )
+    return state
 
-    model = tokenizer = None
-    heldout: list[HeldoutSet] = []
+
+@dataclass
+class _Series:
+    """One series in motion: what its runs share. The model is loaded by the first run this process
+    trains; ``finetuned`` (the next run's initialisation) and ``merged`` carry from run to run."""
+
+    spec: SeriesSpec
+    job_dir: Path
+    events: EventWriter
+    device: str
+    slices: list[RunSlice]
+    state: SeriesState
+    writer: bool  # rank 0 (or the only process): the one that writes
+    model: Any = None
+    tokenizer: Any = None
+    heldout: list[HeldoutSet] = field(default_factory=list)
     finetuned: Adapter | None = None
-    other: dict[str, torch.Tensor] = {}
+    other: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: Adapter | None = None
+    peak_mb: float | None = None  # the last run's peak: the room the next run waits for
+
+    def adapter_dir(self, kind: str, run: int) -> Path:
+        return self.job_dir / SERIES_DIR / kind / f"run-{run:03d}"
+
+    def save(self, kind: str, run: int) -> None:
+        if self.writer:
+            save_adapter(self.model, self.tokenizer, self.adapter_dir(kind, run))
+
+    def wait_for_room(self, run: int, monitor: GpuMonitor | None, guard: ThermalGuard) -> None:
+        torch.cuda.empty_cache()
+        needed = None
+        if self.peak_mb is not None:
+            needed = max(0.0, self.peak_mb - torch.cuda.memory_allocated(self.device) / 2**20)
+        wait_for_safe_gpu(
+            monitor, guard, self.events, before=f"run {run}", needed_free_mb=needed,
+            max_wait_s=self.spec.safety.max_pause_s,
+        )  # fmt: skip
+
+    def train(self, run: int, cancel_check: Callable[[], bool]) -> tuple[TrainOutcome, int]:
+        """Run ``run``'s training, from the last run's fine-tuned adapter; (its outcome, its rows)."""
+        spec, s = self.spec, self.slices[run - 1]
+        tok, data, resolved = prepare_training(
+            _run_spec(spec, run), s.train + s.replay, self.device, self.events
+        )
+        if self.model is None:
+            self.tokenizer = tok
+            self.model, _ = load_lora_model(
+                spec, self.device, resolved.gradient_checkpointing, self.events, resolved.offload_activations
+            )
+            self.heldout = [tokenize_heldout(x.heldout, tok, resolved.max_seq_length) for x in self.slices]
+            if run > 1:  # resuming: the last finished run's adapters come back from disk
+                self.finetuned, self.other = load_factors(self.adapter_dir("finetuned", run - 1), self.device)
+                self.merged, _ = load_factors(self.adapter_dir("merged", run - 1), self.device)
+            else:
+                _, self.other = read_factors(self.model)
+        if self.finetuned is not None:
+            write_factors(self.model, slao.initial_factors(spec, self.finetuned), self.other)
+        outcome = train_adapter(
+            self.model, self.tokenizer, data, resolved, device=self.device, events=self.events,
+            checkpoint_dir=self.job_dir / CHECKPOINT_DIR / f"run-{run:03d}", cancel_check=cancel_check,
+            safety=spec.safety, gpu_index=spec.gpu_index,
+            position=RunPosition(run=run, runs=len(self.slices), step_offset=len(self.state.loss_history)),
+        )  # fmt: skip
+        if outcome.peak_memory_gib is not None:
+            self.peak_mb = outcome.peak_memory_gib * 1024
+        self.finetuned, self.other = read_factors(self.model)
+        return outcome, len(data.input_ids)
+
+    def merge(self, run: int) -> slao.MergeReport:
+        """Save the fine-tuned adapter, merge it into the series' adapter, and save that."""
+        self.save("finetuned", run)
+        history = []  # the ΔW merges read every earlier run's fine-tuned adapter back
+        if self.spec.merge_mode in ("linear", "ties", "dare"):
+            history = [load_factors(self.adapter_dir("finetuned", k), self.device)[0] for k in range(1, run)]
+        assert self.finetuned is not None
+        self.merged, report = slao.merge_run(self.spec, run, self.merged, [*history, self.finetuned])
+        write_factors(self.model, self.merged, self.other)
+        self.save("merged", run)
+        return report
+
+    def evaluate_and_commit(
+        self, run: int, outcome: TrainOutcome, rows: int, report: slao.MergeReport
+    ) -> None:
+        """Score the merged adapter on the held-out parts of slices 1..run (row ``run`` of the matrix),
+        then commit the run: ``state.json``, the old runs dropped, ``run_finished``."""
+        state, n_runs = self.state, len(self.slices)
+        scores = [score(self.model, self.tokenizer, self.heldout[i], self.device) for i in range(run)]
+        self.model.train()
+        row_loss: list[float | None] = [round(loss, 6) for loss, _ in scores]
+        row_acc: list[float | None] = [None if acc is None else round(acc, 6) for _, acc in scores]
+        state.loss_matrix.append(row_loss + [None] * (n_runs - run))
+        state.accuracy_matrix.append(row_acc + [None] * (n_runs - run))
+        losses = [h["loss"] for h in outcome.loss_history]
+        run_metrics = {
+            "run": run,
+            "slice": self.slices[run - 1].name,
+            "steps": outcome.steps_done,
+            "train_rows": rows,
+            "replayed_rows": len(self.slices[run - 1].replay),
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "heldout_loss": row_loss[-1],
+            "heldout_accuracy": row_acc[-1],
+            "merge_exact": report.exact,
+            "merge_relative_error": round(report.max_relative_error, 6),
+            "train_seconds": round(outcome.train_seconds, 2),
+        }
+        state.runs.append(run_metrics)
+        offset = len(state.loss_history)
+        self.events.emit(
+            Eval(global_step=offset + outcome.steps_done, loss=row_loss[-1], accuracy=row_acc[-1],
+                 examples=len(self.heldout[run - 1].input_ids), run=run)
+        )  # fmt: skip
+        state.loss_history.extend(
+            {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
+        )
+        state.completed_runs = run
+        if self.writer:
+            state.save(self.job_dir / SERIES_DIR / STATE_FILE)  # the commit point: the run is done
+            _drop_old_runs(self.spec, self.job_dir, run)
+        self.events.emit(
+            RunFinished(
+                run=run, runs=n_runs, loss_row=row_loss, accuracy_row=row_acc, metrics=run_metrics,
+                series=series_metrics(state), merged_adapter=str(self.adapter_dir("merged", run)),
+                finetuned_adapter=str(self.adapter_dir("finetuned", run)),
+            )
+        )  # fmt: skip
+
+
+def run_series(
+    spec: SeriesSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool] = lambda: False
+) -> JobResult:
+    """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
+    job_dir = Path(job_dir)
+    device = pick_device(spec.device, spec.gpu_index)
+    events.stage("loading_data")
+    slices = build_slices(spec, [(d.path, load_dataset_logged(d, events)) for d in spec.datasets])
+    state = _open_state(spec, slices, job_dir / SERIES_DIR / STATE_FILE, events)
+    # On several ranks every rank runs the whole series (training through the same ranks, the same
+    # merges, the same evaluation: under FSDP each forward is a collective); rank 0 alone writes.
+    writer = (rank := active_rank()) is None or rank.is_writer
+    series = _Series(spec, job_dir, events, device, slices, state, writer)
+    n_runs = len(slices)
     monitor = GpuMonitor(spec.gpu_index) if device.startswith("cuda") else None
     guard = ThermalGuard(spec.safety)
-    peak_mb: float | None = None
     try:
         for run in range(state.completed_runs + 1, n_runs + 1):
-            s = slices[run - 1]
             if cancel_check():
                 raise JobCancelled(f"cancelled before run {run}; runs 1..{run - 1} are saved")
             if run > 1 and device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                needed = None
-                if peak_mb is not None:
-                    needed = max(0.0, peak_mb - torch.cuda.memory_allocated(device) / 2**20)
-                wait_for_safe_gpu(
-                    monitor, guard, events, before=f"run {run}", needed_free_mb=needed,
-                    max_wait_s=spec.safety.max_pause_s,
-                )  # fmt: skip
-            events.stage("run", run=run, runs=n_runs, slice=s.name)
-            run_spec = _run_spec(spec, run)
-            tok, data, resolved = prepare_training(run_spec, s.train + s.replay, device, events)
-            if model is None:
-                tokenizer = tok
-                model, _ = load_lora_model(
-                    spec, device, resolved.gradient_checkpointing, events, resolved.offload_activations
-                )
-                heldout = [tokenize_heldout(x.heldout, tokenizer, resolved.max_seq_length) for x in slices]
-                if run > 1:  # resuming: the last finished run's adapters come back from disk
-                    finetuned, other = load_factors(series_dir / "finetuned" / f"run-{run - 1:03d}", device)
-                    merged, _ = load_factors(series_dir / "merged" / f"run-{run - 1:03d}", device)
-                else:
-                    _, other = read_factors(model)
-            if finetuned is not None:
-                write_factors(model, slao.initial_factors(spec, finetuned), other)
-
-            outcome = train_adapter(
-                model,
-                tokenizer,
-                data,
-                resolved,
-                device=device,
-                events=events,
-                checkpoint_dir=job_dir / CHECKPOINT_DIR / f"run-{run:03d}",
-                cancel_check=cancel_check,
-                safety=spec.safety,
-                gpu_index=spec.gpu_index,
-                position=RunPosition(run=run, runs=n_runs, step_offset=len(state.loss_history)),
-            )
-            if outcome.peak_memory_gib is not None:
-                peak_mb = outcome.peak_memory_gib * 1024
-            finetuned, other = read_factors(model)
-
+                series.wait_for_room(run, monitor, guard)
+            events.stage("run", run=run, runs=n_runs, slice=slices[run - 1].name)
+            outcome, rows = series.train(run, cancel_check)
             events.stage("merge", run=run, runs=n_runs, merge_mode=spec.merge_mode)
-            ft_dir = save(model, tokenizer, series_dir / "finetuned" / f"run-{run:03d}")
-            history = []  # the ΔW merges read every earlier run's fine-tuned adapter back
-            if spec.merge_mode in ("linear", "ties", "dare"):
-                history = [
-                    load_factors(series_dir / "finetuned" / f"run-{k:03d}", device)[0] for k in range(1, run)
-                ]
-            merged, report = slao.merge_run(spec, run, merged, [*history, finetuned])
-            write_factors(model, merged, other)
-            merged_dir = save(model, tokenizer, series_dir / "merged" / f"run-{run:03d}")
-
+            report = series.merge(run)
             events.stage("evaluate", run=run, runs=n_runs)
-            scores = [score(model, tokenizer, heldout[i], device) for i in range(run)]
-            model.train()
-            row_loss: list[float | None] = [round(loss, 6) for loss, _ in scores]
-            row_acc: list[float | None] = [None if acc is None else round(acc, 6) for _, acc in scores]
-            pad = [None] * (n_runs - run)
-            state.loss_matrix.append(row_loss + pad)
-            state.accuracy_matrix.append(row_acc + pad)
-            losses = [h["loss"] for h in outcome.loss_history]
-            run_metrics = {
-                "run": run,
-                "slice": s.name,
-                "steps": outcome.steps_done,
-                "train_rows": len(data.input_ids),
-                "replayed_rows": len(s.replay),
-                "first_loss": losses[0] if losses else None,
-                "final_loss": losses[-1] if losses else None,
-                "heldout_loss": row_loss[-1],
-                "heldout_accuracy": row_acc[-1],
-                "merge_exact": report.exact,
-                "merge_relative_error": round(report.max_relative_error, 6),
-                "train_seconds": round(outcome.train_seconds, 2),
-            }
-            state.runs.append(run_metrics)
-            offset = len(state.loss_history)
-            events.emit(
-                Eval(
-                    global_step=offset + outcome.steps_done,
-                    loss=row_loss[-1],
-                    accuracy=row_acc[-1],
-                    examples=len(heldout[run - 1].input_ids),
-                    run=run,
-                )
-            )
-            state.loss_history.extend(
-                {**h, "run": run, "series_step": offset + k + 1} for k, h in enumerate(outcome.loss_history)
-            )
-            state.completed_runs = run
-            if writer:
-                state.save(state_path)  # the commit point: the run is done
-                _drop_old_runs(spec, job_dir, run)
-            events.emit(
-                RunFinished(
-                    run=run,
-                    runs=n_runs,
-                    loss_row=row_loss,
-                    accuracy_row=row_acc,
-                    metrics=run_metrics,
-                    series=series_metrics(state),
-                    merged_adapter=str(merged_dir),
-                    finetuned_adapter=str(ft_dir),
-                )
-            )
+            series.evaluate_and_commit(run, outcome, rows, report)
     finally:
         if monitor is not None:
             monitor.close()
+    return _result(series)
 
-    final = series_dir / "merged" / f"run-{n_runs:03d}"
-    adapter = job_dir / ADAPTER_DIR
-    if writer:
+
+def _result(series: _Series) -> JobResult:
+    """The merged adapter of the last run as the job's adapter, and the series' metrics."""
+    spec, state, n_runs = series.spec, series.state, len(series.slices)
+    adapter = series.job_dir / ADAPTER_DIR
+    if series.writer:
+        final = series.adapter_dir("merged", n_runs)
         write_dir_atomically(adapter, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True))
         (adapter / "series.json").write_text(
             json.dumps({"merge_mode": spec.merge_mode, "runs": n_runs, "base_model": spec.model}, indent=2),
@@ -367,7 +382,7 @@ def run_series(
         "loss_matrix": state.loss_matrix,
         "accuracy_matrix": state.accuracy_matrix,
         "per_run": state.runs,
-        "device": device,
+        "device": series.device,
         **series_metrics(state),
     }
     if state.runs:
@@ -378,8 +393,8 @@ def run_series(
         metrics=metrics,
         artifacts={
             "adapter": str(adapter.resolve()),
-            "last_finetuned_adapter": str((series_dir / "finetuned" / f"run-{n_runs:03d}").resolve()),
-            "evaluation": str(state_path.resolve()),
+            "last_finetuned_adapter": str(series.adapter_dir("finetuned", n_runs).resolve()),
+            "evaluation": str((series.job_dir / SERIES_DIR / STATE_FILE).resolve()),
         },
         loss_history=state.loss_history,
     )

@@ -32,7 +32,7 @@ def apply_speedups(model: Any, device: str, info: dict[str, Any]) -> list[str]:
     family = getattr(model.config, "model_type", "")
     if info.get("path") == "unsloth" or not liger_kernels_apply(family, device):
         return applied
-    from liger_kernel import transformers as liger
+    from liger_kernel import transformers as liger  # optional extras: loaded where they apply
 
     patch = getattr(liger, LIGER_PATCHES[family], None)
     if patch is None:
@@ -52,7 +52,7 @@ def apply_speedups(model: Any, device: str, info: dict[str, Any]) -> list[str]:
 
 def unsloth_add_lora(model: Any, lora: LoraSettings, *, gradient_checkpointing: bool) -> Any:
     """LoRA through Unsloth's own wrapper, which installs its fused LoRA kernels."""
-    from unsloth import FastLanguageModel
+    from unsloth import FastLanguageModel  # optional extra
 
     targets = (
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

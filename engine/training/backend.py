@@ -21,16 +21,13 @@ from typing import Any
 import torch
 
 from engine.training.fused_lora import fuse_lora_layers
-from engine.training.varlen_attention import VARLEN_FLAG, flash_varlen_kv_as_is
+from engine.training.varlen_attention import VARLEN_FLAG, kernel_description, varlen_kernel
 
-# auto, from measurements on one H200 (benchmarks/RESULTS.md v7/v8, 2026-12-03): the native fast path
-# with its defaults (CUDA graphs, no recomputation where the card holds every layer's activations, the
-# compiled loss kernel) ran ahead of Unsloth at every size measured: a 0.5B model at 4 x 2048 tokens
-# 3.06x and at 16 x 2048 1.30x (same call), a 7B model at 4 x 2048 1.43x (Unsloth's figure from
-# 2026-12-01); with recomputation on it was level (0.5B at 16 x 2048 1.00x; 7B 1.00x at 0.96x Unsloth's
-# memory, offloaded). So auto takes the native path for every job while CUDA graphs are on (the
-# default); with them off, Unsloth where it imports on a CUDA GPU (the eager native step of a small
-# model is host-bound and was measured behind it), else native.
+# auto: the native fast path with its defaults (CUDA graphs, no recomputation where the card holds every
+# layer's activations, the compiled loss kernel) is as fast as Unsloth or faster at every size measured
+# (figures: CHANGELOG.md), so auto takes it for every job while CUDA graphs are on (the default); with
+# them off, Unsloth where it imports on a CUDA GPU (the eager native step of a small model is host-bound
+# and slower), else native.
 _AUTO_RULE = (
     "native while train.cuda_graphs is on (measured at least as fast as Unsloth at 0.5B and 7B), else "
     "Unsloth where it imports on a CUDA GPU, else native"
@@ -88,7 +85,7 @@ def compile_decoder_layers(model: Any) -> int:
     when a shape changes (packed rows' ``cu_seqlens``, their longest example) torch recompiles once
     with that size symbolic, not on every step.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer  # after privacy_environment()
 
     compiled = torch.compile(_layer_forward, fullgraph=False, dynamic=None)
     n = 0
@@ -135,9 +132,9 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layer
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(info.get("compute_dtype")))
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    if dtype is not None and flash_varlen_kv_as_is(device, dtype, head_dim, heads, kv_heads) is not None:
-        model.__dict__[VARLEN_FLAG] = True
-        applied.append("varlen flash attention for packed rows")
+    if dtype is not None and (kernel := varlen_kernel(device, dtype, head_dim, heads, kv_heads)) is not None:
+        model.__dict__[VARLEN_FLAG] = kernel
+        applied.append(f"packed rows' attention: {kernel_description(kernel)}")
     if compile_layers:
         applied.append(f"torch.compile on {compile_decoder_layers(model)} decoder layers")
     return applied

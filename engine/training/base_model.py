@@ -9,7 +9,9 @@ Loading rules (``load_for_training``):
   "unsloth"), a CUDA GPU is the device and ``import unsloth`` works; "unsloth" without it is an
   error. Otherwise transformers.
 
-torch and transformers load inside the functions, so importing this module stays cheap.
+transformers, peft and bitsandbytes load inside the functions, after ``privacy_environment()``
+(the hub library reads its settings when first imported; one-shot commands import this module
+before they run it); Unsloth only where it is asked for.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from engine.contract.files import PathError, checked_path, quoted
 from engine.hardware.installed import install_command, missing_modules
 from engine.models.adapters import is_adapter_folder
 from engine.models.presets import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
 from engine.planning.memory import StorageDtype, storage_dtype
+from engine.training.backend import auto_prefers_native, unsloth_mode
+from engine.training.ranks import active_rank
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -52,8 +58,6 @@ _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _cuda_bf16(device: str) -> bool:
-    import torch
-
     index = torch.device(device).index or 0
     return torch.cuda.get_device_capability(index)[0] >= 8
 
@@ -104,8 +108,6 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
     storage = storage_dtype(spec.quantization, device, bf16_supported=bf16_ok)
     # NF4 computes in 16-bit on a GPU and in fp32 on the CPU (bf16 matmuls are slow on most CPUs).
     compute = storage if storage != "nf4" else ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    from engine.training.backend import auto_prefers_native, unsloth_mode  # train.backend decides
-
     native_why = auto_prefers_native(spec) if on_gpu and storage != "fp32" else None
     if native_why is not None:
         use_unsloth, why = False, f"train.backend is 'auto': {native_why}"
@@ -129,8 +131,6 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             seq = max_seq_length or getattr(getattr(spec, "train", None), "max_seq_length", None) or 2048
             model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
         else:
-            from engine.training.ranks import active_rank
-
             sharded = (rank := active_rank()) is not None and rank.sharded
             model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code, sharded)
             tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
@@ -139,8 +139,6 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
 
 
 def _torch_dtype(name: str) -> Any:
-    import torch
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 

@@ -1,9 +1,8 @@
 """CUDA graphs of a micro-batch's forward and backward pass, for the native fast path on one GPU.
 
-Why: a small model's step is bound by the host, not the GPU. On an H200 a 0.5B QLoRA step at
-micro-batch 4 × 2048 ran ~0.14 s of kernels in a 0.3-0.4 s step (benchmarks/RESULTS.md, v4): the
-rest is Python and the launch of ~8,000 kernels, forward, recompute and backward. A CUDA graph
-records those kernels once and replays them with one launch.
+Why: a small model's step is bound by the host, not the GPU: most of it is Python and the launch of
+thousands of kernels (forward, recompute and backward) while the GPU waits (profile: CHANGELOG.md).
+A CUDA graph records those kernels once and replays them with one launch.
 
 How: ``StepGraphs.run(batch, forward_backward)`` keeps one graph per micro-batch shape
 (``DeviceBatch.shape``). The run's first micro-batch runs eagerly (it trains like any other, and

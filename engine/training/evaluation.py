@@ -13,7 +13,10 @@ import torch
 
 from engine.contract.events import Eval, EventWriter
 from engine.data.formats import Example
-from engine.training.batching import IGNORE
+from engine.data.tokenizing import tokenize_example
+from engine.training import accel
+from engine.training.batching import IGNORE, collate
+from engine.training.loss import causal_lm_loss_sum
 
 EXACT_MATCH_MAX_ROWS = 100  # per held-out set: greedy generation is the slow part of evaluation
 EVAL_BATCH = 8
@@ -50,8 +53,6 @@ def _has_reference(ex: Example) -> bool:
 
 
 def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> HeldoutSet:
-    from engine.data.tokenizing import tokenize_example
-
     out = HeldoutSet([], [], [], [])
     for ex in examples:
         t = tokenize_example(ex, tokenizer, max_seq_length)
@@ -67,8 +68,6 @@ def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: in
 
 
 def _autocast(device: str) -> Any:
-    from engine.training import accel
-
     dtype = accel.autocast_dtype(device)
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
 
@@ -76,9 +75,6 @@ def _autocast(device: str) -> Any:
 @torch.no_grad()
 def heldout_loss(model: Any, data: HeldoutSet, pad_id: int, device: str) -> float:
     """Mean next-token loss over the supervised (assistant/completion) tokens."""
-    from engine.training.batching import collate
-    from engine.training.loss import causal_lm_loss_sum
-
     total, targets = 0.0, 0
     for i in range(0, len(data.input_ids), EVAL_BATCH):
         rows = [[j] for j in range(i, min(i + EVAL_BATCH, len(data.input_ids)))]

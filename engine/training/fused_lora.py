@@ -49,7 +49,7 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight [out, in] in ``dtype`` (NF4 dequantized into a shared buffer)."""
     w = base.weight
     if _is_4bit(base):
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # only for NF4 weights (bitsandbytes may be absent)
 
         state = getattr(w, "quant_state", None)
         state = base.quant_state if state is None else state  # FSDP's gathered weight lost it
@@ -180,7 +180,7 @@ def fuse_lora_layers(model: Any) -> tuple[int, dict[str, int]]:
 
     Returns (layers fused, {reason: count} for layers left on peft's forward).
     """
-    try:
+    try:  # peft after privacy_environment(): one-shot commands import this module first
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return 0, {}
@@ -200,7 +200,7 @@ def fuse_lora_layers(model: Any) -> tuple[int, dict[str, int]]:
 
 def all_lora_fused(model: Any) -> bool:
     """Whether every peft LoRA layer of ``model`` has the fused forward (and there is at least one)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # after privacy_environment(), as above
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     return bool(layers) and all(

@@ -13,6 +13,7 @@ from engine.contract.spec import DatasetSettings
 from engine.data.formats import Example, load_examples
 from engine.data.methods import examples_for_method, format_problem
 from engine.data.tokenizing import Tokenized, tokenize_all
+from engine.models.adapters import trained_rank
 from engine.models.presets import model_shape
 from engine.planning.defaults import ResolvedTraining, resolve_training
 from engine.training.base_model import load_tokenizer
@@ -92,7 +93,7 @@ def prepare_training(
         token_lengths=full.lengths,
         shape=shape,
         quantization=spec.quantization,
-        lora_rank=spec.lora.rank,
+        lora_rank=trained_rank(getattr(spec, "init_adapter", None), spec.lora.rank),
         device=device,
         free_memory_gib=free_gib,
         lora_targets=spec.lora.target_modules,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
 from engine.contract.errors import JobCancelled
 from engine.contract.events import Checkpoint, EventWriter, Progress
@@ -58,8 +59,6 @@ class RunPosition:
 
 
 def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
-    from transformers import get_scheduler
-
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 

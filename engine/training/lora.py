@@ -6,13 +6,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
 from engine.contract.events import EventWriter
 from engine.contract.files import write_dir_atomically
 from engine.contract.spec import LoraSettings
 from engine.models.adapters import initial_adapter
 from engine.training import accel
+from engine.training.backend import apply_fast_path, backend_name, backend_reason
 from engine.training.base_model import load_for_training
 from engine.training.fused_lora import config_has_dropout
+from engine.training.loss import causal_lm
+from engine.training.offload import offload_checkpointed_inputs
 
 
 def add_lora(
@@ -43,11 +49,7 @@ def add_lora(
             model, preserve_rng_state=lora.dropout > 0 or config_has_dropout(model.config)
         )
         if offload_activations:
-            from engine.training.offload import offload_checkpointed_inputs
-
             offload_checkpointed_inputs(model)
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     model.config.use_cache = False
     if init_adapter is not None:
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
@@ -82,10 +84,6 @@ def switch_on_recomputation(model: Any) -> bool:
     """Turn gradient checkpointing on in a model that trains without it (the first answer to a CUDA
     out-of-memory error when the defaults had skipped recomputation); False where it cannot be done
     here (no checkpointing layers, layers compiled around their own checkpoint call) or already on."""
-    import torch
-
-    from engine.training.loss import causal_lm
-
     lm = causal_lm(model)
     layers = [m for m in lm.modules() if hasattr(m, "gradient_checkpointing")]
     if not layers or any("forward" in m.__dict__ for m in layers):  # (backend.compile_decoder_layers)
@@ -109,8 +107,6 @@ def load_lora_model(
 
     The LoRA initialisation is seeded with the spec's seed, so a run is reproducible.
     """
-    import torch
-
     events.stage("loading_model", model=spec.model)
     loaded = load_for_training(spec, device)
     events.log(
@@ -137,8 +133,6 @@ def load_lora_model(
             init_adapter=str(init),
             lora_rank=config.r,
         )
-    from engine.training.backend import apply_fast_path, backend_name, backend_reason
-
     fast = apply_fast_path(model, device, loaded.info, compile_layers=spec.train.compile)
     events.log(
         f"backend: {backend_name(loaded.info)} ({backend_reason(spec, loaded.info)})"

@@ -9,7 +9,7 @@ from typing import Any
 from engine.contract.events import EventWriter
 from engine.data.formats import Example
 from engine.data.preference_tokens import PreferenceTokens, tokenize_preferences, truncated
-from engine.models.adapters import initial_adapter, read_adapter_config
+from engine.models.adapters import trained_rank
 from engine.models.presets import model_shape
 from engine.planning.defaults import ResolvedTraining
 from engine.planning.preference import resolve_preference, sequence_lengths
@@ -45,10 +45,7 @@ def prepare_preference(
             f"no {'pair' if whole.paired else 'example'} keeps an answer token within max_prompt_length={prompt} "
             f"and max_seq_length={seq}: raise max_seq_length or lower max_prompt_length"
         )
-    # a job that starts from an adapter trains that adapter's rank (the memory estimate counts it)
-    rank = (
-        read_adapter_config(initial_adapter(spec.init_adapter))["r"] if spec.init_adapter else spec.lora.rank
-    )
+    rank = trained_rank(spec.init_adapter, spec.lora.rank)  # the memory estimate counts the rank trained
     free = free_memory_gib(device)
     resolved = resolve_preference(
         spec.train, spec.method, units=len(data.units), max_seq_length=seq, truncated_sequences=data.truncated,

@@ -86,6 +86,7 @@ class RankContext:
         for p in lora:
             dist.broadcast(p.data, src=0)
         if self.sharded:
+            # FSDP2's public names (torch >= 2.6): the one-device and DDP paths never need them
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import FSDPModule, fully_shard
 

@@ -42,17 +42,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+from peft.utils import merge_utils
 
+from engine.contract.spec import SeriesSpec
 from engine.models.adapters import Adapter, LoraFactors, clone_adapter
 
 # re-exported: the series and the benchmarks call slao.forgetting_metrics
 from engine.training.cl_metrics import forgetting_metrics as forgetting_metrics
-
-if TYPE_CHECKING:
-    from engine.contract.spec import SeriesSpec
 
 MergeWeight = Literal["inv_sqrt", "inv"]
 
@@ -232,8 +231,6 @@ def ties_merge(
     entry by the summed trimmed values, and the entries that agree with it are averaged. peft
     stacks the t task vectors of a module, so a merge holds t m×n float32 matrices at a time.
     """
-    from peft.utils import merge_utils
-
     if not finetuned:
         raise ValueError("ties merge needs at least one adapter")
     if not 0.0 < density <= 1.0:
@@ -256,8 +253,6 @@ def dare_merge(
     The random masks are drawn from a generator seeded by (seed, module), so the same inputs
     always give the same merge (a resumed series reproduces it).
     """
-    from peft.utils import merge_utils
-
     if not finetuned:
         raise ValueError("dare merge needs at least one adapter")
     if not 0.0 <= drop < 1.0:

@@ -10,6 +10,10 @@ LoRA run on the tiny model visibly lowers the loss:
 ``math_sft.jsonl`` and ``math_prompts.jsonl`` are an SFT -> GRPO pair: sums answered as
 "The answer is \\boxed{42}.", then the same kind of questions with an ``answer`` column for GRPO's rewards.
 ``broken/chat_bad_rows.jsonl`` shows what the dataset checker reports for malformed rows.
+
+The preference files (for ``method: dpo``, ``kto``, ``orpo``) hold the same tasks as pairs of answers,
+one right and one plausibly wrong (the word left as it is or reversed badly, a sum off by one or ten,
+another country's capital), in each of trl's formats.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROWS = {
     "chat": 160, "sharegpt": 120, "alpaca": 120, "prompt_completion": 120, "text": 150,
+    "preference": 120, "preference_chat": 80, "preference_implicit": 80, "unpaired_preference": 160,
     "math_sft": 200, "math_prompts": 120,
 }  # fmt: skip
 
@@ -178,6 +183,61 @@ def text_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def wrong_answer(rng: random.Random, question: str, answer: str) -> str:
+    """A plausible wrong answer: what a model that has not learned the task says."""
+    if question.startswith("Reverse"):
+        word = question.rsplit(" ", 1)[1]
+        backwards = word[::-1]
+        swapped = backwards[1] + backwards[0] + backwards[2:]  # two letters the wrong way round
+        return word if rng.random() < 0.5 or swapped == backwards else swapped
+    if question.startswith("What is") and "+" in question:
+        return str(int(answer) + rng.choice((-10, -1, 1, 10)))
+    return rng.choice(sorted(set(CAPITALS.values()) - {answer}))
+
+
+def preference_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        question, _, _, answer = task(rng)
+        rows.append({"prompt": question, "chosen": answer, "rejected": wrong_answer(rng, question, answer)})
+    return rows
+
+
+def preference_chat_rows(rng: random.Random, n: int) -> list[dict]:
+    """Conversational pairs: the prompt's messages (a system message in some), each answer an assistant turn."""
+    rows = []
+    for pair in preference_rows(rng, n):
+        prompt = [{"role": "user", "content": pair["prompt"]}]
+        if rng.random() < 0.25:
+            prompt.insert(0, {"role": "system", "content": SYSTEM})
+        rows.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        })  # fmt: skip
+    return rows
+
+
+def preference_implicit_rows(rng: random.Random, n: int) -> list[dict]:
+    """Two whole conversations that share their start (the prompt), as many public preference sets ship."""
+    return [
+        {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
+        for row in preference_chat_rows(rng, n)
+    ]
+
+
+def unpaired_preference_rows(rng: random.Random, n: int) -> list[dict]:
+    """KTO's judged answers, one per row: about two good answers for every bad one (an unpaired set need not
+    be balanced; KTO's desirable/undesirable weights are for that)."""
+    rows = []
+    for pair in preference_rows(rng, n):
+        good = rng.random() < 0.65
+        rows.append(
+            {"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good}
+        )
+    return rows
+
+
 BAD_ROWS = [
     '{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}',
     '{"messages": [{"role": "user", "content": "What is 3 + 3?"}, {"role": "assistant", "content": "6"}]',
@@ -224,6 +284,10 @@ def main() -> None:
         "alpaca": alpaca_rows,
         "prompt_completion": prompt_completion_rows,
         "text": text_rows,
+        "preference": preference_rows,
+        "preference_chat": preference_chat_rows,
+        "preference_implicit": preference_implicit_rows,
+        "unpaired_preference": unpaired_preference_rows,
         "math_sft": math_sft_rows,
         "math_prompts": math_prompts_rows,
     }

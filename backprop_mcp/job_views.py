@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backprop_mcp.models import JobList, JobStatus, JobSummary, Progress
+from backprop_mcp.job_events import JobTail
 from backprop_mcp.store import JobRecord, JobStore
 from backprop_mcp.supervisor import Supervisor, read_job_result
-from backprop_mcp.tail import JobTail
+from backprop_mcp.tool_outputs import JobList, JobStatus, JobSummary, Progress
 from engine.interface import backprop_home
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ class ServerState:
         """Refresh every unfinished job; return the resource URIs whose content changed."""
         changed: list[str] = []
         self.supervisor.enforce_cancel_deadlines()
+        self.supervisor.keep_worker_warm()
         unfinished = self.store.list(states={"queued", "running"})
         if not self._reattached:
             self._reattached = True

@@ -96,11 +96,19 @@ class DatasetCheck(BaseModel):
         default_factory=list, description="bad rows as 'file:line: what is wrong' (first 20)"
     )
     tokens: TokenStats | None = Field(
-        None, description="token lengths with the model's tokenizer and chat template"
+        None,
+        description="token lengths with the model's tokenizer and chat template (preference data: per "
+        "sequence, a prompt and one answer)",
     )
-    method: str | None = Field(None, description="the training method the check is for")
+    method: str | None = Field(None, description="the training method the defaults are for")
     method_note: str | None = Field(None, description="what the method makes of the file")
-    method_problem: str | None = Field(None, description="why the method cannot train on the file as it is")
+    method_problem: str | None = Field(None, description="why the method cannot train on the file")
+    prompt_tokens: TokenStats | None = Field(
+        None, description="preference data: token lengths of the prompts"
+    )
+    completion_tokens: TokenStats | None = Field(
+        None, description="preference data: token lengths of the answers"
+    )
     fits: bool | None = None
     fit_error: str | None = None
     defaults: dict[str, Any] | None = Field(None, description="the settings a fine-tune would use")

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU call for the training methods beyond SFT (issues 24 and 25), every framework on the same card in
+# the same call:
+#   1. GRPO, Qwen2.5-0.5B architecture, QLoRA, 8 completions of up to 256 tokens a prompt: the engine's job
+#      against trl's GRPOTrainer (benchmarks/grpo_speed.py);
+#   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
+#      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
+#   3. the same DPO comparison at 0.5B.
+# Each part runs under its own timeout inside BUDGET_S, most wanted first.
+#   run(command="bash benchmarks/methods_call.sh", carry=[".device/pk"], timeout_s=590)
+# .device/pk (git-ignored) holds what the GPU machine lacks: bnb_site.tar.xz (bitsandbytes), whl/ (mcp,
+# pydantic and what they need), unsloth_site.tar.xz (Unsloth's runtime with trl 1.15 and datasets).
+set -o pipefail
+cd "$(dirname "$0")/.."
+PK=${PK:-.device/pk}
+OUT=${OUT:-/tmp/methods_out}
+mkdir -p "$OUT" /tmp/site /tmp/us
+export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+left() { echo $(( ${BUDGET_S:-540} - ($(date +%s) - T0) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? (l > 6 ? l - 5 : 1) : $1 )); }
+tar -C /tmp/site -xJf "$PK/bnb_site.tar.xz"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$PK"/whl/*.whl 2>&1 | grep -v WARNING | tail -2
+tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
+export PYTHONPATH=/tmp/site:$PWD
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+date -u +"%F %T UTC"
+if [ -f benchmarks/grpo_speed.py ]; then
+  echo "== 1. GRPO 0.5B, $(left) s left"
+  timeout "$(cap 200)" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
+    --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
+fi
+echo "== 2. DPO 7B, $(left) s left"
+timeout "$(cap 300)" python3 benchmarks/preference_speed.py --arch qwen2.5-7b --batch 4 --steps 10 --warmup 3 \
+  --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
+  | grep -v "Warning\|warn(" | tail -40
+echo "== 3. DPO 0.5B, $(left) s left"
+timeout "$(cap 150)" python3 benchmarks/preference_speed.py --arch qwen2.5-0.5b --batch 4 --steps 12 --warmup 3 \
+  --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
+  | grep -v "Warning\|warn(" | tail -40
+echo "== done, $(left) s left"
+} 2>&1 | tee "$OUT/methods_call.log"

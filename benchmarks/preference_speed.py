@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""QLoRA DPO speed, memory and per-step losses: the engine's DPO job against trl's DPOTrainer and Unsloth's
+PatchDPOTrainer, on one card in one run.
+
+For each architecture asked for (Qwen2.5-0.5B, Qwen2.5-7B; random bf16 weights as benchmarks/train_speed.py
+writes them, the tiny preset's tokenizer), this script
+  1. writes pairs of ``--prompt-len``-token prompts and ``--answer-len``-token answers (random words, cut to
+     exactly those lengths by the engine's own tokenizing: its chat template, its truncation), and one
+     initial LoRA adapter (r=16, alpha=32, every linear layer, seeded; B = 0, so the policy starts as the
+     base): the three start from the same weights and see the same tokens in the same order (the engine's
+     step plan; trl's sampler set to sequential over the rows in that order);
+  2. runs the engine exactly as a job runs (``python -m engine run``: NF4 base, ``method: dpo`` with
+     ``init_adapter``, the reference log-probabilities computed once before training: reported apart);
+  3. runs trl's DPOTrainer in a child process (same NF4 model, the same adapter loaded trainable, which trl
+     copies as its frozen 'ref'; same batch, learning rate, beta, gradient checkpointing choice, bf16);
+     ``--trl-precompute`` adds a run with trl's ``precompute_ref_log_probs`` (the engine's choice);
+  4. runs Unsloth's DPO (``PatchDPOTrainer``, its own NF4 load and LoRA of the same shape, seeded: its A
+     factors differ, so only its first step's loss is comparable) in a child process, where it imports;
+  5. prints pairs/s over the timed steps (after ``--warmup``), peak GPU memory over training
+     (``torch.cuda.max_memory_allocated``), the ratios to trl, the per-step losses side by side, and the
+     headline line ``DPO 7B QLoRA: X× trl's DPOTrainer, Y× its peak memory; Z× Unsloth (card, date)``.
+
+The GPU machine has no trl, datasets or bitsandbytes: they travel as wheels, with Unsloth's pack
+(../shared/bench/unsloth/README.md: trl 1.15 in it). Put them on PYTHONPATH for the child processes
+(``--trl-path``, ``--unsloth-path``).
+
+Usage (GPU machine):
+  python benchmarks/preference_speed.py --arch qwen2.5-0.5b --arch qwen2.5-7b --batch 4 --steps 12 --warmup 3 \\
+      --trl-path /tmp/us --unsloth-path /tmp/us --jsonl .device/out/preference.jsonl
+CPU smoke test (tiny shapes, fp32, no Unsloth):
+  python benchmarks/preference_speed.py --tiny --prompt-len 24 --answer-len 16 --batch 2 --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BETA, LR, SEED = 0.1, 1e-4, 0
+
+
+def log(*msg: object) -> None:
+    print("[preference_speed]", *msg, file=sys.stderr, flush=True)
+
+
+# -- the inputs every framework shares ---------------------------------------------------------------
+
+
+def write_pairs(folder: Path, model_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """``pairs.jsonl`` (texts, for the engine's job) and ``tokens.json`` (the engine's own token ids of the
+    same pairs in its step plan's order, for trl and Unsloth)."""
+    from engine.data.formats import Example
+    from engine.data.preference import Preference
+    from engine.data.preference_tokens import tokenize_preferences, truncated
+    from engine.training.base_model import load_tokenizer
+    from engine.training.batching import plan_steps
+
+    rng = random.Random(SEED)
+    words = (ROOT / "engine" / "assets" / "tiny_corpus.txt").read_text().split()
+
+    def text(n_words: int) -> str:  # long enough to be cut to the exact token counts below
+        return " ".join(rng.choice(words) for _ in range(n_words))
+
+    n = args.batch * (args.steps + args.warmup)
+    rows = [
+        {"prompt": text(args.prompt_len), "chosen": text(args.answer_len), "rejected": text(args.answer_len)}
+        for _ in range(n)
+    ]
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = [Example(kind="preference", preference=Preference(**r)) for r in rows]
+    seq = args.prompt_len + args.answer_len
+    data = truncated(tokenize_preferences(examples, load_tokenizer(str(model_dir))), args.prompt_len, seq)
+    assert len(data.units) == n and set(data.sequence_lengths()) == {seq}, "texts too short for the lengths"
+    plan = plan_steps(data.lengths, max_seq_length=seq, packing=False, rows_per_step=args.batch,
+                      total_steps=args.steps + args.warmup, seed=SEED)  # fmt: skip
+    order = [u for step in plan.steps for row in step for u in row]
+    tokens = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for u in order:
+        c, r = data.units[u]
+        p = data.prompt_lengths[c]
+        tokens["prompt_ids"].append(data.input_ids[c][:p])
+        tokens["chosen_ids"].append(data.input_ids[c][p:])
+        tokens["rejected_ids"].append(data.input_ids[r][p:])
+    path = folder / "tokens.json"
+    path.write_text(json.dumps(tokens))
+    return pairs, path
+
+
+def write_initial_adapter(model_dir: Path, out: Path) -> Path:
+    """A seeded LoRA adapter with B = 0 (r=16, alpha=32, every linear layer) that every run starts from; the
+    base stays on the meta device (a 7B one is never in memory here), only the LoRA factors are made."""
+    if (out / "adapter_config.json").exists():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(skeleton, config)
+    for module in model.modules():
+        for which in ("lora_A", "lora_B"):
+            for layer in (
+                getattr(module, which, {}).values()
+                if isinstance(getattr(module, which, None), torch.nn.ModuleDict)
+                else ()
+            ):
+                weight = torch.empty(layer.weight.shape)
+                torch.nn.init.kaiming_uniform_(
+                    weight, a=5**0.5
+                ) if which == "lora_A" else torch.nn.init.zeros_(weight)
+                layer.weight = torch.nn.Parameter(weight)
+    model.save_pretrained(str(out))
+    return out
+
+
+# -- the three runs ----------------------------------------------------------------------------------
+
+
+def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from engine.contract.events import read_events
+    from engine.contract.spec import (
+        DatasetSettings,
+        FinetuneSpec,
+        PreferenceSettings,
+        TrainSettings,
+        read_result,
+    )
+    from engine.jobs.runner import create_job
+
+    spec = FinetuneSpec(
+        model=str(model_dir), method="dpo", init_adapter=str(adapter), quantization=args.quantization,
+        preference=PreferenceSettings(beta=BETA, max_prompt_length=args.prompt_len),
+        train=TrainSettings(
+            steps=args.warmup + args.steps, micro_batch_size=args.batch, gradient_accumulation=1,
+            max_seq_length=args.prompt_len + args.answer_len, learning_rate=LR, warmup_steps=0,
+            lr_scheduler="constant", seed=SEED, gradient_checkpointing=args.grad_ckpt == "on",
+        ),
+        dataset=DatasetSettings(path=str(pairs)),
+    )  # fmt: skip
+    job_dir = create_job(spec, root=Path(args.workdir) / "jobs")
+    log(f"engine: python -m engine run {job_dir}")
+    with open(job_dir / "worker.log", "wb") as err:
+        rc = subprocess.run(
+            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
+        ).returncode
+    result = read_result(job_dir)
+    if result is None or result.status != "succeeded":
+        return {"variant": "engine", "rc": rc, "error": (job_dir / "worker.log").read_text()[-1500:]}
+    events, _ = read_events(job_dir / "events.jsonl")
+    progress = [e for e in events if e.type == "progress"]
+    timed = [p.step_s or 0.0 for p in progress[args.warmup :]]
+    stages = {e.name: e.time for e in events if e.type == "stage"}
+    return {
+        "variant": "engine",
+        "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
+        "peak_mem_gib": result.metrics.get("peak_gpu_memory_gib"),
+        "reference_s": round(stages.get("training", 0) - stages.get("reference", 0), 2),
+        "losses": [round(p.loss or 0.0, 5) for p in progress],
+        "backend": result.metrics.get("backend"),
+        "job_dir": str(job_dir),
+    }
+
+
+def run_child(
+    kind: str, model_dir: Path, tokens: Path, adapter: Path, args: argparse.Namespace, extra: list[str]
+) -> dict[str, Any]:
+    """This script as a ``--worker`` child (trl or Unsloth import their own stack; their memory is their own)."""
+    path = args.unsloth_path if kind == "unsloth" else args.trl_path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, str(ROOT)) if p))
+    cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--tokens", str(tokens),
+           "--adapter", str(adapter), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+           str(args.warmup), "--grad-ckpt", args.grad_ckpt, "--quantization", args.quantization,
+           "--workdir", args.workdir, *extra]  # fmt: skip
+    log(f"{kind}:", " ".join(cmd[2:]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"variant": kind, "error": f"no result (rc {out.returncode}): {out.stderr[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One trl or Unsloth DPO run in this process: pairs/s over the timed steps, peak memory, losses."""
+    if args.worker == "unsloth":
+        import unsloth  # noqa: F401 - first, before transformers and trl, as Unsloth asks
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    cuda = torch.cuda.is_available()
+    model, tokenizer = _worker_model(args, cuda)
+    steps = args.warmup + args.steps
+    config = DPOConfig(
+        output_dir=str(Path(args.workdir) / f"{args.worker}-out"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
+        gradient_checkpointing=args.grad_ckpt == "on", gradient_checkpointing_kwargs={"use_reentrant": False},
+        beta=BETA, loss_type=["sigmoid"], max_length=None, seed=SEED, max_grad_norm=1.0, disable_tqdm=True,
+        optim="adamw_torch_fused" if cuda else "adamw_torch", train_sampling_strategy="sequential",
+        precompute_ref_log_probs=args.precompute,
+    )  # fmt: skip
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(args.model_dir)
+    trainer = DPOTrainer(
+        model=model, args=config, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
+    )  # fmt: skip
+    trainer.train_dataset = Dataset.from_dict(
+        json.loads(Path(args.tokens).read_text())
+    )  # the engine's tokens
+    if (
+        args.precompute
+    ):  # trl computes its reference log-probabilities when it is built: again, for these rows
+        trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", args.batch)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(Clock())
+    t0 = time.perf_counter()
+    trainer.train()
+    timed = times[args.warmup :]
+    label = args.worker + (" precompute_ref_log_probs" if args.precompute else "")
+    return {
+        "variant": label,
+        "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "losses": [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _worker_model(args: argparse.Namespace, cuda: bool) -> tuple[Any, Any]:
+    """The model each framework trains: trl on the shared adapter over an NF4 base, Unsloth its own."""
+    import torch
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.worker == "unsloth":
+        from unsloth import FastLanguageModel, PatchDPOTrainer
+
+        PatchDPOTrainer()
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            args.model_dir, max_seq_length=4096, dtype=dtype, load_in_4bit=args.quantization == "4bit"
+        )
+        model = FastLanguageModel.get_peft_model(
+            model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none", random_state=SEED,
+            use_gradient_checkpointing="unsloth" if args.grad_ckpt == "on" else False)  # fmt: skip
+        return model, tokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = None
+    if args.quantization == "4bit":  # the engine's NF4 settings (engine.training.base_model)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=dtype, quantization_config=quant, attn_implementation="sdpa",
+        device_map={"": 0} if cuda else None,
+    )  # fmt: skip
+    return PeftModel.from_pretrained(base, args.adapter, is_trainable=True), None
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+
+def report(arch: str, records: list[dict[str, Any]], card: str) -> str:
+    by = {r["variant"]: r for r in records}
+    trl, engine, uns = by.get("trl", {}), by.get("engine", {}), by.get("unsloth", {})
+    lines = [f"\n{arch}: pairs/s (timed steps), peak GiB, ratio to trl's DPOTrainer"]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"  {r['variant']:<34} error: {str(r['error']).strip().splitlines()[-1][:200]}")
+            continue
+        speed = _ratio(r.get("pairs_per_s"), trl.get("pairs_per_s"))
+        mem = _ratio(r.get("peak_mem_gib"), trl.get("peak_mem_gib"))
+        ref = f", reference pass {r['reference_s']} s before training" if "reference_s" in r else ""
+        lines.append(
+            f"  {r['variant']:<34} {r.get('pairs_per_s')} pairs/s ({speed} trl), {r.get('peak_mem_gib')} GiB ({mem} trl){ref}"
+        )
+    lines.append("  per-step losses: " + " | ".join(f"{r['variant']}" for r in records if r.get("losses")))
+    rows = [r["losses"] for r in records if r.get("losses")]
+    for i in range(max((len(r) for r in rows), default=0)):
+        lines.append(
+            f"    step {i + 1:>3}: " + " | ".join(f"{r[i]:.5f}" if i < len(r) else "-" for r in rows)
+        )
+    size = "7B" if "7b" in arch else "0.5B" if "0.5b" in arch else arch
+    lines.append(
+        f"DPO {size} QLoRA: {_ratio(engine.get('pairs_per_s'), trl.get('pairs_per_s'))} trl's DPOTrainer, "
+        f"{_ratio(engine.get('peak_mem_gib'), trl.get('peak_mem_gib'))} its peak memory; "
+        f"{_ratio(engine.get('pairs_per_s'), uns.get('pairs_per_s'))} Unsloth ({card}, {time.strftime('%Y-%m-%d')})"
+    )
+    return "\n".join(lines)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", action="append", choices=["qwen2.5-0.5b", "qwen2.5-7b"], default=None)
+    p.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, fp32 on the CPU: a smoke test")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--answer-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (one micro-batch)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--grad-ckpt", choices=["on", "off"], default="on", help="gradient checkpointing, for all")
+    p.add_argument(
+        "--quantization", choices=["4bit", "none"], default=None, help="default: 4bit, none with --tiny"
+    )
+    p.add_argument(
+        "--trl-path", default="", help="PYTHONPATH for the trl child (trl, datasets, bitsandbytes)"
+    )
+    p.add_argument("--unsloth-path", default="", help="PYTHONPATH for the Unsloth child (its pack)")
+    p.add_argument("--trl-precompute", action="store_true", help="also trl with precompute_ref_log_probs")
+    p.add_argument("--skip-unsloth", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--jsonl", type=Path, default=None)
+    p.add_argument("--worker", choices=["trl", "unsloth"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.quantization = args.quantization or ("none" if args.tiny else "4bit")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="preference_speed-")
+    os.environ.setdefault("BACKPROP_HOME", str(Path(args.workdir) / "home"))
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return 0
+    import torch
+    from train_speed import write_random_model
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    for arch in args.arch or ["qwen2.5-0.5b"]:
+        folder = Path(args.workdir) / arch
+        folder.mkdir(parents=True, exist_ok=True)
+        model_dir = write_random_model(arch, args.tiny, folder / f"model{'-tiny' if args.tiny else ''}")
+        pairs, tokens = write_pairs(folder, model_dir, args)
+        adapter = write_initial_adapter(model_dir, folder / "initial-adapter")
+        records = [
+            run_engine(model_dir, pairs, adapter, args),
+            run_child("trl", model_dir, tokens, adapter, args, []),
+        ]
+        if args.trl_precompute:
+            records.append(run_child("trl", model_dir, tokens, adapter, args, ["--precompute"]))
+        if not args.skip_unsloth and torch.cuda.is_available():
+            records.append(run_child("unsloth", model_dir, tokens, adapter, args, []))
+        for r in records:
+            r.update(
+                arch=arch, card=card, batch=args.batch, prompt_len=args.prompt_len, answer_len=args.answer_len
+            )
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        print(report(arch, records, card), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

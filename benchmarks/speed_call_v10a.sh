@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 26, first of two GPU calls (about 8 minutes; each part under its own timeout), run from a copy of
+# the checkout (the device gets the session's main checkout: copy this branch's tree to a git-ignored
+# folder and carry it, with the packages in PK):
+#   run(command="cd .device/h4/repo && bash benchmarks/speed_call_v10a.sh",
+#       carry=[".device/h4/repo", ".device/h4/a"], timeout_s=590)
+#   1. the server flow (benchmarks/server_flow.py: inspect_gpu, check_dataset, start_finetune with the
+#      dataset and model only, job_status until it ends) on the 0.5B architecture, 200 steps, three times:
+#      a. fresh worker (BACKPROP_WARM_WORKER=0), the first GPU work on the machine (compiler caches cold);
+#      b. the server's warm worker (waited for before start_finetune), caches warm;
+#      c. fresh worker again, caches warm;
+#      each prints the first step's latency after start_finetune's answer and the whole job against its
+#      step rate;
+#   2. Unsloth's pairings at 0.5B, seq 2048, micro-batch 4 and 16: the engine in one process
+#      (profile_step.py: fastg = checkpointed, fastg+nr = no recomputation, the defaults on this card;
+#      3 rounds) and Unsloth (shared/bench/unsloth/unsloth_bench.py) with its offloaded checkpointing
+#      (its default) and with --grad-ckpt off;
+#   3. FlashAttention-4's large libraries, part 1: copied to /tmp/fa4stage for the second call
+#      (speed_call_v10b.sh), which must follow while the machine is warm.
+# PK holds: bnb_site.tar.xz (bitsandbytes 0.50.2 unpacked, CUDA 13 libraries only), whl/ (liger-kernel,
+# mcp and what it needs), unsloth_site.tar.xz + unsloth_bench.py, fa4/ (the small FlashAttention-4
+# wheels, rt.xz, ir.part1). SMOKE=1: the same parts on tiny shapes on the CPU (a check of this script).
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/v10a_out}
+PK=${PK:-../a}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+T0=$(date +%s)
+left() { echo $(( ${BUDGET_S:-370} - ($(date +%s) - T0) )); }
+PARTS=${PARTS:-"1 2 3"}
+cap() { local l; l=$(left); echo $(( l < $1 ? (l > 6 ? l - 5 : 1) : $1 )); }  # a part's timeout within the budget
+want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
+if [ -z "${SMOKE:-}" ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf "$PK/bnb_site.tar.xz"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$PK"/whl/*.whl 2>&1 | grep -v WARNING | tail -2
+  export PYTHONPATH=/tmp/site:$PWD
+  ARCH="--arch qwen2.5-0.5b"; FLOWSTEPS=200; SHAPE="--arch qwen2.5-0.5b --seq-len 2048 --steps 6 --warmup 2 --rounds 3"
+  SHAPE="${SHAPE/--rounds 3/--rounds 2}"; M=/tmp/m05; US="--seq-len 2048 --steps 8 --warmup 2"
+else
+  export PYTHONPATH=$PWD
+  ARCH="--tiny"; FLOWSTEPS=6; SHAPE="--tiny --seq-len 64 --steps 2 --warmup 1 --rounds 1"; M=/tmp/m-tiny
+fi
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+date -u +"%F %T UTC"
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__)"
+if want 1; then
+  for run in "a 0 0 $FLOWSTEPS" "b 1 90 $FLOWSTEPS" "c 0 0 30"; do
+    set -- $run
+    echo "== 1$1. server flow, 0.5B, $4 steps, warm worker ${2}, $(date -u +%T), $(left) s left"
+    BACKPROP_WARM_WORKER=$2 timeout $(cap 100) $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
+      --workdir /tmp/ts05 --json "$OUT/flow_$1.json" 2>&1 | grep -v "Warning\|INFO" | tail -10
+    for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
+  done
+  $PY -c "
+import time
+from engine.hardware.gpus import GpuMonitor
+m = GpuMonitor(0); m.sample(); t = time.perf_counter()
+for _ in range(50): m.sample()
+print(f'GpuMonitor.sample(): {(time.perf_counter() - t) / 50 * 1000:.2f} ms a call (the loop takes two a step)')"
+  timeout $(cap 40) $PY benchmarks/startup_profile.py $ARCH --imports-only --json "$OUT/imports.json" 2>&1 | tail -13
+fi
+if want 2; then
+  # pairing by pairing (engine, then Unsloth without and with recomputation), so that a call cut short
+  # still leaves whole pairings
+  [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ] && mkdir -p /tmp/us && tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
+  for mb in ${MBS:-4 16}; do
+    [ "$(left)" -lt 50 ] && { echo "(no time left for mb$mb)"; continue; }
+    echo "== 2. mb$mb: engine fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"
+    timeout $(cap 130) $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants fastg,fastg+nr \
+      --out "$OUT/engine_mb$mb" 2>&1 | grep -v "Warning\|triton_kernel_wrap\|Loading weights" | tail -4
+    [ -n "${SMOKE:-}" ] || [ ! -d /tmp/us ] && continue
+    for ck in off unsloth; do
+      [ "$(left)" -lt 45 ] && { echo "(no time left for Unsloth mb$mb $ck)"; continue; }
+      echo "-- Unsloth mb$mb --grad-ckpt $ck $(date -u +%T), $(left) s left"
+      PYTHONPATH=/tmp/site:/tmp/us timeout $(cap 100) $PY "$PK/unsloth_bench.py" --small \
+        --batch $mb $US --grad-ckpt $ck --model-dir /tmp/us-model-05 --jsonl "$OUT/unsloth.jsonl" --tag "mb$mb-$ck" \
+        2>&1 | grep "^{" | tail -1 | cut -c1-400
+    done
+  done
+fi
+if want 3 && [ -z "${SMOKE:-}" ]; then
+  echo "== 3. FlashAttention-4 part 1 to /tmp/fa4stage $(date -u +%T)"
+  mkdir -p /tmp/fa4stage && cp -r "$PK"/fa4/* /tmp/fa4stage/ && ls -la /tmp/fa4stage | tail -n +2 | wc -l
+fi
+echo "== end $(date -u +%T), $(( $(date +%s) - T0 )) s"
+} 2>&1 | tee "$OUT/log.txt"
+tar -C "$OUT" -czf /tmp/v10a.tgz --exclude=log.txt . && find "$OUT" -mindepth 1 ! -name log.txt -delete \
+  && mv /tmp/v10a.tgz "$OUT/"
