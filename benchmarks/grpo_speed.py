@@ -18,7 +18,7 @@ generation batch.
    ``GRPO 0.5B QLoRA: X× trl's GRPOTrainer, Y× its peak memory (card, date)``.
 
 Usage (GPU machine):
-  python benchmarks/grpo_speed.py --arch qwen2.5-0.5b --steps 5 --warmup 1
+  python benchmarks/grpo_speed.py --arch qwen2.5-0.5b --steps 3 --warmup 1 [--trl-path /tmp/us]
 CPU smoke test (tiny shapes, fp32, a minute):
   python benchmarks/grpo_speed.py --tiny --steps 2 --warmup 1
 """
@@ -135,8 +135,9 @@ def run_trl(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[st
     config = {"model": str(model_dir), "prompts": str(prompts), "out": str(Path(args.workdir) / "trl")}
     config |= settings(args) | {"warmup": args.warmup, "prompts_per_step": args.prompts_per_step}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(config)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (args.trl_path, str(ROOT)) if p))
     log("trl: GRPOTrainer in a subprocess")
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {
@@ -276,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
     p.add_argument("--prompt-words", type=int, default=24)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument(
+        "--trl-path", default="", help="PYTHONPATH for the trl child (where trl and datasets are installed)"
+    )
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
