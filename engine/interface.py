@@ -18,6 +18,7 @@ from engine.contract.files import (
     quoted,
     user_path,
 )
+from engine.contract.grpo import RewardChoice
 from engine.contract.settings import setting_parameters, settings_of, training_spec
 from engine.contract.spec import (
     EVENTS_FILE,
@@ -48,6 +49,7 @@ from engine.planning.gpu_report import GpuReport, gpu_report
 from engine.planning.preflight import DataCheck, PreflightError, TokenStats, check_model, preflight, problems
 
 __all__ = [
+    "RewardChoice",
     "EVENTS_FILE",
     "WORKER_LOG",
     "DatasetSettings",

@@ -23,7 +23,7 @@ from engine.contract.spec import DatasetSettings, FinetuneSpec, SeriesSpec
 # fields, and the fields of each of its sections (a field whose value is a settings model: lora, train,
 # safety, the dataset) under their own names, or with the section's prefix where _PREFIXES gives one.
 # A field or a section added to a job model is a setting everywhere; nothing else lists them.
-_PREFIXES = {"lora": "lora_"}  # lora_rank is lora.rank
+_PREFIXES = {"lora": "lora_", "grpo": "grpo_"}  # lora_rank is lora.rank; grpo_beta (not dpo's beta) grpo.beta
 # where a flat setting lives: its section (None: the job itself), its field's name there, the field
 SettingHome = tuple[str | None, str, FieldInfo]
 
