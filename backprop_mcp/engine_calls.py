@@ -13,6 +13,8 @@ import json
 import subprocess
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from engine.interface import engine_command, worker_env
 
 
@@ -26,7 +28,7 @@ def call_engine(command: str, args: dict[str, Any], *, timeout_s: float, home: A
     try:
         done = subprocess.run(  # noqa: S603 - argv list, no shell
             argv,
-            input=json.dumps(args).encode("utf-8"),
+            input=json.dumps(to_jsonable_python(args)).encode("utf-8"),  # (settings may be models: rewards)
             capture_output=True,
             timeout=timeout_s,
             env=worker_env(home),

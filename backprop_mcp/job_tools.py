@@ -19,6 +19,7 @@ from backprop_mcp.app import LINKED_TOOL_META
 from backprop_mcp.limits import MAX_DATASETS, MAX_SYSTEM_CHARS
 from backprop_mcp.paths import resolve_writable_dir
 from backprop_mcp.policy import ClientRoots
+from backprop_mcp.reward_policy import check_reward_code
 from backprop_mcp.store import JobRecord
 from backprop_mcp.tool_outputs import StartedJob
 from backprop_mcp.tooling import LEFT_OUT, hints, name_arg, path_arg, takes_settings
@@ -79,6 +80,7 @@ def _start_finetune(server: MCPServer, find_job: Callable[[str], JobRecord], cre
         if settings.get("init_adapter"):
             settings["init_adapter"] = checks.initial_adapter(settings["init_adapter"], find_job)
         spec = checks.validated(training_spec, "settings", FinetuneSpec, data_path, **settings)
+        spec = check_reward_code(spec)  # a python reward runs code: only where the server allows it
         require_for_spec(spec, "start_finetune")  # the extras this spec uses (train; unsloth for its backend)
         return create(spec, f"{Path(spec.model).name} on {Path(data_path).name}")
 

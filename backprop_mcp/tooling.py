@@ -37,6 +37,7 @@ LEFT_OUT = {
 # check_dataset measures a dataset with a fine-tune's tokenizer and memory settings, and no others
 CHECK_DATASET_TAKES = (
     "model", "method", "max_seq_length", "max_prompt_length", "micro_batch_size", "quantization", "lora_rank",
+    "grpo_rewards", "grpo_num_generations", "grpo_max_completion_length",
 )  # fmt: skip
 
 

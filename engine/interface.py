@@ -18,6 +18,7 @@ from engine.contract.files import (
     quoted,
     user_path,
 )
+from engine.contract.grpo import RewardChoice
 from engine.contract.settings import setting_parameters, settings_of, training_spec
 from engine.contract.spec import (
     EVENTS_FILE,

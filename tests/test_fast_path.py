@@ -250,6 +250,7 @@ def test_fast_step_loop_with_every_piece_on_matches_the_plain_peft_loop(tiny_mod
     class R:  # the resolved settings train_adapter reads
         steps, learning_rate, warmup_steps, lr_scheduler = 4, 1e-2, 0, "constant"
         micro_batch_size, gradient_accumulation, max_seq_length, packing = 2, 1, 24, False
+        rows_per_step = 2  # rows of the step plan (ResolvedTraining's property)
         weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1e9, 0, None
 
     class Tok:

@@ -190,6 +190,12 @@ def _good_values(world: dict[str, Path]) -> dict[str, list[Any]]:
         "adapter_path": [str(arena / "adapter")],
         "base_model": ["tiny"],
         "job_id": ["ft-20260101-000000-abcdef"],
+        # objects under $defs, which hypothesis-jsonschema cannot draw with this hypothesis: a few real ones
+        "grpo_rewards": [
+            [],
+            [{"name": "format", "pattern": "^<answer>"}],
+            [{"name": "answer", "extract": "last_number"}, {"name": "length", "max_tokens": 64, "weight": 0.5}],
+        ],
     }
 
 

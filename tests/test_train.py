@@ -194,6 +194,7 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
     class R:  # the resolved settings train_adapter reads
         steps, learning_rate, warmup_steps, lr_scheduler = 4, 1e-2, 0, "constant"
         micro_batch_size, gradient_accumulation, max_seq_length, packing = 2, 1, 24, False
+        rows_per_step = 2  # rows of the step plan (ResolvedTraining's property)
         weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1e9, 0, None
 
     def fresh():
@@ -335,6 +336,7 @@ def _train_with_one_simulated_oom(tiny_model_dir, tmp_path, recompute: bool | No
     class R:
         steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
         micro_batch_size, gradient_accumulation, max_seq_length, packing = 4, 1, 16, False
+        rows_per_step = 4  # rows of the step plan (ResolvedTraining's property)
         weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, None
 
     if recompute is not None:

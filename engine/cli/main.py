@@ -41,6 +41,7 @@ _TITLES = {
     "dataset": "dataset",
     "safety": "GPU temperature",
     "preference": "preference tuning (dpo, kto, orpo)",
+    "grpo": "GRPO (method grpo)",
 }
 
 
@@ -90,9 +91,12 @@ def _add_setting(group: Any, name: str, info: Any) -> None:
         extra = {"action": argparse.BooleanOptionalAction}
     elif get_origin(kind) is Literal:
         extra = {"choices": list(options)}
-    elif get_origin(kind) is list:  # report_to, quantizations: repeat the flag
+    elif get_origin(kind) is list and get_origin(options[0]) is Literal:  # report_to, quantizations
         extra = {"action": "append", "choices": get_args(options[0]), "metavar": name.upper()}
         text = f"{text}; one of {', '.join(get_args(options[0]))}, repeatable"
+    elif get_origin(kind) is list:  # grpo_rewards: each a name, a .py path or a JSON object
+        extra = {"action": "append", "type": str, "metavar": name.upper()}
+        text = f"{text}; repeatable"
     group.add_argument(*flags, dest=name, default=None, help=text or None, **extra)
 
 
@@ -119,6 +123,7 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.contract import spec
+    from engine.contract.grpo import GrpoSettings
 
     parser = argparse.ArgumentParser(
         prog="backprop", description="Fine-tune open LLMs on your own GPU (QLoRA, SLAO, GGUF)."
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     _add_setting(p, "model", spec.FinetuneSpec.model_fields["model"])
     _add_setting(p, "method", spec.FinetuneSpec.model_fields["method"])
+    _add_setting(
+        p, "grpo_rewards", GrpoSettings.model_fields["rewards"]
+    )  # method grpo: the answer column checked
     _add_json(p)
 
     p = sub.add_parser("generate", help="generate from a base model or an adapter")
@@ -288,7 +296,13 @@ def _check_data(args: argparse.Namespace) -> int:
     from engine.jobs.commands import check_data
 
     require("train", "backprop check-data")
-    spec = training_spec(FinetuneSpec, local_or_name(args.path), model=args.model, method=args.method)
+    spec = training_spec(
+        FinetuneSpec,
+        local_or_name(args.path),
+        model=args.model,
+        method=args.method,
+        grpo_rewards=args.grpo_rewards,
+    )
     with _refusing(ValueError, OSError):  # DatasetError, ModelError: a missing file, an unknown model
         out = check_data(spec)
     print(out.model_dump_json(indent=2, exclude_none=True) if args.json else check_data_text(out, spec.model))

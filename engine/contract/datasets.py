@@ -14,7 +14,7 @@ FORMAT_HELP = (
     "each row needs one of: messages (chat), conversations (ShareGPT), "
     "instruction+output (Alpaca), prompt+completion, text, or input_ids (pre-tokenized); "
     "for preference tuning: prompt+chosen+rejected, chosen+rejected (the shared start is the prompt), "
-    "or prompt+completion+label (true/false, KTO)"
+    "or prompt+completion+label (true/false, KTO); for GRPO: prompt alone (with any other columns)"
 )
 
 
@@ -45,6 +45,7 @@ class DatasetReport:
     bad_rows: int = 0  # every bad row, even past MAX_PROBLEMS_KEPT
     formats_found: dict[str, int] = field(default_factory=dict)  # rows per detected format
     kinds: dict[str, int] = field(default_factory=dict)  # good rows per Example.kind
+    columns: dict[str, int] = field(default_factory=dict)  # prompt rows: good rows with each other column
     chars: dict[str, float] = field(default_factory=dict)  # min/mean/max characters of good rows
     source_type: str = ""  # jsonl, json, csv, parquet, saved_dataset, hub
     preview: dict[str, Any] | None = None  # the first good row as understood (long texts cut)

@@ -21,7 +21,7 @@ from engine.contract.spec import DatasetSettings, FinetuneSpec, SeriesSpec
 
 # A section's fields (a field whose value is a settings model: lora, train, safety, the dataset) are settings
 # under their own names, or with the section's prefix where _PREFIXES gives one.
-_PREFIXES = {"lora": "lora_"}  # lora_rank is lora.rank
+_PREFIXES = {"lora": "lora_", "grpo": "grpo_"}  # lora_rank is lora.rank; grpo_beta (not dpo's beta) grpo.beta
 # where a flat setting lives: its section (None: the job itself), its field's name there, the field
 SettingHome = tuple[str | None, str, FieldInfo]
 

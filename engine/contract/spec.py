@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from engine.contract.files import atomic_write_text
+from engine.contract.grpo import GrpoSettings, grpo_settings_problem
 
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
@@ -181,7 +182,7 @@ class _ModelJob(_Strict):
         return self
 
 
-Method = Literal["sft", "dpo", "kto", "orpo"]
+Method = Literal["sft", "dpo", "kto", "orpo", "grpo"]
 # trl's DPO loss variants the engine computes (each proven equal to DPOTrainer's in tests/test_preference_maths.py);
 # trl's list-valued loss_type takes one here. aot/aot_unpaired (sorted over a batch) and discopop are left out.
 DpoLoss = Literal[
@@ -240,15 +241,22 @@ class FinetuneSpec(_ModelJob):
         "sft",
         description="sft: learn the answers (supervised); dpo: prefer the chosen answer of each pair over the "
         "rejected one; kto: from answers labelled good or bad (unpaired); orpo: sft and preference in one pass, "
-        "no reference model",
+        "no reference model; grpo: sample completions of the dataset's prompts and learn from their rewards "
+        "(grpo_rewards)",
     )
     init_adapter: str | None = Field(
         None,
         description="start from this LoRA adapter (a finished job's folder or a PEFT adapter folder) instead of "
-        "a fresh one; for dpo and kto its frozen copy is the reference",
+        "a fresh one; for dpo and kto (and grpo with grpo_beta > 0) its frozen copy is the reference",
     )
     dataset: DatasetSettings
     preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
+
+    @model_validator(mode="after")
+    def _grpo_settings(self) -> FinetuneSpec:
+        grpo_settings_problem(self.method, self.grpo)
+        return self
 
     @model_validator(mode="after")
     def _method_settings(self) -> FinetuneSpec:
@@ -256,10 +264,11 @@ class FinetuneSpec(_ModelJob):
         given = [
             n for n, f in PreferenceSettings.model_fields.items() if getattr(self.preference, n) != f.default
         ]
-        if self.method == "sft" and given:
+        if self.method in ("sft", "grpo") and given:
             what = "is a setting" if len(given) == 1 else "are settings"
             raise ValueError(
-                f"{', '.join(given)} {what} of the preference methods (dpo, kto, orpo) but method is 'sft': "
+                f"{', '.join(given)} {what} of the preference methods (dpo, kto, orpo) but method is "
+                f"'{self.method}': "
                 "set method, or leave them out"
             )
         loss = self.preference.loss_type

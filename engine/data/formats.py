@@ -19,6 +19,8 @@ Row formats (one per file, detected from the rows)
     ``preference``, ``preference_implicit``, ``unpaired_preference``: trl's preference formats
                     (``{"prompt", "chosen", "rejected"}``, ``{"chosen", "rejected"}``,
                     ``{"prompt", "completion", "label"}``), see ``engine.data.preference``
+    ``prompt``      ``{"prompt": str | [messages], ...other columns}`` with no completion: prompts for
+                    method 'grpo', the other columns passed to its rewards (``engine.data.prompts``)
     Other keys are ignored. Roles ``tool``/``function``/``ipython`` are refused: tool-calling
     conversations need tool-call structure that these formats do not carry, and silently
     dropping the turns would teach the model broken conversations.
@@ -46,13 +48,14 @@ from engine.contract.datasets import (
 )
 from engine.contract.spec import DatasetSettings
 from engine.data.preference import Preference, normalise_paired, normalise_unpaired
+from engine.data.prompts import normalise_prompt_row
 from engine.data.rows import ROLES, TOOL_ROLES, RowError, content_text, json_cell, text_field
 from engine.data.sources import RawRow, open_source, type_name
 
-ExampleKind = Literal["chat", "completion", "text", "tokens", "preference", "unpaired"]
+ExampleKind = Literal["chat", "completion", "text", "tokens", "preference", "unpaired", "prompt"]
 RowFormat = Literal[
     "chat", "sharegpt", "alpaca", "prompt_completion", "text", "tokens",
-    "preference", "preference_implicit", "unpaired_preference",
+    "preference", "preference_implicit", "unpaired_preference", "prompt",
 ]  # fmt: skip
 FORMATS: tuple[RowFormat, ...] = RowFormat.__args__  # type: ignore[attr-defined]
 
@@ -77,6 +80,7 @@ class Example:
     input_ids: list[int] | None = None  # tokens
     labels: list[int] | None = None  # tokens (None: loss on every token)
     preference: Preference | None = None  # preference (a pair) and unpaired (one judged answer)
+    columns: dict[str, Any] | None = None  # prompt: the row's other columns (GRPO's rewards read them)
     source: str = ""  # "file.jsonl:12", for error messages
 
 
@@ -149,6 +153,8 @@ def _read(path: str, split: str | None) -> tuple[list[Example], DatasetReport]:
         try:
             if why is not None:
                 raise RowError(why)
+            if fmt == "prompt" and file_format == "prompt_completion":  # not a prompt row: a pair cut short
+                raise RowError("missing field 'completion' (the other rows are prompt/completion pairs)")
             if fmt != file_format:
                 raise RowError(
                     f"this row is in {fmt} format but most rows of the file are {file_format}; "
@@ -161,6 +167,9 @@ def _read(path: str, split: str | None) -> tuple[list[Example], DatasetReport]:
                 report.problems.append(RowProblem(source.label, raw.position, str(bad), source.unit))
     report.rows_ok = len(examples)
     report.kinds = dict(Counter(ex.kind for ex in examples))
+    report.columns = dict(
+        Counter(k for ex in examples for k, v in (ex.columns or {}).items() if v is not None)
+    )
     if examples:
         lengths = [_char_length(ex) for ex in examples]
         report.chars = {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}
@@ -188,6 +197,8 @@ def _preview(ex: Example, limit: int = 200) -> dict[str, Any]:
                 out[name] = [{"role": m["role"], "content": cut(m["content"])} for m in value]
             elif value is not None:
                 out[name] = value
+    if ex.columns:
+        out["columns"] = {k: cut(str(v)) for k, v in list(ex.columns.items())[:10]}
     return out
 
 
@@ -219,6 +230,8 @@ def _detect_row_format(row: Any) -> tuple[RowFormat | None, str | None]:
         return ("preference" if "prompt" in present else "preference_implicit"), None
     if "label" in present and "completion" in present:
         return "unpaired_preference", None
+    if "prompt" in present and "completion" not in present:
+        return "prompt", None
     if present & {"prompt", "completion"}:
         return "prompt_completion", None
     if present & {"instruction", "output"}:
@@ -304,6 +317,11 @@ def _normalise_prompt_completion(row: dict[str, Any], where: str) -> Example:
     return Example(kind="completion", prompt=prompt, completion=completion, source=where)
 
 
+def _normalise_prompt(row: dict[str, Any], where: str) -> Example:
+    prompt, messages, columns = normalise_prompt_row(row)
+    return Example(kind="prompt", prompt=prompt, messages=messages, columns=columns, source=where)
+
+
 def _normalise_text(row: dict[str, Any], where: str) -> Example:
     return Example(kind="text", text=text_field(row, "text"), source=where)
 
@@ -344,4 +362,5 @@ _NORMALISERS = {
         normalise_paired(row, explicit_prompt=False), where
     ),
     "unpaired_preference": lambda row, where: _preference(normalise_unpaired(row), where),
+    "prompt": _normalise_prompt,
 }

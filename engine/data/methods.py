@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from engine.data.formats import Example
 from engine.data.preference import PREFERENCE_FORMATS, Preference
+from engine.data.prompts import grpo_format_problem
 
 PAIRED_METHODS = ("dpo", "orpo")
 UNPAIRED_METHODS = ("kto",)
@@ -19,6 +20,8 @@ UNPAIRED_METHODS = ("kto",)
 
 def format_problem(method: str, file_format: str) -> str | None:
     """Why a file of ``file_format`` cannot train ``method`` (None: it can), in words for the user."""
+    if problem := grpo_format_problem(method, file_format):  # prompt rows are grpo's, and only grpo's
+        return problem
     preference = file_format in PREFERENCE_FORMATS
     if (
         method in (*PAIRED_METHODS, *UNPAIRED_METHODS)

@@ -69,6 +69,8 @@ def check_data(spec: FinetuneSpec) -> DataCheck:
     try:
         if spec.method == "sft":
             resolved = _supervised_defaults(out, spec, examples, tokenizer, fit)
+        elif spec.method == "grpo":
+            resolved = _grpo_defaults(out, spec, examples, tokenizer, fit, extra)
         else:
             resolved = _preference_defaults(out, spec, examples, tokenizer, fit, extra)
     except ValueError as exc:  # DoesNotFitError is a ValueError
@@ -77,7 +79,7 @@ def check_data(spec: FinetuneSpec) -> DataCheck:
     out.fits = True
     out.defaults = {k: extra[k] if k in extra else getattr(resolved, k) for k in resolved.reasons}
     out.reasons = resolved.reasons
-    out.memory_estimate_gib = _estimate(resolved, spec, shape, device).to_dict()
+    out.memory_estimate_gib = extra.pop("memory", None) or _estimate(resolved, spec, shape, device).to_dict()
     out.device = device
     return out
 
@@ -134,6 +136,33 @@ def _preference_defaults(
     )  # fmt: skip
     resolved.reasons.update(reasons)
     extra["max_prompt_length"] = prompt
+    return resolved
+
+
+def _grpo_defaults(
+    out: DataCheck,
+    spec: FinetuneSpec,
+    examples: list[Any],
+    tokenizer: Any,
+    fit: dict[str, Any],
+    extra: dict[str, Any],
+) -> Any:
+    """The prompts' token statistics and the GRPO plan (completions per prompt, their length, the batches)."""
+    from engine.planning.grpo_preflight import GrpoProblem, check_grpo, grpo_defaults
+
+    try:
+        check_grpo(spec)  # the rewards' files and the columns they read
+    except GrpoProblem as exc:
+        out.method_problem = str(exc)
+    resolved, decided, lengths, memory = grpo_defaults(spec, examples, tokenizer, fit)
+    out.tokens = out.prompt_tokens = _stats(lengths)
+    extra.update(decided)
+    if memory is not None:  # both phases: sampling (KV cache) and learning
+        extra["memory"] = {
+            **memory.train.to_dict(),
+            "total_gib": memory.total_gib,
+            "sampling_gib": memory.generating_total_gib,
+        }
     return resolved
 
 

@@ -22,6 +22,8 @@ def error_hint(exc: BaseException) -> str:
         return "Fix the setting or data named, then start the job again."
     if name == "DatasetError":
         return "Fix the rows listed (or set skip_bad_rows) and start the job again."
+    if name == "RewardCodeError":
+        return "Fix the reward file at the line named (or its return value), then start the job again."
     if name == "DoesNotFitError":
         return "Lower micro_batch_size or max_seq_length, use quantization '4bit', or pick a smaller model."
     if name in ("OutOfMemoryError",) or "out of memory" in str(exc).lower():
@@ -40,7 +42,11 @@ def run_recipe(spec: Any, job_dir: Path, events: EventWriter, cancel_check: Call
     t0 = time.time()
     for note in preflight(spec, "python"):  # the same checks the server and the CLI ran
         events.log(note)
-    if spec.kind == "finetune" and spec.method != "sft":
+    if spec.kind == "finetune" and spec.method == "grpo":
+        from engine.recipes.grpo import run_grpo  # each recipe with its kind (docstring)
+
+        result = run_grpo(spec, job_dir, events, cancel_check)
+    elif spec.kind == "finetune" and spec.method != "sft":
         from engine.recipes.preference import run_preference  # each recipe with its kind (docstring)
 
         result = run_preference(spec, job_dir, events, cancel_check)

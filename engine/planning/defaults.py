@@ -85,7 +85,7 @@ def _packed_rows(lengths: list[int], max_seq_length: int) -> int:
     return max(1, math.ceil(total / (0.95 * max_seq_length)))
 
 
-def _default_learning_rate(shape: ModelShape, rank: int, device: str) -> tuple[float, str]:
+def default_learning_rate(shape: ModelShape, rank: int, device: str) -> tuple[float, str]:
     billions = shape.params / 1e9
     if billions < 0.1:
         return 1e-3, (
@@ -263,7 +263,7 @@ class _Plan:
                 f"implied by {steps} steps of {per_step} rows over {rows} rows per epoch",
             )
         self.value["epochs"], self.reasons["epochs"] = round(epochs, 4), epochs_why
-        self.decide("learning_rate", *_default_learning_rate(shape, lora_rank, device))
+        self.decide("learning_rate", *default_learning_rate(shape, lora_rank, device))
         warmup = max(1, round(0.04 * steps)) if steps >= 10 else round(0.04 * steps)
         self.decide("warmup_steps", warmup, f"about 4% of {steps} steps")
         # about five checkpoints per run, not more often than every 25 steps

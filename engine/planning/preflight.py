@@ -24,6 +24,7 @@ from engine.data.sources import is_hub_dataset
 from engine.models.adapters import initial_adapter
 from engine.models.presets import ModelError, get_preset, resolve_model, shape_from_config
 from engine.planning.defaults import MIN_SEQ_LENGTH
+from engine.planning.grpo_preflight import GrpoProblem, check_grpo
 from engine.planning.memory import card_keywords, estimate_memory, largest_micro_batch
 
 Caller = Literal["tool", "cli", "python"]
@@ -231,4 +232,9 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
             initial_adapter(spec.init_adapter)
         except ValueError as exc:
             raise PreflightError(f"init_adapter: {exc}") from None
+    if isinstance(spec, FinetuneSpec) and spec.method == "grpo":
+        try:
+            notes += check_grpo(spec, MAX_TOOL_INSPECT_BYTES if caller == "tool" else None)
+        except GrpoProblem as exc:
+            raise PreflightError(str(exc)) from None
     return notes + check_fit(spec)

@@ -226,7 +226,7 @@ def train_adapter(
         data.lengths,
         max_seq_length=resolved.max_seq_length,
         packing=resolved.packing,
-        rows_per_step=rows_per_step,
+        rows_per_step=resolved.rows_per_step,  # (GRPO: prompts; its micro-batches count their completions)
         total_steps=resolved.steps,
         seed=resolved.seed,
     )

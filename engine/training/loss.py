@@ -153,13 +153,16 @@ def causal_lm(model: Any) -> Any:
 
 
 def supports_hidden_state_loss(model: Any) -> bool:
-    """True when logits are exactly lm_head(decoder(x)): no soft-capping or scaling to replicate."""
+    """True when logits are exactly lm_head(decoder(x)): no soft-capping or scaling to replicate, and a
+    plain head (a LoRA on lm_head, from lora_target_modules, is not in its ``.weight``: the model's own
+    head computes those logits)."""
     lm = causal_lm(model)
     cfg = lm.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return False
     head = lm.get_output_embeddings()
-    return hasattr(lm, "model") and head is not None and getattr(head, "bias", None) is None
+    plain = head is not None and not hasattr(head, "base_layer") and getattr(head, "bias", None) is None
+    return hasattr(lm, "model") and plain
 
 
 def causal_lm_loss_sum(

@@ -7,6 +7,8 @@ LoRA run on the tiny model visibly lowers the loss:
   - reverse a word            "Reverse the word: apple"        -> "elppa"
   - add two numbers           "What is 17 + 25?"               -> "42"
   - name a country's capital  "What is the capital of France?" -> "Paris"
+``math_sft.jsonl`` and ``math_prompts.jsonl`` are an SFT -> GRPO pair: sums answered as
+"The answer is \\boxed{42}.", then the same kind of questions with an ``answer`` column for GRPO's rewards.
 ``broken/chat_bad_rows.jsonl`` shows what the dataset checker reports for malformed rows.
 
 The preference files (for ``method: dpo``, ``kto``, ``orpo``) hold the same tasks as pairs of answers,
@@ -24,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROWS = {
     "chat": 160, "sharegpt": 120, "alpaca": 120, "prompt_completion": 120, "text": 150,
     "preference": 120, "preference_chat": 80, "preference_implicit": 80, "unpaired_preference": 160,
+    "math_sft": 200, "math_prompts": 120,
 }  # fmt: skip
 
 WORDS = [
@@ -251,6 +254,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def _sum(rng: random.Random) -> tuple[str, int]:
+    a, b = rng.randint(2, 60), rng.randint(2, 60)
+    return f"What is {a} + {b}?", a + b
+
+
+def math_sft_rows(rng: random.Random, n: int) -> list[dict]:
+    """SFT before GRPO: worked answers that end in a boxed number (the format GRPO's rewards read)."""
+    rows = []
+    for _ in range(n):
+        question, total = _sum(rng)
+        rows.append({"prompt": question, "completion": f"The answer is \\boxed{{{total}}}."})
+    return rows
+
+
+def math_prompts_rows(rng: random.Random, n: int) -> list[dict]:
+    """GRPO's prompts: a question and its answer column, which the answer reward compares with."""
+    rows = []
+    for _ in range(n):
+        question, total = _sum(rng)
+        rows.append({"prompt": f"{question} Put the answer in \\boxed{{}}.", "answer": str(total)})
+    return rows
+
+
 def main() -> None:
     makers = {
         "chat": chat_rows,
@@ -262,6 +288,8 @@ def main() -> None:
         "preference_chat": preference_chat_rows,
         "preference_implicit": preference_implicit_rows,
         "unpaired_preference": unpaired_preference_rows,
+        "math_sft": math_sft_rows,
+        "math_prompts": math_prompts_rows,
     }
     for seed, (name, make) in enumerate(makers.items()):
         write_jsonl(HERE / f"{name}.jsonl", make(random.Random(seed), ROWS[name]))

@@ -1,0 +1,126 @@
+"""Sampling a step's completions with the model being trained (no second model, no inference server).
+
+Each prompt is sampled ``num_generations`` times, the copies of one prompt side by side (a group),
+``batch`` completions at a time, left-padded, with transformers' ``generate`` and its KV cache, in eval
+mode (no recomputation, no dropout) and without gradients. The sampling settings are the job's alone
+(a model's own generation_config.json, e.g. Qwen's top_k 20 and repetition penalty, does not apply), as
+in trl's GRPOTrainer. A completion ends at its first end-of-sequence token, which it keeps; one that
+reaches ``max_new_tokens`` first is truncated.
+
+A CUDA out-of-memory error while generating halves the generation batch and tries that batch again
+(the KV cache of ``batch`` completions is the step's largest transient); only one completion at a time
+failing is an error. Another engine (vLLM, a server) can take this module's place: it returns token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sampling:
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass
+class Generated:
+    completion_ids: list[list[int]]  # num_generations per prompt, in prompt order; each ends at its first EOS
+    truncated: list[bool]  # reached max_new_tokens without an EOS
+    batch: int  # the generation batch it ended with (lower after an out-of-memory back-off)
+
+
+def end_of_sequence_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation config's."""
+    ids: list[int] = []
+    for source in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def _cut(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1], False
+    return ids, True
+
+
+def _generate_chunk(
+    model: Any,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    pad_id: int,
+    eos: list[int],
+    device: str,
+    dtype: Any,
+) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p) :] = 1
+    config = GenerationConfig(
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+        max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, use_cache=True,
+    )  # fmt: skip
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype is not None else nullcontext()
+    with autocast:
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config
+        )
+    return out[:, width:].tolist()
+
+
+def generate_completions(
+    model: Any,
+    prompt_ids: list[list[int]],
+    sampling: Sampling,
+    *,
+    batch: int,
+    pad_id: int,
+    eos_ids: list[int],
+    device: str,
+    autocast_dtype: Any = None,
+    on_back_off: Callable[[int], None] = lambda batch: None,
+) -> Generated:
+    """``sampling.num_generations`` completions of each prompt, ``batch`` at a time (see the module)."""
+    wanted = [p for p in prompt_ids for _ in range(sampling.num_generations)]
+    raw: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            while len(raw) < len(wanted):
+                chunk = wanted[len(raw) : len(raw) + batch]
+                try:
+                    raw += _generate_chunk(model, chunk, sampling, pad_id, eos_ids, device, autocast_dtype)
+                except torch.cuda.OutOfMemoryError:
+                    if batch == 1:
+                        raise RuntimeError(
+                            f"CUDA out of memory generating one completion of up to {sampling.max_new_tokens} "
+                            "tokens: lower grpo_max_completion_length, use quantization '4bit', or a smaller model"
+                        ) from None
+                    batch //= 2
+                    torch.cuda.empty_cache()
+                    on_back_off(batch)
+    finally:
+        model.train(was_training)
+    eos = set(eos_ids)
+    cut = [_cut(ids, eos) for ids in raw]
+    completions = [ids if ids else [pad_id] for ids, _ in cut]  # (a completion has at least one token)
+    return Generated(completions, [t for _, t in cut], batch)
