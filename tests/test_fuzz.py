@@ -194,7 +194,10 @@ def _good_values(world: dict[str, Path]) -> dict[str, list[Any]]:
         "grpo_rewards": [
             [],
             [{"name": "format", "pattern": "^<answer>"}],
-            [{"name": "answer", "extract": "last_number"}, {"name": "length", "max_tokens": 64, "weight": 0.5}],
+            [
+                {"name": "answer", "extract": "last_number"},
+                {"name": "length", "max_tokens": 64, "weight": 0.5},
+            ],
         ],
     }
 
