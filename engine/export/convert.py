@@ -273,7 +273,7 @@ def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
 
 
-_NP_DTYPE = {
+_NP_DTYPE: dict[Any, np.dtype[Any]] = {
     gguf.GGMLQuantizationType.F32: np.dtype(np.float32),
     gguf.GGMLQuantizationType.F16: np.dtype(np.float16),
     gguf.GGMLQuantizationType.BF16: np.dtype(np.uint16),

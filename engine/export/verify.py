@@ -233,7 +233,7 @@ def load_reference(
 ) -> Any:
     """The merged model in transformers, merged by peft (independent of our streaming merge)."""
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
     )
     n_params = sum(p.numel() for p in model.parameters())

@@ -39,7 +39,7 @@ def run_finetune(
     writer = (rank := active_rank()) is None or rank.is_writer  # of several ranks, rank 0 alone writes
     evaluator = (  # under FSDP every forward is a collective: every rank evaluates (rank 0 reports)
         held_out_evaluator(model, tokenizer, held_out, resolved.max_seq_length, device, events)
-        if writer or rank.sharded
+        if writer or (rank is not None and rank.sharded)
         else None
     )
     events.stage("training", total_steps=resolved.steps)

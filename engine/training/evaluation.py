@@ -49,7 +49,12 @@ def _has_reference(ex: Example) -> bool:
     # plain text does not.
     if ex.kind == "completion":
         return True
-    return ex.kind == "chat" and bool(ex.messages) and ex.messages[-1].get("role") == "assistant"
+    return (
+        ex.kind == "chat"
+        and ex.messages is not None
+        and bool(ex.messages)
+        and ex.messages[-1].get("role") == "assistant"
+    )
 
 
 def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> HeldoutSet:

@@ -8,6 +8,7 @@ a SLAO series (engine.recipes.series), which trains one adapter per run.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -292,7 +293,7 @@ def _train_steps(
             raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
         wait_for_safe_gpu(
             monitor, guard, events, before=f"step {step + 1}", max_wait_s=guard.settings.max_pause_s,
-            save_progress=lambda s=step: run.checkpoint(s),
+            save_progress=functools.partial(run.checkpoint, step),
         )  # fmt: skip
         # one device: the next step is collated while the GPU runs this one (fast_step.run_step)
         ahead = plan.steps[step + 1] if run.rank is None and step + 1 < plan.total_steps else None

@@ -55,7 +55,7 @@ def add_lora(
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,  # type: ignore[arg-type]  # peft says int; a float alpha scales the same
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias="none",
