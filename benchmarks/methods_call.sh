@@ -6,7 +6,7 @@
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B.
-# Each part runs under its own timeout inside BUDGET_S, most wanted first.
+# Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/pk"], timeout_s=590)
 # .device/pk (git-ignored) holds what the GPU machine lacks: bnb_site.tar.xz (bitsandbytes), whl/ (mcp,
 # pydantic and what they need), unsloth_site.tar.xz (Unsloth's runtime with trl 1.15 and datasets).
@@ -28,18 +28,23 @@ export PYTHONPATH=/tmp/site:$PWD
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u +"%F %T UTC"
-if [ -f benchmarks/grpo_speed.py ]; then
-  echo "== 1. GRPO 0.5B, $(left) s left"
+grpo() {
+  echo "== GRPO 0.5B, $(left) s left"
   timeout "$(cap 200)" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
     --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
-fi
-echo "== 2. DPO 7B, $(left) s left"
-timeout "$(cap 300)" python3 benchmarks/preference_speed.py --arch qwen2.5-7b --batch 4 --steps 10 --warmup 3 \
-  --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
-  | grep -v "Warning\|warn(" | tail -40
-echo "== 3. DPO 0.5B, $(left) s left"
-timeout "$(cap 150)" python3 benchmarks/preference_speed.py --arch qwen2.5-0.5b --batch 4 --steps 12 --warmup 3 \
-  --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
-  | grep -v "Warning\|warn(" | tail -40
+}
+dpo() {  # dpo ARCH CAP STEPS
+  echo "== DPO $1, $(left) s left"
+  timeout "$(cap "$2")" python3 benchmarks/preference_speed.py --arch "$1" --batch 4 --steps "$3" --warmup 3 \
+    --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
+    | grep -v "Warning\|warn(" | tail -40
+}
+for part in ${PARTS:-grpo dpo7 dpo05}; do
+  case $part in
+    grpo) grpo ;;
+    dpo7) dpo qwen2.5-7b 300 10 ;;
+    dpo05) dpo qwen2.5-0.5b 150 12 ;;
+  esac
+done
 echo "== done, $(left) s left"
 } 2>&1 | tee "$OUT/methods_call.log"
