@@ -12,10 +12,9 @@ from pathlib import Path
 
 from engine.contract.events import EventWriter
 from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
-from engine.data.formats import split_for_eval
 from engine.training.backend import backend_name
 from engine.training.evaluation import held_out_evaluator
-from engine.training.loading import load_dataset_logged, pick_device, prepare_training
+from engine.training.loading import load_with_held_out, pick_device, prepare_training
 from engine.training.loop import train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.ranks import active_rank
@@ -25,11 +24,7 @@ def run_finetune(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
     device = pick_device(spec.device, spec.gpu_index)
-    events.stage("loading_data")
-    examples = load_dataset_logged(spec.dataset, events, spec.method)
-    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
-    if held_out:
-        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
+    examples, held_out = load_with_held_out(spec, events)
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 
     model, info = load_lora_model(

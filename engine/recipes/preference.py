@@ -19,11 +19,10 @@ from typing import Any, cast
 
 from engine.contract.events import EventWriter
 from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
-from engine.data.formats import split_for_eval
 from engine.models.adapters import initial_adapter
 from engine.training import accel
 from engine.training.backend import backend_name
-from engine.training.loading import load_dataset_logged, pick_device
+from engine.training.loading import load_with_held_out, pick_device
 from engine.training.loop import TrainOutcome, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.preference_loading import PreparedPreference, prepare_preference
@@ -36,11 +35,7 @@ def run_preference(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
     device = pick_device(spec.device, spec.gpu_index)
-    events.stage("loading_data")
-    examples = load_dataset_logged(spec.dataset, events, spec.method)
-    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
-    if held_out:
-        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
+    examples, held_out = load_with_held_out(spec, events)
     prep = prepare_preference(spec, examples, held_out, device, events)
     resolved = prep.resolved
     model, info = load_lora_model(

@@ -10,7 +10,7 @@ import torch
 from engine.contract.datasets import DatasetError
 from engine.contract.events import EventWriter
 from engine.contract.spec import DatasetSettings
-from engine.data.formats import Example, load_examples
+from engine.data.formats import Example, load_examples, split_for_eval
 from engine.data.methods import examples_for_method, format_problem
 from engine.data.tokenizing import Tokenized, tokenize_all
 from engine.models.adapters import trained_rank
@@ -33,6 +33,16 @@ def pick_device(choice: str, gpu_index: int = 0) -> str:
             "device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'"
         )
     return "cpu"
+
+
+def load_with_held_out(spec: Any, events: EventWriter) -> tuple[list[Example], list[Example]]:
+    """A fine-tune's examples (``load_dataset_logged``) and the eval split it holds out, both logged."""
+    events.stage("loading_data")
+    examples = load_dataset_logged(spec.dataset, events, spec.method)
+    examples, held_out = split_for_eval(examples, spec.dataset.eval_fraction, seed=spec.train.seed)
+    if held_out:
+        events.log(f"held out {len(held_out)} examples for evaluation", eval_examples=len(held_out))
+    return examples, held_out
 
 
 def load_dataset_logged(settings: DatasetSettings, events: EventWriter, method: str = "sft") -> list[Example]:
