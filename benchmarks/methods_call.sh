@@ -5,7 +5,8 @@
 #      against trl's GRPOTrainer (benchmarks/grpo_speed.py);
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
-#   3. the same DPO comparison at 0.5B.
+#   3. the same DPO comparison at 0.5B;
+#   tests (only when PARTS names it): the tests that CI skips for want of a GPU.
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/pk"], timeout_s=590)
 # .device/pk (git-ignored) holds what the GPU machine lacks: bnb_site.tar.xz (bitsandbytes), whl/ (mcp,
@@ -39,8 +40,17 @@ dpo() {  # dpo ARCH CAP STEPS
     --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
     | grep -v "Warning\|warn(" | tail -40
 }
+gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, the fused path, offload, a real job
+  echo "== GPU-only tests, $(left) s left"
+  python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/site "$PK"/pytest/*.whl 2>&1 | grep -v WARNING | tail -2
+  timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py \
+    tests/test_offload.py tests/test_train.py -rs --tb=short \
+    -k gpu 2>&1 | tail -25
+}
 for part in ${PARTS:-grpo dpo7 dpo05}; do
   case $part in
+    tests) gputests ;;
     grpo) grpo ;;
     dpo7) dpo qwen2.5-7b 300 10 ;;
     dpo05) dpo qwen2.5-0.5b 150 12 ;;
