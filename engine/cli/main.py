@@ -16,9 +16,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.contract.files import local_or_name
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 # Short spellings kept beside the flags generated from the settings' names.
 _ALIASES = {
@@ -337,13 +340,17 @@ def _spec(args: argparse.Namespace) -> Any:
     from engine.contract import spec as S
     from engine.contract.settings import settings_of, training_spec
 
-    job = {"train": S.FinetuneSpec, "multi-run": S.SeriesSpec}.get(args.command, S.ExportSpec)
-    given = {n: getattr(args, n) for n in settings_of(job) if n in vars(args)}
-    if job is not S.ExportSpec:
+    def given_for(job: type[BaseModel]) -> dict[str, Any]:
+        return {n: getattr(args, n) for n in settings_of(job) if n in vars(args)}
+
+    if args.command in ("train", "multi-run"):
         data = (
             [local_or_name(d) for d in args.data] if isinstance(args.data, list) else local_or_name(args.data)
         )
-        return training_spec(job, data, **given)
+        if args.command == "train":
+            return training_spec(S.FinetuneSpec, data, **given_for(S.FinetuneSpec))
+        return training_spec(S.SeriesSpec, data, **given_for(S.SeriesSpec))
+    given = given_for(S.ExportSpec)
     if given["output_dir"]:
         given["output_dir"] = str(Path(given["output_dir"]).expanduser().resolve())
     source = _export_source(args.source, args.workdir)

@@ -12,12 +12,14 @@ from collections.abc import Collection
 from difflib import get_close_matches
 from functools import cache
 from inspect import Parameter
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
 from engine.contract.spec import DatasetSettings, FinetuneSpec, SeriesSpec
+
+Job = TypeVar("Job", FinetuneSpec, SeriesSpec)
 
 # A section's fields (a field whose value is a settings model: lora, train, safety, the dataset) are settings
 # under their own names, or with the section's prefix where _PREFIXES gives one.
@@ -83,9 +85,7 @@ def _parameter(name: str, info: FieldInfo) -> Parameter:
     )
 
 
-def training_spec(
-    job: type[FinetuneSpec] | type[SeriesSpec], data: str | list[str], /, **settings: Any
-) -> FinetuneSpec | SeriesSpec:
+def training_spec(job: type[Job], data: str | list[str], /, **settings: Any) -> Job:
     """A fine-tune (one dataset) or series spec from flat settings, as the tools, the CLI and the
     Python API take them: each goes where the spec declares it (``steps`` to ``train``, ``lora_rank``
     to ``lora.rank``, ``skip_bad_rows`` to every dataset, ``num_runs`` to the series); ``None``
