@@ -119,9 +119,11 @@ def run_engine(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict
     timed = [e for e in events if e.type == "progress"][args.warmup :]
     secs = sum(e.step_s or 0.0 for e in timed)
     lengths = [e.metrics.get("completions/mean_length", 0.0) for e in timed if e.metrics]
+    sampling = [e.metrics.get("timing/sampling_s", 0.0) for e in timed if e.metrics]
     rec.update(
         prompts_per_s=round(len(timed) * args.prompts_per_step / secs, 4) if secs else None,
         step_s=round(secs / len(timed), 3) if timed else None,
+        sampling_s=round(sum(sampling) / len(sampling), 3) if sampling else None,
         peak_mem_gib=result.metrics.get("peak_gpu_memory_gib"),
         estimate_gib=result.metrics.get("memory_estimate_gib"),
         mean_completion_tokens=round(sum(lengths) / len(lengths), 1) if lengths else None,
@@ -233,14 +235,17 @@ def card() -> str:
 
 
 def report(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{'variant':<18} {'prompts/s':>10} {'step s':>8} {'peak GiB':>9} {'tokens/completion':>18}")
+    print(
+        f"\n{'variant':<18} {'prompts/s':>10} {'step s':>8} {'of it sampling':>15} {'peak GiB':>9} "
+        f"{'tokens/completion':>18}"
+    )
     for r in records:
         if "error" in r:
             print(f"{r['variant']:<18} ERROR {str(r['error'])[:300]}")
             continue
         print(
             f"{r['variant']:<18} {r.get('prompts_per_s') or 0:>10.3f} {r.get('step_s') or 0:>8.2f} "
-            f"{r.get('peak_mem_gib') or 0:>9.2f} {r.get('mean_completion_tokens') or 0:>18}"
+            f"{r.get('sampling_s') or '-':>15} {r.get('peak_mem_gib') or 0:>9.2f} {r.get('mean_completion_tokens') or 0:>18}"
         )
     ours, trl = (
         next((r for r in records if r["variant"].startswith(v) and "error" not in r), None)

@@ -8,12 +8,14 @@
 #   3. the same DPO comparison at 0.5B;
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU.
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
-#   run(command="bash benchmarks/methods_call.sh", carry=[".device/pk"], timeout_s=590)
-# .device/pk (git-ignored) holds what the GPU machine lacks: bnb_site.tar.xz (bitsandbytes), whl/ (mcp,
-# pydantic and what they need), unsloth_site.tar.xz (Unsloth's runtime with trl 1.15 and datasets).
+#   run(command="bash benchmarks/methods_call.sh", carry=[".device/h4/a"], timeout_s=590)
+# .device/h4/a (git-ignored; benchmarks/make_device_packs.sh builds it) holds what the GPU machine lacks:
+# bnb_site.tar.xz (bitsandbytes), whl/ (mcp, pydantic and what they need), pytest/, unsloth_site.tar.xz
+# (Unsloth's runtime with trl 1.15 and datasets). The GRPO part's cap is GRPO_CAP seconds (default 330:
+# trl's GRPOTrainer did not finish 4 steps in 200 s on an H100).
 set -o pipefail
 cd "$(dirname "$0")/.."
-PK=${PK:-.device/pk}
+PK=${PK:-.device/h4/a}
 OUT=${OUT:-/tmp/methods_out}
 mkdir -p "$OUT" /tmp/site /tmp/us
 export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
@@ -31,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u +"%F %T UTC"
 grpo() {
   echo "== GRPO 0.5B, $(left) s left"
-  timeout "$(cap 200)" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
+  timeout "$(cap "${GRPO_CAP:-330}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
     --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
 dpo() {  # dpo ARCH CAP STEPS

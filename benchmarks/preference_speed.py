@@ -14,6 +14,10 @@ writes them, the tiny preset's tokenizer), this script
   3. runs trl's DPOTrainer in a child process (same NF4 model, the same adapter loaded trainable, which trl
      copies as its frozen 'ref'; same batch, learning rate, beta, gradient checkpointing choice, bf16);
      ``--trl-precompute`` adds a run with trl's ``precompute_ref_log_probs`` (the engine's choice);
+     ``--noise-floor`` (default) adds trl again with each batch as two half micro-batches (gradient
+     accumulation 2): the same steps in another order of bf16 arithmetic. Adam's first update is nearly the
+     sign of each gradient element, so rounding differences in small gradients grow from step 2 on; how far
+     that run's losses lie from trl's is the bf16 noise that the engine's distance from trl is judged by;
   4. runs Unsloth's DPO (``PatchDPOTrainer``, its own NF4 load and LoRA of the same shape, seeded: its A
      factors differ, so only its first step's loss is comparable) in a child process, where it imports;
   5. prints pairs/s over the timed steps (after ``--warmup``), peak GPU memory over training
@@ -211,8 +215,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = _worker_model(args, cuda)
     steps = args.warmup + args.steps
     config = DPOConfig(
-        output_dir=str(Path(args.workdir) / f"{args.worker}-out"), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+        output_dir=str(Path(args.workdir) / f"{args.worker}-out"),
+        per_device_train_batch_size=args.batch // args.split, gradient_accumulation_steps=args.split, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=args.grad_ckpt == "on", gradient_checkpointing_kwargs={"use_reentrant": False},
         beta=BETA, loss_type=["sigmoid"], max_length=None, seed=SEED, max_grad_norm=1.0, disable_tqdm=True,
@@ -253,6 +257,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     timed = times[args.warmup :]
     label = args.worker + (" precompute_ref_log_probs" if args.precompute else "")
+    label += f", {args.split} micro-batches (noise floor)" if args.split > 1 else ""
     return {
         "variant": label,
         "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
@@ -315,6 +320,15 @@ def report(arch: str, records: list[dict[str, Any]], card: str) -> str:
         lines.append(
             f"    step {i + 1:>3}: " + " | ".join(f"{r[i]:.5f}" if i < len(r) else "-" for r in rows)
         )
+    if trl.get("losses"):  # how far each run's losses lie from trl's (step 1: policy = reference, log 2)
+        for r in records:
+            if r is not trl and r.get("losses") and r["variant"] != "unsloth":
+                gaps = [abs(a - b) for a, b in zip(r["losses"][1:], trl["losses"][1:], strict=False)]
+                if gaps:
+                    lines.append(
+                        f"  |loss - trl's|, steps 2-{len(gaps) + 1}: {r['variant']}: "
+                        f"mean {sum(gaps) / len(gaps):.5f}, max {max(gaps):.5f}"
+                    )
     size = "7B" if "7b" in arch else "0.5B" if "0.5b" in arch else arch
     lines.append(
         f"DPO {size} QLoRA: {_ratio(engine.get('pairs_per_s'), trl.get('pairs_per_s'))} trl's DPOTrainer, "
@@ -346,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--unsloth-path", default="", help="PYTHONPATH for the Unsloth child (its pack)")
     p.add_argument("--trl-precompute", action="store_true", help="also trl with precompute_ref_log_probs")
+    p.add_argument(
+        "--noise-floor", action=argparse.BooleanOptionalAction, default=True,
+        help="also trl with each batch as two half micro-batches: the bf16 noise floor of the losses",
+    )  # fmt: skip
     p.add_argument("--skip-unsloth", action="store_true")
     p.add_argument("--workdir", default=None)
     p.add_argument("--jsonl", type=Path, default=None)
@@ -354,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
     p.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--split", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.quantization = args.quantization or ("none" if args.tiny else "4bit")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="preference_speed-")
@@ -375,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             run_engine(model_dir, pairs, adapter, args),
             run_child("trl", model_dir, tokens, adapter, args, []),
         ]
+        if args.noise_floor and args.batch % 2 == 0:
+            records.append(run_child("trl", model_dir, tokens, adapter, args, ["--split", "2"]))
         if args.trl_precompute:
             records.append(run_child("trl", model_dir, tokens, adapter, args, ["--precompute"]))
         if not args.skip_unsloth and torch.cuda.is_available():

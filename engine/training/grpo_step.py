@@ -19,6 +19,7 @@ retried step learns from the same completions.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -115,7 +116,9 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     run: GrpoRun = inputs.data
     model, device, dtype = inputs.model, inputs.device, inputs.autocast_dtype
     weights_updated()  # LoRA weights may have been written between steps (resume)
+    sampling_began = time.perf_counter()  # (sampling ends in a host copy of the tokens: no sync needed)
     rollout = run.rollout(model, [row[0] for row in inputs.rows], device, dtype)
+    sampling_s = time.perf_counter() - sampling_began
     model.train()
     keep = [not (run.loss.mask_truncated_completions and t) for t in rollout.truncated]
     step_tokens = sum(len(c) for c, k in zip(rollout.completion_ids, keep, strict=True) if k)
@@ -129,6 +132,7 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     inputs.optimizer.zero_grad(set_to_none=True)
     loss, norm, kl = torch.stack([totals.loss, grad_norm.float(), totals.kl]).tolist()
     metrics = rollout_metrics(rollout, run.rewards)
+    metrics["timing/sampling_s"] = round(sampling_s, 3)  # where a GRPO step's time goes: sampling or learning
     if run.loss.beta != 0.0 and totals.kl_tokens:
         metrics["kl"] = round(kl / totals.kl_tokens, 6)
     run.done(rollout, metrics)
