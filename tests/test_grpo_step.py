@@ -102,10 +102,18 @@ def test_a_step_samples_scores_learns_and_logs(tiny_model_dir: Path, tmp_path: P
     result = grpo_step(_inputs(model, optimizer, run, [0, 6]))
     print(f"\nmetrics: {result.metrics}")
     assert result.metrics is not None
-    names = {"reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length"}
+    names = {
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "completions/mean_length",
+        "timing/sampling_s",
+    }
     names |= {f"rewards/{r}/{s}" for r in ("answer", "chars", "length") for s in ("mean", "std")}
     assert names <= set(result.metrics)
     assert result.metrics["frac_reward_zero_std"] < 1 and result.metrics["kl"] > 0
+    assert result.metrics["timing/sampling_s"] > 0  # the step's sampling is timed, apart from its learning
     assert result.tokens > 0 and result.grad_norm > 0
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved, "the optimizer stepped"
