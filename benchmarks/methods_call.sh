@@ -5,7 +5,7 @@
 #      against trl's GRPOTrainer (benchmarks/grpo_speed.py);
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
-#   3. the same DPO comparison at 0.5B;
+#   3. the same DPO comparison at 0.5B, without Unsloth (the engine, trl, and trl's bf16 noise floor);
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU.
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/h4/a"], timeout_s=590)
@@ -36,9 +36,9 @@ grpo() {
   timeout "$(cap "${GRPO_CAP:-330}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
     --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
-dpo() {  # dpo ARCH CAP STEPS
+dpo() {  # dpo ARCH CAP STEPS [more options]
   echo "== DPO $1, $(left) s left"
-  timeout "$(cap "$2")" python3 benchmarks/preference_speed.py --arch "$1" --batch 4 --steps "$3" --warmup 3 \
+  timeout "$(cap "$2")" python3 benchmarks/preference_speed.py --arch "$1" --batch 4 --steps "$3" --warmup 3 ${4:-} \
     --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
     | grep -v "Warning\|warn(" | tail -40
 }
@@ -54,8 +54,8 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
   case $part in
     tests) gputests ;;
     grpo) grpo ;;
-    dpo7) dpo qwen2.5-7b 300 10 ;;
-    dpo05) dpo qwen2.5-0.5b 150 12 ;;
+    dpo7) dpo qwen2.5-7b 360 10 ;;
+    dpo05) dpo qwen2.5-0.5b 170 12 --skip-unsloth ;;  # (the 0.5B: trl and its noise floor; Unsloth at 7B)
   esac
 done
 echo "== done, $(left) s left"
