@@ -124,6 +124,7 @@ def check_warm_worker(pool: Any) -> dict[str, Any]:
         "pid": warm.proc.pid,
         "imports_s": report.get("seconds"),
         "cuda_initialised": report.get("cuda_initialised"),
+        "cuda_initialised_by": report.get("cuda_initialised_by"),
         "skipped": report.get("skipped"),
     }
     if shutil.which("nvidia-smi"):
@@ -133,6 +134,11 @@ def check_warm_worker(pool: Any) -> dict[str, Any]:
         ).stdout  # fmt: skip
         check["on_gpu"] = any(line.split(",")[0].strip() == str(warm.proc.pid) for line in apps.splitlines())
         check["gpu_processes"] = apps.strip()
+        # in a container nvidia-smi may list no process at all: the card's used memory says it too
+        check["gpu_memory_used_mb"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True,
+        ).stdout.split()  # fmt: skip
     return check
 
 

@@ -42,7 +42,7 @@ def test_the_supervisor_hands_the_next_job_to_the_warm_worker(tiny_model_dir, tm
     warm = supervisor.warm._warm
     report = json.loads((warm.folder / READY_FILE).read_text())
     assert "torch" in report["imported"] and "transformers" in report["imported"]
-    assert report["cuda_initialised"] is False  # nothing on a GPU while it waits
+    assert report["cuda_initialised"] is False and report["cuda_initialised_by"] is None  # nothing on a GPU
     spec = FinetuneSpec(
         model=str(tiny_model_dir), lora=LoraSettings(rank=4), dataset=DatasetSettings(path=str(CHAT)),
         train=TrainSettings(steps=2, micro_batch_size=2, max_seq_length=64),
@@ -123,3 +123,31 @@ def test_no_warm_worker_without_a_gpu_or_when_turned_off(tmp_path, monkeypatch, 
     pool.keep_warm()
     assert pool._warm is None and not (tmp_path / "home" / "warm").exists()
     assert pool.take(tmp_path) is None
+
+
+def test_nvml_answers_the_compute_capability_while_the_warm_worker_imports(monkeypatch):
+    """bitsandbytes' import asks torch for the cards' compute capability, which makes a CUDA context on a
+    GPU; in the warm worker NVML answers instead. No GPU here: NVML is a fake (the probe's own), torch's
+    function is the real one, replaced and put back."""
+    import torch
+
+    from engine.hardware import gpus
+    from engine.jobs.warm_worker import capabilities_from_nvml
+
+    asked = torch.cuda.get_device_capability
+    one = [
+        gpus.GpuInfo(i, "H100", 81559, 81000, 559, 0, 30, 70.0, 700.0, "9.0", True, None, None)
+        for i in (0, 1)
+    ]
+    monkeypatch.setattr(gpus, "probe_gpus", lambda: gpus.GpuProbe(True, gpus=one))
+    with capabilities_from_nvml():
+        assert torch.cuda.get_device_capability(torch.cuda.device(1)) == (9, 0)
+        assert not torch.cuda.is_initialized()
+    assert torch.cuda.get_device_capability is asked
+    mixed = [one[0], gpus.GpuInfo(1, "T4", 15360, 15000, 360, 0, 30, 70.0, 70.0, "7.5", False, None, None)]
+    monkeypatch.setattr(gpus, "probe_gpus", lambda: gpus.GpuProbe(True, gpus=mixed))
+    with capabilities_from_nvml():  # the answer would depend on the card asked about: torch answers
+        assert torch.cuda.get_device_capability is asked
+    monkeypatch.setattr(gpus, "probe_gpus", lambda: gpus.GpuProbe(False, reason="no driver"))
+    with capabilities_from_nvml():
+        assert torch.cuda.get_device_capability is asked

@@ -11,7 +11,8 @@ What a job's worker promises stays as it was:
   on its standard input, which it reads once, and from then on the server can die without touching it
   (its standard input is closed, its output discarded, its errors go to the job's ``worker.log``);
   a warm worker that never got a job ends when the server does (end of file on its standard input);
-- **nothing on the GPU while it waits**: the imports initialise no CUDA context and take no device
+- **nothing on the GPU while it waits**: the imports initialise no CUDA context (bitsandbytes' question
+  about the cards' compute capability is answered by NVML: ``capabilities_from_nvml``) and take no device
   lock (``run_job`` takes the job's lock, as any worker does); it is handed a job only once its
   imports are done (its ``ready`` file), else the job gets a fresh worker;
 - **nothing without an NVIDIA GPU**: no warm worker unless NVML sees a GPU (``BACKPROP_WARM_WORKER``:
@@ -35,7 +36,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from engine.contract.spec import WORKER_LOG
 from engine.hardware import gpus
@@ -79,24 +82,63 @@ WARM_IMPORTS = (
 
 
 def warm_imports() -> dict[str, object]:
-    """Import the training stack without touching a GPU; what it imported, skipped, and took."""
+    """Import the training stack without touching a GPU; what it imported, skipped, and took, and the
+    first import after which a CUDA context existed (None: none did)."""
     privacy_environment()  # before anything imports huggingface_hub (as run_job does)
     t0 = time.perf_counter()
-    done, skipped = [], []
-    for name in WARM_IMPORTS:
-        try:
-            importlib.import_module(name)
-            done.append(name)
-        except Exception as exc:  # an optional extra missing or broken: the job will say so itself
-            skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:160]}")
-    torch = sys.modules.get("torch")
-    cuda_initialised = bool(torch is not None and torch.cuda.is_initialized())
+    done, skipped, cuda_initialised_by = [], [], None
+    with capabilities_from_nvml():
+        for name in WARM_IMPORTS:
+            try:
+                importlib.import_module(name)
+                done.append(name)
+            except Exception as exc:  # an optional extra missing or broken: the job will say so itself
+                skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:160]}")
+            if cuda_initialised_by is None and _cuda_initialised():
+                cuda_initialised_by = name
     return {
         "imported": done,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - t0, 3),
-        "cuda_initialised": cuda_initialised,
+        "cuda_initialised": _cuda_initialised(),
+        "cuda_initialised_by": cuda_initialised_by,
     }
+
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+@contextlib.contextmanager
+def capabilities_from_nvml() -> Iterator[None]:
+    """While the warm worker imports, NVML answers ``torch.cuda.get_device_capability``.
+
+    bitsandbytes asks torch for every card's compute capability when it is imported (peft imports it),
+    to pick its native library, and torch answers by creating a CUDA context: on the H100 the warm
+    worker held one while it waited (seen 2026-12-07). NVML gives the same answer without a context.
+    Only where the answer cannot depend on the device asked about: every card NVML sees has one
+    capability (else torch answers, and the ready report names the import that made a context)."""
+    torch = _import_torch()
+    capabilities = {g.compute_capability for g in gpus.probe_gpus().gpus}
+    if torch is None or len(capabilities) != 1 or None in capabilities:
+        yield
+        return
+    major, minor = (int(part) for part in str(capabilities.pop()).split("."))
+    asked = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: (major, minor)
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = asked
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:  # no training extra: nothing to warm
+        return None
+    return torch
 
 
 def _become_job_worker(job_dir: Path) -> None:
