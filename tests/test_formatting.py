@@ -13,6 +13,7 @@ from engine.data.tokenizing import (
     IGNORE_INDEX,
     FormattingError,
     render_prompt,
+    tokenize_all,
     tokenize_example,
 )
 
@@ -116,6 +117,19 @@ def test_truncation_keeps_the_start(tokenizer: Any) -> None:
     assert cut.truncated and len(cut.input_ids) == 16
     assert cut.input_ids == full.input_ids[:16] and cut.labels == full.labels[:16]
     assert cut.num_trained == 0  # only the system and user turns fit: the caller can warn or drop it
+
+
+def test_a_job_cuts_its_tokenized_examples_instead_of_tokenizing_them_again(tokenizer: Any) -> None:
+    """prepare_training tokenizes once, uncut (for the defaults' length statistics), then cuts to the
+    chosen max_seq_length: the same examples, labels and drop count as tokenizing at that length."""
+    examples = []
+    for name in ("chat", "sharegpt", "alpaca"):
+        examples += load_examples(DatasetSettings(path=str(EXAMPLES / f"{name}.jsonl")))[0]
+    full = tokenize_all(examples, tokenizer, None)
+    for length in (8, 24, 64, 4096):
+        cut, direct = full.cut_to(length), tokenize_all(examples, tokenizer, length)
+        assert (cut.input_ids, cut.labels, cut.dropped) == (direct.input_ids, direct.labels, direct.dropped)
+    assert full.cut_to(8).dropped > 0 and full.cut_to(4096).dropped == full.dropped  # short cuts drop some
 
 
 def test_other_template_markup_is_followed(tokenizer: Any) -> None:

@@ -277,15 +277,27 @@ class Tokenized:
     def lengths(self) -> list[int]:
         return [len(x) for x in self.input_ids]
 
+    def cut_to(self, max_seq_length: int) -> Tokenized:
+        """These examples as ``tokenize_all`` gives them at ``max_seq_length``, without tokenizing again:
+        truncation keeps the start of each, so it is a cut (a job tokenizes once, uncut, for the length
+        statistics its defaults come from, then cuts to the length they chose)."""
+        kept = Tokenized([], [], self.dropped)
+        for ids, labels in zip(self.input_ids, self.labels, strict=True):
+            kept.add(ids[:max_seq_length], labels[:max_seq_length])
+        return kept
+
+    def add(self, input_ids: list[int], labels: list[int]) -> None:
+        # an example needs at least one labelled token after the first position to teach anything
+        if not any(v != IGNORE_INDEX for v in labels[1:]):
+            self.dropped += 1
+            return
+        self.input_ids.append(input_ids)
+        self.labels.append(labels)
+
 
 def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
-    ids, labels, dropped = [], [], 0
+    out = Tokenized([], [], 0)
     for ex in examples:
         t = tokenize_example(ex, tokenizer, max_seq_length)
-        # an example needs at least one labelled token after the first position to teach anything
-        if not any(v != IGNORE_INDEX for v in t.labels[1:]):
-            dropped += 1
-            continue
-        ids.append(t.input_ids)
-        labels.append(t.labels)
-    return Tokenized(ids, labels, dropped)
+        out.add(t.input_ids, t.labels)
+    return out

@@ -111,7 +111,7 @@ def prepare_training(
         shards=rank.world if rank is not None and rank.sharded else 1,
     )
     log_reasons(resolved, events)
-    data = tokenize_all(examples, tokenizer, resolved.max_seq_length)
+    data = full.cut_to(resolved.max_seq_length)
     if data.dropped:
         events.warning(
             f"{data.dropped} examples had no trainable tokens within max_seq_length={resolved.max_seq_length} "
