@@ -89,7 +89,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_engine(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_engine_graphed(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's job with ``grpo_sampling_graphs`` (a static KV cache, a CUDA graph of one decode step)."""
+    return run_engine(model_dir, prompts, args, graphs=True)
+
+
+def run_engine(
+    model_dir: Path, prompts: Path, args: argparse.Namespace, graphs: bool = False
+) -> dict[str, Any]:
     from engine.contract.events import read_events
     from engine.contract.settings import training_spec
     from engine.contract.spec import FinetuneSpec, read_result
@@ -102,6 +109,7 @@ def run_engine(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict
         learning_rate=s["learning_rate"], warmup_steps=0, lr_scheduler="constant", seed=0,
         gradient_checkpointing=s["checkpointing"], method="grpo", grpo_num_generations=s["generations"],
         grpo_max_completion_length=s["max_completion"], grpo_rewards=["length"],
+        grpo_sampling_graphs=graphs,
         **({"grpo_generation_batch_size": args.generation_batch} if args.generation_batch else {}),
     )  # fmt: skip
     job_dir = create_job(spec, root=Path(args.workdir) / "jobs")
@@ -111,7 +119,11 @@ def run_engine(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict
             [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
         ).returncode
     result = read_result(job_dir)
-    rec: dict[str, Any] = {"variant": "engine", "rc": rc, "job_dir": str(job_dir)}
+    rec: dict[str, Any] = {
+        "variant": "engine, sampling graphs" if graphs else "engine",
+        "rc": rc,
+        "job_dir": str(job_dir),
+    }
     if result is None or result.status != "succeeded":
         rec["error"] = (result.error if result else None) or (job_dir / "worker.log").read_text()[-1500:]
         return rec
@@ -236,32 +248,33 @@ def card() -> str:
 
 def report(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
-        f"\n{'variant':<18} {'prompts/s':>10} {'step s':>8} {'of it sampling':>15} {'peak GiB':>9} "
+        f"\n{'variant':<24} {'prompts/s':>10} {'step s':>8} {'of it sampling':>15} {'peak GiB':>9} "
         f"{'tokens/completion':>18}"
     )
     for r in records:
         if "error" in r:
-            print(f"{r['variant']:<18} ERROR {str(r['error'])[:300]}")
+            print(f"{r['variant']:<24} ERROR {str(r['error'])[:300]}")
             continue
         print(
-            f"{r['variant']:<18} {r.get('prompts_per_s') or 0:>10.3f} {r.get('step_s') or 0:>8.2f} "
-            f"{r.get('sampling_s') or '-':>15} {r.get('peak_mem_gib') or 0:>9.2f} {r.get('mean_completion_tokens') or 0:>18}"
+            f"{r['variant']:<24} {r.get('prompts_per_s') or 0:>10.3f} {r.get('step_s') or 0:>8.2f} "
+            f"{r.get('sampling_s') or '-':>15} {r.get('peak_mem_gib') or 0:>9.2f} "
+            f"{r.get('mean_completion_tokens') or 0:>18}"
         )
-    ours, trl = (
-        next((r for r in records if r["variant"].startswith(v) and "error" not in r), None)
-        for v in ("engine", "trl")
-    )
-    if ours and trl and ours.get("prompts_per_s") and trl.get("prompts_per_s"):
-        speed = ours["prompts_per_s"] / trl["prompts_per_s"]
+    trl = next((r for r in records if r["variant"].startswith("trl") and "error" not in r), None)
+    size = args.arch.split("-")[-1].upper() + ("-tiny" if args.tiny else "")
+    for ours in (r for r in records if r["variant"].startswith("engine") and "error" not in r):
+        if not (trl and ours.get("prompts_per_s") and trl.get("prompts_per_s")):
+            continue
         memory = (
             f"{ours['peak_mem_gib'] / trl['peak_mem_gib']:.2f}× its peak memory"
             if ours.get("peak_mem_gib") and trl.get("peak_mem_gib")
             else "peak memory not measured (no GPU)"
         )
-        size = args.arch.split("-")[-1].upper() + ("-tiny" if args.tiny else "")
+        how = " with grpo_sampling_graphs" if "graphs" in ours["variant"] else ""
         print(
-            f"\nGRPO {size} {'QLoRA' if args.quantization == '4bit' else args.quantization}: {speed:.2f}× trl's "
-            f"GRPOTrainer, {memory} ({card()}, {datetime.date.today().isoformat()})"
+            f"\nGRPO {size} {'QLoRA' if args.quantization == '4bit' else args.quantization}{how}: "
+            f"{ours['prompts_per_s'] / trl['prompts_per_s']:.2f}× trl's GRPOTrainer, {memory} "
+            f"({card()}, {datetime.date.today().isoformat()})"
         )
 
 
@@ -288,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument(
+        "--sampling", choices=["both", "generate"], default="both",
+        help="both: the engine's job also with grpo_sampling_graphs (a CUDA graph of the decode step)",
+    )  # fmt: skip
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
@@ -312,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_words,
     )
     records: list[dict[str, Any]] = []
-    for name, run, skip in (("engine", run_engine, args.skip_engine), ("trl", run_trl, args.skip_trl)):
+    for name, run, skip in (
+        ("engine", run_engine, args.skip_engine),
+        ("engine, sampling graphs", run_engine_graphed, args.skip_engine or args.sampling == "generate"),
+        ("trl", run_trl, args.skip_trl),
+    ):
         if skip:
             continue
         t0 = time.perf_counter()

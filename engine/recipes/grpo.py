@@ -57,7 +57,11 @@ def run_grpo(
         prompts=prep.prompts,
         rewards=rewards,
         sampling=Sampling(
-            int(grpo.num_generations or 0), int(grpo.max_completion_length or 0), grpo.temperature, grpo.top_p
+            int(grpo.num_generations or 0),
+            int(grpo.max_completion_length or 0),
+            grpo.temperature,
+            grpo.top_p,
+            grpo.sampling_graphs,
         ),
         loss=GrpoLoss(grpo.beta, grpo.loss_type, grpo.scale_rewards, grpo.mask_truncated_completions),
         generation_batch=int(grpo.generation_batch_size or 1),

@@ -10,6 +10,9 @@ reaches ``max_new_tokens`` first is truncated.
 A CUDA out-of-memory error while generating halves the generation batch and tries that batch again
 (the KV cache of ``batch`` completions is the step's largest transient); only one completion at a time
 failing is an error. Another engine (vLLM, a server) can take this module's place: it returns token ids.
+With ``grpo_sampling_graphs`` a chunk goes through engine.training.graph_sampling (a static KV cache and a
+CUDA graph of one decode step) instead of ``generate``; where that cannot run, the job says why and
+goes on with ``generate``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 import torch
 
+from engine.training import graph_sampling
+
 
 @dataclass
 class Sampling:
@@ -28,6 +33,7 @@ class Sampling:
     max_new_tokens: int
     temperature: float
     top_p: float
+    graphs: bool = False  # grpo_sampling_graphs: engine.training.graph_sampling instead of ``generate``
 
 
 @dataclass
@@ -86,6 +92,35 @@ def _generate_chunk(
     return out[:, width:].tolist()
 
 
+def _sample_chunk(
+    model: Any,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    pad_id: int,
+    eos: list[int],
+    device: str,
+    dtype: Any,
+    on_fallback: Callable[[str], None],
+) -> list[list[int]]:
+    """One chunk through the graphed sampler where the job asks for it and it can run, else ``generate``;
+    a graphed sampler that fails (not for memory) hands this chunk and the rest of the job to ``generate``."""
+    why = graph_sampling.usable(model) if sampling.graphs else None
+    if sampling.graphs and why is None:
+        try:
+            return graph_sampling.sample_chunk(
+                model, prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, pad_id=pad_id, eos_ids=eos, device=device, dtype=dtype,
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a capture or a transformers version it does not know
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if sampling.graphs:
+        sampling.graphs = False
+        on_fallback(str(why))
+    return _generate_chunk(model, prompts, sampling, pad_id, eos, device, dtype)
+
+
 def generate_completions(
     model: Any,
     prompt_ids: list[list[int]],
@@ -97,6 +132,7 @@ def generate_completions(
     device: str,
     autocast_dtype: Any = None,
     on_back_off: Callable[[int], None] = lambda batch: None,
+    on_fallback: Callable[[str], None] = lambda why: None,
 ) -> Generated:
     """``sampling.num_generations`` completions of each prompt, ``batch`` at a time (see the module)."""
     wanted = [p for p in prompt_ids for _ in range(sampling.num_generations)]
@@ -108,7 +144,9 @@ def generate_completions(
             while len(raw) < len(wanted):
                 chunk = wanted[len(raw) : len(raw) + batch]
                 try:
-                    raw += _generate_chunk(model, chunk, sampling, pad_id, eos_ids, device, autocast_dtype)
+                    raw += _sample_chunk(
+                        model, chunk, sampling, pad_id, eos_ids, device, autocast_dtype, on_fallback
+                    )
                 except torch.cuda.OutOfMemoryError:
                     if batch == 1:
                         raise RuntimeError(

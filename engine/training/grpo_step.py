@@ -81,10 +81,14 @@ class GrpoRun:
                 generation_batch_size=batch,
             )
 
+        def fell_back(why: str) -> None:
+            self.events.warning(f"grpo_sampling_graphs: cannot sample this way ({why}); using generate")
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         generated = generate_completions(
             model, [self.prompts.ids[i] for i in chosen], self.sampling, batch=self.generation_batch,
             pad_id=pad, eos_ids=self.eos_ids, device=device, autocast_dtype=dtype, on_back_off=backed_off,
+            on_fallback=fell_back,
         )  # fmt: skip
         self.generation_batch = generated.batch
         rollout = score_completions(
