@@ -2,7 +2,7 @@
 # One GPU call for the training methods beyond SFT (issues 24 and 25), every framework on the same card in
 # the same call:
 #   1. GRPO, Qwen2.5-0.5B architecture, QLoRA, 8 completions of up to 256 tokens a prompt: the engine's job
-#      against trl's GRPOTrainer (benchmarks/grpo_speed.py);
+#      (sampling with generate, and with grpo_sampling_graphs) against trl's GRPOTrainer (benchmarks/grpo_speed.py);
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B, without Unsloth (the engine, trl, and trl's bf16 noise floor);
@@ -11,8 +11,9 @@
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/h4/a"], timeout_s=590)
 # .device/h4/a (git-ignored; benchmarks/make_device_packs.sh builds it) holds what the GPU machine lacks:
 # bnb_site.tar.xz (bitsandbytes), whl/ (mcp, pydantic and what they need), pytest/, unsloth_site.tar.xz
-# (Unsloth's runtime with trl 1.15 and datasets). The GRPO part's cap is GRPO_CAP seconds (default 330:
-# trl's GRPOTrainer did not finish 4 steps in 200 s on an H100).
+# (Unsloth's runtime with trl 1.15 and datasets). The GRPO part's cap is GRPO_CAP seconds (default 450: on
+# an H100 the engine's job with generate and trl's GRPOTrainer took ~155 s each; the engine's job with
+# grpo_sampling_graphs runs between them).
 set -o pipefail
 cd "$(dirname "$0")/.."
 PK=${PK:-.device/h4/a}
@@ -33,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u +"%F %T UTC"
 grpo() {
   echo "== GRPO 0.5B, $(left) s left"
-  timeout "$(cap "${GRPO_CAP:-330}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
+  timeout "$(cap "${GRPO_CAP:-450}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
     --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
 dpo() {  # dpo ARCH CAP STEPS [more options]
