@@ -12,7 +12,8 @@ is cut into micro-batches and OOM back-off changes nothing but memory; bnpo, as 
 each micro-batch by its own tokens.
 
 The per-token log-probabilities come from the decoder's hidden states at the completion positions,
-through the output head one chunk at a time (each chunk checkpointed): no [tokens, vocab] logits.
+through the output head one chunk at a time (engine.training.token_logps, as the preference losses take
+theirs; with the logits divided by the sampling temperature, as trl does): no [tokens, vocab] logits.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from engine.planning.memory import loss_chunk_tokens
 from engine.training.loss import causal_lm, supports_hidden_state_loss
+from engine.training.token_logps import token_logps
 
 EPSILON = 0.2  # trl's clipping range (GRPOConfig.epsilon): inert at one update per generation
 STD_EPS = 1e-4  # trl: advantages / (std + 1e-4)
@@ -117,31 +116,6 @@ def policy_loss(
     else:
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}: use dapo, grpo, dr_grpo or bnpo")
     return PolicyLoss(loss, kl_sum)
-
-
-def _chunk_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> Any:
-    logits = F.linear(hidden, weight).float() / temperature
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> Any:
-    """log softmax(hidden @ weight.T / temperature)[target] for each row of ``hidden`` [n, h], one
-    chunk of logits at a time (checkpointed when gradients flow: recomputed in the backward pass)."""
-    chunk = loss_chunk_tokens(weight.shape[0])
-    parts = []
-    for start in range(0, targets.numel(), chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(
-                checkpoint(
-                    _chunk_logps, h, weight, t, temperature, use_reentrant=False, preserve_rng_state=False
-                )
-            )
-        else:
-            parts.append(_chunk_logps(h, weight, t, temperature))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def completion_logps(

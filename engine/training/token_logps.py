@@ -22,28 +22,44 @@ from engine.training.batching import DeviceBatch
 from engine.training.loss import causal_lm, supports_hidden_state_loss
 
 
-def chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) of each row of ``hidden`` through ``weight`` (fp32)."""
-    logits = F.linear(hidden, weight).float()
+def chunk_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(target) of each row of ``hidden`` through ``weight`` (fp32), the logits divided by ``temperature``."""
+    logits = F.linear(hidden, weight).float() / temperature
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+def _log_softmax(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature == 1.0:
+        return torch.log_softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float32)
+    return torch.log_softmax(F.linear(hidden, weight).float().div_(temperature), dim=-1)
+
+
 class TokenLogProbs(torch.autograd.Function):
-    """log p(target) of each row of ``hidden`` [n, h] through a frozen head ``weight`` [vocab, h], in chunks
-    of ``chunk`` rows; the gradient w.r.t. ``hidden`` is computed in the forward pass, ``weight`` gets none."""
+    """log p(target) of each row of ``hidden`` [n, h] through a frozen head ``weight`` [vocab, h] (the logits
+    divided by ``temperature``: GRPO's sampling temperature), in chunks of ``chunk`` rows; the gradient
+    w.r.t. ``hidden`` is computed in the forward pass, ``weight`` gets none."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        temperature: float,
     ) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(1)
-            logp = torch.log_softmax(F.linear(h, weight), dim=-1, dtype=torch.float32)
+            logp = _log_softmax(h, weight, temperature)
             out[start : start + chunk] = logp.gather(1, t).squeeze(1)
-            # d log p(t) / d logits = onehot(t) - softmax, written in place over the log-softmax
+            # d log p(t) / d logits = (onehot(t) - softmax) / temperature, in place over the log-softmax
             grad_logits = logp.exp_().neg_().scatter_add_(1, t, torch.ones_like(t, dtype=logp.dtype))
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
             grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return out
@@ -51,23 +67,28 @@ class TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad.unsqueeze(1).to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad.unsqueeze(1).to(grad_hidden.dtype), None, None, None, None
 
 
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of ``hidden`` [n, h] (fp32 [n]), one chunk of logits at a time."""
+def token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` [n, h] (fp32 [n]), the logits divided by ``temperature``,
+    one chunk of logits at a time."""
     chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
     if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
-        return TokenLogProbs.apply(hidden, weight, targets, chunk)
+        return TokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
     parts = []
     for start in range(0, targets.numel(), chunk):
         hc, tc = hidden[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled():  # a trained head: each chunk's logits recomputed in the backward pass
             parts.append(
-                checkpoint(chunk_logps, hc, weight, tc, use_reentrant=False, preserve_rng_state=False)
+                checkpoint(
+                    chunk_logps, hc, weight, tc, temperature, use_reentrant=False, preserve_rng_state=False
+                )
             )
         else:
-            parts.append(chunk_logps(hc, weight, tc))
+            parts.append(chunk_logps(hc, weight, tc, temperature))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
