@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,15 @@ def tiny_model_dir(test_cache_dir: Path) -> Path:
     from engine.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(test_cache_dir / "models", family="qwen2")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: on a shared machine with few cores its default thread pool spends
+    the time waiting (tens of times slower for the tiny model's small matmuls)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ back to ``generate`` and the job says why. The CUDA graph around the decode step
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,7 @@ from engine.training.grpo_generate import Sampling, generate_completions
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22], [30]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lora_model(tiny_model_dir: Path, attention: str = "sdpa") -> Any:

@@ -57,13 +57,11 @@ def sample_chunk(
     sequence, as ``generate`` pads), under ``torch.no_grad`` and the model's eval mode (the caller's)."""
     from transformers import StaticCache
 
-    rows, width = len(prompts), max(len(p) for p in prompts)
+    ids, prompt_mask = left_padded(prompts, pad_id)
+    rows, width = ids.shape
     total = width + max_new_tokens
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
     valid = torch.zeros((rows, total), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[i, width - len(p) : width] = True
+    valid[:, :width] = prompt_mask
     ids, valid = ids.to(device), valid.to(device)
     cache = {_cache_keyword(model): StaticCache(config=model.config, max_cache_len=total)}
     positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
@@ -91,6 +89,17 @@ def sample_chunk(
             break
         token = _choose(step(token, t), temperature, top_p)
     return tokens.tolist()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one batch, right-aligned: token ids [rows, longest] and where they are real (bool)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        real[i, width - len(p) :] = True
+    return ids, real
 
 
 def _cache_keyword(model: Any) -> str:

@@ -63,62 +63,59 @@ def _cut(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return ids, True
 
 
-def _generate_chunk(
-    model: Any,
-    prompts: list[list[int]],
-    sampling: Sampling,
-    pad_id: int,
-    eos: list[int],
-    device: str,
-    dtype: Any,
-) -> list[list[int]]:
-    from transformers import GenerationConfig
+@dataclass
+class _Decoding:
+    """What every chunk of a step's sampling shares."""
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attention[i, width - len(p) :] = 1
-    config = GenerationConfig(
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-        max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, use_cache=True,
-    )  # fmt: skip
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype is not None else nullcontext()
-    with autocast:
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config
+    model: Any
+    sampling: Sampling
+    pad_id: int
+    eos: list[int]
+    device: str
+    dtype: Any
+    on_fallback: Callable[[str], None]
+
+    def chunk(self, prompts: list[list[int]]) -> list[list[int]]:
+        """One chunk through the graphed sampler where the job asks for it and it can run, else ``generate``;
+        a graphed sampler that fails (not for memory) hands this chunk and the rest of the job to ``generate``."""
+        sampling = self.sampling
+        why = graph_sampling.usable(self.model) if sampling.graphs else None
+        if sampling.graphs and why is None:
+            try:
+                return graph_sampling.sample_chunk(
+                    self.model, prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                    top_p=sampling.top_p, pad_id=self.pad_id, eos_ids=self.eos, device=self.device, dtype=self.dtype,
+                )  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a capture or a transformers version it does not know
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if sampling.graphs:
+            sampling.graphs = False
+            self.on_fallback(str(why))
+        return self.generate(prompts)
+
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        from transformers import GenerationConfig
+
+        ids, mask = graph_sampling.left_padded(prompts, self.pad_id)
+        config = GenerationConfig(
+            do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=0,
+            max_new_tokens=self.sampling.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos,
+            use_cache=True,
+        )  # fmt: skip
+        autocast = (
+            torch.autocast(self.device.split(":")[0], dtype=self.dtype)
+            if self.dtype is not None
+            else nullcontext()
         )
-    return out[:, width:].tolist()
-
-
-def _sample_chunk(
-    model: Any,
-    prompts: list[list[int]],
-    sampling: Sampling,
-    pad_id: int,
-    eos: list[int],
-    device: str,
-    dtype: Any,
-    on_fallback: Callable[[str], None],
-) -> list[list[int]]:
-    """One chunk through the graphed sampler where the job asks for it and it can run, else ``generate``;
-    a graphed sampler that fails (not for memory) hands this chunk and the rest of the job to ``generate``."""
-    why = graph_sampling.usable(model) if sampling.graphs else None
-    if sampling.graphs and why is None:
-        try:
-            return graph_sampling.sample_chunk(
-                model, prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                top_p=sampling.top_p, pad_id=pad_id, eos_ids=eos, device=device, dtype=dtype,
-            )  # fmt: skip
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a capture or a transformers version it does not know
-            why = f"{type(exc).__name__}: {str(exc)[:300]}"
-    if sampling.graphs:
-        sampling.graphs = False
-        on_fallback(str(why))
-    return _generate_chunk(model, prompts, sampling, pad_id, eos, device, dtype)
+        with autocast:
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.long().to(self.device),
+                generation_config=config,
+            )
+        return out[:, ids.shape[1] :].tolist()
 
 
 def generate_completions(
@@ -136,6 +133,7 @@ def generate_completions(
 ) -> Generated:
     """``sampling.num_generations`` completions of each prompt, ``batch`` at a time (see the module)."""
     wanted = [p for p in prompt_ids for _ in range(sampling.num_generations)]
+    decoding = _Decoding(model, sampling, pad_id, eos_ids, device, autocast_dtype, on_fallback)
     raw: list[list[int]] = []
     was_training = model.training
     model.eval()
@@ -144,9 +142,7 @@ def generate_completions(
             while len(raw) < len(wanted):
                 chunk = wanted[len(raw) : len(raw) + batch]
                 try:
-                    raw += _sample_chunk(
-                        model, chunk, sampling, pad_id, eos_ids, device, autocast_dtype, on_fallback
-                    )
+                    raw += decoding.chunk(chunk)
                 except torch.cuda.OutOfMemoryError:
                     if batch == 1:
                         raise RuntimeError(
