@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -68,27 +68,28 @@ def sample_chunk(
     # causal over the prompt's real tokens; a padding position sees itself only (a row that sees nothing
     # would turn to NaN in SDPA, and its keys and values with it)
     causal = torch.ones((width, total), dtype=torch.bool, device=device).tril()
-    attend = (causal[None] & valid[:, None, :]) | torch.eye(width, total, dtype=torch.bool, device=device)[
-        None
-    ]
-    with _autocast(device, dtype):
-        out = model(
-            input_ids=ids, attention_mask=attend[:, None], position_ids=positions, use_cache=True,
-            cache_position=torch.arange(width, device=device), logits_to_keep=1, **cache,
-        )  # fmt: skip
-    step = _DecodeStep(model, cache, valid, positions[:, -1:] + 1, width, device, dtype)
-    token = _choose(out.logits[:, -1], temperature, top_p)
-    eos = torch.tensor(eos_ids or [-1], device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    for t in range(max_new_tokens):
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens[:, t] = token
-        done |= torch.isin(token, eos)
-        if t + 1 == max_new_tokens or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
-            break
-        token = _choose(step(token, t), temperature, top_p)
-    return tokens.tolist()
+    own = torch.eye(width, total, dtype=torch.bool, device=device)
+    attend = (causal[None] & valid[:, None, :]) | own[None]
+    # capture cannot use the default stream: the whole call runs on one of its own
+    with _own_stream(device):
+        with _autocast(device, dtype):
+            out = model(
+                input_ids=ids, attention_mask=attend[:, None], position_ids=positions, use_cache=True,
+                cache_position=torch.arange(width, device=device), logits_to_keep=1, **cache,
+            )  # fmt: skip
+        step = _DecodeStep(model, cache, valid, positions[:, -1:] + 1, width, device, dtype)
+        token = _choose(out.logits[:, -1], temperature, top_p)
+        eos = torch.tensor(eos_ids or [-1], device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        for t in range(max_new_tokens):
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            tokens[:, t] = token
+            done |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
+                break
+            token = _choose(step(token, t), temperature, top_p)
+        return tokens.tolist()  # (the sync that ends the call)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +123,19 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
 
 
 @contextlib.contextmanager
+def _own_stream(device: str) -> Iterator[None]:
+    if not device.startswith("cuda"):
+        yield
+        return
+    caller = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        yield
+    caller.wait_stream(stream)
+
+
+@contextlib.contextmanager
 def _autocast(device: str, dtype: Any) -> Iterator[None]:
     if dtype is None:
         yield
@@ -152,7 +166,6 @@ class _DecodeStep:
         self.slot = torch.full((1,), width, dtype=torch.long, device=device)
         self.graph: Any = None
         self.logits: torch.Tensor | None = None
-        self.forward: Callable[[], torch.Tensor] = self._eager
 
     def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
         """The next token's logits [rows, vocab] after ``token`` (the completion's ``t``-th)."""
@@ -178,12 +191,9 @@ class _DecodeStep:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        """Record the decode forward; the caller's next steps replay it. The cache's slot for step 1 is
-        written again on the first replay (same inputs, same values)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        """Record the decode forward on the call's own stream (``_own_stream``); the next steps replay it.
+        Capture runs nothing: the eager step before it has done this step's work."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, stream=torch.cuda.current_stream(self.device)):
             self.logits = self._eager()
-        torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
