@@ -35,7 +35,7 @@ from backprop_mcp.paths import check_job_id
 from backprop_mcp.policy import listen_for_roots_changes
 from backprop_mcp.resources import LegacySubscriptions, register_resources
 from backprop_mcp.store import JobRecord
-from backprop_mcp.tool_errors import guard_tools
+from backprop_mcp.tool_errors import compact_argument_errors, guard_tools
 from backprop_mcp.tool_outputs import StartedJob
 
 log = logging.getLogger("backprop_mcp")
@@ -86,7 +86,7 @@ def build_server(home: Path | None = None, *, worker_command: list[str] | None =
         lifespan=_lifespan(lazy, bus, legacy, poll_s),
         subscriptions=bus,
         extensions=[dashboard_extension(lazy.get, find_job)],  # the job dashboard app (backprop_mcp/app.py)
-        middleware=[hide_from_plain_hosts],
+        middleware=[hide_from_plain_hosts, compact_argument_errors],
     )
 
     def start(spec: checks.JobSpec, label: str) -> StartedJob:

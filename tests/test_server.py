@@ -700,3 +700,45 @@ def test_a_started_event_naming_an_older_process_is_not_adopted(home: Path) -> N
     EventWriter(job_dir / "events.jsonl").emit(Started(kind="finetune", pid=os.getpid()))
     record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
     assert record.pid is None and record.state == "queued"  # still within the spawn grace
+
+
+@pytest.mark.anyio
+async def test_many_bad_arguments_get_a_short_answer_that_says_how_many_more(
+    home: Path, dataset: Path
+) -> None:
+    """The SDK lists every argument that fails the schema, each with a link to pydantic's documentation;
+    the answer keeps the first problems without the links, within the server's bound, and counts the rest."""
+    from backprop_mcp.tool_errors import MAX_ERROR_CHARS
+
+    bad = {
+        name: "not-a-number"
+        for name in ("learning_rate", "lora_rank", "lora_alpha", "micro_batch_size", "steps", "warmup_steps")
+    }
+    bad |= {name: ["x"] * 3 for name in ("quantization", "lr_scheduler", "grpo_sampling_graphs", "packing")}
+    bad |= {name: {"a": 1} for name in ("seed", "max_seq_length", "gradient_accumulation", "grpo_top_p")}
+    bad |= {
+        name: -1e300 for name in ("grpo_temperature", "grpo_beta", "weight_decay", "max_grad_norm", "beta")
+    }
+    async with Client(make_server(home)) as client:
+        text = error_text(await client.call_tool("start_finetune", {"dataset_path": str(dataset), **bad}))
+    print(f"\n{len(text)} characters:\n{text[:600]}\n...\n{text[-200:]}")
+    assert text.startswith("Error executing tool start_finetune: ") and "validation error" in text
+    assert "errors.pydantic.dev" not in text and len(text) <= MAX_ERROR_CHARS
+    assert "learning_rate" in text  # the first problems are there, whole
+
+
+def test_a_long_listing_of_argument_errors_is_cut_after_a_whole_problem() -> None:
+    from pydantic import ValidationError, create_model
+
+    from backprop_mcp.tool_errors import MAX_ERROR_CHARS, compact
+
+    many = create_model("manyArguments", **{f"setting_{i}": (int, ...) for i in range(80)})  # type: ignore[call-overload]
+    try:
+        many(**{f"setting_{i}": f"not a number {i}" for i in range(80)})
+    except ValidationError as exc:
+        text = compact(f"Error executing tool many: {exc}")
+    print(f"\n{len(text)} characters, ends: {text[-160:]}")
+    assert len(text) <= MAX_ERROR_CHARS and "errors.pydantic.dev" not in text
+    shown = text.count("[type=int_parsing")
+    assert 10 < shown < 80 and text.endswith(f"({80 - shown} more not shown: fix these and call again)")
+    assert text.startswith("Error executing tool many: 80 validation errors for manyArguments\nsetting_0\n")
