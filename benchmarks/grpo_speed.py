@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "checkpointing": args.gradient_checkpointing == "on",
         "quantization": args.quantization,
     }
-
-
-def run_engine_graphed(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The engine's job with ``grpo_sampling_graphs`` (a static KV cache, a CUDA graph of one decode step)."""
-    return run_engine(model_dir, prompts, args, graphs=True)
 
 
 def run_engine(
@@ -331,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     for name, run, skip in (
         ("engine", run_engine, args.skip_engine),
-        ("engine, sampling graphs", run_engine_graphed, args.skip_engine or args.sampling == "generate"),
+        (
+            "engine, sampling graphs",
+            partial(run_engine, graphs=True),
+            args.skip_engine or args.sampling == "generate",
+        ),
         ("trl", run_trl, args.skip_trl),
     ):
         if skip:

@@ -216,7 +216,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.warmup + args.steps
     config = DPOConfig(
         output_dir=str(Path(args.workdir) / f"{args.worker}-out"),
-        per_device_train_batch_size=args.batch // args.split, gradient_accumulation_steps=args.split, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+        per_device_train_batch_size=args.batch // args.split, gradient_accumulation_steps=args.split,
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=args.grad_ckpt == "on", gradient_checkpointing_kwargs={"use_reentrant": False},
         beta=BETA, loss_type=["sigmoid"], max_length=None, seed=SEED, max_grad_norm=1.0, disable_tqdm=True,

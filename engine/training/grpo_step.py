@@ -61,6 +61,7 @@ class GrpoRun:
     samples: CompletionsLog | None = None
     steps_done: int = 0
     reward_history: list[float] = field(default_factory=list)  # each step's mean reward (the job's result)
+    sampling_s: float = 0.0  # the last rollout's sampling time (kept with it for a retried step)
     # the reference policy's context (beta > 0): the adapter switched off, or the initial adapter's copy
     reference: Callable[[Any], AbstractContextManager[Any]] = lambda model: model.disable_adapter()
     _pending: tuple[tuple[int, ...], Rollout] | None = field(default=None, repr=False)
@@ -85,11 +86,13 @@ class GrpoRun:
             self.events.warning(f"grpo_sampling_graphs: cannot sample this way ({why}); using generate")
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        began = time.perf_counter()  # (sampling ends in a host copy of the tokens: no sync needed)
         generated = generate_completions(
             model, [self.prompts.ids[i] for i in chosen], self.sampling, batch=self.generation_batch,
             pad_id=pad, eos_ids=self.eos_ids, device=device, autocast_dtype=dtype, on_back_off=backed_off,
             on_fallback=fell_back,
         )  # fmt: skip
+        self.sampling_s = time.perf_counter() - began
         self.generation_batch = generated.batch
         rollout = score_completions(
             self.prompts, chosen, generated, self.sampling.num_generations, self.rewards, self.tokenizer,
@@ -120,9 +123,7 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     run: GrpoRun = inputs.data
     model, device, dtype = inputs.model, inputs.device, inputs.autocast_dtype
     weights_updated()  # LoRA weights may have been written between steps (resume)
-    sampling_began = time.perf_counter()  # (sampling ends in a host copy of the tokens: no sync needed)
     rollout = run.rollout(model, [row[0] for row in inputs.rows], device, dtype)
-    sampling_s = time.perf_counter() - sampling_began
     model.train()
     keep = [not (run.loss.mask_truncated_completions and t) for t in rollout.truncated]
     step_tokens = sum(len(c) for c, k in zip(rollout.completion_ids, keep, strict=True) if k)
@@ -136,7 +137,9 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     inputs.optimizer.zero_grad(set_to_none=True)
     loss, norm, kl = torch.stack([totals.loss, grad_norm.float(), totals.kl]).tolist()
     metrics = rollout_metrics(rollout, run.rewards)
-    metrics["timing/sampling_s"] = round(sampling_s, 3)  # where a GRPO step's time goes: sampling or learning
+    metrics["timing/sampling_s"] = round(
+        run.sampling_s, 3
+    )  # where a GRPO step's time goes: sampling or learning
     if run.loss.beta != 0.0 and totals.kl_tokens:
         metrics["kl"] = round(kl / totals.kl_tokens, 6)
     run.done(rollout, metrics)
