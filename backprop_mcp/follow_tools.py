@@ -19,6 +19,7 @@ from backprop_mcp.tooling import hints, name_arg
 
 MAX_WAIT_S = 45.0  # some clients drop a tool call at ~60 s whatever progress arrives
 DEFAULT_WAIT_S = 20.0
+RUNNING_CAP = 99.9  # percent: what a running job reports at most (see job_status)
 READ_ONLY = hints(read_only=True, destructive=False, idempotent=True, open_world=False)
 
 
@@ -74,6 +75,9 @@ def _job_status(
         last_sent = -1.0
         while not record.is_terminal and anyio.current_time() < deadline:
             value, message = _progress_point(state, record)
+            # A job past its last step is still saving: 100 is kept for its end, because the
+            # protocol wants every notification's value above the one before.
+            value = min(value, RUNNING_CAP)
             if value > last_sent:
                 # Cancelling this wait (the client gave up) never touches the job itself.
                 await ctx.report_progress(value, 100.0, message)
@@ -84,7 +88,8 @@ def _job_status(
             value, message = _progress_point(state, record)
             if not message.startswith(record.state):
                 message = f"{record.state}: {message}"
-            await ctx.report_progress(max(value, last_sent), 100.0, message)
+            if value > last_sent:
+                await ctx.report_progress(value, 100.0, message)
         return await anyio.to_thread.run_sync(state.status, record)
 
 

@@ -74,8 +74,10 @@ def dataset(tmp_path: Path) -> Path:
     return path
 
 
-def standin(*, steps: int = 5, step_s: float = 0.05, ignore_cancel: bool = False) -> list[str]:
-    argv = [sys.executable, str(STANDIN), "--steps", str(steps), "--step-s", str(step_s)]
+def standin(
+    *, steps: int = 5, step_s: float = 0.05, save_s: float = 0.0, ignore_cancel: bool = False
+) -> list[str]:
+    argv = [sys.executable, str(STANDIN), "--steps", str(steps), "--step-s", str(step_s), "--save-s", str(save_s)]
     return [*argv, "--ignore-cancel"] if ignore_cancel else argv
 
 
@@ -132,7 +134,8 @@ async def test_finetune_flow_reports_progress_and_resources(home: Path, dataset:
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append((value, total, message))
 
-    async with Client(make_server(home, steps=8, step_s=0.1), mode=mode) as client:
+    # The saving after the last step outlasts a poll, so a wait sees step 8/8 while the job still runs.
+    async with Client(make_server(home, steps=8, step_s=0.1, save_s=1.0), mode=mode) as client:
         started = structured(
             await client.call_tool(
                 "start_finetune", {"dataset_path": str(dataset), "model": "tiny", "steps": 8}
@@ -151,10 +154,12 @@ async def test_finetune_flow_reports_progress_and_resources(home: Path, dataset:
         adapter = Path(status["artifacts"]["adapter"])
         assert (adapter / "adapter_config.json").exists()
         assert status["metrics"]["steps"] == 8
-        # Progress notifications arrived while waiting, increasing, with step messages.
+        # Progress notifications arrived while waiting, strictly increasing (as the protocol asks),
+        # with step messages, and 100 only for the end.
         assert len(progress) >= 2
         values = [p[0] for p in progress]
         assert values == sorted(set(values))
+        assert values.count(100.0) == 1 and str(progress[-1][2]).startswith("succeeded"), progress
         assert any(m and "step" in m for _, _, m in progress)
 
         listing = structured(await client.call_tool("list_jobs", {}))

@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--step-s", type=float, default=0.1)
     parser.add_argument("--ignore-cancel", action="store_true")
+    parser.add_argument("--save-s", type=float, default=0.0, help="time spent saving after the last step")
     parser.add_argument("job_dir")
     args = parser.parse_args(argv)
     job_dir = Path(args.job_dir)
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> int:
         )
         if cancelled():
             return finish("cancelled", error={"type": "Cancelled", "message": f"cancelled at step {step}"})
+    time.sleep(args.save_s)
     adapter = job_dir / "adapter"
     adapter.mkdir(exist_ok=True)
     (adapter / "adapter_config.json").write_text("{}")
