@@ -77,7 +77,8 @@ def dataset(tmp_path: Path) -> Path:
 def standin(
     *, steps: int = 5, step_s: float = 0.05, save_s: float = 0.0, ignore_cancel: bool = False
 ) -> list[str]:
-    argv = [sys.executable, str(STANDIN), "--steps", str(steps), "--step-s", str(step_s), "--save-s", str(save_s)]
+    argv = [sys.executable, str(STANDIN), "--steps", str(steps), "--step-s", str(step_s)]
+    argv += ["--save-s", str(save_s)]
     return [*argv, "--ignore-cancel"] if ignore_cancel else argv
 
 
