@@ -14,6 +14,7 @@ from engine.data.tokenizing import (
     FormattingError,
     render_prompt,
     tokenize_all,
+    tokenize_batch,
     tokenize_example,
 )
 
@@ -83,6 +84,22 @@ def test_every_example_file_masks_exactly_the_assistant_text(tokenizer: Any) -> 
         for ex, te in zip(examples, [tokenize_example(ex, tokenizer, None) for ex in examples], strict=True):
             expected = [m["content"] + "<|im_end|>" for m in ex.messages or [] if m["role"] == "assistant"]
             assert trained_runs(tokenizer, te.input_ids, te.labels) == expected, ex.source
+
+
+def test_a_batch_tokenizes_every_example_as_it_would_alone(tokenizer: Any) -> None:
+    """A job encodes its examples in one tokenizer call; a mixed batch (every kind, both with and
+    without the tokenizer's own special tokens, a pre-tokenized row) gives each example what it gets alone,
+    for a fast tokenizer and one without offsets."""
+    examples = []
+    for name in ("chat", "prompt_completion", "text", "sharegpt"):
+        examples += load_examples(DatasetSettings(path=str(EXAMPLES / f"{name}.jsonl")))[0][:5]
+    examples.append(Example(kind="tokens", input_ids=[5, 6, 7, 8], labels=[-100, 6, 7, 8], source="t:1"))
+    for tok in (tokenizer, _NoOffsets(tokenizer)):
+        for length in (None, 24):
+            batch = tokenize_batch(examples, tok, length)
+            assert batch == [tokenize_batch([ex], tok, length)[0] for ex in examples]
+    assert {ex.kind for ex in examples} == {"chat", "completion", "text", "tokens"}
+    assert len(batch) == len(examples) and any(t.truncated for t in batch)
 
 
 def test_completion_uses_the_chat_template(tokenizer: Any) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from engine.data.formats import Example
 
 IGNORE_INDEX = -100  # the label that excludes a token from the loss (transformers' convention)
+BATCH_ROWS = 2048  # examples tokenized in one call: the tokenizer's threads busy, its output bounded
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -72,18 +73,79 @@ def render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
 
 
 def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) -> TokenizedExample:
+    return tokenize_batch([ex], tokenizer, max_seq_length)[0]
+
+
+def tokenize_batch(
+    examples: list[Example], tokenizer: Any, max_seq_length: int | None
+) -> list[TokenizedExample]:
+    """``tokenize_example`` for many examples: every text is laid out first, then a fast tokenizer encodes
+    them all in one call (its own threads, one per core: most of a job's tokenizing time otherwise)."""
+    layouts = [_layout(ex, tokenizer) for ex in examples]
+    encoded: dict[int, tuple[list[int], list[int]]] = {}
+    for special in (False, True):
+        todo = [i for i, lay in enumerate(layouts) if lay.ids is None and lay.add_special_tokens is special]
+        if todo:
+            encoded.update(
+                zip(todo, _encode_layouts([layouts[i] for i in todo], tokenizer, special), strict=True)
+            )
+    out = []
+    for i, lay in enumerate(layouts):
+        ids, labels = encoded.get(i, (lay.ids or [], lay.labels or []))
+        if lay.eos and (eos := getattr(tokenizer, "eos_token_id", None)) is not None and ids[-1:] != [eos]:
+            ids, labels = [*ids, eos], [*labels, eos]
+        truncated = max_seq_length is not None and len(ids) > max_seq_length
+        if truncated:
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        out.append(
+            TokenizedExample(input_ids=list(ids), labels=list(labels), truncated=truncated, source=lay.source)
+        )
+    return out
+
+
+def _encode_layouts(
+    layouts: list[_Layout], tokenizer: Any, add_special_tokens: bool
+) -> list[tuple[list[int], list[int]]]:
+    if getattr(tokenizer, "is_fast", False):
+        return _encode_fast(
+            [lay.text for lay in layouts], [lay.spans for lay in layouts], tokenizer, add_special_tokens
+        )
+    out = []  # no offsets: piece by piece
+    for lay in layouts:
+        if lay.spans is None:
+            ids = _encode(tokenizer, lay.text, add_special_tokens=add_special_tokens)
+            out.append((ids, list(ids)))
+        else:
+            out.append(
+                _tokenize_segments(lay.text, lay.spans, tokenizer, add_special_tokens=add_special_tokens)
+            )
+    return out
+
+
+@dataclass
+class _Layout:
+    """What one example encodes and where its loss falls, before any tokenizing."""
+
+    source: str
+    text: str = ""
+    spans: list[tuple[int, int]] | None = None  # characters of ``text`` with loss; None: every token
+    add_special_tokens: bool = False
+    eos: bool = False  # end with the tokenizer's EOS, with loss, unless the tokens already do
+    ids: list[int] | None = None  # already tokenized (pre-tokenized rows, {% generation %} templates)
+    labels: list[int] | None = None
+
+
+def _layout(ex: Example, tokenizer: Any) -> _Layout:
     if ex.kind == "tokens":  # pre-tokenized: taken as given
         if ex.input_ids is None:
             raise FormattingError(f"{ex.source}: a tokens example has no input_ids")
         ids = list(ex.input_ids)
-        labels = list(ex.labels) if ex.labels is not None else list(ids)
-    elif ex.kind == "text":
+        return _Layout(ex.source, ids=ids, labels=list(ex.labels) if ex.labels is not None else list(ids))
+    if ex.kind == "text":
         if ex.text is None:
             raise FormattingError(f"{ex.source}: a text example has no text")
-        ids = _encode(tokenizer, ex.text, add_special_tokens=True)
-        ids = _with_eos(ids, tokenizer)
-        labels = list(ids)
-    elif ex.kind == "completion":
+        return _Layout(ex.source, ex.text, add_special_tokens=True, eos=True)
+    if ex.kind == "completion":
         if ex.prompt is None or ex.completion is None:
             raise FormattingError(f"{ex.source}: a completion example needs a prompt and a completion")
         if has_chat_template(tokenizer):
@@ -91,10 +153,10 @@ def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) ->
                 {"role": "user", "content": ex.prompt},
                 {"role": "assistant", "content": ex.completion},
             ]
-            ids, labels = _tokenize_chat(messages, tokenizer, ex.source)
-        else:
-            ids, labels = _tokenize_plain_completion(ex.prompt, ex.completion, tokenizer)
-    elif ex.kind == "chat":
+            return _chat_layout(messages, tokenizer, ex.source)
+        text = ex.prompt + ex.completion
+        return _Layout(ex.source, text, [(len(ex.prompt), len(text))], add_special_tokens=True, eos=True)
+    if ex.kind == "chat":
         if not ex.messages:
             raise FormattingError(f"{ex.source}: a chat example has no messages")
         if not has_chat_template(tokenizer):
@@ -102,14 +164,8 @@ def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) ->
                 f"{ex.source}: this tokenizer has no chat template, so a conversation cannot be rendered. "
                 "Use an instruct/chat model, or give the data as prompt/completion or text rows."
             )
-        ids, labels = _tokenize_chat(ex.messages, tokenizer, ex.source)
-    else:
-        raise FormattingError(f"{ex.source}: unknown example kind {ex.kind!r}")
-
-    truncated = max_seq_length is not None and len(ids) > max_seq_length
-    if truncated:
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    return TokenizedExample(input_ids=list(ids), labels=list(labels), truncated=truncated, source=ex.source)
+        return _chat_layout(ex.messages, tokenizer, ex.source)
+    raise FormattingError(f"{ex.source}: unknown example kind {ex.kind!r}")
 
 
 def _render(
@@ -133,16 +189,7 @@ def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]
     return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
-def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None or (ids and ids[-1] == eos):
-        return ids
-    return [*ids, eos]
-
-
-def _tokenize_chat(
-    messages: list[dict[str, str]], tokenizer: Any, source: str
-) -> tuple[list[int], list[int]]:
+def _chat_layout(messages: list[dict[str, str]], tokenizer: Any, source: str) -> _Layout:
     if isinstance(tokenizer.chat_template, str) and _GENERATION_TAG.search(tokenizer.chat_template):
         try:
             out = tokenizer.apply_chat_template(
@@ -155,11 +202,12 @@ def _tokenize_chat(
         ids = list(out["input_ids"])
         mask = list(out["assistant_masks"])
         if any(mask):
-            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            return _Layout(
+                source, ids=ids, labels=[t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            )
         # A template whose generation block did not fire for these messages: locate by prefixes.
     full = _render(tokenizer, messages, add_generation_prompt=False, source=source)
-    spans = _assistant_spans(messages, tokenizer, full, source)
-    return _tokenize_with_spans(full, spans, tokenizer, add_special_tokens=False)
+    return _Layout(source, full, _assistant_spans(messages, tokenizer, full, source))
 
 
 def _assistant_spans(
@@ -170,7 +218,12 @@ def _assistant_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, source=source)
+        last = i == len(messages) - 1  # the whole conversation: ``full`` itself, not rendered again
+        through = (
+            full
+            if last
+            else _render(tokenizer, messages[: i + 1], add_generation_prompt=False, source=source)
+        )
         if i == 0:
             # No earlier turn to render: the turn starts where its content does.
             start = max(0, through.find(message["content"]))
@@ -198,39 +251,42 @@ def _prefix_error(source: str) -> FormattingError:
     )
 
 
-def _tokenize_with_spans(
-    text: str, spans: list[tuple[int, int]], tokenizer: Any, *, add_special_tokens: bool
-) -> tuple[list[int], list[int]]:
-    """Tokenize ``text`` once; label the tokens that overlap one of ``spans``.
+def _encode_fast(
+    texts: list[str], spans: list[list[tuple[int, int]] | None], tokenizer: Any, add_special_tokens: bool
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize ``texts`` in one call; label the tokens that overlap one of their ``spans`` (None: all).
 
     Overlap (as transformers' own assistant mask does) rather than "starts inside": a token
     that straddles the start of an answer, like SentencePiece's "▁Paris" whose space belongs
-    to the template, still carries loss.
+    to the template, still carries loss. Tokens the tokenizer added itself (BOS, EOS: marked
+    special, with an empty span) are not part of the text and carry none.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        return _tokenize_segments(text, spans, tokenizer, add_special_tokens=add_special_tokens)
+    import numpy as np  # transformers' own dependency; only the tokenizing needs it
+
     enc = tokenizer(
-        text,
+        texts,
         add_special_tokens=add_special_tokens,
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
         verbose=False,
     )
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    span_idx = 0
-    for k, ((start, end), added) in enumerate(
-        zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+    out = []
+    for ids, offsets, added, text_spans in zip(
+        enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], spans, strict=True
     ):
-        if added and start == end:
-            continue  # BOS/EOS the tokenizer added itself, not part of the text
-        while span_idx < len(spans) and start >= spans[span_idx][1]:
-            span_idx += 1
-        if span_idx == len(spans):
-            break
-        if end > spans[span_idx][0]:
-            labels[k] = ids[k]
-    return ids, labels
+        ids = list(ids)
+        if text_spans is None:
+            out.append((ids, list(ids)))
+            continue
+        where = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        start, end = where[:, 0], where[:, 1]
+        inside = np.zeros(len(ids), dtype=bool)
+        for lo, hi in text_spans:
+            inside |= (start < hi) & (end > lo)
+        inside &= ~(np.asarray(added, dtype=bool) & (start == end))
+        labels = np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+        out.append((ids, labels))
+    return out
 
 
 def _tokenize_segments(
@@ -254,16 +310,6 @@ def _tokenize_segments(
             ids += part
             labels += part
         pos = max(pos, end)
-    return ids, labels
-
-
-def _tokenize_plain_completion(prompt: str, completion: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    text = prompt + completion
-    ids, labels = _tokenize_with_spans(text, [(len(prompt), len(text))], tokenizer, add_special_tokens=True)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and ids[-1] != eos:
-        ids.append(eos)
-        labels.append(eos)
     return ids, labels
 
 
@@ -297,7 +343,7 @@ class Tokenized:
 
 def tokenize_all(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> Tokenized:
     out = Tokenized([], [], 0)
-    for ex in examples:
-        t = tokenize_example(ex, tokenizer, max_seq_length)
-        out.add(t.input_ids, t.labels)
+    for first in range(0, len(examples), BATCH_ROWS):
+        for t in tokenize_batch(examples[first : first + BATCH_ROWS], tokenizer, max_seq_length):
+            out.add(t.input_ids, t.labels)
     return out

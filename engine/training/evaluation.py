@@ -13,7 +13,7 @@ import torch
 
 from engine.contract.events import Eval, EventWriter
 from engine.data.formats import Example
-from engine.data.tokenizing import tokenize_example
+from engine.data.tokenizing import tokenize_batch
 from engine.training import accel
 from engine.training.batching import IGNORE, collate
 from engine.training.loss import causal_lm_loss_sum
@@ -59,8 +59,7 @@ def _has_reference(ex: Example) -> bool:
 
 def tokenize_heldout(examples: list[Example], tokenizer: Any, max_seq_length: int | None) -> HeldoutSet:
     out = HeldoutSet([], [], [], [])
-    for ex in examples:
-        t = tokenize_example(ex, tokenizer, max_seq_length)
+    for ex, t in zip(examples, tokenize_batch(examples, tokenizer, max_seq_length), strict=True):
         if not any(v != IGNORE for v in t.labels[1:]):
             continue
         out.input_ids.append(list(t.input_ids))
