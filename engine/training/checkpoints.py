@@ -3,13 +3,15 @@
 A checkpoint is a folder ``step-000120`` holding the adapter weights (only the trainable LoRA
 tensors), the optimizer and scheduler states, the RNG states and a small ``state.json``. It is
 written beside its final place and renamed into it, so a worker killed mid-write leaves the
-previous checkpoint intact; the last ``keep`` are kept.
+previous checkpoint intact; the last ``keep`` are kept. Written on a thread while training goes on
+(``CheckpointWriter``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +24,81 @@ from engine.contract.files import write_dir_atomically
 STATE = "state.json"
 
 
-def save_checkpoint(
-    root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any], keep: int = 2
-) -> Path:
+class CheckpointWriter:
+    """Saves a run's checkpoints in the background, one at a time.
+
+    ``save`` copies what a checkpoint holds to host memory at once (the optimizer changes its tensors
+    in place at the next step) and writes the files on a thread while training goes on; the loop waits
+    only for the copy. ``finished`` / ``wait`` give back a written checkpoint's (step, folder) once, for its
+    event, and raise a failed write's error. The thread is not a daemon: a job that fails or is cancelled
+    while a checkpoint is being written still finishes writing it before the process exits.
+    """
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = root, keep
+        self._thread: threading.Thread | None = None
+        self._result: tuple[int, Path] | BaseException | None = None
+
+    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any]) -> None:
+        """Start writing the checkpoint of ``step`` (after the one before it is written)."""
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint is still being written: take it with wait() first")
+        state = _host_copy(model, optimizer, scheduler, {"step": step, **extra})
+        self._thread = threading.Thread(target=self._write, args=(step, state), name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def finished(self) -> tuple[int, Path] | None:
+        """The checkpoint written since the last call, if its write is over (without waiting)."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        return self.wait()
+
+    def wait(self) -> tuple[int, Path] | None:
+        """Wait for the write in progress; its (step, folder), or None when none was being written."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            self._result = step, _write_checkpoint(self.root, step, state, self.keep)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._result = e
+
+
+def _host_copy(model: Any, optimizer: Any, scheduler: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Everything a checkpoint holds, copied off the device (and off the live tensors on the CPU)."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        return value
+
+    return {
+        "weights": {k: copy(v).contiguous() for k, v in get_peft_model_state_dict(model).items()},
+        "trainer": {
+            "optimizer": copy(optimizer.state_dict()),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        "info": json.loads(json.dumps(info)),  # the loss history goes on growing: a copy
+    }
+
+
+def _write_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     def write(tmp: Path) -> None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(weights, str(tmp / "adapter.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            tmp / "trainer_state.pt",
-        )
-        (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+        save_file(state["weights"], str(tmp / "adapter.safetensors"))
+        torch.save(state["trainer"], tmp / "trainer_state.pt")
+        (tmp / STATE).write_text(json.dumps(state["info"], indent=2))
 
     final = write_dir_atomically(root / f"step-{step:06d}", write)
     for old in list_checkpoints(root)[:-keep]:

@@ -28,7 +28,7 @@ from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.planning.defaults import ResolvedTraining
 from engine.training import accel
 from engine.training.batching import StepPlan, most_pieces_per_row, plan_steps
-from engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.training.checkpoints import CheckpointWriter, latest_checkpoint, load_checkpoint
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 from engine.training.lora import switch_on_recomputation
@@ -102,15 +102,26 @@ class _Run:
     outcome: TrainOutcome = field(default_factory=lambda: TrainOutcome(steps_done=0))
     tokens_seen: int = 0
     t_begin: float = 0.0
+    writer: CheckpointWriter | None = None
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, wait: bool = False) -> None:
+        """Save a checkpoint of ``step``, written in the background unless ``wait`` (before the job stops)."""
         if self.checkpoint_dir is None or (self.rank is not None and not self.rank.is_writer):
             return
-        path = save_checkpoint(
-            self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler,
+        if self.writer is None:
+            self.writer = CheckpointWriter(self.checkpoint_dir)
+        self.report_checkpoint(self.writer.wait())
+        self.writer.save(
+            step, self.model, self.optimizer, self.scheduler,
             {"loss_history": self.outcome.loss_history, "micro_batch_size": self.micro},
         )  # fmt: skip
-        self.events.emit(Checkpoint(step=step, path=str(path), run=self.where.run))
+        if wait:
+            self.report_checkpoint(self.writer.wait())
+
+    def report_checkpoint(self, written: tuple[int, Path] | None) -> None:
+        """The event of a checkpoint whose write is over."""
+        if written is not None:
+            self.events.emit(Checkpoint(step=written[0], path=str(written[1]), run=self.where.run))
 
     def resume(self) -> int:
         """The step to start from: the newest checkpoint's (its state loaded), else 0."""
@@ -181,6 +192,8 @@ class _Run:
         )
 
     def finish(self, step: int, graphs: StepGraphs | None) -> TrainOutcome:
+        if self.writer is not None:  # the last checkpoint is on disk before the run counts as over
+            self.report_checkpoint(self.writer.wait())
         if graphs is not None:
             self.events.log(graphs.summary(), cuda_graphs=graphs.captured, replayed=graphs.replays)
             graphs.reset()
@@ -289,11 +302,11 @@ def _train_steps(
     step, graphs_failure_told = start, False
     while step < plan.total_steps:
         if cancel_check():
-            run.checkpoint(step)
+            run.checkpoint(step, wait=True)
             raise JobCancelled(f"cancelled at step {step} of {plan.total_steps}; a checkpoint was saved")
         wait_for_safe_gpu(
             monitor, guard, events, before=f"step {step + 1}", max_wait_s=guard.settings.max_pause_s,
-            save_progress=functools.partial(run.checkpoint, step),
+            save_progress=functools.partial(run.checkpoint, step, wait=True),
         )  # fmt: skip
         # one device: the next step is collated while the GPU runs this one (fast_step.run_step)
         ahead = plan.steps[step + 1] if run.rank is None and step + 1 < plan.total_steps else None
@@ -309,6 +322,8 @@ def _train_steps(
             events.warning(f"CUDA graph capture failed, stepping eagerly from here: {graphs.failure}")
             graphs_failure_told = True
         run.report(step, start, result, time.perf_counter() - t0, monitor.sample() if monitor else None)
+        if run.writer is not None:
+            run.report_checkpoint(run.writer.finished())
         if checkpoint_every and step % checkpoint_every == 0 and step < plan.total_steps:
             run.checkpoint(step)
             if evaluator is not None:  # the held-out curve, at the same cadence as checkpoints
