@@ -145,6 +145,39 @@ def test_the_compilable_chunk_loss_equals_cross_entropy_and_the_eager_ops_exactl
     assert grad[::5].abs().max() == 0
 
 
+_CONTEXT_CHECK = """
+import threading, torch
+from engine.training.loading import job_device
+def context():
+    return torch.cuda.is_available() and torch._C._cuda_hasPrimaryContext(0)
+had = context()
+device = job_device("{choice}")
+makers = [t for t in threading.enumerate() if t.name == "cuda-context"]
+for t in makers:
+    t.join()
+print(device, had, len(makers), context())
+"""
+
+
+def test_a_cpu_job_starts_no_cuda_context_thread():
+    out = subprocess.run(
+        [sys.executable, "-c", _CONTEXT_CHECK.format(choice="cpu")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "False", "0", "False"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_a_gpu_job_makes_its_cuda_context_on_a_thread_from_its_start():
+    """job_device returns at once and a thread makes the card's context, while the job goes on (a fresh
+    process: this one has a context already)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CONTEXT_CHECK.format(choice="auto")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cuda:0", "False", "1", "True"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 def test_gpu_compiled_chunk_loss_follows_the_eager_ops():
     """The compiled kernel on bf16 logits against the eager ops: within bf16 rounding."""

@@ -14,7 +14,7 @@ from engine.contract.events import EventWriter
 from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
 from engine.training.backend import backend_name
 from engine.training.evaluation import held_out_evaluator
-from engine.training.loading import load_with_held_out, pick_device, prepare_training
+from engine.training.loading import job_device, load_with_held_out, prepare_training
 from engine.training.loop import train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.ranks import active_rank
@@ -23,7 +23,7 @@ from engine.training.ranks import active_rank
 def run_finetune(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
-    device = pick_device(spec.device, spec.gpu_index)
+    device = job_device(spec.device, spec.gpu_index)
     examples, held_out = load_with_held_out(spec, events)
     tokenizer, data, resolved = prepare_training(spec, examples, device, events)
 

@@ -30,7 +30,7 @@ from engine.training.grpo_generate import Sampling, end_of_sequence_ids
 from engine.training.grpo_loading import PreparedGrpo, prepare_grpo
 from engine.training.grpo_samples import CompletionsLog
 from engine.training.grpo_step import GrpoLoss, GrpoRun, grpo_step
-from engine.training.loading import load_dataset_logged, pick_device
+from engine.training.loading import job_device, load_dataset_logged
 from engine.training.loop import TrainOutcome, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.reference import Reference, attach_reference
@@ -39,7 +39,7 @@ from engine.training.reference import Reference, attach_reference
 def run_grpo(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
-    device = pick_device(spec.device, spec.gpu_index)
+    device = job_device(spec.device, spec.gpu_index)
     events.stage("loading_data")
     examples = load_dataset_logged(spec.dataset, events, spec.method)
     prep = prepare_grpo(spec, examples, device, events)

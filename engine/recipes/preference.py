@@ -22,7 +22,7 @@ from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobR
 from engine.models.adapters import initial_adapter
 from engine.training import accel
 from engine.training.backend import backend_name
-from engine.training.loading import load_with_held_out, pick_device
+from engine.training.loading import job_device, load_with_held_out
 from engine.training.loop import TrainOutcome, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.preference_loading import PreparedPreference, prepare_preference
@@ -34,7 +34,7 @@ from engine.training.reference import attach_reference, reference_logps
 def run_preference(
     spec: FinetuneSpec, job_dir: Path, events: EventWriter, cancel_check: Callable[[], bool]
 ) -> JobResult:
-    device = pick_device(spec.device, spec.gpu_index)
+    device = job_device(spec.device, spec.gpu_index)
     examples, held_out = load_with_held_out(spec, events)
     prep = prepare_preference(spec, examples, held_out, device, events)
     resolved = prep.resolved

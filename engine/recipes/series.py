@@ -43,7 +43,7 @@ from engine.hardware.gpus import GpuMonitor, ThermalGuard, wait_for_safe_gpu
 from engine.models.adapters import Adapter, load_factors, read_factors, write_factors
 from engine.training import slao
 from engine.training.evaluation import HeldoutSet, score, tokenize_heldout
-from engine.training.loading import load_dataset_logged, pick_device, prepare_training
+from engine.training.loading import job_device, load_dataset_logged, prepare_training
 from engine.training.loop import RunPosition, TrainOutcome, train_adapter
 from engine.training.lora import load_lora_model, save_adapter
 from engine.training.ranks import active_rank
@@ -333,7 +333,7 @@ def run_series(
 ) -> JobResult:
     """Run (or resume) a series; returns the JobResult whose artifact "adapter" is the merged adapter."""
     job_dir = Path(job_dir)
-    device = pick_device(spec.device, spec.gpu_index)
+    device = job_device(spec.device, spec.gpu_index)
     events.stage("loading_data")
     slices = build_slices(spec, [(d.path, load_dataset_logged(d, events)) for d in spec.datasets])
     state = _open_state(spec, slices, job_dir / SERIES_DIR / STATE_FILE, events)
