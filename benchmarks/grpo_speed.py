@@ -97,6 +97,7 @@ def run_engine(
     from engine.contract.settings import training_spec
     from engine.contract.spec import FinetuneSpec, read_result
     from engine.jobs.runner import create_job
+    from engine.training.memory_history import environment_recording
 
     s = settings(args)
     spec = training_spec(
@@ -112,8 +113,9 @@ def run_engine(
     log(f"engine: python -m engine run {job_dir}")
     with open(job_dir / "worker.log", "wb") as err:
         rc = subprocess.run(
-            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
-        ).returncode
+            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT,
+            env=environment_recording(args.memory_history, "grpo-engine-graphs" if graphs else "grpo-engine"),
+        ).returncode  # fmt: skip
     result = read_result(job_dir)
     rec: dict[str, Any] = {
         "variant": "engine, sampling graphs" if graphs else "engine",
@@ -142,10 +144,13 @@ def run_engine(
 
 
 def run_trl(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from engine.training.memory_history import environment_recording
+
     config = {"model": str(model_dir), "prompts": str(prompts), "out": str(Path(args.workdir) / "trl")}
     config |= settings(args) | {"warmup": args.warmup, "prompts_per_step": args.prompts_per_step}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(config)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (args.trl_path, str(ROOT)) if p))
+    env = environment_recording(args.memory_history, "grpo-trl")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (args.trl_path, str(ROOT)) if p)
     log("trl: GRPOTrainer in a subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -168,6 +173,7 @@ def trl_worker(config: dict[str, Any]) -> None:
     from engine.contract.grpo import GrpoSettings
     from engine.rewards.scoring import build_rewards
     from engine.training.base_model import bnb_nf4_config
+    from engine.training.memory_history import MemoryHistory
 
     cuda = torch.cuda.is_available()
     compute = "bf16" if cuda else "fp32"
@@ -205,6 +211,7 @@ def trl_worker(config: dict[str, Any]) -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            history.step_done(len(times))
 
     trainer = GRPOTrainer(
         model=model, reward_funcs=[reward.fn], args=args, train_dataset=data, processing_class=tokenizer,
@@ -212,6 +219,7 @@ def trl_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    history = MemoryHistory("cuda" if cuda else "cpu")  # the engine's recording, here too
     trainer.train()
     timed = times[config["warmup"] :]
     lengths = [
@@ -302,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         help="both: the engine's job also with grpo_sampling_graphs (a CUDA graph of the decode step)",
     )  # fmt: skip
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument(
+        "--memory-history", default=None,
+        help="a folder: each run writes its allocator history there (benchmarks/memory_at_peak.py reads it)",
+    )  # fmt: skip
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     args = p.parse_args(argv)

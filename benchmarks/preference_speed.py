@@ -60,9 +60,6 @@ def log(*msg: object) -> None:
     print("[preference_speed]", *msg, file=sys.stderr, flush=True)
 
 
-# -- the inputs every framework shares ---------------------------------------------------------------
-
-
 def write_pairs(folder: Path, model_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """``pairs.jsonl`` (texts, for the engine's job) and ``tokens.json`` (the engine's own token ids of the
     same pairs in its step plan's order, for trl and Unsloth)."""
@@ -149,6 +146,7 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
         read_result,
     )
     from engine.jobs.runner import create_job
+    from engine.training.memory_history import environment_recording
 
     spec = FinetuneSpec(
         model=str(model_dir), method="dpo", init_adapter=str(adapter), quantization=args.quantization,
@@ -164,8 +162,9 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
     log(f"engine: python -m engine run {job_dir}")
     with open(job_dir / "worker.log", "wb") as err:
         rc = subprocess.run(
-            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT
-        ).returncode
+            [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT,
+            env=environment_recording(args.memory_history, f"{model_dir.parent.name}-engine"),
+        ).returncode  # fmt: skip
     result = read_result(job_dir)
     if result is None or result.status != "succeeded":
         return {"variant": "engine", "rc": rc, "error": (job_dir / "worker.log").read_text()[-1500:]}
@@ -188,8 +187,12 @@ def run_child(
     kind: str, model_dir: Path, tokens: Path, adapter: Path, args: argparse.Namespace, extra: list[str]
 ) -> dict[str, Any]:
     """This script as a ``--worker`` child (trl or Unsloth import their own stack; their memory is their own)."""
+    from engine.training.memory_history import environment_recording
+
     path = args.unsloth_path if kind == "unsloth" else args.trl_path
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (path, str(ROOT)) if p))
+    name = "-".join([model_dir.parent.name, kind, *extra]).replace("--", "")
+    env = environment_recording(args.memory_history, name)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(ROOT)) if p)
     cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--tokens", str(tokens),
            "--adapter", str(adapter), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--grad-ckpt", args.grad_ckpt, "--quantization", args.quantization,
@@ -210,6 +213,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from engine.training.memory_history import MemoryHistory
 
     cuda = torch.cuda.is_available()
     model, tokenizer = _worker_model(args, cuda)
@@ -242,6 +247,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            self.history = MemoryHistory("cuda" if cuda else "cpu")  # the engine's recording, here too
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             if cuda:
@@ -252,6 +258,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            self.history.step_done(len(times))
 
     trainer.add_callback(Clock())
     t0 = time.perf_counter()
@@ -366,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also trl with each batch as two half micro-batches: the bf16 noise floor of the losses",
     )  # fmt: skip
     p.add_argument("--skip-unsloth", action="store_true")
+    p.add_argument(
+        "--memory-history", default=None,
+        help="a folder: each run writes its allocator history there (benchmarks/memory_at_peak.py reads it)",
+    )  # fmt: skip
     p.add_argument("--workdir", default=None)
     p.add_argument("--jsonl", type=Path, default=None)
     p.add_argument("--worker", choices=["trl", "unsloth"], default=None, help=argparse.SUPPRESS)

@@ -32,6 +32,7 @@ from engine.training.checkpoints import CheckpointWriter, latest_checkpoint, loa
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 from engine.training.lora import switch_on_recomputation
+from engine.training.memory_history import MemoryHistory
 from engine.training.ranks import RankContext, active_rank
 from engine.training.step import StepInputs, StepResult, TrainStep
 
@@ -298,6 +299,7 @@ def _train_steps(
     plan, events, graphs = run.plan, run.events, inputs.graphs
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
+    history = MemoryHistory(run.device)  # only where BACKPROP_MEMORY_HISTORY asks for it
     run.t_begin = time.perf_counter()
     step, graphs_failure_told = start, False
     while step < plan.total_steps:
@@ -318,6 +320,7 @@ def _train_steps(
             continue
         run.scheduler.step()
         step += 1
+        history.step_done(step - start)
         if graphs is not None and graphs.failure and not graphs_failure_told:
             events.warning(f"CUDA graph capture failed, stepping eagerly from here: {graphs.failure}")
             graphs_failure_told = True
