@@ -7,6 +7,8 @@
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B, without Unsloth (the engine, trl, and trl's bf16 noise floor);
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU.
+# GRPO and the 0.5B DPO also record their first step's allocations (--memory-history): the log ends with
+# what was alive at each one's peak (benchmarks/memory_at_peak.py).
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/h4/a"], timeout_s=590)
 # .device/h4/a (git-ignored; benchmarks/make_device_packs.sh builds it) holds what the GPU machine lacks:
@@ -35,7 +37,7 @@ date -u +"%F %T UTC"
 grpo() {
   echo "== GRPO 0.5B, $(left) s left"
   timeout "$(cap "${GRPO_CAP:-450}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
-    --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
+    --memory-history /tmp/memory --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
 dpo() {  # dpo ARCH CAP STEPS [more options]
   echo "== DPO $1, $(left) s left"
@@ -56,8 +58,10 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
     tests) gputests ;;
     grpo) grpo ;;
     dpo7) dpo qwen2.5-7b 360 10 ;;
-    dpo05) dpo qwen2.5-0.5b 170 12 --skip-unsloth ;;  # (the 0.5B: trl and its noise floor; Unsloth at 7B)
+    dpo05) dpo qwen2.5-0.5b 170 12 "--skip-unsloth --memory-history /tmp/memory" ;;  # (Unsloth: at 7B)
   esac
 done
+# what was alive at each recorded run's peak (its first step), by the code that allocated it
+ls /tmp/memory/*.pickle >/dev/null 2>&1 && timeout 60 python3 benchmarks/memory_at_peak.py /tmp/memory/*.pickle --top 15
 echo "== done, $(left) s left"
 } 2>&1 | tee "$OUT/methods_call.log"

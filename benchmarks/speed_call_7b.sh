@@ -18,7 +18,7 @@ VARIANTS=${VARIANTS:-plain,fastg,fastg+nr,fast+off}
 BASELINE=${BASELINE:-.device/speed/qlora_baseline.py}
 mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-  TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+  HF_DATASETS_OFFLINE=1  # no TOKENIZERS_PARALLELISM: a job tokenizes on every core, as users have it
 W=$(for d in $WHEELS; do ls "$d"/*.whl 2>/dev/null; done | awk -F/ '!seen[$NF]++')
 [ -n "$W" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site $W 2>&1 | tail -2
