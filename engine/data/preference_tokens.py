@@ -21,11 +21,12 @@ from typing import Any
 from engine.data.formats import Example
 from engine.data.preference import Text
 from engine.data.tokenizing import (
+    BATCH_ROWS,
     IGNORE_INDEX,
     FormattingError,
     has_chat_template,
     render_prompt,
-    tokenize_example,
+    tokenize_batch,
 )
 
 
@@ -61,25 +62,26 @@ class PreferenceTokens:
 
 
 def tokenize_preferences(examples: list[Example], tokenizer: Any) -> PreferenceTokens:
-    """Every example's sequences, whole (``truncated`` applies the lengths)."""
+    """Every example's sequences, whole (``truncated`` applies the lengths), tokenized in batches."""
     out = PreferenceTokens([], [], [], [])
+    pieces: list[tuple[Text, Text, str]] = []  # (prompt, answer, source) of every sequence, in order
     for ex in examples:
         p = ex.preference
         if p is None:
             raise FormattingError(f"{ex.source}: not a preference example ({ex.kind})")
         answers = [p.chosen, p.rejected] if p.paired else [p.completion]
-        unit = []
+        out.units.append(list(range(len(pieces), len(pieces) + len(answers))))
         for answer in answers:
             assert answer is not None  # a pair has both answers, an unpaired row its completion
-            ids, labels, prompt_len = _sequence(p.prompt, answer, tokenizer, ex.source)
-            unit.append(len(out.input_ids))
-            out.input_ids.append(ids)
-            out.labels.append(labels)
-            out.prompt_lengths.append(prompt_len)
-        out.units.append(unit)
+            pieces.append((p.prompt, answer, ex.source))
         out.sources.append(ex.source)
         if not p.paired:
             out.desirable.append(bool(p.label))
+    for first in range(0, len(pieces), BATCH_ROWS):
+        for ids, labels, prompt_len in _sequences(pieces[first : first + BATCH_ROWS], tokenizer):
+            out.input_ids.append(ids)
+            out.labels.append(labels)
+            out.prompt_lengths.append(prompt_len)
     return out
 
 
@@ -113,25 +115,39 @@ def truncated(tokens: PreferenceTokens, max_prompt_length: int, max_seq_length: 
     return out
 
 
-def _sequence(prompt: Text, answer: Text, tokenizer: Any, source: str) -> tuple[list[int], list[int], int]:
-    """(ids, labels, prompt length) of one prompt and answer."""
+def _sequences(
+    pieces: list[tuple[Text, Text, str]], tokenizer: Any
+) -> list[tuple[list[int], list[int], int]]:
+    """(ids, labels, prompt length) of each (prompt, answer, source)."""
     if not has_chat_template(tokenizer):
-        if not (isinstance(prompt, str) and isinstance(answer, str)):
-            raise FormattingError(
-                f"{source}: this tokenizer has no chat template, so messages cannot be rendered. Use an "
-                "instruct/chat model, or give the prompt and answers as plain text."
+        plain = []
+        for prompt, answer, source in pieces:
+            if not (isinstance(prompt, str) and isinstance(answer, str)):
+                raise FormattingError(
+                    f"{source}: this tokenizer has no chat template, so messages cannot be rendered. Use an "
+                    "instruct/chat model, or give the prompt and answers as plain text."
+                )
+            plain.append(Example(kind="completion", prompt=prompt, completion=answer, source=source))
+        return [
+            (
+                t.input_ids,
+                t.labels,
+                next((i for i, v in enumerate(t.labels) if v != IGNORE_INDEX), len(t.labels)),
             )
-        t = tokenize_example(
-            Example(kind="completion", prompt=prompt, completion=answer, source=source), tokenizer, None
-        )
-        first = next((i for i, v in enumerate(t.labels) if v != IGNORE_INDEX), len(t.labels))
-        return t.input_ids, t.labels, first
-    turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
-    t = tokenize_example(Example(kind="chat", messages=[*turns, *reply], source=source), tokenizer, None)
-    alone = tokenizer(render_prompt(turns, tokenizer), add_special_tokens=False, verbose=False)["input_ids"]
-    n = 0
-    while n < min(len(alone), len(t.input_ids)) and alone[n] == t.input_ids[n]:
-        n += 1
-    # assistant turns inside the prompt are context here, not answers to learn
-    return t.input_ids, [IGNORE_INDEX] * n + t.labels[n:], n
+            for t in tokenize_batch(plain, tokenizer, None)
+        ]
+    chats, prompts = [], []
+    for prompt, answer, source in pieces:
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+        chats.append(Example(kind="chat", messages=[*turns, *reply], source=source))
+        prompts.append(render_prompt(turns, tokenizer))
+    alone = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+    out = []
+    for t, prompt_ids in zip(tokenize_batch(chats, tokenizer, None), alone, strict=True):
+        n = 0
+        while n < min(len(prompt_ids), len(t.input_ids)) and prompt_ids[n] == t.input_ids[n]:
+            n += 1
+        # assistant turns inside the prompt are context here, not answers to learn
+        out.append((t.input_ids, [IGNORE_INDEX] * n + t.labels[n:], n))
+    return out
