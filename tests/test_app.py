@@ -466,7 +466,7 @@ def figures(step):
 
 HELD_OUT = ("rewards/accuracies", "rewards/margins", "reward")
 
-def recipe(spec, job_dir, events, cancel_check):
+def recipe(spec, job_dir, events, cancel_check, own_process=False):
     events.stage("training")
     for step in range(1, STEPS + 1):
         if cancel_check():  # as engine.training.loop does: checkpoint, then stop

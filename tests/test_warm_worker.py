@@ -151,3 +151,35 @@ def test_nvml_answers_the_compute_capability_while_the_warm_worker_imports(monke
     monkeypatch.setattr(gpus, "probe_gpus", lambda: gpus.GpuProbe(False, reason="no driver"))
     with capabilities_from_nvml():
         assert torch.cuda.get_device_capability is asked
+
+
+_FREEZE_CHECK = """
+import gc, sys
+from pathlib import Path
+from engine.contract.events import EventWriter
+from engine.contract.spec import DatasetSettings, FinetuneSpec, JobResult
+from engine.jobs import dispatch
+
+def recipe(spec, job_dir, events, cancel_check):
+    return JobResult(status="succeeded", kind="finetune", metrics={"frozen": gc.get_freeze_count()})
+
+dispatch._recipe = lambda spec: recipe  # the recipe itself is not what is looked at here
+spec = FinetuneSpec(model="tiny", dataset=DatasetSettings(path=sys.argv[1]))
+with EventWriter(Path(sys.argv[2]) / "events.jsonl") as events:
+    result = dispatch.run_recipe(spec, Path(sys.argv[2]), events, lambda: False, own_process=sys.argv[3] == "1")
+print(result.metrics["frozen"])
+"""
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_job_process_freezes_what_its_imports_made(tmp_path, own_process):
+    """A worker (one job, then the process ends) freezes the objects its imports made, so the garbage
+    collector's full passes during the job skip them; a caller that lives on (tests, in-process use)
+    keeps its collector as it was."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_CHECK, str(CHAT), str(tmp_path), "1" if own_process else "0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    frozen = int(out.stdout.split()[-1])
+    assert frozen > 10_000 if own_process else frozen == 0

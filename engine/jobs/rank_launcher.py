@@ -173,7 +173,7 @@ def run_rank(job_dir: str | Path) -> int:
         cancel_file = job_dir / CANCEL_FILE
         cancel_check = lambda: context.agree(rank == 0 and cancel_file.exists())  # noqa: E731
         with reporting(spec, job_dir, events) if rank == 0 else contextlib.nullcontext():
-            result = run_recipe(spec, job_dir, events, cancel_check)
+            result = run_recipe(spec, job_dir, events, cancel_check, own_process=True)
         outcome: dict[str, Any] = {"status": "succeeded"}
         if device.startswith("cuda"):  # each card's peak (rank 0's result has its own only)
             outcome["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)

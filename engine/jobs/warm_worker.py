@@ -25,6 +25,7 @@ Its cost while it waits is host memory (the imported libraries, under 1 GiB) and
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -175,6 +176,8 @@ def serve(warm_dir: str | Path, delay_s: float = 0.0) -> int:
         shutil.rmtree(warm_dir, ignore_errors=True)
         return 0
     report = warm_imports()
+    gc.collect()  # while nothing waits: the imports' garbage goes, what they made is frozen (run_recipe)
+    gc.freeze()
     report |= {"pid": os.getpid(), "ready_at": time.time()}
     print(f"warm worker {os.getpid()}: {json.dumps(report)}", file=sys.stderr, flush=True)
     tmp = warm_dir / f"{READY_FILE}.tmp"

@@ -86,7 +86,7 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] |
             result = run_ranks(job_dir, devices, events)
         else:
             with reporting(spec, job_dir, events):  # TensorBoard / W&B when train.report_to asks
-                result = run_recipe(spec, job_dir, events, cancel_requested)
+                result = run_recipe(spec, job_dir, events, cancel_requested, own_process=True)
         write_result(job_dir, result)
         events.emit(Finished(status=result.status, metrics=result.metrics, artifacts=result.artifacts))
         return 0
