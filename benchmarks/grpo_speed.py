@@ -13,7 +13,9 @@ generation batch.
 1. the engine runs as a job runs (``python -m engine run <job_dir>``); prompts/s over the timed steps
    (after ``--warmup``) from its progress events, peak memory from its result (torch's max allocated);
 2. trl runs in a subprocess of this script (``--trl-worker``): GRPOTrainer with the settings above,
-   step times from a callback, torch's max allocated;
+   step times from a callback, torch's max allocated; with ``--unsloth-path`` (Unsloth's pack), also
+   Unsloth's GRPO: the same trainer as Unsloth patches it, on Unsloth's NF4 load and LoRA of the same shape
+   with its own checkpointing (seeded: its LoRA factors differ, the shapes and settings are the same);
 3. one table, and the line for benchmarks/RESULTS.md:
    ``GRPO 0.5B QLoRA: X× trl's GRPOTrainer, Y× its peak memory (card, date)``.
 
@@ -143,50 +145,84 @@ def run_engine(
     return rec
 
 
-def run_trl(model_dir: Path, prompts: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_trl(
+    model_dir: Path, prompts: Path, args: argparse.Namespace, framework: str = "trl"
+) -> dict[str, Any]:
+    """trl's GRPOTrainer in a subprocess of this script, or (``framework="unsloth"``) the same trainer as
+    Unsloth patches it, with Unsloth's model and LoRA (its pack: ``--unsloth-path``)."""
     from engine.training.memory_history import environment_recording
 
-    config = {"model": str(model_dir), "prompts": str(prompts), "out": str(Path(args.workdir) / "trl")}
+    config = {"model": str(model_dir), "prompts": str(prompts), "out": str(Path(args.workdir) / framework)}
     config |= settings(args) | {"warmup": args.warmup, "prompts_per_step": args.prompts_per_step}
+    config["framework"] = framework
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(config)]
-    env = environment_recording(args.memory_history, "grpo-trl")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (args.trl_path, str(ROOT)) if p)
-    log("trl: GRPOTrainer in a subprocess")
+    env = environment_recording(args.memory_history, f"grpo-{framework}")
+    path = args.unsloth_path if framework == "unsloth" else args.trl_path
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(ROOT)) if p)
+    log(f"{framework}: GRPOTrainer in a subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {
-            "variant": "trl GRPOTrainer",
+            "variant": VARIANTS[framework],
             "error": f"no result (rc {out.returncode}): {out.stderr[-1500:]}",
         }
     return json.loads(lines[-1])
 
 
-def trl_worker(config: dict[str, Any]) -> None:
-    """trl's GRPOTrainer with ``config``'s settings; prints one JSON line."""
+VARIANTS = {"trl": "trl GRPOTrainer", "unsloth": "Unsloth GRPO"}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _baseline_model(config: dict[str, Any], cuda: bool) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, peft config for the trainer) of the baseline ``config["framework"]`` names."""
     import torch
-    from datasets import load_dataset
+
+    if config["framework"] == "unsloth":  # imported before transformers and trl, as Unsloth asks
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            config["model"], max_seq_length=config["max_completion"] + 256, dtype=torch.bfloat16,
+            load_in_4bit=config["quantization"] == "4bit", fast_inference=False,
+        )  # fmt: skip
+        model = FastLanguageModel.get_peft_model(
+            model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none", random_state=0,
+            use_gradient_checkpointing="unsloth" if config["checkpointing"] else False,
+        )  # fmt: skip
+        return model, tokenizer, None
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.contract.grpo import GrpoSettings
-    from engine.rewards.scoring import build_rewards
     from engine.training.base_model import bnb_nf4_config
-    from engine.training.memory_history import MemoryHistory
 
-    cuda = torch.cuda.is_available()
-    compute = "bf16" if cuda else "fp32"
     kwargs: dict[str, Any] = {
         "dtype": torch.bfloat16 if cuda else torch.float32,
         "attn_implementation": "sdpa",
     }
     if config["quantization"] == "4bit":
-        kwargs["quantization_config"] = bnb_nf4_config(compute)
+        kwargs["quantization_config"] = bnb_nf4_config("bf16" if cuda else "fp32")
     model = AutoModelForCausalLM.from_pretrained(
         config["model"], device_map={"": "cuda:0" if cuda else "cpu"}, **kwargs
     )
-    tokenizer = AutoTokenizer.from_pretrained(config["model"])
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    return model, AutoTokenizer.from_pretrained(config["model"]), lora
+
+
+def trl_worker(config: dict[str, Any]) -> None:
+    """trl's GRPOTrainer (Unsloth's, patched, with ``config["framework"] == "unsloth"``) with ``config``'s
+    settings; prints one JSON line."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    model, tokenizer, lora = _baseline_model(config, cuda)  # Unsloth's import first, where it is asked for
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from engine.contract.grpo import GrpoSettings
+    from engine.rewards.scoring import build_rewards
+    from engine.training.memory_history import MemoryHistory
+
     (reward,) = build_rewards(GrpoSettings(rewards=["length"]).rewards, config["max_completion"])
     args = GRPOConfig(
         output_dir=config["out"], num_generations=config["generations"],
@@ -197,7 +233,6 @@ def trl_worker(config: dict[str, Any]) -> None:
         logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=config["checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False}, shuffle_dataset=False,
     )  # fmt: skip
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     data = load_dataset("json", data_files=config["prompts"], split="train")
     times: list[float] = []
 
@@ -228,7 +263,7 @@ def trl_worker(config: dict[str, Any]) -> None:
     print(
         json.dumps(
             {
-                "variant": "trl GRPOTrainer",
+                "variant": VARIANTS[config["framework"]],
                 "prompts_per_s": round(len(timed) * config["prompts_per_step"] / sum(timed), 4)
                 if timed
                 else None,
@@ -264,22 +299,29 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r.get('sampling_s') or '-':>15} {r.get('peak_mem_gib') or 0:>9.2f} "
             f"{r.get('mean_completion_tokens') or 0:>18}"
         )
-    trl = next((r for r in records if r["variant"].startswith("trl") and "error" not in r), None)
     size = args.arch.split("-")[-1].upper() + ("-tiny" if args.tiny else "")
     for ours in (r for r in records if r["variant"].startswith("engine") and "error" not in r):
-        if not (trl and ours.get("prompts_per_s") and trl.get("prompts_per_s")):
-            continue
-        memory = (
-            f"{ours['peak_mem_gib'] / trl['peak_mem_gib']:.2f}× its peak memory"
-            if ours.get("peak_mem_gib") and trl.get("peak_mem_gib")
-            else "peak memory not measured (no GPU)"
-        )
-        how = " with grpo_sampling_graphs" if "graphs" in ours["variant"] else ""
-        print(
-            f"\nGRPO {size} {'QLoRA' if args.quantization == '4bit' else args.quantization}{how}: "
-            f"{ours['prompts_per_s'] / trl['prompts_per_s']:.2f}× trl's GRPOTrainer, {memory} "
-            f"({card()}, {datetime.date.today().isoformat()})"
-        )
+        against = [f for f in (_ratio(ours, records, "trl"), _ratio(ours, records, "unsloth")) if f]
+        if against:
+            how = " with grpo_sampling_graphs" if "graphs" in ours["variant"] else ""
+            print(
+                f"\nGRPO {size} {'QLoRA' if args.quantization == '4bit' else args.quantization}{how}: "
+                f"{'; '.join(against)} ({card()}, {datetime.date.today().isoformat()})"
+            )
+
+
+def _ratio(ours: dict[str, Any], records: list[dict[str, Any]], framework: str) -> str:
+    """'X× trl's GRPOTrainer, Y× its peak memory' (or Unsloth's GRPO), where that run gave figures."""
+    base = next((r for r in records if r["variant"] == VARIANTS[framework] and r.get("prompts_per_s")), None)
+    if base is None or not ours.get("prompts_per_s"):
+        return ""
+    memory = (
+        f"{ours['peak_mem_gib'] / base['peak_mem_gib']:.2f}× its peak memory"
+        if ours.get("peak_mem_gib") and base.get("peak_mem_gib")
+        else "peak memory not measured (no GPU)"
+    )
+    name = "trl's GRPOTrainer" if framework == "trl" else "Unsloth's GRPO"
+    return f"{ours['prompts_per_s'] / base['prompts_per_s']:.2f}× {name}, {memory}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument(
+        "--unsloth-path", default="",
+        help="also Unsloth's GRPO (trl's GRPOTrainer as Unsloth patches it), with its pack on this PYTHONPATH",
+    )  # fmt: skip
     p.add_argument(
         "--sampling", choices=["both", "generate"], default="both",
         help="both: the engine's job also with grpo_sampling_graphs (a CUDA graph of the decode step)",
@@ -345,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             args.skip_engine or args.sampling == "generate",
         ),
         ("trl", run_trl, args.skip_trl),
+        ("unsloth", partial(run_trl, framework="unsloth"), not args.unsloth_path),
     ):
         if skip:
             continue

@@ -6,7 +6,8 @@
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B, without Unsloth (the engine, trl, and trl's bf16 noise floor);
-#   tests (only when PARTS names it): the tests that CI skips for want of a GPU.
+#   tests (only when PARTS names it): the tests that CI skips for want of a GPU;
+#   grpo-unsloth (only when PARTS names it): the engine's GRPO job against Unsloth's GRPO.
 # GRPO and the 0.5B DPO also record their first step's allocations (--memory-history): the log ends with
 # what was alive at each one's peak (benchmarks/memory_at_peak.py).
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
@@ -39,6 +40,11 @@ grpo() {
   timeout "$(cap "${GRPO_CAP:-450}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --trl-path /tmp/us:/tmp/site \
     --memory-history /tmp/memory --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
+grpo_unsloth() {  # the engine and Unsloth's GRPO (issue 25 asks for it where its pack runs it)
+  echo "== GRPO 0.5B, the engine and Unsloth, $(left) s left"
+  timeout "$(cap 330)" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --sampling generate --skip-trl \
+    --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/grpo_unsloth.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -30
+}
 dpo() {  # dpo ARCH CAP STEPS [more options]
   echo "== DPO $1, $(left) s left"
   timeout "$(cap "$2")" python3 benchmarks/preference_speed.py --arch "$1" --batch 4 --steps "$3" --warmup 3 ${4:-} \
@@ -57,6 +63,7 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
   case $part in
     tests) gputests ;;
     grpo) grpo ;;
+    grpo-unsloth) grpo_unsloth ;;
     dpo7) dpo qwen2.5-7b 360 10 ;;
     dpo05) dpo qwen2.5-0.5b 170 12 "--skip-unsloth --memory-history /tmp/memory" ;;  # (Unsloth: at 7B)
   esac
