@@ -99,7 +99,7 @@ def run_engine(
     from engine.contract.settings import training_spec
     from engine.contract.spec import FinetuneSpec, read_result
     from engine.jobs.runner import create_job
-    from engine.training.memory_history import environment_recording
+    from engine.training.run_diagnostics import environment_recording
 
     s = settings(args)
     spec = training_spec(
@@ -150,7 +150,7 @@ def run_trl(
 ) -> dict[str, Any]:
     """trl's GRPOTrainer in a subprocess of this script, or (``framework="unsloth"``) the same trainer as
     Unsloth patches it, with Unsloth's model and LoRA (its pack: ``--unsloth-path``)."""
-    from engine.training.memory_history import environment_recording
+    from engine.training.run_diagnostics import environment_recording
 
     config = {"model": str(model_dir), "prompts": str(prompts), "out": str(Path(args.workdir) / framework)}
     config |= settings(args) | {"warmup": args.warmup, "prompts_per_step": args.prompts_per_step}
@@ -221,7 +221,7 @@ def trl_worker(config: dict[str, Any]) -> None:
 
     from engine.contract.grpo import GrpoSettings
     from engine.rewards.scoring import build_rewards
-    from engine.training.memory_history import MemoryHistory
+    from engine.training.run_diagnostics import RunDiagnostics
 
     (reward,) = build_rewards(GrpoSettings(rewards=["length"]).rewards, config["max_completion"])
     args = GRPOConfig(
@@ -238,6 +238,7 @@ def trl_worker(config: dict[str, Any]) -> None:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a: Any, **k: Any) -> None:
+            diagnostics.before_step(len(times))
             if cuda:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
@@ -246,7 +247,7 @@ def trl_worker(config: dict[str, Any]) -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
-            history.step_done(len(times))
+            diagnostics.after_step(len(times))
 
     trainer = GRPOTrainer(
         model=model, reward_funcs=[reward.fn], args=args, train_dataset=data, processing_class=tokenizer,
@@ -254,7 +255,7 @@ def trl_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    history = MemoryHistory("cuda" if cuda else "cpu")  # the engine's recording, here too
+    diagnostics = RunDiagnostics("cuda" if cuda else "cpu")  # the engine's recording, here too
     trainer.train()
     timed = times[config["warmup"] :]
     lengths = [

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What was alive on the GPU at a run's peak, by the code that allocated it.
 
-Reads the allocator histories that ``BACKPROP_MEMORY_HISTORY`` (engine.training.memory_history) makes the
+Reads the allocator histories that ``BACKPROP_MEMORY_HISTORY`` (engine.training.run_diagnostics) makes the
 engine's runs and the benchmarks' baselines write (``preference_speed.py`` / ``grpo_speed.py``
 ``--memory-history DIR``): torch's snapshot ``NAME.pickle`` and ``NAME.json`` beside it. Replays the
 allocations and frees of the recorded steps, finds the moment the allocated total was highest, and lists

@@ -8,8 +8,9 @@
 #   3. the same DPO comparison at 0.5B, without Unsloth (the engine, trl, and trl's bf16 noise floor);
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU;
 #   grpo-unsloth (only when PARTS names it): the engine's GRPO job against Unsloth's GRPO.
-# GRPO and the 0.5B DPO also record their first step's allocations (--memory-history): the log ends with
-# what was alive at each one's peak (benchmarks/memory_at_peak.py).
+# GRPO and the 0.5B DPO also record their first step's allocations (--memory-history), the DPO runs their
+# second step's profile: the log ends with what was alive at each one's peak (benchmarks/memory_at_peak.py)
+# and where the DPO step's time went.
 # Each part runs under its own timeout inside BUDGET_S, in the order PARTS gives (default: as numbered).
 #   run(command="bash benchmarks/methods_call.sh", carry=[".device/h4/a"], timeout_s=590)
 # .device/h4/a (git-ignored; benchmarks/make_device_packs.sh builds it) holds what the GPU machine lacks:
@@ -56,7 +57,7 @@ gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, th
   python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/site "$PK"/pytest/*.whl 2>&1 | grep -v WARNING | tail -2
   timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py \
-    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_memory_history.py -rs --tb=short \
+    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py -rs --tb=short \
     -k gpu 2>&1 | tail -25
 }
 for part in ${PARTS:-grpo dpo7 dpo05}; do
@@ -68,7 +69,10 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
     dpo05) dpo qwen2.5-0.5b 170 12 "--skip-unsloth --memory-history /tmp/memory" ;;  # (Unsloth: at 7B)
   esac
 done
-# what was alive at each recorded run's peak (its first step), by the code that allocated it
+# what was alive at each recorded run's peak (its first step), by the code that allocated it; where the
+# 0.5B DPO runs' second step spent its time (the tables are kept in $OUT/diagnostics)
 ls /tmp/memory/*.pickle >/dev/null 2>&1 && timeout 60 python3 benchmarks/memory_at_peak.py /tmp/memory/*.pickle --top 15
+mkdir -p "$OUT/diagnostics" && cp /tmp/memory/*.json /tmp/memory/*.profile.txt "$OUT/diagnostics/" 2>/dev/null
+for f in /tmp/memory/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -40 "$f"; }; done
 echo "== done, $(left) s left"
 } 2>&1 | tee "$OUT/methods_call.log"

@@ -146,7 +146,7 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
         read_result,
     )
     from engine.jobs.runner import create_job
-    from engine.training.memory_history import environment_recording
+    from engine.training.run_diagnostics import environment_recording
 
     spec = FinetuneSpec(
         model=str(model_dir), method="dpo", init_adapter=str(adapter), quantization=args.quantization,
@@ -163,7 +163,7 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
     with open(job_dir / "worker.log", "wb") as err:
         rc = subprocess.run(
             [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT,
-            env=environment_recording(args.memory_history, f"{model_dir.parent.name}-engine"),
+            env=environment_recording(args.memory_history, f"{model_dir.parent.name}-engine", profile=True),
         ).returncode  # fmt: skip
     result = read_result(job_dir)
     if result is None or result.status != "succeeded":
@@ -187,11 +187,11 @@ def run_child(
     kind: str, model_dir: Path, tokens: Path, adapter: Path, args: argparse.Namespace, extra: list[str]
 ) -> dict[str, Any]:
     """This script as a ``--worker`` child (trl or Unsloth import their own stack; their memory is their own)."""
-    from engine.training.memory_history import environment_recording
+    from engine.training.run_diagnostics import environment_recording
 
     path = args.unsloth_path if kind == "unsloth" else args.trl_path
     name = "-".join([model_dir.parent.name, kind, *extra]).replace("--", "")
-    env = environment_recording(args.memory_history, name)
+    env = environment_recording(args.memory_history, name, profile=True)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(ROOT)) if p)
     cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--tokens", str(tokens),
            "--adapter", str(adapter), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
@@ -214,7 +214,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from engine.training.memory_history import MemoryHistory
+    from engine.training.run_diagnostics import RunDiagnostics
 
     cuda = torch.cuda.is_available()
     model, tokenizer = _worker_model(args, cuda)
@@ -247,9 +247,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            self.history = MemoryHistory("cuda" if cuda else "cpu")  # the engine's recording, here too
+            self.diagnostics = RunDiagnostics("cuda" if cuda else "cpu")  # the engine's recordings, here too
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.diagnostics.before_step(len(times))
             if cuda:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
-            self.history.step_done(len(times))
+            self.diagnostics.after_step(len(times))
 
     trainer.add_callback(Clock())
     t0 = time.perf_counter()
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-unsloth", action="store_true")
     p.add_argument(
         "--memory-history", default=None,
-        help="a folder: each run writes its allocator history there (benchmarks/memory_at_peak.py reads it)",
+        help="a folder: each run writes its allocator history there (benchmarks/memory_at_peak.py reads it) "
+        "and its second step's profile",
     )  # fmt: skip
     p.add_argument("--workdir", default=None)
     p.add_argument("--jsonl", type=Path, default=None)

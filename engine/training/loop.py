@@ -32,8 +32,8 @@ from engine.training.checkpoints import CheckpointWriter, latest_checkpoint, loa
 from engine.training.cuda_graphs import StepGraphs, why_not
 from engine.training.fast_step import run_step  # no host sync inside the step; see that module
 from engine.training.lora import switch_on_recomputation
-from engine.training.memory_history import MemoryHistory
 from engine.training.ranks import RankContext, active_rank
+from engine.training.run_diagnostics import RunDiagnostics
 from engine.training.step import StepInputs, StepResult, TrainStep
 
 
@@ -299,7 +299,7 @@ def _train_steps(
     plan, events, graphs = run.plan, run.events, inputs.graphs
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
-    history = MemoryHistory(run.device)  # only where BACKPROP_MEMORY_HISTORY asks for it
+    diagnostics = RunDiagnostics(run.device)  # only where the benchmarks ask for it
     run.t_begin = time.perf_counter()
     step, graphs_failure_told = start, False
     while step < plan.total_steps:
@@ -312,6 +312,7 @@ def _train_steps(
         )  # fmt: skip
         # one device: the next step is collated while the GPU runs this one (fast_step.run_step)
         ahead = plan.steps[step + 1] if run.rank is None and step + 1 < plan.total_steps else None
+        diagnostics.before_step(step - start)
         t0 = time.perf_counter()
         try:
             result = step_fn(replace(inputs, rows=plan.steps[step], micro=run.micro, next_rows=ahead))
@@ -320,7 +321,7 @@ def _train_steps(
             continue
         run.scheduler.step()
         step += 1
-        history.step_done(step - start)
+        diagnostics.after_step(step - start)
         if graphs is not None and graphs.failure and not graphs_failure_told:
             events.warning(f"CUDA graph capture failed, stepping eagerly from here: {graphs.failure}")
             graphs_failure_told = True

@@ -1,4 +1,5 @@
-"""engine.training.memory_history and benchmarks/memory_at_peak.py: what was alive at a run's peak."""
+"""engine.training.run_diagnostics and benchmarks/memory_at_peak.py: what was alive at a run's peak, and
+where its second step's time went."""
 
 from __future__ import annotations
 
@@ -12,12 +13,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from memory_at_peak import BEFORE, live_at_peak, report  # noqa: E402
 
+from engine.training.run_diagnostics import (  # noqa: E402
+    HISTORY_ENV,
+    HISTORY_STEPS,
+    PROFILE_ENV,
+    PROFILE_STEP,
+    environment_recording,
+)
+
 
 def _frames(filename: str, name: str) -> list[dict[str, object]]:
     return [
         {"filename": filename, "line": 7, "name": name},
         {"filename": "/x/benchmarks/run.py", "line": 1, "name": "main"},
     ]
+
+
+def test_a_benchmark_child_records_where_it_is_asked_to(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(HISTORY_ENV, raising=False)
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    env = environment_recording(str(tmp_path), "dpo-engine", profile=True)
+    assert env[HISTORY_ENV] == str(tmp_path / "dpo-engine.pickle")
+    assert env[PROFILE_ENV] == str(tmp_path / "dpo-engine.profile.txt")
+    assert PROFILE_ENV not in environment_recording(str(tmp_path), "grpo-engine")  # its step 2 is timed
+    assert HISTORY_ENV not in environment_recording(None, "x")  # no folder: nothing recorded
+
+
+def test_a_cpu_run_writes_its_second_steps_profile_and_no_memory_history(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(HISTORY_ENV, str(tmp_path / "run.pickle"))
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "run.profile.txt"))
+    _train_tiny(tiny_model_dir, tmp_path, "cpu")
+    tables = (tmp_path / "run.profile.txt").read_text()
+    assert tables.startswith("step 2: ") and "by host time:" in tables and "aten::" in tables
+    assert "by GPU time:" not in tables and not (tmp_path / "run.pickle").exists()
 
 
 def test_the_peak_and_what_was_alive_then_are_replayed_from_the_allocator_events() -> None:
@@ -50,39 +80,45 @@ def test_the_peak_and_what_was_alive_then_are_replayed_from_the_allocator_events
     }
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
-def test_gpu_run_records_its_history_and_the_replayed_peak_is_the_allocators(
-    tiny_model_dir, tmp_path, monkeypatch
-):
+def _train_tiny(tiny_model_dir: Path, tmp_path: Path, device: str) -> None:
+    """Three steps of the engine's loop on the tiny model, with the environment the test set."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from engine.contract.events import EventWriter
     from engine.data.tokenizing import Tokenized
     from engine.training.loop import train_adapter
-    from engine.training.memory_history import HISTORY_ENV, HISTORY_STEPS
 
-    snapshot = tmp_path / "run.pickle"
-    monkeypatch.setenv(HISTORY_ENV, str(snapshot))
     ids = [[(7 * i + j) % 200 + 3 for j in range(24)] for i in range(16)]
 
     class Resolved:  # what train_adapter reads
-        steps, learning_rate, warmup_steps, lr_scheduler = HISTORY_STEPS + 1, 1e-3, 0, "constant"
+        steps, learning_rate, warmup_steps, lr_scheduler = PROFILE_STEP + 1, 1e-3, 0, "constant"
         micro_batch_size, gradient_accumulation, max_seq_length, packing = 2, 1, 24, False
         rows_per_step, weight_decay, max_grad_norm, seed, checkpoint_every = 2, 0.0, 1.0, 0, None
 
     class Tok:
         pad_token_id = 0
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to("cuda")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    data = Tokenized(ids, [list(x) for x in ids], 0)
     with EventWriter(tmp_path / "events.jsonl") as events:
-        train_adapter(
-            model, Tok(), Tokenized(ids, [list(x) for x in ids], 0), Resolved, device="cuda:0", events=events
-        )
+        train_adapter(model, Tok(), data, Resolved, device=device, events=events)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_gpu_run_records_its_history_and_the_replayed_peak_is_the_allocators(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    snapshot, profile = tmp_path / "run.pickle", tmp_path / "run.profile.txt"
+    monkeypatch.setenv(HISTORY_ENV, str(snapshot))
+    monkeypatch.setenv(PROFILE_ENV, str(profile))
+    _train_tiny(tiny_model_dir, tmp_path, "cuda:0")
     info = json.loads(snapshot.with_suffix(".json").read_text())
     assert info["steps"] == HISTORY_STEPS and info["allocated_before_bytes"] > 0
     text = report(snapshot, top=10)
     replayed = float(text.split("peak ")[1].split(" GiB")[0])
     assert replayed == pytest.approx(info["peak_bytes"] / 2**30, abs=2e-3), text
     assert BEFORE in text
+    tables = profile.read_text()
+    assert tables.startswith(f"step {PROFILE_STEP}: ") and "by GPU time:" in tables and "aten::" in tables
