@@ -48,9 +48,8 @@ def job_device(choice: str, gpu_index: int = 0) -> str:
 
 
 def _make_context(device: str) -> None:
-    with contextlib.suppress(
-        Exception
-    ):  # the job meets the same error, with its own message, where it next uses the card
+    # an error here is the job's too: it meets it, with its own message, where it next uses the card
+    with contextlib.suppress(Exception):
         torch.zeros(1, device=device)
 
 
