@@ -24,6 +24,7 @@ from engine.data.tokenizing import (
     BATCH_ROWS,
     IGNORE_INDEX,
     FormattingError,
+    Renders,
     has_chat_template,
     render_prompt,
     tokenize_batch,
@@ -136,15 +137,24 @@ def _sequences(
             )
             for t in tokenize_batch(plain, tokenizer, None)
         ]
-    chats, prompts = [], []
-    for prompt, answer, source in pieces:
-        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
-        chats.append(Example(kind="chat", messages=[*turns, *reply], source=source))
-        prompts.append(render_prompt(turns, tokenizer))
+    turns = [
+        prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        for prompt, _, _ in pieces
+    ]
+    chats = [
+        Example(
+            kind="chat",
+            messages=[*t, *(a if isinstance(a, list) else [{"role": "assistant", "content": a}])],
+            source=src,
+        )
+        for t, (_, a, src) in zip(turns, pieces, strict=True)
+    ]
+    renders: Renders = {}  # a pair's answers share their prompt's renders, and the prompt alone is one of them
+    tokenized = tokenize_batch(chats, tokenizer, None, renders)
+    prompts = [render_prompt(t, tokenizer, renders) for t in turns]
     alone = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
     out = []
-    for t, prompt_ids in zip(tokenize_batch(chats, tokenizer, None), alone, strict=True):
+    for t, prompt_ids in zip(tokenized, alone, strict=True):
         n = 0
         while n < min(len(prompt_ids), len(t.input_ids)) and prompt_ids[n] == t.input_ids[n]:
             n += 1

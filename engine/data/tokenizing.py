@@ -28,6 +28,7 @@ How the assistant tokens are found
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,9 @@ from typing import Any
 from engine.data.formats import Example
 
 IGNORE_INDEX = -100  # the label that excludes a token from the loss (transformers' convention)
+# Chat-template renders already made, by (conversation as JSON, generation prompt): one batch renders each
+# conversation once (a preference pair's two answers share their prompt's renders).
+Renders = dict[tuple[str, bool], str]
 BATCH_ROWS = 2048  # examples tokenized in one call: the tokenizer's threads busy, its output bounded
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -60,7 +64,7 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
+def render_prompt(messages: list[dict[str, str]], tokenizer: Any, renders: Renders | None = None) -> str:
     """The text to generate from: the chat template with the assistant's turn opened.
 
     Without a chat template (a base model) the contents are joined by blank lines.
@@ -69,7 +73,7 @@ def render_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
         raise FormattingError("no messages to render; give at least one user message")
     if not has_chat_template(tokenizer):
         return "\n\n".join(m["content"] for m in messages)
-    return _render(tokenizer, messages, add_generation_prompt=True, source="prompt")
+    return _render(tokenizer, messages, add_generation_prompt=True, source="prompt", renders=renders)
 
 
 def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) -> TokenizedExample:
@@ -77,11 +81,12 @@ def tokenize_example(ex: Example, tokenizer: Any, max_seq_length: int | None) ->
 
 
 def tokenize_batch(
-    examples: list[Example], tokenizer: Any, max_seq_length: int | None
+    examples: list[Example], tokenizer: Any, max_seq_length: int | None, renders: Renders | None = None
 ) -> list[TokenizedExample]:
     """``tokenize_example`` for many examples: every text is laid out first, then a fast tokenizer encodes
     them all in one call (its own threads, one per core: most of a job's tokenizing time otherwise)."""
-    layouts = [_layout(ex, tokenizer) for ex in examples]
+    renders = {} if renders is None else renders
+    layouts = [_layout(ex, tokenizer, renders) for ex in examples]
     encoded: dict[int, tuple[list[int], list[int]]] = {}
     for special in (False, True):
         todo = [i for i, lay in enumerate(layouts) if lay.ids is None and lay.add_special_tokens is special]
@@ -135,7 +140,7 @@ class _Layout:
     labels: list[int] | None = None
 
 
-def _layout(ex: Example, tokenizer: Any) -> _Layout:
+def _layout(ex: Example, tokenizer: Any, renders: Renders) -> _Layout:
     if ex.kind == "tokens":  # pre-tokenized: taken as given
         if ex.input_ids is None:
             raise FormattingError(f"{ex.source}: a tokens example has no input_ids")
@@ -153,7 +158,7 @@ def _layout(ex: Example, tokenizer: Any) -> _Layout:
                 {"role": "user", "content": ex.prompt},
                 {"role": "assistant", "content": ex.completion},
             ]
-            return _chat_layout(messages, tokenizer, ex.source)
+            return _chat_layout(messages, tokenizer, ex.source, renders)
         text = ex.prompt + ex.completion
         return _Layout(ex.source, text, [(len(ex.prompt), len(text))], add_special_tokens=True, eos=True)
     if ex.kind == "chat":
@@ -164,13 +169,21 @@ def _layout(ex: Example, tokenizer: Any) -> _Layout:
                 f"{ex.source}: this tokenizer has no chat template, so a conversation cannot be rendered. "
                 "Use an instruct/chat model, or give the data as prompt/completion or text rows."
             )
-        return _chat_layout(ex.messages, tokenizer, ex.source)
+        return _chat_layout(ex.messages, tokenizer, ex.source, renders)
     raise FormattingError(f"{ex.source}: unknown example kind {ex.kind!r}")
 
 
 def _render(
-    tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool, source: str
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool,
+    source: str,
+    renders: Renders | None = None,
 ) -> str:
+    key = (json.dumps(messages, sort_keys=True), add_generation_prompt)
+    if renders is not None and key in renders:
+        return renders[key]
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -182,6 +195,8 @@ def _render(
         ) from e
     if not isinstance(text, str):  # pragma: no cover - a batched render is never requested
         raise FormattingError(f"{source}: the chat template did not render text")
+    if renders is not None:
+        renders[key] = text
     return text
 
 
@@ -189,7 +204,7 @@ def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]
     return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
-def _chat_layout(messages: list[dict[str, str]], tokenizer: Any, source: str) -> _Layout:
+def _chat_layout(messages: list[dict[str, str]], tokenizer: Any, source: str, renders: Renders) -> _Layout:
     if isinstance(tokenizer.chat_template, str) and _GENERATION_TAG.search(tokenizer.chat_template):
         try:
             out = tokenizer.apply_chat_template(
@@ -206,29 +221,29 @@ def _chat_layout(messages: list[dict[str, str]], tokenizer: Any, source: str) ->
                 source, ids=ids, labels=[t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
             )
         # A template whose generation block did not fire for these messages: locate by prefixes.
-    full = _render(tokenizer, messages, add_generation_prompt=False, source=source)
-    return _Layout(source, full, _assistant_spans(messages, tokenizer, full, source))
+    full = _render(tokenizer, messages, add_generation_prompt=False, source=source, renders=renders)
+    return _Layout(source, full, _assistant_spans(messages, tokenizer, full, source, renders))
 
 
 def _assistant_spans(
-    messages: list[dict[str, str]], tokenizer: Any, full: str, source: str
+    messages: list[dict[str, str]], tokenizer: Any, full: str, source: str, renders: Renders
 ) -> list[tuple[int, int]]:
     """Character spans of ``full`` that belong to assistant turns (content + end-of-turn)."""
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        last = i == len(messages) - 1  # the whole conversation: ``full`` itself, not rendered again
-        through = (
-            full
-            if last
-            else _render(tokenizer, messages[: i + 1], add_generation_prompt=False, source=source)
+        # (the last turn's ``through`` is ``full``: ``renders`` holds it already)
+        through = _render(
+            tokenizer, messages[: i + 1], add_generation_prompt=False, source=source, renders=renders
         )
         if i == 0:
             # No earlier turn to render: the turn starts where its content does.
             start = max(0, through.find(message["content"]))
         else:
-            before = _render(tokenizer, messages[:i], add_generation_prompt=True, source=source)
+            before = _render(
+                tokenizer, messages[:i], add_generation_prompt=True, source=source, renders=renders
+            )
             if not full.startswith(before):
                 raise _prefix_error(source)
             start = len(before)
