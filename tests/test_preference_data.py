@@ -170,6 +170,28 @@ def test_tokenized_with_the_chat_template_loss_on_the_answers_only(
     assert truncated(data, max_prompt_length=4, max_seq_length=4).dropped == 2  # no answer token left
 
 
+def test_a_pair_renders_its_prompt_once(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Three chat-template renders a pair (each answer's whole conversation, and the prompt with the
+    assistant's turn opened, which both answers' spans and the prompt's length share), where rendering
+    each sequence on its own made six; the tokens are those of each pair alone."""
+    tok = _tokenizer(tiny_model_dir)
+    path = _write(
+        tmp_path, [{"prompt": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": "no"} for i in range(5)]
+    )
+    examples, _ = load_examples(DatasetSettings(path=str(path)))
+    calls = []
+    render = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: calls.append(k) or render(*a, **k))
+    together = tokenize_preferences(examples, tok)
+    assert len(calls) == 3 * len(examples)
+    for i, ex in enumerate(examples):  # the same sequences as each pair tokenized alone
+        alone = tokenize_preferences([ex], tok)
+        pair = together.units[i]
+        assert [together.input_ids[s] for s in pair] == alone.input_ids
+        assert [together.labels[s] for s in pair] == alone.labels
+        assert [together.prompt_lengths[s] for s in pair] == alone.prompt_lengths
+
+
 def test_the_defaults_choose_both_lengths_and_count_a_pair_as_two_sequences() -> None:
     from engine.contract.spec import TrainSettings
     from engine.models.presets import get_preset
