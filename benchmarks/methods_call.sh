@@ -71,7 +71,7 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
 done
 # what was alive at each recorded run's peak (its first step), by the code that allocated it; where the
 # 0.5B DPO runs' second step spent its time (the tables are kept in $OUT/diagnostics)
-ls /tmp/memory/*.pickle >/dev/null 2>&1 && timeout 60 python3 benchmarks/memory_at_peak.py /tmp/memory/*.pickle --top 15
+ls /tmp/memory/*.pickle >/dev/null 2>&1 && timeout "$(cap 150)" python3 benchmarks/memory_at_peak.py /tmp/memory/*.pickle --top 15
 mkdir -p "$OUT/diagnostics" && cp /tmp/memory/*.json /tmp/memory/*.profile.txt "$OUT/diagnostics/" 2>/dev/null
 for f in /tmp/memory/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -40 "$f"; }; done
 echo "== done, $(left) s left"
