@@ -159,23 +159,24 @@ print(device, had, len(makers), context())
 """
 
 
-def test_a_cpu_job_starts_no_cuda_context_thread():
+def _context_check(choice: str) -> list[str]:
+    """(device, a context before, context threads started, a context after) from a fresh process."""
     out = subprocess.run(
-        [sys.executable, "-c", _CONTEXT_CHECK.format(choice="cpu")], capture_output=True, text=True
+        [sys.executable, "-c", _CONTEXT_CHECK.format(choice=choice)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["cpu", "False", "0", "False"]
+    return out.stdout.split()
+
+
+def test_a_cpu_job_starts_no_cuda_context_thread():
+    assert _context_check("cpu") == ["cpu", "False", "0", "False"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 def test_a_gpu_job_makes_its_cuda_context_on_a_thread_from_its_start():
     """job_device returns at once and a thread makes the card's context, while the job goes on (a fresh
     process: this one has a context already)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _CONTEXT_CHECK.format(choice="auto")], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["cuda:0", "False", "1", "True"]
+    assert _context_check("auto") == ["cuda:0", "False", "1", "True"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")

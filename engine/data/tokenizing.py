@@ -181,9 +181,17 @@ def _render(
     source: str,
     renders: Renders | None = None,
 ) -> str:
+    if renders is None:
+        return _apply_template(tokenizer, messages, add_generation_prompt, source)
     key = (json.dumps(messages, sort_keys=True), add_generation_prompt)
-    if renders is not None and key in renders:
-        return renders[key]
+    if key not in renders:
+        renders[key] = _apply_template(tokenizer, messages, add_generation_prompt, source)
+    return renders[key]
+
+
+def _apply_template(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool, source: str
+) -> str:
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -195,8 +203,6 @@ def _render(
         ) from e
     if not isinstance(text, str):  # pragma: no cover - a batched render is never requested
         raise FormattingError(f"{source}: the chat template did not render text")
-    if renders is not None:
-        renders[key] = text
     return text
 
 

@@ -179,8 +179,7 @@ def serve(warm_dir: str | Path, delay_s: float = 0.0) -> int:
         shutil.rmtree(warm_dir, ignore_errors=True)
         return 0
     report = warm_imports()
-    gc.collect()  # while nothing waits: the imports' garbage goes, what they made is frozen (run_recipe)
-    gc.freeze()
+    gc.collect()  # the imports' garbage goes while nothing waits; run_recipe freezes what they made
     report |= {"pid": os.getpid(), "ready_at": time.time()}
     print(f"warm worker {os.getpid()}: {json.dumps(report)}", file=sys.stderr, flush=True)
     tmp = warm_dir / f"{READY_FILE}.tmp"

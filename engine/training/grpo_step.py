@@ -137,9 +137,8 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     inputs.optimizer.zero_grad(set_to_none=True)
     loss, norm, kl = torch.stack([totals.loss, grad_norm.float(), totals.kl]).tolist()
     metrics = rollout_metrics(rollout, run.rewards)
-    metrics["timing/sampling_s"] = round(
-        run.sampling_s, 3
-    )  # where a GRPO step's time goes: sampling or learning
+    # where a GRPO step's time goes: sampling or learning
+    metrics["timing/sampling_s"] = round(run.sampling_s, 3)
     if run.loss.beta != 0.0 and totals.kl_tokens:
         metrics["kl"] = round(kl / totals.kl_tokens, 6)
     run.done(rollout, metrics)
