@@ -353,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also Unsloth's GRPO (trl's GRPOTrainer as Unsloth patches it), with its pack on this PYTHONPATH",
     )  # fmt: skip
     p.add_argument(
-        "--sampling", choices=["both", "generate"], default="both",
-        help="both: the engine's job also with grpo_sampling_graphs (a CUDA graph of the decode step)",
+        "--sampling", choices=["both", "generate", "graphs"], default="both",
+        help="the engine's job with generate, with grpo_sampling_graphs (a CUDA graph of the decode step), or "
+        "both (graphs first, then trl, then generate: a cut-off call keeps the pair that matters)",
     )  # fmt: skip
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument(
@@ -385,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     records: list[dict[str, Any]] = []
     for name, run, skip in (
-        ("engine", run_engine, args.skip_engine),
         (
             "engine, sampling graphs",
             partial(run_engine, graphs=True),
             args.skip_engine or args.sampling == "generate",
         ),
         ("trl", run_trl, args.skip_trl),
+        ("engine", run_engine, args.skip_engine or args.sampling == "graphs"),
         ("unsloth", partial(run_trl, framework="unsloth"), not args.unsloth_path),
     ):
         if skip:
