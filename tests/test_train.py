@@ -127,22 +127,26 @@ def _chunk(n: int = 64, vocab: int = 3000, dtype: torch.dtype = torch.float32, d
     return logits, index, keep
 
 
-def test_the_compilable_chunk_loss_equals_cross_entropy_and_the_eager_ops_exactly():
-    """softmax_cross_entropy_grad (what runs compiled on a GPU), run eagerly in fp32: the same loss and
-    logit gradient as F.cross_entropy's, and as the eager in-place ops that the CPU uses."""
-    from engine.training.loss import _chunk_grad, softmax_cross_entropy_grad
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_compilable_chunk_loss_equals_cross_entropy_and_the_eager_ops_exactly(temperature: float):
+    """softmax_cross_entropy_grad (what runs compiled on a GPU), run eagerly in fp32: the same per-row losses
+    and logit gradient as F.cross_entropy's on the logits over the temperature, and as the eager in-place
+    ops that the CPU uses."""
+    from engine.training.loss import cross_entropy_rows, softmax_cross_entropy_grad
 
     logits, index, keep = _chunk()
-    loss, grad = softmax_cross_entropy_grad(logits, index, keep.float())
+    losses, grad = softmax_cross_entropy_grad(logits, index, keep.float(), temperature)
     x = logits.clone().requires_grad_(True)
     targets = torch.where(keep[:, 0], index[:, 0], torch.full_like(index[:, 0], IGNORE))
-    ref = torch.nn.functional.cross_entropy(x, targets, ignore_index=IGNORE, reduction="sum")
-    ref.backward()
-    assert torch.allclose(loss, ref, rtol=1e-6)
-    assert torch.allclose(grad, x.grad, atol=1e-6)
-    eager_loss, eager_grad = _chunk_grad(logits, index, keep)  # the CPU takes the in-place ops
-    assert torch.allclose(eager_loss, loss, rtol=1e-6) and torch.allclose(eager_grad, grad, atol=1e-6)
-    assert grad[::5].abs().max() == 0
+    ref = torch.nn.functional.cross_entropy(x / temperature, targets, ignore_index=IGNORE, reduction="none")
+    ref.sum().backward()
+    assert losses.shape == (logits.shape[0],)
+    torch.testing.assert_close(losses, ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, atol=1e-6, rtol=1e-5)
+    eager_losses, eager_grad = cross_entropy_rows(logits, index, keep, temperature)  # the CPU's in-place ops
+    torch.testing.assert_close(eager_losses, losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(eager_grad, grad, atol=1e-6, rtol=1e-5)
+    assert grad[::5].abs().max() == 0 and losses[::5].abs().max() == 0
 
 
 _CONTEXT_CHECK = """
@@ -185,11 +189,43 @@ def test_gpu_compiled_chunk_loss_follows_the_eager_ops():
     from engine.training import loss as loss_module
 
     logits, index, keep = _chunk(512, 151_936, torch.bfloat16, "cuda")
-    loss, grad = loss_module._chunk_grad(logits, index, keep)
-    assert "failed" not in loss_module._COMPILED, loss_module._COMPILED.get("failed")
-    ref_loss, ref_grad = loss_module.softmax_cross_entropy_grad(logits, index, keep.float())
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
-    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=2e-3, rtol=1e-2)
+    for temperature in (1.0, 0.7):  # the next-token loss's, GRPO's sampling temperature
+        losses, grad = loss_module.cross_entropy_rows(logits, index, keep, temperature)
+        assert "failed" not in loss_module._COMPILED, loss_module._COMPILED.get("failed")
+        ref_losses, ref_grad = loss_module.softmax_cross_entropy_grad(
+            logits, index, keep.float(), temperature
+        )
+        torch.testing.assert_close(losses, ref_losses, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("head", ["next-token loss", "token log-probabilities"])
+def test_gpu_chunked_head_holds_one_chunk_of_16_bit_logits_and_their_gradient(head: str):
+    """The frozen head's working set over its kept results: one chunk's bf16 logits and their bf16 gradient
+    (the previous chunk's dropped first, nothing in fp32), at Qwen2.5's vocabulary."""
+    from engine.planning.memory import loss_chunk_tokens
+    from engine.training.loss import token_loss_sum
+    from engine.training.token_logps import token_logps
+
+    run = token_loss_sum if head == "next-token loss" else token_logps
+    vocab, width, n = 151_936, 896, 4096
+    weight = torch.randn(vocab, width, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(n, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    run(hidden[:64], weight, targets[:64]).sum().backward()  # compiles the kernel first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = run(hidden, weight, targets)
+    peak = torch.cuda.max_memory_allocated() - before
+    chunk = loss_chunk_tokens(vocab) * vocab * 2 * 2  # bf16 logits and bf16 gradient
+    kept = n * width * 2 + n * 4  # the hidden states' gradient, the log-probabilities
+    print(
+        f"{head}: working set {peak / 2**20:.0f} MiB; one chunk's logits and gradient {chunk / 2**20:.0f} MiB"
+    )
+    assert peak <= 1.1 * chunk + kept + 16 * 2**20
+    del out
 
 
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):

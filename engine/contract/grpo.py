@@ -168,9 +168,10 @@ class GrpoSettings(_Strict):
         description="completions generated at once; default: a step's worth, or what fits",
     )
     sampling_graphs: bool = Field(
-        False,
+        True,
         description="sample with a static KV cache and, on a CUDA GPU, a CUDA graph of one decode step instead "
-        "of transformers' generate (host-bound); off until measured on a GPU",
+        "of transformers' generate, which is bound by the host (off: generate; a model that cannot sample "
+        "this way falls back to generate, with a warning)",
     )
     temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (also divides the logits)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")

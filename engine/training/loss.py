@@ -13,7 +13,7 @@ two matmuls and one softmax per chunk instead of checkpointing's three matmuls (
 backward), two softmaxes and a softmax backward, with no host sync (CUDA graphs capture it). Where the head
 is trained, each chunk is checkpointed: its logits are recomputed in the backward pass instead of kept.
 
-On a GPU the per-chunk loss and logit gradient (``softmax_cross_entropy_grad``) run compiled by
+On a GPU the per-chunk losses and logit gradient (``softmax_cross_entropy_grad``) run compiled by
 torch.compile: one reduction and one pointwise kernel that read the 16-bit logits and write the 16-bit
 gradient, where the eager ops make three fp32 passes (a fifth of a small model's step at micro-batch
 16). The first chunk compiles it (a few seconds, once per process); where compiling fails the eager
@@ -39,18 +39,19 @@ def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def softmax_cross_entropy_grad(
-    logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor
+    logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one chunk of ``logits`` [n, vocab]: the summed cross-entropy against ``index`` [n, 1] over the
-    rows whose ``keep`` [n, 1] is 1, and its gradient w.r.t. the logits (softmax minus one-hot, zero in
-    rows not kept) in the logits' dtype. Written as one row reduction and one pointwise expression so
-    that torch.compile fuses it; the maths is ``LinearCrossEntropy``'s eager ops'."""
-    x = logits.float()
+    """For one chunk of ``logits`` [n, vocab] divided by ``temperature``: each row's cross-entropy against
+    ``index`` [n, 1] where ``keep`` [n, 1] is 1 (0 elsewhere), [n] fp32, and its gradient w.r.t. the logits
+    (softmax minus one-hot, over ``temperature``; zero in rows not kept) in the logits' dtype. Written as
+    one row reduction and one pointwise expression so that torch.compile fuses it; the maths is
+    ``cross_entropy_rows``' eager ops'. (A division by 1.0 is exact: one kernel serves every temperature.)"""
+    x = logits.float() / temperature
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    loss = ((lse - x.gather(1, index)) * keep).sum()
+    losses = ((lse - x.gather(1, index)) * keep).squeeze(1)
     onehot = torch.arange(x.shape[-1], device=x.device) == index
-    grad = (torch.exp(x - lse) - onehot.float()) * keep
-    return loss, grad.to(logits.dtype)
+    grad = (torch.exp(x - lse) - onehot.float()) * keep / temperature
+    return losses, grad.to(logits.dtype)
 
 
 _COMPILED: dict[str, Any] = {}  # "fn": the compiled softmax_cross_entropy_grad; "failed": why not
@@ -64,13 +65,15 @@ def _compiled_softmax_grad() -> Any:
     return _COMPILED["fn"]
 
 
-def _chunk_grad(
-    logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor
+def cross_entropy_rows(
+    logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax_cross_entropy_grad`` compiled on a GPU, the eager in-place ops elsewhere."""
+    """``softmax_cross_entropy_grad`` (``keep`` boolean here), compiled on a GPU, the eager in-place ops
+    elsewhere. Either way one chunk's working set is its logits and their gradient: the caller drops both
+    before the next chunk's logits exist."""
     if logits.is_cuda and (fused := _compiled_softmax_grad()) is not None:
         try:
-            return fused(logits, index, keep.to(torch.float32))
+            return fused(logits, index, keep.to(torch.float32), temperature)
         except torch.OutOfMemoryError:  # the loop's back-off answers it; the kernel itself is fine
             raise
         except Exception as exc:  # no Triton, a compiler error: the eager ops compute the same
@@ -78,10 +81,15 @@ def _chunk_grad(
             warnings.warn(f"compiled loss kernel unavailable, using eager ops: {exc!r}", stacklevel=2)
     # Three passes over the [chunk, vocab] logits: log-softmax in fp32 (read in the dtype F.linear
     # gives under autocast, as chunk_loss), its exp in place, the cast for the matmul.
-    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    loss = -(logp.gather(1, index) * keep).sum()
-    probs = logp.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logp.dtype))
-    return loss, probs.mul_(keep).to(logits.dtype)
+    if temperature == 1.0:
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        logp = torch.log_softmax(logits.float().div_(temperature), dim=-1)
+    losses = -(logp.gather(1, index) * keep).squeeze(1)
+    probs = logp.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logp.dtype)).mul_(keep)
+    if temperature != 1.0:
+        probs.div_(temperature)
+    return losses, probs.to(logits.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -98,9 +106,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             keep = (t != IGNORE).unsqueeze(1)
             index = t.clamp_min(0).unsqueeze(1)  # IGNORE rows point anywhere; their rows are masked out
-            loss, grad_logits = _chunk_grad(F.linear(h, weight), index, keep)
-            total += loss
+            losses, grad_logits = cross_entropy_rows(F.linear(h, weight), index, keep)
+            total += losses.sum()
             grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight  # 0 if ignored
+            del grad_logits  # else it shares the next chunk's peak with that chunk's logits and gradient
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -4,8 +4,9 @@ their sums per sequence: what the preference losses (DPO, KTO, ORPO) are made of
 The same chunking as the next-token loss (engine.training.loss): only the positions that carry a target
 are projected through the output head, one chunk of logits at a time. With a frozen head (LoRA) each
 chunk's gradient with respect to the hidden states is computed in the forward pass while its logits are
-at hand (one-hot minus softmax, times the head) and kept as one [tokens, hidden] tensor; the backward
-pass scales each row by its token's incoming gradient (``TokenLogProbs``). A preference loss weighs each
+at hand (one-hot minus softmax, times the head; the next-token loss's kernel) and kept as one
+[tokens, hidden] tensor; the backward pass scales each row by its token's incoming gradient
+(``TokenLogProbs``). A preference loss weighs each
 sequence differently, so the gradient arrives per token, where the next-token loss has one scale.
 """
 
@@ -19,27 +20,26 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.planning.memory import loss_chunk_tokens
 from engine.training.batching import DeviceBatch
-from engine.training.loss import causal_lm, supports_hidden_state_loss
+from engine.training.loss import causal_lm, cross_entropy_rows, supports_hidden_state_loss
 
 
 def chunk_logps(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log p(target) of each row of ``hidden`` through ``weight`` (fp32), the logits divided by ``temperature``."""
-    logits = F.linear(hidden, weight).float() / temperature
+    """log p(target) of each row of ``hidden`` through ``weight`` (fp32), the logits divided by ``temperature``.
+    Without gradients: one fp32 copy of the chunk's logits (the 16-bit ones go once copied) and logsumexp's."""
+    logits = F.linear(hidden, weight).float()
+    if temperature != 1.0:
+        logits.div_(temperature)  # its own copy (or F.linear's fp32 output), which no backward reads
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def _log_softmax(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature == 1.0:
-        return torch.log_softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float32)
-    return torch.log_softmax(F.linear(hidden, weight).float().div_(temperature), dim=-1)
 
 
 class TokenLogProbs(torch.autograd.Function):
     """log p(target) of each row of ``hidden`` [n, h] through a frozen head ``weight`` [vocab, h] (the logits
     divided by ``temperature``: GRPO's sampling temperature), in chunks of ``chunk`` rows; the gradient
-    w.r.t. ``hidden`` is computed in the forward pass, ``weight`` gets none."""
+    w.r.t. ``hidden`` is computed in the forward pass, ``weight`` gets none. log p(target) is minus the
+    cross-entropy: each chunk goes through the next-token loss's kernel (compiled on a GPU), so its working
+    set is its 16-bit logits and their gradient, nothing in fp32."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -51,23 +51,23 @@ class TokenLogProbs(torch.autograd.Function):
         temperature: float,
     ) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty_like(hidden)  # of the cross-entropy: minus log p's
+        every_row = torch.ones(min(chunk, hidden.shape[0]), 1, dtype=torch.bool, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(1)
-            logp = _log_softmax(h, weight, temperature)
-            out[start : start + chunk] = logp.gather(1, t).squeeze(1)
-            # d log p(t) / d logits = (onehot(t) - softmax) / temperature, in place over the log-softmax
-            grad_logits = logp.exp_().neg_().scatter_add_(1, t, torch.ones_like(t, dtype=logp.dtype))
-            if temperature != 1.0:
-                grad_logits.div_(temperature)
+            losses, grad_logits = cross_entropy_rows(
+                F.linear(h, weight), t, every_row[: h.shape[0]], temperature
+            )
+            torch.neg(losses, out=out[start : start + chunk])
             grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
+            del grad_logits  # else it shares the next chunk's peak with that chunk's logits and gradient
         ctx.save_for_backward(grad_hidden)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad.unsqueeze(1).to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad.neg().unsqueeze(1).to(grad_hidden.dtype), None, None, None, None
 
 
 def token_logps(
