@@ -19,7 +19,8 @@ A variant may end in ``+nr`` (no recomputation: gradient checkpointing off, as t
 where memory allows) or ``+off`` (checkpointed layer inputs offloaded to pinned host memory,
 ``train.offload_activations``, engine.training.offload), e.g. ``fastg+nr``, ``fast+off``; and in
 ``+tv`` (packed rows through torch's flash varlen kernel even where FlashAttention-4 is installed)
-or ``+fx`` (FlashAttention-4 for fixed rows too), e.g. ``fastg+nr+tv``.
+or ``+fx`` (FlashAttention-4 for fixed rows too), e.g. ``fastg+nr+tv``; ``+um`` keeps the MLP's activation
+out of the down projection's node (engine.training.fused_mlp), as the fast path had it before.
 
 ``--rounds N`` runs the variants N times, interleaved (plain fast fastc plain fast fastc ...), and
 reports each variant's median tokens/s: a small model's step time drifts between steps by more
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.cuda_graphs import StepGraphs, why_not
     from engine.training.fast_step import run_step
     from engine.training.fused_lora import unfuse_lora_layers
+    from engine.training.fused_mlp import unfuse_gated_mlps
     from engine.training.lora import add_lora
     from engine.training.offload import ActivationOffload
     from engine.training.step import StepInputs
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(init[n])
+        unfuse_gated_mlps(model)
         unfuse_lora_layers(model)
         uncompile_decoder_layers(model)
         model.__dict__.pop(VARLEN_FLAG, None)
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             m._gradient_checkpointing_func = offload.wrap(func) if offload else func
         labels = {
             "nr": "no recomputation", "off": "offloaded layer inputs", "tv": "torch's varlen kernel asked for",
-            "fx": "FlashAttention-4 for fixed rows too",
+            "fx": "FlashAttention-4 for fixed rows too", "um": "the MLP unfused",
         }  # fmt: skip
         applied: list[str] = [labels[m] for m in modifiers]
         os.environ[va.KERNEL_ENV] = "torch" if "tv" in modifiers else "auto"
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         compiled = variant in ("fastc", "fastcg")
         if variant != "plain" and device != "cpu":
             applied += apply_fast_path(model, device, loaded.info, compile_layers=compiled)
+            if "um" in modifiers:  # the MLP's product kept as the down projection's input, as before
+                unfuse_gated_mlps(model)
+                applied = [a for a in applied if "MLP" not in a]
         elif compiled:  # the CPU has no fast path to switch on: compile alone
             applied = [f"torch.compile on {compile_decoder_layers(model)} decoder layers"]
         step_fn = old_step if variant == "plain" else run_step

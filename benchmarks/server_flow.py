@@ -179,6 +179,11 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
     }
     if loop["loop_s"] is not None:
         loop["between_steps_s"] = round(loop["loop_s"] - loop["steps_s"] - loop["checkpoint_s"], 3)
+    # the loop's own account (engine.training.loop): its time waiting on checkpoints, where the events'
+    # times above count a background write's whole length
+    account = next((e.details for e in events if e.type == "log" and "loop_s" in e.details), None)
+    if account is not None:
+        loop["job_account"] = account
     return {
         "state": status["state"],
         "error": status.get("error"),

@@ -13,7 +13,8 @@
 #      step rate;
 #   2. Unsloth's pairings at 0.5B, seq 2048, micro-batch 4 and 16: the engine in one process
 #      (profile_step.py: fastg = checkpointed, fastg+nr = no recomputation, the defaults on this card;
-#      3 rounds) and Unsloth (shared/bench/unsloth/unsloth_bench.py) with its offloaded checkpointing
+#      ENGINE_VARIANTS picks others, e.g. fast+off (offloaded layer inputs, as Unsloth's checkpointing)
+#      and fastg+nr+um (the MLP unfused); 2 rounds) and Unsloth (shared/bench/unsloth/unsloth_bench.py) with its offloaded checkpointing
 #      (its default) and with --grad-ckpt off;
 #   3. FlashAttention-4's large libraries, part 1: copied to /tmp/fa4stage for the second call
 #      (speed_call_v10b.sh), which must follow while the machine is warm.
@@ -71,8 +72,8 @@ if want 2; then
   [ -z "${SMOKE:-}" ] && [ -f "$PK/unsloth_site.tar.xz" ] && mkdir -p /tmp/us && tar -C /tmp/us -xJf "$PK/unsloth_site.tar.xz"
   for mb in ${MBS:-4 16}; do
     [ "$(left)" -lt 50 ] && { echo "(no time left for mb$mb)"; continue; }
-    echo "== 2. mb$mb: engine fastg (checkpointed), fastg+nr (no recomputation) $(date -u +%T), $(left) s left"
-    timeout $(cap 130) $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants fastg,fastg+nr \
+    echo "== 2. mb$mb: engine ${ENGINE_VARIANTS:-fastg,fastg+nr} $(date -u +%T), $(left) s left"
+    timeout $(cap 130) $PY benchmarks/profile_step.py --model-dir $M $SHAPE --batch $mb --variants ${ENGINE_VARIANTS:-fastg,fastg+nr} \
       --out "$OUT/engine_mb$mb" 2>&1 | grep -v "Warning\|triton_kernel_wrap\|Loading weights" | tail -4
     [ -n "${SMOKE:-}" ] || [ ! -d /tmp/us ] && continue
     for ck in off unsloth; do

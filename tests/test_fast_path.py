@@ -76,6 +76,79 @@ def test_fused_lora_equals_peft_forward_and_backward_on_a_model(tiny_model_dir):
     assert torch.equal(again, ref_loss)
 
 
+def test_fused_mlp_equals_peft_and_keeps_no_product(tiny_model_dir):
+    """The MLP's activation inside the down projection's node: loss and every LoRA gradient equal peft's
+    (fp32); the node keeps gate and up but not their product; unfused, the MLP's own forward is back."""
+    from engine.training.fused_mlp import SiluMulLoraLinearFn, fuse_gated_mlps, unfuse_gated_mlps
+
+    model = _peft_model(tiny_model_dir)
+    data = _data([20, 13, 31, 8])
+    batch = collate([[0, 1], [2, 3]], data.input_ids, data.labels, pad_id=0)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+
+    fused_lora.fuse_lora_layers(model)
+    assert fuse_gated_mlps(model) == 2  # one a decoder layer
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+    mlp = next(m for m in model.modules() if hasattr(m, "down_proj") and hasattr(m, "gate_proj"))
+    x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    out = mlp(x)
+    assert type(out.grad_fn).__name__ == f"{SiluMulLoraLinearFn.__name__}Backward"
+    kept = {t.shape for t in out.grad_fn.saved_tensors}
+    intermediate = model.config.intermediate_size
+    assert sum(1 for t in out.grad_fn.saved_tensors if t.shape == (10, intermediate)) == 2  # gate, up
+    assert kept <= {(10, intermediate), (10, 4), (4, intermediate), (model.config.hidden_size, 4)}
+
+    with model.disable_adapter():  # DPO's reference pass: the plain MLP with the adapter off
+        plain = model.base_model.model(input_ids=batch.input_ids).logits
+    unfuse_gated_mlps(model)
+    fused_lora.unfuse_lora_layers(model)
+    assert "forward" not in mlp.__dict__
+    with model.disable_adapter():
+        assert torch.allclose(model.base_model.model(input_ids=batch.input_ids).logits, plain)
+    again, _ = _loss_and_grads(model, batch)
+    assert torch.equal(again, ref_loss)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            id="gpu",  # Liger's SwiGLU kernels where liger-kernel is installed
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_fused_mlp_under_bf16_autocast_is_as_close_to_fp32_as_the_unfused_path(tiny_model_dir, device):
+    """bf16 autocast (the GPU's compute dtype): against the same model in fp32, the fused MLP's loss and
+    gradients are no further off than the unfused path's (its bf16 rounding, not a new error)."""
+    from engine.training.fused_mlp import fuse_gated_mlps
+
+    data = _data([20, 13, 31, 8])
+    batch = collate([[0, 1], [2, 3]], data.input_ids, data.labels, pad_id=0).to(device)
+    model = _peft_model(tiny_model_dir).to(device)
+    fused_lora.fuse_lora_layers(model)
+    exact_loss, exact = _loss_and_grads(model, batch)  # fp32
+    errors = []
+    for with_mlp in (False, True):
+        if with_mlp:
+            fuse_gated_mlps(model)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss, grads = _loss_and_grads(model, batch)
+        off = max((grads[n] - g).norm().item() / g.norm().item() for n, g in exact.items())
+        errors.append((abs(loss.item() - exact_loss.item()), off))
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = errors
+    print(
+        f"bf16 against fp32: loss {plain_loss:.2e} / {fused_loss:.2e}, worst gradient {plain_grads:.3f} / {fused_grads:.3f}"
+    )
+    assert fused_loss <= 2 * plain_loss + 1e-3 and fused_grads <= 1.5 * plain_grads + 1e-3
+
+
 def test_fused_lora_refreshes_its_cast_weights_after_a_fused_optimizer_step(tiny_model_dir):
     """bf16 casts are cached within a step and renewed after it, also with fused AdamW (which
     updates parameters without bumping their version counter: the GPU loop's optimizer)."""

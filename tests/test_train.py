@@ -228,6 +228,27 @@ def test_gpu_chunked_head_holds_one_chunk_of_16_bit_logits_and_their_gradient(he
     del out
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again():
+    """compile_ahead's thread compiles the chunk kernel for a full chunk and a shape-generic last one: a
+    step's chunks of either kind then compile nothing more (torch._dynamo's count of frames compiled)."""
+    from torch._dynamo.utils import counters
+
+    from engine.planning.memory import loss_chunk_tokens
+    from engine.training import loss as loss_module
+
+    vocab = 32_000
+    thread = loss_module.compile_ahead("cuda", vocab)
+    assert thread is not None
+    thread.join()
+    assert "failed" not in loss_module._COMPILED, loss_module._COMPILED.get("failed")
+    frames = counters["stats"]["unique_graphs"]
+    for rows in (loss_chunk_tokens(vocab), 37):
+        logits, index, keep = _chunk(rows, vocab, torch.bfloat16, "cuda")
+        loss_module.cross_entropy_rows(logits, index, keep)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):
     """Packing must not let examples see each other: same loss as running each alone with HF's own loss."""
     from transformers import AutoModelForCausalLM
@@ -278,6 +299,12 @@ def test_engine_loop_matches_a_plain_peft_loop_step_by_step(tiny_model_dir, tmp_
     with EventWriter(tmp_path / "events.jsonl") as ev:
         out = train_adapter(model, _Tok(), data, R, device="cpu", events=ev)
     ours = [h["loss"] for h in out.loss_history]
+    events, _ = read_events(tmp_path / "events.jsonl")
+    account = next(e.details for e in events if e.type == "log" and "loop_s" in e.details)  # the loop's time
+    steps_s = sum(e.step_s for e in events if e.type == "progress")
+    assert account["steps_s"] == pytest.approx(steps_s, abs=1e-3)
+    parts = account["steps_s"] + account["checkpoints_s"] + account["between_steps_s"]
+    assert account["loop_s"] == pytest.approx(parts, abs=2e-3) and account["setup_s"] >= 0
 
     model = fresh()
     from engine.training.batching import plan_steps

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine.training.fused_lora import fuse_lora_layers
+from engine.training.fused_mlp import fuse_gated_mlps
 from engine.training.varlen_attention import VARLEN_FLAG, kernel_description, varlen_kernel
 
 # The native fast path with its defaults (CUDA graphs, no recomputation where the card holds every layer's
@@ -112,6 +113,8 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layer
         applied.append(
             f"fused LoRA on {fused} layers" + (f" (peft's forward kept for {kept})" if kept else "")
         )
+    if mlps := fuse_gated_mlps(model):
+        applied.append(f"the MLP's activation inside its down projection on {mlps} layers")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # the dtype attention runs in: the compute dtype of a 4-bit/16-bit load (fp32 never takes flash)

@@ -45,7 +45,7 @@ def _is_4bit(base: Any) -> bool:
     return type(base).__name__ == "Linear4bit"  # its weight may be FSDP's plain gathered tensor
 
 
-def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
+def base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight [out, in] in ``dtype`` (NF4 dequantized into a shared buffer)."""
     w = base.weight
     if _is_4bit(base):
@@ -88,6 +88,36 @@ def _cached_cast(module: Any, name: str, p: torch.Tensor, dtype: torch.dtype) ->
     return cast
 
 
+def lora_forward(
+    x2: torch.Tensor, base: Any, a_c: torch.Tensor, b_c: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x2 @ W^T (+ bias) + scale * (x2 @ A^T) @ B^T`` for rows ``x2`` [N, in] in ``dtype``, and ``x2 @ A^T``
+    (what the backward pass needs besides ``x2``)."""
+    w = base_weight(base, dtype)
+    bias = base.bias
+    out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+    xa = torch.mm(x2, a_c.t())
+    out.addmm_(xa, b_c.t(), alpha=scale)
+    return out, xa
+
+
+def lora_backward(
+    g: torch.Tensor, x2: torch.Tensor | None, xa: torch.Tensor, a_c: torch.Tensor, b_c: torch.Tensor,
+    base: Any, scale: float, want_input: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """For the incoming ``g`` [N, out] (in the compute dtype): the gradients of the input (if ``want_input``),
+    of ``A`` and of ``B``. ``x2`` is the input rows, or None when the caller computes ``A``'s gradient itself
+    (it is ``g_xa^T @ x2``, with ``g_xa`` = ``scale * g @ B``: returned in its place)."""
+    g_xa = torch.mm(g, b_c).mul_(scale)  # [N, r]
+    grad_b = torch.mm(g.t(), xa).mul_(scale)  # [out, r]
+    grad_a = torch.mm(g_xa.t(), x2) if x2 is not None else g_xa  # [r, in]
+    grad_x = None
+    if want_input:
+        grad_x = torch.mm(g, base_weight(base, g.dtype))
+        grad_x.addmm_(g_xa, a_c)
+    return grad_x, grad_a, grad_b
+
+
 class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -105,11 +135,7 @@ class LoraLinearFn(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.dtype != dtype:
                 x2 = x2.to(dtype)
-            w = _base_weight(base, dtype)
-            bias = base.bias
-            out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
-            xa = torch.mm(x2, a_c.t())
-            out.addmm_(xa, b_c.t(), alpha=scale)
+            out, xa = lora_forward(x2, base, a_c, b_c, scale, dtype)
         ctx.save_for_backward(x2, xa, a_c, b_c)
         ctx.base, ctx.scale, ctx.dtype = base, scale, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -119,19 +145,14 @@ class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x2, xa, a_c, b_c = ctx.saved_tensors
-        scale = ctx.scale
         with torch.autocast(device_type=grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1])
             if g.dtype != ctx.dtype:
                 g = g.to(ctx.dtype)
-            g_xa = torch.mm(g, b_c).mul_(scale)  # [N, r]
-            grad_b = torch.mm(g.t(), xa).mul_(scale)  # [out, r]
-            grad_a = torch.mm(g_xa.t(), x2)  # [r, in]
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                w = _base_weight(ctx.base, ctx.dtype)
-                grad_x = torch.mm(g, w)
-                grad_x.addmm_(g_xa, a_c)
+            grad_x, grad_a, grad_b = lora_backward(
+                g, x2, xa, a_c, b_c, ctx.base, ctx.scale, ctx.needs_input_grad[0]
+            )
+            if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a.to(ctx.a_dtype), grad_b.to(ctx.b_dtype), None, None, None, None, None
 
@@ -158,21 +179,34 @@ def _fusable(layer: Any) -> str | None:
     return None
 
 
-def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.disable_adapters or self.merged or args or kwargs:  # anything unusual: peft's own forward
-        return type(self).forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    base = self.get_base_layer()
+def lora_operands(layer: Any, x: torch.Tensor) -> tuple[Any, ...]:
+    """What ``LoraLinearFn`` takes besides its input, for a fused ``layer`` called on ``x``: the LoRA
+    weights, their cast copies, the base layer, the scale and the compute dtype."""
+    name = layer.active_adapters[0]
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    base = layer.get_base_layer()
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     elif _is_4bit(base):
         dtype = base.compute_dtype or x.dtype
     else:
         dtype = base.weight.dtype
-    a_c = _cached_cast(self, "a", lora_a, dtype)
-    b_c = _cached_cast(self, "b", lora_b, dtype)
-    return LoraLinearFn.apply(x, lora_a, lora_b, a_c, b_c, base, float(self.scaling[name]), dtype)
+    a_c = _cached_cast(layer, "a", lora_a, dtype)
+    b_c = _cached_cast(layer, "b", lora_b, dtype)
+    return lora_a, lora_b, a_c, b_c, base, float(layer.scaling[name]), dtype
+
+
+def runs_fused(layer: Any) -> bool:
+    """Whether a call of ``layer`` now takes the fused maths: it has the fused forward and its adapter is
+    on and unmerged (a disabled adapter, as for DPO's reference pass, takes peft's forward)."""
+    fused = getattr(layer.__dict__.get("forward"), "__func__", None) is _fused_forward
+    return fused and not layer.disable_adapters and not layer.merged
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if self.disable_adapters or self.merged or args or kwargs:  # anything unusual: peft's own forward
+        return type(self).forward(self, x, *args, **kwargs)
+    return LoraLinearFn.apply(x, *lora_operands(self, x))
 
 
 def fuse_lora_layers(model: Any) -> tuple[int, dict[str, int]]:

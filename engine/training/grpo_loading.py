@@ -29,6 +29,7 @@ def prepare_grpo(
     spec: FinetuneSpec, examples: list[Example], device: str, events: EventWriter
 ) -> PreparedGrpo:
     events.stage("tokenizing")
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     prompts = PromptSet.build(examples, tokenizer)
     free = free_memory_gib(device)
@@ -36,7 +37,7 @@ def prepare_grpo(
         spec.train,
         spec.grpo,
         prompt_lengths=prompts.lengths,
-        shape=model_shape(spec.model, trust_remote_code=spec.trust_remote_code),
+        shape=shape,
         quantization=spec.quantization,
         lora_rank=spec.lora.rank,
         device=device,

@@ -19,6 +19,7 @@ from engine.models.adapters import trained_rank
 from engine.models.presets import model_shape
 from engine.planning.defaults import ResolvedTraining, resolve_training
 from engine.training.base_model import load_tokenizer
+from engine.training.loss import compile_ahead
 from engine.training.ranks import active_rank
 
 # Benchmarks (benchmarks/train_speed.py) simulate a smaller card: this share of its memory, at most.
@@ -110,9 +111,10 @@ def prepare_training(
 ) -> tuple[Any, Tokenized, ResolvedTraining]:
     """Tokenizer, tokenized data and resolved settings — everything decided before the model loads."""
     events.stage("tokenizing")
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
+    compile_ahead(device, shape.vocab_size)  # the loss kernel, on a thread while this tokenizes and loads
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     full = tokenize_all(examples, tokenizer, None)
-    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     free_gib = free_memory_gib(device)
     rank = active_rank()
     resolved = resolve_training(

@@ -102,13 +102,17 @@ class _Run:
     recomputing: bool
     outcome: TrainOutcome = field(default_factory=lambda: TrainOutcome(steps_done=0))
     tokens_seen: int = 0
+    t_made: float = field(default_factory=time.perf_counter)
     t_begin: float = 0.0
     writer: CheckpointWriter | None = None
+    steps_s: float = 0.0  # the loop's time inside its steps ...
+    checkpoints_s: float = 0.0  # ... and waiting for checkpoints (their host copies; a write before a stop)
 
     def checkpoint(self, step: int, wait: bool = False) -> None:
         """Save a checkpoint of ``step``, written in the background unless ``wait`` (before the job stops)."""
         if self.checkpoint_dir is None or (self.rank is not None and not self.rank.is_writer):
             return
+        began = time.perf_counter()
         if self.writer is None:
             self.writer = CheckpointWriter(self.checkpoint_dir)
         self.report_checkpoint(self.writer.wait())
@@ -118,6 +122,7 @@ class _Run:
         )  # fmt: skip
         if wait:
             self.report_checkpoint(self.writer.wait())
+        self.checkpoints_s += time.perf_counter() - began
 
     def report_checkpoint(self, written: tuple[int, Path] | None) -> None:
         """The event of a checkpoint whose write is over."""
@@ -169,6 +174,7 @@ class _Run:
     ) -> None:
         """The step's Progress event and its row of the loss history."""
         self.tokens_seen += result.tokens
+        self.steps_s += step_s
         elapsed = time.perf_counter() - self.t_begin
         lr = self.scheduler.get_last_lr()[0]
         self.outcome.loss_history.append({"step": step, "loss": result.loss, "lr": lr})
@@ -202,6 +208,13 @@ class _Run:
         out = self.outcome
         out.steps_done = step
         out.train_seconds = time.perf_counter() - self.t_begin
+        self.events.log(  # where the loop's time went (the whole job's rate against the step rate)
+            f"the loop: {out.train_seconds:.2f} s, {self.steps_s:.2f} s in steps, "
+            f"{self.checkpoints_s:.2f} s on checkpoints, {self.t_begin - self.t_made:.2f} s setting up",
+            loop_s=round(out.train_seconds, 3), steps_s=round(self.steps_s, 3),
+            checkpoints_s=round(self.checkpoints_s, 3), setup_s=round(self.t_begin - self.t_made, 3),
+            between_steps_s=round(out.train_seconds - self.steps_s - self.checkpoints_s, 3),
+        )  # fmt: skip
         out.tokens_per_s = self.tokens_seen / out.train_seconds if out.train_seconds > 0 else 0.0
         out.peak_memory_gib = _gpu_memory_gib(self.device)
         out.micro_batch_size = self.micro

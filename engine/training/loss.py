@@ -16,12 +16,15 @@ is trained, each chunk is checkpointed: its logits are recomputed in the backwar
 On a GPU the per-chunk losses and logit gradient (``softmax_cross_entropy_grad``) run compiled by
 torch.compile: one reduction and one pointwise kernel that read the 16-bit logits and write the 16-bit
 gradient, where the eager ops make three fp32 passes (a fifth of a small model's step at micro-batch
-16). The first chunk compiles it (a few seconds, once per process); where compiling fails the eager
-ops take over with a warning. On the CPU the eager ops run (in place: less memory).
+16). It compiles once per process (a few seconds; ``compile_ahead`` does it on a thread while the job
+tokenizes and loads its model); where compiling fails the eager ops take over with a warning. On the
+CPU the eager ops run (in place: less memory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from engine.planning.memory import loss_chunk_tokens
+from engine.training.accel import autocast_dtype
 from engine.training.batching import IGNORE
 
 
@@ -54,7 +58,8 @@ def softmax_cross_entropy_grad(
     return losses, grad.to(logits.dtype)
 
 
-_COMPILED: dict[str, Any] = {}  # "fn": the compiled softmax_cross_entropy_grad; "failed": why not
+# "fn": the compiled softmax_cross_entropy_grad; "failed": why not; "ahead": compile_ahead's thread
+_COMPILED: dict[str, Any] = {}
 
 
 def _compiled_softmax_grad() -> Any:
@@ -71,6 +76,10 @@ def cross_entropy_rows(
     """``softmax_cross_entropy_grad`` (``keep`` boolean here), compiled on a GPU, the eager in-place ops
     elsewhere. Either way one chunk's working set is its logits and their gradient: the caller drops both
     before the next chunk's logits exist."""
+    ahead = _COMPILED.get("ahead")
+    if ahead is not None and ahead is not threading.current_thread():  # (it calls this too)
+        ahead.join()  # its kernels run before the step's, and none while a CUDA graph is captured
+        _COMPILED.pop("ahead", None)
     if logits.is_cuda and (fused := _compiled_softmax_grad()) is not None:
         try:
             return fused(logits, index, keep.to(torch.float32), temperature)
@@ -90,6 +99,33 @@ def cross_entropy_rows(
     if temperature != 1.0:
         probs.div_(temperature)
     return losses, probs.to(logits.dtype)
+
+
+def compile_ahead(device: str, vocab_size: int) -> threading.Thread | None:
+    """Compile ``softmax_cross_entropy_grad`` on a thread for what a step's first calls bring (a full chunk
+    of ``vocab_size`` logits in the autocast dtype, then a shorter last one: the shape-generic version),
+    while the job tokenizes and loads its model; the step then finds it compiled instead of compiling it.
+    None off a GPU. (The thread also waits for the CUDA context, which the caller must not.) Only for jobs
+    whose first CUDA work after loading is a loss: ``cross_entropy_rows`` joins the thread, and no CUDA
+    graph may be captured before (GRPO's sampler captures one first, so GRPO does not call this)."""
+    if not device.startswith("cuda") or "failed" in _COMPILED:
+        return None
+
+    def compile_now() -> None:
+        with contextlib.suppress(Exception):  # the step meets any error itself, where it has its message
+            dtype = autocast_dtype(device) or torch.float32
+            rows = loss_chunk_tokens(vocab_size)
+            for n in (rows, rows // 2 + 1):
+                logits = torch.zeros(n, vocab_size, dtype=dtype, device=device)
+                index = torch.zeros(n, 1, dtype=torch.long, device=device)
+                cross_entropy_rows(logits, index, torch.ones(n, 1, dtype=torch.bool, device=device))
+            torch.cuda.synchronize(device)
+
+    thread = _COMPILED["ahead"] = threading.Thread(
+        target=compile_now, name="loss-kernel-compile", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 class LinearCrossEntropy(torch.autograd.Function):

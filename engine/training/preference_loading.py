@@ -15,6 +15,7 @@ from engine.planning.defaults import ResolvedTraining
 from engine.planning.preference import resolve_preference, sequence_lengths
 from engine.training.base_model import load_tokenizer
 from engine.training.loading import free_memory_gib, log_reasons
+from engine.training.loss import compile_ahead
 
 
 @dataclass
@@ -31,9 +32,10 @@ def prepare_preference(
 ) -> PreparedPreference:
     """Tokenized training and held-out units and the resolved settings, each decision logged with its reason."""
     events.stage("tokenizing")
+    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
+    compile_ahead(device, shape.vocab_size)  # the output head's kernel, on a thread while this tokenizes
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     whole = tokenize_preferences(examples, tokenizer)
-    shape = model_shape(spec.model, trust_remote_code=spec.trust_remote_code)
     seq, prompt, reasons = sequence_lengths(
         whole.prompt_token_lengths(), whole.sequence_lengths(), whole.completion_lengths(),
         max_seq_length=spec.train.max_seq_length, max_prompt_length=spec.preference.max_prompt_length,

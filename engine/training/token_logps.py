@@ -6,8 +6,8 @@ are projected through the output head, one chunk of logits at a time. With a fro
 chunk's gradient with respect to the hidden states is computed in the forward pass while its logits are
 at hand (one-hot minus softmax, times the head; the next-token loss's kernel) and kept as one
 [tokens, hidden] tensor; the backward pass scales each row by its token's incoming gradient
-(``TokenLogProbs``). A preference loss weighs each
-sequence differently, so the gradient arrives per token, where the next-token loss has one scale.
+(``TokenLogProbs``). A preference loss weighs each sequence differently, so the gradient arrives per
+token, where the next-token loss has one scale.
 """
 
 from __future__ import annotations
