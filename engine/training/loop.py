@@ -102,7 +102,7 @@ class _Run:
     recomputing: bool
     outcome: TrainOutcome = field(default_factory=lambda: TrainOutcome(steps_done=0))
     tokens_seen: int = 0
-    t_made: float = field(default_factory=time.perf_counter)
+    t_made: float = 0.0  # when train_adapter began
     t_begin: float = 0.0
     writer: CheckpointWriter | None = None
     steps_s: float = 0.0  # the loop's time inside its steps ...
@@ -244,6 +244,7 @@ def train_adapter(
     rank's share of it through DDP/FSDP on several); a preference objective passes its own, which gets
     the bare model. Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one.
     """
+    made = time.perf_counter()  # the loop's set-up counts from here (its account, at the end)
     torch.manual_seed(resolved.seed)
     random.seed(resolved.seed)
     rows_per_step = resolved.micro_batch_size * resolved.gradient_accumulation
@@ -270,7 +271,7 @@ def train_adapter(
     run = _Run(
         model, optimizer, scheduler, plan, device, events, checkpoint_dir, rank, position or RunPosition(),
         micro=resolved.micro_batch_size, rows_per_step=rows_per_step,
-        recomputing=getattr(resolved, "gradient_checkpointing", True),
+        recomputing=getattr(resolved, "gradient_checkpointing", True), t_made=made,
     )  # fmt: skip
     start_step = run.resume()
     model.train()
