@@ -21,6 +21,8 @@
 # PK holds: bnb_site.tar.xz (bitsandbytes 0.50.2 unpacked, CUDA 13 libraries only), whl/ (liger-kernel,
 # mcp and what it needs), unsloth_site.tar.xz + unsloth_bench.py, fa4/ (the small FlashAttention-4
 # wheels, rt.xz, ir.part1). SMOKE=1: the same parts on tiny shapes on the CPU (a check of this script).
+# SIZE=7b: the Qwen2.5-7B architecture instead (flows a and b, 100 steps; pairings at MBS, e.g. MBS=4).
+# FLOWS picks the flows (default: a b c).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/v10a_out}
@@ -39,8 +41,13 @@ if [ -z "${SMOKE:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$PK"/whl/*.whl 2>&1 | grep -v WARNING | tail -2
   export PYTHONPATH=/tmp/site:$PWD
-  ARCH="--arch qwen2.5-0.5b"; FLOWSTEPS=200; SHAPE="--arch qwen2.5-0.5b --seq-len 2048 --steps 6 --warmup 2 --rounds 3"
-  SHAPE="${SHAPE/--rounds 3/--rounds 2}"; M=/tmp/m05; US="--seq-len 2048 --steps 8 --warmup 2"
+  ARCH="--arch qwen2.5-0.5b"; FLOWSTEPS=200; SHAPE="--arch qwen2.5-0.5b --seq-len 2048 --steps 6 --warmup 2 --rounds 2"
+  M=/tmp/m05; US="--small --seq-len 2048 --steps 8 --warmup 2"; UM=/tmp/us-model-05
+  if [ "${SIZE:-0.5b}" = 7b ]; then  # goal 3's 7B pairing (and the 7B flow, 100 steps): PARTS="2" MBS=4
+    ARCH="--arch qwen2.5-7b"; FLOWSTEPS=100; SHAPE="--arch qwen2.5-7b --seq-len 2048 --steps 5 --warmup 2 --rounds 1"
+    M=/tmp/m7; US="--seq-len 2048 --steps 5 --warmup 2"; UM=/tmp/us-model-7; UCAP=160; FCAP=200
+    FLOWS=${FLOWS:-"a b"}
+  fi
 else
   export PYTHONPATH=$PWD
   ARCH="--tiny"; FLOWSTEPS=6; SHAPE="--tiny --seq-len 64 --steps 2 --warmup 1 --rounds 1"; M=/tmp/m-tiny
@@ -53,8 +60,9 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'tra
 if want 1; then
   for run in "a 0 0 $FLOWSTEPS" "b 1 90 $FLOWSTEPS" "c 0 0 30"; do
     set -- $run
-    echo "== 1$1. server flow, 0.5B, $4 steps, warm worker ${2}, $(date -u +%T), $(left) s left"
-    BACKPROP_WARM_WORKER=$2 timeout $(cap 100) $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
+    case " ${FLOWS:-a b c} " in *" $1 "*) ;; *) continue;; esac
+    echo "== 1$1. server flow, $ARCH, $4 steps, warm worker ${2}, $(date -u +%T), $(left) s left"
+    BACKPROP_WARM_WORKER=$2 timeout $(cap "${FCAP:-100}") $PY benchmarks/server_flow.py $ARCH --steps $4 --wait-warm $3 \
       --workdir /tmp/ts05 --json "$OUT/flow_$1.json" 2>&1 | grep -v "Warning\|INFO" | tail -10
     for d in "$BACKPROP_HOME"/jobs/*/; do [ -d "$d" ] && [ ! -f "$d/result.json" ] && touch "$d/cancel.request"; done
   done
@@ -79,8 +87,8 @@ if want 2; then
     for ck in off unsloth; do
       [ "$(left)" -lt 45 ] && { echo "(no time left for Unsloth mb$mb $ck)"; continue; }
       echo "-- Unsloth mb$mb --grad-ckpt $ck $(date -u +%T), $(left) s left"
-      PYTHONPATH=/tmp/site:/tmp/us timeout $(cap 100) $PY "$PK/unsloth_bench.py" --small \
-        --batch $mb $US --grad-ckpt $ck --model-dir /tmp/us-model-05 --jsonl "$OUT/unsloth.jsonl" --tag "mb$mb-$ck" \
+      PYTHONPATH=/tmp/site:/tmp/us timeout $(cap "${UCAP:-100}") $PY "$PK/unsloth_bench.py" \
+        --batch $mb $US --grad-ckpt $ck --model-dir $UM --jsonl "$OUT/unsloth.jsonl" --tag "mb$mb-$ck" \
         2>&1 | grep "^{" | tail -1 | cut -c1-400
     done
   done
