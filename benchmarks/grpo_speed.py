@@ -116,7 +116,9 @@ def run_engine(
     with open(job_dir / "worker.log", "wb") as err:
         rc = subprocess.run(
             [sys.executable, "-m", "engine", "run", str(job_dir)], stderr=err, cwd=ROOT,
-            env=environment_recording(args.memory_history, "grpo-engine-graphs" if graphs else "grpo-engine"),
+            env=environment_recording(
+                args.memory_history, "grpo-engine-graphs" if graphs else "grpo-engine", steps=args.memory_steps
+            ),
         ).returncode  # fmt: skip
     result = read_result(job_dir)
     rec: dict[str, Any] = {
@@ -156,7 +158,7 @@ def run_trl(
     config |= settings(args) | {"warmup": args.warmup, "prompts_per_step": args.prompts_per_step}
     config["framework"] = framework
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(config)]
-    env = environment_recording(args.memory_history, f"grpo-{framework}")
+    env = environment_recording(args.memory_history, f"grpo-{framework}", steps=args.memory_steps)
     path = args.unsloth_path if framework == "unsloth" else args.trl_path
     env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(ROOT)) if p)
     log(f"{framework}: GRPOTrainer in a subprocess")
@@ -361,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--memory-history", default=None,
         help="a folder: each run writes its allocator history there (benchmarks/memory_at_peak.py reads it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-steps", type=int, default=1,
+        help="steps the history covers (keep --warmup at least this: a recorded step is slower)",
     )  # fmt: skip
     p.add_argument("--workdir", type=str, default=None)
     p.add_argument("--jsonl", type=Path, default=None)

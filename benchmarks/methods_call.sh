@@ -39,7 +39,7 @@ date -u +"%F %T UTC"
 grpo() {
   echo "== GRPO 0.5B, $(left) s left"
   timeout "$(cap "${GRPO_CAP:-450}")" python3 benchmarks/grpo_speed.py --arch qwen2.5-0.5b --sampling "${GRPO_SAMPLING:-both}" --trl-path /tmp/us:/tmp/site \
-    --memory-history /tmp/memory --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
+    --memory-history /tmp/memory --memory-steps 2 --warmup 2 --jsonl "$OUT/grpo.jsonl" 2>&1 | grep -v "Warning\|warn(" | tail -40
 }
 grpo_unsloth() {  # the engine and Unsloth's GRPO (issue 25 asks for it where its pack runs it)
   echo "== GRPO 0.5B, the engine and Unsloth, $(left) s left"

@@ -16,6 +16,7 @@ from memory_at_peak import BEFORE, live_at_peak, report  # noqa: E402
 from engine.training.run_diagnostics import (  # noqa: E402
     HISTORY_ENV,
     HISTORY_STEPS,
+    HISTORY_STEPS_ENV,
     PROFILE_ENV,
     PROFILE_STEP,
     environment_recording,
@@ -35,6 +36,8 @@ def test_a_benchmark_child_records_where_it_is_asked_to(tmp_path, monkeypatch) -
     env = environment_recording(str(tmp_path), "dpo-engine", profile=True)
     assert env[HISTORY_ENV] == str(tmp_path / "dpo-engine.pickle")
     assert env[PROFILE_ENV] == str(tmp_path / "dpo-engine.profile.txt")
+    assert env[HISTORY_STEPS_ENV] == str(HISTORY_STEPS)
+    assert environment_recording(str(tmp_path), "grpo-engine", steps=2)[HISTORY_STEPS_ENV] == "2"
     assert PROFILE_ENV not in environment_recording(str(tmp_path), "grpo-engine")  # its step 2 is timed
     assert HISTORY_ENV not in environment_recording(None, "x")  # no folder: nothing recorded
 
@@ -112,10 +115,11 @@ def test_gpu_run_records_its_history_and_the_replayed_peak_is_the_allocators(
 ):
     snapshot, profile = tmp_path / "run.pickle", tmp_path / "run.profile.txt"
     monkeypatch.setenv(HISTORY_ENV, str(snapshot))
+    monkeypatch.setenv(HISTORY_STEPS_ENV, "2")  # two steps: Adam's moments, made after the first, in it
     monkeypatch.setenv(PROFILE_ENV, str(profile))
     _train_tiny(tiny_model_dir, tmp_path, "cuda:0")
     info = json.loads(snapshot.with_suffix(".json").read_text())
-    assert info["steps"] == HISTORY_STEPS and info["allocated_before_bytes"] > 0
+    assert info["steps"] == 2 and info["allocated_before_bytes"] > 0
     text = report(snapshot, top=10)
     replayed = float(text.split("peak ")[1].split(" GiB")[0])
     assert replayed == pytest.approx(info["peak_bytes"] / 2**30, abs=2e-3), text

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 HISTORY_ENV = "BACKPROP_MEMORY_HISTORY"
+HISTORY_STEPS_ENV = "BACKPROP_MEMORY_HISTORY_STEPS"  # more steps than HISTORY_STEPS (their warm-up longer)
 PROFILE_ENV = "BACKPROP_STEP_PROFILE"
 # One step: the benchmarks time from their second step on, so the recording's cost (a Python stack for
 # every allocation) stays out of their figures; Adam's moments, made at the first step's end, are what
@@ -32,12 +33,16 @@ MAX_ENTRIES = 2_000_000  # allocator events kept (older ones drop out)
 TABLE_ROWS = 30
 
 
-def environment_recording(folder: str | None, name: str, profile: bool = False) -> dict[str, str]:
-    """This process's environment for a child run that, with a ``folder``, records its memory into
-    ``folder/name.pickle`` and, with ``profile``, its second step into ``folder/name.profile.txt``."""
+def environment_recording(
+    folder: str | None, name: str, profile: bool = False, steps: int = HISTORY_STEPS
+) -> dict[str, str]:
+    """This process's environment for a child run that, with a ``folder``, records its memory over its
+    first ``steps`` into ``folder/name.pickle`` and, with ``profile``, its second step into
+    ``folder/name.profile.txt``."""
     env = dict(os.environ)
     if folder:
         env[HISTORY_ENV] = str(Path(folder) / f"{name}.pickle")
+        env[HISTORY_STEPS_ENV] = str(steps)
         if profile:
             env[PROFILE_ENV] = str(Path(folder) / f"{name}.profile.txt")
     return env
@@ -52,6 +57,7 @@ class RunDiagnostics:
         self.history = Path(history) if history and on_gpu else None
         self.profile_path = Path(profile) if profile else None
         self.profiler: Any = None
+        self.history_steps = int(os.environ.get(HISTORY_STEPS_ENV) or HISTORY_STEPS)
         if self.history is None:
             return
         torch.cuda.synchronize(device)
@@ -74,8 +80,8 @@ class RunDiagnostics:
             self.t0 = time.perf_counter()
 
     def after_step(self, steps_done: int) -> None:
-        """After each step: the memory snapshot after ``HISTORY_STEPS``, the profile after ``PROFILE_STEP``."""
-        if self.history is not None and steps_done >= HISTORY_STEPS:
+        """After each step: the memory snapshot after ``history_steps``, the profile after ``PROFILE_STEP``."""
+        if self.history is not None and steps_done >= self.history_steps:
             self._write_history(self.history, steps_done)
             self.history = None
         if self.profiler is not None and steps_done == PROFILE_STEP:
