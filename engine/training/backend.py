@@ -113,7 +113,8 @@ def apply_fast_path(model: Any, device: str, info: dict[str, Any], compile_layer
         applied.append(
             f"fused LoRA on {fused} layers" + (f" (peft's forward kept for {kept})" if kept else "")
         )
-    if mlps := fuse_gated_mlps(model):
+    # (not under torch.compile'd layers: that pairing, and Liger's kernels traced inside it, is unmeasured)
+    if not compile_layers and (mlps := fuse_gated_mlps(model)):
         applied.append(f"the MLP's activation inside its down projection on {mlps} layers")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
