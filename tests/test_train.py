@@ -230,7 +230,7 @@ def test_gpu_chunked_head_holds_one_chunk_of_16_bit_logits_and_their_gradient(he
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
-def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again():
+def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again(monkeypatch):
     """compile_ahead's thread compiles the chunk kernel for a full chunk and a shape-generic last one: a
     step's chunks of either kind then compile nothing more (torch._dynamo's count of frames compiled)."""
     from torch._dynamo.utils import counters
@@ -239,6 +239,7 @@ def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again():
     from engine.training import loss as loss_module
 
     vocab = 32_000
+    monkeypatch.setattr(loss_module, "_COMPILED", {})  # as in a fresh job: nothing compiled yet
     thread = loss_module.compile_ahead("cuda", vocab)
     assert thread is not None
     thread.join()
@@ -248,6 +249,7 @@ def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again():
         logits, index, keep = _chunk(rows, vocab, torch.bfloat16, "cuda")
         loss_module.cross_entropy_rows(logits, index, keep)
     assert counters["stats"]["unique_graphs"] == frames
+    assert loss_module.compile_ahead("cuda", vocab) is None  # a series' later runs: compiled already
 
 
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):

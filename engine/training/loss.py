@@ -108,8 +108,8 @@ def compile_ahead(device: str, vocab_size: int) -> threading.Thread | None:
     None off a GPU. (The thread also waits for the CUDA context, which the caller must not.) Only for jobs
     whose first CUDA work after loading is a loss: ``cross_entropy_rows`` joins the thread, and no CUDA
     graph may be captured before (GRPO's sampler captures one first, so GRPO does not call this)."""
-    if not device.startswith("cuda") or "failed" in _COMPILED:
-        return None
+    if not device.startswith("cuda") or "failed" in _COMPILED or "fn" in _COMPILED:
+        return None  # (compiled already in this process: a series' later runs)
 
     def compile_now() -> None:
         with contextlib.suppress(Exception):  # the step meets any error itself, where it has its message

@@ -1,7 +1,7 @@
 """Where a run's GPU memory and time go in its first steps, written to files for the benchmarks.
 
 ``BACKPROP_MEMORY_HISTORY=<file.pickle>``: torch's allocator history (every allocation with its Python
-stack) over the run's first step, written as torch's snapshot, beside a ``.json`` with what was allocated
+stack) over the run's first step (its first ``BACKPROP_MEMORY_HISTORY_STEPS``), written as torch's snapshot, beside a ``.json`` with what was allocated
 before the recording began (the weights, the adapter); ``benchmarks/memory_at_peak.py`` lists what was
 alive at the peak, by the code that allocated it.
 
