@@ -235,8 +235,12 @@ class _Plan:
             if micro == 0:
                 raise fit.does_not_fit(1, seq, fit.estimate(1, seq))
             self.memory = fit.estimate(micro, seq)
+            # Sized with recomputation on unless the user turned it off; `recomputation` then drops it
+            # where every layer's activations fit too, so the final estimate can be larger than this one.
+            recomputing = self.memory.settings.get("gradient_checkpointing", True)
             why = (
-                f"largest power of two up to {limit} whose estimated peak ({self.memory.total_gib:.1f} GiB) fits in "
+                f"largest power of two up to {limit} whose estimated peak"
+                f"{' with recomputation' if recomputing else ''} ({self.memory.total_gib:.1f} GiB) fits in "
                 f"{self.free_gib:.1f} GiB free"
             )
         micro = self.decide("micro_batch_size", micro, why)
@@ -300,7 +304,7 @@ class _Plan:
                 default = info.get_default(call_default_factory=True)
                 self.reasons[name] = "default" if self.value[name] == default else "given"
         if self.memory is not None:
-            self.reasons["micro_batch_size"] += f"; estimate {self.memory.summary()}"
+            self.reasons["micro_batch_size"] += f"; estimate at the chosen settings {self.memory.summary()}"
         return ResolvedTraining(
             **self.value,
             reasons=self.reasons,
