@@ -5,7 +5,7 @@
 #      (sampling with generate, and with grpo_sampling_graphs) against trl's GRPOTrainer (benchmarks/grpo_speed.py);
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
-#   3. the same DPO comparison at 0.5B (the engine, trl, trl's bf16 noise floor, Unsloth);
+#   3. the same DPO comparison at 0.5B (the engine, trl, trl's bf16 noise floor, Unsloth; dpo05-trl: no Unsloth);
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU;
 #   grpo-unsloth (only when PARTS names it): the engine's GRPO job against Unsloth's GRPO.
 # GRPO and the 0.5B DPO also record their first step's allocations (--memory-history), the DPO runs their
@@ -67,6 +67,7 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
     grpo-unsloth) grpo_unsloth ;;
     dpo7) dpo qwen2.5-7b 360 10 ;;
     dpo05) dpo qwen2.5-0.5b 240 12 "--memory-history /tmp/memory" ;;
+    dpo05-trl) dpo qwen2.5-0.5b 200 12 "--memory-history /tmp/memory --skip-unsloth" ;;  # a short call: no Unsloth
   esac
 done
 # what was alive at each recorded run's peak (its first step), by the code that allocated it; where the
