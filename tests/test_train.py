@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,35 @@ def test_gpu_loss_kernel_compiled_ahead_serves_a_step_without_compiling_again(mo
         loss_module.cross_entropy_rows(logits, index, keep)
     assert counters["stats"]["unique_graphs"] == frames
     assert loss_module.compile_ahead("cuda", vocab) is None  # a series' later runs: compiled already
+    from torch._inductor import config
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # compiled in process: no pool of workers
+        assert config.compile_threads == 1
+
+
+def test_loss_kernel_compiles_in_process_and_compiled_layers_get_the_worker_pool(monkeypatch):
+    """Inductor's pool of compile workers (a process a core, each importing torch) is for compiled layers,
+    not for the loss kernel; once layers asked for it the loss kernel keeps it; a user's
+    TORCHINDUCTOR_COMPILE_THREADS is left alone. (The setting only: no compiler runs here.)"""
+    from torch._inductor import config
+
+    from engine.training import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_COMPILED", {})
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(config, "compile_threads", config.compile_threads)  # put back afterwards
+    pool = config.decide_compile_threads()
+    loss_module.compile_workers(pool=False)
+    assert config.compile_threads == 1
+    loss_module.compile_workers(pool=True)
+    assert config.compile_threads == pool
+    loss_module.compile_workers(pool=False)
+    assert config.compile_threads == pool
+    monkeypatch.setattr(loss_module, "_COMPILED", {})
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    config.compile_threads = 3
+    loss_module.compile_workers(pool=False)
+    assert config.compile_threads == 3
 
 
 def test_packed_micro_batch_loss_equals_examples_run_one_by_one(tiny_model_dir):

@@ -14,6 +14,7 @@ import torch
 
 from engine.training.fused_lora import fuse_lora_layers
 from engine.training.fused_mlp import fuse_gated_mlps
+from engine.training.loss import compile_workers
 from engine.training.varlen_attention import VARLEN_FLAG, kernel_description, varlen_kernel
 
 # The native fast path with its defaults (CUDA graphs, no recomputation where the card holds every layer's
@@ -78,6 +79,7 @@ def compile_decoder_layers(model: Any) -> int:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer  # after privacy_environment()
 
+    compile_workers(pool=True)  # hundreds of kernels: inductor's worker pool pays for itself here
     compiled = torch.compile(_layer_forward, fullgraph=False, dynamic=None)
     n = 0
     for m in model.modules():

@@ -24,6 +24,7 @@ CPU the eager ops run (in place: less memory).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from typing import Any
@@ -58,14 +59,36 @@ def softmax_cross_entropy_grad(
     return losses, grad.to(logits.dtype)
 
 
-# "fn": the compiled softmax_cross_entropy_grad; "failed": why not; "ahead": compile_ahead's thread
+# "fn": the compiled softmax_cross_entropy_grad; "failed": why not; "ahead": compile_ahead's thread;
+# "pool": compiled layers use inductor's worker pool (compile_workers)
 _COMPILED: dict[str, Any] = {}
+
+
+def compile_workers(pool: bool) -> None:
+    """Whether torch's inductor compiles through its pool of worker processes (``pool``) or in this one.
+
+    Its default starts the pool the first time anything compiles (with Triton installed): one worker a core,
+    each importing torch, seconds of every core taken from the steps they overlap. The first compile does
+    not wait for the pool, so the loss kernel's two kernels gain nothing from it. The likely cause of a DPO
+    step whose host work took 1.7× as long as the call before (benchmarks/RESULTS.md, twelfth session).
+    Compiled decoder layers (train.compile: many kernels, recompiled as shapes change) ask for the pool.
+    A user's TORCHINDUCTOR_COMPILE_THREADS is left as it is."""
+    if pool:
+        _COMPILED["pool"] = True  # the loss kernel, compiled after, keeps it too
+    elif _COMPILED.get("pool"):
+        return
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    from torch._inductor import config
+
+    config.compile_threads = config.decide_compile_threads() if pool else 1
 
 
 def _compiled_softmax_grad() -> Any:
     if "failed" in _COMPILED:
         return None
     if "fn" not in _COMPILED:
+        compile_workers(pool=False)
         _COMPILED["fn"] = torch.compile(softmax_cross_entropy_grad, dynamic=None)
     return _COMPILED["fn"]
 
