@@ -42,6 +42,10 @@ COMPLETION_CHOICES = (256, 128, 64)  # the default max_completion_length: the lo
 CPU_COMPLETION = 128
 PROMPTS_PER_STEP = 4
 LOGIT_COPIES = 3  # the last position's fp32 logits, their softmax and the sampler's working copy
+# The output head's chunks in GRPO's training passes: a quarter of the next-token loss's 256 MiB. Its step
+# holds little besides the weights, so one chunk's 16-bit logits and gradient were a fifth of its peak
+# (0.25 of 1.19 GiB at 0.5B, RESULTS.md); a GRPO step's time is mostly sampling, not these matmuls.
+LOGPS_CHUNK_BYTES = 64 * 1024**2
 
 
 class GrpoTraining(ResolvedTraining):

@@ -64,9 +64,10 @@ def storage_dtype(quantization: str, device: str = "cuda", bf16_supported: bool 
     raise ValueError(f"unknown quantization {quantization!r}: use auto, 4bit, 16bit or none")
 
 
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of engine.training.loss's chunked cross-entropy (256 MiB of fp32 logits, at least 64)."""
-    return max(64, CHUNKED_LOSS_BYTES // (4 * vocab_size))
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = CHUNKED_LOSS_BYTES) -> int:
+    """Tokens per chunk of engine.training.loss's chunked cross-entropy (``chunk_bytes`` of fp32 logits, by
+    default 256 MiB; at least 64)."""
+    return max(64, chunk_bytes // (4 * vocab_size))
 
 
 @dataclass

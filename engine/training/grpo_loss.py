@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.planning.grpo import LOGPS_CHUNK_BYTES
 from engine.training.loss import causal_lm, supports_hidden_state_loss
 from engine.training.token_logps import token_logps
 
@@ -132,7 +133,8 @@ def completion_logps(
     if supports_hidden_state_loss(model):
         lm = causal_lm(model)
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        flat = token_logps(hidden[where], lm.get_output_embeddings().weight, targets, temperature)
+        head = lm.get_output_embeddings().weight
+        flat = token_logps(hidden[where], head, targets, temperature, chunk_bytes=LOGPS_CHUNK_BYTES)
     else:  # scaled or soft-capped logits: the model's own head, whole
         logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[where]
         flat = (

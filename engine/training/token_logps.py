@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from engine.planning.memory import loss_chunk_tokens
+from engine.planning.memory import CHUNKED_LOSS_BYTES, loss_chunk_tokens
 from engine.training.batching import DeviceBatch
 from engine.training.loss import causal_lm, cross_entropy_rows, supports_hidden_state_loss
 
@@ -71,11 +71,15 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 def token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_bytes: int = CHUNKED_LOSS_BYTES,
 ) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` [n, h] (fp32 [n]), the logits divided by ``temperature``,
-    one chunk of logits at a time."""
-    chunk = loss_chunk_tokens(weight.shape[0])  # the memory estimate assumes the same chunks
+    one chunk of logits (``chunk_bytes`` of them in fp32) at a time."""
+    chunk = loss_chunk_tokens(weight.shape[0], chunk_bytes)  # the memory estimate assumes the same chunks
     if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
         return TokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
     parts = []
