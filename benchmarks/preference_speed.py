@@ -178,6 +178,9 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
         "peak_mem_gib": result.metrics.get("peak_gpu_memory_gib"),
         "reference_s": round(stages.get("training", 0) - stages.get("reference", 0), 2),
         "losses": [round(p.loss or 0.0, 5) for p in progress],
+        "step_s": [
+            round(p.step_s or 0.0, 4) for p in progress
+        ],  # early steps slower: something shares the host
         "backend": result.metrics.get("backend"),
         "job_dir": str(job_dir),
     }
@@ -272,6 +275,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "losses": [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h],
+        "step_s": [round(t, 4) for t in times],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -323,11 +327,16 @@ def report(arch: str, records: list[dict[str, Any]], card: str) -> str:
         lines.append(
             f"  {r['variant']:<34} {r.get('pairs_per_s')} pairs/s ({speed} trl), {r.get('peak_mem_gib')} GiB ({mem} trl){ref}"
         )
-    lines.append("  per-step losses: " + " | ".join(f"{r['variant']}" for r in records if r.get("losses")))
-    rows = [r["losses"] for r in records if r.get("losses")]
+    with_losses = [r for r in records if r.get("losses")]
+    lines.append("  per-step losses (and seconds): " + " | ".join(r["variant"] for r in with_losses))
+    rows, clocks = [r["losses"] for r in with_losses], [r.get("step_s") or [] for r in with_losses]
     for i in range(max((len(r) for r in rows), default=0)):
         lines.append(
-            f"    step {i + 1:>3}: " + " | ".join(f"{r[i]:.5f}" if i < len(r) else "-" for r in rows)
+            f"    step {i + 1:>3}: "
+            + " | ".join(f"{r[i]:.5f}" if i < len(r) else "-" for r in rows)
+            + "   ("
+            + " | ".join(f"{c[i]:.3f}" if i < len(c) else "-" for c in clocks)
+            + ")"
         )
     if trl.get("losses"):  # how far each run's losses lie from trl's (step 1: policy = reference, log 2)
         for r in records:

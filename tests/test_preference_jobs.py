@@ -309,11 +309,12 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
     assert (engine["variant"], trl["variant"]) == ("engine", "trl") and "precompute" in precomputed["variant"]
     assert "noise floor" in split["variant"]  # trl again, each batch as two micro-batches
     for rec in (engine, trl, split, precomputed):
-        assert rec["pairs_per_s"] > 0 and len(rec["losses"]) == 3
+        assert rec["pairs_per_s"] > 0 and len(rec["losses"]) == 3 and len(rec["step_s"]) == 3
         assert rec["losses"] == pytest.approx(
             trl["losses"], abs=1e-4
         )  # fp32: the same maths, the same losses
     assert "|loss - trl's|, steps 2-3: engine: mean" in done.stdout
+    assert "per-step losses (and seconds)" in done.stdout
     assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
 
 
