@@ -79,7 +79,8 @@ def token_logps(
 ) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` [n, h] (fp32 [n]), the logits divided by ``temperature``,
     one chunk of logits (``chunk_bytes`` of them in fp32) at a time."""
-    chunk = loss_chunk_tokens(weight.shape[0], chunk_bytes)  # the memory estimate assumes the same chunks
+    # the memory estimate counts default-sized chunks (GRPO's smaller ones too: it errs on the safe side)
+    chunk = loss_chunk_tokens(weight.shape[0], chunk_bytes)
     if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
         return TokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
     parts = []
