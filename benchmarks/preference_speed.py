@@ -180,7 +180,7 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
         "losses": [round(p.loss or 0.0, 5) for p in progress],
         "step_s": [
             round(p.step_s or 0.0, 4) for p in progress
-        ],  # early steps slower: something shares the host
+        ],  # slow early steps: start-up work sharing the host
         "backend": result.metrics.get("backend"),
         "job_dir": str(job_dir),
     }

@@ -237,7 +237,7 @@ class _Plan:
             self.memory = fit.estimate(micro, seq)
             # Sized with recomputation on unless the user turned it off; `recomputation` then drops it
             # where every layer's activations fit too, so the final estimate can be larger than this one.
-            recomputing = self.memory.settings.get("gradient_checkpointing", True)
+            recomputing = self.memory.settings["gradient_checkpointing"]
             why = (
                 f"largest power of two up to {limit} whose estimated peak"
                 f"{' with recomputation' if recomputing else ''} ({self.memory.total_gib:.1f} GiB) fits in "

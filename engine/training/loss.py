@@ -69,8 +69,7 @@ def compile_workers(pool: bool) -> None:
 
     Its default starts the pool the first time anything compiles (with Triton installed): one worker a core,
     each importing torch, seconds of every core taken from the steps they overlap. The first compile does
-    not wait for the pool, so the loss kernel's two kernels gain nothing from it. The likely cause of a DPO
-    step whose host work took 1.7× as long as the call before (benchmarks/RESULTS.md, twelfth session).
+    not wait for the pool, so the loss kernel's two kernels gain nothing from it, and the steps lose.
     Compiled decoder layers (train.compile: many kernels, recompiled as shapes change) ask for the pool.
     A user's TORCHINDUCTOR_COMPILE_THREADS is left as it is."""
     if pool:
