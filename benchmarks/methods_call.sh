@@ -52,12 +52,13 @@ dpo() {  # dpo ARCH CAP STEPS [more options]
     --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
     | grep -v "Warning\|warn(" | tail -40
 }
-gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, the fused path, offload, a real job
+gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, the fused path, offload, real jobs (dpo, kto, orpo too)
   echo "== GPU-only tests, $(left) s left"
   python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/site "$PK"/pytest/*.whl 2>&1 | grep -v WARNING | tail -2
   timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py \
-    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py -rs --tb=short \
+    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py \
+    tests/test_preference_jobs.py -rs --tb=short \
     -k gpu 2>&1 | tail -25
 }
 for part in ${PARTS:-grpo dpo7 dpo05}; do
