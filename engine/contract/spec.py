@@ -142,6 +142,9 @@ class _ModelJob(_Strict):
         "auto",
         description="auto: 4-bit NF4 on a GPU, full precision on CPU; 16bit: bf16/fp16 LoRA; none: fp32",
     )
+    keep_quantized: bool = Field(True, description="4-bit: keep the quantized base after a job (under "
+        "BACKPROP_HOME/cache/nf4, a third of its 16-bit size, keyed by the weights' hash) and load it in later "
+        "jobs instead of quantizing again (one GPU, no remote code)")  # fmt: skip
     device: DeviceChoice = "auto"
     gpu_index: int = Field(0, ge=0)
     gpus: list[Annotated[int, Field(ge=0)]] | Literal["all"] | None = Field(

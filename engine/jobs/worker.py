@@ -25,6 +25,7 @@ from engine.jobs.rank_launcher import job_devices, run_ranks
 from engine.jobs.reporting import reporting
 from engine.jobs.runner import resume_command
 from engine.models.presets import privacy_environment
+from engine.training import quantized_cache
 
 
 def device_lock_paths(spec: Any) -> list[Path]:
@@ -108,6 +109,7 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] |
         events.emit(Finished(status=result.status, error=result.error, resume_command=resume))
         return 2 if cancelled else 1
     finally:
+        quantized_cache.write_pending()  # after the result, before the lock: it reads weights on the card
         for lock in reversed(locks):
             if lock.is_locked:
                 lock.release()

@@ -13,6 +13,7 @@ before they run it); Unsloth only where it is asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from engine.hardware.installed import install_command, missing_modules
 from engine.models.adapters import is_adapter_folder
 from engine.models.presets import ModelError, ResolvedModel, hub_errors, privacy_environment, resolve_model
 from engine.planning.memory import StorageDtype, storage_dtype
+from engine.training import quantized_cache
 from engine.training.backend import auto_prefers_native, unsloth_mode
 from engine.training.ranks import active_rank
 
@@ -47,7 +49,8 @@ class LoadedModel:
         i = self.info
         n = float(i.get("parameters") or 0)
         size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-        return f"{i.get('model')}, {size} parameters, {i.get('quantization')} on {i.get('device')} ({i.get('path')})"
+        weights = f"; weights: {i['weights_from']}" if i.get("weights_from") else ""
+        return f"{i.get('model')}, {size} parameters, {i.get('quantization')} on {i.get('device')} ({i.get('path')}){weights}"
 
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -121,7 +124,16 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
         else:
             sharded = (rank := active_rank()) is not None and rank.sharded
-            model = _load_transformers(resolved, storage, compute, device, spec.trust_remote_code, sharded)
+            folder = _copy_folder(spec, resolved, storage)
+            kept = quantized_cache.lookup(folder, compute) if folder is not None else None
+            model = _load_transformers(
+                resolved, storage, compute, device, spec.trust_remote_code, sharded, kept
+            )
+            if kept is not None:
+                info["weights_from"] = f"the 4-bit copy kept by an earlier job ({kept})"
+            elif folder is not None:
+                quantized_cache.keep_after_job(model, folder, compute)
+                info["weights_from"] = "quantized now; a 4-bit copy is kept after this job for the next ones"
             tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
     info["parameters"] = sum(  # a 4-bit parameter counts the weights it packs, not its bytes
         p.quant_state.shape.numel() if type(p).__name__ == "Params4bit" else p.numel()
@@ -154,6 +166,24 @@ def bnb_nf4_config(compute: str, sharded: bool = False) -> Any:
     )
 
 
+def _copy_folder(spec: Any, resolved: ResolvedModel, storage: str) -> Path | None:
+    """The local folder of the weights, where a 4-bit copy may be kept or loaded in their place (one device,
+    NF4, no remote code, ``keep_quantized``: engine.training.quantized_cache); else None. A hub model's is
+    its downloaded snapshot (None before the first download)."""
+    if storage != "nf4" or active_rank() is not None or spec.trust_remote_code:
+        return None
+    if not getattr(spec, "keep_quantized", False):
+        return None
+    if resolved.local_path is not None:
+        return resolved.local_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved.target, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not downloaded yet (or not a hub id): no copy this time
+        return None
+
+
 def _load_transformers(
     resolved: ResolvedModel,
     storage: str,
@@ -161,7 +191,10 @@ def _load_transformers(
     device: str,
     trust_remote_code: bool,
     sharded: bool = False,
+    kept: Path | None = None,
 ) -> Any:
+    """The base model through transformers; from ``kept`` (a 4-bit copy: engine.training.quantized_cache)
+    when given, which carries its own quantization config."""
     from transformers import AutoModelForCausalLM
 
     # Sharded (FSDP) 16/32-bit weights load into host memory; sharding moves each rank's share to its
@@ -181,8 +214,9 @@ def _load_transformers(
                 f"4-bit loading needs bitsandbytes, which failed to import ({type(exc).__name__}: {exc}). "
                 "Install it (pip install bitsandbytes) or use quantization '16bit' or 'none'."
             ) from exc
-        kwargs["quantization_config"] = bnb_nf4_config(compute, sharded)
-    return AutoModelForCausalLM.from_pretrained(resolved.target, **kwargs)
+        if kept is None:
+            kwargs["quantization_config"] = bnb_nf4_config(compute, sharded)
+    return AutoModelForCausalLM.from_pretrained(str(kept or resolved.target), **kwargs)
 
 
 def _load_unsloth(

@@ -1,0 +1,102 @@
+"""The 4-bit copy of a base model that a QLoRA job keeps for the next ones (engine.training.quantized_cache):
+real jobs in real workers on the tiny model, NF4 through bitsandbytes' CPU backend (the GPU path runs the
+same code; only bitsandbytes' kernels differ)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.contract.events import Progress, read_events
+from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings, read_result
+from engine.jobs.runner import create_job
+from engine.training import quantized_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = ROOT / "examples" / "data" / "chat.jsonl"
+
+pytest.importorskip("bitsandbytes")
+
+
+def _job(model: Path, root: Path, keep: bool = True) -> tuple[list[float], str]:
+    spec = FinetuneSpec(
+        model=str(model), quantization="4bit", keep_quantized=keep, lora=LoraSettings(rank=4),
+        train=TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=1, max_seq_length=128),
+        dataset=DatasetSettings(path=str(CHAT)),
+    )  # fmt: skip
+    job_dir = create_job(spec, root=root)
+    done = subprocess.run([sys.executable, "-m", "engine", "run", str(job_dir)], cwd=ROOT, timeout=600,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_result(job_dir).status == "succeeded"
+    events = read_events(job_dir / "events.jsonl")[0]
+    loaded = next(e.message for e in events if e.type == "log" and e.message.startswith("model loaded"))
+    return [e.loss for e in events if isinstance(e, Progress) and e.loss is not None], loaded
+
+
+def test_a_second_job_loads_the_4bit_copy_the_first_kept_and_trains_the_same(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    first, said = _job(model, tmp_path / "jobs")
+    assert "quantized now; a 4-bit copy is kept after this job" in said, said
+    (entry,) = [p for p in quantized_cache.cache_root().iterdir() if p.is_dir()]
+    assert entry.name.endswith("-fp32") and (entry / "config.json").exists()
+    assert quantized_cache.lookup(model, "fp32") == entry
+
+    second, said = _job(model, tmp_path / "jobs")
+    assert f"the 4-bit copy kept by an earlier job ({entry})" in said, said
+    assert second == first  # the same codes and scales: the same losses, exactly
+
+    # the key is the weights' contents: changed weights are a miss (and get their own copy after the job)
+    from safetensors.torch import load_file, save_file
+
+    (weights,) = quantized_cache.weight_files(model)
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("down_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert quantized_cache.lookup(model, "fp32") is None
+    third, said = _job(model, tmp_path / "jobs")
+    assert "quantized now" in said and third != first
+    assert len([p for p in quantized_cache.cache_root().iterdir() if p.is_dir()]) == 2
+
+
+def test_no_copy_when_turned_off_or_not_4bit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, said = _job(tiny_model_dir, tmp_path / "jobs", keep=False)
+    assert "4-bit copy" not in said
+    assert not quantized_cache.cache_root().exists() or not any(quantized_cache.cache_root().iterdir())
+
+
+def test_the_copy_is_written_whole_or_not_at_all(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails midway leaves no entry (nor its temporary folder); the job was done already, so
+    the failure is only reported."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.training.base_model import bnb_nf4_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=bnb_nf4_config("fp32"),
+    )
+    pending = quantized_cache.keep_after_job(model, tiny_model_dir, "fp32")
+
+    def broken(tensors: object, folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quantized_cache, "_write_shards", broken)
+    quantized_cache.write_pending()
+    assert pending.error == "OSError: disk full"
+    assert [p.name for p in quantized_cache.cache_root().iterdir()] == ["index.json"]
+    assert quantized_cache.lookup(tiny_model_dir, "fp32") is None
