@@ -54,6 +54,13 @@ def test_a_second_job_loads_the_4bit_copy_the_first_kept_and_trains_the_same(
     assert f"the 4-bit copy kept by an earlier job ({entry})" in said, said
     assert second == first  # the same codes and scales: the same losses, exactly
 
+    # a damaged copy costs its speed-up, not the job: it is removed, the weights load as usual, and the
+    # job keeps a new copy
+    (entry / "model.safetensors").write_bytes(b"not safetensors")
+    again, said = _job(model, tmp_path / "jobs")
+    assert f"the kept 4-bit copy {entry} did not load" in said and "quantized now" in said, said
+    assert again == first and quantized_cache.lookup(model, "fp32") == entry
+
     # the key is the weights' contents: changed weights are a miss (and get their own copy after the job)
     from safetensors.torch import load_file, save_file
 
@@ -89,7 +96,11 @@ def test_the_copy_is_written_whole_or_not_at_all(
         device_map={"": "cpu"},
         quantization_config=bnb_nf4_config("fp32"),
     )
+    assert quantized_cache.keep_after_job(model, tiny_model_dir, "fp32") is None  # not in a job's worker
+    monkeypatch.setattr(quantized_cache, "_IN_WORKER", [True])
     pending = quantized_cache.keep_after_job(model, tiny_model_dir, "fp32")
+    assert pending is not None
+    assert quantized_cache.keep_after_job(model, tiny_model_dir, "fp32") is None  # planned once a process
 
     def broken(tensors: object, folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(b"half")

@@ -61,6 +61,7 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] |
 
     kind = "unknown"
     locks: list[FileLock] = []
+    quantized_cache.plan_copies_in_this_process()
     try:
         spec = read_spec(job_dir)
         kind = spec.kind
@@ -109,8 +110,9 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] |
         events.emit(Finished(status=result.status, error=result.error, resume_command=resume))
         return 2 if cancelled else 1
     finally:
-        quantized_cache.write_pending()  # after the result, before the lock: it reads weights on the card
+        quantized_cache.move_to_host()  # a kept 4-bit copy's weights leave the card before the lock goes
         for lock in reversed(locks):
             if lock.is_locked:
                 lock.release()
         events.close()
+        quantized_cache.write_pending()  # the disk write does not keep the next job waiting

@@ -124,16 +124,9 @@ def load_for_training(spec: Any, device: str, *, max_seq_length: int | None = No
             model, tokenizer = _load_unsloth(resolved, storage, compute, device, seq, spec.trust_remote_code)
         else:
             sharded = (rank := active_rank()) is not None and rank.sharded
-            folder = _copy_folder(spec, resolved, storage)
-            kept = quantized_cache.lookup(folder, compute) if folder is not None else None
-            model = _load_transformers(
-                resolved, storage, compute, device, spec.trust_remote_code, sharded, kept
-            )
-            if kept is not None:
-                info["weights_from"] = f"the 4-bit copy kept by an earlier job ({kept})"
-            elif folder is not None:
-                quantized_cache.keep_after_job(model, folder, compute)
-                info["weights_from"] = "quantized now; a 4-bit copy is kept after this job for the next ones"
+            model, weights_from = _load_with_copy(spec, resolved, storage, compute, device, sharded)
+            if weights_from:
+                info["weights_from"] = weights_from
             tokenizer = load_tokenizer(resolved.target, trust_remote_code=spec.trust_remote_code)
     info["parameters"] = sum(  # a 4-bit parameter counts the weights it packs, not its bytes
         p.quant_state.shape.numel() if type(p).__name__ == "Params4bit" else p.numel()
@@ -164,6 +157,29 @@ def bnb_nf4_config(compute: str, sharded: bool = False) -> Any:
         llm_int8_skip_modules=["lm_head"],
         **({"bnb_4bit_quant_storage": _torch_dtype(compute)} if sharded else {}),
     )
+
+
+def _load_with_copy(
+    spec: Any, resolved: ResolvedModel, storage: str, compute: str, device: str, sharded: bool
+) -> tuple[Any, str | None]:
+    """The base model through transformers, from the 4-bit copy an earlier job kept where there is one (a
+    copy that fails to load is removed and the weights load as usual); and the line that says which."""
+    folder = _copy_folder(spec, resolved, storage)
+    kept = quantized_cache.lookup(folder, compute) if folder is not None else None
+    load = (resolved, storage, compute, device, spec.trust_remote_code, sharded)
+    note = ""
+    if kept is not None:
+        try:
+            return _load_transformers(*load, kept), f"the 4-bit copy kept by an earlier job ({kept})"
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged copy costs its speed-up, not the job
+            quantized_cache.drop(kept)
+            note = f"the kept 4-bit copy {kept} did not load ({type(e).__name__}) and was removed; "
+    model = _load_transformers(*load)
+    if folder is not None and quantized_cache.keep_after_job(model, folder, compute) is not None:
+        note += "quantized now; a 4-bit copy is kept after this job for the next ones"
+    return model, note or None
 
 
 def _copy_folder(spec: Any, resolved: ResolvedModel, storage: str) -> Path | None:

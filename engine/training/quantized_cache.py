@@ -10,10 +10,11 @@ The key is the weights' contents: the sha256 of each weight file, and the comput
 config carries it). Hashing a 7B model's files takes seconds, so each file's hash is remembered with its
 path, size and modification time (``index.json``) and a lookup is only ``stat`` calls. The job that
 quantizes a model hashes its files on a thread while it trains (CPU and disk only: no CUDA call while
-CUDA graphs are being captured) and writes the copy after its result, still holding its device's lock
-(``write_pending``, from engine.jobs.worker): it reads the weights back from the card, and a job
-waiting for the card must not start beside it. The copy goes to a temporary folder renamed whole, so a
-job killed while writing leaves no half copy. Only the plain one-device path keeps a copy: not
+CUDA graphs are being captured). After its result, engine.jobs.worker copies the weights to host memory
+while it still holds the device's lock (``move_to_host``: a second or so at 7B, and the card is freed),
+then releases the lock, so the next job does not wait for the disk, and writes the copy
+(``write_pending``). The copy goes to a temporary folder renamed whole, so a job killed while writing
+leaves no half copy. Only the plain one-device path keeps a copy: not
 Unsloth's loader, not FSDP's packed codes, not remote code (the copy would lack its modeling files).
 """
 
@@ -81,6 +82,11 @@ def lookup(folder: Path, compute: str) -> Path | None:
         return None
     entry = _entry([h for h in hashes if h], compute)
     return entry if (entry / "config.json").exists() else None
+
+
+def drop(entry: Path) -> None:
+    """Remove a kept copy (one that failed to load)."""
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def _hash_file(path: Path) -> str:
@@ -185,11 +191,21 @@ def _write_shards(tensors: dict[str, Any], folder: Path) -> None:
 
 
 _PENDING: list[PendingCopy] = []
+_IN_WORKER = [False]
 
 
-def keep_after_job(model: Any, folder: Path, compute: str) -> PendingCopy:
+def plan_copies_in_this_process() -> None:
+    """Called by a job's worker: only there is a copy planned (it writes them at its end). A process that
+    loads models for itself (a benchmark, a test) gets no hashing thread beside its steps."""
+    _IN_WORKER[0] = True
+
+
+def keep_after_job(model: Any, folder: Path, compute: str) -> PendingCopy | None:
     """Plan the copy of ``model`` (just loaded and quantized from ``folder``): its tensors are taken now,
-    before any adapter wraps its layers; the hashing starts on a thread."""
+    before any adapter wraps its layers; the hashing starts on a thread. None outside a job's worker, or
+    when this process planned that copy already (a series loads its base once a run)."""
+    if not _IN_WORKER[0] or any(p.folder == folder and p.compute == compute for p in _PENDING):
+        return None
     seen: set[int] = set()
     tensors = {}
     for name, t in model.state_dict().items():
@@ -205,14 +221,35 @@ def keep_after_job(model: Any, folder: Path, compute: str) -> PendingCopy:
     return pending
 
 
+def move_to_host() -> None:
+    """Copy the planned copies' weights off the card and free the card's cached memory (this process is
+    done training: the next job may take the device while the copy is written)."""
+    on_card = False
+    for pending in _PENDING:
+        try:
+            on_card |= any(t.is_cuda for t in pending.tensors.values())
+            pending.tensors = {k: t.detach().to("cpu") for k, t in pending.tensors.items()}
+        except Exception as e:  # noqa: BLE001 - a card in a bad state: no copy, the job's result stands
+            pending.error = f"reading the weights back: {type(e).__name__}: {e}"
+            pending.tensors = {}
+    if on_card:
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def write_pending() -> None:
-    """Write the copies this process planned (the job's worker calls it after its result). A failure costs
-    only the copy: it is said on stderr (the worker's log), never raised."""
+    """Write the copies this process planned (the job's worker calls it after its result and
+    ``move_to_host``). A failure costs only the copy: it is said on stderr (the worker's log), never
+    raised."""
     while _PENDING:
         pending = _PENDING.pop()
         t0 = time.perf_counter()
         try:
-            entry = pending.write()
+            entry = pending.write() if pending.error is None else None
         except Exception as e:  # noqa: BLE001 - the job is done; the copy is only a speed-up
             pending.error = f"{type(e).__name__}: {e}"
             entry = None
