@@ -225,7 +225,7 @@ def summarise(flow: dict[str, Any], warmup: int) -> dict[str, Any]:
         "path": [
             e.message
             for e in events
-            if e.type == "log" and {"backend", "speedups", "cuda_graphs"} & set(e.details)
+            if e.type == "log" and {"backend", "speedups", "cuda_graphs", "weights_from"} & set(e.details)
         ],
         "oom_warnings": [w for w in status.get("warnings") or [] if "out of memory" in w.lower()],
         "job_wall_s": flow["job_wall_s"],
