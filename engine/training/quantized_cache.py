@@ -14,8 +14,9 @@ CUDA graphs are being captured). After its result, engine.jobs.worker copies the
 while it still holds the device's lock (``move_to_host``: a second or so at 7B, and the card is freed),
 then releases the lock, so the next job does not wait for the disk, and writes the copy
 (``write_pending``). The copy goes to a temporary folder renamed whole, so a job killed while writing
-leaves no half copy. Only the plain one-device path keeps a copy: not
-Unsloth's loader, not FSDP's packed codes, not remote code (the copy would lack its modeling files).
+leaves no half copy. Only the plain one-device path keeps a copy: not Unsloth's loader, not FSDP's packed
+codes, not remote code (the copy would lack its modeling files). Nothing evicts old copies: deleting the
+folder frees their space.
 """
 
 from __future__ import annotations
