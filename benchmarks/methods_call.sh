@@ -58,7 +58,7 @@ gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, th
     --no-cache-dir --target /tmp/site "$PK"/pytest/*.whl 2>&1 | grep -v WARNING | tail -2
   timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py \
     tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py \
-    tests/test_preference_jobs.py -rs --tb=short \
+    tests/test_preference_jobs.py tests/test_quantized_cache.py -rs --tb=short \
     -k gpu 2>&1 | tail -25
 }
 for part in ${PARTS:-grpo dpo7 dpo05}; do

@@ -23,9 +23,9 @@ CHAT = ROOT / "examples" / "data" / "chat.jsonl"
 pytest.importorskip("bitsandbytes")
 
 
-def _job(model: Path, root: Path, keep: bool = True) -> tuple[list[float], str]:
+def _job(model: Path, root: Path, keep: bool = True, device: str = "cpu") -> tuple[list[float], str]:
     spec = FinetuneSpec(
-        model=str(model), quantization="4bit", keep_quantized=keep, lora=LoraSettings(rank=4),
+        model=str(model), quantization="4bit", keep_quantized=keep, lora=LoraSettings(rank=4), device=device,
         train=TrainSettings(steps=2, micro_batch_size=4, gradient_accumulation=1, max_seq_length=128),
         dataset=DatasetSettings(path=str(CHAT)),
     )  # fmt: skip
@@ -111,3 +111,19 @@ def test_the_copy_is_written_whole_or_not_at_all(
     assert pending.error == "OSError: disk full"
     assert [p.name for p in quantized_cache.cache_root().iterdir()] == ["index.json"]
     assert quantized_cache.lookup(tiny_model_dir, "fp32") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_gpu_a_second_job_loads_the_copy_the_first_kept_and_trains_the_same(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The same on a card: bitsandbytes' CUDA kernels quantized the first job's weights, the second job loads
+    those codes (bf16 compute) and its steps give the same losses."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    first, said = _job(model, tmp_path / "jobs", device="cuda")
+    assert "quantized now" in said, said
+    second, said = _job(model, tmp_path / "jobs", device="cuda")
+    assert "the 4-bit copy kept by an earlier job" in said and said.rstrip(")").endswith("-bf16"), said
+    assert second[0] == first[0]  # the same codes and scales: the same first forward pass
+    assert second == pytest.approx(first, rel=1e-3)  # (flash attention's backward may add in another order)
