@@ -6,7 +6,8 @@
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B (the engine, trl, trl's bf16 noise floor, Unsloth; dpo05-trl: no Unsloth);
-#   tests (only when PARTS names it): the tests that CI skips for want of a GPU;
+#   tests (only when PARTS names it): the tests that CI skips for want of a GPU; jobtests: those of them that
+#   run whole jobs (dpo, kto and orpo on the 4-bit fast path; the kept 4-bit copy);
 #   grpo-unsloth (only when PARTS names it): the engine's GRPO job against Unsloth's GRPO.
 # GRPO and the 0.5B DPO also record their first step's allocations (--memory-history), the DPO runs their
 # second step's profile: the log ends with what was alive at each one's peak (benchmarks/memory_at_peak.py)
@@ -52,18 +53,23 @@ dpo() {  # dpo ARCH CAP STEPS [more options]
     --trl-path /tmp/us:/tmp/site --unsloth-path /tmp/us:/tmp/site --jsonl "$OUT/dpo.jsonl" 2>&1 \
     | grep -v "Warning\|warn(" | tail -40
 }
-gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, the fused path, offload, real jobs (dpo, kto, orpo too)
+gputests() {  # the tests that skip without a GPU (CI has none): CUDA graphs, the fused path, offload, a real job
   echo "== GPU-only tests, $(left) s left"
   python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/site "$PK"/pytest/*.whl 2>&1 | grep -v WARNING | tail -2
   timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_fast_path.py \
-    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py \
-    tests/test_preference_jobs.py tests/test_quantized_cache.py -rs --tb=short \
-    -k gpu 2>&1 | tail -25
+    tests/test_offload.py tests/test_train.py tests/test_graph_sampling.py tests/test_run_diagnostics.py -rs \
+    --tb=short -k gpu 2>&1 | tail -25
+}
+jobtests() {  # the GPU tests that run whole jobs in workers (~25 s each): dpo, kto, orpo; the kept 4-bit copy
+  echo "== GPU-only job tests, $(left) s left"
+  timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider tests/test_preference_jobs.py \
+    tests/test_quantized_cache.py -rs --tb=short -k gpu 2>&1 | tail -25
 }
 for part in ${PARTS:-grpo dpo7 dpo05}; do
   case $part in
     tests) gputests ;;
+    jobtests) jobtests ;;
     grpo) grpo ;;
     grpo-unsloth) grpo_unsloth ;;
     dpo7) dpo qwen2.5-7b 360 10 ;;
