@@ -75,7 +75,7 @@ def test_a_second_job_loads_the_4bit_copy_the_first_kept_and_trains_the_same(
     assert len([p for p in quantized_cache.cache_root().iterdir() if p.is_dir()]) == 2
 
 
-def test_no_copy_when_turned_off_or_not_4bit(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_no_copy_when_turned_off(tiny_model_dir: Path, tmp_path: Path) -> None:
     _, said = _job(tiny_model_dir, tmp_path / "jobs", keep=False)
     assert "4-bit copy" not in said
     assert not quantized_cache.cache_root().exists() or not any(quantized_cache.cache_root().iterdir())
