@@ -127,3 +127,28 @@ def test_gpu_a_second_job_loads_the_copy_the_first_kept_and_trains_the_same(
     assert "the 4-bit copy kept by an earlier job" in said and said.rstrip(")").endswith("-bf16"), said
     assert second[0] == first[0]  # the same codes and scales: the same first forward pass
     assert second == pytest.approx(first, rel=1e-3)  # (flash attention's backward may add in another order)
+
+
+def test_the_folder_keeps_the_most_recently_used_copies(tmp_path: Path) -> None:
+    """Loading a copy counts as using it; beyond ``KEPT_COPIES`` the least recently used go first."""
+    import os
+
+    root = quantized_cache.cache_root()
+    root.mkdir(parents=True)
+    copies = []
+    for i in range(3):
+        model = tmp_path / f"model-{i}"
+        model.mkdir()
+        (model / "model.safetensors").write_bytes(bytes([i]) * 64)
+        digest = quantized_cache._hash_file(model / "model.safetensors")
+        quantized_cache._remember({model / "model.safetensors": digest})
+        entry = quantized_cache._entry([digest], "bf16")
+        entry.mkdir()
+        (entry / "config.json").write_text("{}")
+        os.utime(entry, ns=(i * 10**9, i * 10**9))  # made one after another
+        copies.append((model, entry))
+    assert quantized_cache.lookup(copies[0][0], "bf16") == copies[0][1]  # the oldest, used now
+    assert quantized_cache._evict(keep=2) == [copies[1][1]]
+    assert quantized_cache.lookup(copies[1][0], "bf16") is None
+    assert quantized_cache.lookup(copies[0][0], "bf16") == copies[0][1]
+    assert quantized_cache.lookup(copies[2][0], "bf16") == copies[2][1]

@@ -15,12 +15,13 @@ while it still holds the device's lock (``move_to_host``: a second or so at 7B, 
 then releases the lock, so the next job does not wait for the disk, and writes the copy
 (``write_pending``). The copy goes to a temporary folder renamed whole, so a job killed while writing
 leaves no half copy. Only the plain one-device path keeps a copy: not Unsloth's loader, not FSDP's packed
-codes, not remote code (the copy would lack its modeling files). Nothing evicts old copies: deleting the
-folder frees their space.
+codes, not remote code (the copy would lack its modeling files). The folder keeps the ``KEPT_COPIES``
+most recently used copies (a copy counts as used when a job loads it); deleting it frees their space.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any
 
 from engine.contract.files import backprop_home
 
+KEPT_COPIES = 4  # at 7B each is ~5 GB: a few models' worth, not every model ever trained
 SHARD_BYTES = 2 << 30  # safetensors files of at most 2 GiB, as transformers shards
 TIED_MIN = 1 << 16  # a weight this large sharing another's memory is a tie, not a shared table
 _READ = 8 << 20  # hashing reads 8 MiB at a time (hashlib lets go of the GIL on large buffers)
@@ -82,7 +84,20 @@ def lookup(folder: Path, compute: str) -> Path | None:
     if not files or None in hashes:
         return None
     entry = _entry([h for h in hashes if h], compute)
-    return entry if (entry / "config.json").exists() else None
+    if not (entry / "config.json").exists():
+        return None
+    with contextlib.suppress(OSError):  # (a read-only cache still loads)
+        os.utime(entry)  # used now: the last to go (``_evict``)
+    return entry
+
+
+def _evict(keep: int = KEPT_COPIES) -> list[Path]:
+    """Remove all but the ``keep`` most recently used copies; the removed ones."""
+    copies = sorted((p for p in cache_root().iterdir() if p.is_dir() and not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)  # fmt: skip
+    for old in copies[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return copies[keep:]
 
 
 def drop(entry: Path) -> None:
@@ -161,6 +176,7 @@ class PendingCopy:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _evict()
         return entry
 
 
