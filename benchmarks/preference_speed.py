@@ -178,9 +178,8 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
         "peak_mem_gib": result.metrics.get("peak_gpu_memory_gib"),
         "reference_s": round(stages.get("training", 0) - stages.get("reference", 0), 2),
         "losses": [round(p.loss or 0.0, 5) for p in progress],
-        "step_s": [
-            round(p.step_s or 0.0, 4) for p in progress
-        ],  # slow early steps: start-up work sharing the host
+        # slow early steps show start-up work sharing the host
+        "step_s": [round(p.step_s or 0.0, 4) for p in progress],
         "backend": result.metrics.get("backend"),
         "job_dir": str(job_dir),
     }

@@ -38,7 +38,6 @@ from engine.contract.files import backprop_home
 KEPT_COPIES = 4  # at 7B each is ~5 GB: a few models' worth, not every model ever trained
 SHARD_BYTES = 2 << 30  # safetensors files of at most 2 GiB, as transformers shards
 TIED_MIN = 1 << 16  # a weight this large sharing another's memory is a tie, not a shared table
-_READ = 8 << 20  # hashing reads 8 MiB at a time (hashlib lets go of the GIL on large buffers)
 
 
 def cache_root() -> Path:
@@ -106,13 +105,8 @@ def drop(entry: Path) -> None:
 
 
 def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        buf = bytearray(_READ)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    with path.open("rb") as f:  # file_digest reads in large blocks; sha256 lets go of the GIL on them
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _remember(hashed: dict[Path, str]) -> None:
