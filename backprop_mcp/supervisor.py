@@ -209,15 +209,24 @@ class Supervisor:
     def _derive_state(
         self, record: JobRecord, tail: JobTail, exit_code: int | None
     ) -> tuple[JobState, str | None]:
+        worker_alive = exit_code is None and record.pid is not None and procs.is_alive(
+            procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0)
+        )
         result = self._result(record)
+        if result is not None and tail.finished is None and worker_alive:
+            # The worker writes result.json, then its ``finished`` event. The job ends once both are
+            # there, so whoever sees the end also sees how it ended (the dashboard stops polling then
+            # and shows the resume command the event carries).
+            with self._lock:
+                tail.poll()
+            if tail.finished is None:
+                return ("running" if tail.started is not None else "queued"), None
         if result is not None:
             return result.status, _result_error(result)
         if tail.finished is not None:
             status: JobState = tail.finished.status
             return status, tail.error_message() if status == "failed" else None
-        if record.pid is not None and procs.is_alive(
-            procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0)
-        ):
+        if worker_alive:
             return ("running" if tail.started is not None else "queued"), None
         if record.pid is None and time.time() - record.created_at < _SPAWN_GRACE_S:
             return record.state, None

@@ -644,6 +644,33 @@ def test_a_refresh_between_the_kill_and_its_record_keeps_the_force_message(
     assert record.error == "cancelled by force: test"
 
 
+def test_a_job_ends_once_its_log_says_how_it_ended(home: Path) -> None:
+    """The worker writes result.json, then its ``finished`` event. A refresh in between must not end
+    the job yet: the dashboard stops polling at the end, and once showed a cancel without the resume
+    command that the event carries. The interleaving is forced: the result is written here, while
+    the real stand-in worker is still alive in a long step."""
+    from engine.contract.events import EventWriter, Finished
+    from engine.contract.spec import JobResult, write_result
+
+    store, supervisor, job_dir = _job_without_pid(home)
+    proc, identity = _spawn_standin(home, job_dir, steps=1, step_s=60)
+    try:
+        store.set_process("finetune-test", identity.pid, identity.start_time)
+        _wait_for_event(job_dir, "stage")
+        write_result(job_dir, JobResult(status="cancelled", kind="finetune", error={"type": "Cancelled"}))
+        record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+        assert record.state == "running"
+        EventWriter(job_dir / "events.jsonl").emit(
+            Finished(status="cancelled", resume_command=f"backprop resume {job_dir}")
+        )
+        record = supervisor.refresh(store.get("finetune-test")).record  # type: ignore[arg-type]
+        assert record.state == "cancelled"
+        assert supervisor.tail(record).finished is not None
+    finally:
+        procs.kill_tree(identity)
+        proc.wait()
+
+
 def test_a_worker_unknown_to_the_store_is_adopted_from_its_started_event(home: Path) -> None:
     store, supervisor, job_dir = _job_without_pid(home)
     proc, identity = _spawn_standin(home, job_dir, steps=200, step_s=0.05)
