@@ -39,6 +39,7 @@ CPU smoke test: python benchmarks/profile_step.py --tiny --steps 2 --warmup 1 --
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -284,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(init[n])
+                    p.grad = None
+        # The variant before left its gradients and, through reference cycles, its optimizer's state:
+        # collected here, so a variant's peak does not depend on which ran before it.
+        gc.collect()
         unfuse_gated_mlps(model)
         unfuse_lora_layers(model)
         uncompile_decoder_layers(model)
@@ -381,9 +386,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if r == 0:
-                report["variants"][variant] = rec | {"rounds_tokens_per_s": [rec["tokens_per_s"]]}
+                report["variants"][variant] = rec | {
+                    "rounds_tokens_per_s": [rec["tokens_per_s"]],
+                    "rounds_peak_mem_gib": [rec["peak_mem_gib"]],
+                }
             else:
                 report["variants"][variant]["rounds_tokens_per_s"].append(rec["tokens_per_s"])
+                report["variants"][variant]["rounds_peak_mem_gib"].append(rec["peak_mem_gib"])
     for rec in report["variants"].values():
         rec["tokens_per_s"] = round(statistics.median(rec["rounds_tokens_per_s"]), 1)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 26, second GPU call (about 6 minutes), right after speed_call_v10a.sh on the same warm machine
-# (it uses /tmp/site and /tmp/fa4stage from that call):
-#   run(command="cd .device/h4/repo && bash benchmarks/speed_call_v10b.sh",
-#       carry=[".device/h4/repo", ".device/h4/b"], timeout_s=590)
+# Issue 26, goal 4 (and the start-up phases): right after `PARTS=3 bash benchmarks/speed_call_v10a.sh`
+# on the same warm machine (that call leaves FA4's first half in /tmp/fa4stage, and /tmp/site):
+#   run(command="BUDGET_S=450 PARTS='1 2 3' bash benchmarks/speed_call_v10b.sh",
+#       carry=[".device/h4/b"], timeout_s=540)
 #   1. start-up phases (benchmarks/startup_profile.py): the imports one by one in a fresh interpreter,
 #      a 0.5B job's phases from a fresh worker and from a warm one (and whether the waiting warm worker
 #      holds anything on the GPU);
@@ -18,7 +18,7 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/v10b_out}
-PK=${PK:-../b}
+PK=${PK:-.device/h4/b}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export BACKPROP_HOME=/tmp/bphome2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
@@ -57,11 +57,13 @@ if want 2 && [ -z "${SMOKE:-}" ]; then
   xz -dc $S/rt.xz > $L/cu13/lib/libcute_dsl_runtime.so
   cat $S/ir.part1 "$PK/ir.part2" | xz -dc > $L/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
   sha256sum -c $S/big.sha256 2>&1 | tail -2
-  export PYTHONPATH=/tmp/site:/tmp/fa4site:$PWD
+  # The CUTLASS DSL wheel puts its packages on the path with a .pth file, which Python reads only in
+  # site folders, not in PYTHONPATH's: name that folder too.
+  export PYTHONPATH=/tmp/site:/tmp/fa4site:$L/dsl_packages:$PWD
   $PY -c "import flash_attn.cute, importlib.metadata as m; print('flash-attn-4', m.version('flash-attn-4'))" 2>&1 \
     | tail -4 && FA4=1
   echo "-- the GPU test (FA4 varlen vs SDPA per example, forward + backward) $(date -u +%T), $(left) s left"
-  timeout $(cap 200) $PY -m pytest -q -p no:cacheprovider tests/test_varlen_kernels.py --tb=short 2>&1 \
+  timeout $(cap 200) $PY -m pytest -q -rs -p no:cacheprovider tests/test_varlen_kernels.py --tb=short 2>&1 \
     | grep -v "Warning\|warn" | tail -25
 fi
 if want 3; then

@@ -33,18 +33,12 @@ from typing import Any
 from server_flow import write_chat_dataset
 from train_speed import ARCHS, ROOT, write_random_model  # puts ROOT on sys.path
 
-# What a fine-tune's worker imports, in the order it needs them (each timed on its own).
-IMPORT_STEPS = [
-    ("worker module (pydantic, filelock, spec)", "import engine.jobs.worker"),
-    ("torch", "import torch"),
-    ("transformers (package)", "import transformers"),
-    ("transformers model classes", "from transformers import AutoModelForCausalLM, AutoTokenizer"),
-    ("Qwen2 modeling", "import transformers.models.qwen2.modeling_qwen2"),
-    ("peft", "import peft"),
-    ("bitsandbytes", "import bitsandbytes"),
-    ("liger_kernel.transformers", "import liger_kernel.transformers"),
-    ("engine recipe (finetune)", "import engine.recipes.finetune"),
-    ("engine training loop", "import engine.training.loop"),
+from engine.jobs.warm_worker import WARM_IMPORTS
+
+# What a fine-tune's worker imports, in the order it needs them (each timed on its own): the modules the
+# warm worker imports ahead of a job, after the worker module itself.
+IMPORT_STEPS = [("worker module (pydantic, filelock, spec)", "import engine.jobs.worker")] + [
+    (name, f"import {name}") for name in WARM_IMPORTS
 ]
 
 _IMPORT_PROBE = r"""
@@ -148,8 +142,12 @@ def run_job(model_dir: Path, data: Path, steps: int, workdir: Path, env: dict[st
     from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings, read_result
     from engine.jobs.runner import create_job, start_worker
 
+    # No kept 4-bit copy: a fresh job and a warm one then differ only in their worker's start.
     spec = FinetuneSpec(
-        model=str(model_dir), dataset=DatasetSettings(path=str(data)), train=TrainSettings(steps=steps)
+        model=str(model_dir),
+        dataset=DatasetSettings(path=str(data)),
+        train=TrainSettings(steps=steps),
+        keep_quantized=False,
     )
     job_dir = create_job(spec, root=workdir / "jobs")
     t_spawn = time.time()

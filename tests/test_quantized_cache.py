@@ -4,6 +4,7 @@ same code; only bitsandbytes' kernels differ)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,13 @@ def test_a_second_job_loads_the_4bit_copy_the_first_kept_and_trains_the_same(
     third, said = _job(model, tmp_path / "jobs")
     assert "quantized now" in said and third != first
     assert len([p for p in quantized_cache.cache_root().iterdir() if p.is_dir()]) == 2
+
+    # so is an edited config with the same weights (the copy keeps the config it was loaded with)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"edited_for_the_test": True}))
+    _, said = _job(model, tmp_path / "jobs")
+    assert "quantized now" in said, said
+    assert len([p for p in quantized_cache.cache_root().iterdir() if p.is_dir()]) == 3
 
 
 def test_no_copy_when_turned_off(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ def test_the_supervisor_hands_the_next_job_to_the_warm_worker(tiny_model_dir, tm
     report = json.loads((warm.folder / READY_FILE).read_text())
     assert "torch" in report["imported"] and "transformers" in report["imported"]
     assert report["cuda_initialised"] is False and report["cuda_initialised_by"] is None  # nothing on a GPU
+    # nor a device's lock (a job's worker holds its lock file open): the queue is not held up by it
+    open_files = [str(fd.readlink()) for fd in Path(f"/proc/{warm.proc.pid}/fd").iterdir()]
+    assert open_files and not [f for f in open_files if f.endswith(".lock")], open_files
     spec = FinetuneSpec(
         model=str(tiny_model_dir), lora=LoraSettings(rank=4), dataset=DatasetSettings(path=str(CHAT)),
         train=TrainSettings(steps=2, micro_batch_size=2, max_seq_length=64),

@@ -304,6 +304,7 @@ class WarmPool:
                 warm.proc.stdin.write((json.dumps({"job_dir": str(job_dir)}) + "\n").encode())
                 warm.proc.stdin.close()
             except OSError:  # it died just now: the caller starts a fresh worker
+                shutil.rmtree(warm.folder, ignore_errors=True)  # its ``ready`` file must not outlive it
                 return None
         return warm.proc, warm.identity
 

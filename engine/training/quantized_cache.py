@@ -49,6 +49,14 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def key_files(folder: Path) -> list[Path]:
+    """What a copy's key hashes: the weights and, after them, ``config.json`` (the copy keeps the config
+    it was loaded with, so an edited config must miss). No weights: nothing to key."""
+    weights = weight_files(folder)
+    config = folder / "config.json"
+    return weights + [config] if weights and config.is_file() else weights
+
+
 def _signature(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -77,7 +85,7 @@ def _entry(hashes: list[str], compute: str) -> Path:
 
 def lookup(folder: Path, compute: str) -> Path | None:
     """The kept 4-bit copy of the model in ``folder`` for ``compute`` ("bf16", ...), or None."""
-    files = weight_files(folder)
+    files = key_files(folder)
     index = _read_index()
     hashes = [_known_hash(f, index) for f in files]
     if not files or None in hashes:
@@ -139,7 +147,7 @@ class PendingCopy:
     def _hash(self) -> None:
         try:
             index = _read_index()
-            files = weight_files(self.folder)
+            files = key_files(self.folder)
             hashed = {f: _known_hash(f, index) or _hash_file(f) for f in files}
             self.hashes = [hashed[f] for f in files]
             cache_root().mkdir(parents=True, exist_ok=True)
