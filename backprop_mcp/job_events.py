@@ -43,7 +43,7 @@ class JobTail:
     progress: ev.Progress | None = None
     loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, training loss)
     eval_loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, held-out loss)
-    # The method's own figures, named as trl logs them ("rewards/chosen", "reward", "kl", ...):
+    # The method's own figures, named as trl logs them ("rewards/chosen", "reward", "rewards/<f>/mean", "kl", ...):
     # name -> (global step, value), from Progress.metrics and Eval.metrics.
     metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     eval_metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)

@@ -18,6 +18,7 @@ import torch
 
 from engine.contract.events import EventWriter, read_events
 from engine.contract.grpo import GrpoSettings
+from engine.contract.grpo_figures import step_figures
 from engine.data.formats import Example
 from engine.rewards.scoring import build_rewards
 from engine.training.grpo_generate import Sampling, end_of_sequence_ids
@@ -96,16 +97,8 @@ def test_a_step_samples_scores_learns_and_logs(tiny_model_dir: Path, tmp_path: P
     result = grpo_step(_inputs(model, optimizer, run, [0, 6]))
     print(f"\nmetrics: {result.metrics}")
     assert result.metrics is not None
-    names = {
-        "reward",
-        "reward_std",
-        "frac_reward_zero_std",
-        "kl",
-        "completions/mean_length",
-        "timing/sampling_s",
-    }
-    names |= {f"rewards/{r}/{s}" for r in ("answer", "chars", "length") for s in ("mean", "std")}
-    assert names <= set(result.metrics)
+    # every figure the contract declares, in its order: what the views chart (engine.contract.grpo_figures)
+    assert list(result.metrics) == step_figures(["answer", "chars", "length"], with_kl=True)
     assert result.metrics["frac_reward_zero_std"] < 1 and result.metrics["kl"] > 0
     assert result.metrics["timing/sampling_s"] > 0  # the step's sampling is timed, apart from its learning
     assert result.tokens > 0 and result.grad_norm > 0
