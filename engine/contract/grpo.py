@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 COMPLETIONS_FILE = "completions.jsonl"  # a GRPO job's samples with their rewards (bounded), in its folder
+# What a reward function is called with besides the prompt rows' columns, as trl calls it
+# (engine.rewards.scoring.score): a column of one of these names would collide with the call's own.
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 
 class _Strict(BaseModel):
