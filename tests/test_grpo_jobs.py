@@ -127,14 +127,24 @@ def test_a_user_reward_file_from_the_cli_and_its_errors(tmp_path: Path, tiny_mod
     sample = json.loads((job / "completions.jsonl").read_text().splitlines()[0])
     assert set(sample["rewards"]) == {"my_reward", "length"}
 
+    # a reward file that exits at the second step: the job fails with its file and line, and the first
+    # step's completions stay listed (an agent reads what the model wrote before it failed)
     broken = tmp_path / "broken_reward.py"
     broken.write_text(
-        "def reward(prompts, completions, **columns):\n    return [1 / 0 for _ in completions]\n"
+        "import sys\n"
+        "calls = []\n"
+        "def reward(prompts, completions, **columns):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        sys.exit('no more')\n"
+        "    return [1.0 for _ in completions]\n"
     )
     with pytest.raises(
-        JobFailed, match=rf"{broken}:2: the reward function 'reward' raised ZeroDivisionError"
-    ):
+        JobFailed, match=rf"{broken}:6: the reward function 'reward' raised SystemExit: no more"
+    ) as failed:
         Trainer(str(tiny_model_dir), workdir=tmp_path / "jobs", device="cpu").train(
-            data, method="grpo", steps=1, grpo_num_generations=2, grpo_max_completion_length=4,
+            data, method="grpo", steps=2, grpo_num_generations=2, grpo_max_completion_length=4,
             grpo_rewards=[str(broken)],
         )  # fmt: skip
+    kept = Path(failed.value.result.artifacts["completions"])
+    assert [json.loads(x)["step"] for x in kept.read_text().splitlines()] == [1, 1]
