@@ -7,8 +7,8 @@ so this module draws exactly that: the training loss (blue), the held-out loss (
 there is one), the start of each run of a series (grey dashed lines), axis titles ("step",
 "loss"), tick values and a legend, in a built-in 5x7 pixel font. When the job's method reports
 rewards (``backprop_mcp.figures``: trl's ``rewards/*``, or GRPO's ``reward`` and each function's
-``rewards/<function>/mean``), a second panel under the loss draws them on the same step axis; shares such as the reward
-accuracy are left to the dashboard, which gives them an axis of their own.
+``rewards/<function>/mean``), a second panel under the loss draws them on the same step axis; shares
+such as the reward accuracy are left to the dashboard, which gives them an axis of their own.
 
 The x axis is the job's global step: a series' runs lie end to end on it.
 """

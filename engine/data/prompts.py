@@ -7,8 +7,8 @@ A row with a ``prompt`` and no ``completion`` (nor ``chosen``/``rejected``) is a
 prompt is text or a list of messages (roles system/user/assistant, the last one the user's); every
 other column of the row is kept and reaches the reward functions by name, as trl's GRPOTrainer passes
 them (``answer=[...]``); a column named as one of the call's own arguments (``prompts``,
-``completions``, ``completion_ids``) is refused. engine.data.formats detects the format and calls ``normalise_prompt_row``;
-this module knows nothing of the other formats.
+``completions``, ``completion_ids``) is refused. engine.data.formats detects the format and calls
+``normalise_prompt_row``; this module knows nothing of the other formats.
 
 How a prompt is rendered for the model (engine.training.grpo_data): messages through the tokenizer's
 chat template with the assistant's turn opened; a text prompt as one user turn where the tokenizer has

@@ -82,7 +82,7 @@ def load_reward_function(path: str | Path, function: str = "reward") -> RewardFn
             values = fn(prompts, completions, **columns)
         except KeyboardInterrupt:
             raise  # a stop of the job (the worker's cancel), not the function's failure
-        except BaseException as exc:  # noqa: BLE001 - sys.exit() in the function fails the job with its line too
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in the function: its line too
             raise RewardCodeError(
                 f"{_where(file, exc)}: the reward function {function!r} raised {type(exc).__name__}: {exc}"
             ) from exc
