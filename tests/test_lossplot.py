@@ -130,7 +130,7 @@ def test_grpo_rewards_per_function_and_no_panel_without_rewards() -> None:
         grpo_figures.reward_spread("format"): [(s, 0.5 - s / 200) for s in steps],
         grpo_figures.KL: [(s, 0.01) for s in steps],
     }
-    assert [line.label for line in lossplot._reward_lines(metrics)] == ["total", "format"]
+    assert [line.name for line in lossplot._reward_lines(metrics)] == ["total", "format"]
     pixels = decode(render_loss_png(train, [], [], metrics))
     panel = (lossplot._MARGIN_L + 1, HEIGHT, WIDTH - lossplot._MARGIN_R, len(pixels))
     # the total and the function's mean take the palette's first two colours; the spreads are not drawn
