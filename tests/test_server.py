@@ -269,7 +269,8 @@ async def test_the_completions_a_job_writes_are_listed_while_it_runs_and_after_a
                 break
             await anyio.sleep(0.1)
         assert status["state"] == "running", status
-        assert status["artifacts"]["completions"] == str(home / "jobs" / job_id / "completions.jsonl")
+        listed = Path(status["artifacts"]["completions"])
+        assert listed == (home / "jobs" / job_id / "completions.jsonl").resolve()
         await client.call_tool("cancel_job", {"job_id": job_id})
         status = await wait_until_done(client, job_id)
         assert status["state"] == "cancelled" and "completions" in status["artifacts"], status
