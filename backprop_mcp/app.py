@@ -70,10 +70,15 @@ class MetricCurve(BaseModel):
     """One of the method's own figures over the steps: training points and held-out points."""
 
     name: str = Field(
-        description="as trl logs it: rewards/chosen, rewards/accuracies, reward/<function>, kl, ..."
+        description="as trl logs it: rewards/chosen, rewards/accuracies, reward, rewards/<function>/mean, "
+        "kl, completions/mean_length, ..."
     )
-    group: str = Field(description="the chart it belongs to: its name's part before '/'")
-    label: str = Field(description="its name within the chart: chosen, total, <function>, ...")
+    group: str = Field(
+        description="the chart it belongs to: its name's part before '/' (GRPO: a reward function's mean "
+        "in 'reward', its std in 'reward_std', completion lengths in 'completions', the share cut off in "
+        "'clipped_ratio')"
+    )
+    label: str = Field(description="its name within the chart: chosen, total, <function>, mean_length, ...")
     share: bool = Field(description="a value between 0 and 1 (an accuracy, a fraction)")
     train: list[tuple[float, float]] = Field(default_factory=list, description="(step, value)")
     eval: list[tuple[float, float]] = Field(default_factory=list, description="(step, held-out value)")

@@ -43,8 +43,8 @@ class JobTail:
     progress: ev.Progress | None = None
     loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, training loss)
     eval_loss: list[tuple[float, float]] = field(default_factory=list)  # (global step, held-out loss)
-    # The method's own figures, named as trl logs them ("rewards/chosen", "reward", "kl", ...):
-    # name -> (global step, value), from Progress.metrics and Eval.metrics.
+    # The method's own figures, named as trl logs them ("rewards/chosen", "reward", "rewards/<f>/mean",
+    # "kl", ...): name -> (global step, value), from Progress.metrics and Eval.metrics.
     metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     eval_metrics: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     run_starts: list[float] = field(default_factory=list)  # global step where each run of a series began

@@ -12,7 +12,7 @@ from backprop_mcp.job_events import JobTail
 from backprop_mcp.store import JobRecord, JobStore
 from backprop_mcp.supervisor import Supervisor, read_job_result
 from backprop_mcp.tool_outputs import JobList, JobStatus, JobSummary, Progress
-from engine.interface import backprop_home
+from engine.interface import backprop_home, running_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,10 @@ class ServerState:
             )
         if tail.runs_finished:
             metrics.setdefault("runs_finished", len(tail.runs_finished))
-        artifacts = dict((result or {}).get("artifacts") or {})
-        if not artifacts and tail.checkpoint:
-            artifacts["last_checkpoint"] = tail.checkpoint.path
+        # what the job has written so far (GRPO's completions), while it runs too; then the result's
+        artifacts = {**running_artifacts(record.job_dir), **((result or {}).get("artifacts") or {})}
+        if tail.checkpoint and record.state != "succeeded":
+            artifacts.setdefault("last_checkpoint", tail.checkpoint.path)
         return JobStatus(
             job_id=record.id,
             kind=record.kind,

@@ -6,9 +6,9 @@ server never imports the ML stack. A loss curve needs only lines, a grid, a lege
 so this module draws exactly that: the training loss (blue), the held-out loss (orange, when
 there is one), the start of each run of a series (grey dashed lines), axis titles ("step",
 "loss"), tick values and a legend, in a built-in 5x7 pixel font. When the job's method reports
-rewards (``backprop_mcp.figures``: trl's ``rewards/*`` or GRPO's ``reward``, ``reward/<function>``),
-a second panel under the loss draws them on the same step axis; shares such as the reward
-accuracy are left to the dashboard, which gives them an axis of their own.
+rewards (``backprop_mcp.figures``: trl's ``rewards/*``, or GRPO's ``reward`` and each function's
+``rewards/<function>/mean``), a second panel under the loss draws them on the same step axis; shares
+such as the reward accuracy are left to the dashboard, which gives them an axis of their own.
 
 The x axis is the job's global step: a series' runs lie end to end on it.
 """
@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backprop_mcp.figures import grouped, is_share, label_of
+from backprop_mcp.figures import PRIMARY_GROUPS, grouped, is_share, label_of
 
 Color = tuple[int, int, int]
 Points = list[tuple[float, float]]
@@ -223,7 +223,7 @@ def render_loss_png(
 def _reward_lines(metrics: dict[str, Points]) -> list[_Line]:
     """The reward chart's figures, shares left out, each with its colour (none: no reward chart)."""
     charts = grouped(metrics)
-    if not charts or charts[0][0] not in ("rewards", "reward"):
+    if not charts or charts[0][0] not in PRIMARY_GROUPS:
         return []
     names = charts[0][1]
     lines, free = [], iter(_PALETTE)

@@ -24,7 +24,8 @@ class Progress(BaseModel):
     metrics: dict[str, float] | None = Field(
         None,
         description="the method's own figures at this step, named as trl logs them "
-        "(DPO/KTO/ORPO: rewards/chosen, rewards/accuracies, ...; GRPO: reward, reward/<function>, kl, ...)",
+        "(DPO/KTO/ORPO: rewards/chosen, rewards/accuracies, ...; GRPO: reward, reward_std, "
+        "rewards/<function>/mean and /std, frac_reward_zero_std, completions/mean_length, kl, ...)",
     )
 
 

@@ -17,12 +17,15 @@ generation batch.
    Unsloth's GRPO: the same trainer as Unsloth patches it, on Unsloth's NF4 load and LoRA of the same shape
    with its own checkpointing (seeded: its LoRA factors differ, the shapes and settings are the same);
 3. one table, and the line for benchmarks/RESULTS.md:
-   ``GRPO 0.5B QLoRA: X× trl's GRPOTrainer, Y× its peak memory (card, date)``.
+   ``GRPO 0.5B QLoRA: X× trl's GRPOTrainer, Y× its peak memory (card, date)`` for the job as it runs by
+   default (sampling graphs), and the same line ``... QLoRA with grpo_sampling_graphs false: ...`` for
+   the run with ``generate``.
 
 Usage (GPU machine):
   python benchmarks/grpo_speed.py --arch qwen2.5-0.5b --steps 3 --warmup 1 [--trl-path /tmp/us]
-CPU smoke test (tiny shapes, fp32, a minute):
+CPU smoke test (tiny shapes, fp32; about three minutes on two shared cores):
   python benchmarks/grpo_speed.py --tiny --steps 2 --warmup 1
+  (tests/test_grpo_jobs.py runs it at one prompt of two 4-token completions a step: half a minute)
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for ours in (r for r in records if r["variant"].startswith("engine") and "error" not in r):
         against = [f for f in (_ratio(ours, records, "trl"), _ratio(ours, records, "unsloth")) if f]
         if against:
-            how = " with grpo_sampling_graphs" if "graphs" in ours["variant"] else ""
+            # the job's default samples with graphs: its line is the plain one, the generate run says so
+            how = "" if "graphs" in ours["variant"] else " with grpo_sampling_graphs false"
             print(
                 f"\nGRPO {size} {'QLoRA' if args.quantization == '4bit' else args.quantization}{how}: "
                 f"{'; '.join(against)} ({card()}, {datetime.date.today().isoformat()})"

@@ -33,6 +33,7 @@ from engine.contract.spec import (
     TrainSettings,
     read_result,
     read_spec,
+    running_artifacts,
 )
 from engine.hardware.installed import MissingExtra, require_for_spec
 from engine.hardware.installed import require as require_extra

@@ -40,6 +40,7 @@ from backprop_mcp.figures import grouped, is_share, label_of
 from backprop_mcp.job_events import JobTail
 from backprop_mcp.server import build_server
 from engine.contract import events as ev
+from engine.contract import grpo_figures as gf
 from engine.contract.events import EventWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -441,12 +442,15 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
 # A stand-in for a preference or GRPO job: the engine's real worker (engine.jobs.worker.run_job: its
 # lock, cancel handling, result.json and finished event with the resume command) with the recipe
 # replaced by one that reports what those methods' steps report — Progress and Eval events whose
-# `metrics` carry trl's names — without a model, so a browser sees many steps in seconds. The real
-# recipes' figures are tested with the recipes. Arguments: steps, seconds per step, method.
+# `metrics` carry trl's names — without a model, so a browser sees many steps in seconds. GRPO's names
+# are the engine's own declaration (engine.contract.grpo_figures, which tests/test_grpo_step.py checks
+# against a real step): a figure added there and not here stops this worker. A GRPO job holds no
+# evaluation: its Progress events alone. The real recipes' figures are tested with the recipes.
+# Arguments: steps, seconds per step, method.
 METRICS_WORKER = """
 import math, sys, time
 import engine.jobs.worker as worker
-from engine.contract import events as ev
+from engine.contract import events as ev, grpo_figures as gf
 from engine.contract.errors import JobCancelled
 from engine.contract.spec import JobResult
 
@@ -456,15 +460,19 @@ def figures(step):
     t = step / STEPS
     if METHOD == "grpo":
         fmt, answer = min(1.0, 0.1 + t), 0.6 * t
-        return {"reward": 0.5 * (fmt + answer), "reward_std": 0.4 * (1 - t), "reward/format": fmt,
-                "reward/answer": answer, "kl": 0.002 * step, "completion_length": 40 - 10 * t,
-                "frac_reward_zero_std": 0.5 * (1 - t)}
+        values = {gf.REWARD: 0.5 * (fmt + answer), gf.REWARD_STD: 0.4 * (1 - t),
+                  gf.reward_mean("format"): fmt, gf.reward_spread("format"): 0.5 * (1 - t),
+                  gf.reward_mean("answer"): answer, gf.reward_spread("answer"): 0.3,
+                  gf.FRAC_REWARD_ZERO_STD: 0.5 * (1 - t), gf.MEAN_LENGTH: 40 - 10 * t, gf.MIN_LENGTH: 20.0,
+                  gf.MAX_LENGTH: 64.0, gf.CLIPPED_RATIO: 0.2 * (1 - t), gf.MEAN_TERMINATED_LENGTH: 35 - 10 * t,
+                  gf.SAMPLING_SECONDS: 0.5, gf.KL: 0.002 * step}
+        return {name: values[name] for name in gf.step_figures(["format", "answer"], with_kl=True)}
     chosen, rejected = 0.8 * t, -1.2 * t
     return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
             "rewards/accuracies": min(1.0, 0.5 + t), "logps/chosen": -60 + 8 * t,
             "logps/rejected": -62 - 15 * t}
 
-HELD_OUT = ("rewards/accuracies", "rewards/margins", "reward")
+HELD_OUT = ("rewards/accuracies", "rewards/margins")
 
 def recipe(spec, job_dir, events, cancel_check, own_process=False):
     events.stage("training")
@@ -474,7 +482,7 @@ def recipe(spec, job_dir, events, cancel_check, own_process=False):
             raise JobCancelled(f"cancelled at step {step - 1} of {STEPS}; a checkpoint was saved")
         events.emit(ev.Progress(step=step, total=STEPS, global_step=step, loss=0.7 * math.exp(-step / STEPS),
                                 metrics=figures(step), eta_s=DELAY * (STEPS - step)))
-        if step % 5 == 0:
+        if step % 5 == 0 and METHOD != "grpo":
             held = {k: v for k, v in figures(step).items() if k in HELD_OUT}
             events.emit(ev.Eval(global_step=step, loss=0.8 * math.exp(-step / STEPS), examples=8, metrics=held))
         time.sleep(DELAY)
@@ -527,32 +535,42 @@ async def test_job_status_and_the_view_carry_the_methods_figures(tmp_path: Path)
 
 def test_the_tail_keeps_finite_figures_and_a_bounded_number_of_series(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    many = {f"reward/f{i}": float(i) for i in range(40)}  # a user's reward file with 40 functions
+    many = {f"rewards/f{i}/mean": float(i) for i in range(40)}  # a user's reward file with 40 functions
     with EventWriter(path) as events:
         events.emit(ev.Progress(step=1, total=2, metrics=many))
-        events.emit(ev.Progress(step=2, total=2, loss=1.0, metrics={"reward/f0": 2.0, "kl": 0.1}))
-        events.emit(ev.Eval(global_step=2, loss=1.0, examples=4, metrics={"reward/f0": 1.5}))
+        events.emit(ev.Progress(step=2, total=2, loss=1.0, metrics={"rewards/f0/mean": 2.0, "kl": 0.1}))
+        events.emit(ev.Eval(global_step=2, loss=1.0, examples=4, metrics={"rewards/f0/mean": 1.5}))
     tail = JobTail(path)
     tail.poll()
     assert len(tail.metrics) == 32 and "kl" not in tail.metrics  # the first 32 names are followed
-    assert tail.metrics["reward/f0"] == [(1.0, 0.0), (2.0, 2.0)]  # a step without loss still counts
-    assert tail.loss == [(2.0, 1.0)] and tail.eval_metrics == {"reward/f0": [(2.0, 1.5)]}
+    assert tail.metrics["rewards/f0/mean"] == [(1.0, 0.0), (2.0, 2.0)]  # a step without loss still counts
+    assert tail.loss == [(2.0, 1.0)] and tail.eval_metrics == {"rewards/f0/mean": [(2.0, 1.5)]}
 
 
 def test_figures_are_sorted_into_charts_without_knowing_the_method() -> None:
-    grpo = ["kl", "reward_std", "reward", "reward/format", "completion_length", "reward/answer"]
+    grpo = gf.step_figures(["format", "answer"], with_kl=True)  # as the engine's step reports them
     assert grouped(grpo) == [
-        ("reward", ["reward", "reward/format", "reward/answer"]),  # the reward chart first
+        ("reward", ["reward", "rewards/format/mean", "rewards/answer/mean"]),  # the reward chart first
+        ("reward_std", ["reward_std", "rewards/format/std", "rewards/answer/std"]),
+        ("frac_reward_zero_std", ["frac_reward_zero_std"]),
+        ("completions", [gf.MEAN_LENGTH, gf.MIN_LENGTH, gf.MAX_LENGTH, gf.MEAN_TERMINATED_LENGTH]),
+        ("clipped_ratio", [gf.CLIPPED_RATIO]),
+        ("timing", [gf.SAMPLING_SECONDS]),
         ("kl", ["kl"]),
-        ("reward_std", ["reward_std"]),
-        ("completion_length", ["completion_length"]),
     ]
-    assert [label_of(n, 3) for n in ("reward", "reward/format")] == ["total", "format"]
+    assert [label_of(n, 3) for n in ("reward", "rewards/format/mean", "rewards/format/std")] == [
+        "total",
+        "format",
+        "format",
+    ]
+    assert label_of(gf.MEAN_LENGTH, 4) == "mean" and label_of(gf.CLIPPED_RATIO, 1) == "clipped_ratio"
     assert label_of("kl", 1) == "kl" and label_of("rewards/chosen", 4) == "chosen"
     assert (
         is_share("rewards/accuracies")
         and is_share("frac_reward_zero_std")
+        and is_share(gf.CLIPPED_RATIO)
         and not is_share("rewards/margins")
+        and not is_share(gf.MEAN_LENGTH)
     )
     assert grouped(["logps/chosen", "rewards/chosen"])[0][0] == "rewards"
     assert grouped(["entropy"]) == [("entropy", ["entropy"])]  # a method with no reward: its own first
@@ -627,13 +645,30 @@ async def test_the_dashboard_charts_the_methods_figures_beside_the_loss(
                     assert label in legend, legend
                 others = ["logps"]
             else:
-                primary = ["reward", "reward/format", "reward/answer"]
+                # the total reward and each function's mean beside the loss; the spreads apart
+                primary = [gf.REWARD, gf.reward_mean("format"), gf.reward_mean("answer")]
                 assert await frame.locator("#metrics-chart-h").text_content() == "Reward"
                 assert await board.attr("#metrics-chart", "data-names") == ",".join(primary)
-                assert await board.number("#metrics-chart", "data-eval-points") == 4  # the total, held out
+                assert await board.number("#metrics-chart", "data-eval-points") == 0  # GRPO holds none out
                 legend = await board.text("#metrics-legend")
                 assert "total" in legend and "format" in legend and "answer" in legend
-                others = ["reward_std", "kl", "completion_length", "frac_reward_zero_std"]
+                others = [
+                    "reward_std",
+                    "frac_reward_zero_std",
+                    "completions",
+                    "clipped_ratio",
+                    "timing",
+                    "kl",
+                ]
+                captions = frame.locator("#more-figures figcaption")
+                assert [await captions.nth(i).text_content() for i in range(await captions.count())] == [
+                    "Reward spread (std)",
+                    "Prompts whose completions all scored the same",
+                    "Completion length (tokens)",
+                    "Completions cut off at the length limit",
+                    "Time per step (s)",
+                    "KL divergence",
+                ]
             assert await board.number("#metrics-chart", "data-points") == 20 * len(primary)
             for name in primary:  # one line per figure, named for what it draws
                 assert await chart.locator(f"path.series[data-name='{name}']").count() == 1

@@ -15,6 +15,7 @@ from mcp import Client
 from mcp.types import ListRootsResult, Root, TextContent
 
 from backprop_mcp.server import build_server
+from engine.contract.datasets import DatasetError
 from engine.contract.spec import DatasetSettings
 from engine.data.formats import inspect_dataset, load_examples
 
@@ -68,6 +69,26 @@ def test_bad_prompt_rows_are_named_with_their_line(tmp_path: Path) -> None:
     assert "role 'tool'" in messages[4]
     assert "text or a list of messages" in messages[5]
     assert report.rows_ok == 1 and report.format == "prompt"
+
+
+def test_columns_named_as_the_reward_calls_own_arguments_are_refused_with_their_line(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path / "clash.jsonl",
+        [
+            {"prompt": "fine", "answer": "1"},
+            {"prompt": "q", "completions": ["a", "b"]},
+            {"prompt": "q", "completion_ids": [1, 2]},
+            {"prompt": "q", "prompts": "x"},
+        ],
+    )
+    report = inspect_dataset(str(path))
+    messages = {p.line: p.message for p in report.problems}
+    assert set(messages) == {2, 3, 4} and report.rows_ok == 1, messages
+    for line, name in ((2, "completions"), (3, "completion_ids"), (4, "prompts")):
+        assert f"column '{name}' has the name of an argument the reward functions are given" in messages[line]
+        assert f"rename the column (e.g. to 'row_{name}')" in messages[line]
+    with pytest.raises(DatasetError, match=r"clash\.jsonl:2: .*column 'completions'"):
+        load_examples(DatasetSettings(path=str(path)))
 
 
 def test_a_prompt_row_among_pairs_is_a_pair_missing_its_completion(tmp_path: Path) -> None:

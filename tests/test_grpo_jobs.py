@@ -1,4 +1,5 @@
-"""GRPO jobs end to end on the CPU, the real worker, the tiny model: it learns; the user's reward file runs.
+"""GRPO jobs end to end on the CPU, the real worker, the tiny model: it learns; the user's reward file runs;
+a session through the MCP tools runs SFT -> GRPO -> try -> export.
 
 Proof that it learns: a short SFT teaches the tiny model to answer "yes", and "yes." (a sentence with
 its full stop) one time in ten; then GRPO, from that SFT adapter, rewards the full stop (a format
@@ -19,13 +20,16 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.api import JobFailed, Trainer
 from engine.contract.events import read_events
+from engine.contract.grpo_figures import step_figures
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "data"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 WORDS = ["cat", "dog", "sun", "tree", "car", "book", "fish", "bird", "moon", "rain", "star", "road"]
 
@@ -127,14 +131,167 @@ def test_a_user_reward_file_from_the_cli_and_its_errors(tmp_path: Path, tiny_mod
     sample = json.loads((job / "completions.jsonl").read_text().splitlines()[0])
     assert set(sample["rewards"]) == {"my_reward", "length"}
 
+    # a reward file that exits at the second step: the job fails with its file and line, and the first
+    # step's completions stay listed (an agent reads what the model wrote before it failed)
     broken = tmp_path / "broken_reward.py"
     broken.write_text(
-        "def reward(prompts, completions, **columns):\n    return [1 / 0 for _ in completions]\n"
+        "import sys\n"
+        "calls = []\n"
+        "def reward(prompts, completions, **columns):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        sys.exit('no more')\n"
+        "    return [1.0 for _ in completions]\n"
     )
     with pytest.raises(
-        JobFailed, match=rf"{broken}:2: the reward function 'reward' raised ZeroDivisionError"
-    ):
+        JobFailed, match=rf"{broken}:6: the reward function 'reward' raised SystemExit: no more"
+    ) as failed:
         Trainer(str(tiny_model_dir), workdir=tmp_path / "jobs", device="cpu").train(
-            data, method="grpo", steps=1, grpo_num_generations=2, grpo_max_completion_length=4,
+            data, method="grpo", steps=2, grpo_num_generations=2, grpo_max_completion_length=4,
             grpo_rewards=[str(broken)],
         )  # fmt: skip
+    kept = Path(failed.value.result.artifacts["completions"])
+    assert [json.loads(x)["step"] for x in kept.read_text().splitlines()] == [1, 1]
+
+
+def test_the_grpo_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/grpo_speed.py --tiny, at its smallest (one prompt of two completions of 4 tokens a step):
+    the engine's job with and without sampling graphs and trl's GRPOTrainer run to their records, and the
+    lines for RESULTS.md name the job's default (graphs) plainly and the other run by its setting."""
+    pytest.importorskip("trl")
+    records = tmp_path / "speed.jsonl"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "grpo_speed.py"), "--tiny", "--steps", "1", "--warmup", "1",
+        "--prompts-per-step", "1", "--generations", "2", "--max-completion", "4", "--micro", "2",
+        "--workdir", str(tmp_path / "work"), "--jsonl", str(records),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["variant"] for r in runs] == ["engine, sampling graphs", "trl GRPOTrainer", "engine"]
+    for run in runs:
+        assert run["prompts_per_s"] > 0 and run["mean_completion_tokens"] == 4.0, run
+    headlines = [line for line in done.stdout.splitlines() if line.startswith("GRPO ")]
+    assert [line.split(":")[0] for line in headlines] == [
+        "GRPO 0.5B-tiny none",
+        "GRPO 0.5B-tiny none with grpo_sampling_graphs false",
+    ], done.stdout
+    assert all("× trl's GRPOTrainer, peak memory not measured (no GPU) (CPU, " in line for line in headlines)
+
+
+def test_the_grpo_speed_line_for_results_reads_as_the_issue_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default run's line, with GPU figures: GRPO 0.5B QLoRA: X× trl's GRPOTrainer, Y× its peak memory
+    (card, date)."""
+    import argparse
+    import contextlib
+    import datetime
+    import io
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grpo_speed
+
+    runs = [
+        {"variant": "engine, sampling graphs", "prompts_per_s": 0.9, "peak_mem_gib": 1.2},
+        {"variant": "trl GRPOTrainer", "prompts_per_s": 0.3, "peak_mem_gib": 1.5},
+    ]
+    printed = io.StringIO()
+    days = [datetime.date.today().isoformat()]  # (the day before and after the call: midnight may pass)
+    with contextlib.redirect_stdout(printed):
+        grpo_speed.report(runs, argparse.Namespace(arch="qwen2.5-0.5b", tiny=False, quantization="4bit"))
+    days.append(datetime.date.today().isoformat())
+    card = grpo_speed.card()
+    assert printed.getvalue().splitlines()[-1] in {
+        f"GRPO 0.5B QLoRA: 3.00× trl's GRPOTrainer, 0.80× its peak memory ({card}, {day})" for day in days
+    }
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+async def _until_done(client: Any, job_id: str) -> dict[str, Any]:
+    for _ in range(40):
+        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
+        if status["state"] not in ("queued", "running"):
+            return status
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_tools(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """examples/grpo_session.md's session, short: the example's math data, a few steps each."""
+    from mcp import Client
+
+    from backprop_mcp.server import build_server
+
+    prompts = str(EXAMPLES / "math_prompts.jsonl")
+    rewards = [{"name": "answer"}, {"name": "format", "pattern": r".*\\boxed\{\d+\}\.?", "weight": 0.5}]
+    common = {"model": str(tiny_model_dir), "device": "cpu", "lora_rank": 4}
+    async with Client(build_server(tmp_path / "home")) as client:
+        check = _structured(
+            await client.call_tool(
+                "check_dataset",
+                {"path": prompts, "model": str(tiny_model_dir), "method": "grpo", "grpo_rewards": rewards},
+            )
+        )
+        assert check["format"] == "prompt", check
+        sft = _structured(
+            await client.call_tool(
+                "start_finetune",
+                {
+                    "dataset_path": str(EXAMPLES / "math_sft.jsonl"),
+                    "steps": 3,
+                    "learning_rate": 5e-3,
+                    **common,
+                },
+            )
+        )
+        assert (await _until_done(client, sft["job_id"]))["state"] == "succeeded"
+        grpo = _structured(
+            await client.call_tool(
+                "start_finetune",
+                {
+                    "dataset_path": prompts,
+                    "method": "grpo",
+                    "init_adapter": sft["job_id"],
+                    "steps": 2,
+                    "grpo_rewards": rewards,
+                    "grpo_num_generations": 2,
+                    "grpo_max_completion_length": 6,
+                    **common,
+                },
+            )  # fmt: skip
+        )
+        status = await _until_done(client, grpo["job_id"])
+        assert status["state"] == "succeeded", status
+        # job_status carries the last step's figures under the engine's names, and the kept completions
+        assert list(status["progress"]["metrics"]) == step_figures(["answer", "format"], with_kl=False)
+        assert status["metrics"]["method"] == "grpo" and status["metrics"]["steps"] == 2
+        completions = Path(status["artifacts"]["completions"]).read_text().splitlines()
+        assert len(completions) == 2 * 2 and set(json.loads(completions[0])["rewards"]) == {
+            "answer",
+            "format",
+        }
+        tried = _structured(
+            await client.call_tool(
+                "try_model", {"job_id": grpo["job_id"], "prompt": "What is 12 + 30?", "max_new_tokens": 8}
+            )
+        )
+        assert isinstance(tried["text"], str)
+        pytest.importorskip("llama_cpp")
+        export = _structured(
+            await client.call_tool("export_gguf", {"job_id": grpo["job_id"], "quantizations": ["f16"]})
+        )
+        exported = await _until_done(client, export["job_id"])
+        assert exported["state"] == "succeeded", exported
+        assert any(name.startswith("gguf_") for name in exported["artifacts"]), exported["artifacts"]

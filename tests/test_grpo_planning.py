@@ -11,7 +11,8 @@ from engine.contract.grpo import GrpoSettings
 from engine.contract.spec import TrainSettings
 from engine.models.presets import get_preset
 from engine.planning.fitting import DoesNotFitError, FitCheck
-from engine.planning.grpo import estimate_grpo_memory, generation_gib, resolve_grpo
+from engine.planning.grpo import LOGPS_CHUNK_BYTES, estimate_grpo_memory, generation_gib, resolve_grpo
+from engine.planning.memory import CHUNKED_LOSS_BYTES, GIB, LOSS_BYTES_PER_LOGIT, loss_chunk_tokens
 
 REWARDS = GrpoSettings(rewards=["json"])
 PROMPTS = [60, 90, 120] * 30  # 90 prompts of up to 120 tokens
@@ -42,6 +43,22 @@ def test_the_sampling_estimate_covers_completions_times_their_length() -> None:
     big = estimate_grpo_memory(fit, micro=4, generation_batch=64, prompt_len=120, completion_len=256)
     assert big.generating_total_gib > small.generating_total_gib and big.train == small.train
     print(f"\n0.5B QLoRA, 8 completions of 256 tokens: {small.summary()}\n64 at once: {big.summary()}")
+
+
+def test_the_learning_estimate_counts_grpos_own_head_chunk() -> None:
+    """GRPO's log-probabilities go through the head in LOGPS_CHUNK_BYTES chunks (engine.training.grpo_loss),
+    not the next-token loss's: the estimate's logits are one such chunk (plus the hidden states)."""
+    shape = _shape("qwen2.5-0.5b")
+    _, _, memory = _resolve("qwen2.5-0.5b", 78.0)
+    assert memory is not None
+    settings = memory.train.settings
+    tokens = settings["micro_batch"] * settings["seq_len"]
+    chunk = loss_chunk_tokens(shape.vocab_size, LOGPS_CHUNK_BYTES)
+    assert chunk < loss_chunk_tokens(shape.vocab_size, CHUNKED_LOSS_BYTES) < tokens
+    hidden = tokens * shape.hidden_size * 2  # 16-bit on the card
+    assert memory.train.logits_gib == pytest.approx(
+        (chunk * shape.vocab_size * LOSS_BYTES_PER_LOGIT + hidden) / GIB, abs=1e-3
+    )
 
 
 def test_defaults_for_a_big_card_a_small_card_and_the_cpu() -> None:

@@ -10,6 +10,7 @@ import zlib
 
 from backprop_mcp import lossplot
 from backprop_mcp.lossplot import HEIGHT, WIDTH, render_loss_png, text_width
+from engine.contract import grpo_figures
 
 Pixels = list[list[tuple[int, int, int]]]
 
@@ -122,16 +123,20 @@ def test_rewards_get_a_panel_under_the_loss_on_the_same_step_axis() -> None:
 def test_grpo_rewards_per_function_and_no_panel_without_rewards() -> None:
     train, _, _ = series()
     steps = [p[0] for p in train]
-    metrics = {
-        "reward": [(s, s / 90) for s in steps],
-        "reward/format": [(s, min(1.0, s / 45)) for s in steps],
-        "kl": [(s, 0.01) for s in steps],
+    metrics = {  # the engine's names for a step with one reward function
+        grpo_figures.REWARD: [(s, s / 90) for s in steps],
+        grpo_figures.REWARD_STD: [(s, 0.3) for s in steps],
+        grpo_figures.reward_mean("format"): [(s, min(1.0, s / 45)) for s in steps],
+        grpo_figures.reward_spread("format"): [(s, 0.5 - s / 200) for s in steps],
+        grpo_figures.KL: [(s, 0.01) for s in steps],
     }
+    assert [line.name for line in lossplot._reward_lines(metrics)] == ["total", "format"]
     pixels = decode(render_loss_png(train, [], [], metrics))
     panel = (lossplot._MARGIN_L + 1, HEIGHT, WIDTH - lossplot._MARGIN_R, len(pixels))
-    # the total and the function take the palette's first two colours
+    # the total and the function's mean take the palette's first two colours; the spreads are not drawn
     assert (
         count(pixels, lossplot._PALETTE[0], panel) > 500 and count(pixels, lossplot._PALETTE[1], panel) > 500
     )
+    assert count(pixels, lossplot._PALETTE[2], panel) == 0
     assert len(decode(render_loss_png(train, [], [], {"kl": metrics["kl"]}))) == HEIGHT
     assert len(decode(render_loss_png(train, [], [], {}))) == HEIGHT

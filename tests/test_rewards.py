@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine.contract.grpo import GrpoSettings
+from engine.contract.grpo import REWARD_ARGUMENTS, GrpoSettings
 from engine.contract.settings import training_spec
 from engine.contract.spec import FinetuneSpec
 from engine.rewards.builtin import extract_answer, last_boxed
-from engine.rewards.scoring import build_rewards, score
+from engine.rewards.scoring import Reward, build_rewards, score
 from engine.rewards.user_code import RewardCodeError, load_reward_function
 
 
@@ -129,6 +129,18 @@ def test_user_reward_file_gets_prompts_completions_and_columns(tmp_path: Path) -
     assert scores.total == pytest.approx([1.02, 0.01])
 
 
+def test_a_reward_is_called_with_its_declared_arguments_and_the_columns() -> None:
+    """The names the data check keeps columns from (REWARD_ARGUMENTS) are the call's own."""
+    called: dict[str, object] = {}
+
+    def spy(prompts: list[object], completions: list[object], **named: object) -> list[float]:
+        called.update(prompts=prompts, completions=completions, **named)
+        return [0.0] * len(completions)
+
+    score([Reward("spy", 1.0, spy)], ["p"], ["c"], [[1, 2]], {"answer": ["4"]})
+    assert set(called) == {*REWARD_ARGUMENTS, "answer"}
+
+
 def test_user_reward_failures_name_the_file_and_line(tmp_path: Path) -> None:
     raising = _write(
         tmp_path,
@@ -154,3 +166,25 @@ def test_user_reward_failures_name_the_file_and_line(tmp_path: Path) -> None:
         load_reward_function(texty)(["p"], ["a"])
     with pytest.raises(RewardCodeError, match="reward file not found"):
         load_reward_function(tmp_path / "missing.py")
+
+
+def test_a_reward_file_that_exits_fails_with_its_file_and_line(tmp_path: Path) -> None:
+    """sys.exit() is a SystemExit, not an Exception: it too names the file and line (it would otherwise
+    end the worker without them)."""
+    exiting = _write(
+        tmp_path,
+        "import sys\n\ndef reward(prompts, completions, **columns):\n    sys.exit(3)\n",
+        "exiting.py",
+    )
+    with pytest.raises(
+        RewardCodeError, match=rf"{exiting}:4: the reward function 'reward' raised SystemExit: 3"
+    ):
+        load_reward_function(exiting)(["p"], ["c"])
+    on_load = _write(tmp_path, "x = 1\nraise SystemExit('no')\n", "on_load.py")
+    with pytest.raises(
+        RewardCodeError, match=rf"{on_load}:2: the reward file failed to load: SystemExit: no"
+    ):
+        load_reward_function(on_load)
+    stopped = _write(tmp_path, "def reward(p, c, **k):\n    raise KeyboardInterrupt\n", "stopped.py")
+    with pytest.raises(KeyboardInterrupt):  # the worker's stop: it ends the job as cancelled
+        load_reward_function(stopped)(["p"], ["c"])

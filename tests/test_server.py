@@ -75,11 +75,17 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def standin(
-    *, steps: int = 5, step_s: float = 0.05, save_s: float = 0.0, ignore_cancel: bool = False
+    *,
+    steps: int = 5,
+    step_s: float = 0.05,
+    save_s: float = 0.0,
+    ignore_cancel: bool = False,
+    completions: bool = False,
 ) -> list[str]:
     argv = [sys.executable, str(STANDIN), "--steps", str(steps), "--step-s", str(step_s)]
     argv += ["--save-s", str(save_s)]
-    return [*argv, "--ignore-cancel"] if ignore_cancel else argv
+    argv += ["--ignore-cancel"] if ignore_cancel else []
+    return [*argv, "--completions"] if completions else argv
 
 
 def make_server(home: Path, **kwargs: Any) -> MCPServer:
@@ -245,6 +251,30 @@ async def test_cancel_is_graceful(home: Path, dataset: Path, mode: str) -> None:
         assert result["status"] == "cancelled"  # the worker itself stopped: it wrote its result
         again = structured(await client.call_tool("cancel_job", {"job_id": job_id}))
         assert again["state"] == "cancelled" and "already ended" in again["message"]
+
+
+@pytest.mark.anyio
+async def test_the_completions_a_job_writes_are_listed_while_it_runs_and_after_a_cancel(
+    home: Path, dataset: Path
+) -> None:
+    """GRPO's completions.jsonl is in job_status' artifacts from the moment it exists, not only once the job
+    has succeeded (the job here runs until it is cancelled)."""
+    async with Client(make_server(home, steps=100_000, step_s=0.05, completions=True)) as client:
+        job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(dataset)}))[
+            "job_id"
+        ]
+        for _ in range(200):
+            status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            if "completions" in status["artifacts"]:
+                break
+            await anyio.sleep(0.1)
+        assert status["state"] == "running", status
+        listed = Path(status["artifacts"]["completions"])
+        assert listed == (home / "jobs" / job_id / "completions.jsonl").resolve()
+        await client.call_tool("cancel_job", {"job_id": job_id})
+        status = await wait_until_done(client, job_id)
+        assert status["state"] == "cancelled" and "completions" in status["artifacts"], status
+        assert Path(status["artifacts"]["completions"]).read_text().startswith('{"step": 1')
 
 
 @pytest.mark.anyio

@@ -8,7 +8,10 @@ steps, ``result.json`` then ``finished`` at the end — but trains nothing, so e
 second instead of loading torch. End-to-end tests with the real worker are in
 ``test_server_e2e.py``.
 
-    python tests/test_server_worker_standin.py [--steps N] [--step-s S] [--ignore-cancel] <job_dir>
+    python tests/test_server_worker_standin.py [--steps N] [--step-s S] [--ignore-cancel] [--completions]
+        <job_dir>
+
+``--completions``: each step adds a line to the job folder's completions.jsonl, as a GRPO job does.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main(argv: list[str]) -> int:
 
     from engine.contract import events as ev
     from engine.contract.events import EventWriter
+    from engine.contract.grpo import COMPLETIONS_FILE
     from engine.contract.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_result
 
     parser = argparse.ArgumentParser()
@@ -33,6 +37,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step-s", type=float, default=0.1)
     parser.add_argument("--ignore-cancel", action="store_true")
     parser.add_argument("--save-s", type=float, default=0.0, help="time spent saving after the last step")
+    parser.add_argument("--completions", action="store_true", help="write completions.jsonl as GRPO does")
     parser.add_argument("job_dir")
     args = parser.parse_args(argv)
     job_dir = Path(args.job_dir)
@@ -71,6 +76,9 @@ def main(argv: list[str]) -> int:
         time.sleep(args.step_s)
         loss = 2.0 / step
         history.append({"step": step, "loss": loss})
+        if args.completions:
+            with (job_dir / COMPLETIONS_FILE).open("a", encoding="utf-8") as samples:
+                samples.write(json.dumps({"step": step, "completion": "yes.", "reward": 1.0}) + "\n")
         events.emit(
             ev.Progress(
                 step=step, total=args.steps, loss=loss, lr=1e-4, eta_s=(args.steps - step) * args.step_s

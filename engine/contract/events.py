@@ -88,8 +88,8 @@ class Progress(_Event):
     stage: str | None = None  # export: which stage the items belong to
     item: str | None = None  # export: what was just done
     # The method's own figures, named as trl logs them (DPO: "rewards/chosen", "rewards/accuracies",
-    # "rewards/margins", "logps/chosen", ...; GRPO: "reward", "reward_std", "kl", ...): a view plots
-    # every series it finds without knowing the method.
+    # "rewards/margins", "logps/chosen", ...; GRPO: engine.contract.grpo_figures): a view plots every
+    # series it finds without knowing the method.
     metrics: dict[str, float] | None = None
 
 

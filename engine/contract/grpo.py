@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 COMPLETIONS_FILE = "completions.jsonl"  # a GRPO job's samples with their rewards (bounded), in its folder
+# What a reward function is called with besides the prompt rows' columns, as trl calls it
+# (engine.rewards.scoring.score): a column of one of these names would collide with the call's own.
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 
 class _Strict(BaseModel):
@@ -153,13 +156,15 @@ class GrpoSettings(_Strict):
         None,
         ge=2,
         le=64,
-        description="completions sampled per prompt (the group); default: 8 where memory allows",
+        description="completions sampled per prompt (the group); default: 8 on a GPU (trl's default), 4 on a "
+        "CPU, where sampling is slow (memory sets how many are sampled and learned at once, not the group)",
     )
     max_completion_length: int | None = Field(
         None,
         ge=1,
         le=32768,
-        description="most tokens generated per completion; default: 256 where memory allows",
+        description="most tokens generated per completion; default: the longest of 256, 128 and 64 that fits "
+        "the card (128 on a CPU)",
     )
     generation_batch_size: int | None = Field(
         None,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from engine.contract.files import atomic_write_text
-from engine.contract.grpo import GrpoSettings, grpo_settings_problem
+from engine.contract.grpo import COMPLETIONS_FILE, GrpoSettings, grpo_settings_problem
 
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
@@ -23,6 +23,15 @@ CANCEL_FILE = "cancel.request"  # its presence asks the worker to checkpoint and
 WORKER_LOG = "worker.log"  # the worker's stderr (library warnings, tracebacks)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+# Files a job writes as it runs that are worth reading before it ends, or after it failed or was
+# cancelled: artifact name -> file in the job folder. Each is listed wherever it exists.
+RUNNING_ARTIFACTS = {"completions": COMPLETIONS_FILE}
+
+
+def running_artifacts(job_dir: str | Path) -> dict[str, str]:
+    """The files of ``RUNNING_ARTIFACTS`` the job folder holds now: name -> absolute path."""
+    folder = Path(job_dir).resolve()
+    return {name: str(folder / file) for name, file in RUNNING_ARTIFACTS.items() if (folder / file).is_file()}
 
 
 class _Strict(BaseModel):

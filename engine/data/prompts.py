@@ -6,8 +6,9 @@
 A row with a ``prompt`` and no ``completion`` (nor ``chosen``/``rejected``) is a prompt row. The
 prompt is text or a list of messages (roles system/user/assistant, the last one the user's); every
 other column of the row is kept and reaches the reward functions by name, as trl's GRPOTrainer passes
-them (``answer=[...]``). engine.data.formats detects the format and calls ``normalise_prompt_row``;
-this module knows nothing of the other formats.
+them (``answer=[...]``); a column named as one of the call's own arguments (``prompts``,
+``completions``, ``completion_ids``) is refused. engine.data.formats detects the format and calls
+``normalise_prompt_row``; this module knows nothing of the other formats.
 
 How a prompt is rendered for the model (engine.training.grpo_data): messages through the tokenizer's
 chat template with the assistant's turn opened; a text prompt as one user turn where the tokenizer has
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.contract.grpo import REWARD_ARGUMENTS
 from engine.data.rows import ROLES, RowError, content_text
 from engine.data.sources import type_name
 
@@ -62,6 +64,11 @@ def normalise_prompt_row(
         except json.JSONDecodeError:
             pass  # text that happens to start like JSON
     columns = {k: v for k, v in row.items() if k not in NOT_COLUMNS}
+    if taken := [k for k in REWARD_ARGUMENTS if k in columns]:
+        raise RowError(
+            f"column {taken[0]!r} has the name of an argument the reward functions are given themselves "
+            f"({', '.join(REWARD_ARGUMENTS)}); rename the column (e.g. to 'row_{taken[0]}')"
+        )
     if isinstance(value, str):
         if not value.strip():
             raise RowError("field 'prompt' is empty")

@@ -19,7 +19,15 @@ from filelock import FileLock, Timeout
 from engine.contract.errors import JobCancelled
 from engine.contract.events import ErrorEvent, EventWriter, Finished, Queued, Started
 from engine.contract.files import backprop_home
-from engine.contract.spec import CANCEL_FILE, EVENTS_FILE, ExportSpec, JobResult, read_spec, write_result
+from engine.contract.spec import (
+    CANCEL_FILE,
+    EVENTS_FILE,
+    ExportSpec,
+    JobResult,
+    read_spec,
+    running_artifacts,
+    write_result,
+)
 from engine.jobs.dispatch import error_hint, run_recipe
 from engine.jobs.rank_launcher import job_devices, run_ranks
 from engine.jobs.reporting import reporting
@@ -95,16 +103,20 @@ def run_job(job_dir: str | Path, *, lock_poll_s: float = 0.5, notes: list[str] |
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
         cancelled = isinstance(exc, (JobCancelled, KeyboardInterrupt))
         traceback.print_exc(file=sys.stderr)
+        kept = running_artifacts(job_dir)  # what the job wrote before it stopped (GRPO's completions)
         if cancelled:
             result = JobResult(
-                status="cancelled", kind=kind, error={"type": "Cancelled", "message": str(exc)}
+                status="cancelled",
+                kind=kind,
+                error={"type": "Cancelled", "message": str(exc)},
+                artifacts=kept,
             )
         else:
             message = str(exc) or type(exc).__name__
             error = getattr(exc, "job_error", None)  # a rank's own error (RankFailed)
             error = error or {"type": type(exc).__name__, "message": message, "hint": error_hint(exc)}
             events.emit(ErrorEvent(exception=error["type"], message=error["message"], hint=error["hint"]))
-            result = JobResult(status="failed", kind=kind, error=error)
+            result = JobResult(status="failed", kind=kind, error=error, artifacts=kept)
         write_result(job_dir, result)
         resume = resume_command(job_dir) if cancelled and kind != "export" else None
         events.emit(Finished(status=result.status, error=result.error, resume_command=resume))

@@ -44,7 +44,8 @@ PROMPTS_PER_STEP = 4
 LOGIT_COPIES = 3  # the last position's fp32 logits, their softmax and the sampler's working copy
 # The output head's chunks in GRPO's training passes: a quarter of the next-token loss's 256 MiB. Its step
 # holds little besides the weights, so one chunk's 16-bit logits and gradient were a fifth of its peak
-# (0.25 of 1.19 GiB at 0.5B, RESULTS.md); a GRPO step's time is mostly sampling, not these matmuls.
+# (0.25 of 1.19 GiB at 0.5B, RESULTS.md); a GRPO step's time is mostly sampling, not these matmuls. The
+# learning phase's memory estimate counts one chunk of this size.
 LOGPS_CHUNK_BYTES = 64 * 1024**2
 
 
@@ -293,6 +294,7 @@ def resolve_grpo(
         "gradient_checkpointing": train.gradient_checkpointing is not False, "lora_targets": lora_targets,
         "device": device, "bf16_supported": bf16_supported,
         "liger_kernels": train.backend != "unsloth" and liger_kernels_apply(shape.model_type, device),
+        "loss_chunk_bytes": LOGPS_CHUNK_BYTES,  # the learning passes' head chunks (engine.training.grpo_loss)
     }  # fmt: skip
     fit = FitCheck(shape, quantization, lora_rank, free_memory_gib or 0.0, context_in_use, est)
     plan = _GrpoPlan(

@@ -126,6 +126,7 @@ def estimate_memory(
     shards: int = 1,
     offload_activations: bool = False,
     liger_kernels: bool = False,
+    loss_chunk_bytes: int = CHUNKED_LOSS_BYTES,
 ) -> MemoryEstimate:
     """Peak memory of one training step (micro_batch sequences of seq_len tokens), in GiB.
 
@@ -137,6 +138,8 @@ def estimate_memory(
     the card holds about two of them at a time (the one copying, the one in use).
     ``liger_kernels``: the run's norms and SwiGLU are Liger's kernels (``liger_kernels_apply``), which keep
     fewer activations; it changes the estimate without recomputation, where every layer keeps its own.
+    ``loss_chunk_bytes``: the fp32 logits of one chunk through the output head (GRPO's log-probabilities
+    take smaller chunks than the next-token loss: engine.planning.grpo.LOGPS_CHUNK_BYTES).
     """
     if micro_batch < 1 or seq_len < 1 or lora_rank < 1:
         raise ValueError("micro_batch, seq_len and lora_rank must be at least 1")
@@ -152,7 +155,9 @@ def estimate_memory(
         shape, tokens, act, dtype, lora_rank, lora_targets, gradient_checkpointing, offload_activations,
         liger_kernels,
     )  # fmt: skip
-    loss_tokens = min(tokens, loss_chunk_tokens(shape.vocab_size)) if chunked_loss else tokens
+    loss_tokens = (
+        min(tokens, loss_chunk_tokens(shape.vocab_size, loss_chunk_bytes)) if chunked_loss else tokens
+    )
     logits = loss_tokens * shape.vocab_size * LOSS_BYTES_PER_LOGIT + tokens * shape.hidden_size * act
     # With checkpointing the loss peak (all layer inputs kept, logits alive) and the per-layer
     # backward peak come one after the other; without it, all activations are alive at the loss.

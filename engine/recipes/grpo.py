@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from engine.contract.events import EventWriter
 from engine.contract.grpo import COMPLETIONS_FILE
-from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
+from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult, running_artifacts
 from engine.models.adapters import initial_adapter
 from engine.rewards.scoring import build_rewards
 from engine.training.backend import backend_name
@@ -89,10 +89,7 @@ def run_grpo(
         status="succeeded",
         kind=spec.kind,
         metrics={**_metrics(spec, prep, run, outcome, device, info), **_reference_metric(reference)},
-        artifacts={
-            "adapter": str(adapter.resolve()),
-            "completions": str((job_dir / COMPLETIONS_FILE).resolve()),
-        },
+        artifacts={"adapter": str(adapter.resolve()), **running_artifacts(job_dir)},  # + completions.jsonl
         loss_history=outcome.loss_history,
     )
 

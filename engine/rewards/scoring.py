@@ -79,6 +79,7 @@ def score(
     """Call every reward on the completions (one prompt and one row's columns per completion)."""
     per_function: dict[str, list[float]] = {}
     for reward in rewards:
+        # the call's own arguments are engine.contract.grpo.REWARD_ARGUMENTS (no column has their names)
         values = reward.fn(prompts, completions, completion_ids=completion_ids, **columns)
         checked = checked_values(values, len(completions), f"the reward {reward.label!r}")
         per_function[reward.label] = [math.nan if v is None else v for v in checked]

@@ -4,7 +4,9 @@ The file runs with the worker's rights, so who may name one is decided before a 
 and the Python API always (the user runs their own code), an MCP tool only under the server's reward
 code policy (backprop_mcp.reward_policy). Here, every failure (the file will not load, the function is
 missing, it raises, it returns the wrong thing) becomes a ``RewardCodeError`` naming the file and the
-line, which fails the job with that message.
+line, which fails the job with that message. That includes ``sys.exit()`` and any other exception that
+is not an ``Exception``; a ``KeyboardInterrupt`` alone passes through, since the worker reads it as a
+stop (a cancel), wherever it arrives.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def _load_module(path: Path) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        del sys.modules[name]
+        raise  # a stop of the job (the worker's cancel), not the file's failure
+    except BaseException as exc:  # noqa: BLE001 - sys.exit() in the file fails the job with its line too
         del sys.modules[name]
         raise RewardCodeError(
             f"{_where(path, exc)}: the reward file failed to load: {type(exc).__name__}: {exc}"
@@ -75,7 +80,9 @@ def load_reward_function(path: str | Path, function: str = "reward") -> RewardFn
     def call(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         try:
             values = fn(prompts, completions, **columns)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise  # a stop of the job (the worker's cancel), not the function's failure
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in the function: its line too
             raise RewardCodeError(
                 f"{_where(file, exc)}: the reward function {function!r} raised {type(exc).__name__}: {exc}"
             ) from exc

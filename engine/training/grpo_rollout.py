@@ -2,9 +2,9 @@
 
 The prompts come from a job's prompt rows (engine.data.prompts); the completions reach the rewards as
 trl passes them (text, or an assistant message for message prompts, with every other column of the
-prompt's row by name). The figures are named as trl's GRPOTrainer logs them, so a view that knows trl's
-curves knows these: reward, reward_std, rewards/<name>/mean and /std, frac_reward_zero_std,
-completions/mean_length (min, max, clipped_ratio, mean_terminated_length).
+prompt's row by name). The figures are named as trl's GRPOTrainer logs them (reward, reward_std,
+rewards/<name>/mean and /std, frac_reward_zero_std, completions/mean_length, ...), declared once in
+engine.contract.grpo_figures.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engine.contract import grpo_figures as figures
 from engine.data.formats import Example
 from engine.data.prompts import prompt_token_ids
 from engine.rewards.scoring import Reward, Scores, score
@@ -84,21 +85,22 @@ def score_completions(
 
 
 def rollout_metrics(rollout: Rollout, rewards: list[Reward]) -> dict[str, float]:
-    """The step's reward and completion figures, trl's names; values that are not numbers are left out."""
+    """The step's reward and completion figures (engine.contract.grpo_figures' names, trl's); values
+    that are not numbers are left out."""
     out: dict[str, float] = {}
     total = rollout.advantages.rewards
-    out["reward"] = torch.nanmean(total).item()
-    out["reward_std"] = nanstd(total).item()
+    out[figures.REWARD] = torch.nanmean(total).item()
+    out[figures.REWARD_STD] = nanstd(total).item()
     for r in rewards:
         values = torch.tensor(rollout.scores.per_function[r.label], dtype=torch.float32)
-        out[f"rewards/{r.label}/mean"] = torch.nanmean(values).item()
-        out[f"rewards/{r.label}/std"] = nanstd(values).item()
-    out["frac_reward_zero_std"] = rollout.advantages.std_is_zero.float().mean().item()
+        out[figures.reward_mean(r.label)] = torch.nanmean(values).item()
+        out[figures.reward_spread(r.label)] = nanstd(values).item()
+    out[figures.FRAC_REWARD_ZERO_STD] = rollout.advantages.std_is_zero.float().mean().item()
     lengths = [len(c) for c in rollout.completion_ids]
-    out["completions/mean_length"] = sum(lengths) / len(lengths)
-    out["completions/min_length"] = float(min(lengths))
-    out["completions/max_length"] = float(max(lengths))
-    out["completions/clipped_ratio"] = sum(rollout.truncated) / len(lengths)
+    out[figures.MEAN_LENGTH] = sum(lengths) / len(lengths)
+    out[figures.MIN_LENGTH] = float(min(lengths))
+    out[figures.MAX_LENGTH] = float(max(lengths))
+    out[figures.CLIPPED_RATIO] = sum(rollout.truncated) / len(lengths)
     ended = [n for n, t in zip(lengths, rollout.truncated, strict=True) if not t] or [0]
-    out["completions/mean_terminated_length"] = sum(ended) / len(ended)
+    out[figures.MEAN_TERMINATED_LENGTH] = sum(ended) / len(ended)
     return {k: round(v, 6) for k, v in out.items() if math.isfinite(v)}

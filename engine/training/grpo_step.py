@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from engine.contract import grpo_figures as figures
 from engine.contract.events import EventWriter
 from engine.rewards.scoring import Reward
 from engine.training.fused_lora import weights_updated
@@ -104,8 +105,8 @@ class GrpoRun:
     def done(self, rollout: Rollout, metrics: dict[str, float]) -> None:
         self._pending = None
         self.steps_done += 1
-        if "reward" in metrics:
-            self.reward_history.append(metrics["reward"])
+        if figures.REWARD in metrics:
+            self.reward_history.append(metrics[figures.REWARD])
         if self.samples is not None:
             self.samples.add(self.steps_done, self.prompts.prompts, rollout, self.sampling.num_generations)
 
@@ -138,9 +139,9 @@ def grpo_step(inputs: StepInputs) -> StepResult:
     loss, norm, kl = torch.stack([totals.loss, grad_norm.float(), totals.kl]).tolist()
     metrics = rollout_metrics(rollout, run.rewards)
     # where a GRPO step's time goes: sampling or learning
-    metrics["timing/sampling_s"] = round(run.sampling_s, 3)
+    metrics[figures.SAMPLING_SECONDS] = round(run.sampling_s, 3)
     if run.loss.beta != 0.0 and totals.kl_tokens:
-        metrics["kl"] = round(kl / totals.kl_tokens, 6)
+        metrics[figures.KL] = round(kl / totals.kl_tokens, 6)
     run.done(rollout, metrics)
     return StepResult(loss=loss, tokens=totals.tokens, grad_norm=norm, metrics=metrics)
 
