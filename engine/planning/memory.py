@@ -111,6 +111,15 @@ class MemoryEstimate:
         return d
 
 
+def _runtime_overheads(peak: float, on_gpu: bool, chunked_loss: bool) -> tuple[float, float]:
+    """Bytes beyond the tensors at the peak: the CUDA context and the allocator's slack on a GPU (more
+    slack for the unchunked loss's large blocks); the runtime's own share on the CPU."""
+    if not on_gpu:
+        return CPU_RUNTIME_GIB * GIB, 0.0
+    share = ALLOCATOR_SLACK if chunked_loss else ALLOCATOR_SLACK_UNFUSED
+    return CUDA_CONTEXT_GIB * GIB, max(ALLOCATOR_SLACK_MIN_GIB * GIB, share * peak)
+
+
 def estimate_memory(
     shape: ModelShape,
     quantization: str,
@@ -163,12 +172,7 @@ def estimate_memory(
     # backward peak come one after the other; without it, all activations are alive at the loss.
     transient = max(layer_acts, logits) if gradient_checkpointing else layer_acts + logits
     peak = weights + lora + checkpointed + transient
-    if on_gpu:
-        context = CUDA_CONTEXT_GIB * GIB
-        slack_share = ALLOCATOR_SLACK if chunked_loss else ALLOCATOR_SLACK_UNFUSED
-        slack = max(ALLOCATOR_SLACK_MIN_GIB * GIB, slack_share * peak)
-    else:
-        context, slack = CPU_RUNTIME_GIB * GIB, 0.0
+    context, slack = _runtime_overheads(peak, on_gpu, chunked_loss)
     total = peak + context + slack
 
     def g(x: float) -> float:
