@@ -4,8 +4,9 @@ The step's rows are units (pairs, or judged answers, engine.data.preference_toke
 ``micro`` units is one forward pass over their sequences (a pair's chosen and rejected answers are rows of
 the same micro-batch), and its share of the step's loss goes backward at once, so only one micro-batch's
 activations are alive. The loss is the mean over the step's units whatever the micro-batch, so the loop's
-out-of-memory back-off (which halves ``micro``) changes the memory and nothing else. One host sync ends
-the step: the loss, the gradient norm and the method's figures (trl's names: ``rewards/chosen``,
+out-of-memory back-off (which halves ``micro``) changes the memory and nothing else, except for kto, whose
+reference point is each micro-batch's own (as in trl's KTOTrainer under gradient accumulation). One host
+sync ends the step: the loss, the gradient norm and the method's figures (trl's names: ``rewards/chosen``,
 ``rewards/accuracies``, ``logps/rejected``, ...) come back together.
 """
 
@@ -35,7 +36,7 @@ def step_totals(
     objective: Objective, model: Any, units: list[int], micro: int, *, train: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """The units' loss (backward after each micro-batch when ``train``), figure sums and tokens."""
-    objective.start_step(model, units, micro)
+    objective.start_step(units)
     loss = torch.zeros((), device=objective.c.device)
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
