@@ -278,6 +278,7 @@ def test_the_step_is_the_same_whatever_the_micro_batch(
                 Reference(model, None),
                 objective.view,
                 seqs_needed,
+                batch=8,
                 pad_id=0,
                 device="cpu",
                 autocast_dtype=None,

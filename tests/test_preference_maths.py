@@ -90,7 +90,7 @@ def _ours(
         ref = Reference(model, ref_adapter)
         seqs = objective.reference_sequences()
         objective.set_reference(
-            reference_logps(ref, objective.view, seqs, pad_id=0, device="cpu", autocast_dtype=None)
+            reference_logps(ref, objective.view, seqs, batch=8, pad_id=0, device="cpu", autocast_dtype=None)
         )
     model.train()
     units = list(range(len(data.units)))
