@@ -354,6 +354,64 @@ def test_an_sft_job_continues_from_init_adapter_with_its_rank(
     assert config["r"] == 4
 
 
+def test_the_command_line_starts_dpo_from_a_finished_jobs_id(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    common = ("--model", str(tiny_model_dir), "--steps", "1", "--lora-rank", "4", "--eval-fraction", "0")
+    sft = _backprop(tmp_path, "train", "--data", str(task["sft"]), *common)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    (first,) = (tmp_path / "jobs").iterdir()
+    dpo = _backprop(
+        tmp_path,
+        "train",
+        "--data",
+        str(task["pairs"]),
+        "--method",
+        "dpo",
+        "--init-adapter",
+        first.name,
+        *common,
+    )
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    (second,) = [job for job in (tmp_path / "jobs").iterdir() if job != first]
+    assert json.loads((second / "spec.json").read_text())["init_adapter"] == str(
+        first
+    )  # the worker reads a folder
+    log = read_events(second / "events.jsonl")[0]
+    assert any(
+        e.type == "log" and e.message.startswith("reference: a frozen copy of init_adapter") for e in log
+    )
+    unknown = _backprop(
+        tmp_path,
+        "train",
+        "--data",
+        str(task["pairs"]),
+        "--method",
+        "dpo",
+        "--init-adapter",
+        "ft-nope",
+        *common,
+    )
+    assert unknown.returncode != 0
+    assert "--init-adapter: 'ft-nope' does not exist. Give a finished job's id or folder" in unknown.stderr
+    assert unknown.stderr.count("--init-adapter:") == 1
+
+
+def test_the_python_api_starts_dpo_from_a_finished_jobs_id_under_its_workdir(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKPROP_HOME", str(tmp_path / "home"))
+    from engine import Trainer
+
+    trainer = Trainer(
+        str(tiny_model_dir), workdir=tmp_path / "jobs", lora_rank=4, eval_fraction=0, verbose=False
+    )
+    sft = trainer.train(task["sft"], steps=1)
+    dpo = trainer.train(task["pairs"], method="dpo", init_adapter=sft.job_dir.name, steps=1)
+    assert json.loads((dpo.job_dir / "spec.json").read_text())["init_adapter"] == str(sft.job_dir)
+    assert dpo.metrics["reference"].startswith("a frozen copy of init_adapter")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 @pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
 def test_gpu_each_method_trains_on_the_4bit_fast_path(
