@@ -1,6 +1,7 @@
 """Preference jobs as people run them: through the MCP tools (sft, then dpo from its adapter, then try and
-export), the command line, the Python API; cancelled and resumed; and the step's independence from the
-micro-batch that the out-of-memory back-off relies on. Real workers and the tiny model; nothing mocked."""
+export), the command line, the Python API; cancelled and resumed; the step's independence from the
+micro-batch that the out-of-memory back-off relies on, and the evaluation after a back-off. Real workers
+and the tiny model; nothing mocked but the out-of-memory error (simulated: no GPU here)."""
 
 from __future__ import annotations
 
@@ -295,6 +296,89 @@ def test_the_step_is_the_same_whatever_the_micro_batch(
         torch.testing.assert_close(loss, seen[0][0], atol=1e-6, rtol=1e-5)
         assert sums == pytest.approx(seen[0][1], abs=1e-5)
         torch.testing.assert_close(grads, seen[0][2], atol=1e-6, rtol=1e-4)
+
+
+def test_after_an_out_of_memory_back_off_the_evaluation_takes_the_smaller_micro_batch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """There is no GPU here, so the out-of-memory error is simulated: a hook on the decoder raises torch's
+    CUDA OutOfMemoryError the first time a forward pass with gradients gets more than one pair (two rows).
+    The loop halves the micro-batch from two pairs to one; the held-out evaluation then takes one pair at a
+    time too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.contract.spec import PreferenceSettings
+    from engine.data.preference_tokens import PreferenceTokens
+    from engine.training.loop import train_adapter
+    from engine.training.preference_objectives import Compute, objective_for
+    from engine.training.preference_step import PreferenceTrainStep, preference_evaluator
+    from engine.training.reference import Reference, reference_logps
+    from engine.training.token_logps import causal_lm
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+
+    def pairs(n: int) -> PreferenceTokens:
+        seqs = [torch.randint(10, 500, (8,), generator=g).tolist() for _ in range(2 * n)]
+        units = [[2 * i, 2 * i + 1] for i in range(n)]
+        return PreferenceTokens(seqs, [[-100] * 4 + s[4:] for s in seqs], [4] * (2 * n), units)
+
+    compute = Compute(0, "cpu")
+    train, held = (objective_for("dpo", pairs(n), PreferenceSettings(), compute) for n in (4, 4))
+    for objective in (train, held):
+        objective.set_reference(
+            reference_logps(
+                Reference(model, None),
+                objective.view,
+                objective.reference_sequences(),
+                batch=8,
+                pad_id=0,
+                device="cpu",
+                autocast_dtype=None,
+            )  # fmt: skip
+        )
+    seen: list[tuple[bool, int]] = []  # (with gradients, rows) of each forward pass
+
+    def short_of_memory(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        rows, training = kwargs["input_ids"].shape[0], torch.is_grad_enabled()
+        seen.append((training, rows))
+        if training and rows > 2 and sum(t for t, _ in seen) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    class Plan:
+        steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
+        micro_batch_size, gradient_accumulation, max_seq_length, packing = 2, 1, 16, False
+        rows_per_step = 2
+        weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, 1
+        gradient_checkpointing = True  # so the back-off halves the micro-batch at once
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    step = PreferenceTrainStep(train, micro=Plan.micro_batch_size)
+    hook = causal_lm(model).model.register_forward_pre_hook(short_of_memory, with_kwargs=True)
+    try:
+        with EventWriter(tmp_path / "events.jsonl") as events:
+            evaluator = preference_evaluator(held, model, lambda: step.micro, events)
+            outcome = train_adapter(
+                model,
+                Tokenizer,
+                train.data,
+                Plan,
+                device="cpu",
+                events=events,
+                evaluator=evaluator,
+                step_fn=step,
+            )
+    finally:
+        hook.remove()
+    assert outcome.micro_batch_size == 1 and seen[0] == (True, 4)  # two pairs ran out of memory: one pair
+    evaluations = [e for e in read_events(tmp_path / "events.jsonl")[0] if isinstance(e, Eval)]
+    assert len(evaluations) == 1  # after step 1 (the last step is evaluated by the recipe)
+    assert {rows for training, rows in seen if not training} == {2}  # one pair per held-out forward pass
 
 
 def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:

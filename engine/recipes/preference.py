@@ -49,7 +49,8 @@ def run_preference(
     # the reference pass takes a training micro-batch's rows at a time (engine.training.reference says why)
     rows = resolved.micro_batch_size * rows_per_unit(spec.method)
     reference = _reference(spec, model, [objective, *([held] if held else [])], compute, rows, events)
-    evaluator = preference_evaluator(held, model, resolved.micro_batch_size, events)
+    step = PreferenceTrainStep(objective, micro=resolved.micro_batch_size)
+    evaluator = preference_evaluator(held, model, lambda: step.micro, events)  # the run's micro-batch
     events.stage("training", total_steps=resolved.steps, method=spec.method)
     outcome = train_adapter(
         model,
@@ -63,7 +64,7 @@ def run_preference(
         safety=spec.safety,
         gpu_index=spec.gpu_index,
         evaluator=evaluator,
-        step_fn=PreferenceTrainStep(objective),
+        step_fn=step,
     )
     eval_metrics: dict[str, float] = {}
     if evaluator is not None:

@@ -81,11 +81,14 @@ def preference_scores(objective: Objective, model: Any, units: list[int], micro:
 
 @dataclass
 class PreferenceTrainStep:
-    """The loop's step (engine.training.step) for ``objective``: a row of the plan is one unit."""
+    """The loop's step (engine.training.step) for ``objective``: a row of the plan is one unit. ``micro`` is
+    the micro-batch of its latest step (the loop's out-of-memory back-off lowers it), for the evaluation."""
 
     objective: Objective
+    micro: int
 
     def __call__(self, inputs: StepInputs) -> StepResult:
+        self.micro = inputs.micro
         units = [u for row in inputs.rows for u in row]
         r = preference_step(
             self.objective, inputs.model, inputs.optimizer, units, inputs.micro, inputs.max_grad_norm
@@ -94,16 +97,17 @@ class PreferenceTrainStep:
 
 
 def preference_evaluator(
-    objective: Objective | None, model: Any, micro: int, events: Any
+    objective: Objective | None, model: Any, micro: Callable[[], int], events: Any
 ) -> Callable[[int], dict[str, float]] | None:
     """A function that scores the held-out units at a global step and records an ``Eval`` event: the method's
-    loss, and its figures (``rewards/accuracies``, ...) in ``Eval.metrics``. None without held-out units."""
+    loss, and its figures (``rewards/accuracies``, ...) in ``Eval.metrics``. None without held-out units.
+    ``micro`` says the run's micro-batch at the time (after an out-of-memory back-off, the smaller one)."""
     if objective is None:
         return None
     units = list(range(len(objective.data.units)))
 
     def evaluate(global_step: int) -> dict[str, float]:
-        scores = preference_scores(objective, model, units, micro)
+        scores = preference_scores(objective, model, units, micro())
         loss = scores.pop("loss")
         events.emit(Eval(global_step=global_step, loss=loss, examples=len(units), metrics=scores))
         return {"eval_loss": loss, **{f"eval_{k}": v for k, v in scores.items()}}
