@@ -385,7 +385,8 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
     """benchmarks/preference_speed.py --tiny: the engine's DPO job and trl's DPOTrainer (and trl with its
     precomputed reference, and trl with each batch split in two, the GPU run's bf16 noise floor) on the same
     tokens, order and initial adapter: the same per-step losses, and the records and headline the GPU
-    measurement reads (Unsloth needs a GPU: skipped here)."""
+    measurement reads, the headline counting the runs' reference passes (Unsloth needs a GPU: not run
+    here, and the headline says so)."""
     pytest.importorskip("trl")
     records = tmp_path / "speed.jsonl"
     command = [
@@ -405,7 +406,18 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
         )  # fp32: the same maths, the same losses
     assert "|loss - trl's|, steps 2-3: engine: mean" in done.stdout
     assert "per-step losses (and seconds)" in done.stdout
-    assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
+    for rec in (engine, precomputed):  # a reference pass before training: its time shared over the pairs
+        pairs = 2 * len(rec["losses"])
+        assert rec["pairs_per_s_with_reference"] == pytest.approx(
+            1 / (1 / rec["pairs_per_s"] + rec["reference_s"] / pairs), rel=1e-2
+        )
+    assert "pairs_per_s_with_reference" not in trl  # its reference forward is inside each step
+    headline = next(line for line in done.stdout.splitlines() if line.startswith("DPO 0.5B QLoRA: "))
+    assert headline.startswith(
+        f"DPO 0.5B QLoRA: {engine['pairs_per_s_with_reference'] / trl['pairs_per_s']:.2f}×"
+    )
+    assert "trl's DPOTrainer" in headline and "its peak memory; Unsloth not run (CPU, " in headline
+    assert "steps alone (the engine's reference pass left out)" in done.stdout and "control:" in done.stdout
 
 
 def test_an_sft_job_continues_from_init_adapter_with_its_rank(
