@@ -209,8 +209,10 @@ class Supervisor:
     def _derive_state(
         self, record: JobRecord, tail: JobTail, exit_code: int | None
     ) -> tuple[JobState, str | None]:
-        worker_alive = exit_code is None and record.pid is not None and procs.is_alive(
-            procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0)
+        worker_alive = (
+            exit_code is None
+            and record.pid is not None
+            and procs.is_alive(procs.ProcessIdentity(record.pid, record.pid_start_time or 0.0))
         )
         result = self._result(record)
         if result is not None and tail.finished is None and worker_alive:
