@@ -6,6 +6,9 @@
 #   2. DPO, Qwen2.5-7B architecture, QLoRA, pairs of 512-token prompts and 512-token answers: the engine's
 #      job against trl's DPOTrainer and Unsloth's PatchDPOTrainer (benchmarks/preference_speed.py);
 #   3. the same DPO comparison at 0.5B (the engine, trl, trl's bf16 noise floor, Unsloth; dpo05-trl: no Unsloth);
+#   both DPO parts end with trl's precompute_ref_log_probs run (--trl-precompute: the engine's way of making
+#   the reference, as a control), after their headline is printed and recorded, in what is left of the
+#   part's cap (raised by 60 s and 40 s for it; its length is not yet measured: a timeout there loses only it);
 #   tests (only when PARTS names it): the tests that CI skips for want of a GPU; jobtests: those of them that
 #   run whole jobs (dpo, kto and orpo on the 4-bit fast path; the kept 4-bit copy);
 #   grpo-unsloth (only when PARTS names it): the engine's GRPO job against Unsloth's GRPO.
@@ -72,9 +75,9 @@ for part in ${PARTS:-grpo dpo7 dpo05}; do
     jobtests) jobtests ;;
     grpo) grpo ;;
     grpo-unsloth) grpo_unsloth ;;
-    dpo7) dpo qwen2.5-7b 360 10 ;;
-    dpo05) dpo qwen2.5-0.5b 240 12 "--memory-history /tmp/memory" ;;
-    dpo05-trl) dpo qwen2.5-0.5b 200 12 "--memory-history /tmp/memory --skip-unsloth" ;;  # a short call: no Unsloth
+    dpo7) dpo qwen2.5-7b 420 10 --trl-precompute ;;
+    dpo05) dpo qwen2.5-0.5b 280 12 "--memory-history /tmp/memory --trl-precompute" ;;
+    dpo05-trl) dpo qwen2.5-0.5b 240 12 "--memory-history /tmp/memory --skip-unsloth --trl-precompute" ;;  # a short call: no Unsloth
   esac
 done
 # what was alive at each recorded run's peak (its first step), by the code that allocated it; where the

@@ -10,19 +10,26 @@ writes them, the tiny preset's tokenizer), this script
      base): the three start from the same weights and see the same tokens in the same order (the engine's
      step plan; trl's sampler set to sequential over the rows in that order);
   2. runs the engine exactly as a job runs (``python -m engine run``: NF4 base, ``method: dpo`` with
-     ``init_adapter``, the reference log-probabilities computed once before training: reported apart);
+     ``init_adapter``, the reference log-probabilities computed once before training);
   3. runs trl's DPOTrainer in a child process (same NF4 model, the same adapter loaded trainable, which trl
-     copies as its frozen 'ref'; same batch, learning rate, beta, gradient checkpointing choice, bf16);
-     ``--trl-precompute`` adds a run with trl's ``precompute_ref_log_probs`` (the engine's choice);
-     ``--noise-floor`` (default) adds trl again with each batch as two half micro-batches (gradient
+     copies as its frozen 'ref'; same batch, learning rate, beta, gradient checkpointing choice, bf16; its
+     reference forward inside each step); ``--noise-floor`` (default) adds trl again with each batch as two half micro-batches (gradient
      accumulation 2): the same steps in another order of bf16 arithmetic. Adam's first update is nearly the
      sign of each gradient element, so rounding differences in small gradients grow from step 2 on; how far
      that run's losses lie from trl's is the bf16 noise that the engine's distance from trl is judged by;
   4. runs Unsloth's DPO (``PatchDPOTrainer``, its own NF4 load and LoRA of the same shape, seeded: its A
-     factors differ, so only its first step's loss is comparable) in a child process, where it imports;
+     factors differ, so only its first step's loss is comparable; its reference forward inside each step)
+     in a child process, where it imports;
   5. prints pairs/s over the timed steps (after ``--warmup``), peak GPU memory over training
      (``torch.cuda.max_memory_allocated``), the ratios to trl, the per-step losses side by side, and the
-     headline line ``DPO 7B QLoRA: X× trl's DPOTrainer, Y× its peak memory; Z× Unsloth (card, date)``.
+     headline line ``DPO 7B QLoRA: X× trl's DPOTrainer, Y× its peak memory; Z× Unsloth (card, date)``
+     ("Unsloth not run" where it was not). Every pair is trained once, so a reference pass made once before
+     training is a cost of each pair as much as trl's per-step reference forward is: a run that makes one
+     (the engine; trl with ``precompute_ref_log_probs``) shows pairs/s over its timed steps alone and with
+     the pass's time shared over every pair it covered, and the headline takes the latter;
+  6. with ``--trl-precompute``, last, once the headline is out (so a part's timeout that cuts it loses
+     nothing else): trl with ``precompute_ref_log_probs``, the engine's way of making the reference, as a
+     control: its reference pass timed, its pairs/s both ways.
 
 The GPU machine has no trl, datasets or bitsandbytes: they travel as wheels, with Unsloth's pack
 (../shared/bench/unsloth/README.md: trl 1.15 in it). Put them on PYTHONPATH for the child processes
@@ -172,11 +179,14 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
     progress = [e for e in events if e.type == "progress"]
     timed = [p.step_s or 0.0 for p in progress[args.warmup :]]
     stages = {e.name: e.time for e in events if e.type == "stage"}
+    speed = round(args.batch * len(timed) / sum(timed), 3) if timed else None
+    reference_s = round(stages.get("training", 0) - stages.get("reference", 0), 2)
     return {
         "variant": "engine",
-        "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
+        "pairs_per_s": speed,
+        "pairs_per_s_with_reference": with_reference(speed, reference_s, args.batch * len(progress)),
         "peak_mem_gib": result.metrics.get("peak_gpu_memory_gib"),
-        "reference_s": round(stages.get("training", 0) - stages.get("reference", 0), 2),
+        "reference_s": reference_s,
         "losses": [round(p.loss or 0.0, 5) for p in progress],
         # slow early steps show start-up work sharing the host
         "step_s": [round(p.step_s or 0.0, 4) for p in progress],
@@ -239,10 +249,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train_dataset = Dataset.from_dict(
         json.loads(Path(args.tokens).read_text())
     )  # the engine's tokens
-    if (
-        args.precompute
-    ):  # trl computes its reference log-probabilities when it is built: again, for these rows
+    reference_s = None
+    if args.precompute:  # trl computed reference log-probabilities when it was built: again, for these rows
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
         trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", args.batch)
+        if cuda:
+            torch.cuda.synchronize()
+        reference_s = round(time.perf_counter() - began, 2)
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -269,9 +284,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     timed = times[args.warmup :]
     label = args.worker + (" precompute_ref_log_probs" if args.precompute else "")
     label += f", {args.split} micro-batches (noise floor)" if args.split > 1 else ""
+    speed = round(args.batch * len(timed) / sum(timed), 3) if timed else None
+    reference = {} if reference_s is None else {
+        "reference_s": reference_s,
+        "pairs_per_s_with_reference": with_reference(speed, reference_s, args.batch * len(times)),
+    }  # fmt: skip
     return {
         "variant": label,
-        "pairs_per_s": round(args.batch * len(timed) / sum(timed), 3) if timed else None,
+        "pairs_per_s": speed,
+        **reference,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "losses": [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h],
         "step_s": [round(t, 4) for t in times],
@@ -312,20 +333,49 @@ def _worker_model(args: argparse.Namespace, cuda: bool) -> tuple[Any, Any]:
 # -- the report --------------------------------------------------------------------------------------
 
 
+def with_reference(pairs_per_s: float | None, reference_s: float, pairs: int) -> float | None:
+    """Pairs/s counting a reference pass made once before training: its ``reference_s`` shared over the
+    ``pairs`` it covered (every pair of the run, each trained once) and added to each pair's step time."""
+    if not pairs_per_s or pairs <= 0:
+        return None
+    return round(1 / (1 / pairs_per_s + reference_s / pairs), 3)
+
+
+def steps_alone(r: dict[str, Any]) -> Any:
+    """A run's pairs/s over its timed steps, a reference pass before training left out."""
+    return r.get("pairs_per_s")
+
+
+def headline_speed(r: dict[str, Any]) -> Any:
+    """A run's pairs/s with its reference pass: counted apart where it had one before training, else already
+    inside each step (trl's default, Unsloth)."""
+    return r.get("pairs_per_s_with_reference", r.get("pairs_per_s"))
+
+
+def variant_line(r: dict[str, Any], trl: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"  {r['variant']:<34} error: {str(r['error']).strip().splitlines()[-1][:200]}"
+    speed = _ratio(r.get("pairs_per_s"), trl.get("pairs_per_s"))
+    mem = _ratio(r.get("peak_mem_gib"), trl.get("peak_mem_gib"))
+    ref = ""
+    if "reference_s" in r:
+        ref = (
+            f"; with its reference pass ({r['reference_s']} s before training) "
+            f"{r.get('pairs_per_s_with_reference')} pairs/s ({_ratio(headline_speed(r), headline_speed(trl))} trl)"
+        )
+    return (
+        f"  {r['variant']:<34} {r.get('pairs_per_s')} pairs/s over its steps ({speed} trl), "
+        f"{r.get('peak_mem_gib')} GiB ({mem} trl){ref}"
+    )
+
+
 def report(arch: str, records: list[dict[str, Any]], card: str) -> str:
     by = {r["variant"]: r for r in records}
-    trl, engine, uns = by.get("trl", {}), by.get("engine", {}), by.get("unsloth", {})
-    lines = [f"\n{arch}: pairs/s (timed steps), peak GiB, ratio to trl's DPOTrainer"]
-    for r in records:
-        if r.get("error"):
-            lines.append(f"  {r['variant']:<34} error: {str(r['error']).strip().splitlines()[-1][:200]}")
-            continue
-        speed = _ratio(r.get("pairs_per_s"), trl.get("pairs_per_s"))
-        mem = _ratio(r.get("peak_mem_gib"), trl.get("peak_mem_gib"))
-        ref = f", reference pass {r['reference_s']} s before training" if "reference_s" in r else ""
-        lines.append(
-            f"  {r['variant']:<34} {r.get('pairs_per_s')} pairs/s ({speed} trl), {r.get('peak_mem_gib')} GiB ({mem} trl){ref}"
-        )
+    trl, engine = by.get("trl", {}), by.get("engine", {})
+    lines = [
+        f"\n{arch}: pairs/s, peak GiB, ratio to trl's DPOTrainer (trl: its reference forward in each step)"
+    ]
+    lines += [variant_line(r, trl) for r in records]
     with_losses = [r for r in records if r.get("losses")]
     lines.append("  per-step losses (and seconds): " + " | ".join(r["variant"] for r in with_losses))
     rows, clocks = [r["losses"] for r in with_losses], [r.get("step_s") or [] for r in with_losses]
@@ -346,11 +396,22 @@ def report(arch: str, records: list[dict[str, Any]], card: str) -> str:
                         f"  |loss - trl's|, steps 2-{len(gaps) + 1}: {r['variant']}: "
                         f"mean {sum(gaps) / len(gaps):.5f}, max {max(gaps):.5f}"
                     )
+    uns = by.get("unsloth")
+
+    def versus_unsloth(speed: Any) -> str:
+        if uns is None or uns.get("error"):
+            return "Unsloth not run" if uns is None else "Unsloth failed"
+        return f"{_ratio(speed(engine), speed(uns))} Unsloth"
+
+    lines.append(
+        f"  steps alone (the engine's reference pass left out): {_ratio(steps_alone(engine), steps_alone(trl))} "
+        f"trl's DPOTrainer; {versus_unsloth(steps_alone)}"
+    )
     size = "7B" if "7b" in arch else "0.5B" if "0.5b" in arch else arch
     lines.append(
-        f"DPO {size} QLoRA: {_ratio(engine.get('pairs_per_s'), trl.get('pairs_per_s'))} trl's DPOTrainer, "
+        f"DPO {size} QLoRA: {_ratio(headline_speed(engine), headline_speed(trl))} trl's DPOTrainer, "
         f"{_ratio(engine.get('peak_mem_gib'), trl.get('peak_mem_gib'))} its peak memory; "
-        f"{_ratio(engine.get('pairs_per_s'), uns.get('pairs_per_s'))} Unsloth ({card}, {time.strftime('%Y-%m-%d')})"
+        f"{versus_unsloth(headline_speed)} ({card}, {time.strftime('%Y-%m-%d')})"
     )
     return "\n".join(lines)
 
@@ -376,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         "--trl-path", default="", help="PYTHONPATH for the trl child (trl, datasets, bitsandbytes)"
     )
     p.add_argument("--unsloth-path", default="", help="PYTHONPATH for the Unsloth child (its pack)")
-    p.add_argument("--trl-precompute", action="store_true", help="also trl with precompute_ref_log_probs")
+    p.add_argument(
+        "--trl-precompute", action="store_true",
+        help="last, after the headline: trl with precompute_ref_log_probs (its reference pass timed), a control",
+    )  # fmt: skip
     p.add_argument(
         "--noise-floor", action=argparse.BooleanOptionalAction, default=True,
         help="also trl with each batch as two half micro-batches: the bf16 noise floor of the losses",
@@ -418,19 +482,27 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.noise_floor and args.batch % 2 == 0:
             records.append(run_child("trl", model_dir, tokens, adapter, args, ["--split", "2"]))
-        if args.trl_precompute:
-            records.append(run_child("trl", model_dir, tokens, adapter, args, ["--precompute"]))
         if not args.skip_unsloth and torch.cuda.is_available():
             records.append(run_child("unsloth", model_dir, tokens, adapter, args, []))
-        for r in records:
-            r.update(
-                arch=arch, card=card, batch=args.batch, prompt_len=args.prompt_len, answer_len=args.answer_len
-            )
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+        setting = dict(
+            arch=arch, card=card, batch=args.batch, prompt_len=args.prompt_len, answer_len=args.answer_len
+        )
+        record(records, setting, args.jsonl)
         print(report(arch, records, card), flush=True)
+        if args.trl_precompute:  # the control, once the headline is out
+            control = run_child("trl", model_dir, tokens, adapter, args, ["--precompute"])
+            record([control], setting, args.jsonl)
+            trl = next(r for r in records if r["variant"] == "trl")
+            print("control:\n" + variant_line(control, trl), flush=True)
     return 0
+
+
+def record(records: list[dict[str, Any]], setting: dict[str, Any], jsonl: Path | None) -> None:
+    for r in records:
+        r.update(setting)
+        if jsonl:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

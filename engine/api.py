@@ -23,7 +23,7 @@ from engine.contract.settings import setting_parameters, training_spec
 from engine.contract.spec import ExportSpec, FinetuneSpec, JobResult, SeriesSpec
 from engine.hardware.installed import require_for_spec
 from engine.jobs.progress import ProgressPrinter
-from engine.jobs.runner import create_job, run_and_follow
+from engine.jobs.runner import create_job, init_adapter_path, run_and_follow
 from engine.planning.preflight import preflight
 
 
@@ -139,7 +139,10 @@ class Trainer:
     @_takes_settings(FinetuneSpec)
     def train(self, data: str | Path, **settings: Any) -> TrainResult:
         """One LoRA/QLoRA fine-tune. ``settings``: as the constructor's (steps, learning_rate, skip_bad_rows, ...)."""
-        spec = training_spec(FinetuneSpec, local_or_name(data), **{**self.settings, **settings})
+        given = {**self.settings, **settings}
+        if given.get("init_adapter"):  # a finished job's id (under workdir or the state folder) or a folder
+            given["init_adapter"] = init_adapter_path(str(given["init_adapter"]), self.workdir)
+        spec = training_spec(FinetuneSpec, local_or_name(data), **given)
         self.last = self._run(spec)
         return self.last
 

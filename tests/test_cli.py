@@ -90,6 +90,22 @@ def test_check_data_exits_nonzero_on_bad_rows_and_names_the_flag(home: Path, bad
     assert json.loads(backprop(home, "check-data", str(CHAT), "--json").stdout)["report"]["rows_ok"] == 160
 
 
+@pytest.mark.parametrize(
+    ("method", "said"),
+    [("sft", "an sft"), ("dpo", "a dpo"), ("kto", "a kto"), ("orpo", "an orpo"), ("grpo", "a grpo")],
+)
+def test_check_data_names_the_method_with_its_article(method: str, said: str) -> None:
+    from engine.cli.show import check_data_text
+    from engine.planning.preflight import DataCheck
+
+    out = DataCheck(
+        report={"path": "pairs.jsonl", "format": "preference", "rows_ok": 4, "rows_total": 4},
+        method=method, fits=True, device="cpu",
+        defaults={"steps": 10, "micro_batch_size": 2, "gradient_accumulation": 1, "max_seq_length": 64, "learning_rate": 1e-4},
+    )  # fmt: skip
+    assert f"\n{said} fine-tune would use: 10 steps" in check_data_text(out, "tiny")
+
+
 def test_bad_data_is_refused_before_any_job_exists(home: Path, bad_data: Path) -> None:
     before = job_dirs(home)
     done = backprop(home, "train", "--data", str(bad_data), "--steps", "2")

@@ -132,6 +132,9 @@ def test_why_graphs_are_not_used_is_said(tiny_model_dir):
     assert why_not(model, "cpu", Off, distributed=False) == "train.cuda_graphs is off"
     assert why_not(model, "cpu", On, distributed=False) == "not on a CUDA GPU"
     assert "several devices" in why_not(model, "cuda:0", On, distributed=True)
+    assert why_not(model, "cuda:0", On, distributed=False, method_step=True) == (  # dpo, kto, orpo, grpo
+        "the method's own step is not captured (CUDA graphs serve the next-token step of sft)"
+    )
     model.__dict__.pop(VARLEN_FLAG)
     assert "varlen" in why_not(model, "cuda:0", On, distributed=False)
     fused_lora.unfuse_lora_layers(model)

@@ -1,6 +1,7 @@
 """Preference jobs as people run them: through the MCP tools (sft, then dpo from its adapter, then try and
-export), the command line, the Python API; cancelled and resumed; and the step's independence from the
-micro-batch that the out-of-memory back-off relies on. Real workers and the tiny model; nothing mocked."""
+export), the command line, the Python API; cancelled and resumed; the step's independence from the
+micro-batch that the out-of-memory back-off relies on, and the evaluation after a back-off. Real workers
+and the tiny model; nothing mocked but the out-of-memory error (simulated: no GPU here)."""
 
 from __future__ import annotations
 
@@ -235,10 +236,15 @@ def test_the_python_api_trains_kto_on_a_paired_file_unpaired_by_rule(
     assert (result.adapter_path / "adapter_config.json").exists()  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
-def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "loss_type"), [("dpo", None), ("kto", "apo_zero_unpaired"), ("orpo", None)]
+)
+def test_the_step_is_the_same_whatever_the_micro_batch(
+    tiny_model_dir: Path, method: str, loss_type: str | None
+) -> None:
     """The out-of-memory back-off halves the micro-batch mid-run: the step's loss, figures and gradients must
-    not change with it (fp32)."""
+    not change with it (fp32). kto's own loss is left out: its reference point z0 is each micro-batch's, as in
+    trl's KTOTrainer (tests/test_preference_maths.py proves that equality under gradient accumulation)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -265,7 +271,7 @@ def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, met
         [[i] for i in range(8)] if method == "kto" else [[2 * i, 2 * i + 1] for i in range(4)],
         desirable=[i % 2 == 0 for i in range(8)] if method == "kto" else [],
     )  # fmt: skip
-    objective = objective_for(method, data, PreferenceSettings(), Compute(0, "cpu"))
+    objective = objective_for(method, data, PreferenceSettings(loss_type=loss_type), Compute(0, "cpu"))
     if objective.needs_reference:
         seqs_needed = objective.reference_sequences()
         objective.set_reference(
@@ -273,6 +279,7 @@ def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, met
                 Reference(model, None),
                 objective.view,
                 seqs_needed,
+                batch=8,
                 pad_id=0,
                 device="cpu",
                 autocast_dtype=None,
@@ -291,11 +298,95 @@ def test_the_step_is_the_same_whatever_the_micro_batch(tiny_model_dir: Path, met
         torch.testing.assert_close(grads, seen[0][2], atol=1e-6, rtol=1e-4)
 
 
+def test_after_an_out_of_memory_back_off_the_evaluation_takes_the_smaller_micro_batch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """There is no GPU here, so the out-of-memory error is simulated: a hook on the decoder raises torch's
+    CUDA OutOfMemoryError the first time a forward pass with gradients gets more than one pair (two rows).
+    The loop halves the micro-batch from two pairs to one; the held-out evaluation then takes one pair at a
+    time too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.contract.spec import PreferenceSettings
+    from engine.data.preference_tokens import PreferenceTokens
+    from engine.training.loop import train_adapter
+    from engine.training.preference_objectives import Compute, objective_for
+    from engine.training.preference_step import PreferenceTrainStep, preference_evaluator
+    from engine.training.reference import Reference, reference_logps
+    from engine.training.token_logps import causal_lm
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+
+    def pairs(n: int) -> PreferenceTokens:
+        seqs = [torch.randint(10, 500, (8,), generator=g).tolist() for _ in range(2 * n)]
+        units = [[2 * i, 2 * i + 1] for i in range(n)]
+        return PreferenceTokens(seqs, [[-100] * 4 + s[4:] for s in seqs], [4] * (2 * n), units)
+
+    compute = Compute(0, "cpu")
+    train, held = (objective_for("dpo", pairs(n), PreferenceSettings(), compute) for n in (4, 4))
+    for objective in (train, held):
+        objective.set_reference(
+            reference_logps(
+                Reference(model, None),
+                objective.view,
+                objective.reference_sequences(),
+                batch=8,
+                pad_id=0,
+                device="cpu",
+                autocast_dtype=None,
+            )  # fmt: skip
+        )
+    seen: list[tuple[bool, int]] = []  # (with gradients, rows) of each forward pass
+
+    def short_of_memory(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        rows, training = kwargs["input_ids"].shape[0], torch.is_grad_enabled()
+        seen.append((training, rows))
+        if training and rows > 2 and sum(t for t, _ in seen) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    class Plan:
+        steps, learning_rate, warmup_steps, lr_scheduler = 2, 1e-3, 0, "constant"
+        micro_batch_size, gradient_accumulation, max_seq_length, packing = 2, 1, 16, False
+        rows_per_step = 2
+        weight_decay, max_grad_norm, seed, checkpoint_every = 0.0, 1.0, 0, 1
+        gradient_checkpointing = True  # so the back-off halves the micro-batch at once
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    step = PreferenceTrainStep(train, micro=Plan.micro_batch_size)
+    hook = causal_lm(model).model.register_forward_pre_hook(short_of_memory, with_kwargs=True)
+    try:
+        with EventWriter(tmp_path / "events.jsonl") as events:
+            evaluator = preference_evaluator(held, model, lambda: step.micro, events)
+            outcome = train_adapter(
+                model,
+                Tokenizer,
+                train.data,
+                Plan,
+                device="cpu",
+                events=events,
+                evaluator=evaluator,
+                step_fn=step,
+            )
+    finally:
+        hook.remove()
+    assert outcome.micro_batch_size == 1 and seen[0] == (True, 4)  # two pairs ran out of memory: one pair
+    evaluations = [e for e in read_events(tmp_path / "events.jsonl")[0] if isinstance(e, Eval)]
+    assert len(evaluations) == 1  # after step 1 (the last step is evaluated by the recipe)
+    assert {rows for training, rows in seen if not training} == {2}  # one pair per held-out forward pass
+
+
 def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Path) -> None:
     """benchmarks/preference_speed.py --tiny: the engine's DPO job and trl's DPOTrainer (and trl with its
     precomputed reference, and trl with each batch split in two, the GPU run's bf16 noise floor) on the same
     tokens, order and initial adapter: the same per-step losses, and the records and headline the GPU
-    measurement reads (Unsloth needs a GPU: skipped here)."""
+    measurement reads, the headline counting the runs' reference passes (Unsloth needs a GPU: not run
+    here, and the headline says so)."""
     pytest.importorskip("trl")
     records = tmp_path / "speed.jsonl"
     command = [
@@ -315,7 +406,18 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
         )  # fp32: the same maths, the same losses
     assert "|loss - trl's|, steps 2-3: engine: mean" in done.stdout
     assert "per-step losses (and seconds)" in done.stdout
-    assert "DPO 0.5B QLoRA: " in done.stdout and "trl's DPOTrainer" in done.stdout
+    for rec in (engine, precomputed):  # a reference pass before training: its time shared over the pairs
+        pairs = 2 * len(rec["losses"])
+        assert rec["pairs_per_s_with_reference"] == pytest.approx(
+            1 / (1 / rec["pairs_per_s"] + rec["reference_s"] / pairs), rel=1e-2
+        )
+    assert "pairs_per_s_with_reference" not in trl  # its reference forward is inside each step
+    headline = next(line for line in done.stdout.splitlines() if line.startswith("DPO 0.5B QLoRA: "))
+    assert headline.startswith(
+        f"DPO 0.5B QLoRA: {engine['pairs_per_s_with_reference'] / trl['pairs_per_s']:.2f}×"
+    )
+    assert "trl's DPOTrainer" in headline and "its peak memory; Unsloth not run (CPU, " in headline
+    assert "steps alone (the engine's reference pass left out)" in done.stdout and "control:" in done.stdout
 
 
 def test_an_sft_job_continues_from_init_adapter_with_its_rank(
@@ -346,6 +448,64 @@ def test_an_sft_job_continues_from_init_adapter_with_its_rank(
     assert any(e.type == "log" and e.message.startswith("LoRA from init_adapter") for e in log)
     config = json.loads((Path(second.artifacts["adapter"]) / "adapter_config.json").read_text())
     assert config["r"] == 4
+
+
+def test_the_command_line_starts_dpo_from_a_finished_jobs_id(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path
+) -> None:
+    common = ("--model", str(tiny_model_dir), "--steps", "1", "--lora-rank", "4", "--eval-fraction", "0")
+    sft = _backprop(tmp_path, "train", "--data", str(task["sft"]), *common)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    (first,) = (tmp_path / "jobs").iterdir()
+    dpo = _backprop(
+        tmp_path,
+        "train",
+        "--data",
+        str(task["pairs"]),
+        "--method",
+        "dpo",
+        "--init-adapter",
+        first.name,
+        *common,
+    )
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    (second,) = [job for job in (tmp_path / "jobs").iterdir() if job != first]
+    assert json.loads((second / "spec.json").read_text())["init_adapter"] == str(
+        first
+    )  # the worker reads a folder
+    log = read_events(second / "events.jsonl")[0]
+    assert any(
+        e.type == "log" and e.message.startswith("reference: a frozen copy of init_adapter") for e in log
+    )
+    unknown = _backprop(
+        tmp_path,
+        "train",
+        "--data",
+        str(task["pairs"]),
+        "--method",
+        "dpo",
+        "--init-adapter",
+        "ft-nope",
+        *common,
+    )
+    assert unknown.returncode != 0
+    assert "--init-adapter: 'ft-nope' does not exist. Give a finished job's id or folder" in unknown.stderr
+    assert unknown.stderr.count("--init-adapter:") == 1
+
+
+def test_the_python_api_starts_dpo_from_a_finished_jobs_id_under_its_workdir(
+    tiny_model_dir: Path, task: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKPROP_HOME", str(tmp_path / "home"))
+    from engine import Trainer
+
+    trainer = Trainer(
+        str(tiny_model_dir), workdir=tmp_path / "jobs", lora_rank=4, eval_fraction=0, verbose=False
+    )
+    sft = trainer.train(task["sft"], steps=1)
+    dpo = trainer.train(task["pairs"], method="dpo", init_adapter=sft.job_dir.name, steps=1)
+    assert json.loads((dpo.job_dir / "spec.json").read_text())["init_adapter"] == str(sft.job_dir)
+    assert dpo.metrics["reference"].startswith("a frozen copy of init_adapter")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")

@@ -1,8 +1,9 @@
 """The preference losses are trl's: the engine's own step (log-probabilities from hidden states in chunks,
 engine.training.preference_objectives) against trl's trainers' loss methods on the same batch and policy
 (fp32 on the CPU, the tiny model with LoRA): DPOTrainer for every DPO loss type the spec exposes,
-KTOTrainer for both KTO loss types, trl.experimental.orpo.ORPOTrainer. Losses, the logged figures and the
-LoRA gradients agree to 1e-5. The reference is the frozen copy trl makes of a PEFT model's adapter
+KTOTrainer for both KTO loss types (in one forward, and under gradient accumulation: trl's training_step per
+micro-batch), trl.experimental.orpo.ORPOTrainer. Losses, the logged figures and the LoRA gradients agree to
+1e-5. The reference is the frozen copy trl makes of a PEFT model's adapter
 ('ref', as for init_adapter) or, for a fresh adapter, the base with the adapter switched off."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.contract.spec import DpoLoss, KtoLoss, PreferenceSettings
 from engine.data.preference_tokens import PreferenceTokens
 from engine.training.batching import IGNORE
 from engine.training.preference_objectives import Compute, mismatched_partners, objective_for
+from engine.training.preference_step import step_totals
 from engine.training.reference import Reference, reference_logps
 from engine.training.token_logps import token_logps
 
@@ -73,22 +75,26 @@ def _grads(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _ours(
-    method: str, model: Any, data: PreferenceTokens, settings: PreferenceSettings, ref_adapter: str | None
+    method: str,
+    model: Any,
+    data: PreferenceTokens,
+    settings: PreferenceSettings,
+    ref_adapter: str | None,
+    micro: int | None = None,
 ):
-    """The engine's loss and figures on every unit of ``data`` as one step (and its backward)."""
+    """The engine's loss and figures on every unit of ``data`` as one step (and its backward), in
+    micro-batches of ``micro`` units (default: one)."""
     c = Compute(pad_id=0, device="cpu")
     objective = objective_for(method, data, settings, c)
     if objective.needs_reference:
         ref = Reference(model, ref_adapter)
         seqs = objective.reference_sequences()
         objective.set_reference(
-            reference_logps(ref, objective.view, seqs, pad_id=0, device="cpu", autocast_dtype=None)
+            reference_logps(ref, objective.view, seqs, batch=8, pad_id=0, device="cpu", autocast_dtype=None)
         )
     model.train()
     units = list(range(len(data.units)))
-    objective.start_step(model, units, micro=len(units))
-    loss, figures, _ = objective.micro_loss(model, units)
-    loss.backward()
+    loss, figures, _ = step_totals(objective, model, units, micro or len(units), train=True)
     return loss.item(), objective.means({k: v.item() for k, v in figures.items()}, len(units)), _grads(model)
 
 
@@ -176,22 +182,27 @@ def test_dpo_reference_of_a_fresh_adapter_is_the_base_with_it_switched_off(
     _assert_same(loss, figures, grads, ours)
 
 
+@pytest.mark.parametrize("micro", [len(JUDGED), 2], ids=["one-forward", "accumulated"])
 @pytest.mark.parametrize("loss_type", typing.get_args(KtoLoss))
-def test_kto_loss_equals_trls(tiny_model_dir: Path, tmp_path: Path, loss_type: str) -> None:
+def test_kto_loss_equals_trls(tiny_model_dir: Path, tmp_path: Path, loss_type: str, micro: int) -> None:
+    """With ``accumulated``, two micro-batches make the step: trl's training_step on each (its loss divided
+    by the accumulation steps, z0 measured on that micro-batch alone) against the engine's step."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     model = _peft_model(tiny_model_dir)
     weights = {"desirable_weight": 1.3, "undesirable_weight": 0.7}
+    accumulation = len(JUDGED) // micro
     args = KTOConfig(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, beta=0.2, loss_type=loss_type,
-        per_device_train_batch_size=len(JUDGED), **weights,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, **weights,
     )  # fmt: skip
     trainer = KTOTrainer(
         model=model, args=args, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
         train_dataset=Dataset.from_dict({"prompt": ["a", "b"], "completion": ["b", "c"], "label": [True, False]}),
     )  # fmt: skip
+    trainer.current_gradient_accumulation_steps = accumulation  # set by trl's training loop, which we skip
     _nudge(model, ".default.")
     data = PreferenceTokens(
         [p + q for p, q, _ in JUDGED], [[IGNORE] * len(p) + q for p, q, _ in JUDGED], [len(p) for p, _, _ in JUDGED],
@@ -205,12 +216,16 @@ def test_kto_loss_equals_trls(tiny_model_dir: Path, tmp_path: Path, loss_type: s
     if loss_type != "kto":  # apo_zero_unpaired needs no reference point
         for example in examples:
             del example["KL_completion_ids"]
-    model.train()
-    loss = trainer._compute_loss(trainer.model, trainer.data_collator(examples), False)
-    loss.backward()
-    figures, grads = {k: v[-1] for k, v in trainer._metrics["train"].items()}, _grads(model)
+    loss = sum(
+        trainer.training_step(model, trainer.data_collator(examples[i : i + micro]))
+        for i in range(0, len(examples), micro)
+    )
+    # what trl logs for the step: the mean of each forward's figures
+    figures = {k: sum(v) / len(v) for k, v in trainer._metrics["train"].items()}
+    assert len(trainer._metrics["train"]["kl"]) == accumulation
+    grads = _grads(model)
     settings = PreferenceSettings(beta=0.2, loss_type=loss_type, **weights)
-    ours = _ours("kto", model, data, settings, ref_adapter="ref")
+    ours = _ours("kto", model, data, settings, ref_adapter="ref", micro=micro)
     _assert_same(loss, figures, grads, ours)
     if loss_type == "kto":
         assert ours[1]["kl"] == pytest.approx(figures["kl"], abs=ATOL)

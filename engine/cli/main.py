@@ -249,10 +249,8 @@ def _job_folder(name: str, workdir: Path | None) -> Path:
     """A job folder from its id (under ``workdir`` or the state folder) or its path."""
     from engine.jobs.runner import find_job_dir
 
-    if workdir is not None and (workdir / name / "spec.json").is_file():
-        return (workdir / name).resolve()
     with _refusing(FileNotFoundError):
-        return find_job_dir(name)
+        return find_job_dir(name, workdir)
 
 
 def _export_source(source: str, workdir: Path | None) -> str:
@@ -339,6 +337,7 @@ def _spec(args: argparse.Namespace) -> Any:
     """The job spec a training or export command describes."""
     from engine.contract import spec as S
     from engine.contract.settings import settings_of, training_spec
+    from engine.jobs.runner import init_adapter_path
 
     def given_for(job: type[BaseModel]) -> dict[str, Any]:
         return {n: getattr(args, n) for n in settings_of(job) if n in vars(args)}
@@ -348,7 +347,10 @@ def _spec(args: argparse.Namespace) -> Any:
             [local_or_name(d) for d in args.data] if isinstance(args.data, list) else local_or_name(args.data)
         )
         if args.command == "train":
-            return training_spec(S.FinetuneSpec, data, **given_for(S.FinetuneSpec))
+            given = given_for(S.FinetuneSpec)
+            if given.get("init_adapter"):
+                given["init_adapter"] = init_adapter_path(given["init_adapter"], args.workdir)
+            return training_spec(S.FinetuneSpec, data, **given)
         return training_spec(S.SeriesSpec, data, **given_for(S.SeriesSpec))
     given = given_for(S.ExportSpec)
     if given["output_dir"]:

@@ -135,6 +135,13 @@ def gpu_text(report: Any) -> str:
 # -- backprop check-data -----------------------------------------------------------------------
 
 
+def with_article(method: str) -> str:
+    """The method with its article, "an" before a vowel sound: a dpo, a kto, a grpo, an orpo, an sft (the
+    names are read letter by letter, "ess-eff-tee", or as a word starting with a vowel, "orpo")."""
+    said_with_a_vowel = "aeio" + "fhlmnrsx"  # vowels; letters whose names start with one ("eff", "ess")
+    return f"{'an' if method[:1].lower() in said_with_a_vowel else 'a'} {method}"
+
+
 def check_data_text(out: DataCheck, model: str) -> str:
     """``backprop check-data``: the report, ending with whether the dataset is ready to train on."""
     r = out.report
@@ -170,7 +177,7 @@ def check_data_text(out: DataCheck, model: str) -> str:
         mem = (out.memory_estimate_gib or {}).get("total_gib")
         prompt = d.get("max_prompt_length")
         lines.append(
-            f"a {out.method or 'sft'} fine-tune would use: {d.get('steps')} steps, micro-batch "
+            f"{with_article(out.method or 'sft')} fine-tune would use: {d.get('steps')} steps, micro-batch "
             f"{d.get('micro_batch_size')} x {d.get('gradient_accumulation')}, sequences of {d.get('max_seq_length')} "
             "tokens"
             + (f" (prompts up to {prompt})" if prompt else "")

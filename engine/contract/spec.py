@@ -258,8 +258,8 @@ class FinetuneSpec(_ModelJob):
     )
     init_adapter: str | None = Field(
         None,
-        description="start from this LoRA adapter (a finished job's folder or a PEFT adapter folder) instead of "
-        "a fresh one; for dpo and kto (and grpo with grpo_beta > 0) its frozen copy is the reference",
+        description="start from this LoRA adapter (a finished job's id or folder, or a PEFT adapter folder) "
+        "instead of a fresh one; for dpo and kto (and grpo with grpo_beta > 0) its frozen copy is the reference",
     )
     dataset: DatasetSettings
     preference: PreferenceSettings = Field(default_factory=PreferenceSettings)

@@ -9,6 +9,7 @@ caller, which asks the worker to stop gracefully (``run_and_follow``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from engine.contract.events import Event, read_events
-from engine.contract.files import atomic_write_text, backprop_home
+from engine.contract.files import atomic_write_text, backprop_home, local_or_name
 from engine.contract.spec import (
     CANCEL_FILE,
     EVENTS_FILE,
@@ -57,13 +58,24 @@ def create_job(spec: BaseModel, root: Path | None = None, job_id: str | None = N
     return job_dir
 
 
-def find_job_dir(job: str | Path) -> Path:
-    """A job given as its folder or as its id under the state folder."""
+def find_job_dir(job: str | Path, workdir: Path | None = None) -> Path:
+    """A job given as its folder, or as its id under ``workdir`` (where the caller keeps its jobs) or the
+    state folder."""
     path = Path(job).expanduser()
-    for candidate in (path, jobs_root() / str(job)):
+    roots = [workdir] if workdir is not None else []
+    for candidate in (path, *(root / str(job) for root in [*roots, jobs_root()])):
         if (candidate / "spec.json").is_file():
             return candidate.resolve()
     raise FileNotFoundError(f"no job {str(job)[:200]!r}: give a job folder or a job id under {jobs_root()}")
+
+
+def init_adapter_path(value: str, workdir: Path | None = None) -> str:
+    """``init_adapter`` as the command line and the Python API take it (a finished job's id or folder, or an
+    adapter folder), as the absolute folder the worker reads: it runs in its job's folder, where neither an id
+    nor a relative path means anything. What names nothing is left as given, for the preflight to explain."""
+    with contextlib.suppress(FileNotFoundError):
+        return str(find_job_dir(value, workdir))
+    return local_or_name(value)
 
 
 # -- the worker process -------------------------------------------------------------------------

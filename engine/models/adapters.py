@@ -34,28 +34,32 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 def initial_adapter(path: str | Path) -> Path:
     """The adapter folder a job starts from (``init_adapter``): a PEFT adapter folder, or a succeeded
-    training job's folder (its adapter). Raises AdapterError saying what was given and what to give."""
+    training job's folder (its adapter; the front-ends turn a job's id into its folder). Raises AdapterError,
+    its message starting "init_adapter: ", saying what was given and what to give."""
     from engine.contract.files import PathError, checked_path
     from engine.contract.spec import RESULT_FILE, SPEC_FILE, read_result
 
     try:
         folder = checked_path(str(path), "init_adapter", expect="dir")
     except PathError as exc:
-        raise AdapterError(f"{exc} Give a finished job's folder or a PEFT adapter folder.") from None
+        raise AdapterError(f"{exc} Give a finished job's id or folder, or a PEFT adapter folder.") from None
     if is_adapter_folder(folder):
         return folder
     if (folder / SPEC_FILE).is_file():
         result = read_result(folder)
         if result is None:
             raise AdapterError(
-                f"job {folder.name} has not finished ({RESULT_FILE} is missing); wait for it to end"
+                f"init_adapter: job {folder.name} has not finished ({RESULT_FILE} is missing); wait for it to end"
             )
         adapter = result.artifacts.get("adapter")
         if result.status != "succeeded" or not adapter or not is_adapter_folder(adapter):
-            raise AdapterError(f"job {folder.name} ended {result.status} without an adapter to start from")
+            raise AdapterError(
+                f"init_adapter: job {folder.name} ended {result.status} without an adapter to start from"
+            )
         return Path(adapter)
     raise AdapterError(
-        f"{folder} is neither a PEFT adapter folder ({ADAPTER_CONFIG}) nor a finished job's folder ({SPEC_FILE})"
+        f"init_adapter: {folder} is neither a PEFT adapter folder ({ADAPTER_CONFIG}) nor a finished job's folder "
+        f"({SPEC_FILE})"
     )
 
 

@@ -6,9 +6,9 @@ What differs from supervised data:
 - a row of the plan is one unit: a pair (two sequences, chosen and rejected, in the same micro-batch)
   for dpo and orpo, one judged answer for kto; units are not packed together, so ``packing`` is off and
   the memory is estimated for a micro-batch of units at their full width (a pair: twice the sequence);
-- the reference model's log-probabilities are computed once, before training, without gradients
-  (engine.training.reference): that pass needs less memory than a training step, so the estimate of
-  the step is the one that counts;
+- the reference model's log-probabilities are computed once, before training, without gradients, as many
+  sequences per forward pass as a micro-batch has rows (engine.training.reference): that pass needs less
+  memory than a training step of the same rows, so the estimate of the step is the one that counts;
 - the learning rate: dpo and kto start from a trained policy and move it a little, so a tenth of the
   supervised rate; orpo learns the answers and the preference at once, at the supervised rate.
 """

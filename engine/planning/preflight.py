@@ -231,7 +231,7 @@ def preflight(spec: FinetuneSpec | SeriesSpec | ExportSpec, caller: Caller) -> l
         try:
             initial_adapter(spec.init_adapter)
         except ValueError as exc:
-            raise PreflightError(f"init_adapter: {exc}") from None
+            raise PreflightError(str(exc)) from None  # its message names init_adapter
     if isinstance(spec, FinetuneSpec) and spec.method == "grpo":
         try:
             notes += check_grpo(spec, MAX_TOOL_INSPECT_BYTES if caller == "tool" else None)

@@ -20,6 +20,7 @@ from typing import Any, cast
 from engine.contract.events import EventWriter
 from engine.contract.spec import ADAPTER_DIR, CHECKPOINT_DIR, FinetuneSpec, JobResult
 from engine.models.adapters import initial_adapter
+from engine.planning.preference import rows_per_unit
 from engine.training import accel
 from engine.training.backend import backend_name
 from engine.training.loading import job_device, load_with_held_out
@@ -45,8 +46,11 @@ def run_preference(
     compute = Compute(pad_id, device, accel.autocast_dtype(device))
     objective = objective_for(spec.method, prep.train, spec.preference, compute)
     held = objective_for(spec.method, prep.held_out, spec.preference, compute) if prep.held_out else None
-    reference = _reference(spec, model, [objective, *([held] if held else [])], compute, events)
-    evaluator = preference_evaluator(held, model, resolved.micro_batch_size, events)
+    # the reference pass takes a training micro-batch's rows at a time (engine.training.reference says why)
+    rows = resolved.micro_batch_size * rows_per_unit(spec.method)
+    reference = _reference(spec, model, [objective, *([held] if held else [])], compute, rows, events)
+    step = PreferenceTrainStep(objective, micro=resolved.micro_batch_size)
+    evaluator = preference_evaluator(held, model, lambda: step.micro, events)  # the run's micro-batch
     events.stage("training", total_steps=resolved.steps, method=spec.method)
     outcome = train_adapter(
         model,
@@ -60,7 +64,7 @@ def run_preference(
         safety=spec.safety,
         gpu_index=spec.gpu_index,
         evaluator=evaluator,
-        step_fn=PreferenceTrainStep(objective),
+        step_fn=step,
     )
     eval_metrics: dict[str, float] = {}
     if evaluator is not None:
@@ -85,7 +89,12 @@ def run_preference(
 
 
 def _reference(
-    spec: FinetuneSpec, model: Any, objectives: list[Objective], compute: Compute, events: EventWriter
+    spec: FinetuneSpec,
+    model: Any,
+    objectives: list[Objective],
+    compute: Compute,
+    batch: int,
+    events: EventWriter,
 ) -> Any:
     """The method's reference, said in the log, and its log-probabilities of every sequence, computed once."""
     if not objectives[0].needs_reference:
@@ -98,8 +107,20 @@ def _reference(
     events.log(f"reference: {reference.describe()}", reference="init_adapter" if init else "base")
     sequences = sum(len(o.reference_sequences()) for o in objectives)
     events.stage(
-        "reference", sequences=sequences, message=f"reference log-probabilities of {sequences} sequences"
+        "reference",
+        sequences=sequences,
+        batch=batch,
+        message=f"reference log-probabilities of {sequences} sequences, {batch} per forward pass",
     )
+
+    def backed_off(smaller: int) -> None:
+        nonlocal batch
+        batch = smaller
+        events.warning(
+            f"CUDA out of memory in the reference pass: {smaller} sequences per forward pass from here",
+            reference_batch=smaller,
+        )
+
     for objective in objectives:
         seqs = objective.reference_sequences()
         objective.set_reference(
@@ -107,9 +128,11 @@ def _reference(
                 reference,
                 objective.view,
                 seqs,
+                batch=batch,
                 pad_id=compute.pad_id,
                 device=compute.device,
                 autocast_dtype=compute.autocast_dtype,
+                on_back_off=backed_off,
             )  # fmt: skip
         )
     return reference

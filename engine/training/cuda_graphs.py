@@ -43,12 +43,17 @@ from engine.training.varlen_attention import VARLEN_FLAG
 MAX_GRAPHS = 8  # shapes beyond this many run eagerly (each graph costs a capture)
 
 
-def why_not(model: Any, device: str, resolved: Any, *, distributed: bool) -> str | None:
-    """Why a run cannot use CUDA graphs, or None when it can."""
+def why_not(
+    model: Any, device: str, resolved: Any, *, distributed: bool, method_step: bool = False
+) -> str | None:
+    """Why a run cannot use CUDA graphs, or None when it can. ``method_step``: the run steps with a method's
+    own step (dpo, kto, orpo, grpo), not the next-token step that these graphs capture."""
     if not getattr(resolved, "cuda_graphs", False):
         return "train.cuda_graphs is off"
     if not device.startswith("cuda"):
         return "not on a CUDA GPU"
+    if method_step:
+        return "the method's own step is not captured (CUDA graphs serve the next-token step of sft)"
     if distributed:
         return "several devices (each rank steps eagerly)"
     if getattr(resolved, "offload_activations", False):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from engine.training import graph_sampling
+from engine.training.halving_batches import in_halving_batches
 
 
 @dataclass
@@ -139,19 +140,12 @@ def generate_completions(
     model.eval()
     try:
         with torch.no_grad():
-            while len(raw) < len(wanted):
-                chunk = wanted[len(raw) : len(raw) + batch]
-                try:
-                    raw += decoding.chunk(chunk)
-                except torch.cuda.OutOfMemoryError:
-                    if batch == 1:
-                        raise RuntimeError(
-                            f"CUDA out of memory generating one completion of up to {sampling.max_new_tokens} "
-                            "tokens: lower grpo_max_completion_length, use quantization '4bit', or a smaller model"
-                        ) from None
-                    batch //= 2
-                    torch.cuda.empty_cache()
-                    on_back_off(batch)
+            batch = in_halving_batches(
+                len(wanted), batch, lambda start, stop: raw.extend(decoding.chunk(wanted[start:stop])),
+                one_fails=f"CUDA out of memory generating one completion of up to {sampling.max_new_tokens} "
+                "tokens: lower grpo_max_completion_length, use quantization '4bit', or a smaller model",
+                on_back_off=on_back_off,
+            )  # fmt: skip
     finally:
         model.train(was_training)
     eos = set(eos_ids)

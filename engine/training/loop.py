@@ -277,15 +277,17 @@ def train_adapter(
     model.train()
     graphs: StepGraphs | None = None
     step_model = model
+    no_graphs = why_not(
+        model, device, resolved, distributed=rank is not None, method_step=step_fn is not None
+    )
     if step_fn is None:  # one device: fast_step.run_step on the model; several: this rank's share
         step_fn, step_model = (rank.run_share, rank.wrap(model)) if rank is not None else (run_step, model)
-        no_graphs = why_not(model, device, resolved, distributed=rank is not None)
         if no_graphs is None:
             graphs = StepGraphs(
                 model, device, resolved.max_seq_length, resolved.packing, most_pieces_per_row(plan)
             )
-        elif device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
-            events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
+    if no_graphs is not None and device.startswith("cuda") and getattr(resolved, "cuda_graphs", False):
+        events.log(f"CUDA graphs not used: {no_graphs}", cuda_graphs=0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inputs = StepInputs(
         step_model, optimizer, [], data, run.micro, pad_id, device, accel.autocast_dtype(device),

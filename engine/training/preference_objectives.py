@@ -5,8 +5,9 @@ its figures, from per-sequence log-probabilities (engine.training.token_logps) a
 A step's loss is the mean over its units (and, for orpo, the answers' NLL over the step's chosen tokens),
 so the step tells an objective its units first (``start_step``) and then asks for each micro-batch's
 share of that loss (``micro_loss``); figures come back as sums and ``means`` divides them once. kto also
-measures its reference point in ``start_step``: the policy's and the reference's log-probabilities of
-mismatched answers (a prompt with another example's answer), without gradients.
+measures its reference point in each micro-batch, as trl's KTOTrainer does in each forward: the policy's and
+the reference's log-probabilities of mismatched answers (a prompt with another example's answer), without
+gradients.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Objective:
     def sequences(self, units: list[int]) -> list[int]:
         return [s for u in units for s in self.data.units[u]]
 
-    def start_step(self, model: Any, units: list[int], micro: int) -> None:
+    def start_step(self, units: list[int]) -> None:
         self.units_in_step = max(1, len(units))
 
     def micro_loss(self, model: Any, units: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -139,7 +140,6 @@ class Kto(Objective):
         super().__init__(data, settings, method, c)
         self.desirable = torch.tensor(data.desirable, dtype=torch.bool, device=c.device)
         self.uses_kl = self.loss_type == "kto"
-        self.kl = torch.zeros((), device=c.device)
         self.kl_sequence: list[int] = []  # per unit: its mismatched sequence in ``view``
         if self.uses_kl:
             self.view = Sequences(list(data.input_ids), list(data.labels))
@@ -149,33 +149,31 @@ class Kto(Objective):
                 self.view.input_ids.append(ids)
                 self.view.labels.append(labels)
 
-    def start_step(self, model: Any, units: list[int], micro: int) -> None:
-        super().start_step(model, units, micro)
+    def reference_point(self, model: Any, units: list[int]) -> torch.Tensor:
+        """z0 of one micro-batch: its units' mismatched answers, measured with the policy as it is now (trl's
+        KTOTrainer takes it from each forward's own batch, so under gradient accumulation each micro-batch has
+        its own)."""
         if not self.uses_kl:
-            return
+            return torch.zeros((), device=self.c.device)
         kl_seqs = [self.kl_sequence[u] for u in units]
         with torch.no_grad():
-            policy = torch.cat(
-                [
-                    forward(model, self.view, kl_seqs[i : i + micro], self.c).answer
-                    for i in range(0, len(kl_seqs), micro)
-                ]
-            )
+            policy = forward(model, self.view, kl_seqs, self.c).answer
         ref = self.ref.index_select(0, torch.tensor(kl_seqs, device=self.c.device))
-        self.kl = kl_reference_point(policy, ref)
+        return kl_reference_point(policy, ref)
 
     def micro_loss(self, model: Any, units: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        kl = self.reference_point(model, units)  # before the forward that keeps activations: a lower peak
         seqs = self.sequences(units)
         f = forward(model, self.view, seqs, self.c)
         ref = self.ref.index_select(0, torch.tensor(seqs, device=self.c.device))
         good = self.desirable.index_select(0, torch.tensor(units, device=self.c.device))
         s = self.settings
         losses = kto_losses(
-            f.answer, ref, good, self.kl, loss_type=self.loss_type, beta=self.beta,
+            f.answer, ref, good, kl, loss_type=self.loss_type, beta=self.beta,
             desirable_weight=s.desirable_weight, undesirable_weight=s.undesirable_weight,
         )  # fmt: skip
-        figures = kto_figures(f.answer, ref, good, self.kl, self.beta)
-        figures["kl"] = self.kl * len(units)  # so that the step's mean is the kl of its units
+        figures = kto_figures(f.answer, ref, good, kl, self.beta)
+        figures["kl"] = kl * len(units)  # the step's kl: its micro-batches' z0, weighted by their units
         return losses.sum() / self.units_in_step, figures, f.real_tokens
 
     def means(self, sums: dict[str, float], units: int) -> dict[str, float]:
@@ -211,8 +209,8 @@ class Orpo(Objective):
         self.prompt_lengths = torch.tensor(data.prompt_lengths, device=c.device)
         self.nll_tokens_in_step = 1
 
-    def start_step(self, model: Any, units: list[int], micro: int) -> None:
-        super().start_step(model, units, micro)
+    def start_step(self, units: list[int]) -> None:
+        super().start_step(units)
         self.nll_tokens_in_step = max(
             1, sum(len(self.data.input_ids[self.data.units[u][0]]) - 1 for u in units)
         )

@@ -4,8 +4,9 @@ The step's rows are units (pairs, or judged answers, engine.data.preference_toke
 ``micro`` units is one forward pass over their sequences (a pair's chosen and rejected answers are rows of
 the same micro-batch), and its share of the step's loss goes backward at once, so only one micro-batch's
 activations are alive. The loss is the mean over the step's units whatever the micro-batch, so the loop's
-out-of-memory back-off (which halves ``micro``) changes the memory and nothing else. One host sync ends
-the step: the loss, the gradient norm and the method's figures (trl's names: ``rewards/chosen``,
+out-of-memory back-off (which halves ``micro``) changes the memory and nothing else, except for kto, whose
+reference point is each micro-batch's own (as in trl's KTOTrainer under gradient accumulation). One host
+sync ends the step: the loss, the gradient norm and the method's figures (trl's names: ``rewards/chosen``,
 ``rewards/accuracies``, ``logps/rejected``, ...) come back together.
 """
 
@@ -35,7 +36,7 @@ def step_totals(
     objective: Objective, model: Any, units: list[int], micro: int, *, train: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """The units' loss (backward after each micro-batch when ``train``), figure sums and tokens."""
-    objective.start_step(model, units, micro)
+    objective.start_step(units)
     loss = torch.zeros((), device=objective.c.device)
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -80,11 +81,14 @@ def preference_scores(objective: Objective, model: Any, units: list[int], micro:
 
 @dataclass
 class PreferenceTrainStep:
-    """The loop's step (engine.training.step) for ``objective``: a row of the plan is one unit."""
+    """The loop's step (engine.training.step) for ``objective``: a row of the plan is one unit. ``micro`` is
+    the micro-batch of its latest step (the loop's out-of-memory back-off lowers it), for the evaluation."""
 
     objective: Objective
+    micro: int
 
     def __call__(self, inputs: StepInputs) -> StepResult:
+        self.micro = inputs.micro
         units = [u for row in inputs.rows for u in row]
         r = preference_step(
             self.objective, inputs.model, inputs.optimizer, units, inputs.micro, inputs.max_grad_norm
@@ -93,16 +97,17 @@ class PreferenceTrainStep:
 
 
 def preference_evaluator(
-    objective: Objective | None, model: Any, micro: int, events: Any
+    objective: Objective | None, model: Any, micro: Callable[[], int], events: Any
 ) -> Callable[[int], dict[str, float]] | None:
     """A function that scores the held-out units at a global step and records an ``Eval`` event: the method's
-    loss, and its figures (``rewards/accuracies``, ...) in ``Eval.metrics``. None without held-out units."""
+    loss, and its figures (``rewards/accuracies``, ...) in ``Eval.metrics``. None without held-out units.
+    ``micro`` says the run's micro-batch at the time (after an out-of-memory back-off, the smaller one)."""
     if objective is None:
         return None
     units = list(range(len(objective.data.units)))
 
     def evaluate(global_step: int) -> dict[str, float]:
-        scores = preference_scores(objective, model, units, micro)
+        scores = preference_scores(objective, model, units, micro())
         loss = scores.pop("loss")
         events.emit(Eval(global_step=global_step, loss=loss, examples=len(units), metrics=scores))
         return {"eval_loss": loss, **{f"eval_{k}": v for k, v in scores.items()}}

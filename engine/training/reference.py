@@ -10,14 +10,17 @@ runs it over sequences once, before training. Why once: each answer's reference 
 same at every step, so computing it per step (trl's default) repeats one forward pass per sequence and
 epoch; once up front is one pass in all (trl's ``precompute_ref_log_probs``), the training step is then
 the policy's forward and backward alone, and a resumed run computes the same numbers again (the
-reference never trains). The reference stays loaded for what cannot be computed up front (a later
-method's samples drawn during training: ``active()``).
+reference never trains). Its forward passes take as many sequences as a training micro-batch has rows
+(the caller's ``batch``): the plan fitted that micro-batch with gradients, so the same rows without them
+fit too; a CUDA out-of-memory error (another process took memory meanwhile) halves it. The reference
+stays loaded for what cannot be computed up front (a later method's samples drawn during training:
+``active()``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,10 @@ import torch
 from engine.training.batching import IGNORE
 from engine.training.fast_step import prepare_batches
 from engine.training.fused_lora import weights_updated
+from engine.training.halving_batches import in_halving_batches
 from engine.training.token_logps import position_logps, sequence_sums
 
 REFERENCE_ADAPTER = "ref"  # trl's name for the frozen copy (DPOTrainer, KTOTrainer)
-REFERENCE_BATCH = 8  # sequences per forward pass (no gradients: little memory)
 
 
 @dataclass
@@ -82,25 +85,41 @@ def attach_reference(model: Any, init_adapter: Path | None) -> Reference:
 
 
 def reference_logps(
-    ref: Reference, data: Any, sequences: list[int], *, pad_id: int, device: str, autocast_dtype: Any
+    ref: Reference,
+    data: Any,
+    sequences: list[int],
+    *,
+    batch: int,
+    pad_id: int,
+    device: str,
+    autocast_dtype: Any,
+    on_back_off: Callable[[int], None] = lambda batch: None,
 ) -> torch.Tensor:
     """The reference's summed answer log-probability of each of ``sequences`` (indices into ``data``'s
-    ``input_ids``/``labels``), fp32 on the CPU, in their order."""
+    ``input_ids``/``labels``), fp32 on the CPU, in their order; ``batch`` sequences per forward pass, halved
+    after a CUDA out-of-memory error (``on_back_off`` hears the new size)."""
     out = torch.zeros(len(sequences), dtype=torch.float32)
+    dev_type = device.split(":")[0]
+
+    def run(start: int, stop: int) -> None:
+        chunk = sequences[start:stop]
+        (b,) = prepare_batches([[s] for s in chunk], data, len(chunk), pad_id, device, varlen=False)
+        with torch.autocast(device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logps = position_logps(ref.model, b)
+        rows = torch.div(b.gather_index, b.input_ids.shape[1], rounding_mode="floor")
+        out[start:stop] = sequence_sums(logps, rows, len(chunk)).cpu()
+
     was_training = ref.model.training
     ref.model.eval()
-    dev_type = device.split(":")[0]
-    with ref.active():
-        for start in range(0, len(sequences), REFERENCE_BATCH):
-            chunk = sequences[start : start + REFERENCE_BATCH]
-            (b,) = prepare_batches([[s] for s in chunk], data, len(chunk), pad_id, device, varlen=False)
-            with torch.autocast(
-                device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                logps = position_logps(ref.model, b)
-            rows = torch.div(b.gather_index, b.input_ids.shape[1], rounding_mode="floor")
-            out[start : start + len(chunk)] = sequence_sums(logps, rows, len(chunk)).cpu()
-    ref.model.train(was_training)
+    try:
+        with ref.active():
+            in_halving_batches(
+                len(sequences), batch, run, on_back_off=on_back_off,
+                one_fails="CUDA out of memory computing the reference log-probabilities of one sequence: lower "
+                "max_seq_length, use quantization '4bit', or a smaller model",
+            )  # fmt: skip
+    finally:
+        ref.model.train(was_training)
     return out
 
 
