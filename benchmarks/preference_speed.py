@@ -145,13 +145,8 @@ def write_initial_adapter(model_dir: Path, out: Path) -> Path:
 
 def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Namespace) -> dict[str, Any]:
     from engine.contract.events import read_events
-    from engine.contract.spec import (
-        DatasetSettings,
-        FinetuneSpec,
-        PreferenceSettings,
-        TrainSettings,
-        read_result,
-    )
+    from engine.contract.preference import PreferenceSettings
+    from engine.contract.spec import DatasetSettings, FinetuneSpec, TrainSettings, read_result
     from engine.jobs.runner import create_job
     from engine.training.run_diagnostics import environment_recording
 

@@ -248,7 +248,7 @@ def test_the_step_is_the_same_whatever_the_micro_batch(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.contract.spec import PreferenceSettings
+    from engine.contract.preference import PreferenceSettings
     from engine.data.preference_tokens import PreferenceTokens
     from engine.training.preference_objectives import Compute, objective_for
     from engine.training.preference_step import step_totals
@@ -308,7 +308,7 @@ def test_after_an_out_of_memory_back_off_the_evaluation_takes_the_smaller_micro_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.contract.spec import PreferenceSettings
+    from engine.contract.preference import PreferenceSettings
     from engine.data.preference_tokens import PreferenceTokens
     from engine.training.loop import train_adapter
     from engine.training.preference_objectives import Compute, objective_for

@@ -21,13 +21,8 @@ import torch
 from preference_tasks import follows_rule, write_task
 
 from engine.contract.events import EventWriter, read_events
-from engine.contract.spec import (
-    DatasetSettings,
-    FinetuneSpec,
-    LoraSettings,
-    PreferenceSettings,
-    TrainSettings,
-)
+from engine.contract.preference import PreferenceSettings
+from engine.contract.spec import DatasetSettings, FinetuneSpec, LoraSettings, TrainSettings
 from engine.jobs.dispatch import run_recipe
 
 # method -> (held-out reward accuracy it must reach, steps, learning rate, starts from the sft adapter)

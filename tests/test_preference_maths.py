@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.contract.spec import DpoLoss, KtoLoss, PreferenceSettings
+from engine.contract.preference import DpoLoss, KtoLoss, PreferenceSettings
 from engine.data.preference_tokens import PreferenceTokens
 from engine.training.batching import IGNORE
 from engine.training.preference_objectives import Compute, mismatched_partners, objective_for

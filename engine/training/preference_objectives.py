@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.contract.spec import PreferenceSettings
+from engine.contract.preference import PreferenceSettings
 from engine.data.preference_tokens import PreferenceTokens
 from engine.training.batching import IGNORE
 from engine.training.fast_step import prepare_batches
