@@ -176,12 +176,25 @@ def run_engine(model_dir: Path, pairs: Path, adapter: Path, args: argparse.Names
     stages = {e.name: e.time for e in events if e.type == "stage"}
     speed = round(args.batch * len(timed) / sum(timed), 3) if timed else None
     reference_s = round(stages.get("training", 0) - stages.get("reference", 0), 2)
+    # The pass's own account: its first forward pass (which compiles the head's kernel on a GPU) apart, so
+    # the pass can also be counted at its steady rate, as trl's warm-up steps are left out of its figure.
+    passes = next((e.details for e in events if e.type == "log" and "first_pass_s" in e.details), None)
+    steady_s = None
+    if passes and passes["sequences"] > passes["first_pass_sequences"]:
+        rest = passes["reference_s"] - passes["first_pass_s"]
+        steady_s = round(
+            rest * passes["sequences"] / (passes["sequences"] - passes["first_pass_sequences"]), 2
+        )
+    pairs = args.batch * len(progress)
     return {
         "variant": "engine",
         "pairs_per_s": speed,
-        "pairs_per_s_with_reference": with_reference(speed, reference_s, args.batch * len(progress)),
+        "pairs_per_s_with_reference": with_reference(speed, reference_s, pairs),
+        "pairs_per_s_with_steady_reference": with_reference(speed, steady_s, pairs) if steady_s else None,
         "peak_mem_gib": result.metrics.get("peak_gpu_memory_gib"),
         "reference_s": reference_s,
+        "reference_pass": passes,
+        "reference_steady_s": steady_s,
         "losses": [round(p.loss or 0.0, 5) for p in progress],
         # slow early steps show start-up work sharing the host
         "step_s": [round(p.step_s or 0.0, 4) for p in progress],
@@ -357,6 +370,12 @@ def variant_line(r: dict[str, Any], trl: dict[str, Any]) -> str:
         ref = (
             f"; with its reference pass ({r['reference_s']} s before training) "
             f"{r.get('pairs_per_s_with_reference')} pairs/s ({_ratio(headline_speed(r), headline_speed(trl))} trl)"
+        )
+    if r.get("pairs_per_s_with_steady_reference"):
+        steady = r["pairs_per_s_with_steady_reference"]
+        ref += (
+            f"; the pass at its steady rate, its first forward pass left out as trl's warm-up steps are "
+            f"({r['reference_steady_s']} s): {steady} pairs/s ({_ratio(steady, headline_speed(trl))} trl)"
         )
     return (
         f"  {r['variant']:<34} {r.get('pairs_per_s')} pairs/s over its steps ({speed} trl), "

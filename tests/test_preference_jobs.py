@@ -412,6 +412,15 @@ def test_the_preference_speed_benchmark_runs_in_its_cpu_smoke_mode(tmp_path: Pat
             1 / (1 / rec["pairs_per_s"] + rec["reference_s"] / pairs), rel=1e-2
         )
     assert "pairs_per_s_with_reference" not in trl  # its reference forward is inside each step
+    # the engine's pass says its first forward pass apart (on a GPU it compiles the head's kernel): the
+    # pass at its steady rate is the rest of it, scaled to every sequence
+    passes = engine["reference_pass"]
+    assert passes["sequences"] >= 2 * 2 * len(engine["losses"]) > passes["first_pass_sequences"] > 0
+    assert 0 < passes["first_pass_s"] < passes["reference_s"]
+    rest = passes["sequences"] - passes["first_pass_sequences"]
+    steady = (passes["reference_s"] - passes["first_pass_s"]) * passes["sequences"] / rest
+    assert engine["reference_steady_s"] == pytest.approx(steady, abs=0.01)
+    assert "the pass at its steady rate" in done.stdout
     headline = next(line for line in done.stdout.splitlines() if line.startswith("DPO 0.5B QLoRA: "))
     assert headline.startswith(
         f"DPO 0.5B QLoRA: {engine['pairs_per_s_with_reference'] / trl['pairs_per_s']:.2f}×"

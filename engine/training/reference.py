@@ -20,6 +20,7 @@ stays loaded for what cannot be computed up front (a later method's samples draw
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,20 +95,25 @@ def reference_logps(
     device: str,
     autocast_dtype: Any,
     on_back_off: Callable[[int], None] = lambda batch: None,
+    passes: list[tuple[int, float]] | None = None,
 ) -> torch.Tensor:
     """The reference's summed answer log-probability of each of ``sequences`` (indices into ``data``'s
     ``input_ids``/``labels``), fp32 on the CPU, in their order; ``batch`` sequences per forward pass, halved
-    after a CUDA out-of-memory error (``on_back_off`` hears the new size)."""
+    after a CUDA out-of-memory error (``on_back_off`` hears the new size). ``passes`` gets each forward
+    pass's sequences and seconds (its result's copy to the CPU waits for the GPU)."""
     out = torch.zeros(len(sequences), dtype=torch.float32)
     dev_type = device.split(":")[0]
 
     def run(start: int, stop: int) -> None:
+        began = time.perf_counter()
         chunk = sequences[start:stop]
         (b,) = prepare_batches([[s] for s in chunk], data, len(chunk), pad_id, device, varlen=False)
         with torch.autocast(device_type=dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logps = position_logps(ref.model, b)
         rows = torch.div(b.gather_index, b.input_ids.shape[1], rounding_mode="floor")
         out[start:stop] = sequence_sums(logps, rows, len(chunk)).cpu()
+        if passes is not None:
+            passes.append((len(chunk), time.perf_counter() - began))
 
     was_training = ref.model.training
     ref.model.eval()
