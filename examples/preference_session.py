@@ -12,12 +12,10 @@ noisy (most answer "blue"), the pairs prefer the right colour. The tiny model le
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,29 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # small models on a shared CPU: o
 
 from mcp import Client  # noqa: E402 - after the environment above
 from preference_tasks import follows_rule, write_task  # noqa: E402
+from session_tools import call, finished  # noqa: E402 - beside this file
 
 from backprop_mcp.server import build_server  # noqa: E402
-
-
-async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    text = " ".join(getattr(c, "text", "") for c in result.content)
-    print(
-        f"\n=== {tool}({json.dumps(args)})\n"
-        + (json.dumps(result.structured_content, indent=1) if not result.is_error else text)
-    )
-    if result.is_error:
-        raise SystemExit(1)
-    return result.structured_content or {}
-
-
-async def finished(client: Client, job_id: str) -> dict[str, Any]:
-    while True:
-        status = (
-            await client.call_tool("job_status", {"job_id": job_id, "wait_s": 40})
-        ).structured_content or {}
-        if status.get("state") in ("succeeded", "failed", "cancelled"):
-            return await call(client, "job_status", {"job_id": job_id, "wait_s": 0})
 
 
 async def answer(client: Client, job_id: str, prompt: str) -> str:

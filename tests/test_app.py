@@ -34,6 +34,7 @@ from app_host import (
 )
 from mcp import Client, StdioServerParameters
 from mcp.server.apps import APP_MIME_TYPE
+from tool_calls import structured, until_done
 
 from backprop_mcp.app import DASHBOARD_URI, MAX_POINTS, VIEW_TOOL, _forgetting, _thin
 from backprop_mcp.figures import grouped, is_share, label_of
@@ -165,9 +166,9 @@ async def test_the_view_of_a_failed_gpu_job_has_its_gpu_sample_and_the_error_wit
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", FAILING_GPU_WORKER])
     async with Client(server, extensions=apps_host()) as client:
-        started = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))
-        await _wait_until_done(client, started["job_id"])
-        view = _structured(await client.call_tool(VIEW_TOOL, {"job_id": started["job_id"]}))
+        started = structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))
+        await until_done(client, started["job_id"])
+        view = structured(await client.call_tool(VIEW_TOOL, {"job_id": started["job_id"]}))
     assert view["job"]["state"] == "failed" and view["poll_after_s"] is None and not view["can_export"]
     assert view["error"] == {
         "message": "OutOfMemoryError: CUDA out of memory at micro-batch 1",
@@ -187,8 +188,8 @@ async def test_the_dashboard_shows_a_failure_in_the_hosts_theme_else_the_systems
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = build_server(tmp_path / "home", worker_command=[sys.executable, "-c", FAILING_GPU_WORKER])
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
-        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
-        await _wait_until_done(client, job_id)
+        job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await until_done(client, job_id)
         args = {"job_id": job_id, "wait_s": 0}
         result = await client.call_tool("job_status", args)
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -257,7 +258,7 @@ async def test_the_dashboard_of_an_export_lists_its_files_and_verification(tmp_p
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
         args = {"adapter_path": str(adapter), "base_model": "tiny", "quantizations": ["f16", "q4_k_m"]}
         started = await client.call_tool("export_gguf", args)
-        await _wait_until_done(client, _structured(started)["job_id"])
+        await until_done(client, structured(started)["job_id"])
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             board = await Dashboard.open(browser, client, "export_gguf", args, started, "light")
@@ -283,11 +284,6 @@ def test_long_curves_are_thinned_for_the_chart_keeping_the_last_point() -> None:
 # -- the dashboard in a real browser, on the real server --------------------------------------------
 
 
-def _structured(result: Any) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
 @asynccontextmanager
 async def _real_server(home: Path) -> AsyncIterator[Client]:
     env = {**os.environ, "BACKPROP_HOME": str(home), "PYTHONPATH": str(REPO), "BACKPROP_POLL_S": "0.2"}
@@ -307,14 +303,6 @@ def _chat_rows(path: Path, words: list[str]) -> Path:
     return path
 
 
-async def _wait_until_done(client: Client, job_id: str) -> dict[str, Any]:
-    for _ in range(30):  # each call waits at most 45 s
-        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
-        if status["state"] not in ("queued", "running"):
-            return status
-    raise AssertionError(f"job {job_id} did not end: {status}")
-
-
 def _docs_paths(name: str) -> list[Path]:
     return [REPO / "docs" / name] if os.environ.get("BACKPROP_DOCS_SCREENSHOTS") == "1" else []
 
@@ -328,7 +316,7 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         args = {"dataset_path": str(data), "model": "tiny", "steps": STEPS_UNTIL_CANCEL, "device": "cpu"}
         started = await client.call_tool("start_finetune", args)
-        job_id = _structured(started)["job_id"]
+        job_id = structured(started)["job_id"]
         try:
             board = await Dashboard.open(browser, client, "start_finetune", args, started, "light")
 
@@ -357,7 +345,7 @@ async def test_the_dashboard_follows_a_real_finetune_and_cancels_it(tmp_path: Pa
             await frame.get_by_role("button", name="Cancel job").click()
             await board.until("the cancelled state", lambda: equals(board.text("#state"), "cancelled"))
             await board.screenshot(tmp_path / "dashboard-cancelled.png", min_bytes=10_000)
-            status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
             assert status["state"] == "cancelled"
             step = status["progress"]["step"]  # the real training loop's cancel, told for a person
             said = f"Cancelled at step {step} of {STEPS_UNTIL_CANCEL}. Its checkpoint at step {step} is kept."
@@ -401,9 +389,7 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
             finetune = await client.call_tool("start_finetune", ft_args)
             series = await client.call_tool("run_slao_series", series_args)
             for started in (finetune, series):
-                assert (await _wait_until_done(client, _structured(started)["job_id"]))[
-                    "state"
-                ] == "succeeded"
+                assert (await until_done(client, structured(started)["job_id"]))["state"] == "succeeded"
 
             board = await Dashboard.open(browser, client, "start_finetune", ft_args, finetune, "light")
             await board.until("the finished state", lambda: equals(board.text("#state"), "succeeded"))
@@ -421,7 +407,7 @@ async def test_the_dashboard_of_a_finished_finetune_and_series_and_its_export_bu
             assert "export_gguf" in await board.page.evaluate("window.toolCalls")
             export_id = (await board.text("#job")).split("·")[1].strip()
             await client.call_tool("cancel_job", {"job_id": export_id})  # no need to run it to the end here
-            await _wait_until_done(client, export_id)
+            await until_done(client, export_id)
 
             board = await Dashboard.open(browser, client, "run_slao_series", series_args, series, "dark")
             await board.until("the finished series", lambda: equals(board.text("#state"), "succeeded"))
@@ -518,9 +504,9 @@ async def test_job_status_and_the_view_carry_the_methods_figures(tmp_path: Path)
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = _metrics_server(tmp_path / "home", steps=10, delay_s=0, method="dpo")
     async with Client(server, extensions=apps_host()) as client:
-        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
-        status = await _wait_until_done(client, job_id)
-        view = _structured(await client.call_tool(VIEW_TOOL, {"job_id": job_id}))
+        job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        status = await until_done(client, job_id)
+        view = structured(await client.call_tool(VIEW_TOOL, {"job_id": job_id}))
     assert status["state"] == "succeeded"
     latest = status["progress"]["metrics"]  # job_status: the figures of the last step
     assert list(latest) == DPO_NAMES
@@ -619,8 +605,8 @@ async def test_the_dashboard_charts_the_methods_figures_beside_the_loss(
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = _metrics_server(tmp_path / "home", steps=20, delay_s=0, method=method)
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
-        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
-        await _wait_until_done(client, job_id)
+        job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await until_done(client, job_id)
         args = {"job_id": job_id, "wait_s": 0}
         result = await client.call_tool("job_status", args)
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -699,8 +685,8 @@ async def test_in_a_host_written_from_the_spec_the_frame_fits_the_content(tmp_pa
     data = _chat_rows(tmp_path / "chat.jsonl", ["red", "green"])
     server = _metrics_server(tmp_path / "home", steps=10, delay_s=0, method="dpo")
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
-        job_id = _structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
-        await _wait_until_done(client, job_id)
+        job_id = structured(await client.call_tool("start_finetune", {"dataset_path": str(data)}))["job_id"]
+        await until_done(client, job_id)
         args = {"job_id": job_id, "wait_s": 0}
         result = await client.call_tool("job_status", args)
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -745,7 +731,7 @@ async def test_a_cancel_from_the_dashboard_is_told_in_words_for_a_person(tmp_pat
     async with Client(server, extensions=apps_host()) as client, async_playwright() as pw:
         args = {"dataset_path": str(data)}
         started = await client.call_tool("start_finetune", args)
-        job_id = _structured(started)["job_id"]
+        job_id = structured(started)["job_id"]
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             board = await Dashboard.open(browser, client, "start_finetune", args, started, "dark")
@@ -760,7 +746,7 @@ async def test_a_cancel_from_the_dashboard_is_told_in_words_for_a_person(tmp_pat
             await board.until(
                 "where it stopped", lambda: contains(board.text("#stopped-message"), "Cancelled")
             )
-            status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
+            status = structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 0}))
             step = status["progress"]["step"]
             notices = await frame.evaluate("window.notices")
             assert "Stopping: the job saves a checkpoint at its next step, then ends." in notices

@@ -20,9 +20,9 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from tool_calls import structured, until_done
 
 from engine.api import JobFailed, Trainer
 from engine.contract.events import read_events
@@ -211,19 +211,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _structured(result: Any) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
-async def _until_done(client: Any, job_id: str) -> dict[str, Any]:
-    for _ in range(40):
-        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
-        if status["state"] not in ("queued", "running"):
-            return status
-    raise AssertionError(f"job {job_id} did not end")
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_tools(
@@ -238,14 +225,14 @@ async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_t
     rewards = [{"name": "answer"}, {"name": "format", "pattern": r".*\\boxed\{\d+\}\.?", "weight": 0.5}]
     common = {"model": str(tiny_model_dir), "device": "cpu", "lora_rank": 4}
     async with Client(build_server(tmp_path / "home")) as client:
-        check = _structured(
+        check = structured(
             await client.call_tool(
                 "check_dataset",
                 {"path": prompts, "model": str(tiny_model_dir), "method": "grpo", "grpo_rewards": rewards},
             )
         )
         assert check["format"] == "prompt", check
-        sft = _structured(
+        sft = structured(
             await client.call_tool(
                 "start_finetune",
                 {
@@ -256,8 +243,8 @@ async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_t
                 },
             )
         )
-        assert (await _until_done(client, sft["job_id"]))["state"] == "succeeded"
-        grpo = _structured(
+        assert (await until_done(client, sft["job_id"]))["state"] == "succeeded"
+        grpo = structured(
             await client.call_tool(
                 "start_finetune",
                 {
@@ -272,7 +259,7 @@ async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_t
                 },
             )  # fmt: skip
         )
-        status = await _until_done(client, grpo["job_id"])
+        status = await until_done(client, grpo["job_id"])
         assert status["state"] == "succeeded", status
         # job_status carries the last step's figures under the engine's names, and the kept completions
         assert list(status["progress"]["metrics"]) == step_figures(["answer", "format"], with_kl=False)
@@ -282,16 +269,16 @@ async def test_sft_then_grpo_from_its_adapter_then_try_then_export_through_the_t
             "answer",
             "format",
         }
-        tried = _structured(
+        tried = structured(
             await client.call_tool(
                 "try_model", {"job_id": grpo["job_id"], "prompt": "What is 12 + 30?", "max_new_tokens": 8}
             )
         )
         assert isinstance(tried["text"], str)
         pytest.importorskip("llama_cpp")
-        export = _structured(
+        export = structured(
             await client.call_tool("export_gguf", {"job_id": grpo["job_id"], "quantizations": ["f16"]})
         )
-        exported = await _until_done(client, export["job_id"])
+        exported = await until_done(client, export["job_id"])
         assert exported["state"] == "succeeded", exported
         assert any(name.startswith("gguf_") for name in exported["artifacts"]), exported["artifacts"]

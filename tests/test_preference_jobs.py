@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from preference_tasks import write_task
+from tool_calls import structured, until_done
 
 from engine.contract.errors import JobCancelled
 from engine.contract.events import Eval, EventWriter, Progress, read_events
@@ -33,19 +34,6 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return write_task(tmp_path_factory.mktemp("colours"), per_colour=4)
 
 
-def _structured(result: Any) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
-async def _until_done(client: Any, job_id: str) -> dict[str, Any]:
-    for _ in range(40):
-        status = _structured(await client.call_tool("job_status", {"job_id": job_id, "wait_s": 45}))
-        if status["state"] not in ("queued", "running"):
-            return status
-    raise AssertionError(f"job {job_id} did not end")
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_sft_then_dpo_from_its_adapter_then_try_then_export_through_the_tools(
@@ -57,19 +45,19 @@ async def test_sft_then_dpo_from_its_adapter_then_try_then_export_through_the_to
 
     common = {"model": str(tiny_model_dir), "device": "cpu", "lora_rank": 4, "learning_rate": 3e-3}
     async with Client(build_server(tmp_path / "home")) as client:
-        check = _structured(
+        check = structured(
             await client.call_tool(
                 "check_dataset", {"path": str(task["pairs"]), "model": str(tiny_model_dir), "method": "dpo"}
             )
         )
         assert check["format"] == "preference", check
-        sft = _structured(
+        sft = structured(
             await client.call_tool(
                 "start_finetune", {"dataset_path": str(task["pairs"]), "steps": 4, **common}
             )
         )
-        assert (await _until_done(client, sft["job_id"]))["state"] == "succeeded"
-        dpo = _structured(
+        assert (await until_done(client, sft["job_id"]))["state"] == "succeeded"
+        dpo = structured(
             await client.call_tool(
                 "start_finetune",
                 {
@@ -84,17 +72,17 @@ async def test_sft_then_dpo_from_its_adapter_then_try_then_export_through_the_to
                 },
             )  # fmt: skip
         )
-        status = await _until_done(client, dpo["job_id"])
+        status = await until_done(client, dpo["job_id"])
         assert status["state"] == "succeeded", status
-        tried = _structured(
+        tried = structured(
             await client.call_tool("try_model", {"job_id": dpo["job_id"], "prompt": "Name the color: red."})
         )
         assert isinstance(tried["text"], str)
         pytest.importorskip("llama_cpp")
-        export = _structured(
+        export = structured(
             await client.call_tool("export_gguf", {"job_id": dpo["job_id"], "quantizations": ["f16"]})
         )
-        exported = await _until_done(client, export["job_id"])
+        exported = await until_done(client, export["job_id"])
         assert exported["state"] == "succeeded", exported
 
     sft_log = read_events(Path(status["job_dir"]).parent / sft["job_id"] / "events.jsonl")[0]
@@ -466,17 +454,9 @@ def test_the_command_line_starts_dpo_from_a_finished_jobs_id(
     sft = _backprop(tmp_path, "train", "--data", str(task["sft"]), *common)
     assert sft.returncode == 0, sft.stderr[-3000:]
     (first,) = (tmp_path / "jobs").iterdir()
-    dpo = _backprop(
-        tmp_path,
-        "train",
-        "--data",
-        str(task["pairs"]),
-        "--method",
-        "dpo",
-        "--init-adapter",
-        first.name,
-        *common,
-    )
+
+    dpo_from = ("train", "--data", str(task["pairs"]), "--method", "dpo", "--init-adapter")
+    dpo = _backprop(tmp_path, *dpo_from, first.name, *common)
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     (second,) = [job for job in (tmp_path / "jobs").iterdir() if job != first]
     assert json.loads((second / "spec.json").read_text())["init_adapter"] == str(
@@ -486,17 +466,7 @@ def test_the_command_line_starts_dpo_from_a_finished_jobs_id(
     assert any(
         e.type == "log" and e.message.startswith("reference: a frozen copy of init_adapter") for e in log
     )
-    unknown = _backprop(
-        tmp_path,
-        "train",
-        "--data",
-        str(task["pairs"]),
-        "--method",
-        "dpo",
-        "--init-adapter",
-        "ft-nope",
-        *common,
-    )
+    unknown = _backprop(tmp_path, *dpo_from, "ft-nope", *common)
     assert unknown.returncode != 0
     assert "--init-adapter: 'ft-nope' does not exist. Give a finished job's id or folder" in unknown.stderr
     assert unknown.stderr.count("--init-adapter:") == 1
