@@ -160,3 +160,45 @@ def test_the_folder_keeps_the_most_recently_used_copies(tmp_path: Path) -> None:
     assert quantized_cache.lookup(copies[1][0], "bf16") is None
     assert quantized_cache.lookup(copies[0][0], "bf16") == copies[0][1]
     assert quantized_cache.lookup(copies[2][0], "bf16") == copies[2][1]
+
+
+def test_a_model_in_the_hubs_cache_is_keyed_by_its_blobs_names_without_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's cache keeps a weight file as ``blobs/<sha256>`` linked from its snapshot: that name is the
+    hash (a folder elsewhere with the same bytes gets the same key), so nothing is read to make it."""
+    import hashlib
+
+    weights, config = b"weights" * 1000, b'{"model_type": "qwen2"}'
+    blobs = tmp_path / "models--org--name" / "blobs"
+    blobs.mkdir(parents=True)
+    blob = blobs / hashlib.sha256(weights).hexdigest()
+    blob.write_bytes(weights)
+    (blobs / ("c" * 40)).write_bytes(config)  # a small file: git's 40-digit name, hashed as usual
+    snapshot = tmp_path / "models--org--name" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    (snapshot / "config.json").symlink_to(blobs / ("c" * 40))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(weights)
+    (plain / "config.json").write_bytes(config)
+
+    real_hash = quantized_cache._hash_file
+    read: list[Path] = []
+    monkeypatch.setattr(
+        quantized_cache, "_hash_file", lambda path: read.append(path.resolve()) or real_hash(path)
+    )
+    pending = quantized_cache.PendingCopy(snapshot, "bf16", {}, "{}")
+    pending.hash_in_background()
+    pending._thread.join()  # type: ignore[union-attr]
+    assert pending.error is None and blob not in read  # the weights were not read; the config was
+    assert pending.hashes == [blob.name, hashlib.sha256(config).hexdigest()]
+    entry = quantized_cache._entry(pending.hashes, "bf16")
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text("{}")
+    assert quantized_cache.lookup(snapshot, "bf16") == entry
+    other = quantized_cache.PendingCopy(plain, "bf16", {}, "{}")  # the same bytes outside the hub's cache
+    other.hash_in_background()
+    other._thread.join()  # type: ignore[union-attr]
+    assert other.hashes == pending.hashes

@@ -8,7 +8,8 @@ pre-quantized model), so a job loads the same codes and scales it would have mad
 
 The key is the weights' contents: the sha256 of each weight file, and the compute dtype (the saved
 config carries it). Hashing a 7B model's files takes seconds, so each file's hash is remembered with its
-path, size and modification time (``index.json``) and a lookup is only ``stat`` calls. The job that
+path, size and modification time (``index.json``) and a lookup is only ``stat`` calls; a file in the
+Hugging Face hub's cache needs no hashing at all (its blob is named by its sha256). The job that
 quantizes a model hashes its files on a thread while it trains (CPU and disk only: no CUDA call while
 CUDA graphs are being captured). After its result, engine.jobs.worker copies the weights to host memory
 while it still holds the device's lock (``move_to_host``: a second or so at 7B, and the card is freed),
@@ -25,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -38,6 +40,7 @@ from engine.contract.files import backprop_home
 KEPT_COPIES = 4  # at 7B each is ~5 GB: a few models' worth, not every model ever trained
 SHARD_BYTES = 2 << 30  # safetensors files of at most 2 GiB, as transformers shards
 TIED_MIN = 1 << 16  # a weight this large sharing another's memory is a tie, not a shared table
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_root() -> Path:
@@ -78,6 +81,13 @@ def _known_hash(path: Path, index: dict[str, Any]) -> str | None:
     )
 
 
+def _named_sha256(path: Path) -> str | None:
+    """The sha256 the hub's cache names ``path`` by: a snapshot's file links to ``blobs/<sha256 of its
+    contents>`` where git LFS stores it, as weights are (small files' blobs have git's 40-digit names)."""
+    target = path.resolve()
+    return target.name if target.parent.name == "blobs" and _SHA256.fullmatch(target.name) else None
+
+
 def _entry(hashes: list[str], compute: str) -> Path:
     key = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:32]
     return cache_root() / f"{key}-{compute}"
@@ -87,7 +97,7 @@ def lookup(folder: Path, compute: str) -> Path | None:
     """The kept 4-bit copy of the model in ``folder`` for ``compute`` ("bf16", ...), or None."""
     files = key_files(folder)
     index = _read_index()
-    hashes = [_known_hash(f, index) for f in files]
+    hashes = [_known_hash(f, index) or _named_sha256(f) for f in files]
     if not files or None in hashes:
         return None
     entry = _entry([h for h in hashes if h], compute)
@@ -148,7 +158,7 @@ class PendingCopy:
         try:
             index = _read_index()
             files = key_files(self.folder)
-            hashed = {f: _known_hash(f, index) or _hash_file(f) for f in files}
+            hashed = {f: _known_hash(f, index) or _named_sha256(f) or _hash_file(f) for f in files}
             self.hashes = [hashed[f] for f in files]
             cache_root().mkdir(parents=True, exist_ok=True)
             _remember(hashed)
