@@ -81,11 +81,14 @@ def _known_hash(path: Path, index: dict[str, Any]) -> str | None:
     )
 
 
-def _named_sha256(path: Path) -> str | None:
-    """The sha256 the hub's cache names ``path`` by: a snapshot's file links to ``blobs/<sha256 of its
-    contents>`` where git LFS stores it, as weights are (small files' blobs have git's 40-digit names)."""
+def _hash_without_reading(path: Path, index: dict[str, Any]) -> str | None:
+    """The file's sha256 where it is known without reading the file: remembered in the index for its
+    path, size and mtime, or the name the hub's cache gives it (a snapshot's file links to
+    ``blobs/<sha256 of its contents>`` where git LFS stores it, as weights are; small files' blobs have
+    git's 40-digit names). None: it must be hashed."""
     target = path.resolve()
-    return target.name if target.parent.name == "blobs" and _SHA256.fullmatch(target.name) else None
+    named = target.name if target.parent.name == "blobs" and _SHA256.fullmatch(target.name) else None
+    return _known_hash(path, index) or named
 
 
 def _entry(hashes: list[str], compute: str) -> Path:
@@ -97,7 +100,7 @@ def lookup(folder: Path, compute: str) -> Path | None:
     """The kept 4-bit copy of the model in ``folder`` for ``compute`` ("bf16", ...), or None."""
     files = key_files(folder)
     index = _read_index()
-    hashes = [_known_hash(f, index) or _named_sha256(f) for f in files]
+    hashes = [_hash_without_reading(f, index) for f in files]
     if not files or None in hashes:
         return None
     entry = _entry([h for h in hashes if h], compute)
@@ -158,7 +161,7 @@ class PendingCopy:
         try:
             index = _read_index()
             files = key_files(self.folder)
-            hashed = {f: _known_hash(f, index) or _named_sha256(f) or _hash_file(f) for f in files}
+            hashed = {f: _hash_without_reading(f, index) or _hash_file(f) for f in files}
             self.hashes = [hashed[f] for f in files]
             cache_root().mkdir(parents=True, exist_ok=True)
             _remember(hashed)
@@ -197,7 +200,7 @@ def _write_shards(tensors: dict[str, Any], folder: Path) -> None:
     from safetensors.torch import save_file
 
     shards: list[dict[str, Any]] = [{}]
-    held = 0
+    held = total = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         if shards[-1] and held + nbytes > SHARD_BYTES:
@@ -205,6 +208,7 @@ def _write_shards(tensors: dict[str, Any], folder: Path) -> None:
             held = 0
         shards[-1][name] = t
         held += nbytes
+        total += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     if len(shards) == 1:
         names = ["model.safetensors"]
@@ -214,8 +218,7 @@ def _write_shards(tensors: dict[str, Any], folder: Path) -> None:
                   metadata={"format": "pt"})  # fmt: skip
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}  # fmt: skip
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
